@@ -1,0 +1,132 @@
+//! The library's error type. Every variant names the image it concerns, and format errors also
+//! name the structure and its offset: `L2 table at 0x50000 of image a.qcow2: not cluster aligned`.
+
+use std::io;
+
+use crate::format::{FormatError, Problem};
+
+/// Why a backing or data file was not opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainProblem {
+    /// The chain leads back to an image already in it.
+    Loop,
+    /// The chain is deeper than the configured limit.
+    TooDeep { limit: usize },
+    /// The caller's policy does not allow opening this file.
+    RefusedByPolicy,
+    /// The backing format is neither qcow2 nor raw.
+    UnsupportedFormat(String),
+    /// The image names a backing file, but was opened from storage that has no directory to resolve
+    /// the name against.
+    NoDirectory,
+}
+
+impl std::fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainProblem::Loop => write!(f, "the backing chain loops back to an image already in it"),
+            ChainProblem::TooDeep { limit } => {
+                write!(f, "the backing chain is deeper than the limit of {limit} images")
+            }
+            ChainProblem::RefusedByPolicy => write!(f, "opening it is not allowed by the backing policy"),
+            ChainProblem::UnsupportedFormat(fmt) => write!(f, "backing format {fmt:?} is not supported"),
+            ChainProblem::NoDirectory => {
+                write!(f, "the image was opened without a path to resolve the name against")
+            }
+        }
+    }
+}
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error from the storage under an image.
+    #[error("image {image}: {context}: {source}")]
+    Io {
+        image: String,
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The image breaks the format or a limit; `structure` and `offset` say where.
+    #[error("{structure} at {offset:#x} of image {image}: {reason}")]
+    Corrupt {
+        image: String,
+        structure: String,
+        offset: u64,
+        reason: String,
+    },
+    /// The image is valid but uses something this engine does not implement.
+    #[error("{structure} at {offset:#x} of image {image}: {what}")]
+    Unsupported {
+        image: String,
+        structure: String,
+        offset: u64,
+        what: String,
+    },
+    /// A backing or external data file could not be opened.
+    #[error("image {image}: {role} file {file:?}: {problem}")]
+    Chain {
+        image: String,
+        /// "backing" or "data".
+        role: &'static str,
+        file: String,
+        problem: ChainProblem,
+    },
+    /// A guest request outside the virtual disk.
+    #[error("image {image}: request of {len} bytes at {offset:#x} is beyond the virtual size {size:#x}")]
+    OutOfBounds {
+        image: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    /// No snapshot has this id or name.
+    #[error("image {image}: no snapshot with id or name {name:?}")]
+    SnapshotNotFound { image: String, name: String },
+    /// The caller asked for something invalid.
+    #[error("image {image}: {reason}")]
+    InvalidArgument { image: String, reason: String },
+}
+
+impl Error {
+    /// Attaches an image name to a pure decoder's error.
+    pub fn from_format(image: &str, e: FormatError) -> Self {
+        match e.problem {
+            Problem::Invalid(reason) => Error::Corrupt {
+                image: image.to_string(),
+                structure: e.structure,
+                offset: e.offset,
+                reason,
+            },
+            Problem::Unsupported(what) => Error::Unsupported {
+                image: image.to_string(),
+                structure: e.structure,
+                offset: e.offset,
+                what,
+            },
+        }
+    }
+
+    /// An I/O error with what the engine was doing.
+    pub fn io(image: &str, context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            image: image.to_string(),
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A corruption at a place in the image.
+    pub fn corrupt(image: &str, structure: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            image: image.to_string(),
+            structure: structure.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Shorthand for engine results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,231 @@
+//! Header extensions: framing (type, length, data padded to 8) and the known types. Unknown
+//! extensions are kept byte-exact so a rewrite can put them back.
+
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::error::{FormatError, FormatResult};
+use super::features::{FeatureKind, FeatureName};
+use super::limits::*;
+
+/// Extension type magics.
+pub mod kind {
+    pub const END: u32 = 0x0000_0000;
+    pub const BACKING_FORMAT: u32 = 0xE279_2ACA;
+    pub const FEATURE_NAME_TABLE: u32 = 0x6803_F857;
+    pub const BITMAPS: u32 = 0x2385_2875;
+    pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_BE77;
+    pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
+}
+
+/// The bitmaps extension body, exactly as on disk (24 bytes).
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawBitmapsExtension {
+    pub nb_bitmaps: U32,
+    pub reserved: U32,
+    pub bitmap_directory_size: U64,
+    pub bitmap_directory_offset: U64,
+}
+
+/// The bitmaps extension, decoded. The bitmaps themselves are kept, not interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    pub nb_bitmaps: u32,
+    pub bitmap_directory_size: u64,
+    pub bitmap_directory_offset: u64,
+}
+
+/// An extension this engine does not interpret, kept byte-exact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownExtension {
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// Every extension of a header, decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// Backing file format name, e.g. `qcow2` or `raw`.
+    pub backing_format: Option<Vec<u8>>,
+    /// The feature name table, used only to name features in messages.
+    pub feature_names: Vec<FeatureName>,
+    /// Whether a feature name table extension was present at all.
+    pub has_feature_table: bool,
+    pub bitmaps: Option<BitmapsExtension>,
+    /// External data file name.
+    pub data_file: Option<Vec<u8>>,
+    /// Extensions of unknown type, in on-disk order.
+    pub unknown: Vec<UnknownExtension>,
+}
+
+/// Decodes the extension area `[start, end)` of `bytes` (the first cluster).
+pub fn decode(bytes: &[u8], start: u64, end: u64) -> FormatResult<Extensions> {
+    let mut ext = Extensions::default();
+    let mut seen: Vec<u32> = Vec::new();
+    let mut pos = start;
+    while pos + 8 <= end {
+        let p = pos as usize;
+        let kind = u32::from_be_bytes(bytes[p..p + 4].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(bytes[p + 4..p + 8].try_into().expect("4 bytes")) as u64;
+        if kind == kind::END {
+            return Ok(ext);
+        }
+        let data_start = pos + 8;
+        let padded = (len + 7) & !7;
+        if data_start + len > end {
+            return Err(FormatError::invalid(
+                format!("header extension {kind:#010x}"),
+                pos,
+                format!("length {len} runs past the end of the extension area at {end:#x}"),
+            ));
+        }
+        let data = &bytes[data_start as usize..(data_start + len) as usize];
+        if kind != kind::END && seen.contains(&kind) && is_known(kind) {
+            return Err(FormatError::invalid(
+                format!("header extension {kind:#010x}"),
+                pos,
+                "appears twice",
+            ));
+        }
+        seen.push(kind);
+        decode_one(&mut ext, kind, data, pos)?;
+        pos = data_start + padded;
+    }
+    // No end marker before the area ends: QEMU accepts this (the area simply ends).
+    Ok(ext)
+}
+
+fn is_known(kind: u32) -> bool {
+    matches!(
+        kind,
+        kind::BACKING_FORMAT
+            | kind::FEATURE_NAME_TABLE
+            | kind::BITMAPS
+            | kind::FULL_DISK_ENCRYPTION
+            | kind::EXTERNAL_DATA_FILE
+    )
+}
+
+fn decode_one(ext: &mut Extensions, kind: u32, data: &[u8], at: u64) -> FormatResult<()> {
+    match kind {
+        kind::BACKING_FORMAT => {
+            if data.len() as u32 > MAX_BACKING_FORMAT_NAME {
+                return Err(FormatError::invalid(
+                    "backing format extension",
+                    at,
+                    format!("name of {} bytes is longer than {MAX_BACKING_FORMAT_NAME}", data.len()),
+                ));
+            }
+            ext.backing_format = Some(data.to_vec());
+        }
+        kind::FEATURE_NAME_TABLE => {
+            ext.has_feature_table = true;
+            for chunk in data.chunks_exact(FEATURE_NAME_ENTRY_SIZE) {
+                let name = &chunk[2..];
+                let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                ext.feature_names.push(FeatureName {
+                    kind: FeatureKind::from_byte(chunk[0]),
+                    bit: chunk[1],
+                    name: name[..name_len].to_vec(),
+                });
+            }
+        }
+        kind::BITMAPS => {
+            let raw = RawBitmapsExtension::read_from_bytes(data).map_err(|_| {
+                FormatError::invalid(
+                    "bitmaps extension",
+                    at,
+                    format!("length {} is not 24", data.len()),
+                )
+            })?;
+            if raw.reserved.get() != 0 {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    at,
+                    "reserved field is not zero",
+                ));
+            }
+            let nb = raw.nb_bitmaps.get();
+            if nb == 0 || nb > MAX_BITMAPS {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    at,
+                    format!("{nb} bitmaps is outside 1..={MAX_BITMAPS}"),
+                ));
+            }
+            if raw.bitmap_directory_size.get() > MAX_BITMAP_DIRECTORY_SIZE {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    at,
+                    format!(
+                        "bitmap directory of {} bytes exceeds {MAX_BITMAP_DIRECTORY_SIZE}",
+                        raw.bitmap_directory_size.get()
+                    ),
+                ));
+            }
+            ext.bitmaps = Some(BitmapsExtension {
+                nb_bitmaps: nb,
+                bitmap_directory_size: raw.bitmap_directory_size.get(),
+                bitmap_directory_offset: raw.bitmap_directory_offset.get(),
+            });
+        }
+        kind::FULL_DISK_ENCRYPTION => {
+            return Err(FormatError::unsupported(
+                "full disk encryption extension",
+                at,
+                "encrypted images are not supported",
+            ));
+        }
+        kind::EXTERNAL_DATA_FILE => {
+            if data.is_empty() {
+                return Err(FormatError::invalid(
+                    "external data file extension",
+                    at,
+                    "the data file name is empty",
+                ));
+            }
+            ext.data_file = Some(data.to_vec());
+        }
+        _ => ext.unknown.push(UnknownExtension {
+            kind,
+            data: data.to_vec(),
+        }),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = kind.to_be_bytes().to_vec();
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        while v.len() % 8 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn decodes_known_and_keeps_unknown_extensions() {
+        let mut area = frame(kind::BACKING_FORMAT, b"qcow2");
+        area.extend(frame(0x1234_5678, &[1, 2, 3]));
+        area.extend([0u8; 8]);
+        let e = decode(&area, 0, area.len() as u64).unwrap();
+        assert_eq!(e.backing_format.as_deref(), Some(&b"qcow2"[..]));
+        assert_eq!(e.unknown, vec![UnknownExtension { kind: 0x1234_5678, data: vec![1, 2, 3] }]);
+    }
+
+    #[test]
+    fn oversized_extension_is_refused_with_its_offset() {
+        let mut area = vec![0u8; 64];
+        area[0..4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        area[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        let err = decode(&area, 0, 64).unwrap_err();
+        assert_eq!(err.offset, 0);
+        assert!(err.reason().contains("runs past"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Feature bits of the v3 header and the policy for unknown ones: an unknown incompatible bit
+//! refuses the open, unknown compatible bits are kept, unknown autoclear bits are cleared before the
+//! first write.
+
+use super::error::{FormatError, FormatResult};
+use super::header::field_offset;
+
+/// Incompatible feature bits (header offset 72).
+pub struct Incompatible;
+impl Incompatible {
+    pub const DIRTY: u64 = 1 << 0;
+    pub const CORRUPT: u64 = 1 << 1;
+    pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    pub const COMPRESSION_TYPE: u64 = 1 << 3;
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    /// Every bit this engine understands.
+    pub const KNOWN: u64 = 0x1F;
+}
+
+/// Compatible feature bits (header offset 80).
+pub struct Compatible;
+impl Compatible {
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+    pub const KNOWN: u64 = 0x1;
+}
+
+/// Autoclear feature bits (header offset 88).
+pub struct Autoclear;
+impl Autoclear {
+    pub const BITMAPS: u64 = 1 << 0;
+    pub const RAW_EXTERNAL_DATA: u64 = 1 << 1;
+    pub const KNOWN: u64 = 0x3;
+}
+
+/// Refuses unknown incompatible bits, naming them as QEMU does (a hex mask).
+pub fn check_incompatible(bits: u64) -> FormatResult<()> {
+    let unknown = bits & !Incompatible::KNOWN;
+    if unknown != 0 {
+        return Err(FormatError::unsupported(
+            "header field incompatible_features",
+            field_offset::INCOMPATIBLE_FEATURES,
+            format!("unknown incompatible feature: {unknown:x}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The kind of a feature name table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    Incompatible,
+    Compatible,
+    Autoclear,
+    /// A kind byte this engine does not know; the entry is kept as is.
+    Other(u8),
+}
+
+impl FeatureKind {
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            0 => FeatureKind::Incompatible,
+            1 => FeatureKind::Compatible,
+            2 => FeatureKind::Autoclear,
+            other => FeatureKind::Other(other),
+        }
+    }
+
+    pub fn to_byte(self) -> u8 {
+        match self {
+            FeatureKind::Incompatible => 0,
+            FeatureKind::Compatible => 1,
+            FeatureKind::Autoclear => 2,
+            FeatureKind::Other(b) => b,
+        }
+    }
+}
+
+/// One entry of the feature name table extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    pub kind: FeatureKind,
+    pub bit: u8,
+    /// The name without its zero padding.
+    pub name: Vec<u8>,
+}
+
+/// The eight entries QEMU 10 writes, in its order.
+pub fn qemu_feature_table() -> Vec<FeatureName> {
+    let entry = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.as_bytes().to_vec(),
+    };
+    vec![
+        entry(FeatureKind::Incompatible, 0, "dirty bit"),
+        entry(FeatureKind::Incompatible, 1, "corrupt bit"),
+        entry(FeatureKind::Incompatible, 2, "external data file"),
+        entry(FeatureKind::Incompatible, 3, "compression type"),
+        entry(FeatureKind::Incompatible, 4, "extended L2 entries"),
+        entry(FeatureKind::Compatible, 0, "lazy refcounts"),
+        entry(FeatureKind::Autoclear, 0, "bitmaps"),
+        entry(FeatureKind::Autoclear, 1, "raw external data"),
+    ]
+}

@@ -1,0 +1,571 @@
+//! The qcow2 header (v2 and v3): the fixed fields, their validation against QEMU's limits, and the
+//! bytes a writer must keep (unknown trailing header fields).
+//!
+//! Decoding is pure: it takes the bytes of cluster 0 and returns a [`Header`] or a [`FormatError`]
+//! naming the field and its offset. Nothing here knows the file length; checks that need it live in
+//! the image layer.
+
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::error::{FormatError, FormatResult};
+use super::extension::{self, Extensions};
+use super::features::{self, Incompatible};
+use super::limits::*;
+
+/// The 72 bytes every qcow2 version has, exactly as on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV2 {
+    pub magic: U32,
+    pub version: U32,
+    pub backing_file_offset: U64,
+    pub backing_file_size: U32,
+    pub cluster_bits: U32,
+    pub size: U64,
+    pub crypt_method: U32,
+    pub l1_size: U32,
+    pub l1_table_offset: U64,
+    pub refcount_table_offset: U64,
+    pub refcount_table_clusters: U32,
+    pub nb_snapshots: U32,
+    pub snapshots_offset: U64,
+}
+
+/// The v3 fields between byte 72 and 104, exactly as on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV3 {
+    pub incompatible_features: U64,
+    pub compatible_features: U64,
+    pub autoclear_features: U64,
+    pub refcount_order: U32,
+    pub header_length: U32,
+}
+
+/// Byte offset of each header field, for error messages that say where the problem is.
+pub mod field_offset {
+    pub const MAGIC: u64 = 0;
+    pub const VERSION: u64 = 4;
+    pub const BACKING_FILE_OFFSET: u64 = 8;
+    pub const BACKING_FILE_SIZE: u64 = 16;
+    pub const CLUSTER_BITS: u64 = 20;
+    pub const SIZE: u64 = 24;
+    pub const CRYPT_METHOD: u64 = 32;
+    pub const L1_SIZE: u64 = 36;
+    pub const L1_TABLE_OFFSET: u64 = 40;
+    pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    pub const NB_SNAPSHOTS: u64 = 60;
+    pub const SNAPSHOTS_OFFSET: u64 = 64;
+    pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    pub const COMPATIBLE_FEATURES: u64 = 80;
+    pub const AUTOCLEAR_FEATURES: u64 = 88;
+    pub const REFCOUNT_ORDER: u64 = 96;
+    pub const HEADER_LENGTH: u64 = 100;
+    pub const COMPRESSION_TYPE: u64 = 104;
+}
+
+/// How compressed clusters are encoded (header byte 104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate (RFC 1951), type 0.
+    Zlib,
+    /// One or more zstd frames, type 1.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img prints (`compression-type`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// A decoded, validated header with everything needed to rewrite it faithfully.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    /// 72 for v2; the on-disk value for v3.
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    /// Header bytes past the fields this engine knows (offset 112 up to header_length), kept verbatim.
+    pub unknown_header_bytes: Vec<u8>,
+    /// The header extensions, in on-disk order.
+    pub extensions: Extensions,
+    /// The backing file name, if any (raw bytes; not NUL-terminated on disk).
+    pub backing_file: Option<Vec<u8>>,
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount width in bits (1..=64).
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Whether L2 entries are 128-bit with subcluster bitmaps.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & Incompatible::EXTENDED_L2 != 0
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_external_data_file(&self) -> bool {
+        self.incompatible_features & Incompatible::EXTERNAL_DATA_FILE != 0
+    }
+
+    /// Whether the dirty bit is set (refcounts may be stale).
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & Incompatible::DIRTY != 0
+    }
+
+    /// Whether the corrupt bit is set.
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & Incompatible::CORRUPT != 0
+    }
+
+    /// Whether the lazy refcounts compatible bit is set.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & features::Compatible::LAZY_REFCOUNTS != 0
+    }
+
+    /// Bytes per L2 entry: 8, or 16 with extended L2.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// log2 of the number of entries in one L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2() { 4 } else { 3 }
+    }
+
+    /// Guest bytes one L1 entry covers, as a shift.
+    pub fn l1_shift(&self) -> u32 {
+        self.cluster_bits + self.l2_bits()
+    }
+
+    /// The number of L1 entries needed to cover `size` guest bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        size.div_ceil(1u64 << self.l1_shift())
+    }
+
+    /// Decodes and validates the header from the start of the image (at least the first cluster, or
+    /// the whole file if it is shorter).
+    pub fn decode(bytes: &[u8]) -> FormatResult<Header> {
+        use field_offset as f;
+        let (v2, _) = RawHeaderV2::read_from_prefix(bytes).map_err(|_| {
+            FormatError::invalid(
+                "header",
+                0,
+                format!("file is {} bytes, shorter than the 72-byte header", bytes.len()),
+            )
+        })?;
+        if v2.magic.get() != QCOW_MAGIC {
+            return Err(FormatError::invalid(
+                "header field magic",
+                f::MAGIC,
+                format!("{:#010x} is not the qcow2 magic QFI\\xfb", v2.magic.get()),
+            ));
+        }
+        let version = v2.version.get();
+        if version != 2 && version != 3 {
+            return Err(FormatError::unsupported(
+                "header field version",
+                f::VERSION,
+                format!("qcow2 version {version} (only 2 and 3 exist)"),
+            ));
+        }
+        let cluster_bits = v2.cluster_bits.get();
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(FormatError::invalid(
+                "header field cluster_bits",
+                f::CLUSTER_BITS,
+                format!("{cluster_bits} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"),
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        if (bytes.len() as u64) < cluster_size.min(V3_MIN_HEADER_LENGTH as u64) && version == 3 {
+            return Err(FormatError::invalid(
+                "header",
+                0,
+                format!("file is {} bytes, shorter than the v3 header", bytes.len()),
+            ));
+        }
+
+        let (mut incompatible, mut compatible, mut autoclear) = (0, 0, 0);
+        let (mut refcount_order, mut header_length) = (V2_REFCOUNT_ORDER, V2_HEADER_LENGTH);
+        if version == 3 {
+            let (v3, _) = RawHeaderV3::read_from_prefix(&bytes[72..]).map_err(|_| {
+                FormatError::invalid("header", 72, "file ends inside the v3 header fields")
+            })?;
+            incompatible = v3.incompatible_features.get();
+            compatible = v3.compatible_features.get();
+            autoclear = v3.autoclear_features.get();
+            refcount_order = v3.refcount_order.get();
+            header_length = v3.header_length.get();
+            if (header_length as u64) < V3_MIN_HEADER_LENGTH as u64
+                || header_length as u64 > cluster_size
+            {
+                return Err(FormatError::invalid(
+                    "header field header_length",
+                    f::HEADER_LENGTH,
+                    format!(
+                        "{header_length} is outside {V3_MIN_HEADER_LENGTH}..={cluster_size} (the cluster size)"
+                    ),
+                ));
+            }
+            if header_length as usize > bytes.len() {
+                return Err(FormatError::invalid(
+                    "header field header_length",
+                    f::HEADER_LENGTH,
+                    format!("{header_length} runs past the end of the file ({} bytes)", bytes.len()),
+                ));
+            }
+            if refcount_order > MAX_REFCOUNT_ORDER {
+                return Err(FormatError::invalid(
+                    "header field refcount_order",
+                    f::REFCOUNT_ORDER,
+                    format!("{refcount_order} is above the maximum {MAX_REFCOUNT_ORDER} (64-bit refcounts)"),
+                ));
+            }
+        }
+
+        let crypt_method = v2.crypt_method.get();
+        if crypt_method != 0 {
+            return Err(FormatError::unsupported(
+                "header field crypt_method",
+                f::CRYPT_METHOD,
+                format!("encrypted images are not supported (crypt_method {crypt_method})"),
+            ));
+        }
+        features::check_incompatible(incompatible)?;
+
+        // Compression type: the byte at 104 exists only when header_length covers it.
+        let compression_byte = if header_length > 104 { bytes[104] } else { 0 };
+        let compression_type = match compression_byte {
+            0 => CompressionType::Zlib,
+            1 => CompressionType::Zstd,
+            other => {
+                return Err(FormatError::unsupported(
+                    "header field compression_type",
+                    f::COMPRESSION_TYPE,
+                    format!("compression type {other}"),
+                ))
+            }
+        };
+        let has_type_bit = incompatible & Incompatible::COMPRESSION_TYPE != 0;
+        if has_type_bit != (compression_byte != 0) {
+            return Err(FormatError::invalid(
+                "header field compression_type",
+                f::COMPRESSION_TYPE,
+                format!(
+                    "compression type {compression_byte} disagrees with incompatible bit 3 ({})",
+                    if has_type_bit { "set" } else { "clear" }
+                ),
+            ));
+        }
+        if incompatible & Incompatible::EXTENDED_L2 != 0 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(FormatError::invalid(
+                "header field incompatible_features",
+                f::INCOMPATIBLE_FEATURES,
+                format!("extended L2 entries need clusters of 16 KiB or more, not {cluster_size} bytes"),
+            ));
+        }
+
+        // Trailing header bytes this engine does not know are kept; 105..112 is padding.
+        let unknown_header_bytes = if header_length > V3_HEADER_LENGTH {
+            bytes[V3_HEADER_LENGTH as usize..header_length as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+
+        let backing_file_offset = v2.backing_file_offset.get();
+        let backing_file_size = v2.backing_file_size.get();
+        let backing_file = if backing_file_offset != 0 {
+            if backing_file_offset > cluster_size {
+                return Err(FormatError::invalid(
+                    "header field backing_file_offset",
+                    f::BACKING_FILE_OFFSET,
+                    format!("{backing_file_offset:#x} is outside the header cluster"),
+                ));
+            }
+            if backing_file_size > MAX_BACKING_FILE_NAME
+                || backing_file_size as u64 > cluster_size - backing_file_offset
+            {
+                return Err(FormatError::invalid(
+                    "header field backing_file_size",
+                    f::BACKING_FILE_SIZE,
+                    format!("{backing_file_size} is above the limit of {MAX_BACKING_FILE_NAME} bytes or runs past the header cluster"),
+                ));
+            }
+            let end = (backing_file_offset + backing_file_size as u64) as usize;
+            if end > bytes.len() {
+                return Err(FormatError::invalid(
+                    "backing file name",
+                    backing_file_offset,
+                    "runs past the end of the file",
+                ));
+            }
+            Some(bytes[backing_file_offset as usize..end].to_vec())
+        } else {
+            None
+        };
+
+        let extensions_end = if backing_file_offset != 0 {
+            backing_file_offset
+        } else {
+            cluster_size
+        }
+        .min(bytes.len() as u64);
+        let extensions = extension::decode(bytes, header_length as u64, extensions_end)?;
+        if incompatible & Incompatible::EXTERNAL_DATA_FILE != 0 && extensions.data_file.is_none() {
+            return Err(FormatError::unsupported(
+                "header field incompatible_features",
+                f::INCOMPATIBLE_FEATURES,
+                "an external data file without a data file name extension",
+            ));
+        }
+        if autoclear & features::Autoclear::RAW_EXTERNAL_DATA != 0
+            && incompatible & Incompatible::EXTERNAL_DATA_FILE == 0
+        {
+            return Err(FormatError::invalid(
+                "header field autoclear_features",
+                f::AUTOCLEAR_FEATURES,
+                "raw external data without an external data file",
+            ));
+        }
+
+        let header = Header {
+            version,
+            backing_file_offset,
+            backing_file_size,
+            cluster_bits,
+            size: v2.size.get(),
+            crypt_method,
+            l1_size: v2.l1_size.get(),
+            l1_table_offset: v2.l1_table_offset.get(),
+            refcount_table_offset: v2.refcount_table_offset.get(),
+            refcount_table_clusters: v2.refcount_table_clusters.get(),
+            nb_snapshots: v2.nb_snapshots.get(),
+            snapshots_offset: v2.snapshots_offset.get(),
+            incompatible_features: incompatible,
+            compatible_features: compatible,
+            autoclear_features: autoclear,
+            refcount_order,
+            header_length,
+            compression_type,
+            unknown_header_bytes,
+            extensions,
+            backing_file,
+        };
+        header.validate_tables()?;
+        Ok(header)
+    }
+
+    /// Checks table sizes and offsets against QEMU's limits (not yet against the file length).
+    fn validate_tables(&self) -> FormatResult<()> {
+        use field_offset as f;
+        let cluster_size = self.cluster_size();
+        if self.size > MAX_VIRTUAL_SIZE {
+            return Err(FormatError::invalid(
+                "header field size",
+                f::SIZE,
+                format!("virtual size {} is above the maximum {MAX_VIRTUAL_SIZE}", self.size),
+            ));
+        }
+        let aligned = |value: u64, field: &str, at: u64| -> FormatResult<()> {
+            if value % cluster_size != 0 {
+                return Err(FormatError::invalid(
+                    format!("header field {field}"),
+                    at,
+                    format!("offset {value:#x} is not cluster aligned"),
+                ));
+            }
+            if value > MAX_CLUSTER_OFFSET {
+                return Err(FormatError::invalid(
+                    format!("header field {field}"),
+                    at,
+                    format!("offset {value:#x} is beyond the 56-bit host offset range"),
+                ));
+            }
+            Ok(())
+        };
+
+        // L1 table.
+        if self.l1_size as u64 > MAX_L1_ENTRIES {
+            return Err(FormatError::invalid(
+                "header field l1_size",
+                f::L1_SIZE,
+                format!("{} entries exceed the 32 MiB L1 limit", self.l1_size),
+            ));
+        }
+        let needed = self.l1_entries_for(self.size);
+        if needed > MAX_L1_ENTRIES {
+            return Err(FormatError::invalid(
+                "header field size",
+                f::SIZE,
+                format!("virtual size {} needs an L1 table larger than 32 MiB", self.size),
+            ));
+        }
+        if (self.l1_size as u64) < needed {
+            return Err(FormatError::invalid(
+                "header field l1_size",
+                f::L1_SIZE,
+                format!(
+                    "L1 table is too small: {} entries cannot cover the virtual size {} (needs {needed})",
+                    self.l1_size, self.size
+                ),
+            ));
+        }
+        aligned(self.l1_table_offset, "l1_table_offset", f::L1_TABLE_OFFSET)?;
+        if self.l1_size > 0 && self.l1_table_offset == 0 {
+            return Err(FormatError::invalid(
+                "header field l1_table_offset",
+                f::L1_TABLE_OFFSET,
+                "the L1 table overlaps the header",
+            ));
+        }
+
+        // Refcount table.
+        if self.refcount_table_clusters == 0 {
+            return Err(FormatError::invalid(
+                "header field refcount_table_clusters",
+                f::REFCOUNT_TABLE_CLUSTERS,
+                "the refcount table is empty",
+            ));
+        }
+        if self.refcount_table_clusters as u64 * cluster_size > MAX_REFTABLE_SIZE_BYTES {
+            return Err(FormatError::invalid(
+                "header field refcount_table_clusters",
+                f::REFCOUNT_TABLE_CLUSTERS,
+                format!(
+                    "{} clusters exceed the 8 MiB refcount table limit",
+                    self.refcount_table_clusters
+                ),
+            ));
+        }
+        aligned(self.refcount_table_offset, "refcount_table_offset", f::REFCOUNT_TABLE_OFFSET)?;
+        if self.refcount_table_offset == 0 {
+            return Err(FormatError::invalid(
+                "header field refcount_table_offset",
+                f::REFCOUNT_TABLE_OFFSET,
+                "the refcount table overlaps the header",
+            ));
+        }
+
+        // Snapshot table.
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(FormatError::invalid(
+                "header field nb_snapshots",
+                f::NB_SNAPSHOTS,
+                format!("{} snapshots exceed the limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
+            ));
+        }
+        aligned(self.snapshots_offset, "snapshots_offset", f::SNAPSHOTS_OFFSET)?;
+        if self.nb_snapshots > 0 && self.snapshots_offset == 0 {
+            return Err(FormatError::invalid(
+                "header field snapshots_offset",
+                f::SNAPSHOTS_OFFSET,
+                "the snapshot table overlaps the header",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal_v3() -> Vec<u8> {
+        let mut b = vec![0u8; 512];
+        b[0..4].copy_from_slice(&QCOW_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&9u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 15).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&0x600u64.to_be_bytes());
+        b[48..56].copy_from_slice(&0x200u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn decodes_a_minimal_v3_header() {
+        let h = Header::decode(&minimal_v3()).unwrap();
+        assert_eq!(h.cluster_size(), 512);
+        assert_eq!(h.refcount_bits(), 16);
+        assert_eq!(h.compression_type, CompressionType::Zlib);
+        assert!(h.extensions.unknown.is_empty());
+    }
+
+    #[test]
+    fn cluster_bits_out_of_range_names_the_field() {
+        let mut b = minimal_v3();
+        b[20..24].copy_from_slice(&22u32.to_be_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert_eq!(e.structure, "header field cluster_bits");
+        assert_eq!(e.offset, 20);
+    }
+
+    #[test]
+    fn refcount_order_seven_is_refused() {
+        let mut b = minimal_v3();
+        b[96..100].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(Header::decode(&b).unwrap_err().offset, 96);
+    }
+
+    #[test]
+    fn too_small_l1_is_refused() {
+        let mut b = minimal_v3();
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert!(e.reason().contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn encryption_is_unsupported_with_a_clear_message() {
+        let mut b = minimal_v3();
+        b[32..36].copy_from_slice(&2u32.to_be_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert!(matches!(e.problem, super::super::error::Problem::Unsupported(_)));
+        assert!(e.to_string().contains("encrypted images are not supported"));
+    }
+
+    #[test]
+    fn unknown_trailing_header_bytes_are_kept() {
+        let mut b = minimal_v3();
+        b[100..104].copy_from_slice(&120u32.to_be_bytes());
+        b[112..120].copy_from_slice(&[0xAA; 8]);
+        let h = Header::decode(&b).unwrap();
+        assert_eq!(h.unknown_header_bytes, vec![0xAA; 8]);
+    }
+}

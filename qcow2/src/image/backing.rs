@@ -1,0 +1,198 @@
+//! Backing chains and external data files, opened only through the caller's [`BackingPolicy`]:
+//! an untrusted image must not make the library open arbitrary host files. Names resolve against
+//! the directory of the image that names them; loops and overly deep chains are refused (QEMU
+//! itself hangs on a backing loop).
+
+use std::path::{Path, PathBuf};
+
+use super::{open_file, resolve_relative, Image, OpenOptions};
+use crate::error::{ChainProblem, Error, Result};
+use crate::format::limits::QCOW_MAGIC;
+use crate::storage::Storage;
+
+/// Which backing and data files an image may make the library open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Open whatever the image names.
+    Follow,
+    /// Refuse to open an image that names a backing or data file.
+    Refuse,
+    /// Open the image alone: unallocated clusters read as zeros and data-file clusters cannot be
+    /// read. For inspecting metadata (`info`, `check`, `map` of one layer).
+    Ignore,
+    /// Open only files inside these directories (compared after resolving symlinks).
+    AllowDirs(Vec<PathBuf>),
+}
+
+/// What lies below an image.
+pub(crate) enum Backing {
+    Qcow2(Box<Image>),
+    Raw { storage: Box<dyn Storage>, size: u64 },
+}
+
+impl Backing {
+    /// The backing file's virtual size.
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(image) => image.size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+}
+
+/// Opens the image at `path` and, as the policy allows, its data file and backing chain.
+/// `chain` holds the canonical paths of the images above it (for loop detection).
+pub(crate) fn open_chain(path: &Path, options: &OpenOptions, chain: &mut Vec<PathBuf>) -> Result<Image> {
+    let name = path.display().to_string();
+    let storage = open_file(path).map_err(|e| Error::io(&name, "opening the image", e))?;
+    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
+    let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
+    if options.backing == BackingPolicy::Ignore {
+        return Ok(image);
+    }
+    if let Some(data_name) = image.data_file_name.clone() {
+        let data_path = permitted(&image, "data", &data_name, options)?;
+        let storage = open_file(&data_path)
+            .map_err(|e| Error::io(&image.name, format!("opening the data file {data_name:?}"), e))?;
+        image.data_file = Some(storage);
+    }
+    let Some(backing_name) = image.backing_file_name() else {
+        return Ok(image);
+    };
+    let backing_path = permitted(&image, "backing", &backing_name, options)?;
+    let chain_error = |image: &Image, problem| Error::Chain {
+        image: image.name.clone(),
+        role: "backing",
+        file: backing_name.clone(),
+        problem,
+    };
+    if chain.len() + 1 > options.max_backing_depth {
+        return Err(chain_error(
+            &image,
+            ChainProblem::TooDeep {
+                limit: options.max_backing_depth,
+            },
+        ));
+    }
+    let backing_canonical = std::fs::canonicalize(&backing_path).map_err(|e| {
+        Error::io(
+            &image.name,
+            format!("opening the backing file {backing_name:?}"),
+            e,
+        )
+    })?;
+    if backing_canonical == canonical || chain.contains(&backing_canonical) {
+        return Err(chain_error(&image, ChainProblem::Loop));
+    }
+
+    let format = image
+        .header
+        .extensions
+        .backing_format
+        .as_ref()
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    let is_qcow2 = match format.as_deref() {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => {
+            return Err(chain_error(
+                &image,
+                ChainProblem::UnsupportedFormat(other.to_string()),
+            ))
+        }
+        None => probe_is_qcow2(&backing_path).map_err(|e| {
+            Error::io(
+                &image.name,
+                format!("probing the backing file {backing_name:?}"),
+                e,
+            )
+        })?,
+    };
+    let backing = if is_qcow2 {
+        chain.push(canonical);
+        let below = open_chain(&backing_path, options, chain);
+        chain.pop();
+        Backing::Qcow2(Box::new(below?))
+    } else {
+        let storage = open_file(&backing_path).map_err(|e| {
+            Error::io(
+                &image.name,
+                format!("opening the backing file {backing_name:?}"),
+                e,
+            )
+        })?;
+        let size = storage
+            .len()
+            .map_err(|e| Error::io(&image.name, "reading the backing file length", e))?;
+        Backing::Raw { storage, size }
+    };
+    image.backing = Some(backing);
+    Ok(image)
+}
+
+/// Resolves a name from the image and checks it against the policy.
+fn permitted(image: &Image, role: &'static str, name: &str, options: &OpenOptions) -> Result<PathBuf> {
+    let refuse = || Error::Chain {
+        image: image.name.clone(),
+        role,
+        file: name.to_string(),
+        problem: ChainProblem::RefusedByPolicy,
+    };
+    let base = image.path.as_deref().ok_or_else(|| Error::Chain {
+        image: image.name.clone(),
+        role,
+        file: name.to_string(),
+        problem: ChainProblem::NoDirectory,
+    })?;
+    let path = resolve_relative(base, name);
+    match &options.backing {
+        BackingPolicy::Follow => Ok(path),
+        BackingPolicy::Refuse | BackingPolicy::Ignore => Err(refuse()),
+        BackingPolicy::AllowDirs(dirs) => {
+            let real = std::fs::canonicalize(&path).map_err(|_| refuse())?;
+            let allowed = dirs
+                .iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .any(|d| real.starts_with(d));
+            if allowed {
+                Ok(path)
+            } else {
+                Err(refuse())
+            }
+        }
+    }
+}
+
+fn probe_is_qcow2(path: &Path) -> std::io::Result<bool> {
+    let storage = open_file(path)?;
+    let mut magic = [0u8; 4];
+    let n = storage.read_at(&mut magic, 0)?;
+    Ok(n == 4 && u32::from_be_bytes(magic) == QCOW_MAGIC)
+}
+
+impl Image {
+    /// Reads guest bytes of an unallocated range from the backing chain; zeros where there is no
+    /// backing file or past its end.
+    pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(backing) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let size = backing.size();
+        let available = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past_end) = buf.split_at_mut(available);
+        past_end.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        match backing {
+            Backing::Qcow2(image) => image.read_layer(image.active(), inside, offset),
+            Backing::Raw { storage, .. } => {
+                use crate::storage::StorageExt;
+                storage
+                    .read_zero_filled_at(inside, offset)
+                    .map_err(|e| Error::io(&self.name, "reading the raw backing file", e))
+            }
+        }
+    }
+}

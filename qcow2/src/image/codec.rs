@@ -1,0 +1,92 @@
+//! Decompression of compressed clusters: raw deflate (any window up to 32 KiB, so foreign writers
+//! work too) and zstd with one or several frames. Output is exactly one cluster; trailing bytes in
+//! the last sector belong to the next cluster and are ignored.
+
+use std::io::Read;
+
+use crate::format::CompressionType;
+
+/// The largest zstd window accepted: 4 MiB, twice the largest cluster, so a hostile frame cannot ask
+/// for a huge decoder buffer.
+const ZSTD_MAX_WINDOW_LOG: u32 = 22;
+
+/// Decompresses `input` into all of `out`, or says why it could not.
+pub(crate) fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    match kind {
+        CompressionType::Zlib => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let mut d = flate2::Decompress::new(false);
+    loop {
+        let before_in = d.total_in();
+        let before_out = d.total_out();
+        let status = d
+            .decompress(
+                &input[before_in as usize..],
+                &mut out[before_out as usize..],
+                flate2::FlushDecompress::Finish,
+            )
+            .map_err(|e| format!("deflate data is invalid: {e}"))?;
+        if d.total_out() as usize == out.len() {
+            return Ok(());
+        }
+        let stalled = d.total_in() == before_in && d.total_out() == before_out;
+        if status == flate2::Status::StreamEnd || stalled {
+            return Err(format!(
+                "deflate data ends after {} of {} bytes",
+                d.total_out(),
+                out.len()
+            ));
+        }
+    }
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(input)
+        .map_err(|e| format!("zstd decoder could not start: {e}"))?;
+    decoder
+        .window_log_max(ZSTD_MAX_WINDOW_LOG)
+        .map_err(|e| format!("zstd decoder could not be limited: {e}"))?;
+    decoder
+        .read_exact(out)
+        .map_err(|e| format!("zstd data is invalid or too short: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn inflates_raw_deflate_with_trailing_garbage() {
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&data).unwrap();
+        let mut compressed = enc.finish().unwrap();
+        compressed.extend_from_slice(&[0xAB; 100]);
+        let mut out = vec![0u8; 4096];
+        decompress(CompressionType::Zlib, &compressed, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn zstd_accepts_several_frames() {
+        let a = zstd::encode_all(&[1u8; 2048][..], 3).unwrap();
+        let b = zstd::encode_all(&[2u8; 2048][..], 3).unwrap();
+        let mut out = vec![0u8; 4096];
+        decompress(CompressionType::Zstd, &[a, b].concat(), &mut out).unwrap();
+        assert_eq!(&out[..2048], &[1u8; 2048][..]);
+        assert_eq!(&out[2048..], &[2u8; 2048][..]);
+    }
+
+    #[test]
+    fn short_data_is_an_error_not_a_panic() {
+        let mut out = vec![0u8; 4096];
+        assert!(decompress(CompressionType::Zlib, &[0x03, 0x00], &mut out).is_err());
+        assert!(decompress(CompressionType::Zstd, &[0x28, 0xb5, 0x2f, 0xfd], &mut out).is_err());
+        assert!(decompress(CompressionType::Zlib, &[], &mut out).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The block-status API: which guest ranges hold data, zeros or nothing, and at which depth of the
+//! backing chain. Adjacent ranges with the same meaning merge as `qemu-img map` merges them.
+
+use super::backing::Backing;
+use super::layer::{Layer, Run};
+use super::Image;
+use crate::error::Result;
+
+/// What a guest range holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Guest data stored at `host_offset` (of the image file, its data file, or a raw backing file).
+    Data { host_offset: u64 },
+    /// Compressed data.
+    Compressed,
+    /// Explicitly zero (a zero flag or zero subclusters); `host_offset` when a cluster stays
+    /// preallocated.
+    Zero { host_offset: Option<u64> },
+    /// Allocated nowhere in the chain: reads as zeros.
+    Unallocated,
+}
+
+/// A guest range with one meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    /// 0 for the image itself, 1 for its backing file, and so on.
+    pub depth: u32,
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// Allocated in some layer (qemu-img's `present`).
+    pub fn present(&self) -> bool {
+        !matches!(self.kind, ExtentKind::Unallocated)
+    }
+    /// Reads as zeros without reading data (qemu-img's `zero`).
+    pub fn zero(&self) -> bool {
+        matches!(self.kind, ExtentKind::Zero { .. } | ExtentKind::Unallocated)
+    }
+    /// Holds data (qemu-img's `data`).
+    pub fn data(&self) -> bool {
+        matches!(self.kind, ExtentKind::Data { .. } | ExtentKind::Compressed)
+    }
+    /// Compressed (qemu-img's `compressed`).
+    pub fn compressed(&self) -> bool {
+        matches!(self.kind, ExtentKind::Compressed)
+    }
+    /// The host offset of the first byte, when the range maps to one place.
+    pub fn offset(&self) -> Option<u64> {
+        match self.kind {
+            ExtentKind::Data { host_offset } => Some(host_offset),
+            ExtentKind::Zero { host_offset } => host_offset,
+            _ => None,
+        }
+    }
+
+    /// Whether `next` directly continues this extent with the same meaning.
+    fn merges_with(&self, next: &Extent) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && match (self.kind, next.kind) {
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                    a + self.length == b
+                }
+                (ExtentKind::Zero { host_offset: Some(a) }, ExtentKind::Zero { host_offset: Some(b) }) => {
+                    a + self.length == b
+                }
+                (a, b) => a == b,
+            }
+    }
+}
+
+/// Appends `extent`, merging it into the last one when it continues it.
+fn push(out: &mut Vec<Extent>, extent: Extent) {
+    if let Some(last) = out.last_mut() {
+        if last.merges_with(&extent) {
+            last.length += extent.length;
+            return;
+        }
+    }
+    out.push(extent);
+}
+
+impl Image {
+    /// The extents of guest range `[offset, offset + len)` through the whole opened chain.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_bounds(offset, len, self.size())?;
+        let mut out = Vec::new();
+        self.map_layer(self.active(), offset, len, 0, &mut out)?;
+        Ok(out)
+    }
+
+    pub(crate) fn map_layer(
+        &self,
+        layer: Layer<'_>,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let (run, run_len) = self.lookup(layer, pos, end - pos)?;
+            let kind = match run {
+                Run::Data { host_offset } => ExtentKind::Data { host_offset },
+                Run::Compressed { .. } => ExtentKind::Compressed,
+                Run::Zero { host_offset } => ExtentKind::Zero { host_offset },
+                Run::Unallocated => {
+                    self.map_backing(pos, run_len, depth, out)?;
+                    pos += run_len;
+                    continue;
+                }
+            };
+            push(
+                out,
+                Extent {
+                    start: pos,
+                    length: run_len,
+                    depth,
+                    kind,
+                },
+            );
+            pos += run_len;
+        }
+        Ok(())
+    }
+
+    /// Maps a range unallocated in this image through the backing chain.
+    fn map_backing(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
+        let unallocated = |start, length, depth| Extent {
+            start,
+            length,
+            depth,
+            kind: ExtentKind::Unallocated,
+        };
+        let Some(backing) = &self.backing else {
+            push(out, unallocated(offset, len, depth));
+            return Ok(());
+        };
+        let inside = backing.size().saturating_sub(offset).min(len);
+        if inside > 0 {
+            match backing {
+                Backing::Qcow2(image) => image.map_layer(image.active(), offset, inside, depth + 1, out)?,
+                Backing::Raw { .. } => push(
+                    out,
+                    Extent {
+                        start: offset,
+                        length: inside,
+                        depth: depth + 1,
+                        kind: ExtentKind::Data { host_offset: offset },
+                    },
+                ),
+            }
+        }
+        if inside < len {
+            // Past the end of the backing file the image reads zeros of its own.
+            push(out, unallocated(offset + inside, len - inside, depth));
+        }
+        Ok(())
+    }
+}

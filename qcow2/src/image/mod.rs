@@ -1,0 +1,429 @@
+//! The engine: an opened qcow2 image, validated against QEMU's limits before any size or offset
+//! from disk is used, with guest reads, backing chains, snapshot views, `map`, `info` and `check`.
+//!
+//! Submodules, one concept each: [`open`](self) validation lives here; `layer` maps guest offsets
+//! through L1/L2; `backing` opens chains through the caller's policy; `l2_cache` bounds memory;
+//! `codec` decompresses; `map`, `info`, `check` and `snapshot` build on `layer`.
+
+mod backing;
+mod check;
+mod codec;
+mod info;
+mod l2_cache;
+mod layer;
+mod map;
+mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub use backing::BackingPolicy;
+pub use check::CheckReport;
+pub use info::{ImageInfo, SnapshotInfo};
+pub use map::{Extent, ExtentKind};
+pub use snapshot::SnapshotView;
+
+use crate::error::{Error, Result};
+use crate::format::limits::*;
+use crate::format::snapshot::{align_entry, EntrySizes};
+use crate::format::{Header, SnapshotEntry};
+use crate::storage::{FileStorage, Storage, StorageExt};
+use backing::Backing;
+use l2_cache::L2Cache;
+
+/// How to open an image.
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Which backing and data files the image may make the library open.
+    pub backing: BackingPolicy,
+    /// The deepest backing chain accepted.
+    pub max_backing_depth: usize,
+    /// Memory for cached L2 tables, in bytes (at least one table is always cached).
+    pub l2_cache_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            backing: BackingPolicy::Follow,
+            max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
+            l2_cache_bytes: 4 << 20,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Options that open the image alone: no backing chain, no data file (for `info` and `check`).
+    pub fn metadata_only() -> Self {
+        OpenOptions {
+            backing: BackingPolicy::Ignore,
+            ..Self::default()
+        }
+    }
+}
+
+/// A byte range of the image file holding metadata that data must never overlap.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetadataArea {
+    pub start: u64,
+    pub end: u64,
+    pub what: &'static str,
+}
+
+/// An open qcow2 image (read-only).
+pub struct Image {
+    name: String,
+    path: Option<PathBuf>,
+    storage: Box<dyn Storage>,
+    header: Header,
+    file_len: u64,
+    l1: Vec<u64>,
+    snapshots: Vec<SnapshotEntry>,
+    /// Bytes the snapshot table occupies (unpadded, as QEMU sizes it).
+    snapshot_table_len: u64,
+    metadata_areas: Vec<MetadataArea>,
+    data_file: Option<Box<dyn Storage>>,
+    data_file_name: Option<String>,
+    backing: Option<Backing>,
+    l2_cache: L2Cache,
+    /// The most recently decompressed cluster: descriptor bits and bytes. Sequential small reads
+    /// of one compressed cluster then decompress it once.
+    last_compressed: Mutex<Option<(u64, Box<[u8]>)>>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("name", &self.name)
+            .field("size", &self.header.size)
+            .field("cluster_bits", &self.header.cluster_bits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Image {
+    /// Opens the image at `path` read-only, with its backing chain as `options` allow.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
+        backing::open_chain(path.as_ref(), options, &mut Vec::new())
+    }
+
+    /// Opens an image held in any storage. A backing or data file can only be followed when the
+    /// policy is `Ignore` (it is then skipped); there is no directory to resolve names against.
+    pub fn from_storage(storage: Box<dyn Storage>, name: &str, options: &OpenOptions) -> Result<Image> {
+        let mut image = Self::open_alone(storage, name.to_string(), None, options)?;
+        if options.backing != BackingPolicy::Ignore {
+            if let Some(file) = image.backing_file_name() {
+                return Err(Error::Chain {
+                    image: image.name,
+                    role: "backing",
+                    file,
+                    problem: crate::error::ChainProblem::NoDirectory,
+                });
+            }
+            if let Some(file) = image.data_file_name.clone() {
+                return Err(Error::Chain {
+                    image: image.name,
+                    role: "data",
+                    file,
+                    problem: crate::error::ChainProblem::NoDirectory,
+                });
+            }
+        }
+        image.backing = None;
+        Ok(image)
+    }
+
+    /// Opens one image: header, tables and snapshot list, all validated. Backing and data files are
+    /// attached by the caller.
+    fn open_alone(
+        storage: Box<dyn Storage>,
+        name: String,
+        path: Option<PathBuf>,
+        options: &OpenOptions,
+    ) -> Result<Image> {
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io(&name, "reading the file length", e))?;
+        let mut first = [0u8; V2_HEADER_LENGTH as usize];
+        let n = storage
+            .read_at(&mut first, 0)
+            .map_err(|e| Error::io(&name, "reading the header", e))?;
+        // The cluster size decides how much of the file is header; decode it once with what there is.
+        let cluster_bits = if n >= 24 {
+            u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"))
+        } else {
+            0
+        };
+        let head_len = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            (1u64 << cluster_bits).min(file_len)
+        } else {
+            n as u64
+        };
+        let mut head = vec![0u8; head_len as usize];
+        storage
+            .read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io(&name, "reading the header cluster", e))?;
+        let header = Header::decode(&head).map_err(|e| Error::from_format(&name, e))?;
+        let cluster_size = header.cluster_size();
+
+        // Tables must lie inside the file and must not overlap each other.
+        let l1_bytes = header.l1_size as u64 * 8;
+        let reftable_bytes = header.refcount_table_clusters as u64 * cluster_size;
+        let within_file = |what: &str, field_offset: u64, start: u64, len: u64| -> Result<()> {
+            if len > 0 && start.checked_add(len).is_none_or(|end| end > file_len) {
+                return Err(Error::corrupt(
+                    &name,
+                    format!("header field {what}"),
+                    field_offset,
+                    format!(
+                        "{what} at {start:#x} ({len} bytes) runs past the end of the file ({file_len:#x})"
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        within_file("l1_table_offset", 40, header.l1_table_offset, l1_bytes)?;
+        // A fresh QEMU image ends right after the L1 entries, so only the used bytes must exist;
+        // the reftable is always written in whole clusters.
+        within_file(
+            "refcount_table_offset",
+            48,
+            header.refcount_table_offset,
+            reftable_bytes,
+        )?;
+        if header.nb_snapshots > 0 && header.snapshots_offset >= file_len {
+            return Err(Error::corrupt(
+                &name,
+                "header field snapshots_offset",
+                64,
+                format!(
+                    "snapshot table at {:#x} is beyond the end of the file ({file_len:#x})",
+                    header.snapshots_offset
+                ),
+            ));
+        }
+
+        let mut image = Image {
+            name,
+            path,
+            storage,
+            file_len,
+            l1: Vec::new(),
+            snapshots: Vec::new(),
+            snapshot_table_len: 0,
+            metadata_areas: Vec::new(),
+            data_file: None,
+            data_file_name: None,
+            backing: None,
+            l2_cache: L2Cache::new((options.l2_cache_bytes / cluster_size) as usize),
+            last_compressed: Mutex::new(None),
+            header,
+        };
+        image.add_area(0, cluster_size, "the header")?;
+        image.add_area(image.header.l1_table_offset, l1_bytes, "the active L1 table")?;
+        image.add_area(
+            image.header.refcount_table_offset,
+            reftable_bytes,
+            "the refcount table",
+        )?;
+        image.l1 = image.read_table(
+            image.header.l1_table_offset,
+            image.header.l1_size as u64,
+            "L1 table",
+        )?;
+        image.read_snapshot_table()?;
+        image.add_area(
+            image.header.snapshots_offset,
+            image.snapshot_table_len,
+            "the snapshot table",
+        )?;
+        image.data_file_name = image
+            .header
+            .extensions
+            .data_file
+            .as_ref()
+            .map(|n| String::from_utf8_lossy(n).into_owned());
+        Ok(image)
+    }
+
+    /// Records a metadata area, refusing one that overlaps an area already recorded.
+    fn add_area(&mut self, start: u64, len: u64, what: &'static str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cluster_mask = self.header.cluster_size() - 1;
+        let end = (start + len + cluster_mask) & !cluster_mask;
+        if let Some(other) = self.metadata_areas.iter().find(|a| start < a.end && a.start < end) {
+            return Err(Error::corrupt(
+                &self.name,
+                what.trim_start_matches("the "),
+                start,
+                format!("overlaps {}", other.what),
+            ));
+        }
+        self.metadata_areas.push(MetadataArea { start, end, what });
+        Ok(())
+    }
+
+    /// The metadata area a host range overlaps, if any.
+    pub(crate) fn overlapping_area(&self, start: u64, len: u64) -> Option<&MetadataArea> {
+        self.metadata_areas
+            .iter()
+            .find(|a| start < a.end && a.start < start.saturating_add(len))
+    }
+
+    /// Reads a table of `count` big-endian u64 entries (bounded by the header limits).
+    pub(crate) fn read_table(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
+        let mut bytes = vec![0u8; (count * 8) as usize];
+        self.storage
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.name, format!("reading the {what} at {offset:#x}"), e))?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+
+    /// Reads the snapshot table entry by entry, so a hostile count costs no more than the bytes
+    /// that are really there (and never more than the 64 MiB limit).
+    fn read_snapshot_table(&mut self) -> Result<()> {
+        let base = self.header.snapshots_offset;
+        let mut pos = 0u64;
+        let mut entries = Vec::new();
+        for index in 0..self.header.nb_snapshots {
+            pos = align_entry(pos);
+            let at = base + pos;
+            let mut fixed = [0u8; SNAPSHOT_ENTRY_FIXED_SIZE];
+            self.storage.read_exact_at(&mut fixed, at).map_err(|_| {
+                Error::corrupt(
+                    &self.name,
+                    format!("snapshot table entry {index}"),
+                    at,
+                    "runs past the end of the file",
+                )
+            })?;
+            let sizes: EntrySizes = SnapshotEntry::sizes(&fixed, at, index)
+                .map_err(|e| Error::from_format(&self.name, e))?;
+            let len = sizes.entry_len();
+            if pos + len > MAX_SNAPSHOTS_SIZE {
+                return Err(Error::corrupt(
+                    &self.name,
+                    "snapshot table",
+                    base,
+                    format!("larger than the limit of {MAX_SNAPSHOTS_SIZE} bytes"),
+                ));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            self.storage.read_exact_at(&mut bytes, at).map_err(|_| {
+                Error::corrupt(
+                    &self.name,
+                    format!("snapshot table entry {index}"),
+                    at,
+                    format!("{len} bytes run past the end of the file"),
+                )
+            })?;
+            let entry = SnapshotEntry::decode(&bytes, at, index)
+                .map_err(|e| Error::from_format(&self.name, e))?;
+            entries.push(entry);
+            pos += len;
+        }
+        self.snapshots = entries;
+        self.snapshot_table_len = pos;
+        Ok(())
+    }
+
+    /// The name used in messages (the path as given, or the caller's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path the image was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// The image file's length when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The backing file name as recorded in the image.
+    pub fn backing_file_name(&self) -> Option<String> {
+        self.header
+            .backing_file
+            .as_ref()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+    }
+
+    /// The opened backing image, if the chain was followed and it is qcow2.
+    pub fn backing_image(&self) -> Option<&Image> {
+        match &self.backing {
+            Some(Backing::Qcow2(image)) => Some(image),
+            _ => None,
+        }
+    }
+
+    /// Number of images below this one in the opened chain.
+    pub fn chain_depth(&self) -> u32 {
+        match &self.backing {
+            None => 0,
+            Some(Backing::Raw { .. }) => 1,
+            Some(Backing::Qcow2(image)) => 1 + image.chain_depth(),
+        }
+    }
+
+    /// The internal snapshot table entries.
+    pub fn snapshot_entries(&self) -> &[SnapshotEntry] {
+        &self.snapshots
+    }
+
+    /// Reads guest bytes at `offset` into `buf`, following the backing chain for unallocated ranges.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_bounds(offset, buf.len() as u64, self.header.size)?;
+        self.read_layer(self.active(), buf, offset)
+    }
+
+    pub(crate) fn check_bounds(&self, offset: u64, len: u64, size: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfBounds {
+                image: self.name.clone(),
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Resolves `name` (from an image's header) against the directory of the image at `image_path`.
+pub(crate) fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
+    let candidate = Path::new(name);
+    if candidate.is_absolute() {
+        return candidate.to_path_buf();
+    }
+    match image_path.parent() {
+        Some(dir) => dir.join(candidate),
+        None => candidate.to_path_buf(),
+    }
+}
+
+/// Opens a file read-only for the engine.
+pub(crate) fn open_file(path: &Path) -> std::io::Result<Box<dyn Storage>> {
+    Ok(Box::new(FileStorage::open_read_only(path)?))
+}

@@ -1,0 +1,106 @@
+//! Read-only views of internal snapshots, found by id first and then by name (as qemu-img looks
+//! them up). A view reads through the snapshot's own L1 table and the image's backing chain.
+
+use super::layer::Layer;
+use super::map::Extent;
+use super::Image;
+use crate::error::{Error, Result};
+use crate::format::limits::MAX_L1_ENTRIES;
+use crate::format::SnapshotEntry;
+
+/// A read-only view of one internal snapshot.
+pub struct SnapshotView<'a> {
+    image: &'a Image,
+    entry: &'a SnapshotEntry,
+    l1: Vec<u64>,
+    size: u64,
+}
+
+impl Image {
+    /// The snapshot whose id is `id_or_name`, else the first whose name is.
+    pub fn find_snapshot(&self, id_or_name: &str) -> Option<&SnapshotEntry> {
+        let key = id_or_name.as_bytes();
+        self.snapshots
+            .iter()
+            .find(|s| s.id == key)
+            .or_else(|| self.snapshots.iter().find(|s| s.name == key))
+    }
+
+    /// Opens a read-only view of a snapshot, validating its L1 table first.
+    pub fn open_snapshot(&self, id_or_name: &str) -> Result<SnapshotView<'_>> {
+        let entry = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| Error::SnapshotNotFound {
+                image: self.name.clone(),
+                name: id_or_name.to_string(),
+            })?;
+        let structure = || format!("L1 table of snapshot {}", entry.id_str());
+        let offset = entry.l1_table_offset;
+        if entry.l1_size as u64 > MAX_L1_ENTRIES {
+            return Err(Error::corrupt(
+                &self.name,
+                structure(),
+                offset,
+                format!("{} entries exceed the 32 MiB L1 limit", entry.l1_size),
+            ));
+        }
+        if offset % self.cluster_size() != 0 || (entry.l1_size > 0 && offset == 0) {
+            return Err(Error::corrupt(
+                &self.name,
+                structure(),
+                offset,
+                "offset is not cluster aligned or overlaps the header",
+            ));
+        }
+        let bytes = entry.l1_size as u64 * 8;
+        if offset.checked_add(bytes).is_none_or(|end| end > self.file_len) {
+            return Err(Error::corrupt(
+                &self.name,
+                structure(),
+                offset,
+                "runs past the end of the file",
+            ));
+        }
+        let l1 = self.read_table(offset, entry.l1_size as u64, "snapshot L1 table")?;
+        let size = entry.disk_size().unwrap_or(self.size());
+        Ok(SnapshotView {
+            image: self,
+            entry,
+            l1,
+            size,
+        })
+    }
+}
+
+impl SnapshotView<'_> {
+    fn layer(&self) -> Layer<'_> {
+        Layer {
+            l1: &self.l1,
+            l1_offset: self.entry.l1_table_offset,
+        }
+    }
+
+    /// The snapshot table entry.
+    pub fn entry(&self) -> &SnapshotEntry {
+        self.entry
+    }
+
+    /// Virtual size when the snapshot was taken.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads guest bytes as they were when the snapshot was taken.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image.check_bounds(offset, buf.len() as u64, self.size)?;
+        self.image.read_layer(self.layer(), buf, offset)
+    }
+
+    /// The snapshot's extents.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.image.check_bounds(offset, len, self.size)?;
+        let mut out = Vec::new();
+        self.image.map_layer(self.layer(), offset, len, 0, &mut out)?;
+        Ok(out)
+    }
+}

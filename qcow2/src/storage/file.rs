@@ -1,0 +1,103 @@
+//! The file backend: pread/pwrite on a `std::fs::File`, opened read-only or read-write.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::Storage;
+
+/// A host file accessed with positioned reads and writes.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file read-only.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        Ok(FileStorage {
+            file: File::open(path)?,
+            writable: false,
+        })
+    }
+
+    /// Opens an existing file for reading and writing.
+    pub fn open_read_write(path: &Path) -> io::Result<Self> {
+        Ok(FileStorage {
+            file: OpenOptions::new().read(true).write(true).open(path)?,
+            writable: true,
+        })
+    }
+
+    /// Creates a new file; fails if it exists, so an existing image is never clobbered.
+    pub fn create_new(path: &Path) -> io::Result<Self> {
+        Ok(FileStorage {
+            file: OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)?,
+            writable: true,
+        })
+    }
+
+    /// Wraps an already opened file.
+    pub fn from_file(file: File, writable: bool) -> Self {
+        FileStorage { file, writable }
+    }
+
+    /// The underlying file (for locking).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn require_writable(&self) -> io::Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the file is open read-only",
+            ))
+        }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.require_writable()?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.writable {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.require_writable()?;
+        self.file.set_len(len)
+    }
+}

@@ -1,0 +1,95 @@
+//! Positioned I/O under the engine. Everything above this module reaches image bytes only through
+//! [`Storage`], so tests and the fuzzer swap in memory (and, later, recording) backends.
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+use std::io;
+
+/// A byte-addressed store: a file, a memory buffer, or a test double.
+///
+/// `read_at` returns fewer bytes than asked only at the end of the store; writes past the end extend
+/// it. Implementations are shared between threads.
+pub trait Storage: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (short only at EOF).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether the store is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// Helpers every backend gets.
+pub trait StorageExt: Storage {
+    /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at(buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} bytes at {offset:#x} run past the end of the file",
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes; whatever lies past the end reads as zeros (as a host file behaves
+    /// under QEMU).
+    fn read_zero_filled_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at(buf, offset)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+}
+
+impl<S: Storage + ?Sized> StorageExt for S {}
+
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
