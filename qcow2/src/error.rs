@@ -24,14 +24,26 @@ pub enum ChainProblem {
 impl std::fmt::Display for ChainProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ChainProblem::Loop => write!(f, "the backing chain loops back to an image already in it"),
-            ChainProblem::TooDeep { limit } => {
-                write!(f, "the backing chain is deeper than the limit of {limit} images")
+            ChainProblem::Loop => {
+                write!(f, "the backing chain loops back to an image already in it")
             }
-            ChainProblem::RefusedByPolicy => write!(f, "opening it is not allowed by the backing policy"),
-            ChainProblem::UnsupportedFormat(fmt) => write!(f, "backing format {fmt:?} is not supported"),
+            ChainProblem::TooDeep { limit } => {
+                write!(
+                    f,
+                    "the backing chain is deeper than the limit of {limit} images"
+                )
+            }
+            ChainProblem::RefusedByPolicy => {
+                write!(f, "opening it is not allowed by the backing policy")
+            }
+            ChainProblem::UnsupportedFormat(fmt) => {
+                write!(f, "backing format {fmt:?} is not supported")
+            }
             ChainProblem::NoDirectory => {
-                write!(f, "the image was opened without a path to resolve the name against")
+                write!(
+                    f,
+                    "the image was opened without a path to resolve the name against"
+                )
             }
         }
     }
@@ -74,7 +86,9 @@ pub enum Error {
         problem: ChainProblem,
     },
     /// A guest request outside the virtual disk.
-    #[error("image {image}: request of {len} bytes at {offset:#x} is beyond the virtual size {size:#x}")]
+    #[error(
+        "image {image}: request of {len} bytes at {offset:#x} is beyond the virtual size {size:#x}"
+    )]
     OutOfBounds {
         image: String,
         offset: u64,
@@ -118,7 +132,12 @@ impl Error {
     }
 
     /// A corruption at a place in the image.
-    pub fn corrupt(image: &str, structure: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
+    pub fn corrupt(
+        image: &str,
+        structure: impl Into<String>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::Corrupt {
             image: image.to_string(),
             structure: structure.into(),

@@ -24,13 +24,17 @@ impl CompressedDescriptor {
         let host_offset = entry & ((1u64 << x) - 1);
         let sector_bits = cluster_bits - 8;
         let sectors = ((entry >> x) & ((1u64 << sector_bits) - 1)) + 1;
-        CompressedDescriptor { host_offset, sectors }
+        CompressedDescriptor {
+            host_offset,
+            sectors,
+        }
     }
 
     /// Encodes data of `len` bytes at `host_offset` the way QEMU does.
     pub fn encode(host_offset: u64, len: u64, cluster_bits: u32) -> u64 {
         let x = offset_bits(cluster_bits);
-        let extra = (host_offset + len - 1) / COMPRESSED_SECTOR_SIZE - host_offset / COMPRESSED_SECTOR_SIZE;
+        let extra =
+            (host_offset + len - 1) / COMPRESSED_SECTOR_SIZE - host_offset / COMPRESSED_SECTOR_SIZE;
         host_offset | (extra << x)
     }
 
@@ -52,9 +56,15 @@ mod tests {
     #[test]
     fn decodes_descriptors_seen_in_qemu_images() {
         let d = CompressedDescriptor::decode(0x4000_0000_0005_0000, 16);
-        assert_eq!((d.host_offset, d.sectors, d.compressed_size()), (0x50000, 1, 512));
+        assert_eq!(
+            (d.host_offset, d.sectors, d.compressed_size()),
+            (0x50000, 1, 512)
+        );
         let d = CompressedDescriptor::decode(0x4340_0000_0005_1c0d, 16);
-        assert_eq!((d.host_offset, d.sectors, d.compressed_size()), (0x51c0d, 14, 7155));
+        assert_eq!(
+            (d.host_offset, d.sectors, d.compressed_size()),
+            (0x51c0d, 14, 7155)
+        );
     }
 
     #[test]

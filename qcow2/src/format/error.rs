@@ -52,7 +52,13 @@ impl FormatError {
 
 impl fmt::Display for FormatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} at {:#x}: {}", self.structure, self.offset, self.reason())
+        write!(
+            f,
+            "{} at {:#x}: {}",
+            self.structure,
+            self.offset,
+            self.reason()
+        )
     }
 }
 

@@ -114,7 +114,10 @@ fn decode_one(ext: &mut Extensions, kind: u32, data: &[u8], at: u64) -> FormatRe
                 return Err(FormatError::invalid(
                     "backing format extension",
                     at,
-                    format!("name of {} bytes is longer than {MAX_BACKING_FORMAT_NAME}", data.len()),
+                    format!(
+                        "name of {} bytes is longer than {MAX_BACKING_FORMAT_NAME}",
+                        data.len()
+                    ),
                 ));
             }
             ext.backing_format = Some(data.to_vec());
@@ -216,7 +219,13 @@ mod tests {
         area.extend([0u8; 8]);
         let e = decode(&area, 0, area.len() as u64).unwrap();
         assert_eq!(e.backing_format.as_deref(), Some(&b"qcow2"[..]));
-        assert_eq!(e.unknown, vec![UnknownExtension { kind: 0x1234_5678, data: vec![1, 2, 3] }]);
+        assert_eq!(
+            e.unknown,
+            vec![UnknownExtension {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3]
+            }]
+        );
     }
 
     #[test]

@@ -183,7 +183,10 @@ impl Header {
             FormatError::invalid(
                 "header",
                 0,
-                format!("file is {} bytes, shorter than the 72-byte header", bytes.len()),
+                format!(
+                    "file is {} bytes, shorter than the 72-byte header",
+                    bytes.len()
+                ),
             )
         })?;
         if v2.magic.get() != QCOW_MAGIC {
@@ -244,7 +247,10 @@ impl Header {
                 return Err(FormatError::invalid(
                     "header field header_length",
                     f::HEADER_LENGTH,
-                    format!("{header_length} runs past the end of the file ({} bytes)", bytes.len()),
+                    format!(
+                        "{header_length} runs past the end of the file ({} bytes)",
+                        bytes.len()
+                    ),
                 ));
             }
             if refcount_order > MAX_REFCOUNT_ORDER {
@@ -290,11 +296,15 @@ impl Header {
                 ),
             ));
         }
-        if incompatible & Incompatible::EXTENDED_L2 != 0 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+        if incompatible & Incompatible::EXTENDED_L2 != 0
+            && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS
+        {
             return Err(FormatError::invalid(
                 "header field incompatible_features",
                 f::INCOMPATIBLE_FEATURES,
-                format!("extended L2 entries need clusters of 16 KiB or more, not {cluster_size} bytes"),
+                format!(
+                    "extended L2 entries need clusters of 16 KiB or more, not {cluster_size} bytes"
+                ),
             ));
         }
 
@@ -396,7 +406,10 @@ impl Header {
             return Err(FormatError::invalid(
                 "header field size",
                 f::SIZE,
-                format!("virtual size {} is above the maximum {MAX_VIRTUAL_SIZE}", self.size),
+                format!(
+                    "virtual size {} is above the maximum {MAX_VIRTUAL_SIZE}",
+                    self.size
+                ),
             ));
         }
         let aligned = |value: u64, field: &str, at: u64| -> FormatResult<()> {
@@ -430,7 +443,10 @@ impl Header {
             return Err(FormatError::invalid(
                 "header field size",
                 f::SIZE,
-                format!("virtual size {} needs an L1 table larger than 32 MiB", self.size),
+                format!(
+                    "virtual size {} needs an L1 table larger than 32 MiB",
+                    self.size
+                ),
             ));
         }
         if (self.l1_size as u64) < needed {
@@ -470,7 +486,11 @@ impl Header {
                 ),
             ));
         }
-        aligned(self.refcount_table_offset, "refcount_table_offset", f::REFCOUNT_TABLE_OFFSET)?;
+        aligned(
+            self.refcount_table_offset,
+            "refcount_table_offset",
+            f::REFCOUNT_TABLE_OFFSET,
+        )?;
         if self.refcount_table_offset == 0 {
             return Err(FormatError::invalid(
                 "header field refcount_table_offset",
@@ -484,10 +504,17 @@ impl Header {
             return Err(FormatError::invalid(
                 "header field nb_snapshots",
                 f::NB_SNAPSHOTS,
-                format!("{} snapshots exceed the limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
+                format!(
+                    "{} snapshots exceed the limit of {MAX_SNAPSHOTS}",
+                    self.nb_snapshots
+                ),
             ));
         }
-        aligned(self.snapshots_offset, "snapshots_offset", f::SNAPSHOTS_OFFSET)?;
+        aligned(
+            self.snapshots_offset,
+            "snapshots_offset",
+            f::SNAPSHOTS_OFFSET,
+        )?;
         if self.nb_snapshots > 0 && self.snapshots_offset == 0 {
             return Err(FormatError::invalid(
                 "header field snapshots_offset",
@@ -556,7 +583,10 @@ mod tests {
         let mut b = minimal_v3();
         b[32..36].copy_from_slice(&2u32.to_be_bytes());
         let e = Header::decode(&b).unwrap_err();
-        assert!(matches!(e.problem, super::super::error::Problem::Unsupported(_)));
+        assert!(matches!(
+            e.problem,
+            super::super::error::Problem::Unsupported(_)
+        ));
         assert!(e.to_string().contains("encrypted images are not supported"));
     }
 

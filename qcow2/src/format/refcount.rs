@@ -26,7 +26,9 @@ pub fn get(block: &[u8], index: usize, refcount_order: u32) -> u64 {
         }
         3 => block[index] as u64,
         4 => u16::from_be_bytes([block[index * 2], block[index * 2 + 1]]) as u64,
-        5 => u32::from_be_bytes(block[index * 4..index * 4 + 4].try_into().expect("4 bytes")) as u64,
+        5 => {
+            u32::from_be_bytes(block[index * 4..index * 4 + 4].try_into().expect("4 bytes")) as u64
+        }
         _ => u64::from_be_bytes(block[index * 8..index * 8 + 8].try_into().expect("8 bytes")),
     }
 }

@@ -215,7 +215,11 @@ pub fn encode_table(entries: &[SnapshotEntry]) -> Vec<u8> {
 
 /// Decodes a whole table held in memory (for the fuzzer and pure callers; the image layer reads
 /// entry by entry so it never reads more than the table needs).
-pub fn decode_table(bytes: &[u8], count: u32, table_offset: u64) -> FormatResult<Vec<SnapshotEntry>> {
+pub fn decode_table(
+    bytes: &[u8],
+    count: u32,
+    table_offset: u64,
+) -> FormatResult<Vec<SnapshotEntry>> {
     let mut entries = Vec::new();
     let mut pos = 0u64;
     for index in 0..count {

@@ -145,11 +145,15 @@ mod tests {
     fn classifies_entries_seen_in_qemu_images() {
         assert_eq!(
             classify_standard(0x8000_0000_0005_0000, false),
-            ClusterMapping::Normal { host_offset: 0x50000 }
+            ClusterMapping::Normal {
+                host_offset: 0x50000
+            }
         );
         assert_eq!(
             classify_standard(0x8000_0000_0005_0001, false),
-            ClusterMapping::ZeroAllocated { host_offset: 0x50000 }
+            ClusterMapping::ZeroAllocated {
+                host_offset: 0x50000
+            }
         );
         assert_eq!(classify_standard(1, false), ClusterMapping::Zero);
         assert_eq!(classify_standard(0, false), ClusterMapping::Unallocated);

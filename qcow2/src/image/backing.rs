@@ -27,7 +27,10 @@ pub enum BackingPolicy {
 /// What lies below an image.
 pub(crate) enum Backing {
     Qcow2(Box<Image>),
-    Raw { storage: Box<dyn Storage>, size: u64 },
+    Raw {
+        storage: Box<dyn Storage>,
+        size: u64,
+    },
 }
 
 impl Backing {
@@ -42,18 +45,28 @@ impl Backing {
 
 /// Opens the image at `path` and, as the policy allows, its data file and backing chain.
 /// `chain` holds the canonical paths of the images above it (for loop detection).
-pub(crate) fn open_chain(path: &Path, options: &OpenOptions, chain: &mut Vec<PathBuf>) -> Result<Image> {
+pub(crate) fn open_chain(
+    path: &Path,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Image> {
     let name = path.display().to_string();
     let storage = open_file(path).map_err(|e| Error::io(&name, "opening the image", e))?;
-    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
+    let canonical =
+        std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
     let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
     if options.backing == BackingPolicy::Ignore {
         return Ok(image);
     }
     if let Some(data_name) = image.data_file_name.clone() {
         let data_path = permitted(&image, "data", &data_name, options)?;
-        let storage = open_file(&data_path)
-            .map_err(|e| Error::io(&image.name, format!("opening the data file {data_name:?}"), e))?;
+        let storage = open_file(&data_path).map_err(|e| {
+            Error::io(
+                &image.name,
+                format!("opening the data file {data_name:?}"),
+                e,
+            )
+        })?;
         image.data_file = Some(storage);
     }
     let Some(backing_name) = image.backing_file_name() else {
@@ -131,7 +144,12 @@ pub(crate) fn open_chain(path: &Path, options: &OpenOptions, chain: &mut Vec<Pat
 }
 
 /// Resolves a name from the image and checks it against the policy.
-fn permitted(image: &Image, role: &'static str, name: &str, options: &OpenOptions) -> Result<PathBuf> {
+fn permitted(
+    image: &Image,
+    role: &'static str,
+    name: &str,
+    options: &OpenOptions,
+) -> Result<PathBuf> {
     let refuse = || Error::Chain {
         image: image.name.clone(),
         role,

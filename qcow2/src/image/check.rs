@@ -168,7 +168,13 @@ impl Image {
         }
 
         refs.add(&mut report, 0, cs);
-        self.check_l1(&mut report, &mut refs, h.l1_table_offset, h.l1_size as u64, true)?;
+        self.check_l1(
+            &mut report,
+            &mut refs,
+            h.l1_table_offset,
+            h.l1_size as u64,
+            true,
+        )?;
         if h.has_external_data_file() && !self.snapshots.is_empty() {
             report.corruptions += 1;
             report
@@ -195,7 +201,13 @@ impl Image {
                 ));
                 continue;
             }
-            self.check_l1(&mut report, &mut refs, s.l1_table_offset, s.l1_size as u64, false)?;
+            self.check_l1(
+                &mut report,
+                &mut refs,
+                s.l1_table_offset,
+                s.l1_size as u64,
+                false,
+            )?;
         }
         refs.add(&mut report, h.snapshots_offset, self.snapshot_table_len);
         refs.add(
@@ -236,9 +248,15 @@ impl Image {
         }
         // Bytes past the end of the file read as zeros, as they do for QEMU.
         let mut l1 = vec![0u8; (l1_size * 8) as usize];
-        if self.storage.read_zero_filled_at(&mut l1, l1_offset).is_err() {
+        if self
+            .storage
+            .read_zero_filled_at(&mut l1, l1_offset)
+            .is_err()
+        {
             report.check_errors += 1;
-            report.messages.push("ERROR: I/O error in check_refcounts_l1".into());
+            report
+                .messages
+                .push("ERROR: I/O error in check_refcounts_l1".into());
             return Ok(());
         }
         for i in 0..l1_size as usize {
@@ -248,9 +266,9 @@ impl Image {
             }
             if entry & L1_RESERVED_MASK != 0 {
                 report.corruptions += 1;
-                report
-                    .messages
-                    .push(format!("ERROR found L1 entry with reserved bits set: {entry:x}"));
+                report.messages.push(format!(
+                    "ERROR found L1 entry with reserved bits set: {entry:x}"
+                ));
             }
             let l2_offset = entry & OFFSET_MASK;
             refs.add(report, l2_offset, self.cluster_size());
@@ -275,9 +293,15 @@ impl Image {
         let h = &self.header;
         let cs = self.cluster_size();
         let mut table = vec![0u8; cs as usize];
-        if self.storage.read_zero_filled_at(&mut table, l2_offset).is_err() {
+        if self
+            .storage
+            .read_zero_filled_at(&mut table, l2_offset)
+            .is_err()
+        {
             report.check_errors += 1;
-            report.messages.push("ERROR: I/O error in check_refcounts_l2".into());
+            report
+                .messages
+                .push("ERROR: I/O error in check_refcounts_l2".into());
             return Ok(());
         }
         let extended = h.extended_l2();
@@ -286,14 +310,20 @@ impl Image {
         let mut next_contiguous = 0u64;
         for i in 0..entries {
             let entry = be_u64_at(&table, if extended { i * 2 } else { i });
-            let bitmap = if extended { be_u64_at(&table, i * 2 + 1) } else { 0 };
+            let bitmap = if extended {
+                be_u64_at(&table, i * 2 + 1)
+            } else {
+                0
+            };
             // Extended entries ignore the zero flag: the bitmap says what reads as zeros.
             let mapping = classify_standard(if extended { entry & !1 } else { entry }, external);
-            if !matches!(mapping, ClusterMapping::Compressed { .. }) && entry & L2_STD_RESERVED_MASK != 0 {
+            if !matches!(mapping, ClusterMapping::Compressed { .. })
+                && entry & L2_STD_RESERVED_MASK != 0
+            {
                 report.corruptions += 1;
-                report
-                    .messages
-                    .push(format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
+                report.messages.push(format!(
+                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                ));
             }
             match mapping {
                 ClusterMapping::Compressed { descriptor } => {
@@ -325,7 +355,8 @@ impl Image {
                         report.fragmented_clusters += 1;
                     }
                 }
-                ClusterMapping::Normal { host_offset } | ClusterMapping::ZeroAllocated { host_offset } => {
+                ClusterMapping::Normal { host_offset }
+                | ClusterMapping::ZeroAllocated { host_offset } => {
                     if (bitmap >> 32) & bitmap != 0 {
                         report.corruptions += 1;
                         report.messages.push(format!(
@@ -374,7 +405,11 @@ impl Image {
             return Ok(());
         }
         let cs = self.cluster_size();
-        refs.add(report, ext.bitmap_directory_offset, ext.bitmap_directory_size);
+        refs.add(
+            report,
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+        );
         let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
         self.storage
             .read_exact_at(&mut dir, ext.bitmap_directory_offset)
@@ -385,9 +420,11 @@ impl Image {
                 break;
             }
             let table_offset = u64::from_be_bytes(dir[pos..pos + 8].try_into().expect("8 bytes"));
-            let table_size = u32::from_be_bytes(dir[pos + 8..pos + 12].try_into().expect("4 bytes")) as u64;
+            let table_size =
+                u32::from_be_bytes(dir[pos + 8..pos + 12].try_into().expect("4 bytes")) as u64;
             let name_size = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-            let extra_size = u32::from_be_bytes(dir[pos + 20..pos + 24].try_into().expect("4 bytes")) as usize;
+            let extra_size =
+                u32::from_be_bytes(dir[pos + 20..pos + 24].try_into().expect("4 bytes")) as usize;
             refs.add(report, table_offset, table_size * 8);
             if table_size <= 0x800_0000 && table_offset % cs == 0 {
                 if let Ok(table) = self.read_table(table_offset, table_size, "bitmap table") {
@@ -404,15 +441,20 @@ impl Image {
         Ok(())
     }
 
-    fn check_refblocks(&self, report: &mut CheckReport, refs: &mut References<'_>, reftable: &[u64]) {
+    fn check_refblocks(
+        &self,
+        report: &mut CheckReport,
+        refs: &mut References<'_>,
+        reftable: &[u64],
+    ) {
         let cs = self.cluster_size();
         for (i, &entry) in reftable.iter().enumerate() {
             let offset = entry & REFTABLE_OFFSET_MASK;
             if entry & REFTABLE_RESERVED_MASK != 0 {
                 report.corruptions += 1;
-                report
-                    .messages
-                    .push(format!("ERROR refcount table entry {i} has reserved bits set"));
+                report.messages.push(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
                 continue;
             }
             if offset % cs != 0 {
@@ -442,7 +484,12 @@ impl Image {
         }
     }
 
-    fn compare_refcounts(&self, report: &mut CheckReport, refs: &References<'_>, disk: &mut DiskRefcounts<'_>) {
+    fn compare_refcounts(
+        &self,
+        report: &mut CheckReport,
+        refs: &References<'_>,
+        disk: &mut DiskRefcounts<'_>,
+    ) {
         let h = &self.header;
         let per_block = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
         // Clusters with a non-zero refcount on disk or a computed reference: no need to walk the
@@ -467,9 +514,9 @@ impl Image {
         for k in candidates.into_iter().filter(|&k| k < refs.nb_clusters) {
             let Some(on_disk) = disk.get(k) else {
                 report.check_errors += 1;
-                report
-                    .messages
-                    .push(format!("Can't get refcount for cluster {k}: Input/output error"));
+                report.messages.push(format!(
+                    "Can't get refcount for cluster {k}: Input/output error"
+                ));
                 continue;
             };
             let computed = refs.counts.get(&k).copied().unwrap_or(0);
@@ -477,7 +524,11 @@ impl Image {
                 highest = Some(k);
             }
             if on_disk != computed {
-                let kind = if on_disk < computed { "ERROR" } else { "Leaked" };
+                let kind = if on_disk < computed {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
                 report.messages.push(format!(
                     "{kind} cluster {k} refcount={on_disk} reference={computed}"
                 ));
@@ -511,18 +562,23 @@ impl Image {
                 ));
             }
             let mut table = vec![0u8; cs as usize];
-            if self.storage.read_zero_filled_at(&mut table, l2_offset).is_err() {
+            if self
+                .storage
+                .read_zero_filled_at(&mut table, l2_offset)
+                .is_err()
+            {
                 report.check_errors += 1;
-                report.messages.push("ERROR: Could not read L2 table".into());
+                report
+                    .messages
+                    .push("ERROR: Could not read L2 table".into());
                 return Ok(());
             }
             for j in 0..1usize << h.l2_bits() {
                 let e = be_u64_at(&table, if extended { j * 2 } else { j });
                 let mapping = classify_standard(if extended { e & !1 } else { e }, external);
                 let data_offset = match mapping {
-                    ClusterMapping::Normal { host_offset } | ClusterMapping::ZeroAllocated { host_offset } => {
-                        host_offset
-                    }
+                    ClusterMapping::Normal { host_offset }
+                    | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
                     _ => continue,
                 };
                 let count = if external {

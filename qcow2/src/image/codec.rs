@@ -11,7 +11,11 @@ use crate::format::CompressionType;
 const ZSTD_MAX_WINDOW_LOG: u32 = 22;
 
 /// Decompresses `input` into all of `out`, or says why it could not.
-pub(crate) fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+pub(crate) fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
     match kind {
         CompressionType::Zlib => inflate(input, out),
         CompressionType::Zstd => unzstd(input, out),
@@ -63,7 +67,8 @@ mod tests {
     #[test]
     fn inflates_raw_deflate_with_trailing_garbage() {
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut compressed = enc.finish().unwrap();
         compressed.extend_from_slice(&[0xAB; 100]);

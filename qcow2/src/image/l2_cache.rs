@@ -75,7 +75,10 @@ impl L2Cache {
     /// Drops every cached table.
     #[allow(dead_code)]
     pub(crate) fn clear(&self) {
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 

@@ -24,7 +24,10 @@ pub(crate) enum Run {
     /// Guest data at `host_offset` (in the data file when there is one).
     Data { host_offset: u64 },
     /// A compressed cluster; the run lies inside it.
-    Compressed { descriptor: CompressedDescriptor, raw: u64 },
+    Compressed {
+        descriptor: CompressedDescriptor,
+        raw: u64,
+    },
 }
 
 impl Run {
@@ -33,7 +36,14 @@ impl Run {
         match (self, next) {
             (Run::Unallocated, Run::Unallocated) => true,
             (Run::Zero { host_offset: None }, Run::Zero { host_offset: None }) => true,
-            (Run::Zero { host_offset: Some(a) }, Run::Zero { host_offset: Some(b) }) => a + len == b,
+            (
+                Run::Zero {
+                    host_offset: Some(a),
+                },
+                Run::Zero {
+                    host_offset: Some(b),
+                },
+            ) => a + len == b,
             (Run::Data { host_offset: a }, Run::Data { host_offset: b }) => a + len == b,
             _ => false,
         }
@@ -94,7 +104,13 @@ impl Image {
         let l2_mask = (1u64 << h.l2_bits()) - 1;
         let mut index = (offset >> cluster_bits) & l2_mask;
         let mut pos = offset;
-        let (run, len) = self.entry_run(&table, l2_offset, index, pos & (cluster_size - 1), end - pos)?;
+        let (run, len) = self.entry_run(
+            &table,
+            l2_offset,
+            index,
+            pos & (cluster_size - 1),
+            end - pos,
+        )?;
         let first = run;
         let mut total = len;
         pos += len;
@@ -150,7 +166,13 @@ impl Image {
             let mut bytes = vec![0u8; cluster_size as usize];
             self.storage
                 .read_zero_filled_at(&mut bytes, l2_offset)
-                .map_err(|e| Error::io(&self.name, format!("reading the L2 table at {l2_offset:#x}"), e))?;
+                .map_err(|e| {
+                    Error::io(
+                        &self.name,
+                        format!("reading the L2 table at {l2_offset:#x}"),
+                        e,
+                    )
+                })?;
             Ok(bytes)
         })
     }
@@ -171,7 +193,14 @@ impl Image {
         let external = h.has_external_data_file();
         let entry_offset = l2_offset + index * h.l2_entry_size();
         let structure = || format!("L2 entry {index} of the L2 table at {l2_offset:#x}");
-        let raw = be_u64_at(table, if extended { index as usize * 2 } else { index as usize });
+        let raw = be_u64_at(
+            table,
+            if extended {
+                index as usize * 2
+            } else {
+                index as usize
+            },
+        );
         let to_cluster_end = (cluster_size - in_cluster).min(max_len);
 
         let mapping = classify_standard(raw, external);
@@ -184,7 +213,10 @@ impl Image {
                     "compressed cluster with a non-zero subcluster bitmap",
                 ));
             }
-            return Ok((self.compressed_run(descriptor, raw, entry_offset, structure)?, to_cluster_end));
+            return Ok((
+                self.compressed_run(descriptor, raw, entry_offset, structure)?,
+                to_cluster_end,
+            ));
         }
         if raw & L2_STD_RESERVED_MASK != 0 {
             return Err(Error::corrupt(
@@ -263,7 +295,12 @@ impl Image {
 
     /// A data cluster must lie inside the file and outside the metadata areas (data in an
     /// external data file is checked by that file's length only when read).
-    fn check_data_cluster(&self, host: u64, entry_offset: u64, structure: impl Fn() -> String) -> Result<()> {
+    fn check_data_cluster(
+        &self,
+        host: u64,
+        entry_offset: u64,
+        structure: impl Fn() -> String,
+    ) -> Result<()> {
         if self.header.has_external_data_file() {
             return Ok(());
         }
@@ -324,7 +361,9 @@ impl Image {
                 ),
             ));
         }
-        if let Some(area) = self.overlapping_area(descriptor.host_offset, descriptor.compressed_size()) {
+        if let Some(area) =
+            self.overlapping_area(descriptor.host_offset, descriptor.compressed_size())
+        {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -383,7 +422,10 @@ impl Image {
         in_cluster: u64,
     ) -> Result<()> {
         let start = in_cluster as usize;
-        let mut last = self.last_compressed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some((key, bytes)) = last.as_ref() {
             if *key == raw {
                 buf.copy_from_slice(&bytes[start..start + buf.len()]);
@@ -402,14 +444,16 @@ impl Image {
                 )
             })?;
         let mut out = vec![0u8; cluster_size].into_boxed_slice();
-        super::codec::decompress(self.header.compression_type, &input, &mut out).map_err(|reason| {
-            Error::corrupt(
-                &self.name,
-                "compressed cluster",
-                descriptor.host_offset,
-                reason,
-            )
-        })?;
+        super::codec::decompress(self.header.compression_type, &input, &mut out).map_err(
+            |reason| {
+                Error::corrupt(
+                    &self.name,
+                    "compressed cluster",
+                    descriptor.host_offset,
+                    reason,
+                )
+            },
+        )?;
         buf.copy_from_slice(&out[start..start + buf.len()]);
         *last = Some((raw, out));
         Ok(())

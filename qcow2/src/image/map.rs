@@ -64,9 +64,14 @@ impl Extent {
                 (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
                     a + self.length == b
                 }
-                (ExtentKind::Zero { host_offset: Some(a) }, ExtentKind::Zero { host_offset: Some(b) }) => {
-                    a + self.length == b
-                }
+                (
+                    ExtentKind::Zero {
+                        host_offset: Some(a),
+                    },
+                    ExtentKind::Zero {
+                        host_offset: Some(b),
+                    },
+                ) => a + self.length == b,
                 (a, b) => a == b,
             }
     }
@@ -143,14 +148,18 @@ impl Image {
         let inside = backing.size().saturating_sub(offset).min(len);
         if inside > 0 {
             match backing {
-                Backing::Qcow2(image) => image.map_layer(image.active(), offset, inside, depth + 1, out)?,
+                Backing::Qcow2(image) => {
+                    image.map_layer(image.active(), offset, inside, depth + 1, out)?
+                }
                 Backing::Raw { .. } => push(
                     out,
                     Extent {
                         start: offset,
                         length: inside,
                         depth: depth + 1,
-                        kind: ExtentKind::Data { host_offset: offset },
+                        kind: ExtentKind::Data {
+                            host_offset: offset,
+                        },
                     },
                 ),
             }

@@ -109,7 +109,11 @@ impl Image {
 
     /// Opens an image held in any storage. A backing or data file can only be followed when the
     /// policy is `Ignore` (it is then skipped); there is no directory to resolve names against.
-    pub fn from_storage(storage: Box<dyn Storage>, name: &str, options: &OpenOptions) -> Result<Image> {
+    pub fn from_storage(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: &OpenOptions,
+    ) -> Result<Image> {
         let mut image = Self::open_alone(storage, name.to_string(), None, options)?;
         if options.backing != BackingPolicy::Ignore {
             if let Some(file) = image.backing_file_name() {
@@ -220,7 +224,11 @@ impl Image {
             header,
         };
         image.add_area(0, cluster_size, "the header")?;
-        image.add_area(image.header.l1_table_offset, l1_bytes, "the active L1 table")?;
+        image.add_area(
+            image.header.l1_table_offset,
+            l1_bytes,
+            "the active L1 table",
+        )?;
         image.add_area(
             image.header.refcount_table_offset,
             reftable_bytes,
@@ -253,7 +261,11 @@ impl Image {
         }
         let cluster_mask = self.header.cluster_size() - 1;
         let end = (start + len + cluster_mask) & !cluster_mask;
-        if let Some(other) = self.metadata_areas.iter().find(|a| start < a.end && a.start < end) {
+        if let Some(other) = self
+            .metadata_areas
+            .iter()
+            .find(|a| start < a.end && a.start < end)
+        {
             return Err(Error::corrupt(
                 &self.name,
                 what.trim_start_matches("the "),

@@ -53,7 +53,10 @@ impl Image {
             ));
         }
         let bytes = entry.l1_size as u64 * 8;
-        if offset.checked_add(bytes).is_none_or(|end| end > self.file_len) {
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > self.file_len)
+        {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -92,7 +95,8 @@ impl SnapshotView<'_> {
 
     /// Reads guest bytes as they were when the snapshot was taken.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.image.check_bounds(offset, buf.len() as u64, self.size)?;
+        self.image
+            .check_bounds(offset, buf.len() as u64, self.size)?;
         self.image.read_layer(self.layer(), buf, offset)
     }
 
@@ -100,7 +104,8 @@ impl SnapshotView<'_> {
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.image.check_bounds(offset, len, self.size)?;
         let mut out = Vec::new();
-        self.image.map_layer(self.layer(), offset, len, 0, &mut out)?;
+        self.image
+            .map_layer(self.layer(), offset, len, 0, &mut out)?;
         Ok(out)
     }
 }
