@@ -99,6 +99,7 @@ pub(crate) fn open_chain(
     }
 
     let format = image
+        .meta()
         .header
         .extensions
         .backing_format
@@ -204,7 +205,10 @@ impl Image {
             return Ok(());
         }
         match backing {
-            Backing::Qcow2(image) => image.read_layer(image.active(), inside, offset),
+            Backing::Qcow2(image) => {
+                let m = image.meta();
+                image.read_layer(&m, m.active(), inside, offset)
+            }
             Backing::Raw { storage, .. } => {
                 use crate::storage::StorageExt;
                 storage

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::Image;
+use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::{MAX_L1_ENTRIES, SNAPSHOT_EXTRA_V3_MIN_SIZE};
 use crate::format::table::{
@@ -60,7 +60,7 @@ impl CheckReport {
 
 /// Computed references per host cluster.
 struct References<'a> {
-    image: &'a Image,
+    m: &'a Meta,
     counts: HashMap<u64, u64>,
     /// Clusters considered: the file's clusters, grown by references just past its end.
     nb_clusters: u64,
@@ -73,8 +73,8 @@ impl References<'_> {
         if size == 0 {
             return;
         }
-        let cs = self.image.cluster_size();
-        let file_len = self.image.file_len;
+        let cs = self.m.header.cluster_size();
+        let file_len = self.m.file_len;
         let end = offset.saturating_add(size);
         // The last cluster may be partly written, so a reference may reach less than one cluster
         // past the end of the file.
@@ -105,6 +105,7 @@ impl References<'_> {
 /// The on-disk refcounts, read refblock by refblock.
 struct DiskRefcounts<'a> {
     image: &'a Image,
+    m: &'a Meta,
     reftable: Vec<u64>,
     blocks: HashMap<u64, Option<Vec<u8>>>,
 }
@@ -112,7 +113,7 @@ struct DiskRefcounts<'a> {
 impl DiskRefcounts<'_> {
     /// The refcount of cluster `k`, or `None` when its refblock cannot be read.
     fn get(&mut self, k: u64) -> Option<u64> {
-        let h = &self.image.header;
+        let h = &self.m.header;
         let per_block_bits = h.cluster_bits + 3 - h.refcount_order;
         let index = k >> per_block_bits;
         let Some(&entry) = self.reftable.get(index as usize) else {
@@ -122,7 +123,7 @@ impl DiskRefcounts<'_> {
         if offset == 0 {
             return Some(0);
         }
-        let cs = self.image.cluster_size();
+        let cs = self.m.header.cluster_size();
         let image = self.image;
         let block = self.blocks.entry(offset).or_insert_with(|| {
             if offset % cs != 0 {
@@ -142,22 +143,24 @@ impl Image {
     /// Checks the image without changing it. A table that cannot be read ends the check with an
     /// error, as qemu-img's "Check failed".
     pub fn check(&self) -> Result<CheckReport> {
-        let h = &self.header;
-        let cs = self.cluster_size();
+        let guard = self.meta();
+        let m: &Meta = &guard;
+        let h = &m.header;
+        let cs = m.header.cluster_size();
         let mut report = CheckReport {
             total_clusters: h.size.div_ceil(cs),
             ..CheckReport::default()
         };
         let mut refs = References {
-            image: self,
+            m,
             counts: HashMap::new(),
-            nb_clusters: self.file_len.div_ceil(cs),
+            nb_clusters: m.file_len.div_ceil(cs),
             refcount_max: refcount::max_refcount(h.refcount_order),
         };
 
         // Snapshot table entries that break v3's rules.
         if h.version >= 3 {
-            for (i, s) in self.snapshots.iter().enumerate() {
+            for (i, s) in m.snapshots.iter().enumerate() {
                 if (s.extra.len() as u32) < SNAPSHOT_EXTRA_V3_MIN_SIZE {
                     report.corruptions += 1;
                     report
@@ -169,19 +172,20 @@ impl Image {
 
         refs.add(&mut report, 0, cs);
         self.check_l1(
+            m,
             &mut report,
             &mut refs,
             h.l1_table_offset,
             h.l1_size as u64,
             true,
         )?;
-        if h.has_external_data_file() && !self.snapshots.is_empty() {
+        if h.has_external_data_file() && !m.snapshots.is_empty() {
             report.corruptions += 1;
             report
                 .messages
                 .push("ERROR: snapshots are not allowed with an external data file".into());
         }
-        for s in &self.snapshots {
+        for s in &m.snapshots {
             if s.l1_table_offset % cs != 0 {
                 report.corruptions += 1;
                 report.messages.push(format!(
@@ -202,6 +206,7 @@ impl Image {
                 continue;
             }
             self.check_l1(
+                m,
                 &mut report,
                 &mut refs,
                 s.l1_table_offset,
@@ -209,33 +214,35 @@ impl Image {
                 false,
             )?;
         }
-        refs.add(&mut report, h.snapshots_offset, self.snapshot_table_len);
+        refs.add(&mut report, h.snapshots_offset, m.snapshot_table_len);
         refs.add(
             &mut report,
             h.refcount_table_offset,
             h.refcount_table_clusters as u64 * cs,
         );
-        self.count_bitmaps(&mut report, &mut refs)?;
+        self.count_bitmaps(m, &mut report, &mut refs)?;
 
         let reftable = self.read_table(
             h.refcount_table_offset,
             h.refcount_table_clusters as u64 * cs / 8,
             "refcount table",
         )?;
-        self.check_refblocks(&mut report, &mut refs, &reftable);
+        self.check_refblocks(m, &mut report, &mut refs, &reftable);
 
         let mut disk = DiskRefcounts {
             image: self,
+            m,
             reftable,
             blocks: HashMap::new(),
         };
-        self.compare_refcounts(&mut report, &refs, &mut disk);
-        self.check_copied(&mut report, &mut disk)?;
+        self.compare_refcounts(m, &mut report, &refs, &mut disk);
+        self.check_copied(m, &mut report, &mut disk)?;
         Ok(report)
     }
 
     fn check_l1(
         &self,
+        m: &Meta,
         report: &mut CheckReport,
         refs: &mut References<'_>,
         l1_offset: u64,
@@ -271,27 +278,28 @@ impl Image {
                 ));
             }
             let l2_offset = entry & OFFSET_MASK;
-            refs.add(report, l2_offset, self.cluster_size());
-            if l2_offset % self.cluster_size() != 0 {
+            refs.add(report, l2_offset, m.header.cluster_size());
+            if l2_offset % m.header.cluster_size() != 0 {
                 report.corruptions += 1;
                 report.messages.push(format!(
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
-            self.check_l2(report, refs, l2_offset, active)?;
+            self.check_l2(m, report, refs, l2_offset, active)?;
         }
         Ok(())
     }
 
     fn check_l2(
         &self,
+        m: &Meta,
         report: &mut CheckReport,
         refs: &mut References<'_>,
         l2_offset: u64,
         active: bool,
     ) -> Result<()> {
-        let h = &self.header;
-        let cs = self.cluster_size();
+        let h = &m.header;
+        let cs = m.header.cluster_size();
         let mut table = vec![0u8; cs as usize];
         if self
             .storage
@@ -395,16 +403,21 @@ impl Image {
     }
 
     /// Counts the bitmap directory, tables and data clusters when the bitmaps are consistent.
-    fn count_bitmaps(&self, report: &mut CheckReport, refs: &mut References<'_>) -> Result<()> {
+    fn count_bitmaps(
+        &self,
+        m: &Meta,
+        report: &mut CheckReport,
+        refs: &mut References<'_>,
+    ) -> Result<()> {
         use crate::format::features::Autoclear;
-        let h = &self.header;
+        let h = &m.header;
         let Some(ext) = h.extensions.bitmaps else {
             return Ok(());
         };
         if h.autoclear_features & Autoclear::BITMAPS == 0 {
             return Ok(());
         }
-        let cs = self.cluster_size();
+        let cs = m.header.cluster_size();
         refs.add(
             report,
             ext.bitmap_directory_offset,
@@ -443,11 +456,12 @@ impl Image {
 
     fn check_refblocks(
         &self,
+        m: &Meta,
         report: &mut CheckReport,
         refs: &mut References<'_>,
         reftable: &[u64],
     ) {
-        let cs = self.cluster_size();
+        let cs = m.header.cluster_size();
         for (i, &entry) in reftable.iter().enumerate() {
             let offset = entry & REFTABLE_OFFSET_MASK;
             if entry & REFTABLE_RESERVED_MASK != 0 {
@@ -486,11 +500,12 @@ impl Image {
 
     fn compare_refcounts(
         &self,
+        m: &Meta,
         report: &mut CheckReport,
         refs: &References<'_>,
         disk: &mut DiskRefcounts<'_>,
     ) {
-        let h = &self.header;
+        let h = &m.header;
         let per_block = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
         // Clusters with a non-zero refcount on disk or a computed reference: no need to walk the
         // empty stretches one by one.
@@ -539,15 +554,20 @@ impl Image {
                 }
             }
         }
-        report.image_end_offset = highest.map_or(0, |k| (k + 1) * self.cluster_size());
+        report.image_end_offset = highest.map_or(0, |k| (k + 1) * m.header.cluster_size());
     }
 
-    fn check_copied(&self, report: &mut CheckReport, disk: &mut DiskRefcounts<'_>) -> Result<()> {
-        let h = &self.header;
-        let cs = self.cluster_size();
+    fn check_copied(
+        &self,
+        m: &Meta,
+        report: &mut CheckReport,
+        disk: &mut DiskRefcounts<'_>,
+    ) -> Result<()> {
+        let h = &m.header;
+        let cs = m.header.cluster_size();
         let extended = h.extended_l2();
         let external = h.has_external_data_file();
-        for (i, &entry) in self.l1.iter().enumerate() {
+        for (i, &entry) in m.l1.iter().enumerate() {
             let l2_offset = entry & OFFSET_MASK;
             if l2_offset == 0 {
                 continue;

@@ -45,7 +45,8 @@ impl Image {
     /// Everything `qemu-img info` shows about this image.
     pub fn info(&self) -> ImageInfo {
         use crate::format::features::Autoclear;
-        let h = &self.header;
+        let m = self.meta();
+        let h = &m.header;
         ImageInfo {
             virtual_size: h.size,
             cluster_size: h.cluster_size(),
@@ -64,8 +65,8 @@ impl Image {
                 .map(|f| String::from_utf8_lossy(f).into_owned()),
             data_file: self.data_file_name.clone(),
             data_file_raw: h.autoclear_features & Autoclear::RAW_EXTERNAL_DATA != 0,
-            file_length: self.file_len,
-            snapshots: self
+            file_length: m.file_len,
+            snapshots: m
                 .snapshots
                 .iter()
                 .map(|s| SnapshotInfo {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::Image;
+use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{
@@ -57,7 +57,7 @@ pub(crate) struct Layer<'a> {
     pub l1_offset: u64,
 }
 
-impl Image {
+impl Meta {
     /// The active layer.
     pub(crate) fn active(&self) -> Layer<'_> {
         Layer {
@@ -65,7 +65,9 @@ impl Image {
             l1_offset: self.header.l1_table_offset,
         }
     }
+}
 
+impl Image {
     /// Where the L1 entry `index` of a table at `l1_offset` lives, for messages.
     fn l1_entry_at(l1_offset: u64, index: u64) -> u64 {
         l1_offset + index * 8
@@ -73,9 +75,15 @@ impl Image {
 
     /// The first run of guest bytes in `[offset, offset + max_len)` of `layer`, and its length.
     /// The run stays within one L1 entry's range.
-    pub(crate) fn lookup(&self, layer: Layer<'_>, offset: u64, max_len: u64) -> Result<(Run, u64)> {
+    pub(crate) fn lookup(
+        &self,
+        m: &Meta,
+        layer: Layer<'_>,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<(Run, u64)> {
         let Layer { l1, l1_offset } = layer;
-        let h = &self.header;
+        let h = &m.header;
         let cluster_bits = h.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
         let l1_shift = h.l1_shift();
@@ -99,12 +107,13 @@ impl Image {
         if l2_offset == 0 {
             return Ok((Run::Unallocated, end - offset));
         }
-        let table = self.l2_table(l2_offset, l1_index, l1_offset)?;
+        let table = self.l2_table(m, l2_offset, l1_index, l1_offset)?;
 
         let l2_mask = (1u64 << h.l2_bits()) - 1;
         let mut index = (offset >> cluster_bits) & l2_mask;
         let mut pos = offset;
         let (run, len) = self.entry_run(
+            m,
             &table,
             l2_offset,
             index,
@@ -120,7 +129,7 @@ impl Image {
         // Extend across following entries while the mapping continues seamlessly.
         while pos < end && pos & (cluster_size - 1) == 0 {
             index += 1;
-            let (next, len) = self.entry_run(&table, l2_offset, index, 0, end - pos)?;
+            let (next, len) = self.entry_run(m, &table, l2_offset, index, 0, end - pos)?;
             if !first.continues_with(total, next) {
                 break;
             }
@@ -131,8 +140,14 @@ impl Image {
     }
 
     /// Loads (or finds cached) the L2 table at `l2_offset`, named by L1 entry `l1_index`.
-    fn l2_table(&self, l2_offset: u64, l1_index: u64, l1_offset: u64) -> Result<Arc<[u8]>> {
-        let cluster_size = self.header.cluster_size();
+    fn l2_table(
+        &self,
+        m: &Meta,
+        l2_offset: u64,
+        l1_index: u64,
+        l1_offset: u64,
+    ) -> Result<Arc<[u8]>> {
+        let cluster_size = m.header.cluster_size();
         let structure = || format!("L1 entry {l1_index}");
         let at = Self::l1_entry_at(l1_offset, l1_index);
         if l2_offset & (cluster_size - 1) != 0 {
@@ -143,18 +158,18 @@ impl Image {
                 format!("L2 table offset {l2_offset:#x} is not cluster aligned"),
             ));
         }
-        if l2_offset >= self.file_len {
+        if l2_offset >= m.file_len {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
                 at,
                 format!(
                     "L2 table offset {l2_offset:#x} is beyond the end of the file ({:#x})",
-                    self.file_len
+                    m.file_len
                 ),
             ));
         }
-        if let Some(area) = self.overlapping_area(l2_offset, cluster_size) {
+        if let Some(area) = m.overlapping_area(l2_offset, cluster_size) {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -181,13 +196,14 @@ impl Image {
     /// bytes and never past the cluster's end.
     fn entry_run(
         &self,
+        m: &Meta,
         table: &[u8],
         l2_offset: u64,
         index: u64,
         in_cluster: u64,
         max_len: u64,
     ) -> Result<(Run, u64)> {
-        let h = &self.header;
+        let h = &m.header;
         let cluster_size = h.cluster_size();
         let extended = h.extended_l2();
         let external = h.has_external_data_file();
@@ -214,7 +230,7 @@ impl Image {
                 ));
             }
             return Ok((
-                self.compressed_run(descriptor, raw, entry_offset, structure)?,
+                self.compressed_run(m, descriptor, raw, entry_offset, structure)?,
                 to_cluster_end,
             ));
         }
@@ -258,7 +274,7 @@ impl Image {
                     host_offset: allocated.then_some(host + in_cluster),
                 },
                 SubclusterState::Allocated => {
-                    self.check_data_cluster(host, entry_offset, structure)?;
+                    self.check_data_cluster(m, host, entry_offset, structure)?;
                     Run::Data {
                         host_offset: host + in_cluster,
                     }
@@ -283,7 +299,7 @@ impl Image {
                 host_offset: Some(host_offset + in_cluster),
             },
             ClusterMapping::Normal { host_offset } => {
-                self.check_data_cluster(host_offset, entry_offset, structure)?;
+                self.check_data_cluster(m, host_offset, entry_offset, structure)?;
                 Run::Data {
                     host_offset: host_offset + in_cluster,
                 }
@@ -297,25 +313,26 @@ impl Image {
     /// external data file is checked by that file's length only when read).
     fn check_data_cluster(
         &self,
+        m: &Meta,
         host: u64,
         entry_offset: u64,
         structure: impl Fn() -> String,
     ) -> Result<()> {
-        if self.header.has_external_data_file() {
+        if m.header.has_external_data_file() {
             return Ok(());
         }
-        if host >= self.file_len {
+        if host >= m.file_len {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
                 entry_offset,
                 format!(
                     "data cluster offset {host:#x} is beyond the end of the file ({:#x})",
-                    self.file_len
+                    m.file_len
                 ),
             ));
         }
-        if let Some(area) = self.overlapping_area(host, self.header.cluster_size()) {
+        if let Some(area) = m.overlapping_area(host, m.header.cluster_size()) {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -328,12 +345,13 @@ impl Image {
 
     fn compressed_run(
         &self,
+        m: &Meta,
         descriptor_bits: u64,
         raw: u64,
         entry_offset: u64,
         structure: impl Fn() -> String,
     ) -> Result<Run> {
-        if self.header.has_external_data_file() {
+        if m.header.has_external_data_file() {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -349,20 +367,19 @@ impl Image {
                 "compressed cluster with the COPIED flag set",
             ));
         }
-        let descriptor = CompressedDescriptor::decode(descriptor_bits, self.header.cluster_bits);
-        if descriptor.offset_out_of_range() || descriptor.host_offset >= self.file_len {
+        let descriptor = CompressedDescriptor::decode(descriptor_bits, m.header.cluster_bits);
+        if descriptor.offset_out_of_range() || descriptor.host_offset >= m.file_len {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
                 entry_offset,
                 format!(
                     "compressed data at {:#x} is beyond the end of the file ({:#x})",
-                    descriptor.host_offset, self.file_len
+                    descriptor.host_offset, m.file_len
                 ),
             ));
         }
-        if let Some(area) =
-            self.overlapping_area(descriptor.host_offset, descriptor.compressed_size())
+        if let Some(area) = m.overlapping_area(descriptor.host_offset, descriptor.compressed_size())
         {
             return Err(Error::corrupt(
                 &self.name,
@@ -378,19 +395,25 @@ impl Image {
     }
 
     /// Reads guest bytes of `layer`.
-    pub(crate) fn read_layer(&self, layer: Layer<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
-        let cluster_mask = self.header.cluster_size() - 1;
+    pub(crate) fn read_layer(
+        &self,
+        m: &Meta,
+        layer: Layer<'_>,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        let cluster_mask = m.header.cluster_size() - 1;
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
-            let (run, len) = self.lookup(layer, guest, (buf.len() - pos) as u64)?;
+            let (run, len) = self.lookup(m, layer, guest, (buf.len() - pos) as u64)?;
             let chunk = &mut buf[pos..pos + len as usize];
             match run {
                 Run::Unallocated => self.read_backing(chunk, guest)?,
                 Run::Zero { .. } => chunk.fill(0),
-                Run::Data { host_offset } => self.read_data(chunk, host_offset)?,
+                Run::Data { host_offset } => self.read_data(m, chunk, host_offset)?,
                 Run::Compressed { descriptor, raw } => {
-                    self.read_compressed(descriptor, raw, chunk, guest & cluster_mask)?
+                    self.read_compressed(m, descriptor, raw, chunk, guest & cluster_mask)?
                 }
             }
             pos += len as usize;
@@ -398,8 +421,8 @@ impl Image {
         Ok(())
     }
 
-    fn read_data(&self, buf: &mut [u8], host_offset: u64) -> Result<()> {
-        let storage = if self.header.has_external_data_file() {
+    fn read_data(&self, m: &Meta, buf: &mut [u8], host_offset: u64) -> Result<()> {
+        let storage = if m.header.has_external_data_file() {
             self.data_file.as_deref().ok_or_else(|| Error::Chain {
                 image: self.name.clone(),
                 role: "data",
@@ -416,6 +439,7 @@ impl Image {
 
     fn read_compressed(
         &self,
+        m: &Meta,
         descriptor: CompressedDescriptor,
         raw: u64,
         buf: &mut [u8],
@@ -432,7 +456,7 @@ impl Image {
                 return Ok(());
             }
         }
-        let cluster_size = self.header.cluster_size() as usize;
+        let cluster_size = m.header.cluster_size() as usize;
         let mut input = vec![0u8; descriptor.compressed_size() as usize];
         self.storage
             .read_zero_filled_at(&mut input, descriptor.host_offset)
@@ -444,7 +468,7 @@ impl Image {
                 )
             })?;
         let mut out = vec![0u8; cluster_size].into_boxed_slice();
-        super::codec::decompress(self.header.compression_type, &input, &mut out).map_err(
+        super::codec::decompress(m.header.compression_type, &input, &mut out).map_err(
             |reason| {
                 Error::corrupt(
                     &self.name,

@@ -3,7 +3,7 @@
 
 use super::backing::Backing;
 use super::layer::{Layer, Run};
-use super::Image;
+use super::{Image, Meta};
 use crate::error::Result;
 
 /// What a guest range holds.
@@ -91,14 +91,16 @@ fn push(out: &mut Vec<Extent>, extent: Extent) {
 impl Image {
     /// The extents of guest range `[offset, offset + len)` through the whole opened chain.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.check_bounds(offset, len, self.size())?;
+        let m = self.meta();
+        self.check_bounds(offset, len, m.header.size)?;
         let mut out = Vec::new();
-        self.map_layer(self.active(), offset, len, 0, &mut out)?;
+        self.map_layer(&m, m.active(), offset, len, 0, &mut out)?;
         Ok(out)
     }
 
     pub(crate) fn map_layer(
         &self,
+        m: &Meta,
         layer: Layer<'_>,
         offset: u64,
         len: u64,
@@ -108,7 +110,7 @@ impl Image {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let (run, run_len) = self.lookup(layer, pos, end - pos)?;
+            let (run, run_len) = self.lookup(m, layer, pos, end - pos)?;
             let kind = match run {
                 Run::Data { host_offset } => ExtentKind::Data { host_offset },
                 Run::Compressed { .. } => ExtentKind::Compressed,
@@ -149,7 +151,8 @@ impl Image {
         if inside > 0 {
             match backing {
                 Backing::Qcow2(image) => {
-                    image.map_layer(image.active(), offset, inside, depth + 1, out)?
+                    let bm = image.meta();
+                    image.map_layer(&bm, bm.active(), offset, inside, depth + 1, out)?
                 }
                 Backing::Raw { .. } => push(
                     out,

@@ -15,7 +15,7 @@ mod map;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
 pub use check::CheckReport;
@@ -70,18 +70,56 @@ pub(crate) struct MetadataArea {
     pub what: &'static str,
 }
 
-/// An open qcow2 image (read-only).
+/// The image's metadata that writes change: readers share it, a writer holds it exclusively.
+pub(crate) struct Meta {
+    pub header: Header,
+    pub file_len: u64,
+    /// The active L1 table.
+    pub l1: Vec<u64>,
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Bytes the snapshot table occupies (unpadded, as QEMU sizes it).
+    pub snapshot_table_len: u64,
+    pub metadata_areas: Vec<MetadataArea>,
+}
+
+impl Meta {
+    /// Records a metadata area, refusing one that overlaps an area already recorded.
+    fn add_area(&mut self, image: &str, start: u64, len: u64, what: &'static str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cluster_mask = self.header.cluster_size() - 1;
+        let end = (start + len + cluster_mask) & !cluster_mask;
+        if let Some(other) = self
+            .metadata_areas
+            .iter()
+            .find(|a| start < a.end && a.start < end)
+        {
+            return Err(Error::corrupt(
+                image,
+                what.trim_start_matches("the "),
+                start,
+                format!("overlaps {}", other.what),
+            ));
+        }
+        self.metadata_areas.push(MetadataArea { start, end, what });
+        Ok(())
+    }
+
+    /// The metadata area a host range overlaps, if any.
+    pub(crate) fn overlapping_area(&self, start: u64, len: u64) -> Option<&MetadataArea> {
+        self.metadata_areas
+            .iter()
+            .find(|a| start < a.end && a.start < start.saturating_add(len))
+    }
+}
+
+/// An open qcow2 image.
 pub struct Image {
     name: String,
     path: Option<PathBuf>,
     storage: Box<dyn Storage>,
-    header: Header,
-    file_len: u64,
-    l1: Vec<u64>,
-    snapshots: Vec<SnapshotEntry>,
-    /// Bytes the snapshot table occupies (unpadded, as QEMU sizes it).
-    snapshot_table_len: u64,
-    metadata_areas: Vec<MetadataArea>,
+    meta: RwLock<Meta>,
     data_file: Option<Box<dyn Storage>>,
     data_file_name: Option<String>,
     backing: Option<Backing>,
@@ -93,10 +131,11 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.meta();
         f.debug_struct("Image")
             .field("name", &self.name)
-            .field("size", &self.header.size)
-            .field("cluster_bits", &self.header.cluster_bits)
+            .field("size", &m.header.size)
+            .field("cluster_bits", &m.header.cluster_bits)
             .finish_non_exhaustive()
     }
 }
@@ -207,141 +246,77 @@ impl Image {
             ));
         }
 
-        let mut image = Image {
-            name,
-            path,
-            storage,
+        let mut meta = Meta {
             file_len,
             l1: Vec::new(),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             metadata_areas: Vec::new(),
-            data_file: None,
-            data_file_name: None,
-            backing: None,
-            l2_cache: L2Cache::new((options.l2_cache_bytes / cluster_size) as usize),
-            last_compressed: Mutex::new(None),
             header,
         };
-        image.add_area(0, cluster_size, "the header")?;
-        image.add_area(
-            image.header.l1_table_offset,
+        meta.add_area(&name, 0, cluster_size, "the header")?;
+        meta.add_area(
+            &name,
+            meta.header.l1_table_offset,
             l1_bytes,
             "the active L1 table",
         )?;
-        image.add_area(
-            image.header.refcount_table_offset,
+        meta.add_area(
+            &name,
+            meta.header.refcount_table_offset,
             reftable_bytes,
             "the refcount table",
         )?;
-        image.l1 = image.read_table(
-            image.header.l1_table_offset,
-            image.header.l1_size as u64,
+        meta.l1 = read_table(
+            &*storage,
+            &name,
+            meta.header.l1_table_offset,
+            meta.header.l1_size as u64,
             "L1 table",
         )?;
-        image.read_snapshot_table()?;
-        image.add_area(
-            image.header.snapshots_offset,
-            image.snapshot_table_len,
+        let (snapshots, table_len) = read_snapshot_table(&*storage, &name, &meta.header)?;
+        meta.snapshots = snapshots;
+        meta.snapshot_table_len = table_len;
+        meta.add_area(
+            &name,
+            meta.header.snapshots_offset,
+            table_len,
             "the snapshot table",
         )?;
-        image.data_file_name = image
+        let data_file_name = meta
             .header
             .extensions
             .data_file
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned());
-        Ok(image)
+        Ok(Image {
+            name,
+            path,
+            storage,
+            meta: RwLock::new(meta),
+            data_file: None,
+            data_file_name,
+            backing: None,
+            l2_cache: L2Cache::new((options.l2_cache_bytes / cluster_size) as usize),
+            last_compressed: Mutex::new(None),
+        })
     }
 
-    /// Records a metadata area, refusing one that overlaps an area already recorded.
-    fn add_area(&mut self, start: u64, len: u64, what: &'static str) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let cluster_mask = self.header.cluster_size() - 1;
-        let end = (start + len + cluster_mask) & !cluster_mask;
-        if let Some(other) = self
-            .metadata_areas
-            .iter()
-            .find(|a| start < a.end && a.start < end)
-        {
-            return Err(Error::corrupt(
-                &self.name,
-                what.trim_start_matches("the "),
-                start,
-                format!("overlaps {}", other.what),
-            ));
-        }
-        self.metadata_areas.push(MetadataArea { start, end, what });
-        Ok(())
+    /// Shared access to the metadata.
+    pub(crate) fn meta(&self) -> RwLockReadGuard<'_, Meta> {
+        // A panic while holding the lock leaves the metadata as the last completed step left it.
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The metadata area a host range overlaps, if any.
-    pub(crate) fn overlapping_area(&self, start: u64, len: u64) -> Option<&MetadataArea> {
-        self.metadata_areas
-            .iter()
-            .find(|a| start < a.end && a.start < start.saturating_add(len))
+    /// Exclusive access to the metadata.
+    #[allow(dead_code)]
+    pub(crate) fn meta_mut(&self) -> RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads a table of `count` big-endian u64 entries (bounded by the header limits).
     pub(crate) fn read_table(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
-        let mut bytes = vec![0u8; (count * 8) as usize];
-        self.storage
-            .read_exact_at(&mut bytes, offset)
-            .map_err(|e| Error::io(&self.name, format!("reading the {what} at {offset:#x}"), e))?;
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect())
-    }
-
-    /// Reads the snapshot table entry by entry, so a hostile count costs no more than the bytes
-    /// that are really there (and never more than the 64 MiB limit).
-    fn read_snapshot_table(&mut self) -> Result<()> {
-        let base = self.header.snapshots_offset;
-        let mut pos = 0u64;
-        let mut entries = Vec::new();
-        for index in 0..self.header.nb_snapshots {
-            pos = align_entry(pos);
-            let at = base + pos;
-            let mut fixed = [0u8; SNAPSHOT_ENTRY_FIXED_SIZE];
-            self.storage.read_exact_at(&mut fixed, at).map_err(|_| {
-                Error::corrupt(
-                    &self.name,
-                    format!("snapshot table entry {index}"),
-                    at,
-                    "runs past the end of the file",
-                )
-            })?;
-            let sizes: EntrySizes = SnapshotEntry::sizes(&fixed, at, index)
-                .map_err(|e| Error::from_format(&self.name, e))?;
-            let len = sizes.entry_len();
-            if pos + len > MAX_SNAPSHOTS_SIZE {
-                return Err(Error::corrupt(
-                    &self.name,
-                    "snapshot table",
-                    base,
-                    format!("larger than the limit of {MAX_SNAPSHOTS_SIZE} bytes"),
-                ));
-            }
-            let mut bytes = vec![0u8; len as usize];
-            self.storage.read_exact_at(&mut bytes, at).map_err(|_| {
-                Error::corrupt(
-                    &self.name,
-                    format!("snapshot table entry {index}"),
-                    at,
-                    format!("{len} bytes run past the end of the file"),
-                )
-            })?;
-            let entry = SnapshotEntry::decode(&bytes, at, index)
-                .map_err(|e| Error::from_format(&self.name, e))?;
-            entries.push(entry);
-            pos += len;
-        }
-        self.snapshots = entries;
-        self.snapshot_table_len = pos;
-        Ok(())
+        read_table(&*self.storage, &self.name, offset, count, what)
     }
 
     /// The name used in messages (the path as given, or the caller's name).
@@ -354,29 +329,30 @@ impl Image {
         self.path.as_deref()
     }
 
-    /// The decoded header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// A copy of the decoded header.
+    pub fn header(&self) -> Header {
+        self.meta().header.clone()
     }
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.meta().header.size
     }
 
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        self.header.cluster_size()
+        self.meta().header.cluster_size()
     }
 
-    /// The image file's length when it was opened.
+    /// The image file's length.
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.meta().file_len
     }
 
     /// The backing file name as recorded in the image.
     pub fn backing_file_name(&self) -> Option<String> {
-        self.header
+        self.meta()
+            .header
             .backing_file
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned())
@@ -399,15 +375,16 @@ impl Image {
         }
     }
 
-    /// The internal snapshot table entries.
-    pub fn snapshot_entries(&self) -> &[SnapshotEntry] {
-        &self.snapshots
+    /// A copy of the internal snapshot table entries.
+    pub fn snapshot_entries(&self) -> Vec<SnapshotEntry> {
+        self.meta().snapshots.clone()
     }
 
     /// Reads guest bytes at `offset` into `buf`, following the backing chain for unallocated ranges.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_bounds(offset, buf.len() as u64, self.header.size)?;
-        self.read_layer(self.active(), buf, offset)
+        let m = self.meta();
+        self.check_bounds(offset, buf.len() as u64, m.header.size)?;
+        self.read_layer(&m, m.active(), buf, offset)
     }
 
     pub(crate) fn check_bounds(&self, offset: u64, len: u64, size: u64) -> Result<()> {
@@ -438,4 +415,73 @@ pub(crate) fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
 /// Opens a file read-only for the engine.
 pub(crate) fn open_file(path: &Path) -> std::io::Result<Box<dyn Storage>> {
     Ok(Box::new(FileStorage::open_read_only(path)?))
+}
+
+/// Reads a table of `count` big-endian u64 entries (bounded by the header limits).
+pub(crate) fn read_table(
+    storage: &dyn Storage,
+    image: &str,
+    offset: u64,
+    count: u64,
+    what: &str,
+) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (count * 8) as usize];
+    storage
+        .read_exact_at(&mut bytes, offset)
+        .map_err(|e| Error::io(image, format!("reading the {what} at {offset:#x}"), e))?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Reads the snapshot table entry by entry, so a hostile count costs no more than the bytes that
+/// are really there (and never more than the 64 MiB limit). Returns the entries and the table's
+/// unpadded length.
+pub(crate) fn read_snapshot_table(
+    storage: &dyn Storage,
+    image: &str,
+    header: &Header,
+) -> Result<(Vec<SnapshotEntry>, u64)> {
+    let base = header.snapshots_offset;
+    let mut pos = 0u64;
+    let mut entries = Vec::new();
+    for index in 0..header.nb_snapshots {
+        pos = align_entry(pos);
+        let at = base + pos;
+        let mut fixed = [0u8; SNAPSHOT_ENTRY_FIXED_SIZE];
+        storage.read_exact_at(&mut fixed, at).map_err(|_| {
+            Error::corrupt(
+                image,
+                format!("snapshot table entry {index}"),
+                at,
+                "runs past the end of the file",
+            )
+        })?;
+        let sizes: EntrySizes =
+            SnapshotEntry::sizes(&fixed, at, index).map_err(|e| Error::from_format(image, e))?;
+        let len = sizes.entry_len();
+        if pos + len > MAX_SNAPSHOTS_SIZE {
+            return Err(Error::corrupt(
+                image,
+                "snapshot table",
+                base,
+                format!("larger than the limit of {MAX_SNAPSHOTS_SIZE} bytes"),
+            ));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        storage.read_exact_at(&mut bytes, at).map_err(|_| {
+            Error::corrupt(
+                image,
+                format!("snapshot table entry {index}"),
+                at,
+                format!("{len} bytes run past the end of the file"),
+            )
+        })?;
+        entries.push(
+            SnapshotEntry::decode(&bytes, at, index).map_err(|e| Error::from_format(image, e))?,
+        );
+        pos += len;
+    }
+    Ok((entries, pos))
 }

@@ -11,23 +11,20 @@ use crate::format::SnapshotEntry;
 /// A read-only view of one internal snapshot.
 pub struct SnapshotView<'a> {
     image: &'a Image,
-    entry: &'a SnapshotEntry,
+    entry: SnapshotEntry,
     l1: Vec<u64>,
     size: u64,
 }
 
 impl Image {
     /// The snapshot whose id is `id_or_name`, else the first whose name is.
-    pub fn find_snapshot(&self, id_or_name: &str) -> Option<&SnapshotEntry> {
-        let key = id_or_name.as_bytes();
-        self.snapshots
-            .iter()
-            .find(|s| s.id == key)
-            .or_else(|| self.snapshots.iter().find(|s| s.name == key))
+    pub fn find_snapshot(&self, id_or_name: &str) -> Option<SnapshotEntry> {
+        find_snapshot(&self.meta().snapshots, id_or_name).cloned()
     }
 
     /// Opens a read-only view of a snapshot, validating its L1 table first.
     pub fn open_snapshot(&self, id_or_name: &str) -> Result<SnapshotView<'_>> {
+        let m = self.meta();
         let entry = self
             .find_snapshot(id_or_name)
             .ok_or_else(|| Error::SnapshotNotFound {
@@ -53,10 +50,7 @@ impl Image {
             ));
         }
         let bytes = entry.l1_size as u64 * 8;
-        if offset
-            .checked_add(bytes)
-            .is_none_or(|end| end > self.file_len)
-        {
+        if offset.checked_add(bytes).is_none_or(|end| end > m.file_len) {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
@@ -65,7 +59,7 @@ impl Image {
             ));
         }
         let l1 = self.read_table(offset, entry.l1_size as u64, "snapshot L1 table")?;
-        let size = entry.disk_size().unwrap_or(self.size());
+        let size = entry.disk_size().unwrap_or(m.header.size);
         Ok(SnapshotView {
             image: self,
             entry,
@@ -85,7 +79,7 @@ impl SnapshotView<'_> {
 
     /// The snapshot table entry.
     pub fn entry(&self) -> &SnapshotEntry {
-        self.entry
+        &self.entry
     }
 
     /// Virtual size when the snapshot was taken.
@@ -97,15 +91,29 @@ impl SnapshotView<'_> {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.image
             .check_bounds(offset, buf.len() as u64, self.size)?;
-        self.image.read_layer(self.layer(), buf, offset)
+        let m = self.image.meta();
+        self.image.read_layer(&m, self.layer(), buf, offset)
     }
 
     /// The snapshot's extents.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.image.check_bounds(offset, len, self.size)?;
         let mut out = Vec::new();
+        let m = self.image.meta();
         self.image
-            .map_layer(self.layer(), offset, len, 0, &mut out)?;
+            .map_layer(&m, self.layer(), offset, len, 0, &mut out)?;
         Ok(out)
     }
+}
+
+/// The snapshot whose id is `id_or_name`, else the first whose name is (qemu-img's lookup order).
+pub(crate) fn find_snapshot<'a>(
+    snapshots: &'a [SnapshotEntry],
+    id_or_name: &str,
+) -> Option<&'a SnapshotEntry> {
+    let key = id_or_name.as_bytes();
+    snapshots
+        .iter()
+        .find(|s| s.id == key)
+        .or_else(|| snapshots.iter().find(|s| s.name == key))
 }
