@@ -98,6 +98,15 @@ pub enum Error {
     /// No snapshot has this id or name.
     #[error("image {image}: no snapshot with id or name {name:?}")]
     SnapshotNotFound { image: String, name: String },
+    /// A write to an image opened read-only.
+    #[error("image {image}: the image is open read-only")]
+    ReadOnly { image: String },
+    /// The image has the corrupt bit set and cannot be opened for writing.
+    #[error("image {image}: the image is marked corrupt; open it read-only or repair it with check -r all")]
+    MarkedCorrupt { image: String },
+    /// Another process holds the image.
+    #[error("image {image}: the image is locked by another process ({detail})")]
+    Locked { image: String, detail: String },
     /// The caller asked for something invalid.
     #[error("image {image}: {reason}")]
     InvalidArgument { image: String, reason: String },

@@ -15,7 +15,7 @@ pub mod storage;
 
 pub use error::{ChainProblem, Error, Result};
 pub use image::{
-    BackingPolicy, CheckReport, Extent, ExtentKind, Image, ImageInfo, OpenOptions, SnapshotInfo,
-    SnapshotView,
+    BackingPolicy, CheckReport, CreateOptions, Extent, ExtentKind, Image, ImageInfo, OpenOptions,
+    Preallocation, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};

@@ -599,3 +599,152 @@ mod tests {
         assert_eq!(h.unknown_header_bytes, vec![0xAA; 8]);
     }
 }
+
+impl Header {
+    /// Encodes cluster 0 the way QEMU writes it: the fixed header (72 bytes for v2, 112 or more for
+    /// v3, with unknown trailing bytes put back), the extensions (backing format, data file,
+    /// feature table, bitmaps, unknown ones), the end marker, and the backing file name right after
+    /// it. `backing_file_offset`, `backing_file_size` and `header_length` are recomputed. Fails when
+    /// everything does not fit in one cluster.
+    pub fn encode(&self) -> FormatResult<Vec<u8>> {
+        use super::extension::kind;
+        let mut out = Vec::with_capacity(1024);
+        let header_length = if self.version >= 3 {
+            V3_HEADER_LENGTH + self.unknown_header_bytes.len() as u32
+        } else {
+            V2_HEADER_LENGTH
+        };
+        let v2 = RawHeaderV2 {
+            magic: QCOW_MAGIC.into(),
+            version: self.version.into(),
+            backing_file_offset: 0.into(),
+            backing_file_size: 0.into(),
+            cluster_bits: self.cluster_bits.into(),
+            size: self.size.into(),
+            crypt_method: self.crypt_method.into(),
+            l1_size: self.l1_size.into(),
+            l1_table_offset: self.l1_table_offset.into(),
+            refcount_table_offset: self.refcount_table_offset.into(),
+            refcount_table_clusters: self.refcount_table_clusters.into(),
+            nb_snapshots: self.nb_snapshots.into(),
+            snapshots_offset: self.snapshots_offset.into(),
+        };
+        out.extend_from_slice(v2.as_bytes());
+        if self.version >= 3 {
+            let v3 = RawHeaderV3 {
+                incompatible_features: self.incompatible_features.into(),
+                compatible_features: self.compatible_features.into(),
+                autoclear_features: self.autoclear_features.into(),
+                refcount_order: self.refcount_order.into(),
+                header_length: header_length.into(),
+            };
+            out.extend_from_slice(v3.as_bytes());
+            out.push(match self.compression_type {
+                CompressionType::Zlib => 0,
+                CompressionType::Zstd => 1,
+            });
+            out.extend_from_slice(&[0u8; 7]);
+            out.extend_from_slice(&self.unknown_header_bytes);
+        }
+        let ext = &self.extensions;
+        let put = |out: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            out.extend_from_slice(&kind.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(8), 0);
+        };
+        if let Some(f) = &ext.backing_format {
+            put(&mut out, kind::BACKING_FORMAT, f);
+        }
+        if let Some(f) = &ext.data_file {
+            put(&mut out, kind::EXTERNAL_DATA_FILE, f);
+        }
+        if self.version >= 3 && (ext.has_feature_table || self.cluster_size() > 4096) {
+            let names = if ext.feature_names.is_empty() {
+                super::features::qemu_feature_table()
+            } else {
+                ext.feature_names.clone()
+            };
+            let mut table = Vec::with_capacity(names.len() * FEATURE_NAME_ENTRY_SIZE);
+            for n in &names {
+                let mut entry = [0u8; FEATURE_NAME_ENTRY_SIZE];
+                entry[0] = n.kind.to_byte();
+                entry[1] = n.bit;
+                let len = n.name.len().min(FEATURE_NAME_ENTRY_SIZE - 2);
+                entry[2..2 + len].copy_from_slice(&n.name[..len]);
+                table.extend_from_slice(&entry);
+            }
+            put(&mut out, kind::FEATURE_NAME_TABLE, &table);
+        }
+        if let Some(b) = ext.bitmaps {
+            let raw = super::extension::RawBitmapsExtension {
+                nb_bitmaps: b.nb_bitmaps.into(),
+                reserved: 0.into(),
+                bitmap_directory_size: b.bitmap_directory_size.into(),
+                bitmap_directory_offset: b.bitmap_directory_offset.into(),
+            };
+            put(&mut out, kind::BITMAPS, raw.as_bytes());
+        }
+        for u in &ext.unknown {
+            put(&mut out, u.kind, &u.data);
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = &self.backing_file {
+            let offset = out.len() as u64;
+            out.extend_from_slice(name);
+            out[8..16].copy_from_slice(&offset.to_be_bytes());
+            out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        }
+        if out.len() as u64 > self.cluster_size() {
+            return Err(FormatError::invalid(
+                "header",
+                0,
+                format!(
+                    "header, extensions and backing file name take {} bytes, more than one cluster ({})",
+                    out.len(),
+                    self.cluster_size()
+                ),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::*;
+
+    #[test]
+    fn encode_then_decode_gives_the_same_header() {
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(&QCOW_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        b[36..40].copy_from_slice(&2u32.to_be_bytes());
+        b[40..48].copy_from_slice(&0x30000u64.to_be_bytes());
+        b[48..56].copy_from_slice(&0x10000u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        let mut h = Header::decode(&b).unwrap();
+        h.backing_file = Some(b"base.qcow2".to_vec());
+        h.extensions.backing_format = Some(b"qcow2".to_vec());
+        h.extensions
+            .unknown
+            .push(super::super::extension::UnknownExtension {
+                kind: 0x1234_5678,
+                data: vec![9; 13],
+            });
+        h.unknown_header_bytes = vec![0xAA; 8];
+        let mut bytes = h.encode().unwrap();
+        bytes.resize(65536, 0);
+        let back = Header::decode(&bytes).unwrap();
+        assert_eq!(back.backing_file, h.backing_file);
+        assert_eq!(back.extensions.unknown, h.extensions.unknown);
+        assert_eq!(back.unknown_header_bytes, h.unknown_header_bytes);
+        assert_eq!(back.header_length, 120);
+        assert!(back.extensions.has_feature_table);
+        assert_eq!(back.extensions.feature_names.len(), 8);
+    }
+}

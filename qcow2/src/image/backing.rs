@@ -51,16 +51,30 @@ pub(crate) fn open_chain(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Image> {
     let name = path.display().to_string();
-    let storage = open_file(path).map_err(|e| Error::io(&name, "opening the image", e))?;
+    let storage =
+        open_file(path, options.writable).map_err(|e| Error::io(&name, "opening the image", e))?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
     let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
-    if options.backing == BackingPolicy::Ignore {
-        return Ok(image);
+    if options.backing != BackingPolicy::Ignore {
+        attach_files(&mut image, &canonical, options, chain)?;
     }
+    if options.writable {
+        image.enable_writes()?;
+    }
+    Ok(image)
+}
+
+/// Opens the data file and the backing chain of `image` as the policy allows.
+fn attach_files(
+    image: &mut Image,
+    canonical: &Path,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+) -> Result<()> {
     if let Some(data_name) = image.data_file_name.clone() {
-        let data_path = permitted(&image, "data", &data_name, options)?;
-        let storage = open_file(&data_path).map_err(|e| {
+        let data_path = permitted(image, "data", &data_name, options)?;
+        let storage = open_file(&data_path, options.writable).map_err(|e| {
             Error::io(
                 &image.name,
                 format!("opening the data file {data_name:?}"),
@@ -70,9 +84,9 @@ pub(crate) fn open_chain(
         image.data_file = Some(storage);
     }
     let Some(backing_name) = image.backing_file_name() else {
-        return Ok(image);
+        return Ok(());
     };
-    let backing_path = permitted(&image, "backing", &backing_name, options)?;
+    let backing_path = permitted(image, "backing", &backing_name, options)?;
     let chain_error = |image: &Image, problem| Error::Chain {
         image: image.name.clone(),
         role: "backing",
@@ -81,7 +95,7 @@ pub(crate) fn open_chain(
     };
     if chain.len() + 1 > options.max_backing_depth {
         return Err(chain_error(
-            &image,
+            image,
             ChainProblem::TooDeep {
                 limit: options.max_backing_depth,
             },
@@ -95,7 +109,7 @@ pub(crate) fn open_chain(
         )
     })?;
     if backing_canonical == canonical || chain.contains(&backing_canonical) {
-        return Err(chain_error(&image, ChainProblem::Loop));
+        return Err(chain_error(image, ChainProblem::Loop));
     }
 
     let format = image
@@ -110,7 +124,7 @@ pub(crate) fn open_chain(
         Some("raw") => false,
         Some(other) => {
             return Err(chain_error(
-                &image,
+                image,
                 ChainProblem::UnsupportedFormat(other.to_string()),
             ))
         }
@@ -123,12 +137,16 @@ pub(crate) fn open_chain(
         })?,
     };
     let backing = if is_qcow2 {
-        chain.push(canonical);
-        let below = open_chain(&backing_path, options, chain);
+        chain.push(canonical.to_path_buf());
+        let read_only = OpenOptions {
+            writable: false,
+            ..options.clone()
+        };
+        let below = open_chain(&backing_path, &read_only, chain);
         chain.pop();
         Backing::Qcow2(Box::new(below?))
     } else {
-        let storage = open_file(&backing_path).map_err(|e| {
+        let storage = open_file(&backing_path, false).map_err(|e| {
             Error::io(
                 &image.name,
                 format!("opening the backing file {backing_name:?}"),
@@ -141,7 +159,7 @@ pub(crate) fn open_chain(
         Backing::Raw { storage, size }
     };
     image.backing = Some(backing);
-    Ok(image)
+    Ok(())
 }
 
 /// Resolves a name from the image and checks it against the policy.
@@ -183,7 +201,7 @@ fn permitted(
 }
 
 fn probe_is_qcow2(path: &Path) -> std::io::Result<bool> {
-    let storage = open_file(path)?;
+    let storage = open_file(path, false)?;
     let mut magic = [0u8; 4];
     let n = storage.read_at(&mut magic, 0)?;
     Ok(n == 4 && u32::from_be_bytes(magic) == QCOW_MAGIC)

@@ -59,22 +59,36 @@ impl CheckReport {
 }
 
 /// Computed references per host cluster.
-struct References<'a> {
+pub(crate) struct References<'a> {
     m: &'a Meta,
-    counts: HashMap<u64, u64>,
+    /// The file's real length (QEMU's check uses it, not the engine's view).
+    file_len: u64,
+    pub counts: HashMap<u64, u64>,
     /// Clusters considered: the file's clusters, grown by references just past its end.
-    nb_clusters: u64,
+    pub nb_clusters: u64,
     refcount_max: u64,
 }
 
 impl References<'_> {
+    /// Counts one reference to each cluster of a range, without the checks (repair only).
+    pub(crate) fn counts_add(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let cs = self.m.header.cluster_size();
+        for k in offset / cs..=(offset + size - 1) / cs {
+            *self.counts.entry(k).or_insert(0) += 1;
+            self.nb_clusters = self.nb_clusters.max(k + 1);
+        }
+    }
+
     /// Counts one reference to every cluster `[offset, offset + size)` touches.
     fn add(&mut self, report: &mut CheckReport, offset: u64, size: u64) {
         if size == 0 {
             return;
         }
         let cs = self.m.header.cluster_size();
-        let file_len = self.m.file_len;
+        let file_len = self.file_len;
         let end = offset.saturating_add(size);
         // The last cluster may be partly written, so a reference may reach less than one cluster
         // past the end of the file.
@@ -143,18 +157,61 @@ impl Image {
     /// Checks the image without changing it. A table that cannot be read ends the check with an
     /// error, as qemu-img's "Check failed".
     pub fn check(&self) -> Result<CheckReport> {
+        if self.writable {
+            // The check reads the disk, so everything cached goes there first.
+            let mut m = self.meta_mut();
+            self.flush_all(&mut m)?;
+        }
         let guard = self.meta();
-        let m: &Meta = &guard;
+        self.check_meta(&guard)
+    }
+
+    pub(crate) fn check_meta(&self, m: &Meta) -> Result<CheckReport> {
         let h = &m.header;
         let cs = m.header.cluster_size();
         let mut report = CheckReport {
             total_clusters: h.size.div_ceil(cs),
             ..CheckReport::default()
         };
+        let mut refs = self.count_references(m, &mut report)?;
+        refs.add(
+            &mut report,
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+        );
+        let reftable = self.read_table(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs / 8,
+            "refcount table",
+        )?;
+        self.check_refblocks(m, &mut report, &mut refs, &reftable);
+
+        let mut disk = DiskRefcounts {
+            image: self,
+            m,
+            reftable,
+            blocks: HashMap::new(),
+        };
+        self.compare_refcounts(m, &mut report, &refs, &mut disk);
+        self.check_copied(m, &mut report, &mut disk)?;
+        Ok(report)
+    }
+
+    /// Counts the references of everything but the refcount structures themselves: the header,
+    /// the active and snapshot tables with their clusters, the snapshot table and bitmaps.
+    pub(crate) fn count_references<'m>(
+        &self,
+        m: &'m Meta,
+        report: &mut CheckReport,
+    ) -> Result<References<'m>> {
+        let h = &m.header;
+        let cs = h.cluster_size();
+        let file_len = self.storage.len().unwrap_or(m.file_len);
         let mut refs = References {
             m,
+            file_len,
             counts: HashMap::new(),
-            nb_clusters: m.file_len.div_ceil(cs),
+            nb_clusters: file_len.div_ceil(cs),
             refcount_max: refcount::max_refcount(h.refcount_order),
         };
 
@@ -169,11 +226,10 @@ impl Image {
                 }
             }
         }
-
-        refs.add(&mut report, 0, cs);
+        refs.add(report, 0, cs);
         self.check_l1(
             m,
-            &mut report,
+            report,
             &mut refs,
             h.l1_table_offset,
             h.l1_size as u64,
@@ -207,37 +263,16 @@ impl Image {
             }
             self.check_l1(
                 m,
-                &mut report,
+                report,
                 &mut refs,
                 s.l1_table_offset,
                 s.l1_size as u64,
                 false,
             )?;
         }
-        refs.add(&mut report, h.snapshots_offset, m.snapshot_table_len);
-        refs.add(
-            &mut report,
-            h.refcount_table_offset,
-            h.refcount_table_clusters as u64 * cs,
-        );
-        self.count_bitmaps(m, &mut report, &mut refs)?;
-
-        let reftable = self.read_table(
-            h.refcount_table_offset,
-            h.refcount_table_clusters as u64 * cs / 8,
-            "refcount table",
-        )?;
-        self.check_refblocks(m, &mut report, &mut refs, &reftable);
-
-        let mut disk = DiskRefcounts {
-            image: self,
-            m,
-            reftable,
-            blocks: HashMap::new(),
-        };
-        self.compare_refcounts(m, &mut report, &refs, &mut disk);
-        self.check_copied(m, &mut report, &mut disk)?;
-        Ok(report)
+        refs.add(report, h.snapshots_offset, m.snapshot_table_len);
+        self.count_bitmaps(m, report, &mut refs)?;
+        Ok(refs)
     }
 
     fn check_l1(

@@ -1,6 +1,7 @@
 //! A bounded cache of L2 tables keyed by host offset. Hits take a shared lock and bump an atomic
 //! clock, so parallel readers do not serialize; a miss loads the table outside the lock and evicts
-//! the least recently used entry when full.
+//! the least recently used clean entry when full. Dirty tables (changed by the writer, not yet on
+//! disk) are never evicted: the writer writes them back in dependency order (see `writeback`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +12,10 @@ use crate::error::Result;
 struct Slot {
     table: Arc<[u8]>,
     last_used: AtomicU64,
+    dirty: bool,
 }
 
-/// L2 tables in memory, at most `capacity` of them.
+/// L2 tables in memory, at most `capacity` clean ones.
 pub(crate) struct L2Cache {
     capacity: usize,
     slots: RwLock<HashMap<u64, Slot>>,
@@ -34,6 +36,10 @@ impl L2Cache {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Slot>> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The table at `host_offset`, loading it with `load` on a miss.
     pub(crate) fn get_or_load(
         &self,
@@ -48,14 +54,23 @@ impl L2Cache {
             }
         }
         let table: Arc<[u8]> = load()?.into();
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.get(&host_offset) {
-            // Another reader loaded it meanwhile; keep one copy.
-            return Ok(slot.table.clone());
+        Ok(self.insert(host_offset, table, false))
+    }
+
+    /// Puts a table in the cache (replacing any copy) and returns the cached copy.
+    pub(crate) fn insert(&self, host_offset: u64, table: Arc<[u8]>, dirty: bool) -> Arc<[u8]> {
+        let mut slots = self.write_slots();
+        if !dirty {
+            if let Some(slot) = slots.get(&host_offset) {
+                // Another reader loaded it meanwhile; keep one copy.
+                return slot.table.clone();
+            }
         }
-        if slots.len() >= self.capacity {
+        let clean = slots.values().filter(|s| !s.dirty).count();
+        if clean >= self.capacity && !slots.contains_key(&host_offset) {
             if let Some(victim) = slots
                 .iter()
+                .filter(|(_, s)| !s.dirty)
                 .min_by_key(|(_, s)| s.last_used.load(Ordering::Relaxed))
                 .map(|(k, _)| *k)
             {
@@ -67,18 +82,60 @@ impl L2Cache {
             Slot {
                 table: table.clone(),
                 last_used: AtomicU64::new(self.tick()),
+                dirty,
             },
         );
-        Ok(table)
+        table
     }
 
-    /// Drops every cached table.
-    #[allow(dead_code)]
-    pub(crate) fn clear(&self) {
-        self.slots
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+    /// Changes a cached table in place and marks it dirty. The table must be cached.
+    pub(crate) fn modify(&self, host_offset: u64, change: impl FnOnce(&mut [u8])) {
+        let mut slots = self.write_slots();
+        let Some(slot) = slots.get_mut(&host_offset) else {
+            debug_assert!(false, "modify of an L2 table that is not cached");
+            return;
+        };
+        match Arc::get_mut(&mut slot.table) {
+            Some(bytes) => change(bytes),
+            None => {
+                // A reader still holds the old copy: give the cache a fresh one.
+                let mut bytes = slot.table.to_vec();
+                change(&mut bytes);
+                slot.table = bytes.into();
+            }
+        }
+        slot.dirty = true;
+    }
+
+    /// The dirty tables, in offset order.
+    pub(crate) fn dirty_tables(&self) -> Vec<(u64, Arc<[u8]>)> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let mut dirty: Vec<_> = slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, s)| (*k, s.table.clone()))
+            .collect();
+        dirty.sort_by_key(|(k, _)| *k);
+        dirty
+    }
+
+    /// How many tables are dirty.
+    pub(crate) fn dirty_count(&self) -> usize {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.values().filter(|s| s.dirty).count()
+    }
+
+    /// Marks a table as written back.
+    pub(crate) fn mark_clean(&self, host_offset: u64) {
+        if let Some(slot) = self.write_slots().get_mut(&host_offset) {
+            slot.dirty = false;
+        }
+    }
+
+    /// The offsets of every cached table (for the overlap guard).
+    pub(crate) fn contains(&self, host_offset: u64) -> bool {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.contains_key(&host_offset)
     }
 }
 
@@ -87,7 +144,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicts_the_least_recently_used_table() {
+    fn evicts_the_least_recently_used_clean_table() {
         let cache = L2Cache::new(2);
         let loads = std::cell::Cell::new(0);
         let load = |v: u8| {
@@ -102,5 +159,18 @@ mod tests {
         assert_eq!(&*cache.get_or_load(1, || load(9)).unwrap(), &[1; 4]);
         assert_eq!(&*cache.get_or_load(2, || load(2)).unwrap(), &[2; 4]);
         assert_eq!(loads.get(), 4);
+    }
+
+    #[test]
+    fn dirty_tables_are_never_evicted() {
+        let cache = L2Cache::new(1);
+        cache.get_or_load(1, || Ok(vec![1; 4])).unwrap();
+        cache.modify(1, |t| t[0] = 7);
+        cache.get_or_load(2, || Ok(vec![2; 4])).unwrap();
+        cache.get_or_load(3, || Ok(vec![3; 4])).unwrap();
+        assert_eq!(cache.dirty_tables().len(), 1);
+        assert_eq!(cache.dirty_tables()[0].1[0], 7);
+        cache.mark_clean(1);
+        assert_eq!(cache.dirty_count(), 0);
     }
 }

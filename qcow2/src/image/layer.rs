@@ -140,7 +140,7 @@ impl Image {
     }
 
     /// Loads (or finds cached) the L2 table at `l2_offset`, named by L1 entry `l1_index`.
-    fn l2_table(
+    pub(crate) fn l2_table(
         &self,
         m: &Meta,
         l2_offset: u64,

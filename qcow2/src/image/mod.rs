@@ -8,19 +8,28 @@
 mod backing;
 mod check;
 mod codec;
+mod create;
+mod guard;
+mod host;
 mod info;
 mod l2_cache;
 mod layer;
 mod map;
+mod refcounts;
+mod repair;
 mod snapshot;
+mod write;
+mod writeback;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
 pub use check::CheckReport;
+pub use create::{CreateOptions, Preallocation};
 pub use info::{ImageInfo, SnapshotInfo};
 pub use map::{Extent, ExtentKind};
+pub use repair::Repair;
 pub use snapshot::SnapshotView;
 
 use crate::error::{Error, Result};
@@ -34,6 +43,8 @@ use l2_cache::L2Cache;
 /// How to open an image.
 #[derive(Clone)]
 pub struct OpenOptions {
+    /// Open for writing (the backing chain is always opened read-only).
+    pub writable: bool,
     /// Which backing and data files the image may make the library open.
     pub backing: BackingPolicy,
     /// The deepest backing chain accepted.
@@ -45,6 +56,7 @@ pub struct OpenOptions {
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
+            writable: false,
             backing: BackingPolicy::Follow,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             l2_cache_bytes: 4 << 20,
@@ -53,6 +65,14 @@ impl Default for OpenOptions {
 }
 
 impl OpenOptions {
+    /// Options that open the image for writing, following its backing chain.
+    pub fn read_write() -> Self {
+        OpenOptions {
+            writable: true,
+            ..Self::default()
+        }
+    }
+
     /// Options that open the image alone: no backing chain, no data file (for `info` and `check`).
     pub fn metadata_only() -> Self {
         OpenOptions {
@@ -80,9 +100,25 @@ pub(crate) struct Meta {
     /// Bytes the snapshot table occupies (unpadded, as QEMU sizes it).
     pub snapshot_table_len: u64,
     pub metadata_areas: Vec<MetadataArea>,
+    /// The writer's state; `None` while the image is read-only.
+    pub ws: Option<writeback::WriteState>,
 }
 
 impl Meta {
+    /// The writer's state, or a read-only error.
+    pub(crate) fn ws(&self) -> Result<&writeback::WriteState> {
+        self.ws.as_ref().ok_or_else(|| Error::ReadOnly {
+            image: String::new(),
+        })
+    }
+
+    /// The writer's state, mutable, or a read-only error.
+    pub(crate) fn ws_mut(&mut self) -> Result<&mut writeback::WriteState> {
+        self.ws.as_mut().ok_or_else(|| Error::ReadOnly {
+            image: String::new(),
+        })
+    }
+
     /// Records a metadata area, refusing one that overlaps an area already recorded.
     fn add_area(&mut self, image: &str, start: u64, len: u64, what: &'static str) -> Result<()> {
         if len == 0 {
@@ -119,6 +155,7 @@ pub struct Image {
     name: String,
     path: Option<PathBuf>,
     storage: Box<dyn Storage>,
+    writable: bool,
     meta: RwLock<Meta>,
     data_file: Option<Box<dyn Storage>>,
     data_file_name: Option<String>,
@@ -173,7 +210,59 @@ impl Image {
             }
         }
         image.backing = None;
+        if options.writable {
+            image.enable_writes()?;
+        }
         Ok(image)
+    }
+
+    /// Prepares a freshly opened image for writing: refuses a corrupt one, loads the refcounts,
+    /// repairs a dirty one, and clears the autoclear bits this engine does not maintain.
+    fn enable_writes(&mut self) -> Result<()> {
+        use crate::format::features::Autoclear;
+        let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+        if m.header.is_corrupt() {
+            return Err(Error::MarkedCorrupt {
+                image: self.name.clone(),
+            });
+        }
+        let host = host::Host {
+            storage: &*self.storage,
+            name: &self.name,
+        };
+        let h = &m.header;
+        let refcounts = refcounts::Refcounts::load(
+            host,
+            h.cluster_bits,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )?;
+        m.ws = Some(writeback::WriteState {
+            refcounts,
+            alloc_end: m.file_len.div_ceil(h.cluster_size()),
+            l2_after_refblocks: false,
+            refblocks_after_l2: false,
+            l2_after_data_sync: false,
+            lazy: h.lazy_refcounts(),
+        });
+        // Bitmaps are not kept up to date here, so they must read as inconsistent to QEMU; the
+        // raw-data-file bit stays true because data lands at its guest offset.
+        let keep = Autoclear::RAW_EXTERNAL_DATA;
+        if m.header.version >= 3 && m.header.autoclear_features & !keep != 0 {
+            m.header.autoclear_features &= keep;
+            host.write_sync(
+                &m.header.autoclear_features.to_be_bytes(),
+                88,
+                "header autoclear features",
+            )?;
+        }
+        drop(m);
+        self.writable = true;
+        if self.meta().header.is_dirty() {
+            self.repair_dirty()?;
+        }
+        Ok(())
     }
 
     /// Opens one image: header, tables and snapshot list, all validated. Backing and data files are
@@ -252,6 +341,7 @@ impl Image {
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             metadata_areas: Vec::new(),
+            ws: None,
             header,
         };
         meta.add_area(&name, 0, cluster_size, "the header")?;
@@ -293,6 +383,7 @@ impl Image {
             name,
             path,
             storage,
+            writable: false,
             meta: RwLock::new(meta),
             data_file: None,
             data_file_name,
@@ -412,9 +503,13 @@ pub(crate) fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Opens a file read-only for the engine.
-pub(crate) fn open_file(path: &Path) -> std::io::Result<Box<dyn Storage>> {
-    Ok(Box::new(FileStorage::open_read_only(path)?))
+/// Opens a file for the engine, read-only or read-write.
+pub(crate) fn open_file(path: &Path, writable: bool) -> std::io::Result<Box<dyn Storage>> {
+    Ok(Box::new(if writable {
+        FileStorage::open_read_write(path)?
+    } else {
+        FileStorage::open_read_only(path)?
+    }))
 }
 
 /// Reads a table of `count` big-endian u64 entries (bounded by the header limits).

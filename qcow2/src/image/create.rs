@@ -1,0 +1,320 @@
+//! Image creation with qemu-img's options, laid out the way qemu-img lays out a new image: header
+//! cluster, refcount table, refcount blocks, then the L1 table (the file ends right after the L1
+//! entries).
+
+use std::path::Path;
+
+use super::{Image, OpenOptions};
+use crate::error::{Error, Result};
+use crate::format::extension::Extensions;
+use crate::format::features::{Compatible, Incompatible};
+use crate::format::header::CompressionType;
+use crate::format::limits::*;
+use crate::format::{refcount, Header};
+use crate::storage::{FileStorage, Storage};
+
+/// How much to allocate up front (`preallocation=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing: clusters are allocated on first write.
+    #[default]
+    Off,
+    /// Every L2 table and data cluster is allocated (the data reads as zeros).
+    Metadata,
+}
+
+/// qemu-img's create options for qcow2.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    /// 2 for compat=0.10, 3 for compat=1.1.
+    pub version: u32,
+    pub lazy_refcounts: bool,
+    pub extended_l2: bool,
+    pub compression_type: CompressionType,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            refcount_bits: 16,
+            version: 3,
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Checks the options as qemu-img does, before anything is written.
+    fn validate(&self, image: &str) -> Result<u32> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            image: image.to_string(),
+            reason,
+        };
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two()
+            || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
+        {
+            return Err(invalid(format!(
+                "cluster size {cs} must be a power of two between 512 and 2 MiB"
+            )));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(invalid(format!(
+                "refcount width {} must be a power of two up to 64",
+                self.refcount_bits
+            )));
+        }
+        if self.version != 2 && self.version != 3 {
+            return Err(invalid(format!(
+                "compat level for version {} does not exist",
+                self.version
+            )));
+        }
+        if self.version == 2 {
+            if self.refcount_bits != 16 {
+                return Err(invalid("compat=0.10 supports only 16-bit refcounts".into()));
+            }
+            if self.lazy_refcounts {
+                return Err(invalid("lazy refcounts need compat=1.1".into()));
+            }
+            if self.extended_l2 {
+                return Err(invalid("extended L2 entries need compat=1.1".into()));
+            }
+            if self.compression_type != CompressionType::Zlib {
+                return Err(invalid("zstd compression needs compat=1.1".into()));
+            }
+        }
+        if self.extended_l2 && cs < 1 << MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(invalid(format!(
+                "extended L2 entries need clusters of 16 KiB or more, not {cs} bytes"
+            )));
+        }
+        if self.size > MAX_VIRTUAL_SIZE
+            || self.size % 512 != 0 && self.size > MAX_VIRTUAL_SIZE - 512
+        {
+            return Err(invalid(format!("virtual size {} is too large", self.size)));
+        }
+        if let Some(b) = &self.backing_file {
+            if b.len() as u32 > MAX_BACKING_FILE_NAME {
+                return Err(invalid(
+                    "the backing file name is longer than 1023 bytes".into(),
+                ));
+            }
+        }
+        if let Some(f) = &self.backing_format {
+            if f != "qcow2" && f != "raw" {
+                return Err(invalid(format!("backing format {f:?} is not supported")));
+            }
+        }
+        Ok(cs.trailing_zeros())
+    }
+
+    /// The header and the first clusters of a new image.
+    fn layout(&self, cluster_bits: u32) -> Result<(Header, Vec<u8>)> {
+        let cs = 1u64 << cluster_bits;
+        let order = self.refcount_bits.trailing_zeros();
+        let mut incompatible = 0;
+        if self.extended_l2 {
+            incompatible |= Incompatible::EXTENDED_L2;
+        }
+        if self.compression_type == CompressionType::Zstd {
+            incompatible |= Incompatible::COMPRESSION_TYPE;
+        }
+        let mut header = Header {
+            version: self.version,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size: self.size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: incompatible,
+            compatible_features: if self.lazy_refcounts {
+                Compatible::LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            autoclear_features: 0,
+            refcount_order: order,
+            header_length: if self.version >= 3 {
+                V3_HEADER_LENGTH
+            } else {
+                V2_HEADER_LENGTH
+            },
+            compression_type: self.compression_type,
+            unknown_header_bytes: Vec::new(),
+            extensions: Extensions {
+                backing_format: self.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
+                ..Extensions::default()
+            },
+            backing_file: self.backing_file.as_ref().map(|b| b.as_bytes().to_vec()),
+        };
+        let l1_entries = header.l1_entries_for(self.size);
+        if l1_entries > MAX_L1_ENTRIES {
+            return Err(Error::InvalidArgument {
+                image: String::new(),
+                reason: format!(
+                    "virtual size {} needs an L1 table larger than 32 MiB",
+                    self.size
+                ),
+            });
+        }
+        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        // Refcount table and blocks must cover themselves, the header and the L1 table.
+        let per_block = refcount::entries_per_block(cluster_bits, order);
+        let (mut reftable_clusters, mut blocks) = (1u64, 1u64);
+        loop {
+            let total = 1 + reftable_clusters + blocks + l1_clusters;
+            let need_blocks = total.div_ceil(per_block);
+            let need_table = (need_blocks * 8).div_ceil(cs);
+            if need_blocks == blocks && need_table == reftable_clusters {
+                break;
+            }
+            blocks = need_blocks;
+            reftable_clusters = need_table;
+        }
+        let reftable_offset = cs;
+        let blocks_offset = reftable_offset + reftable_clusters * cs;
+        let l1_offset = blocks_offset + blocks * cs;
+        header.refcount_table_clusters = reftable_clusters as u32;
+        header.l1_table_offset = l1_offset;
+        header.l1_size = l1_entries as u32;
+
+        let used = 1 + reftable_clusters + blocks + l1_clusters;
+        let file_len = l1_offset + (l1_entries * 8).max(if l1_entries == 0 { 0 } else { 8 });
+        let mut bytes = vec![0u8; file_len.max(l1_offset) as usize];
+        let head = header.encode().map_err(|e| Error::from_format("", e))?;
+        bytes[..head.len()].copy_from_slice(&head);
+        for b in 0..blocks {
+            let at = (reftable_offset + b * 8) as usize;
+            bytes[at..at + 8].copy_from_slice(&(blocks_offset + b * cs).to_be_bytes());
+        }
+        for k in 0..used {
+            let block = (blocks_offset + (k / per_block) * cs) as usize;
+            refcount::set(
+                &mut bytes[block..block + cs as usize],
+                (k % per_block) as usize,
+                order,
+                1,
+            );
+        }
+        Ok((header, bytes))
+    }
+}
+
+impl Image {
+    /// Creates a new image at `path` (which must not exist) and opens it for writing.
+    pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let cluster_bits = options.validate(&name)?;
+        let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, &name))?;
+        let storage =
+            FileStorage::create_new(path).map_err(|e| Error::io(&name, "creating the image", e))?;
+        storage
+            .write_at(&bytes, 0)
+            .and_then(|_| storage.flush())
+            .map_err(|e| Error::io(&name, "writing the new image", e))?;
+        drop(storage);
+        let image = Image::open(
+            path,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        if options.preallocation == Preallocation::Metadata {
+            image.preallocate_metadata()?;
+        }
+        Ok(image)
+    }
+
+    /// Creates a new image in `storage` (which must be empty) and opens it for writing. A backing
+    /// file is recorded but not opened (there is no directory to resolve it against).
+    pub fn create_in(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: &CreateOptions,
+    ) -> Result<Image> {
+        let cluster_bits = options.validate(name)?;
+        let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, name))?;
+        storage
+            .write_at(&bytes, 0)
+            .and_then(|_| storage.flush())
+            .map_err(|e| Error::io(name, "writing the new image", e))?;
+        let image = Image::from_storage(
+            storage,
+            name,
+            &OpenOptions {
+                writable: true,
+                backing: super::BackingPolicy::Ignore,
+                ..OpenOptions::default()
+            },
+        )?;
+        if options.preallocation == Preallocation::Metadata {
+            image.preallocate_metadata()?;
+        }
+        Ok(image)
+    }
+
+    /// Allocates every L2 table and data cluster (preallocation=metadata).
+    fn preallocate_metadata(&self) -> Result<()> {
+        use crate::format::table::COPIED;
+        let mut m = self.meta_mut();
+        let cs = m.header.cluster_size();
+        let size = m.header.size;
+        let mut guest = 0;
+        while guest < size {
+            // Fill one L2 table's worth of clusters with one contiguous allocation.
+            let l2_span = 1u64 << m.header.l1_shift();
+            let span_end = ((guest / l2_span) + 1) * l2_span;
+            let n = (span_end.min(size) - guest).div_ceil(cs);
+            let extended = m.header.extended_l2();
+            let first = self.alloc(&mut m, n)?;
+            for i in 0..n {
+                let slot_guest = guest + i * cs;
+                self.link_cluster(
+                    &mut m,
+                    slot_guest,
+                    (first + i * cs) | COPIED,
+                    if extended { 0xFFFF_FFFF } else { 0 },
+                )?;
+            }
+            guest = span_end;
+        }
+        let end = m.ws()?.alloc_end * cs;
+        self.storage
+            .set_len(end.max(m.file_len))
+            .map_err(|e| Error::io(&self.name, "extending the file", e))?;
+        m.file_len = end.max(m.file_len);
+        self.flush_all(&mut m)
+    }
+}
+
+fn rename(e: Error, name: &str) -> Error {
+    match e {
+        Error::InvalidArgument { reason, .. } => Error::InvalidArgument {
+            image: name.to_string(),
+            reason,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,433 @@
+//! Refcounts for the write engine: the refcount table in memory, a write-back cache of refblocks,
+//! first-fit cluster allocation, new refblocks that describe themselves, and refcount table growth
+//! (new blocks and table at the end of the image, published by one 12-byte header write at offset
+//! 48). New structures are written and synced before the entry or header field that publishes
+//! them, so a crash leaves at worst leaked clusters.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::host::Host;
+use crate::error::{Error, Result};
+use crate::format::limits::MAX_REFTABLE_SIZE_BYTES;
+use crate::format::refcount;
+use crate::format::table::REFTABLE_OFFSET_MASK;
+
+struct Block {
+    bytes: Vec<u8>,
+    dirty: bool,
+}
+
+/// The refcount structures of one image, as the write engine keeps them.
+pub(crate) struct Refcounts {
+    order: u32,
+    cluster_bits: u32,
+    /// log2 of refcount entries per refblock.
+    block_bits: u32,
+    reftable: Vec<u64>,
+    pub reftable_offset: u64,
+    pub reftable_clusters: u32,
+    blocks: BTreeMap<u64, Block>,
+    /// Every refblock's host offset (for the overlap guard).
+    block_offsets: HashSet<u64>,
+    /// No cluster below this index is free (first-fit starts here).
+    free_index: u64,
+}
+
+/// What a reftable growth changed, for the header and the overlap guard.
+pub(crate) struct ReftableMove {
+    pub old_offset: u64,
+    pub old_clusters: u32,
+}
+
+impl Refcounts {
+    pub(crate) fn load(
+        host: Host<'_>,
+        cluster_bits: u32,
+        order: u32,
+        reftable_offset: u64,
+        reftable_clusters: u32,
+    ) -> Result<Refcounts> {
+        let entries = ((reftable_clusters as u64) << cluster_bits) / 8;
+        let mut bytes = vec![0u8; (entries * 8) as usize];
+        host.read_zero_filled(&mut bytes, reftable_offset, "refcount table")?;
+        let reftable: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let cluster_size = 1u64 << cluster_bits;
+        let mut block_offsets = HashSet::new();
+        for (i, &e) in reftable.iter().enumerate() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if e & !REFTABLE_OFFSET_MASK != 0 || off % cluster_size != 0 {
+                return Err(Error::corrupt(
+                    host.name,
+                    format!("refcount table entry {i}"),
+                    reftable_offset + i as u64 * 8,
+                    format!("{e:#x} has reserved bits set or is not cluster aligned"),
+                ));
+            }
+            if off != 0 {
+                block_offsets.insert(off);
+            }
+        }
+        Ok(Refcounts {
+            order,
+            cluster_bits,
+            block_bits: cluster_bits + 3 - order,
+            reftable,
+            reftable_offset,
+            reftable_clusters,
+            blocks: BTreeMap::new(),
+            block_offsets,
+            free_index: 0,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Whether `offset` is a refblock.
+    pub(crate) fn is_refblock(&self, offset: u64) -> bool {
+        self.block_offsets
+            .contains(&(offset & !(self.cluster_size() - 1)))
+    }
+
+    /// The largest refcount the width can hold.
+    pub(crate) fn max(&self) -> u64 {
+        refcount::max_refcount(self.order)
+    }
+
+    fn block(&mut self, host: Host<'_>, offset: u64) -> Result<&mut Block> {
+        if !self.blocks.contains_key(&offset) {
+            let mut bytes = vec![0u8; self.cluster_size() as usize];
+            host.read_zero_filled(&mut bytes, offset, "refcount block")?;
+            self.blocks.insert(
+                offset,
+                Block {
+                    bytes,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.blocks.get_mut(&offset).expect("just inserted"))
+    }
+
+    fn block_offset_for(&self, cluster: u64) -> Option<u64> {
+        let index = (cluster >> self.block_bits) as usize;
+        self.reftable
+            .get(index)
+            .map(|e| e & REFTABLE_OFFSET_MASK)
+            .filter(|&o| o != 0)
+    }
+
+    /// The refcount of cluster index `cluster`.
+    pub(crate) fn get(&mut self, host: Host<'_>, cluster: u64) -> Result<u64> {
+        let Some(offset) = self.block_offset_for(cluster) else {
+            return Ok(0);
+        };
+        let within = (cluster & ((1 << self.block_bits) - 1)) as usize;
+        let order = self.order;
+        Ok(refcount::get(
+            &self.block(host, offset)?.bytes,
+            within,
+            order,
+        ))
+    }
+
+    /// Sets the refcount of a covered cluster (in the cache; written back later).
+    fn set(&mut self, host: Host<'_>, cluster: u64, value: u64) -> Result<()> {
+        let offset = self.block_offset_for(cluster).ok_or_else(|| {
+            Error::corrupt(
+                host.name,
+                "refcount table",
+                self.reftable_offset,
+                format!("no refcount block covers cluster {cluster}"),
+            )
+        })?;
+        let within = (cluster & ((1 << self.block_bits) - 1)) as usize;
+        let order = self.order;
+        let block = self.block(host, offset)?;
+        refcount::set(&mut block.bytes, within, order, value);
+        block.dirty = true;
+        Ok(())
+    }
+
+    /// Sets a refcount directly (repair only).
+    pub(crate) fn set_value(&mut self, host: Host<'_>, cluster: u64, value: u64) -> Result<()> {
+        self.set(host, cluster, value.min(self.max()))?;
+        if value == 0 {
+            self.free_index = self.free_index.min(cluster);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of every cluster `[offset, offset + len)` touches. Refuses an
+    /// overflow or a drop below zero before changing anything.
+    pub(crate) fn adjust(
+        &mut self,
+        host: Host<'_>,
+        offset: u64,
+        len: u64,
+        delta: i64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for k in first..=last {
+            let v = self.get(host, k)?;
+            let ok = if delta >= 0 {
+                v.checked_add(delta as u64).is_some_and(|n| n <= self.max())
+            } else {
+                v >= delta.unsigned_abs()
+            };
+            if !ok {
+                return Err(Error::corrupt(
+                    host.name,
+                    "refcount",
+                    k << self.cluster_bits,
+                    format!("refcount {v} of cluster {k} cannot change by {delta}"),
+                ));
+            }
+        }
+        for k in first..=last {
+            let v = self.get(host, k)?;
+            let n = (v as i128 + delta as i128) as u64;
+            self.set(host, k, n)?;
+            if n == 0 {
+                self.free_index = self.free_index.min(k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters at or after `end_hint`'s first fit, sets their
+    /// refcounts to 1 and returns the host offset of the first. `image_end` is the first cluster
+    /// index past the file; clusters there and beyond are free. New refblocks are created (and
+    /// made durable) as needed; a full refcount table grows first.
+    pub(crate) fn alloc(
+        &mut self,
+        host: Host<'_>,
+        n: u64,
+        image_end: &mut u64,
+    ) -> Result<(u64, Option<ReftableMove>)> {
+        let mut moved = None;
+        loop {
+            let start = self.find_free_run(host, n, *image_end)?;
+            // Cover the run with refblocks; a new refblock takes a cluster, maybe from the run.
+            let mut created = false;
+            for index in (start >> self.block_bits)..=((start + n - 1) >> self.block_bits) {
+                if index as usize >= self.reftable.len() {
+                    let m = self.grow_reftable(host, index, image_end)?;
+                    moved.get_or_insert(m);
+                    created = true;
+                    break;
+                }
+                if self.reftable[index as usize] & REFTABLE_OFFSET_MASK == 0 {
+                    self.create_refblock(host, index, image_end)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue;
+            }
+            for k in start..start + n {
+                self.set(host, k, 1)?;
+            }
+            *image_end = (*image_end).max(start + n);
+            self.free_index = start + n;
+            return Ok((start << self.cluster_bits, moved));
+        }
+    }
+
+    /// The first run of `n` free clusters at or after the free index.
+    fn find_free_run(&mut self, host: Host<'_>, n: u64, image_end: u64) -> Result<u64> {
+        let mut start = self.free_index;
+        let mut k = start;
+        while k < start + n {
+            if k >= image_end {
+                return Ok(start);
+            }
+            if self.get(host, k)? != 0 {
+                start = k + 1;
+            }
+            k += 1;
+        }
+        Ok(start)
+    }
+
+    /// Creates the refblock for reftable entry `index`: it goes into the first free cluster of the
+    /// range it covers and counts itself, so it needs no other block. It is written and synced
+    /// before the reftable entry that publishes it.
+    fn create_refblock(&mut self, host: Host<'_>, index: u64, image_end: &mut u64) -> Result<()> {
+        if index == 0 {
+            return Err(Error::corrupt(
+                host.name,
+                "refcount table entry 0",
+                self.reftable_offset,
+                "is empty, so the header cluster has no refcount",
+            ));
+        }
+        // No block covers this range, so every cluster in it is free: the block takes the first.
+        let first = index << self.block_bits;
+        let location = first;
+        let mut bytes = vec![0u8; self.cluster_size() as usize];
+        refcount::set(&mut bytes, (location - first) as usize, self.order, 1);
+        let offset = location << self.cluster_bits;
+        host.write_sync(&bytes, offset, "new refcount block")?;
+        let entry_at = self.reftable_offset + index * 8;
+        host.write_sync(&offset.to_be_bytes(), entry_at, "refcount table entry")?;
+        self.reftable[index as usize] = offset;
+        self.block_offsets.insert(offset);
+        self.blocks.insert(
+            offset,
+            Block {
+                bytes,
+                dirty: false,
+            },
+        );
+        *image_end = (*image_end).max(location + 1);
+        Ok(())
+    }
+
+    /// Grows the refcount table so entry `needed` exists. The new table and the refblocks that
+    /// cover it go to the end of the image, describe themselves, and are published by the
+    /// 12-byte header write at offset 48; the old table is freed afterwards.
+    fn grow_reftable(
+        &mut self,
+        host: Host<'_>,
+        needed: u64,
+        image_end: &mut u64,
+    ) -> Result<ReftableMove> {
+        let cs = self.cluster_size();
+        let per_block = 1u64 << self.block_bits;
+        // Everything new goes past both the file and the clusters the old table can describe.
+        let base = (*image_end).max(self.reftable.len() as u64 * per_block);
+        let mut table_clusters =
+            ((self.reftable.len() as u64 * 3 / 2).max(needed + 1) * 8).div_ceil(cs);
+        loop {
+            let entries = table_clusters * cs / 8;
+            if table_clusters * cs > MAX_REFTABLE_SIZE_BYTES {
+                return Err(Error::InvalidArgument {
+                    image: host.name.to_string(),
+                    reason: "the refcount table would exceed its 8 MiB limit".into(),
+                });
+            }
+            // Blocks for the new area: enough to cover the table and themselves. The count only
+            // grows with the area, so this settles on the exact number.
+            let mut blocks = 0u64;
+            loop {
+                let area_end = base + table_clusters + blocks;
+                let missing = (base / per_block..=(area_end - 1) / per_block)
+                    .filter(|&i| {
+                        (i as usize) >= self.reftable.len()
+                            || self.reftable[i as usize] & REFTABLE_OFFSET_MASK == 0
+                    })
+                    .count() as u64;
+                if missing == blocks {
+                    break;
+                }
+                blocks = missing;
+            }
+            let area_end = base + table_clusters + blocks;
+            let last_index = (area_end - 1) / per_block;
+            if last_index >= entries || needed >= entries {
+                table_clusters += 1;
+                continue;
+            }
+
+            // Build the new table and the new blocks in memory.
+            let mut table = self.reftable.clone();
+            table.resize(entries as usize, 0);
+            let mut new_blocks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            let mut next_block = base + table_clusters;
+            for i in base / per_block..=last_index {
+                if table[i as usize] & REFTABLE_OFFSET_MASK == 0 {
+                    table[i as usize] = next_block << self.cluster_bits;
+                    new_blocks.insert(i, vec![0u8; cs as usize]);
+                    next_block += 1;
+                }
+            }
+            // Count the table and the new blocks in whichever block covers them.
+            for k in base..area_end {
+                let i = k / per_block;
+                let within = (k % per_block) as usize;
+                match new_blocks.get_mut(&i) {
+                    Some(bytes) => refcount::set(bytes, within, self.order, 1),
+                    None => {
+                        // An existing block covers it: the new area starts inside its range.
+                        self.set(host, k, 1)?;
+                    }
+                }
+            }
+            // Existing blocks that changed must be durable before the table that uses them.
+            self.write_dirty(host)?;
+            for (i, bytes) in &new_blocks {
+                host.write(bytes, table[*i as usize], "new refcount block")?;
+            }
+            let mut table_bytes = Vec::with_capacity((entries * 8) as usize);
+            for e in &table {
+                table_bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            let new_offset = base << self.cluster_bits;
+            host.write(&table_bytes, new_offset, "new refcount table")?;
+            host.sync()?;
+            let mut switch = [0u8; 12];
+            switch[..8].copy_from_slice(&new_offset.to_be_bytes());
+            switch[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+            host.write_sync(&switch, 48, "header refcount table fields")?;
+
+            let old = ReftableMove {
+                old_offset: self.reftable_offset,
+                old_clusters: self.reftable_clusters,
+            };
+            for (i, bytes) in new_blocks {
+                let off = table[i as usize];
+                self.block_offsets.insert(off);
+                self.blocks.insert(
+                    off,
+                    Block {
+                        bytes,
+                        dirty: false,
+                    },
+                );
+            }
+            self.reftable = table;
+            self.reftable_offset = new_offset;
+            self.reftable_clusters = table_clusters as u32;
+            *image_end = (*image_end).max(area_end);
+            // The old table is unreferenced now that the header switch is durable.
+            self.adjust(host, old.old_offset, old.old_clusters as u64 * cs, -1)?;
+            return Ok(old);
+        }
+    }
+
+    /// Whether any refblock holds changes not yet on disk.
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.blocks.values().any(|b| b.dirty)
+    }
+
+    /// Writes every changed refblock (no sync; the caller orders and syncs).
+    pub(crate) fn write_dirty(&mut self, host: Host<'_>) -> Result<()> {
+        for (offset, block) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
+            host.write(&block.bytes, *offset, "refcount block")?;
+            block.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Drops clean cached blocks when the cache grows large.
+    pub(crate) fn trim(&mut self, max_blocks: usize) {
+        if self.blocks.len() > max_blocks {
+            self.blocks.retain(|_, b| b.dirty);
+        }
+    }
+
+    /// Forgets every cached block (after an external rewrite, e.g. a repair).
+    #[allow(dead_code)]
+    pub(crate) fn clear_cache(&mut self) {
+        self.blocks.clear();
+    }
+}

@@ -1,0 +1,265 @@
+//! Repair, as `qemu-img check -r`: `leaks` lowers refcounts that exceed the references; `all`
+//! rebuilds the refcount structures from the published metadata (new table and blocks at the end
+//! of the image, published by the 12-byte header switch at offset 48) and then fixes COPIED flags.
+//! A dirty image (lazy refcounts) opened for writing is repaired the same way.
+
+use super::check::CheckReport;
+use super::refcounts::Refcounts;
+use super::{Image, Meta};
+use crate::error::{Error, Result};
+use crate::format::features::Incompatible;
+use crate::format::refcount;
+use crate::format::table::{
+    be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK,
+};
+
+/// What `check -r` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Only lower refcounts of leaked clusters.
+    Leaks,
+    /// Rebuild refcounts and fix COPIED flags.
+    All,
+}
+
+impl Image {
+    /// Checks, repairs what `mode` allows, and checks again. The returned report is the second
+    /// check's, with `leaks_fixed` and `corruptions_fixed` from the repair.
+    pub fn check_and_repair(&self, mode: Repair) -> Result<CheckReport> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                image: self.name.clone(),
+            });
+        }
+        let first = self.check()?;
+        if first.is_clean() && !self.meta().header.is_dirty() && !self.meta().header.is_corrupt() {
+            return Ok(first);
+        }
+        {
+            let mut m = self.meta_mut();
+            match mode {
+                Repair::Leaks => self.fix_leaks(&mut m)?,
+                Repair::All => {
+                    self.rebuild_refcounts(&mut m)?;
+                    self.fix_copied(&mut m)?;
+                }
+            }
+            self.flush_all(&mut m)?;
+        }
+        let mut second = self.check()?;
+        second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
+        if mode == Repair::All {
+            second.corruptions_fixed = first.corruptions.saturating_sub(second.corruptions);
+            if second.corruptions == 0 && second.check_errors == 0 {
+                let mut m = self.meta_mut();
+                self.clear_bits(&mut m, Incompatible::DIRTY | Incompatible::CORRUPT)?;
+            }
+        }
+        Ok(second)
+    }
+
+    /// Repairs an image opened for writing with the dirty bit set, then clears the bit.
+    pub(crate) fn repair_dirty(&self) -> Result<()> {
+        let mut m = self.meta_mut();
+        self.rebuild_refcounts(&mut m)?;
+        self.fix_copied(&mut m)?;
+        self.flush_all(&mut m)?;
+        self.clear_bits(&mut m, Incompatible::DIRTY)
+    }
+
+    fn clear_bits(&self, m: &mut Meta, bits: u64) -> Result<()> {
+        if m.header.incompatible_features & bits != 0 {
+            m.header.incompatible_features &= !bits;
+            self.host().write_sync(
+                &m.header.incompatible_features.to_be_bytes(),
+                72,
+                "header incompatible features",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every cluster's expected refcount, refcount structures included.
+    fn expected_refcounts(&self, m: &Meta) -> Result<(std::collections::HashMap<u64, u64>, u64)> {
+        let mut scratch = CheckReport::default();
+        let mut refs = self.count_references(m, &mut scratch)?;
+        let cs = m.header.cluster_size();
+        refs.counts_add(
+            m.header.refcount_table_offset,
+            m.header.refcount_table_clusters as u64 * cs,
+        );
+        let reftable = self.read_table(
+            m.header.refcount_table_offset,
+            m.header.refcount_table_clusters as u64 * cs / 8,
+            "refcount table",
+        )?;
+        for e in reftable {
+            let off = e & !0x1FF;
+            if off != 0 && off % cs == 0 {
+                refs.counts_add(off, cs);
+            }
+        }
+        let nb = refs.nb_clusters;
+        Ok((refs.counts, nb))
+    }
+
+    fn fix_leaks(&self, m: &mut Meta) -> Result<()> {
+        self.flush_all(m)?;
+        let (expected, nb) = self.expected_refcounts(m)?;
+        let host = self.host();
+        let ws = m.ws_mut()?;
+        for k in 0..nb {
+            let on_disk = ws.refcounts.get(host, k)?;
+            let want = expected.get(&k).copied().unwrap_or(0);
+            if on_disk > want {
+                ws.refcounts.set_value(host, k, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes new refcount structures computed from the references, past everything in use.
+    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<()> {
+        self.flush_l2(m)?;
+        let mut scratch = CheckReport::default();
+        let refs = self.count_references(m, &mut scratch)?;
+        let counts = refs.counts;
+        let h = &m.header;
+        let cs = h.cluster_size();
+        let order = h.refcount_order;
+        let per_block = refcount::entries_per_block(h.cluster_bits, order);
+        let file_clusters = self
+            .storage
+            .len()
+            .map_err(|e| Error::io(&self.name, "reading the file length", e))?
+            .div_ceil(cs);
+        let start = counts
+            .keys()
+            .map(|k| k + 1)
+            .max()
+            .unwrap_or(1)
+            .max(file_clusters);
+        let (mut table_clusters, mut blocks) = (1u64, 1u64);
+        loop {
+            let end = start + table_clusters + blocks;
+            let need_blocks = end.div_ceil(per_block);
+            let need_table = (need_blocks * 8).div_ceil(cs);
+            if need_blocks == blocks && need_table == table_clusters {
+                break;
+            }
+            blocks = need_blocks;
+            table_clusters = need_table;
+        }
+        if table_clusters * cs > crate::format::limits::MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "the rebuilt refcount table would exceed its 8 MiB limit".into(),
+            });
+        }
+        // Layout: [start, start + table) the table, then one block per reftable entry in use.
+        let table_offset = start * cs;
+        let blocks_start = start + table_clusters;
+        let mut all = counts;
+        for k in start..blocks_start + blocks {
+            *all.entry(k).or_insert(0) += 1;
+        }
+        let max = refcount::max_refcount(order);
+        let mut table = vec![0u8; (table_clusters * cs) as usize];
+        let host = self.host();
+        for b in 0..blocks {
+            let mut block = vec![0u8; cs as usize];
+            for i in 0..per_block {
+                if let Some(&c) = all.get(&(b * per_block + i)) {
+                    refcount::set(&mut block, i as usize, order, c.min(max));
+                }
+            }
+            let block_offset = (blocks_start + b) * cs;
+            host.write(&block, block_offset, "rebuilt refcount block")?;
+            put_be_u64_at(&mut table, b as usize, block_offset);
+        }
+        host.write(&table, table_offset, "rebuilt refcount table")?;
+        host.sync()?;
+        let mut switch = [0u8; 12];
+        switch[..8].copy_from_slice(&table_offset.to_be_bytes());
+        switch[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        host.write_sync(&switch, 48, "header refcount table fields")?;
+
+        m.header.refcount_table_offset = table_offset;
+        m.header.refcount_table_clusters = table_clusters as u32;
+        if let Some(area) = m
+            .metadata_areas
+            .iter_mut()
+            .find(|a| a.what == "the refcount table")
+        {
+            area.start = table_offset;
+            area.end = table_offset + table_clusters * cs;
+        }
+        let refcounts = Refcounts::load(
+            host,
+            m.header.cluster_bits,
+            order,
+            table_offset,
+            table_clusters as u32,
+        )?;
+        let ws = m.ws_mut()?;
+        ws.refcounts = refcounts;
+        ws.alloc_end = blocks_start + blocks;
+        ws.l2_after_refblocks = false;
+        ws.refblocks_after_l2 = false;
+        m.file_len = m.file_len.max((blocks_start + blocks) * cs);
+        Ok(())
+    }
+
+    /// Sets COPIED in the active L1 and L2 tables exactly where the refcount is 1.
+    pub(crate) fn fix_copied(&self, m: &mut Meta) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let extended = m.header.extended_l2();
+        let external = m.header.has_external_data_file();
+        let host = self.host();
+        for i in 0..m.l1.len() {
+            let entry = m.l1[i];
+            let l2 = entry & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let count = m.ws_mut()?.refcounts.get(host, l2 / cs)?;
+            let fixed = if count == 1 {
+                entry | COPIED
+            } else {
+                entry & !COPIED
+            };
+            if fixed != entry {
+                let at = m.header.l1_table_offset + i as u64 * 8;
+                host.write_sync(&fixed.to_be_bytes(), at, "L1 entry")?;
+                m.l1[i] = fixed;
+            }
+            let table = self.l2_table(m, l2, i as u64, m.header.l1_table_offset)?;
+            let mut changes = Vec::new();
+            for j in 0..1usize << m.header.l2_bits() {
+                let e = be_u64_at(&table, if extended { j * 2 } else { j });
+                let data = match classify_standard(if extended { e & !1 } else { e }, external) {
+                    ClusterMapping::Normal { host_offset }
+                    | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
+                    _ => continue,
+                };
+                let count = if external {
+                    1
+                } else {
+                    m.ws_mut()?.refcounts.get(host, data / cs)?
+                };
+                let fixed = if count == 1 { e | COPIED } else { e & !COPIED };
+                if fixed != e {
+                    changes.push((j, fixed));
+                }
+            }
+            if !changes.is_empty() {
+                self.l2_cache.modify(l2, |t| {
+                    for (j, fixed) in &changes {
+                        put_be_u64_at(t, if extended { j * 2 } else { *j }, *fixed);
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}

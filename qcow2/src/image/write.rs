@@ -1,0 +1,585 @@
+//! Guest writes: in place where COPIED says the cluster is ours alone, otherwise copy-on-write
+//! into a new cluster (from the backing chain, a snapshot-shared cluster or a compressed one);
+//! zero writes with zero flags (v3) or real zeros (v2); discards that free clusters. New L2
+//! tables go to fresh clusters and are published by one 8-byte L1 entry write.
+
+use super::layer::Layer;
+use super::{Image, Meta};
+use crate::error::{Error, Result};
+use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
+use crate::format::table::{
+    be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
+};
+use crate::format::CompressedDescriptor;
+
+/// Subcluster bitmap with every subcluster reading as zeros.
+const ALL_ZEROES: u64 = 0xFFFF_FFFF_0000_0000;
+
+/// One cluster's L2 entry, as the writer sees it.
+#[derive(Clone, Copy)]
+struct Slot {
+    l2_offset: u64,
+    index: usize,
+    entry: u64,
+    bitmap: u64,
+}
+
+impl Image {
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                image: self.name.clone(),
+            })
+        }
+    }
+
+    /// Writes guest bytes at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        self.check_bounds(offset, buf.len() as u64, m.header.size)?;
+        let cs = m.header.cluster_size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let guest = offset + pos as u64;
+            let len = ((cs - (guest & (cs - 1))) as usize).min(buf.len() - pos);
+            self.write_cluster(&mut m, guest, &buf[pos..pos + len])?;
+            pos += len;
+        }
+        self.keep_cache_bounded(&mut m)
+    }
+
+    /// Writes back L2 tables when too many are dirty, so memory stays bounded.
+    fn keep_cache_bounded(&self, m: &mut Meta) -> Result<()> {
+        if self.l2_cache.dirty_count() > 64 {
+            self.flush_l2(m)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut m = self.meta_mut();
+        self.flush_all(&mut m)
+    }
+
+    /// Writes everything back, clears the dirty bit and closes the image.
+    pub fn close(self) -> Result<()> {
+        if self.writable {
+            let mut m = self.meta_mut();
+            self.close_clean(&mut m)?;
+            m.ws = None;
+        }
+        Ok(())
+    }
+
+    /// The L2 slot of the cluster at `guest`, with an L2 table this image alone owns
+    /// (allocated, or copied from a shared one, as needed).
+    fn writable_slot(&self, m: &mut Meta, guest: u64) -> Result<Slot> {
+        let h = &m.header;
+        let l1_index = (guest >> h.l1_shift()) as usize;
+        let index = ((guest >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize;
+        let extended = h.extended_l2();
+        let l2_offset = self.owned_l2(m, l1_index)?;
+        let table = self.l2_table(m, l2_offset, l1_index as u64, m.header.l1_table_offset)?;
+        let (entry, bitmap) = if extended {
+            (
+                be_u64_at(&table, index * 2),
+                be_u64_at(&table, index * 2 + 1),
+            )
+        } else {
+            (be_u64_at(&table, index), 0)
+        };
+        Ok(Slot {
+            l2_offset,
+            index,
+            entry,
+            bitmap,
+        })
+    }
+
+    /// Points the cluster at `guest` to an entry whose clusters were just allocated.
+    pub(crate) fn link_cluster(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        self.l2_needs_refblocks(m)?;
+        let slot = self.writable_slot(m, guest)?;
+        self.set_slot(m, slot, entry, bitmap);
+        self.free_entry(m, slot.entry)
+    }
+
+    /// Stores a new entry (and bitmap) in the cached L2 table.
+    fn set_slot(&self, m: &Meta, slot: Slot, entry: u64, bitmap: u64) {
+        let extended = m.header.extended_l2();
+        self.l2_cache.modify(slot.l2_offset, |t| {
+            if extended {
+                put_be_u64_at(t, slot.index * 2, entry);
+                put_be_u64_at(t, slot.index * 2 + 1, bitmap);
+            } else {
+                put_be_u64_at(t, slot.index, entry);
+            }
+        });
+    }
+
+    /// The offset of an L2 table for L1 entry `l1_index` that this image alone owns.
+    fn owned_l2(&self, m: &mut Meta, l1_index: usize) -> Result<u64> {
+        let entry = m.l1[l1_index];
+        let old = entry & OFFSET_MASK;
+        if old != 0 && entry & COPIED != 0 {
+            return Ok(old);
+        }
+        let cs = m.header.cluster_size();
+        let content: Vec<u8> = if old != 0 {
+            // A shared table: the copy references the same clusters, whose refcounts already
+            // count every table that reaches them.
+            self.l2_table(m, old, l1_index as u64, m.header.l1_table_offset)?
+                .to_vec()
+        } else {
+            vec![0u8; cs as usize]
+        };
+        self.mark_dirty(m)?;
+        let new = self.alloc(m, 1)?;
+        // The new table's refcount and contents are durable before the L1 entry points at it.
+        self.flush_refblocks(m)?;
+        self.guard(m, new, cs, None)?;
+        self.host().write(&content, new, "new L2 table")?;
+        self.host().sync()?;
+        let l1_entry_at = m.header.l1_table_offset + l1_index as u64 * 8;
+        self.host()
+            .write_sync(&(new | COPIED).to_be_bytes(), l1_entry_at, "L1 entry")?;
+        m.l1[l1_index] = new | COPIED;
+        self.l2_cache.insert(new, content.into(), false);
+        if old != 0 {
+            // The reference is gone on disk, so the old table's refcount may drop now.
+            let host = self.host();
+            m.ws_mut()?.refcounts.adjust(host, old, cs, -1)?;
+        }
+        Ok(new)
+    }
+
+    /// Allocates `n` contiguous clusters and keeps the header and overlap areas in step when
+    /// the refcount table moves.
+    pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let host = self.host();
+        let ws = m.ws_mut()?;
+        let mut end = ws.alloc_end;
+        let (offset, moved) = ws.refcounts.alloc(host, n, &mut end)?;
+        ws.alloc_end = end;
+        let cs = m.header.cluster_size();
+        // Allocated clusters count as part of the file from now on, written or not.
+        m.file_len = m.file_len.max(end * cs);
+        if moved.is_some() {
+            let ws = m.ws()?;
+            let (offset, clusters) = (ws.refcounts.reftable_offset, ws.refcounts.reftable_clusters);
+            m.header.refcount_table_offset = offset;
+            m.header.refcount_table_clusters = clusters;
+            if let Some(area) = m
+                .metadata_areas
+                .iter_mut()
+                .find(|a| a.what == "the refcount table")
+            {
+                area.start = offset;
+                area.end = offset + clusters as u64 * cs;
+            }
+        }
+        Ok(offset)
+    }
+
+    /// Drops references whose removal is already in the cached L2 tables.
+    fn free(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        self.refblocks_need_l2(m)?;
+        let host = self.host();
+        m.ws_mut()?.refcounts.adjust(host, offset, len, -1)
+    }
+
+    /// Frees whatever host clusters an old L2 entry held.
+    fn free_entry(&self, m: &mut Meta, entry: u64) -> Result<()> {
+        if m.header.has_external_data_file() {
+            return Ok(());
+        }
+        let cs = m.header.cluster_size();
+        match classify_standard(entry & !self.zero_bit_mask(m), false) {
+            ClusterMapping::Normal { host_offset }
+            | ClusterMapping::ZeroAllocated { host_offset } => self.free(m, host_offset, cs),
+            ClusterMapping::Compressed { descriptor } => {
+                let d = CompressedDescriptor::decode(descriptor, m.header.cluster_bits);
+                self.free(m, d.host_offset, d.compressed_size())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Extended L2 entries ignore bit 0 of word 0.
+    fn zero_bit_mask(&self, m: &Meta) -> u64 {
+        if m.header.extended_l2() {
+            ZERO
+        } else {
+            0
+        }
+    }
+
+    /// Reads the current guest content of the cluster starting at `cluster_start` (past the
+    /// end of the disk it is zeros).
+    fn cluster_content(&self, m: &Meta, cluster_start: u64) -> Result<Vec<u8>> {
+        let cs = m.header.cluster_size();
+        let mut buf = vec![0u8; cs as usize];
+        let inside = m.header.size.saturating_sub(cluster_start).min(cs) as usize;
+        let layer: Layer<'_> = m.active();
+        self.read_layer(m, layer, &mut buf[..inside], cluster_start)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` into the cluster holding guest offset `guest` (data stays within it).
+    fn write_cluster(&self, m: &mut Meta, guest: u64, data: &[u8]) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let in_cluster = guest & (cs - 1);
+        let cluster_start = guest - in_cluster;
+        let extended = m.header.extended_l2();
+        let slot = self.writable_slot(m, guest)?;
+        let touched = self.touched_subclusters(m, in_cluster, data.len() as u64);
+
+        if m.header.has_external_data_file() {
+            return self.write_external(m, slot, cluster_start, in_cluster, data, touched);
+        }
+
+        let mapping = classify_standard(slot.entry & !self.zero_bit_mask(m), false);
+        let owned = slot.entry & COPIED != 0;
+        match mapping {
+            ClusterMapping::Normal { host_offset } if owned => {
+                if extended && touched & !(slot.bitmap as u32) != 0 {
+                    // Newly allocated subclusters: fill what the write leaves out from their
+                    // old content (backing data or zeros), then set their bits.
+                    let mut content = self.cluster_content(m, cluster_start)?;
+                    content[in_cluster as usize..in_cluster as usize + data.len()]
+                        .copy_from_slice(data);
+                    let (start, end) = self.subcluster_span(m, touched);
+                    self.guard(m, host_offset + start, end - start, None)?;
+                    self.write_data(&content[start as usize..end as usize], host_offset + start)?;
+                    let bitmap = (slot.bitmap | touched as u64) & !((touched as u64) << 32);
+                    self.mark_dirty(m)?;
+                    m.ws_mut()?.l2_after_data_sync = true;
+                    self.set_slot(m, slot, slot.entry, bitmap);
+                    return Ok(());
+                }
+                self.guard(m, host_offset + in_cluster, data.len() as u64, None)?;
+                return self.write_data(data, host_offset + in_cluster);
+            }
+            ClusterMapping::ZeroAllocated { host_offset } if owned => {
+                let mut content = vec![0u8; cs as usize];
+                content[in_cluster as usize..in_cluster as usize + data.len()]
+                    .copy_from_slice(data);
+                self.guard(m, host_offset, cs, None)?;
+                self.write_data(&content, host_offset)?;
+                self.mark_dirty(m)?;
+                m.ws_mut()?.l2_after_data_sync = true;
+                self.set_slot(m, slot, host_offset | COPIED, 0);
+                return Ok(());
+            }
+            _ => {}
+        }
+
+        // Copy-on-write into a new cluster.
+        let whole = in_cluster == 0
+            && (data.len() as u64 == cs || cluster_start + data.len() as u64 >= m.header.size);
+        let mut content = if whole && !extended {
+            let mut c = vec![0u8; cs as usize];
+            c[..data.len()].copy_from_slice(data);
+            c
+        } else {
+            self.cluster_content(m, cluster_start)?
+        };
+        content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let bitmap = if extended {
+            let old_alloc = match mapping {
+                ClusterMapping::Normal { .. } => slot.bitmap as u32,
+                ClusterMapping::Compressed { .. } => u32::MAX,
+                _ => 0,
+            };
+            let alloc = old_alloc | touched;
+            let zero = ((slot.bitmap >> 32) as u32) & !alloc;
+            alloc as u64 | (zero as u64) << 32
+        } else {
+            0
+        };
+        self.mark_dirty(m)?;
+        self.l2_needs_refblocks(m)?;
+        let new = self.alloc(m, 1)?;
+        self.guard(m, new, cs, None)?;
+        self.write_data(&content, new)?;
+        m.ws_mut()?.l2_after_data_sync = true;
+        self.set_slot(m, slot, new | COPIED, bitmap);
+        self.free_entry(m, slot.entry)
+    }
+
+    /// Writes to an image whose data lives in an external data file at the guest offset.
+    fn write_external(
+        &self,
+        m: &mut Meta,
+        slot: Slot,
+        cluster_start: u64,
+        in_cluster: u64,
+        data: &[u8],
+        touched: u32,
+    ) -> Result<()> {
+        let storage = self
+            .data_file
+            .as_deref()
+            .ok_or_else(|| Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "the external data file is not open".into(),
+            })?;
+        let allocated = slot.entry & COPIED != 0;
+        if !allocated {
+            // Fill the rest of the cluster from its current content so it reads the same.
+            let mut content = self.cluster_content(m, cluster_start)?;
+            content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            storage
+                .write_at(&content, cluster_start)
+                .map_err(|e| Error::io(&self.name, "writing the data file", e))?;
+        } else {
+            storage
+                .write_at(data, cluster_start + in_cluster)
+                .map_err(|e| Error::io(&self.name, "writing the data file", e))?;
+        }
+        let extended = m.header.extended_l2();
+        let bitmap = if extended {
+            if allocated {
+                (slot.bitmap | touched as u64) & !((touched as u64) << 32)
+            } else {
+                0xFFFF_FFFF
+            }
+        } else {
+            0
+        };
+        if !allocated || bitmap != slot.bitmap {
+            self.mark_dirty(m)?;
+            m.ws_mut()?.l2_after_data_sync = true;
+            self.set_slot(m, slot, cluster_start | COPIED, bitmap);
+        }
+        Ok(())
+    }
+
+    fn write_data(&self, data: &[u8], host_offset: u64) -> Result<()> {
+        self.host().write(data, host_offset, "guest data")
+    }
+
+    /// Bitmask of the subclusters a request `[in_cluster, in_cluster + len)` touches (all bits
+    /// for standard L2).
+    fn touched_subclusters(&self, m: &Meta, in_cluster: u64, len: u64) -> u32 {
+        if !m.header.extended_l2() || len == 0 {
+            return u32::MAX;
+        }
+        let sc_bits = m.header.cluster_bits - SUBCLUSTERS_PER_CLUSTER.trailing_zeros();
+        let first = (in_cluster >> sc_bits) as u32;
+        let last = ((in_cluster + len - 1) >> sc_bits) as u32;
+        let count = last - first + 1;
+        let mask = if count == 32 {
+            u32::MAX
+        } else {
+            (1u32 << count) - 1
+        };
+        mask << first
+    }
+
+    /// Byte span `[start, end)` within the cluster covering the subclusters in `mask`.
+    fn subcluster_span(&self, m: &Meta, mask: u32) -> (u64, u64) {
+        let sc_bits = m.header.cluster_bits - SUBCLUSTERS_PER_CLUSTER.trailing_zeros();
+        let first = mask.trailing_zeros() as u64;
+        let last = 31 - mask.leading_zeros() as u64;
+        (first << sc_bits, (last + 1) << sc_bits)
+    }
+
+    /// Makes guest range `[offset, offset + len)` read as zeros: zero flags on v3 (freeing the
+    /// host clusters with `unmap`), real zeros on v2 and for partial clusters.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        self.check_bounds(offset, len, m.header.size)?;
+        let v3 = m.header.version >= 3;
+        let extended = m.header.extended_l2();
+        let external = m.header.has_external_data_file();
+        let cs = m.header.cluster_size();
+        let grain = if extended {
+            cs / SUBCLUSTERS_PER_CLUSTER as u64
+        } else {
+            cs
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cluster_start = pos & !(cs - 1);
+            let chunk_end = (cluster_start + cs).min(end);
+            let in_cluster = pos - cluster_start;
+            // The part of this cluster made of whole grains (clusters, or subclusters).
+            let g_start = in_cluster.next_multiple_of(grain);
+            let g_end = {
+                let e = chunk_end - cluster_start;
+                // The end of the disk counts as a grain boundary.
+                if cluster_start + e >= m.header.size {
+                    e.next_multiple_of(grain)
+                } else {
+                    e - e % grain
+                }
+            };
+            if !v3 || external || g_start >= g_end {
+                let zeros = vec![0u8; (chunk_end - pos) as usize];
+                self.write_cluster(&mut m, pos, &zeros)?;
+                pos = chunk_end;
+                continue;
+            }
+            if g_start > in_cluster {
+                let zeros = vec![0u8; (g_start - in_cluster) as usize];
+                self.write_cluster(&mut m, pos, &zeros)?;
+            }
+            self.zero_grains(&mut m, cluster_start, g_start, g_end.min(cs), unmap)?;
+            let tail_start = cluster_start + g_end;
+            if tail_start < chunk_end {
+                let zeros = vec![0u8; (chunk_end - tail_start) as usize];
+                self.write_cluster(&mut m, tail_start, &zeros)?;
+            }
+            pos = chunk_end;
+        }
+        self.keep_cache_bounded(&mut m)
+    }
+
+    /// Sets zero flags for whole grains `[start, end)` of one cluster.
+    fn zero_grains(
+        &self,
+        m: &mut Meta,
+        cluster_start: u64,
+        start: u64,
+        end: u64,
+        unmap: bool,
+    ) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let slot = self.writable_slot(m, cluster_start)?;
+        let mapping = classify_standard(slot.entry & !self.zero_bit_mask(m), false);
+        self.mark_dirty(m)?;
+        if !m.header.extended_l2() {
+            let (entry, free_old) = match mapping {
+                ClusterMapping::Normal { host_offset }
+                | ClusterMapping::ZeroAllocated { host_offset }
+                    if !unmap && slot.entry & COPIED != 0 =>
+                {
+                    (host_offset | COPIED | ZERO, false)
+                }
+                _ => (ZERO, true),
+            };
+            self.set_slot(m, slot, entry, 0);
+            if free_old {
+                self.free_entry(m, slot.entry)?;
+            }
+            return Ok(());
+        }
+        let mask = self.touched_subclusters(m, start, end - start);
+        let full = start == 0 && end == cs;
+        let (entry, bitmap, free_old) = match mapping {
+            ClusterMapping::Compressed { .. } => {
+                // A compressed cluster has no subclusters: the untouched part must be kept, so
+                // copy it out first through the normal write path.
+                if !full {
+                    let content = self.cluster_content(m, cluster_start)?;
+                    self.write_cluster(m, cluster_start, &content)?;
+                    return self.zero_grains(m, cluster_start, start, end, unmap);
+                }
+                (0, ALL_ZEROES, true)
+            }
+            ClusterMapping::Normal { host_offset } if slot.entry & COPIED != 0 => {
+                let bitmap = (slot.bitmap & !(mask as u64)) | (mask as u64) << 32;
+                if unmap && full {
+                    (0, ALL_ZEROES, true)
+                } else {
+                    (host_offset | COPIED, bitmap, false)
+                }
+            }
+            ClusterMapping::Normal { .. } => {
+                if !full {
+                    let content = self.cluster_content(m, cluster_start)?;
+                    self.write_cluster(m, cluster_start, &content)?;
+                    return self.zero_grains(m, cluster_start, start, end, unmap);
+                }
+                (0, ALL_ZEROES, true)
+            }
+            _ => (
+                0,
+                (slot.bitmap & !(mask as u64)) | (mask as u64) << 32,
+                false,
+            ),
+        };
+        self.set_slot(m, slot, entry, bitmap);
+        if free_old {
+            self.free_entry(m, slot.entry)?;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters of `[offset, offset + len)`, freeing their host clusters. Afterwards
+    /// they read as zeros on v3 (or from the backing file on v2, as in QEMU).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        self.check_bounds(offset, len, m.header.size)?;
+        let cs = m.header.cluster_size();
+        let first = offset.next_multiple_of(cs);
+        let end = offset + len;
+        let end = if end >= m.header.size {
+            end.next_multiple_of(cs)
+        } else {
+            end & !(cs - 1)
+        };
+        let mut pos = first;
+        while pos < end {
+            self.discard_cluster(&mut m, pos)?;
+            pos += cs;
+        }
+        self.keep_cache_bounded(&mut m)
+    }
+
+    fn discard_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
+        let h = &m.header;
+        let l1_index = (cluster_start >> h.l1_shift()) as usize;
+        if m.l1[l1_index] & OFFSET_MASK == 0 && self.backing.is_none() {
+            return Ok(());
+        }
+        let slot = self.writable_slot(m, cluster_start)?;
+        let mapping = classify_standard(slot.entry & !self.zero_bit_mask(m), false);
+        let allocated = matches!(
+            mapping,
+            ClusterMapping::Normal { .. }
+                | ClusterMapping::ZeroAllocated { .. }
+                | ClusterMapping::Compressed { .. }
+        );
+        let (entry, bitmap) = if self.backing.is_some() || allocated {
+            if m.header.extended_l2() {
+                (0, ALL_ZEROES)
+            } else if m.header.version >= 3 {
+                (ZERO, 0)
+            } else {
+                (0, 0)
+            }
+        } else {
+            (0, 0)
+        };
+        if m.header.has_external_data_file() {
+            // Data-file clusters are not refcounted; the mapping just goes away.
+            self.mark_dirty(m)?;
+            self.set_slot(m, slot, entry, bitmap);
+            return Ok(());
+        }
+        if (entry, bitmap) == (slot.entry, slot.bitmap) {
+            return Ok(());
+        }
+        self.mark_dirty(m)?;
+        self.set_slot(m, slot, entry, bitmap);
+        self.free_entry(m, slot.entry)
+    }
+}
