@@ -95,3 +95,49 @@ mod tests {
         assert!(decompress(CompressionType::Zlib, &[], &mut out).is_err());
     }
 }
+
+/// Compresses one cluster the way QEMU does (raw deflate with a 4 KiB window, or one zstd frame).
+/// Returns `None` when the result would not be smaller than `limit` bytes.
+pub(crate) fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    match kind {
+        CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() < limit => Some(out),
+                _ => None,
+            }
+        }
+        CompressionType::Zstd => {
+            let out = zstd::bulk::compress(input, zstd::DEFAULT_COMPRESSION_LEVEL).ok()?;
+            (out.len() < limit).then_some(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod compress_tests {
+    use super::*;
+
+    #[test]
+    fn compressed_clusters_round_trip_and_incompressible_data_is_refused() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(kind, &data, data.len() - 1).expect("compressible");
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        assert!(compress(CompressionType::Zlib, &noise, noise.len() - 1).is_none());
+    }
+}

@@ -92,7 +92,8 @@ impl Image {
         let end = offset + max_len.min(l1_range_end - offset);
 
         let Some(&raw_l1) = l1.get(l1_index as usize) else {
-            return Ok((Run::Unallocated, end - offset));
+            // Past the L1 table nothing is allocated: the whole rest of the request is one run.
+            return Ok((Run::Unallocated, max_len));
         };
         let l1e = L1Entry(raw_l1);
         if l1e.reserved_bits() != 0 {
@@ -208,7 +209,7 @@ impl Image {
         let extended = h.extended_l2();
         let external = h.has_external_data_file();
         let entry_offset = l2_offset + index * h.l2_entry_size();
-        let structure = || format!("L2 entry {index} of the L2 table at {l2_offset:#x}");
+        let structure = || format!("L2 entry {index}");
         let raw = be_u64_at(
             table,
             if extended {

@@ -8,6 +8,7 @@
 mod backing;
 mod check;
 mod codec;
+mod compress;
 mod create;
 mod guard;
 mod host;
@@ -17,6 +18,7 @@ mod layer;
 mod map;
 mod refcounts;
 mod repair;
+mod resize;
 mod snapshot;
 mod write;
 mod writeback;

@@ -31,6 +31,10 @@ pub(crate) struct Refcounts {
     block_offsets: HashSet<u64>,
     /// No cluster below this index is free (first-fit starts here).
     free_index: u64,
+    /// Where the next compressed cluster may start, inside the last cluster used for compressed
+    /// data (several compressed clusters share host clusters, as in QEMU). Any cluster freed
+    /// forgets it, so compressed data never lands in a cluster that changed hands.
+    pub compressed_cursor: Option<u64>,
 }
 
 /// What a reftable growth changed, for the header and the overlap guard.
@@ -80,6 +84,7 @@ impl Refcounts {
             blocks: BTreeMap::new(),
             block_offsets,
             free_index: 0,
+            compressed_cursor: None,
         })
     }
 
@@ -158,6 +163,7 @@ impl Refcounts {
         self.set(host, cluster, value.min(self.max()))?;
         if value == 0 {
             self.free_index = self.free_index.min(cluster);
+            self.compressed_cursor = None;
         }
         Ok(())
     }
@@ -198,6 +204,7 @@ impl Refcounts {
             self.set(host, k, n)?;
             if n == 0 {
                 self.free_index = self.free_index.min(k);
+                self.compressed_cursor = None;
             }
         }
         Ok(())

@@ -41,12 +41,34 @@ impl Image {
                 format!("{} entries exceed the 32 MiB L1 limit", entry.l1_size),
             ));
         }
-        if offset % self.cluster_size() != 0 || (entry.l1_size > 0 && offset == 0) {
+        if offset % m.header.cluster_size() != 0 {
             return Err(Error::corrupt(
                 &self.name,
                 structure(),
                 offset,
-                "offset is not cluster aligned or overlaps the header",
+                "offset is not cluster aligned",
+            ));
+        }
+        if entry.l1_size > 0 && offset == 0 {
+            return Err(Error::corrupt(
+                &self.name,
+                structure(),
+                offset,
+                "overlaps the header",
+            ));
+        }
+        let size = entry.disk_size().unwrap_or(m.header.size);
+        if size > crate::format::limits::MAX_VIRTUAL_SIZE
+            || m.header.l1_entries_for(size) > entry.l1_size as u64
+        {
+            return Err(Error::corrupt(
+                &self.name,
+                structure(),
+                offset,
+                format!(
+                    "{} entries cannot cover the snapshot's disk size {size}",
+                    entry.l1_size
+                ),
             ));
         }
         let bytes = entry.l1_size as u64 * 8;
@@ -59,7 +81,6 @@ impl Image {
             ));
         }
         let l1 = self.read_table(offset, entry.l1_size as u64, "snapshot L1 table")?;
-        let size = entry.disk_size().unwrap_or(m.header.size);
         Ok(SnapshotView {
             image: self,
             entry,

@@ -25,7 +25,7 @@ struct Slot {
 }
 
 impl Image {
-    fn require_writable(&self) -> Result<()> {
+    pub(crate) fn require_writable(&self) -> Result<()> {
         if self.writable {
             Ok(())
         } else {
@@ -542,6 +542,17 @@ impl Image {
             pos += cs;
         }
         self.keep_cache_bounded(&mut m)
+    }
+
+    /// Drops a cluster's mapping entirely and frees its host cluster (for shrinking).
+    pub(crate) fn unmap_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
+        let slot = self.writable_slot(m, cluster_start)?;
+        if slot.entry == 0 && slot.bitmap == 0 {
+            return Ok(());
+        }
+        self.mark_dirty(m)?;
+        self.set_slot(m, slot, 0, 0);
+        self.free_entry(m, slot.entry)
     }
 
     fn discard_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {

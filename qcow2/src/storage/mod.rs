@@ -3,9 +3,11 @@
 
 mod file;
 mod memory;
+pub mod recording;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use recording::RecordingStorage;
 
 use std::io;
 

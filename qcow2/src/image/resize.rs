@@ -1,0 +1,142 @@
+//! Virtual size changes. Growing moves the L1 table to fresh clusters when it is too small (the
+//! new table is published by the 12-byte header write at offset 36) and then publishes the new
+//! size; shrinking refuses to drop allocated data unless asked, and frees what it drops.
+
+use super::{Image, Meta};
+use crate::error::{Error, Result};
+use crate::format::limits::MAX_L1_ENTRIES;
+use crate::format::table::OFFSET_MASK;
+
+impl Image {
+    /// Changes the virtual size. Shrinking fails when data would be lost, unless `allow_data_loss`.
+    pub fn resize(&self, new_size: u64, allow_data_loss: bool) -> Result<()> {
+        self.require_writable()?;
+        if new_size > crate::format::limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: format!("virtual size {new_size} is too large"),
+            });
+        }
+        let old_size = self.size();
+        if new_size >= old_size {
+            let mut m = self.meta_mut();
+            let needed = m.header.l1_entries_for(new_size);
+            if needed > MAX_L1_ENTRIES {
+                return Err(Error::InvalidArgument {
+                    image: self.name.clone(),
+                    reason: format!("virtual size {new_size} needs an L1 table larger than 32 MiB"),
+                });
+            }
+            if needed > m.l1.len() as u64 {
+                self.grow_l1(&mut m, needed)?;
+            }
+            self.publish_size(&mut m, new_size)?;
+            drop(m);
+            // The tail of a partly used last cluster may hold old bytes: it must read as zeros.
+            let cs = self.cluster_size();
+            let tail_end = old_size.next_multiple_of(cs).min(new_size);
+            if tail_end > old_size {
+                self.write_zeroes(old_size, tail_end - old_size, false)?;
+            }
+            return Ok(());
+        }
+        // Shrink: everything past the new end must be unallocated, or the caller accepts the loss.
+        let lost = self.allocated_in_range(new_size, old_size - new_size)?;
+        if lost && !allow_data_loss {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: format!(
+                    "shrinking to {new_size} bytes would drop allocated data; ask for it explicitly"
+                ),
+            });
+        }
+        let cs = self.cluster_size();
+        let first_whole = new_size.next_multiple_of(cs);
+        if first_whole < old_size {
+            self.discard_for_shrink(first_whole, old_size)?;
+        }
+        let mut m = self.meta_mut();
+        self.publish_size(&mut m, new_size)
+    }
+
+    /// Whether any part of a range is allocated in this image itself (data or zero flags).
+    fn allocated_in_range(&self, offset: u64, len: u64) -> Result<bool> {
+        let m = self.meta();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let (run, n) = self.lookup(&m, m.active(), pos, end - pos)?;
+            if !matches!(run, super::layer::Run::Unallocated) {
+                return Ok(true);
+            }
+            pos += n;
+        }
+        Ok(false)
+    }
+
+    /// Frees every cluster of `[start, end)` (cluster aligned) before the size drops.
+    fn discard_for_shrink(&self, start: u64, end: u64) -> Result<()> {
+        let mut m = self.meta_mut();
+        let cs = m.header.cluster_size();
+        let mut pos = start;
+        while pos < end {
+            let l1_index = (pos >> m.header.l1_shift()) as usize;
+            let l1_span = 1u64 << m.header.l1_shift();
+            if m.l1[l1_index] & OFFSET_MASK == 0 {
+                pos = (pos / l1_span + 1) * l1_span;
+                continue;
+            }
+            self.unmap_cluster(&mut m, pos)?;
+            pos += cs;
+        }
+        self.flush_all(&mut m)
+    }
+
+    /// Writes the new virtual size into the header (a synced 8-byte write).
+    fn publish_size(&self, m: &mut Meta, new_size: u64) -> Result<()> {
+        self.flush_all(m)?;
+        self.host()
+            .write_sync(&new_size.to_be_bytes(), 24, "header size")?;
+        m.header.size = new_size;
+        Ok(())
+    }
+
+    /// Moves the active L1 table to fresh clusters with `entries` entries.
+    pub(crate) fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(cs);
+        self.mark_dirty(m)?;
+        let new = self.alloc(m, clusters)?;
+        self.flush_all(m)?;
+        let mut table = vec![0u8; (clusters * cs) as usize];
+        for (i, e) in m.l1.iter().enumerate() {
+            table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.guard(m, new, clusters * cs, None)?;
+        self.host().write(&table, new, "new L1 table")?;
+        self.host().sync()?;
+        let mut switch = [0u8; 12];
+        switch[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        switch[4..].copy_from_slice(&new.to_be_bytes());
+        self.host().write_sync(&switch, 36, "header L1 fields")?;
+        let (old, old_len) = (m.header.l1_table_offset, m.header.l1_size as u64 * 8);
+        m.header.l1_table_offset = new;
+        m.header.l1_size = entries as u32;
+        m.l1.resize(entries as usize, 0);
+        if let Some(area) = m
+            .metadata_areas
+            .iter_mut()
+            .find(|a| a.what == "the active L1 table")
+        {
+            area.start = new;
+            area.end = new + clusters * cs;
+        }
+        // The header switch is durable, so the old table's clusters may be freed now.
+        if old_len > 0 {
+            let host = self.host();
+            m.ws_mut()?.refcounts.adjust(host, old, old_len, -1)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! A recording, crash-simulating store for tests. It logs every write, flush and length change
+//! in order and can rebuild the bytes a power cut would leave at any point: everything up to the
+//! last flush before the cut, plus any chosen subset of the later (unflushed) writes, torn at
+//! 512-byte sector granularity. It can also fail the n-th write or flush, to test error paths.
+
+use std::io;
+use std::sync::Mutex;
+
+use super::Storage;
+
+/// Bytes a store persists atomically: 512-byte aligned sectors.
+pub const SECTOR: u64 = 512;
+
+/// One recorded operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+    SetLen(u64),
+}
+
+/// Which unflushed writes survive a simulated crash.
+#[derive(Debug, Clone, Copy)]
+pub enum Survivors {
+    /// None of the writes since the last flush reach the disk.
+    None,
+    /// All of them do.
+    All,
+    /// Each 512-byte sector of each unflushed write survives or not, by a seeded coin.
+    TornSectors(u64),
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The n-th write (counting from 0) and every later one fail with this error kind.
+    WriteFrom(usize, io::ErrorKind),
+    /// The n-th flush and every later one fail.
+    FlushFrom(usize),
+}
+
+#[derive(Default)]
+struct State {
+    initial: Vec<u8>,
+    live: Vec<u8>,
+    ops: Vec<Op>,
+    writes: usize,
+    flushes: usize,
+    fault: Option<Fault>,
+}
+
+/// A store that records everything done to it.
+#[derive(Default)]
+pub struct RecordingStorage {
+    state: Mutex<State>,
+}
+
+impl RecordingStorage {
+    /// A store starting with `initial` bytes (already durable).
+    pub fn new(initial: Vec<u8>) -> Self {
+        RecordingStorage {
+            state: Mutex::new(State {
+                live: initial.clone(),
+                initial,
+                ..State::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Arms a fault (replacing any other).
+    pub fn inject(&self, fault: Option<Fault>) {
+        self.lock().fault = fault;
+    }
+
+    /// The operations so far.
+    pub fn ops(&self) -> Vec<Op> {
+        self.lock().ops.clone()
+    }
+
+    /// How many operations were recorded.
+    pub fn op_count(&self) -> usize {
+        self.lock().ops.len()
+    }
+
+    /// The current bytes, as if nothing were lost.
+    pub fn live_bytes(&self) -> Vec<u8> {
+        self.lock().live.clone()
+    }
+
+    /// The bytes a crash right after the first `cut` operations leaves behind.
+    pub fn crash_image(&self, cut: usize, survivors: Survivors) -> Vec<u8> {
+        let state = self.lock();
+        let ops = &state.ops[..cut.min(state.ops.len())];
+        let last_flush = ops
+            .iter()
+            .rposition(|op| *op == Op::Flush)
+            .map_or(0, |i| i + 1);
+        let mut bytes = state.initial.clone();
+        for op in &ops[..last_flush] {
+            apply(&mut bytes, op);
+        }
+        let mut coin = match survivors {
+            Survivors::TornSectors(seed) => seed | 1,
+            _ => 1,
+        };
+        for op in &ops[last_flush..] {
+            match (op, survivors) {
+                (_, Survivors::None) => {}
+                (Op::Write { offset, data }, Survivors::TornSectors(_)) => {
+                    // Sector by sector, each one either fully old or fully new.
+                    let mut pos = *offset;
+                    let end = offset + data.len() as u64;
+                    while pos < end {
+                        let next = ((pos / SECTOR) + 1) * SECTOR;
+                        let piece_end = next.min(end);
+                        coin ^= coin << 13;
+                        coin ^= coin >> 7;
+                        coin ^= coin << 17;
+                        if coin & 1 == 1 {
+                            let s = (pos - offset) as usize;
+                            let e = (piece_end - offset) as usize;
+                            apply(
+                                &mut bytes,
+                                &Op::Write {
+                                    offset: pos,
+                                    data: data[s..e].to_vec(),
+                                },
+                            );
+                        }
+                        pos = piece_end;
+                    }
+                }
+                (op, _) => apply(&mut bytes, op),
+            }
+        }
+        bytes
+    }
+}
+
+fn apply(bytes: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Write { offset, data } => {
+            let end = *offset as usize + data.len();
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[*offset as usize..end].copy_from_slice(data);
+        }
+        Op::SetLen(len) => bytes.resize(*len as usize, 0),
+        Op::Flush => {}
+    }
+}
+
+impl Storage for RecordingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let state = self.lock();
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        if start >= state.live.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(state.live.len() - start);
+        buf[..n].copy_from_slice(&state.live[start..start + n]);
+        Ok(n)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut state = self.lock();
+        let index = state.writes;
+        state.writes += 1;
+        if let Some(Fault::WriteFrom(n, kind)) = state.fault {
+            if index >= n {
+                return Err(io::Error::new(kind, "injected write failure"));
+            }
+        }
+        let op = Op::Write {
+            offset,
+            data: buf.to_vec(),
+        };
+        apply(&mut state.live, &op);
+        state.ops.push(op);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        let index = state.flushes;
+        state.flushes += 1;
+        if let Some(Fault::FlushFrom(n)) = state.fault {
+            if index >= n {
+                return Err(io::Error::other("injected flush failure"));
+            }
+        }
+        state.ops.push(Op::Flush);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().live.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut state = self.lock();
+        let op = Op::SetLen(len);
+        apply(&mut state.live, &op);
+        state.ops.push(op);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_keeps_flushed_writes_and_chooses_among_later_ones() {
+        let s = RecordingStorage::new(vec![0; 1024]);
+        s.write_at(&[1; 1024], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[2; 1024], 0).unwrap();
+        assert_eq!(s.crash_image(3, Survivors::None), vec![1; 1024]);
+        assert_eq!(s.crash_image(3, Survivors::All), vec![2; 1024]);
+        assert_eq!(s.crash_image(1, Survivors::None), vec![0; 1024]);
+        let torn = s.crash_image(3, Survivors::TornSectors(5));
+        assert!(
+            torn[..512].iter().all(|&b| b == torn[0])
+                && torn[512..].iter().all(|&b| b == torn[512])
+        );
+    }
+
+    #[test]
+    fn injected_faults_fail_the_chosen_operation() {
+        let s = RecordingStorage::new(Vec::new());
+        s.inject(Some(Fault::WriteFrom(1, io::ErrorKind::StorageFull)));
+        s.write_at(&[1], 0).unwrap();
+        assert_eq!(
+            s.write_at(&[1], 1).unwrap_err().kind(),
+            io::ErrorKind::StorageFull
+        );
+        s.inject(Some(Fault::FlushFrom(0)));
+        assert!(s.flush().is_err());
+    }
+}

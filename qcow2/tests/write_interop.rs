@@ -1,0 +1,305 @@
+//! Directed write tests against QEMU: refcount table growth, L1 growth, copy-on-write over
+//! backing files, snapshot-shared and compressed clusters, compressed writes, repair of leaks and
+//! of dirty images. Every image ends with `qemu-img check` at exit 0 and reads back as expected
+//! through `qemu-img convert`.
+
+use std::path::Path;
+
+use qcow2::{CreateOptions, Error, Image, OpenOptions, Repair};
+use qcow2_testdata::{
+    copy_fixture, qemu_check, qemu_convert_raw, qemu_img, require_qemu, scratch_dir,
+};
+
+fn assert_qemu_clean(path: &Path) {
+    let (code, json) = qemu_check(path);
+    assert_eq!(code, 0, "qemu-img check of {}: {json}", path.display());
+}
+
+fn assert_reads_as(path: &Path, expected: &[u8]) {
+    let qemu = qemu_convert_raw(path, None);
+    assert_eq!(qemu.len(), expected.len(), "size of {}", path.display());
+    let first = qemu.iter().zip(expected).position(|(a, b)| a != b);
+    assert!(
+        first.is_none(),
+        "{}: first difference at {first:?}",
+        path.display()
+    );
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn refcount_table_grows_when_512_byte_clusters_fill_it() {
+    require_qemu();
+    let path = scratch_dir("reftable-growth").join("a.qcow2");
+    let options = CreateOptions {
+        size: 16 << 20,
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    let before = image.header().refcount_table_offset;
+    let data = pattern(12 << 20, 7);
+    for (i, chunk) in data.chunks(256 << 10).enumerate() {
+        image.write_at(chunk, i as u64 * (256 << 10)).unwrap();
+    }
+    let after = image.header();
+    assert_ne!(
+        after.refcount_table_offset, before,
+        "the refcount table moved"
+    );
+    assert!(after.refcount_table_clusters > 1);
+    assert!(image.check().unwrap().is_clean());
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    let mut expected = data;
+    expected.resize(16 << 20, 0);
+    assert_reads_as(&path, &expected);
+}
+
+#[test]
+fn growing_moves_the_l1_table_and_shrinking_keeps_data_unless_asked() {
+    require_qemu();
+    let path = scratch_dir("resize").join("a.qcow2");
+    let options = CreateOptions {
+        size: 1 << 20,
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.write_at(&pattern(4096, 1), 0).unwrap();
+    let l1_before = image.header().l1_table_offset;
+    image.resize(64 << 20, false).unwrap();
+    assert_ne!(image.header().l1_table_offset, l1_before);
+    image
+        .write_at(&pattern(4096, 2), (64 << 20) - 4096)
+        .unwrap();
+    assert!(matches!(
+        image.resize(1 << 20, false),
+        Err(Error::InvalidArgument { .. })
+    ));
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    let mut expected = vec![0u8; 64 << 20];
+    expected[..4096].copy_from_slice(&pattern(4096, 1));
+    expected[(64 << 20) - 4096..].copy_from_slice(&pattern(4096, 2));
+    assert_reads_as(&path, &expected);
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.resize(2048, true).unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    assert_reads_as(&path, &pattern(4096, 1)[..2048]);
+}
+
+/// Writes partial and whole clusters over an existing image and checks it against the bytes
+/// QEMU read before plus the writes.
+fn overwrite_and_compare(fixture: &str, writes: &[(u64, usize)]) {
+    require_qemu();
+    let dir = scratch_dir(&format!("overwrite-{fixture}"));
+    let path = copy_fixture(fixture, &dir);
+    let mut expected = qemu_convert_raw(&path, None);
+    let snapshots: Vec<(String, Vec<u8>)> = Image::open(&path, &OpenOptions::default())
+        .unwrap()
+        .snapshot_entries()
+        .iter()
+        .map(|s| (s.name_str(), qemu_convert_raw(&path, Some(&s.name_str()))))
+        .collect();
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        let offset = offset.min(expected.len() as u64 - len as u64);
+        let data = pattern(len, i as u8 + 1);
+        image.write_at(&data, offset).unwrap();
+        expected[offset as usize..offset as usize + len].copy_from_slice(&data);
+    }
+    let mut ours = vec![0u8; expected.len()];
+    image.read_at(&mut ours, 0).unwrap();
+    assert!(
+        ours == expected,
+        "{fixture}: our read after writing differs"
+    );
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    assert_reads_as(&path, &expected);
+    for (name, before) in snapshots {
+        assert!(
+            qemu_convert_raw(&path, Some(&name)) == before,
+            "{fixture}: snapshot {name} changed"
+        );
+    }
+}
+
+const SCATTERED: &[(u64, usize)] = &[
+    (0, 100),
+    (1000, 5000),
+    (65536 + 17, 65536),
+    (3 << 20, 4096),
+    (5 << 20 | 511, 700),
+    (u64::MAX, 3000),
+];
+
+#[test]
+fn copy_on_write_over_a_qcow2_and_raw_backing_chain() {
+    overwrite_and_compare("chain-top", SCATTERED);
+    overwrite_and_compare("chain-mid", SCATTERED);
+}
+
+#[test]
+fn copy_on_write_keeps_qemu_made_snapshots_intact() {
+    overwrite_and_compare("snap", SCATTERED);
+    overwrite_and_compare("snap-v2", SCATTERED);
+}
+
+#[test]
+fn copy_on_write_out_of_compressed_clusters() {
+    overwrite_and_compare("zlib", SCATTERED);
+    overwrite_and_compare("zstd", SCATTERED);
+}
+
+#[test]
+fn copy_on_write_of_subclusters_over_a_backing_file() {
+    overwrite_and_compare("ext-l2-overlay", SCATTERED);
+    overwrite_and_compare("ext-l2-64k", SCATTERED);
+}
+
+#[test]
+fn writes_into_external_data_files() {
+    overwrite_and_compare("datafile-raw", SCATTERED);
+}
+
+#[test]
+fn compressed_writes_are_read_by_qemu_and_counted_as_compressed() {
+    require_qemu();
+    for (kind, name) in [
+        (qcow2::format::CompressionType::Zlib, "zlib"),
+        (qcow2::format::CompressionType::Zstd, "zstd"),
+    ] {
+        let path = scratch_dir(&format!("compress-{name}")).join("a.qcow2");
+        let options = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 65536,
+            compression_type: kind,
+            ..CreateOptions::default()
+        };
+        let image = Image::create(&path, &options).unwrap();
+        let mut data: Vec<u8> = (0..2 << 20).map(|i: u32| (i / 300) as u8).collect();
+        // One cluster of noise that does not compress and must be written normally.
+        let mut x = 7u64;
+        for b in &mut data[65536..131072] {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (x >> 56) as u8;
+        }
+        image.write_compressed(&data, 0).unwrap();
+        image.write_at(&pattern(1000, 3), 4096).unwrap();
+        data[4096..5096].copy_from_slice(&pattern(1000, 3));
+        image.close().unwrap();
+        let (code, json) = qemu_check(&path);
+        assert_eq!(code, 0, "{name}: {json}");
+        assert!(
+            json["compressed-clusters"].as_u64().unwrap() >= 20,
+            "{name}: {json}"
+        );
+        data.resize(4 << 20, 0);
+        assert_reads_as(&path, &data);
+    }
+}
+
+#[test]
+fn zero_writes_and_discards_on_v2_and_v3() {
+    require_qemu();
+    for version in [2, 3] {
+        let path = scratch_dir(&format!("zero-v{version}")).join("a.qcow2");
+        let options = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            version,
+            ..CreateOptions::default()
+        };
+        let image = Image::create(&path, &options).unwrap();
+        image.write_at(&pattern(1 << 20, 9), 0).unwrap();
+        image.write_zeroes(1000, 20000, false).unwrap();
+        image.write_zeroes(65536, 65536, true).unwrap();
+        image.discard(200_000, 100_000).unwrap();
+        image.close().unwrap();
+        assert_qemu_clean(&path);
+        let mut expected = pattern(1 << 20, 9);
+        expected.resize(4 << 20, 0);
+        expected[1000..21000].fill(0);
+        expected[65536..131072].fill(0);
+        let first = 200_000usize.next_multiple_of(4096);
+        let end = 300_000 & !4095;
+        expected[first..end].fill(0);
+        assert_reads_as(&path, &expected);
+        let map = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
+        assert!(map.status.success());
+    }
+}
+
+#[test]
+fn leaks_are_counted_like_qemu_and_repaired() {
+    require_qemu();
+    let path = scratch_dir("leaks").join("a.qcow2");
+    let options = CreateOptions {
+        size: 1 << 20,
+        cluster_size: 65536,
+        ..CreateOptions::default()
+    };
+    Image::create(&path, &options).unwrap().close().unwrap();
+    // Raise the refcount of cluster 3 (the L1 table) and of cluster 9 (past the end): leaks.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0x20000 + 6..0x20000 + 8].copy_from_slice(&2u16.to_be_bytes());
+    bytes[0x20000 + 18..0x20000 + 20].copy_from_slice(&1u16.to_be_bytes());
+    bytes.resize(10 * 65536, 0);
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, json) = qemu_check(&path);
+    assert_eq!(code, 3, "{json}");
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let report = image.check().unwrap();
+    assert_eq!(report.leaks, json["leaks"].as_u64().unwrap());
+    let repaired = image.check_and_repair(Repair::Leaks).unwrap();
+    assert_eq!(repaired.leaks, 0);
+    assert_eq!(repaired.leaks_fixed, report.leaks);
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+}
+
+#[test]
+fn a_dirty_lazy_refcount_image_is_repaired_on_read_write_open() {
+    require_qemu();
+    let dir = scratch_dir("dirty");
+    let path = copy_fixture("lazy-dirty", &dir);
+    let before = qemu_convert_raw(&path, None);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    assert!(!image.header().is_dirty());
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    assert_reads_as(&path, &before);
+}
+
+#[test]
+fn writes_fail_cleanly_on_read_only_images_and_past_the_end() {
+    require_qemu();
+    let dir = scratch_dir("refusals");
+    let path = copy_fixture("c64k", &dir);
+    let ro = Image::open(&path, &OpenOptions::default()).unwrap();
+    assert!(matches!(ro.write_at(&[1], 0), Err(Error::ReadOnly { .. })));
+    drop(ro);
+    let rw = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let size = rw.size();
+    assert!(matches!(
+        rw.write_at(&[1, 2], size - 1),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        rw.write_compressed(&[0; 10], 1),
+        Err(Error::InvalidArgument { .. })
+    ));
+    rw.close().unwrap();
+    assert_qemu_clean(&path);
+}
