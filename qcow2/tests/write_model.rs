@@ -27,6 +27,7 @@ enum Op {
     Write { offset: u64, len: u64, byte: u8 },
     Zero { offset: u64, len: u64, unmap: bool },
     Discard { offset: u64, len: u64 },
+    Compressed { offset: u64, len: u64, byte: u8 },
     Flush,
     Reopen,
 }
@@ -58,6 +59,14 @@ fn random_ops(rng: &mut Rng, size: u64, cluster: u64, count: usize) -> Vec<Op> {
                     unmap: rng.below(2) == 0,
                 },
                 7 => Op::Discard { offset, len },
+                8 if rng.below(2) == 0 => {
+                    let offset = rng.below(size / cluster) * cluster;
+                    Op::Compressed {
+                        offset,
+                        len: cluster.min(size - offset),
+                        byte: rng.below(256) as u8,
+                    }
+                }
                 8 => Op::Flush,
                 _ => Op::Reopen,
             }
@@ -84,8 +93,17 @@ fn apply(model: &mut [u8], op: Op, cluster: u64, size: u64) {
                 model[first as usize..end as usize].fill(0);
             }
         }
+        Op::Compressed { offset, len, byte } => model[offset as usize..(offset + len) as usize]
+            .copy_from_slice(&compressible(len, byte)),
         Op::Flush | Op::Reopen => {}
     }
+}
+
+/// Cluster data that compresses well but differs from cluster to cluster.
+fn compressible(len: u64, byte: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| byte.wrapping_add((i / 97) as u8))
+        .collect()
 }
 
 fn run(image: &mut Image, path: &Path, op: Op) {
@@ -95,6 +113,9 @@ fn run(image: &mut Image, path: &Path, op: Op) {
         }
         Op::Zero { offset, len, unmap } => image.write_zeroes(offset, len, unmap).unwrap(),
         Op::Discard { offset, len } => image.discard(offset, len).unwrap(),
+        Op::Compressed { offset, len, byte } => image
+            .write_compressed(&compressible(len, byte), offset)
+            .unwrap(),
         Op::Flush => image.flush().unwrap(),
         Op::Reopen => {
             let old = std::mem::replace(image, Image::open(path, &OpenOptions::default()).unwrap());
@@ -221,4 +242,27 @@ fn random_sequence_lazy_refcounts() {
 #[test]
 fn random_sequence_2m_clusters() {
     sequence("seq-2m", options(32 << 20, 2 << 20), 12, 60);
+}
+
+/// Found by the crash tests: a copy-on-write out of a compressed cluster whose host bytes were
+/// freed and reused by another compressed cluster with the same descriptor read the old bytes
+/// from the decompression cache.
+#[test]
+fn cow_out_of_a_compressed_cluster_in_reused_space_reads_the_new_data() {
+    let dir = scratch_dir("compressed-reuse");
+    let path = dir.join("a.qcow2");
+    let image = Image::create(&path, &options(1 << 20, 4096)).unwrap();
+    let mut model = vec![0u8; 1 << 20];
+    for i in 0..3u64 {
+        let data = compressible(4096, i as u8 + 1);
+        image.write_compressed(&data, i * 8192).unwrap();
+        model[(i * 8192) as usize..(i * 8192 + 4096) as usize].copy_from_slice(&data);
+        image.write_at(&[0xEE; 100], i * 8192 + 1000).unwrap();
+        model[(i * 8192 + 1000) as usize..(i * 8192 + 1100) as usize].fill(0xEE);
+    }
+    let mut back = vec![0u8; 1 << 20];
+    image.read_at(&mut back, 0).unwrap();
+    assert!(back == model);
+    image.close().unwrap();
+    check_against_qemu(&path, &model, "compressed-reuse");
 }

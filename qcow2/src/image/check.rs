@@ -159,8 +159,10 @@ impl Image {
     pub fn check(&self) -> Result<CheckReport> {
         if self.writable {
             // The check reads the disk, so everything cached goes there first.
+            // Refcounts too, even with lazy refcounts: the check compares them with the disk.
             let mut m = self.meta_mut();
-            self.flush_all(&mut m)?;
+            self.flush_l2(&mut m)?;
+            self.flush_refblocks(&mut m)?;
         }
         let guard = self.meta();
         self.check_meta(&guard)

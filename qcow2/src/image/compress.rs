@@ -67,10 +67,17 @@ impl Image {
     fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
         let cs = m.header.cluster_size();
         debug_assert!(len < cs);
-        let cursor = m.ws()?.refcounts.compressed_cursor.filter(|c| c % cs != 0);
+        // A cluster whose refcount is already at the maximum takes no more compressed data.
+        let host = self.host();
+        let cursor = match m.ws()?.refcounts.compressed_cursor.filter(|c| c % cs != 0) {
+            Some(cur) => {
+                let rc = &mut m.ws_mut()?.refcounts;
+                (rc.get(host, cur / cs)? < rc.max()).then_some(cur)
+            }
+            None => None,
+        };
         let start = match cursor {
             Some(cur) if cur + len <= cur.next_multiple_of(cs) => {
-                let host = self.host();
                 m.ws_mut()?.refcounts.adjust(host, cur, 1, 1)?;
                 cur
             }
@@ -78,7 +85,6 @@ impl Image {
                 let next = self.alloc(m, 1)?;
                 if next == cur.next_multiple_of(cs) {
                     // Contiguous: the data starts in the old cluster and spills into the new one.
-                    let host = self.host();
                     m.ws_mut()?.refcounts.adjust(host, cur, 1, 1)?;
                     cur
                 } else {

@@ -19,6 +19,9 @@ use crate::storage::StorageExt;
 pub(crate) enum Run {
     /// Not allocated in this layer: the backing chain decides.
     Unallocated,
+    /// Unallocated subclusters of an allocated cluster (extended L2): the backing chain decides,
+    /// and the host space at `host_offset` stays reserved.
+    UnallocatedAlloc { host_offset: u64 },
     /// Reads as zeros; `host_offset` is set when a host cluster stays preallocated.
     Zero { host_offset: Option<u64> },
     /// Guest data at `host_offset` (in the data file when there is one).
@@ -35,6 +38,10 @@ impl Run {
     fn continues_with(self, len: u64, next: Run) -> bool {
         match (self, next) {
             (Run::Unallocated, Run::Unallocated) => true,
+            (
+                Run::UnallocatedAlloc { host_offset: a },
+                Run::UnallocatedAlloc { host_offset: b },
+            ) => a + len == b,
             (Run::Zero { host_offset: None }, Run::Zero { host_offset: None }) => true,
             (
                 Run::Zero {
@@ -270,6 +277,9 @@ impl Image {
             let run_end = ((sc + bitmap.run_length(sc, allocated)) as u64) << sc_bits;
             let len = (run_end - in_cluster).min(max_len);
             let run = match bitmap.state(sc, allocated) {
+                SubclusterState::Unallocated if allocated => Run::UnallocatedAlloc {
+                    host_offset: host + in_cluster,
+                },
                 SubclusterState::Unallocated => Run::Unallocated,
                 SubclusterState::Zero => Run::Zero {
                     host_offset: allocated.then_some(host + in_cluster),
@@ -410,7 +420,9 @@ impl Image {
             let (run, len) = self.lookup(m, layer, guest, (buf.len() - pos) as u64)?;
             let chunk = &mut buf[pos..pos + len as usize];
             match run {
-                Run::Unallocated => self.read_backing(chunk, guest)?,
+                Run::Unallocated | Run::UnallocatedAlloc { .. } => {
+                    self.read_backing(chunk, guest)?
+                }
                 Run::Zero { .. } => chunk.fill(0),
                 Run::Data { host_offset } => self.read_data(m, chunk, host_offset)?,
                 Run::Compressed { descriptor, raw } => {

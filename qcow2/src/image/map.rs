@@ -16,8 +16,9 @@ pub enum ExtentKind {
     /// Explicitly zero (a zero flag or zero subclusters); `host_offset` when a cluster stays
     /// preallocated.
     Zero { host_offset: Option<u64> },
-    /// Allocated nowhere in the chain: reads as zeros.
-    Unallocated,
+    /// Allocated nowhere in the chain: reads as zeros. `host_offset` is set where the image keeps
+    /// a host cluster for the range anyway (unallocated subclusters of an allocated cluster).
+    Unallocated { host_offset: Option<u64> },
 }
 
 /// A guest range with one meaning.
@@ -33,11 +34,14 @@ pub struct Extent {
 impl Extent {
     /// Allocated in some layer (qemu-img's `present`).
     pub fn present(&self) -> bool {
-        !matches!(self.kind, ExtentKind::Unallocated)
+        !matches!(self.kind, ExtentKind::Unallocated { .. })
     }
     /// Reads as zeros without reading data (qemu-img's `zero`).
     pub fn zero(&self) -> bool {
-        matches!(self.kind, ExtentKind::Zero { .. } | ExtentKind::Unallocated)
+        matches!(
+            self.kind,
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated { .. }
+        )
     }
     /// Holds data (qemu-img's `data`).
     pub fn data(&self) -> bool {
@@ -51,7 +55,9 @@ impl Extent {
     pub fn offset(&self) -> Option<u64> {
         match self.kind {
             ExtentKind::Data { host_offset } => Some(host_offset),
-            ExtentKind::Zero { host_offset } => host_offset,
+            ExtentKind::Zero { host_offset } | ExtentKind::Unallocated { host_offset } => {
+                host_offset
+            }
             _ => None,
         }
     }
@@ -69,6 +75,14 @@ impl Extent {
                         host_offset: Some(a),
                     },
                     ExtentKind::Zero {
+                        host_offset: Some(b),
+                    },
+                )
+                | (
+                    ExtentKind::Unallocated {
+                        host_offset: Some(a),
+                    },
+                    ExtentKind::Unallocated {
                         host_offset: Some(b),
                     },
                 ) => a + self.length == b,
@@ -116,7 +130,12 @@ impl Image {
                 Run::Compressed { .. } => ExtentKind::Compressed,
                 Run::Zero { host_offset } => ExtentKind::Zero { host_offset },
                 Run::Unallocated => {
-                    self.map_backing(pos, run_len, depth, out)?;
+                    self.map_backing(pos, run_len, depth, None, out)?;
+                    pos += run_len;
+                    continue;
+                }
+                Run::UnallocatedAlloc { host_offset } => {
+                    self.map_backing(pos, run_len, depth, Some(host_offset), out)?;
                     pos += run_len;
                     continue;
                 }
@@ -136,12 +155,23 @@ impl Image {
     }
 
     /// Maps a range unallocated in this image through the backing chain.
-    fn map_backing(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<Extent>) -> Result<()> {
-        let unallocated = |start, length, depth| Extent {
+    fn map_backing(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        host_offset: Option<u64>,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
+        // Where nothing lies below, the range reads as this image's zeros; a host offset kept for
+        // unallocated subclusters shows, as qemu-img shows it.
+        let unallocated = |start: u64, length, depth| Extent {
             start,
             length,
             depth,
-            kind: ExtentKind::Unallocated,
+            kind: ExtentKind::Unallocated {
+                host_offset: host_offset.map(|h| h + (start - offset)),
+            },
         };
         let Some(backing) = &self.backing else {
             push(out, unallocated(offset, len, depth));

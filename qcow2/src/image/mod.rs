@@ -459,6 +459,21 @@ impl Image {
         }
     }
 
+    /// Puts `backing` under this image (for images opened from storage, whose backing file the
+    /// caller opens itself). Unallocated clusters then read from it.
+    pub fn attach_backing(&mut self, backing: Image) {
+        self.backing = Some(Backing::Qcow2(Box::new(backing)));
+    }
+
+    /// Puts a raw store under this image as its backing file.
+    pub fn attach_raw_backing(&mut self, storage: Box<dyn Storage>) -> Result<()> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io(&self.name, "reading the backing file length", e))?;
+        self.backing = Some(Backing::Raw { storage, size });
+        Ok(())
+    }
+
     /// Number of images below this one in the opened chain.
     pub fn chain_depth(&self) -> u32 {
         match &self.backing {

@@ -66,7 +66,10 @@ impl Image {
         let end = offset + len;
         while pos < end {
             let (run, n) = self.lookup(&m, m.active(), pos, end - pos)?;
-            if !matches!(run, super::layer::Run::Unallocated) {
+            if !matches!(
+                run,
+                super::layer::Run::Unallocated | super::layer::Run::UnallocatedAlloc { .. }
+            ) {
                 return Ok(true);
             }
             pos += n;

@@ -169,6 +169,12 @@ impl Image {
     /// Allocates `n` contiguous clusters and keeps the header and overlap areas in step when
     /// the refcount table moves.
     pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        // Freed host space may be reused now, so a cached decompressed cluster keyed by its
+        // descriptor could describe old bytes.
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         let host = self.host();
         let ws = m.ws_mut()?;
         let mut end = ws.alloc_end;

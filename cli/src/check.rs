@@ -1,0 +1,117 @@
+//! `check`: `qemu-img check`'s counters, JSON keys and exit codes (0 clean, 1 check failed,
+//! 2 corruptions, 3 leaks only, 63 format without checks). Repair needs the write engine.
+
+use std::path::PathBuf;
+
+use qcow2::{CheckReport, OpenOptions};
+
+use crate::output::{Json, OutputFormat};
+use crate::source::{format_of, open_image, CmdResult, Failure, Format};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Repair mode (not implemented yet).
+    #[arg(short = 'r', value_parser = ["leaks", "all"])]
+    repair: Option<String>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image format (qcow2; raw has no checks).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    file: PathBuf,
+}
+
+pub fn run(args: Args) -> CmdResult {
+    if let Some(mode) = &args.repair {
+        return Err(Failure::new(
+            1,
+            format!("check -r {mode}: repair needs the write engine, which is not implemented yet"),
+        ));
+    }
+    let format = format_of(&args.file, args.format.as_deref()).map_err(|m| Failure::new(1, m))?;
+    if format == Format::Raw {
+        return Err(Failure::new(
+            63,
+            "This image format does not support checks",
+        ));
+    }
+    let image = open_image(&args.file, &OpenOptions::metadata_only())
+        .map_err(|m| Failure::new(1, format!("Check failed: {m}")))?;
+    let report = image
+        .check()
+        .map_err(|e| Failure::new(1, format!("Check failed: {e}")))?;
+    for message in &report.messages {
+        eprintln!("{message}");
+    }
+    let filename = args.file.display().to_string();
+    match args.output {
+        OutputFormat::Json => println!("{}", to_json(&report, &filename).pretty()),
+        OutputFormat::Human => print!("{}", to_human(&report)),
+    }
+    Ok(report.exit_code())
+}
+
+/// qemu-img's `ImageCheck` JSON: counters only when non-zero, in qemu-img's key order.
+fn to_json(r: &CheckReport, filename: &str) -> Json {
+    let mut o = Json::obj();
+    let nonzero = |o: &mut Json, key: &str, n: u64| {
+        if n != 0 {
+            o.push(key, n);
+        }
+    };
+    nonzero(&mut o, "image-end-offset", r.image_end_offset);
+    nonzero(&mut o, "compressed-clusters", r.compressed_clusters);
+    nonzero(&mut o, "total-clusters", r.total_clusters);
+    nonzero(&mut o, "corruptions", r.corruptions);
+    o.push("check-errors", r.check_errors);
+    nonzero(&mut o, "leaks", r.leaks);
+    nonzero(&mut o, "corruptions-fixed", r.corruptions_fixed);
+    nonzero(&mut o, "leaks-fixed", r.leaks_fixed);
+    nonzero(&mut o, "allocated-clusters", r.allocated_clusters);
+    o.push("filename", filename);
+    o.push("format", "qcow2");
+    nonzero(&mut o, "fragmented-clusters", r.fragmented_clusters);
+    o
+}
+
+/// qemu-img check's human summary.
+fn to_human(r: &CheckReport) -> String {
+    let mut s = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        s += "No errors were found on the image.\n";
+    } else {
+        if r.corruptions > 0 {
+            s += &format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            s += &format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            );
+        }
+        if r.check_errors > 0 {
+            s += &format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            );
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let pct = |n: u64, d: u64| n as f64 * 100.0 / d as f64;
+        s += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            pct(r.allocated_clusters, r.total_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters)
+        );
+    }
+    if r.image_end_offset != 0 {
+        s += &format!("Image end offset: {}\n", r.image_end_offset);
+    }
+    s
+}

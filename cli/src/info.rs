@@ -1,0 +1,353 @@
+//! `info`: what `qemu-img info` shows, in its human layout or its JSON keys and key order.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use qcow2::format::features::Autoclear;
+use qcow2::{Image, ImageInfo, OpenOptions};
+
+use crate::output::{size_to_str, Json, OutputFormat};
+use crate::snapshot::snapshot_table;
+use crate::source::{format_of, open_image, resolve_relative, CmdResult, Failure, Format};
+
+/// The deepest chain `--backing-chain` walks (QEMU's own limit is 16 for opens).
+const MAX_CHAIN: usize = 64;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Show every image of the backing chain.
+    #[arg(long)]
+    backing_chain: bool,
+    /// Image format (qcow2 or raw); probed when absent.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    file: PathBuf,
+}
+
+/// One persistent dirty bitmap, as qemu-img lists it.
+struct Bitmap {
+    name: String,
+    granularity: u64,
+    in_use: bool,
+    auto: bool,
+}
+
+/// What one image of the chain shows.
+struct Facts {
+    filename: String,
+    virtual_size: u64,
+    file_length: u64,
+    actual_size: u64,
+    qcow2: Option<(ImageInfo, Option<Vec<Bitmap>>)>,
+    full_backing: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let mut chain = Vec::new();
+    let mut path = args.file.clone();
+    let mut forced = args.format.clone();
+    loop {
+        let facts = gather(&path, forced.as_deref()).map_err(|m| Failure::new(1, m))?;
+        let next = facts.full_backing.clone();
+        forced = facts
+            .qcow2
+            .as_ref()
+            .and_then(|(info, _)| info.backing_format.clone());
+        chain.push(facts);
+        match next {
+            Some(next) if args.backing_chain => {
+                if chain.len() >= MAX_CHAIN {
+                    return Err(Failure::new(1, "Backing chain is too deep"));
+                }
+                path = next;
+            }
+            _ => break,
+        }
+    }
+    match args.output {
+        OutputFormat::Json => {
+            let mut items: Vec<Json> = chain.iter().map(to_json).collect();
+            let json = if args.backing_chain {
+                Json::Arr(items)
+            } else {
+                items.remove(0)
+            };
+            println!("{}", json.pretty());
+        }
+        OutputFormat::Human => {
+            let blocks: Vec<String> = chain.iter().map(to_human).collect();
+            print!("{}", blocks.join("\n"));
+        }
+    }
+    Ok(0)
+}
+
+fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let actual_size = meta.blocks() * 512;
+    let filename = path.display().to_string();
+    match format_of(path, forced)? {
+        Format::Raw => Ok(Facts {
+            filename,
+            virtual_size: meta.len(),
+            file_length: meta.len(),
+            actual_size,
+            qcow2: None,
+            full_backing: None,
+        }),
+        Format::Qcow2 => {
+            let image = open_image(path, &OpenOptions::metadata_only())?;
+            let info = image.info();
+            let bitmaps = read_bitmaps(&image, path)?;
+            let full_backing = info
+                .backing_file
+                .as_deref()
+                .map(|b| resolve_relative(path, b));
+            Ok(Facts {
+                filename,
+                virtual_size: info.virtual_size,
+                file_length: info.file_length,
+                actual_size,
+                qcow2: Some((info, bitmaps)),
+                full_backing,
+            })
+        }
+    }
+}
+
+/// The bitmap directory, read from the file (the library does not expose it yet).
+fn read_bitmaps(image: &Image, path: &Path) -> Result<Option<Vec<Bitmap>>, String> {
+    let header = image.header();
+    let Some(ext) = header.extensions.bitmaps else {
+        return Ok(None);
+    };
+    if header.autoclear_features & Autoclear::BITMAPS == 0 {
+        return Ok(None);
+    }
+    // QEMU caps the directory at 64 MiB.
+    if ext.bitmap_directory_size > 64 << 20 {
+        return Err(format!("{}: bitmap directory is too large", path.display()));
+    }
+    let file = File::open(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
+    file.read_exact_at(&mut dir, ext.bitmap_directory_offset)
+        .map_err(|e| format!("{}: reading the bitmap directory: {e}", path.display()))?;
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let mut bitmaps = Vec::new();
+    let mut pos = 0usize;
+    for _ in 0..ext.nb_bitmaps {
+        let Some(entry) = dir.get(pos..pos + 24) else {
+            return Err(format!("{}: bitmap directory is truncated", path.display()));
+        };
+        let flags = be32(&entry[12..16]);
+        let granularity_bits = entry[17] as u32;
+        let name_size = u16::from_be_bytes([entry[18], entry[19]]) as usize;
+        let extra_size = be32(&entry[20..24]) as usize;
+        let name_start = pos + 24 + extra_size;
+        let Some(name) = dir.get(name_start..name_start + name_size) else {
+            return Err(format!("{}: bitmap directory is truncated", path.display()));
+        };
+        bitmaps.push(Bitmap {
+            name: String::from_utf8_lossy(name).into_owned(),
+            granularity: 1u64.checked_shl(granularity_bits).unwrap_or(0),
+            in_use: flags & 1 != 0,
+            auto: flags & 2 != 0,
+        });
+        pos = (name_start + name_size + 7) & !7;
+    }
+    Ok(Some(bitmaps))
+}
+
+fn bitmap_flags(b: &Bitmap) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    flags
+}
+
+/// qemu-img info's JSON object, keys in qemu-img's order.
+fn to_json(f: &Facts) -> Json {
+    let mut file_child = Json::obj();
+    file_child.push("children", Json::Arr(vec![]));
+    // The file protocol reports its length in whole 512-byte sectors.
+    file_child.push("virtual-size", f.file_length.next_multiple_of(512));
+    file_child.push("filename", f.filename.as_str());
+    file_child.push("format", "file");
+    file_child.push("actual-size", f.actual_size);
+    let mut file_specific = Json::obj();
+    file_specific.push("type", "file");
+    file_specific.push("data", Json::obj());
+    file_child.push("format-specific", file_specific);
+    file_child.push("dirty-flag", false);
+    let mut child = Json::obj();
+    child.push("name", "file");
+    child.push("info", file_child);
+
+    let mut o = Json::obj();
+    o.push("children", Json::Arr(vec![child]));
+    let Some((info, bitmaps)) = &f.qcow2 else {
+        o.push("virtual-size", f.virtual_size);
+        o.push("filename", f.filename.as_str());
+        o.push("format", "raw");
+        o.push("actual-size", f.actual_size);
+        o.push("dirty-flag", false);
+        return o;
+    };
+    if !info.snapshots.is_empty() {
+        let snaps = info
+            .snapshots
+            .iter()
+            .map(|s| {
+                let mut j = Json::obj();
+                if let Some(icount) = s.icount {
+                    j.push("icount", icount);
+                }
+                j.push("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000);
+                j.push("name", s.name.as_str());
+                j.push("date-sec", u64::from(s.date_sec));
+                j.push("date-nsec", s.date_nsec);
+                j.push("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000);
+                j.push("id", s.id.as_str());
+                j.push("vm-state-size", s.vm_state_size);
+                j
+            })
+            .collect::<Vec<_>>();
+        o.push("snapshots", Json::Arr(snaps));
+    }
+    if let Some(fmt) = &info.backing_format {
+        o.push("backing-filename-format", fmt.as_str());
+    }
+    o.push("virtual-size", info.virtual_size);
+    o.push("filename", f.filename.as_str());
+    o.push("cluster-size", info.cluster_size);
+    o.push("format", "qcow2");
+    o.push("actual-size", f.actual_size);
+
+    let mut data = Json::obj();
+    data.push("compat", info.compat);
+    data.push("compression-type", info.compression_type);
+    let v3 = info.compat != "0.10";
+    if v3 {
+        data.push("lazy-refcounts", info.lazy_refcounts);
+        if let Some(bitmaps) = bitmaps {
+            let list = bitmaps
+                .iter()
+                .map(|b| {
+                    let mut j = Json::obj();
+                    let flags = bitmap_flags(b)
+                        .into_iter()
+                        .map(Json::from)
+                        .collect::<Vec<_>>();
+                    j.push("flags", Json::Arr(flags));
+                    j.push("name", b.name.as_str());
+                    j.push("granularity", b.granularity);
+                    j
+                })
+                .collect::<Vec<_>>();
+            data.push("bitmaps", Json::Arr(list));
+        }
+    }
+    data.push("refcount-bits", info.refcount_bits);
+    if v3 {
+        if let Some(data_file) = &info.data_file {
+            data.push("data-file", data_file.as_str());
+            data.push("data-file-raw", info.data_file_raw);
+        }
+        data.push("corrupt", info.corrupt);
+        data.push("extended-l2", info.extended_l2);
+    }
+    let mut specific = Json::obj();
+    specific.push("type", "qcow2");
+    specific.push("data", data);
+    o.push("format-specific", specific);
+    if let Some(full) = &f.full_backing {
+        o.push("full-backing-filename", full.display().to_string());
+    }
+    if let Some(backing) = &info.backing_file {
+        o.push("backing-filename", backing.as_str());
+    }
+    o.push("dirty-flag", info.dirty);
+    o
+}
+
+/// qemu-img info's human block for one image.
+fn to_human(f: &Facts) -> String {
+    let mut s = format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+        f.filename,
+        if f.qcow2.is_some() { "qcow2" } else { "raw" },
+        size_to_str(f.virtual_size),
+        f.virtual_size,
+        size_to_str(f.actual_size)
+    );
+    if let Some((info, bitmaps)) = &f.qcow2 {
+        s += &format!("cluster_size: {}\n", info.cluster_size);
+        if info.dirty {
+            s += "cleanly shut down: no\n";
+        }
+        if let Some(backing) = &info.backing_file {
+            s += &format!("backing file: {backing}");
+            if let Some(full) = &f.full_backing {
+                let full = full.display().to_string();
+                if &full != backing {
+                    s += &format!(" (actual path: {full})");
+                }
+            }
+            s += "\n";
+        }
+        if let Some(fmt) = &info.backing_format {
+            s += &format!("backing file format: {fmt}\n");
+        }
+        if !info.snapshots.is_empty() {
+            s += "Snapshot list:\n";
+            s += &snapshot_table(&info.snapshots);
+        }
+        s += "Format specific information:\n";
+        s += &format!("    compat: {}\n", info.compat);
+        s += &format!("    compression type: {}\n", info.compression_type);
+        let v3 = info.compat != "0.10";
+        if v3 {
+            s += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
+            if let Some(bitmaps) = bitmaps {
+                s += "    bitmaps:\n";
+                for (i, b) in bitmaps.iter().enumerate() {
+                    s += &format!("        [{i}]:\n            flags:\n");
+                    for (j, flag) in bitmap_flags(b).iter().enumerate() {
+                        s += &format!("                [{j}]: {flag}\n");
+                    }
+                    s += &format!(
+                        "            name: {}\n            granularity: {}\n",
+                        b.name, b.granularity
+                    );
+                }
+            }
+        }
+        s += &format!("    refcount bits: {}\n", info.refcount_bits);
+        if v3 {
+            if let Some(data_file) = &info.data_file {
+                s += &format!(
+                    "    data file: {data_file}\n    data file raw: {}\n",
+                    info.data_file_raw
+                );
+            }
+            s += &format!("    corrupt: {}\n", info.corrupt);
+            s += &format!("    extended l2: {}\n", info.extended_l2);
+        }
+    }
+    s += &format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
+        f.filename,
+        size_to_str(f.file_length.next_multiple_of(512)),
+        f.file_length.next_multiple_of(512),
+        size_to_str(f.actual_size)
+    );
+    s
+}

@@ -1,0 +1,170 @@
+//! `map`: the guest-to-host mapping as `qemu-img map` prints it (JSON lines or the human table
+//! of data ranges).
+
+use std::path::PathBuf;
+
+use qcow2::{Extent, Image, OpenOptions};
+
+use crate::output::{Json, OutputFormat};
+use crate::size::parse_size;
+use crate::source::{
+    format_of, open_image, resolve_relative, CmdResult, Failure, Format, Guest, RawFile,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image format (only qcow2 is mapped).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// First guest offset to map.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    start_offset: u64,
+    /// Most bytes to map.
+    #[arg(long, value_parser = parse_size)]
+    max_length: Option<u64>,
+    file: PathBuf,
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let fail = |m: String| Failure::new(1, m);
+    if format_of(&args.file, args.format.as_deref()).map_err(fail)? == Format::Raw {
+        return raw(&args);
+    }
+    let image = open_image(&args.file, &OpenOptions::default()).map_err(fail)?;
+    let start = args.start_offset.min(image.size());
+    let len = args
+        .max_length
+        .unwrap_or(u64::MAX)
+        .min(image.size() - start);
+    let extents = image.map(start, len).map_err(|e| fail(e.to_string()))?;
+    match args.output {
+        OutputFormat::Json => {
+            let lines: Vec<String> = extents
+                .iter()
+                .map(|e| entry_json(e).compact_map())
+                .collect();
+            println!("[{}]", lines.join(",\n"));
+            Ok(0)
+        }
+        OutputFormat::Human => human(&image, &args.file, &extents),
+    }
+}
+
+/// A raw file maps to itself as one data range (holes of sparse files are not detected).
+fn raw(args: &Args) -> CmdResult {
+    let file = RawFile::open(&args.file).map_err(|m| Failure::new(1, m))?;
+    let size = file.size();
+    let start = args.start_offset.min(size);
+    let len = args.max_length.unwrap_or(u64::MAX).min(size - start);
+    let name = args.file.display().to_string();
+    match args.output {
+        OutputFormat::Json if len == 0 => println!("[]"),
+        OutputFormat::Json => println!(
+            "[{{ \"start\": {start}, \"length\": {len}, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": {start}}}]"
+        ),
+        OutputFormat::Human => {
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            if len > 0 {
+                println!("{:<16}{:<16}{:<16}{name}", c_hex(start), c_hex(len), c_hex(start));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// One `qemu-img map --output=json` entry.
+fn entry_json(e: &Extent) -> Json {
+    let mut j = Json::obj();
+    j.push("start", e.start);
+    j.push("length", e.length);
+    j.push("depth", e.depth);
+    j.push("present", e.present());
+    j.push("zero", e.zero());
+    j.push("data", e.data());
+    j.push("compressed", e.compressed());
+    if let Some(offset) = e.offset() {
+        j.push("offset", offset);
+    }
+    j
+}
+
+impl Json {
+    /// qemu-img map's entry form: `{ "start": 0, ... "offset": 5}`.
+    fn compact_map(&self) -> String {
+        let Json::Obj(fields) = self else {
+            return self.compact();
+        };
+        let inner: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}: {}", crate::output::quote(k), v.compact()))
+            .collect();
+        format!("{{ {}}}", inner.join(", "))
+    }
+}
+
+/// The file that holds data mapped at each depth of the chain.
+fn files_by_depth(image: &Image, top: &std::path::Path) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut current = Some(image);
+    let mut path = top.to_path_buf();
+    while let Some(img) = current {
+        let info = img.info();
+        // qemu-img names a data file as the header records it (QEMU 10 opens it relative to
+        // the working directory; the library resolves it against the image's directory).
+        let name = match &info.data_file {
+            Some(data) => data.clone(),
+            None => path.display().to_string(),
+        };
+        names.push(name);
+        match (img.backing_image(), &info.backing_file) {
+            (Some(below), _) => {
+                path = below.path().map(|p| p.to_path_buf()).unwrap_or_default();
+                current = Some(below);
+            }
+            (None, Some(raw)) if img.chain_depth() > 0 => {
+                names.push(resolve_relative(&path, raw).display().to_string());
+                current = None;
+            }
+            _ => current = None,
+        }
+    }
+    names
+}
+
+/// qemu-img map's human table: data ranges only, with the file holding them.
+fn human(image: &Image, top: &std::path::Path, extents: &[Extent]) -> CmdResult {
+    let files = files_by_depth(image, top);
+    println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+    for e in extents {
+        if e.data() && e.offset().is_none() {
+            return Err(Failure::new(
+                1,
+                "File contains external, encrypted or compressed clusters.",
+            ));
+        }
+        if e.data() && !e.zero() {
+            let file = files
+                .get(e.depth as usize)
+                .map(String::as_str)
+                .unwrap_or("");
+            println!(
+                "{:<16}{:<16}{:<16}{file}",
+                c_hex(e.start),
+                c_hex(e.length),
+                c_hex(e.offset().unwrap_or(0))
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// C's `%#x`: `0` for zero, `0x..` otherwise.
+fn c_hex(n: u64) -> String {
+    if n == 0 {
+        "0".into()
+    } else {
+        format!("{n:#x}")
+    }
+}

@@ -1,0 +1,219 @@
+//! What the commands read guest bytes from: a qcow2 image (with its backing chain), one of its
+//! internal snapshots, or a raw file. Also the error type every command returns.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use qcow2::{Image, OpenOptions, SnapshotView};
+
+/// A command's failure: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a command returns: its exit code, or a failure.
+pub type CmdResult = Result<i32, Failure>;
+
+/// The qcow2 magic, `QFI\xfb`.
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// The two formats the tool reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+/// The format named by `-f`, or the one probed from the file's magic.
+pub fn format_of(path: &Path, forced: Option<&str>) -> Result<Format, String> {
+    match forced {
+        Some("qcow2") => Ok(Format::Qcow2),
+        Some("raw") => Ok(Format::Raw),
+        Some(other) => Err(format!("Unknown file format '{other}'")),
+        None => {
+            let mut file = File::open(path)
+                .map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+            let mut magic = [0u8; 4];
+            let n = file.read(&mut magic).unwrap_or(0);
+            Ok(if n == 4 && magic == QCOW2_MAGIC {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            })
+        }
+    }
+}
+
+/// Opens a qcow2 image with its backing chain and data file.
+pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
+    Image::open(path, options).map_err(|e| format!("Could not open '{}': {e}", path.display()))
+}
+
+/// `name` from an image header, resolved against the directory of the image at `image_path`.
+pub fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
+    let candidate = Path::new(name);
+    if candidate.is_absolute() {
+        return candidate.to_path_buf();
+    }
+    match image_path.parent() {
+        Some(dir) => dir.join(candidate),
+        None => candidate.to_path_buf(),
+    }
+}
+
+/// A raw file read as a guest disk.
+pub struct RawFile {
+    file: File,
+    size: u64,
+}
+
+impl RawFile {
+    pub fn open(path: &Path) -> Result<RawFile, String> {
+        let file =
+            File::open(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+        let size = file
+            .metadata()
+            .map_err(|e| format!("Could not open '{}': {e}", path.display()))?
+            .len();
+        Ok(RawFile { file, size })
+    }
+}
+
+/// Whether a range holds data to copy or reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub length: u64,
+    pub data: bool,
+}
+
+/// A guest disk to read.
+pub trait Guest: Sync {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
+    /// Ranges of `[offset, offset + len)`: data, or known zeros.
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String>;
+}
+
+fn regions_of(extents: Vec<qcow2::Extent>) -> Vec<Region> {
+    let mut out: Vec<Region> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let data = e.data();
+        match out.last_mut() {
+            Some(last) if last.data == data && last.start + last.length == e.start => {
+                last.length += e.length
+            }
+            _ => out.push(Region {
+                start: e.start,
+                length: e.length,
+                data,
+            }),
+        }
+    }
+    out
+}
+
+impl Guest for Image {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        Image::read_at(self, buf, offset).map_err(|e| e.to_string())
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
+        self.map(offset, len)
+            .map(regions_of)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Guest for SnapshotView<'_> {
+    fn size(&self) -> u64 {
+        SnapshotView::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        SnapshotView::read_at(self, buf, offset).map_err(|e| e.to_string())
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
+        self.map(offset, len)
+            .map(regions_of)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Guest for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("error while reading at offset {offset}: {e}")),
+            }
+        }
+        Ok(())
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
+        Ok(vec![Region {
+            start: offset,
+            length: len,
+            data: true,
+        }])
+    }
+}
+
+/// An opened input: a qcow2 image or a raw file.
+pub enum Input {
+    Qcow2(Box<Image>),
+    Raw(RawFile),
+}
+
+impl Input {
+    /// Opens `path` as `-f` says, or as its magic says.
+    pub fn open(path: &Path, forced: Option<&str>) -> Result<Input, String> {
+        match format_of(path, forced)? {
+            Format::Qcow2 => Ok(Input::Qcow2(Box::new(open_image(
+                path,
+                &OpenOptions::default(),
+            )?))),
+            Format::Raw => Ok(Input::Raw(RawFile::open(path)?)),
+        }
+    }
+
+    pub fn guest(&self) -> &dyn Guest {
+        match self {
+            Input::Qcow2(image) => image.as_ref(),
+            Input::Raw(raw) => raw,
+        }
+    }
+}
+
+/// Whether every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    // chunks_exact yields 16-byte slices only.
+    let words_zero = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0);
+    words_zero && chunks.remainder().iter().all(|&b| b == 0)
+}
