@@ -118,8 +118,18 @@ fn run(image: &mut Image, path: &Path, op: Op) {
             .unwrap(),
         Op::Flush => image.flush().unwrap(),
         Op::Reopen => {
-            let old = std::mem::replace(image, Image::open(path, &OpenOptions::default()).unwrap());
-            old.close().unwrap();
+            // A read-only placeholder would conflict with our own write lock, so swap in an
+            // image held in memory while the real one closes.
+            let placeholder = Image::create_in(
+                Box::new(qcow2::MemoryStorage::new()),
+                "placeholder",
+                &CreateOptions {
+                    size: 512,
+                    ..CreateOptions::default()
+                },
+            )
+            .unwrap();
+            std::mem::replace(image, placeholder).close().unwrap();
             *image = Image::open(path, &OpenOptions::read_write()).unwrap();
         }
     }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{open_file, resolve_relative, Image, OpenOptions};
+use super::{open_file, open_locked, resolve_relative, Image, OpenOptions};
 use crate::error::{ChainProblem, Error, Result};
 use crate::format::limits::QCOW_MAGIC;
 use crate::storage::Storage;
@@ -51,8 +51,7 @@ pub(crate) fn open_chain(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Image> {
     let name = path.display().to_string();
-    let storage =
-        open_file(path, options.writable).map_err(|e| Error::io(&name, "opening the image", e))?;
+    let storage = open_locked(path, options.writable, options, &name, "the image")?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
     let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
@@ -74,13 +73,13 @@ fn attach_files(
 ) -> Result<()> {
     if let Some(data_name) = image.data_file_name.clone() {
         let data_path = permitted(image, "data", &data_name, options)?;
-        let storage = open_file(&data_path, options.writable).map_err(|e| {
-            Error::io(
-                &image.name,
-                format!("opening the data file {data_name:?}"),
-                e,
-            )
-        })?;
+        let storage = open_locked(
+            &data_path,
+            options.writable,
+            options,
+            &image.name,
+            &format!("the data file {data_name:?}"),
+        )?;
         image.data_file = Some(storage);
     }
     let Some(backing_name) = image.backing_file_name() else {
@@ -146,13 +145,13 @@ fn attach_files(
         chain.pop();
         Backing::Qcow2(Box::new(below?))
     } else {
-        let storage = open_file(&backing_path, false).map_err(|e| {
-            Error::io(
-                &image.name,
-                format!("opening the backing file {backing_name:?}"),
-                e,
-            )
-        })?;
+        let storage = open_locked(
+            &backing_path,
+            false,
+            options,
+            &image.name,
+            &format!("the backing file {backing_name:?}"),
+        )?;
         let size = storage
             .len()
             .map_err(|e| Error::io(&image.name, "reading the backing file length", e))?;

@@ -53,6 +53,9 @@ pub struct OpenOptions {
     pub max_backing_depth: usize,
     /// Memory for cached L2 tables, in bytes (at least one table is always cached).
     pub l2_cache_bytes: u64,
+    /// Read without taking QEMU's image locks, even while another process writes (qemu-img's
+    /// `-U`). Ignored for writable opens.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -62,6 +65,7 @@ impl Default for OpenOptions {
             backing: BackingPolicy::Follow,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             l2_cache_bytes: 4 << 20,
+            force_share: false,
         }
     }
 }
@@ -520,13 +524,42 @@ pub(crate) fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Opens a file for the engine, read-only or read-write.
+/// Opens a file for the engine, read-only or read-write, without locking it.
 pub(crate) fn open_file(path: &Path, writable: bool) -> std::io::Result<Box<dyn Storage>> {
     Ok(Box::new(if writable {
         FileStorage::open_read_write(path)?
     } else {
         FileStorage::open_read_only(path)?
     }))
+}
+
+/// Opens a file and takes QEMU's image locks on it (unless the caller forces sharing).
+pub(crate) fn open_locked(
+    path: &Path,
+    writable: bool,
+    options: &OpenOptions,
+    image: &str,
+    what: &str,
+) -> Result<Box<dyn Storage>> {
+    let mut file = if writable {
+        FileStorage::open_read_write(path)
+    } else {
+        FileStorage::open_read_only(path)
+    }
+    .map_err(|e| Error::io(image, format!("opening {what}"), e))?;
+    if !options.force_share || writable {
+        match file.lock_image(writable) {
+            Ok(Ok(())) => {}
+            Ok(Err(detail)) => {
+                return Err(Error::Locked {
+                    image: path.display().to_string(),
+                    detail,
+                })
+            }
+            Err(e) => return Err(Error::io(image, format!("locking {what}"), e)),
+        }
+    }
+    Ok(Box::new(file))
 }
 
 /// Reads a table of `count` big-endian u64 entries (bounded by the header limits).

@@ -12,6 +12,7 @@ use super::Storage;
 pub struct FileStorage {
     file: File,
     writable: bool,
+    locked: bool,
 }
 
 impl FileStorage {
@@ -20,6 +21,7 @@ impl FileStorage {
         Ok(FileStorage {
             file: File::open(path)?,
             writable: false,
+            locked: false,
         })
     }
 
@@ -28,6 +30,7 @@ impl FileStorage {
         Ok(FileStorage {
             file: OpenOptions::new().read(true).write(true).open(path)?,
             writable: true,
+            locked: false,
         })
     }
 
@@ -40,17 +43,30 @@ impl FileStorage {
                 .create_new(true)
                 .open(path)?,
             writable: true,
+            locked: false,
         })
     }
 
     /// Wraps an already opened file.
     pub fn from_file(file: File, writable: bool) -> Self {
-        FileStorage { file, writable }
+        FileStorage {
+            file,
+            writable,
+            locked: false,
+        }
     }
 
-    /// The underlying file (for locking).
+    /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Takes the image locks QEMU uses (shared OFD byte-range locks), for reading or writing.
+    /// `Ok(Err(why))` means another process holds the image in a conflicting way.
+    pub fn lock_image(&mut self, writable: bool) -> io::Result<Result<(), String>> {
+        let result = super::lock::lock_image(&self.file, writable)?;
+        self.locked = result.is_ok();
+        Ok(result)
     }
 
     fn require_writable(&self) -> io::Result<()> {
@@ -61,6 +77,14 @@ impl FileStorage {
                 io::ErrorKind::PermissionDenied,
                 "the file is open read-only",
             ))
+        }
+    }
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        if self.locked {
+            super::lock::unlock_image(&self.file);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! [`Storage`], so tests and the fuzzer swap in memory (and, later, recording) backends.
 
 mod file;
+mod lock;
 mod memory;
 pub mod recording;
 
