@@ -132,6 +132,12 @@ impl L2Cache {
         }
     }
 
+    /// Drops a table whose cluster was freed, so the overlap guard does not mistake the
+    /// cluster's next use for an L2 table.
+    pub(crate) fn remove(&self, host_offset: u64) {
+        self.write_slots().remove(&host_offset);
+    }
+
     /// The offsets of every cached table (for the overlap guard).
     pub(crate) fn contains(&self, host_offset: u64) -> bool {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());

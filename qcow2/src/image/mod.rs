@@ -20,6 +20,7 @@ mod refcounts;
 mod repair;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod write;
 mod writeback;
 
@@ -200,7 +201,7 @@ impl Image {
         if options.backing != BackingPolicy::Ignore {
             if let Some(file) = image.backing_file_name() {
                 return Err(Error::Chain {
-                    image: image.name,
+                    image: image.name.clone(),
                     role: "backing",
                     file,
                     problem: crate::error::ChainProblem::NoDirectory,
@@ -208,7 +209,7 @@ impl Image {
             }
             if let Some(file) = image.data_file_name.clone() {
                 return Err(Error::Chain {
-                    image: image.name,
+                    image: image.name.clone(),
                     role: "data",
                     file,
                     problem: crate::error::ChainProblem::NoDirectory,

@@ -68,7 +68,8 @@ impl Image {
         self.flush_all(&mut m)
     }
 
-    /// Writes everything back, clears the dirty bit and closes the image.
+    /// Writes everything back, clears the dirty bit and closes the image, reporting errors
+    /// (dropping an image does the same but can only ignore them).
     pub fn close(self) -> Result<()> {
         if self.writable {
             let mut m = self.meta_mut();
@@ -161,7 +162,11 @@ impl Image {
         if old != 0 {
             // The reference is gone on disk, so the old table's refcount may drop now.
             let host = self.host();
-            m.ws_mut()?.refcounts.adjust(host, old, cs, -1)?;
+            let rc = &mut m.ws_mut()?.refcounts;
+            rc.adjust(host, old, cs, -1)?;
+            if rc.get(host, old / cs)? == 0 {
+                self.l2_cache.remove(old);
+            }
         }
         Ok(new)
     }
@@ -598,5 +603,15 @@ impl Image {
         self.mark_dirty(m)?;
         self.set_slot(m, slot, entry, bitmap);
         self.free_entry(m, slot.entry)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if self.writable {
+            let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+            let _ = self.close_clean(&mut m);
+            m.ws = None;
+        }
     }
 }

@@ -1,0 +1,296 @@
+//! Internal snapshots against QEMU: ours are listed and read by qemu-img exactly as the model
+//! says, QEMU's are listed, applied and deleted by us, `qemu-img check` stays at exit 0 after
+//! every step, 64-bit times survive QEMU rewriting the table, and refused operations leave the
+//! image byte for byte as it was.
+
+use std::path::Path;
+
+use qcow2::format::SnapshotTime;
+use qcow2::{CreateOptions, Error, Image, OpenOptions};
+use qcow2_testdata::{
+    copy_fixture, qemu_check, qemu_convert_raw, qemu_img_ok, qemu_json, require_qemu, scratch_dir,
+};
+
+fn assert_qemu_clean(path: &Path, what: &str) {
+    let (code, json) = qemu_check(path);
+    assert_eq!(code, 0, "{what}: qemu-img check: {json}");
+}
+
+fn fill(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 1000) as u8))
+        .collect()
+}
+
+fn time(secs: i64) -> SnapshotTime {
+    SnapshotTime {
+        secs,
+        nanos: 123_000,
+    }
+}
+
+/// Writes, snapshots, more writes, apply, delete — checked against QEMU after every step.
+fn lifecycle(name: &str, options: CreateOptions) {
+    require_qemu();
+    let path = scratch_dir(&format!("snap-{name}")).join("a.qcow2");
+    let size = options.size as usize;
+    let cs = options.cluster_size as usize;
+    let image = Image::create(&path, &options).unwrap();
+    let mut model = vec![0u8; size];
+    let write = |image: &Image, model: &mut Vec<u8>, offset: usize, len: usize, seed: u8| {
+        let data = fill(len, seed);
+        image.write_at(&data, offset as u64).unwrap();
+        model[offset..offset + len].copy_from_slice(&data);
+    };
+    write(&image, &mut model, 0, 3 * cs + 100, 1);
+    write(&image, &mut model, size / 2, cs, 2);
+    image.write_zeroes(cs as u64 * 5, cs as u64, false).unwrap();
+    let a = model.clone();
+    image.create_snapshot("first", time(1_700_000_000)).unwrap();
+    write(&image, &mut model, 100, 2 * cs, 3);
+    write(&image, &mut model, size - 500, 500, 4);
+    let b = model.clone();
+    image
+        .create_snapshot("second", time(1_700_000_100))
+        .unwrap();
+    write(&image, &mut model, cs / 2, cs, 5);
+    image.flush().unwrap();
+    {
+        let view = image.open_snapshot("first").unwrap();
+        let mut back = vec![0u8; size];
+        view.read_at(&mut back, 0).unwrap();
+        assert!(back == a, "{name}: our view of the first snapshot");
+    }
+    drop(image);
+    assert_qemu_clean(&path, name);
+    assert!(
+        qemu_convert_raw(&path, Some("first")) == a,
+        "{name}: qemu reads first"
+    );
+    assert!(
+        qemu_convert_raw(&path, Some("second")) == b,
+        "{name}: qemu reads second"
+    );
+    assert!(
+        qemu_convert_raw(&path, None) == model,
+        "{name}: qemu reads the active state"
+    );
+    let listed = qemu_img_ok(&["snapshot", "-l", path.to_str().unwrap()]);
+    assert!(
+        listed.contains("first") && listed.contains("second"),
+        "{listed}"
+    );
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.apply_snapshot("first").unwrap();
+    let mut back = vec![0u8; size];
+    image.read_at(&mut back, 0).unwrap();
+    assert!(back == a, "{name}: apply restores the first snapshot");
+    write(&image, &mut back, 10, 3 * cs, 6);
+    image.delete_snapshot("second").unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path, name);
+    assert!(
+        qemu_convert_raw(&path, Some("first")) == a,
+        "{name}: writes after apply left first alone"
+    );
+    assert!(
+        qemu_convert_raw(&path, None) == back,
+        "{name}: active after apply and writes"
+    );
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.delete_snapshot("first").unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path, name);
+    assert!(qemu_convert_raw(&path, None) == back);
+}
+
+fn opts(size: u64, cluster: u64) -> CreateOptions {
+    CreateOptions {
+        size,
+        cluster_size: cluster,
+        ..CreateOptions::default()
+    }
+}
+
+#[test]
+fn snapshot_lifecycle_4k_and_64k_clusters() {
+    lifecycle("4k", opts(4 << 20, 4096));
+    lifecycle("64k", opts(16 << 20, 65536));
+}
+
+#[test]
+fn snapshot_lifecycle_extended_l2_and_compat_0_10() {
+    lifecycle(
+        "extl2",
+        CreateOptions {
+            extended_l2: true,
+            ..opts(8 << 20, 65536)
+        },
+    );
+    lifecycle(
+        "v2",
+        CreateOptions {
+            version: 2,
+            ..opts(4 << 20, 4096)
+        },
+    );
+}
+
+#[test]
+fn snapshot_lifecycle_refcount_widths_and_lazy_refcounts() {
+    for bits in [2, 16, 64] {
+        lifecycle(
+            &format!("rc{bits}"),
+            CreateOptions {
+                refcount_bits: bits,
+                ..opts(4 << 20, 4096)
+            },
+        );
+    }
+    lifecycle(
+        "lazy",
+        CreateOptions {
+            lazy_refcounts: true,
+            ..opts(4 << 20, 4096)
+        },
+    );
+}
+
+#[test]
+fn qemu_made_snapshots_are_listed_applied_and_deleted() {
+    require_qemu();
+    let dir = scratch_dir("qemu-snapshots");
+    let path = copy_fixture("snap", &dir);
+    let image = Image::open(&path, &OpenOptions::default()).unwrap();
+    let ours: Vec<String> = image.snapshots().iter().map(|s| s.name.clone()).collect();
+    drop(image);
+    let json = qemu_json(&["info", path.to_str().unwrap()]);
+    let theirs: Vec<String> = json["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ours, theirs);
+    let contents: Vec<Vec<u8>> = theirs
+        .iter()
+        .map(|n| qemu_convert_raw(&path, Some(n)))
+        .collect();
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.apply_snapshot(&theirs[1]).unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path, "apply");
+    assert!(qemu_convert_raw(&path, None) == contents[1]);
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.delete_snapshot(&theirs[0]).unwrap();
+    image.write_at(&[0x77; 70000], 4096).unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path, "delete");
+    for (name, content) in theirs.iter().zip(&contents).skip(1) {
+        assert!(
+            qemu_convert_raw(&path, Some(name)) == *content,
+            "snapshot {name}"
+        );
+    }
+}
+
+#[test]
+fn times_beyond_32_bits_round_trip_and_survive_qemu_rewriting_the_table() {
+    require_qemu();
+    let path = scratch_dir("snapshot-times").join("a.qcow2");
+    let image = Image::create(&path, &opts(1 << 20, 65536)).unwrap();
+    image.write_at(&[1; 4096], 0).unwrap();
+    let times = [
+        0i64,
+        -3_155_760_000,
+        2_147_483_648,
+        4_294_967_297,
+        32_503_680_000,
+    ];
+    for (i, &secs) in times.iter().enumerate() {
+        image.create_snapshot(&format!("t{i}"), time(secs)).unwrap();
+    }
+    image.close().unwrap();
+    let p = path.to_str().unwrap();
+    let json = qemu_json(&["info", p]);
+    for (i, &secs) in times.iter().enumerate() {
+        assert_eq!(
+            json["snapshots"][i]["date-sec"].as_u64(),
+            Some(secs as u32 as u64)
+        );
+    }
+    // QEMU rewrites the table twice; our tagged field must survive both.
+    qemu_img_ok(&["snapshot", "-c", "qemu-made", p]);
+    qemu_img_ok(&["snapshot", "-d", "qemu-made", p]);
+    let image = Image::open(&path, &OpenOptions::default()).unwrap();
+    let back: Vec<i64> = image.snapshots().iter().map(|s| s.time.secs).collect();
+    assert_eq!(back, times);
+    assert_qemu_clean(&path, "times");
+}
+
+#[test]
+fn a_refused_snapshot_leaves_the_image_byte_for_byte_unchanged() {
+    require_qemu();
+    let path = scratch_dir("snapshot-refused").join("a.qcow2");
+    let image = Image::create(
+        &path,
+        &CreateOptions {
+            refcount_bits: 1,
+            ..opts(1 << 20, 4096)
+        },
+    )
+    .unwrap();
+    image.write_at(&[9; 10000], 0).unwrap();
+    image.flush().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let err = image
+        .create_snapshot("too-many-references", time(1))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert!(std::fs::read(&path).unwrap() == before);
+    image.close().unwrap();
+    assert_qemu_clean(&path, "refused");
+}
+
+#[test]
+fn a_thousand_snapshots_with_a_third_deleted_list_like_qemu() {
+    require_qemu();
+    let path = scratch_dir("many-snapshots").join("a.qcow2");
+    let image = Image::create(&path, &opts(1 << 20, 65536)).unwrap();
+    for i in 0..1000u64 {
+        if i % 10 == 0 {
+            image.write_at(&[i as u8; 512], (i % 16) * 65536).unwrap();
+        }
+        image
+            .create_snapshot(&format!("s{i}"), time(1_700_000_000 + i as i64))
+            .unwrap();
+        if i % 3 == 2 {
+            image.delete_snapshot(&format!("s{}", i - 1)).unwrap();
+        }
+    }
+    let ours: Vec<(String, String)> = image
+        .snapshots()
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect();
+    image.close().unwrap();
+    assert_eq!(ours.len(), 667);
+    let json = qemu_json(&["info", path.to_str().unwrap()]);
+    let theirs: Vec<(String, String)> = json["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    assert_qemu_clean(&path, "many");
+}
