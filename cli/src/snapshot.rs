@@ -1,9 +1,10 @@
-//! `snapshot -l`: the internal snapshot table as qemu-img prints it. Creating, applying and
-//! deleting snapshots need the write engine and are refused for now.
+//! `snapshot -l | -c NAME | -a NAME | -d NAME`, as qemu-img: the listing is qemu-img's table;
+//! `-a` and `-d` look a snapshot up by id first, then by name.
 
 use std::path::PathBuf;
 
 use chrono::{Local, TimeZone};
+use qcow2::format::SnapshotTime;
 use qcow2::{OpenOptions, SnapshotInfo};
 
 use crate::output::size_to_str;
@@ -14,13 +15,13 @@ pub struct Args {
     /// List the snapshots.
     #[arg(short = 'l')]
     list: bool,
-    /// Create a snapshot (not implemented yet).
+    /// Create a snapshot of the current state.
     #[arg(short = 'c', value_name = "NAME")]
     create: Option<String>,
-    /// Apply a snapshot (not implemented yet).
+    /// Revert the image to a snapshot.
     #[arg(short = 'a', value_name = "NAME")]
     apply: Option<String>,
-    /// Delete a snapshot (not implemented yet).
+    /// Delete a snapshot.
     #[arg(short = 'd', value_name = "NAME")]
     delete: Option<String>,
     /// Image format (only qcow2 has snapshots).
@@ -30,11 +31,46 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    if args.create.is_some() || args.apply.is_some() || args.delete.is_some() {
-        return Err(Failure::new(
-            1,
-            "snapshot -c/-a/-d need the write engine, which is not implemented yet; only -l works",
-        ));
+    let actions = [args.list, args.create.is_some(), args.apply.is_some(), args.delete.is_some()];
+    if actions.iter().filter(|&&a| a).count() > 1 {
+        return Err(Failure::new(1, "Cannot mix '-l', '-a', '-c', '-d'"));
+    }
+    if let Some(name) = &args.create {
+        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        // qemu-img keeps names to 255 bytes and the time to microseconds.
+        let mut cut = name.len().min(255);
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let name = &name[..cut];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let time = SnapshotTime {
+            secs: now.as_secs() as i64,
+            nanos: now.subsec_micros() * 1000,
+        };
+        image.create_snapshot(name, time).map_err(|e| {
+            Failure::new(1, format!("Could not create snapshot '{name}': {e}"))
+        })?;
+        image.close().map_err(|e| Failure::new(1, e.to_string()))?;
+        return Ok(0);
+    }
+    if let Some(name) = &args.apply {
+        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        image.apply_snapshot(name).map_err(|e| {
+            Failure::new(1, format!("Could not apply snapshot '{name}': {e}"))
+        })?;
+        image.close().map_err(|e| Failure::new(1, e.to_string()))?;
+        return Ok(0);
+    }
+    if let Some(name) = &args.delete {
+        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        image.delete_snapshot(name).map_err(|e| {
+            Failure::new(1, format!("Could not delete snapshot '{name}': {e}"))
+        })?;
+        image.close().map_err(|e| Failure::new(1, e.to_string()))?;
+        return Ok(0);
     }
     if !args.list {
         return Err(Failure::new(

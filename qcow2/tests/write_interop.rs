@@ -303,3 +303,106 @@ fn writes_fail_cleanly_on_read_only_images_and_past_the_end() {
     rw.close().unwrap();
     assert_qemu_clean(&path);
 }
+
+#[test]
+fn preallocated_metadata_images_pass_qemu_check_and_read_as_zeros() {
+    require_qemu();
+    let path = scratch_dir("prealloc").join("a.qcow2");
+    let options = CreateOptions {
+        size: 8 << 20,
+        cluster_size: 65536,
+        preallocation: qcow2::Preallocation::Metadata,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.write_at(&pattern(5000, 4), 70_000).unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    let (_, json) = qemu_check(&path);
+    assert_eq!(json["allocated-clusters"].as_u64(), Some(128), "{json}");
+    let mut expected = vec![0u8; 8 << 20];
+    expected[70_000..75_000].copy_from_slice(&pattern(5000, 4));
+    assert_reads_as(&path, &expected);
+}
+
+#[test]
+fn repair_all_rebuilds_refcounts_that_are_too_low() {
+    require_qemu();
+    let path = scratch_dir("repair-all").join("a.qcow2");
+    let options = CreateOptions {
+        size: 1 << 20,
+        cluster_size: 65536,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.write_at(&pattern(200_000, 5), 0).unwrap();
+    image.close().unwrap();
+    // Zero the refcount of the first data cluster (cluster 5): a corruption, not a leak.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0x20000 + 10..0x20000 + 12].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, _) = qemu_check(&path);
+    assert_eq!(code, 2);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let report = image.check_and_repair(Repair::All).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert!(report.corruptions_fixed > 0);
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    let mut expected = pattern(200_000, 5);
+    expected.resize(1 << 20, 0);
+    assert_reads_as(&path, &expected);
+}
+
+#[test]
+fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
+    use qcow2::storage::recording::{Fault, RecordingStorage};
+    use std::sync::Arc;
+    for fail_at in [0usize, 1, 2, 3, 5, 8] {
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let options = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            ..CreateOptions::default()
+        };
+        let image = Image::create_in(Box::new(store.clone()), "enospc.qcow2", &options).unwrap();
+        image.write_at(&pattern(50_000, 1), 0).unwrap();
+        image.flush().unwrap();
+        let writes_so_far = store
+            .ops()
+            .iter()
+            .filter(|op| matches!(op, qcow2::storage::recording::Op::Write { .. }))
+            .count();
+        store.inject(Some(Fault::WriteFrom(
+            writes_so_far + fail_at,
+            std::io::ErrorKind::StorageFull,
+        )));
+        let result = image
+            .write_at(&pattern(300_000, 2), 100_000)
+            .and_then(|_| image.flush());
+        assert!(
+            matches!(result, Err(Error::Io { .. })),
+            "fail_at {fail_at}: {result:?}"
+        );
+        drop(image);
+        store.inject(None);
+        let reopened = Image::from_storage(
+            Box::new(qcow2::MemoryStorage::from_bytes(store.live_bytes())),
+            "after",
+            &OpenOptions::metadata_only(),
+        )
+        .unwrap();
+        let report = reopened.check().unwrap();
+        assert_eq!(
+            report.corruptions, 0,
+            "fail_at {fail_at}: {:?}",
+            report.messages
+        );
+        let mut first = vec![0u8; 50_000];
+        reopened.read_at(&mut first, 0).unwrap();
+        assert!(
+            first == pattern(50_000, 1),
+            "fail_at {fail_at}: flushed data changed"
+        );
+    }
+}

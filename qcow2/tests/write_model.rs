@@ -161,16 +161,51 @@ fn check_against_qemu(path: &Path, model: &[u8], what: &str) {
         "{what}: qemu-img compare: {}",
         String::from_utf8_lossy(&compare.stdout)
     );
+    // Sample ranges through qemu-io's pattern check too.
+    let mut checked = 0;
+    for start in (0..model.len()).step_by(model.len() / 7 + 1) {
+        let len = 512.min(model.len() - start);
+        let byte = model[start];
+        if model[start..start + len].iter().all(|&b| b == byte) {
+            let cmd = format!("read -P {byte} {start} {len}");
+            let out = qcow2_testdata::qemu_io(&["-r", "-c", &cmd, path.to_str().unwrap()]);
+            assert!(
+                out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+                "{what}: qemu-io {cmd}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "{what}: no uniform range to sample");
 }
 
 fn sequence(name: &str, options: CreateOptions, seed: u64, count: usize) {
+    sequence_over(name, options, seed, count, None)
+}
+
+/// Like `sequence`, over a backing file: (format, a function making it in the directory).
+fn sequence_over(
+    name: &str,
+    mut options: CreateOptions,
+    seed: u64,
+    count: usize,
+    backing: Option<(&str, &dyn Fn(&Path) -> Vec<u8>)>,
+) {
     require_qemu();
     let dir = scratch_dir(name);
     let path = dir.join("image.qcow2");
     let cluster = options.cluster_size;
     let size = options.size;
-    let mut image = Image::create(&path, &options).unwrap();
     let mut model = vec![0u8; size as usize];
+    if let Some((format, make)) = backing {
+        let base = make(&dir);
+        let n = base.len().min(model.len());
+        model[..n].copy_from_slice(&base[..n]);
+        options.backing_file = Some(format!("base.{format}"));
+        options.backing_format = Some(format.to_string());
+    }
+    let mut image = Image::create(&path, &options).unwrap();
     let mut rng = Rng(seed);
     for (i, op) in random_ops(&mut rng, size, cluster, count)
         .into_iter()
@@ -275,4 +310,53 @@ fn cow_out_of_a_compressed_cluster_in_reused_space_reads_the_new_data() {
     assert!(back == model);
     image.close().unwrap();
     check_against_qemu(&path, &model, "compressed-reuse");
+}
+
+fn base_content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 4096) as u8 ^ 0x5a).collect()
+}
+
+#[test]
+fn random_sequence_over_a_raw_backing_file() {
+    let make = |dir: &Path| {
+        let data = base_content(3 << 20);
+        std::fs::write(dir.join("base.raw"), &data).unwrap();
+        data
+    };
+    sequence_over(
+        "seq-over-raw",
+        options(4 << 20, 4096),
+        21,
+        150,
+        Some(("raw", &make)),
+    );
+}
+
+#[test]
+fn random_sequence_over_a_qcow2_backing_file() {
+    let make = |dir: &Path| {
+        let data = base_content(4 << 20);
+        let raw = dir.join("base.src");
+        std::fs::write(&raw, &data).unwrap();
+        let base = dir.join("base.qcow2");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=16384",
+            raw.to_str().unwrap(),
+            base.to_str().unwrap(),
+        ]);
+        data
+    };
+    sequence_over(
+        "seq-over-qcow2",
+        options(6 << 20, 65536),
+        22,
+        150,
+        Some(("qcow2", &make)),
+    );
 }
