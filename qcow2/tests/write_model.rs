@@ -184,13 +184,16 @@ fn sequence(name: &str, options: CreateOptions, seed: u64, count: usize) {
     sequence_over(name, options, seed, count, None)
 }
 
+/// Makes a backing file in a directory and returns its guest content.
+type MakeBacking = dyn Fn(&Path) -> Vec<u8>;
+
 /// Like `sequence`, over a backing file: (format, a function making it in the directory).
 fn sequence_over(
     name: &str,
     mut options: CreateOptions,
     seed: u64,
     count: usize,
-    backing: Option<(&str, &dyn Fn(&Path) -> Vec<u8>)>,
+    backing: Option<(&str, &MakeBacking)>,
 ) {
     require_qemu();
     let dir = scratch_dir(name);
