@@ -294,3 +294,72 @@ fn a_thousand_snapshots_with_a_third_deleted_list_like_qemu() {
     assert_eq!(ours, theirs);
     assert_qemu_clean(&path, "many");
 }
+
+#[test]
+fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
+    use qcow2::image::SnapshotChange;
+    require_qemu();
+    let path = scratch_dir("staged").join("a.qcow2");
+    let image = Image::create(&path, &opts(2 << 20, 65536)).unwrap();
+    image.write_at(&fill(300_000, 1), 0).unwrap();
+    image.create_snapshot("old", time(100)).unwrap();
+    image.write_at(&fill(100_000, 2), 500_000).unwrap();
+    let mut active = vec![0u8; 2 << 20];
+    image.read_at(&mut active, 0).unwrap();
+    image.flush().unwrap();
+    let before = std::fs::read(&path).unwrap();
+
+    let batch = [
+        SnapshotChange::Create {
+            name: "a".into(),
+            time: time(200),
+        },
+        SnapshotChange::Create {
+            name: "b".into(),
+            time: time(201),
+        },
+        SnapshotChange::Delete {
+            id_or_name: "old".into(),
+        },
+    ];
+    let staged = image.stage(&batch).unwrap();
+    assert_ne!(staged.header_switch, image.header_switch_bytes());
+    image.abandon(staged).unwrap();
+    image.flush().unwrap();
+    assert!(
+        std::fs::read(&path).unwrap()[..72] == before[..72],
+        "header unchanged"
+    );
+    assert!(image.check().unwrap().is_clean());
+
+    let staged = image.stage(&batch).unwrap();
+    image.publish(staged).unwrap();
+    let names: Vec<String> = image.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    image.close().unwrap();
+    assert_qemu_clean(&path, "batch");
+    assert!(qemu_convert_raw(&path, Some("a")) == active);
+    assert!(qemu_convert_raw(&path, Some("b")) == active);
+
+    // Snapshot the current state and revert to "a" in one switch.
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.write_at(&fill(4096, 9), 0).unwrap();
+    let mut current = vec![0u8; 2 << 20];
+    image.read_at(&mut current, 0).unwrap();
+    let staged = image
+        .stage(&[
+            SnapshotChange::Create {
+                name: "pre-revert".into(),
+                time: time(300),
+            },
+            SnapshotChange::Revert {
+                id_or_name: "a".into(),
+            },
+        ])
+        .unwrap();
+    image.publish(staged).unwrap();
+    image.close().unwrap();
+    assert_qemu_clean(&path, "create+revert");
+    assert!(qemu_convert_raw(&path, None) == active);
+    assert!(qemu_convert_raw(&path, Some("pre-revert")) == current);
+}

@@ -34,6 +34,7 @@ pub use info::{ImageInfo, SnapshotInfo};
 pub use map::{Extent, ExtentKind};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
+pub use snapshot_ops::{SnapshotChange, StagedChange};
 
 use crate::error::{Error, Result};
 use crate::format::limits::*;

@@ -48,10 +48,47 @@ struct LayerRefs {
     data: Vec<(u64, u64)>,
 }
 
-/// What a new state looks like before it is published.
-struct NewState {
+/// One change to an image's snapshots, as a caller (or a group transaction) asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotChange {
+    /// Snapshot the current state.
+    Create { name: String, time: SnapshotTime },
+    /// Delete a snapshot, found by id first, then by name.
+    Delete { id_or_name: String },
+    /// Make a snapshot the active state (and the disk its size), found by id, then name.
+    Revert { id_or_name: String },
+}
+
+/// A new state built in fresh clusters, with its refcounts raised durably, but not yet
+/// published: [`Image::publish`] switches to it with one header write, [`Image::abandon`]
+/// takes the staged refcounts back. Until one of them runs, the image reads as before and holds
+/// only leaked clusters.
+#[derive(Debug)]
+pub struct StagedChange {
+    /// Header bytes 24..72 of the new state (size, L1 fields, refcount table fields, snapshot
+    /// count and table offset): the one write that publishes it.
+    pub header_switch: [u8; 48],
     size: u64,
+    l1: Vec<u64>,
+    l1_at: u64,
+    l1_clusters: u64,
     snapshots: Vec<SnapshotEntry>,
+    table_at: u64,
+    table_len: u64,
+    /// Refcount increases made while staging (allocations included), per cluster.
+    raised: Vec<(u64, i64)>,
+    /// Refcount decreases due once the new state is published, per cluster.
+    lowered: Vec<(u64, i64)>,
+}
+
+/// The new active layer and snapshot list a batch of changes leads to.
+struct Plan {
+    deltas: Deltas,
+    snapshots: Vec<SnapshotEntry>,
+    size: u64,
+    /// L1 entries of the new active layer before its tables are copied.
+    l1_source: Vec<u64>,
+    source: LayerRefs,
 }
 
 impl Image {
@@ -62,130 +99,30 @@ impl Image {
 
     /// Creates an internal snapshot of the current state, named `name`, taken at `time`.
     pub fn create_snapshot(&self, name: &str, time: SnapshotTime) -> Result<SnapshotInfo> {
-        self.require_writable()?;
-        let mut m = self.meta_mut();
-        self.refuse_with_data_file(&m)?;
-        if m.header.nb_snapshots >= MAX_SNAPSHOTS {
-            return Err(self.refused(format!("the image already has {MAX_SNAPSHOTS} snapshots")));
-        }
-        if name.len() > u16::MAX as usize || time.nanos >= 1_000_000_000 {
-            return Err(self.refused(
-                "the snapshot name is longer than 65535 bytes or the time is invalid".into(),
-            ));
-        }
-        self.flush_all(&mut m)?;
-        let active = self.layer_refs(&m, &m.l1.clone(), m.header.l1_table_offset)?;
-
-        let id = next_id(&m.snapshots);
-        let mut extra = vec![0u8; SNAPSHOT_EXTRA_KNOWN_SIZE];
-        extra[8..16].copy_from_slice(&m.header.size.to_be_bytes());
-        extra.extend_from_slice(&TIME64_TAG);
-        extra.extend_from_slice(&time.secs.to_be_bytes());
-        let entry = SnapshotEntry {
-            l1_table_offset: m.header.l1_table_offset,
-            l1_size: m.header.l1_size,
-            id: id.clone().into_bytes(),
-            name: name.as_bytes().to_vec(),
-            date_sec: time.secs as u32,
-            date_nsec: time.nanos,
-            vm_clock_nsec: 0,
-            vm_state_size32: 0,
-            extra,
-        };
-        let mut snapshots = m.snapshots.clone();
-        snapshots.push(entry);
-        let size = m.header.size;
-        let old_l1 = m.l1.clone();
-        // The snapshot keeps the current L1 and L2 tables; the active layer gets copies.
-        self.transition(
-            &mut m,
-            Deltas::default(),
-            &old_l1,
-            NewState { size, snapshots },
-            &active,
-            false,
-        )?;
-        drop(m);
+        self.apply_change(SnapshotChange::Create {
+            name: name.to_string(),
+            time,
+        })?;
         Ok(self
             .snapshots()
             .into_iter()
-            .find(|s| s.id == id)
-            .expect("the new snapshot is listed"))
+            .next_back()
+            .expect("the new snapshot is listed last"))
     }
 
     /// Deletes the snapshot with id `id_or_name`, else the first named so.
     pub fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
-        self.require_writable()?;
-        let mut m = self.meta_mut();
-        let entry = find_snapshot(&m.snapshots, id_or_name)
-            .cloned()
-            .ok_or_else(|| Error::SnapshotNotFound {
-                image: self.name.clone(),
-                name: id_or_name.to_string(),
-            })?;
-        self.flush_all(&mut m)?;
-        let cb = m.header.cluster_bits;
-        let cs = m.header.cluster_size();
-        let snap_l1 = self.snapshot_l1(&m, &entry)?;
-        let gone = self.layer_refs(&m, &snap_l1, entry.l1_table_offset)?;
-        // After publishing, the snapshot's L1, its tables and their paths to data are gone.
-        let mut deltas = Deltas::default();
-        deltas.add(entry.l1_table_offset, entry.l1_size as u64 * 8, -1, cb);
-        for &(_, t) in &gone.tables {
-            deltas.add(t, cs, -1, cb);
-        }
-        for &(off, len) in &gone.data {
-            deltas.add(off, len, -1, cb);
-        }
-        let active = self.layer_refs(&m, &m.l1.clone(), m.header.l1_table_offset)?;
-        let snapshots: Vec<SnapshotEntry> = m
-            .snapshots
-            .iter()
-            .filter(|s| s.id != entry.id)
-            .cloned()
-            .collect();
-        let size = m.header.size;
-        let old_l1 = m.l1.clone();
-        // The active layer is rebuilt so its COPIED bits match the lowered refcounts.
-        self.transition(
-            &mut m,
-            deltas,
-            &old_l1,
-            NewState { size, snapshots },
-            &active,
-            true,
-        )
+        self.apply_change(SnapshotChange::Delete {
+            id_or_name: id_or_name.to_string(),
+        })
     }
 
     /// Makes the snapshot with id `id_or_name` (else the first named so) the active state,
     /// resizing the disk to the snapshot's size as QEMU 10 does.
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
-        self.require_writable()?;
-        let mut m = self.meta_mut();
-        self.refuse_with_data_file(&m)?;
-        let entry = find_snapshot(&m.snapshots, id_or_name)
-            .cloned()
-            .ok_or_else(|| Error::SnapshotNotFound {
-                image: self.name.clone(),
-                name: id_or_name.to_string(),
-            })?;
-        self.flush_all(&mut m)?;
-        let snap_l1 = self.snapshot_l1(&m, &entry)?;
-        let source = self.layer_refs(&m, &snap_l1, entry.l1_table_offset)?;
-        let size = entry.disk_size().unwrap_or(m.header.size);
-        let l1_len = (snap_l1.len() as u64).max(m.header.l1_entries_for(size)) as usize;
-        let mut l1 = snap_l1.clone();
-        l1.resize(l1_len, 0);
-        let snapshots = m.snapshots.clone();
-        // The active layer becomes copies of the snapshot's tables; the old one goes.
-        self.transition(
-            &mut m,
-            Deltas::default(),
-            &l1,
-            NewState { size, snapshots },
-            &source,
-            true,
-        )
+        self.apply_change(SnapshotChange::Revert {
+            id_or_name: id_or_name.to_string(),
+        })
     }
 
     fn refuse_with_data_file(&self, m: &Meta) -> Result<()> {
@@ -278,199 +215,361 @@ impl Image {
         Ok(())
     }
 
-    /// Builds the new state in fresh clusters and publishes it. `l1_source` becomes the new
-    /// active L1, with the L2 tables listed in `source` copied for the active layer (each copy
-    /// adds a path to the data it maps). With `retire_active`, the old active L1, its tables and
-    /// their paths go away; otherwise they now belong to a snapshot. `deltas` holds the other
-    /// refcount changes.
-    fn transition(
-        &self,
-        m: &mut Meta,
-        mut deltas: Deltas,
-        l1_source: &[u64],
-        mut new: NewState,
-        source: &LayerRefs,
-        retire_active: bool,
-    ) -> Result<()> {
+    /// Stages and publishes one change.
+    fn apply_change(&self, change: SnapshotChange) -> Result<()> {
+        let staged = self.stage(&[change])?;
+        self.publish(staged)
+    }
+
+    /// Builds the state that `changes` lead to (creates and deletes in any order, and at most one
+    /// revert, which comes last) in fresh clusters and raises its refcounts durably, without
+    /// publishing it. Several changes cost one snapshot table write and one header switch.
+    pub fn stage(&self, changes: &[SnapshotChange]) -> Result<StagedChange> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        self.flush_all(&mut m)?;
+        let plan = self.plan(&mut m, changes)?;
+        self.build(&mut m, plan)
+    }
+
+    /// Publishes a staged state with one header write, then drops what the old state held.
+    pub fn publish(&self, staged: StagedChange) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
         let cs = m.header.cluster_size();
         let cb = m.header.cluster_bits;
-        for &(off, len) in &source.data {
-            deltas.add(off, len, 1, cb);
+        let host = self.host();
+        host.write_sync(&staged.header_switch, 24, "header (state switch)")?;
+        let old_table = (m.header.snapshots_offset, m.snapshot_table_len);
+        m.header.size = staged.size;
+        m.header.l1_size = staged.l1.len() as u32;
+        m.header.l1_table_offset = staged.l1_at;
+        m.header.nb_snapshots = staged.snapshots.len() as u32;
+        m.header.snapshots_offset = staged.table_at;
+        m.snapshot_table_len = staged.table_len;
+        m.l1 = staged.l1;
+        m.snapshots = staged.snapshots;
+        for area in m.metadata_areas.iter_mut() {
+            if area.what == "the active L1 table" {
+                area.start = staged.l1_at;
+                area.end = staged.l1_at + staged.l1_clusters * cs;
+            }
         }
-        if retire_active {
-            let old = self.layer_refs(m, &m.l1.clone(), m.header.l1_table_offset)?;
-            deltas.add(
-                m.header.l1_table_offset,
-                m.header.l1_size as u64 * 8,
-                -1,
-                cb,
-            );
-            for &(_, t) in &old.tables {
+        m.metadata_areas.retain(|a| a.what != "the snapshot table");
+        if staged.table_at != 0 {
+            m.metadata_areas.push(super::MetadataArea {
+                start: staged.table_at,
+                end: staged.table_at + staged.table_len.next_multiple_of(cs),
+                what: "the snapshot table",
+            });
+        }
+        // The switch is durable: the old state's references are gone.
+        let mut lowered = Deltas(staged.lowered.into_iter().collect());
+        lowered.add(old_table.0, old_table.1, -1, cb);
+        for (&k, &d) in &lowered.0 {
+            if d == 0 {
+                continue;
+            }
+            let rc = &mut m.ws_mut()?.refcounts;
+            rc.adjust(host, k << cb, 1, d)?;
+            if rc.get(host, k)? == 0 {
+                self.l2_cache.remove(k << cb);
+            }
+        }
+        self.flush_refblocks(&mut m)?;
+        host.sync()
+    }
+
+    /// Takes back the refcounts a staged state raised; the image is then exactly as before.
+    pub fn abandon(&self, staged: StagedChange) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        let cb = m.header.cluster_bits;
+        let host = self.host();
+        for &(k, d) in &staged.raised {
+            m.ws_mut()?.refcounts.adjust(host, k << cb, 1, -d)?;
+        }
+        self.flush_refblocks(&mut m)
+    }
+
+    /// Header bytes 24..72 as they are now (what a staged change's switch replaces).
+    pub fn header_switch_bytes(&self) -> [u8; 48] {
+        let m = self.meta();
+        let h = &m.header;
+        switch_bytes(
+            h.size,
+            h.crypt_method,
+            h.l1_size,
+            h.l1_table_offset,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            h.nb_snapshots,
+            h.snapshots_offset,
+        )
+    }
+
+    /// Works out the new state of a batch of changes, with every refcount change it implies.
+    fn plan(&self, m: &mut Meta, changes: &[SnapshotChange]) -> Result<Plan> {
+        let cb = m.header.cluster_bits;
+        let cs = m.header.cluster_size();
+        let cur_l1 = m.l1.clone();
+        let cur_l1_off = m.header.l1_table_offset;
+        let current = self.layer_refs(m, &cur_l1, cur_l1_off)?;
+        let mut deltas = Deltas::default();
+        let mut snapshots = m.snapshots.clone();
+        let mut created: Vec<Vec<u8>> = Vec::new();
+        let mut size = m.header.size;
+        // The first create takes over the current L1 and L2 tables; later ones share them.
+        let mut current_taken = false;
+        let mut revert: Option<(Vec<u64>, LayerRefs)> = None;
+        for change in changes {
+            if revert.is_some() {
+                return Err(self.refused("a revert must be the last change to an image".into()));
+            }
+            match change {
+                SnapshotChange::Create { name, time } => {
+                    self.refuse_with_data_file(m)?;
+                    if snapshots.len() >= MAX_SNAPSHOTS as usize {
+                        return Err(self
+                            .refused(format!("the image already has {MAX_SNAPSHOTS} snapshots")));
+                    }
+                    if name.len() > u16::MAX as usize || time.nanos >= 1_000_000_000 {
+                        return Err(self.refused(
+                            "the snapshot name is longer than 65535 bytes or the time is invalid"
+                                .into(),
+                        ));
+                    }
+                    if current_taken {
+                        deltas.add(cur_l1_off, cur_l1.len() as u64 * 8, 1, cb);
+                        for &(_, t) in &current.tables {
+                            deltas.add(t, cs, 1, cb);
+                        }
+                        for &(off, len) in &current.data {
+                            deltas.add(off, len, 1, cb);
+                        }
+                    }
+                    current_taken = true;
+                    let id = next_id(&snapshots);
+                    let mut extra = vec![0u8; SNAPSHOT_EXTRA_KNOWN_SIZE];
+                    extra[8..16].copy_from_slice(&m.header.size.to_be_bytes());
+                    extra.extend_from_slice(&TIME64_TAG);
+                    extra.extend_from_slice(&time.secs.to_be_bytes());
+                    created.push(id.clone().into_bytes());
+                    snapshots.push(SnapshotEntry {
+                        l1_table_offset: cur_l1_off,
+                        l1_size: cur_l1.len() as u32,
+                        id: id.into_bytes(),
+                        name: name.as_bytes().to_vec(),
+                        date_sec: time.secs as u32,
+                        date_nsec: time.nanos,
+                        vm_clock_nsec: 0,
+                        vm_state_size32: 0,
+                        extra,
+                    });
+                }
+                SnapshotChange::Delete { id_or_name } => {
+                    let entry = self.existing(&snapshots, &created, id_or_name)?;
+                    let l1 = self.snapshot_l1(m, &entry)?;
+                    let refs = self.layer_refs(m, &l1, entry.l1_table_offset)?;
+                    deltas.add(entry.l1_table_offset, entry.l1_size as u64 * 8, -1, cb);
+                    for &(_, t) in &refs.tables {
+                        deltas.add(t, cs, -1, cb);
+                    }
+                    for &(off, len) in &refs.data {
+                        deltas.add(off, len, -1, cb);
+                    }
+                    snapshots.retain(|s| s.id != entry.id);
+                }
+                SnapshotChange::Revert { id_or_name } => {
+                    self.refuse_with_data_file(m)?;
+                    let entry = self.existing(&snapshots, &created, id_or_name)?;
+                    let mut l1 = self.snapshot_l1(m, &entry)?;
+                    let refs = self.layer_refs(m, &l1, entry.l1_table_offset)?;
+                    size = entry.disk_size().unwrap_or(m.header.size);
+                    if size > MAX_VIRTUAL_SIZE || m.header.l1_entries_for(size) > MAX_L1_ENTRIES {
+                        return Err(self.refused(format!("snapshot disk size {size} is too large")));
+                    }
+                    let len = (l1.len() as u64).max(m.header.l1_entries_for(size)) as usize;
+                    l1.resize(len, 0);
+                    revert = Some((l1, refs));
+                }
+            }
+        }
+        if !current_taken {
+            // Nothing keeps the current active tables: the new active layer replaces them.
+            deltas.add(cur_l1_off, cur_l1.len() as u64 * 8, -1, cb);
+            for &(_, t) in &current.tables {
                 deltas.add(t, cs, -1, cb);
             }
-            for &(off, len) in &old.data {
+            for &(off, len) in &current.data {
                 deltas.add(off, len, -1, cb);
             }
         }
+        let (l1_source, source) = revert.unwrap_or((cur_l1, current));
+        // The new active layer's copies add one path to every cluster they map.
+        for &(off, len) in &source.data {
+            deltas.add(off, len, 1, cb);
+        }
         self.check_overflow(m, &deltas)?;
-        let result = (|| -> Result<Vec<(u64, u64)>> {
-            let host = self.host();
-            // The refcount each cluster ends with decides its COPIED bit in the new tables.
-            let mut after: HashMap<u64, u64> = HashMap::new();
-            for (&k, &d) in &deltas.0 {
-                let v = m.ws_mut()?.refcounts.get(host, k)? as i64 + d;
-                after.insert(k, v.max(0) as u64);
-            }
-            let rc_after = |m: &mut Meta, after: &HashMap<u64, u64>, k: u64| -> Result<u64> {
-                match after.get(&k) {
-                    Some(&v) => Ok(v),
-                    None => m.ws_mut()?.refcounts.get(host, k),
-                }
-            };
-            // Copies of the source L2 tables for the new active layer.
-            let extended = m.header.extended_l2();
-            let mut l1 = l1_source.to_vec();
-            for &(i, t) in &source.tables {
-                let table = self.l2_table(m, t, i as u64, 0)?;
-                let mut copy = table.to_vec();
-                for j in 0..1usize << m.header.l2_bits() {
-                    let idx = if extended { j * 2 } else { j };
-                    let raw = be_u64_at(&copy, idx);
-                    let host_offset =
-                        match classify_standard(if extended { raw & !1 } else { raw }, false) {
-                            ClusterMapping::Normal { host_offset }
-                            | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
-                            _ => continue,
-                        };
-                    let sole = rc_after(m, &after, host_offset >> cb)? == 1;
-                    put_be_u64_at(
-                        &mut copy,
-                        idx,
-                        if sole { raw | COPIED } else { raw & !COPIED },
-                    );
-                }
-                let at = self.alloc(m, 1)?;
-                self.guard(m, at, cs, None)?;
-                host.write(&copy, at, "new L2 table")?;
-                l1[i] = at | COPIED;
-            }
-            // The new active L1 and snapshot table.
-            let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs).max(1);
-            let l1_at = self.alloc(m, l1_clusters)?;
-            let mut l1_bytes = vec![0u8; (l1_clusters * cs) as usize];
-            for (i, e) in l1.iter().enumerate() {
-                put_be_u64_at(&mut l1_bytes, i, *e);
-            }
-            self.guard(m, l1_at, l1_clusters * cs, None)?;
-            host.write(&l1_bytes, l1_at, "new L1 table")?;
-            let table = encode_table(&new.snapshots);
-            if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
-                return Err(self.refused("the snapshot table would exceed 64 MiB".into()));
-            }
-            let table_at = if new.snapshots.is_empty() {
-                0
-            } else {
-                let clusters = (table.len() as u64).div_ceil(cs);
-                let at = self.alloc(m, clusters)?;
-                self.guard(m, at, clusters * cs, None)?;
-                host.write(&table, at, "new snapshot table")?;
-                at
-            };
-            host.sync()?;
-            // Raised refcounts are durable before anything points at them.
-            let increases: Vec<(u64, i64)> = deltas
-                .0
-                .iter()
-                .filter(|(_, &d)| d > 0)
-                .map(|(&k, &d)| (k, d))
-                .collect();
-            for &(k, d) in &increases {
-                m.ws_mut()?.refcounts.adjust(host, k << cb, 1, d)?;
-            }
-            self.flush_refblocks(m)?;
+        Ok(Plan {
+            deltas,
+            snapshots,
+            size,
+            l1_source,
+            source,
+        })
+    }
 
-            // Publish: one write inside the first sector.
-            let mut header = [0u8; 48];
-            header[0..8].copy_from_slice(&new.size.to_be_bytes());
-            header[8..12].copy_from_slice(&m.header.crypt_method.to_be_bytes());
-            header[12..16].copy_from_slice(&(l1.len() as u32).to_be_bytes());
-            header[16..24].copy_from_slice(&l1_at.to_be_bytes());
-            header[24..32].copy_from_slice(&m.header.refcount_table_offset.to_be_bytes());
-            header[32..36].copy_from_slice(&m.header.refcount_table_clusters.to_be_bytes());
-            header[36..40].copy_from_slice(&(new.snapshots.len() as u32).to_be_bytes());
-            header[40..48].copy_from_slice(&table_at.to_be_bytes());
-            host.write_sync(&header, 24, "header (state switch)")?;
+    /// A published snapshot by id or name; not one created in the same batch.
+    fn existing(
+        &self,
+        snapshots: &[SnapshotEntry],
+        created: &[Vec<u8>],
+        id_or_name: &str,
+    ) -> Result<SnapshotEntry> {
+        let entry = find_snapshot(snapshots, id_or_name)
+            .cloned()
+            .ok_or_else(|| Error::SnapshotNotFound {
+                image: self.name.clone(),
+                name: id_or_name.to_string(),
+            })?;
+        if created.contains(&entry.id) {
+            return Err(self.refused(format!(
+                "snapshot {id_or_name:?} is created by the same batch of changes"
+            )));
+        }
+        Ok(entry)
+    }
 
-            let old_l1 = (m.header.l1_table_offset, m.header.l1_size as u64 * 8);
-            let old_table = (m.header.snapshots_offset, m.snapshot_table_len);
-            m.header.size = new.size;
-            m.header.l1_size = l1.len() as u32;
-            m.header.l1_table_offset = l1_at;
-            m.header.nb_snapshots = new.snapshots.len() as u32;
-            m.header.snapshots_offset = table_at;
-            m.snapshot_table_len = table.len() as u64;
-            m.l1 = std::mem::take(&mut l1);
-            m.snapshots = std::mem::take(&mut new.snapshots);
-            for area in m.metadata_areas.iter_mut() {
-                if area.what == "the active L1 table" {
-                    area.start = l1_at;
-                    area.end = l1_at + l1_clusters * cs;
+    /// Writes the planned state to fresh clusters and raises its refcounts durably.
+    fn build(&self, m: &mut Meta, plan: Plan) -> Result<StagedChange> {
+        let result = self.build_inner(m, plan);
+        if result.is_err() {
+            // Nothing is published: forget cached refcount changes so the image stays as it was
+            // (anything written lies in clusters nothing references).
+            let h = &m.header;
+            if let Ok(fresh) = Refcounts::load(
+                self.host(),
+                h.cluster_bits,
+                h.refcount_order,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+            ) {
+                if let Ok(ws) = m.ws_mut() {
+                    ws.refcounts = fresh;
+                    ws.l2_after_refblocks = false;
+                    ws.refblocks_after_l2 = false;
                 }
-            }
-            m.metadata_areas.retain(|a| a.what != "the snapshot table");
-            if table_at != 0 {
-                m.metadata_areas.push(super::MetadataArea {
-                    start: table_at,
-                    end: table_at + (table.len() as u64).next_multiple_of(cs),
-                    what: "the snapshot table",
-                });
-            }
-            Ok(vec![old_l1, old_table])
-        })();
-
-        match result {
-            Ok(retired) => {
-                // The switch is durable: drop what the old state held.
-                let host = self.host();
-                // The old snapshot table always goes.
-                let old_table = retired[1];
-                deltas.add(old_table.0, old_table.1, -1, cb);
-                let decreases: Vec<(u64, i64)> = deltas
-                    .0
-                    .iter()
-                    .filter(|(_, &d)| d < 0)
-                    .map(|(&k, &d)| (k, d))
-                    .collect();
-                for (k, d) in decreases {
-                    let rc = &mut m.ws_mut()?.refcounts;
-                    rc.adjust(host, k << cb, 1, d)?;
-                    if rc.get(host, k)? == 0 {
-                        self.l2_cache.remove(k << cb);
-                    }
-                }
-                self.flush_refblocks(m)?;
-                host.sync()
-            }
-            Err(e) => {
-                // Nothing was published: forget the cached refcount changes so the image stays as
-                // it was (anything already written lies in clusters nothing references).
-                let h = &m.header;
-                if let Ok(fresh) = Refcounts::load(
-                    self.host(),
-                    h.cluster_bits,
-                    h.refcount_order,
-                    h.refcount_table_offset,
-                    h.refcount_table_clusters,
-                ) {
-                    if let Ok(ws) = m.ws_mut() {
-                        ws.refcounts = fresh;
-                        ws.l2_after_refblocks = false;
-                        ws.refblocks_after_l2 = false;
-                    }
-                }
-                Err(e)
             }
         }
+        result
+    }
+
+    fn build_inner(&self, m: &mut Meta, plan: Plan) -> Result<StagedChange> {
+        let cs = m.header.cluster_size();
+        let cb = m.header.cluster_bits;
+        let host = self.host();
+        let Plan {
+            deltas,
+            snapshots,
+            size,
+            l1_source,
+            source,
+        } = plan;
+        // The refcount each cluster ends with decides its COPIED bit in the new tables.
+        let mut after: HashMap<u64, u64> = HashMap::new();
+        for (&k, &d) in &deltas.0 {
+            let v = m.ws_mut()?.refcounts.get(host, k)? as i64 + d;
+            after.insert(k, v.max(0) as u64);
+        }
+        let mut raised: Vec<(u64, i64)> = Vec::new();
+        let extended = m.header.extended_l2();
+        let mut l1 = l1_source;
+        for &(i, t) in &source.tables {
+            let table = self.l2_table(m, t, i as u64, 0)?;
+            let mut copy = table.to_vec();
+            for j in 0..1usize << m.header.l2_bits() {
+                let idx = if extended { j * 2 } else { j };
+                let raw = be_u64_at(&copy, idx);
+                let host_offset =
+                    match classify_standard(if extended { raw & !1 } else { raw }, false) {
+                        ClusterMapping::Normal { host_offset }
+                        | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
+                        _ => continue,
+                    };
+                let k = host_offset >> cb;
+                let count = match after.get(&k) {
+                    Some(&v) => v,
+                    None => m.ws_mut()?.refcounts.get(host, k)?,
+                };
+                let fixed = if count == 1 {
+                    raw | COPIED
+                } else {
+                    raw & !COPIED
+                };
+                put_be_u64_at(&mut copy, idx, fixed);
+            }
+            let at = self.alloc(m, 1)?;
+            raised.push((at >> cb, 1));
+            self.guard(m, at, cs, None)?;
+            host.write(&copy, at, "new L2 table")?;
+            l1[i] = at | COPIED;
+        }
+        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs).max(1);
+        let l1_at = self.alloc(m, l1_clusters)?;
+        raised.extend((0..l1_clusters).map(|c| ((l1_at >> cb) + c, 1)));
+        let mut l1_bytes = vec![0u8; (l1_clusters * cs) as usize];
+        for (i, e) in l1.iter().enumerate() {
+            put_be_u64_at(&mut l1_bytes, i, *e);
+        }
+        self.guard(m, l1_at, l1_clusters * cs, None)?;
+        host.write(&l1_bytes, l1_at, "new L1 table")?;
+        let table = encode_table(&snapshots);
+        if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
+            return Err(self.refused("the snapshot table would exceed 64 MiB".into()));
+        }
+        let table_at = if snapshots.is_empty() {
+            0
+        } else {
+            let clusters = (table.len() as u64).div_ceil(cs);
+            let at = self.alloc(m, clusters)?;
+            raised.extend((0..clusters).map(|c| ((at >> cb) + c, 1)));
+            self.guard(m, at, clusters * cs, None)?;
+            host.write(&table, at, "new snapshot table")?;
+            at
+        };
+        host.sync()?;
+        // Raised refcounts are durable before anything can point at them.
+        for (&k, &d) in &deltas.0 {
+            if d > 0 {
+                m.ws_mut()?.refcounts.adjust(host, k << cb, 1, d)?;
+                raised.push((k, d));
+            }
+        }
+        self.flush_refblocks(m)?;
+        let h = &m.header;
+        let header_switch = switch_bytes(
+            size,
+            h.crypt_method,
+            l1.len() as u32,
+            l1_at,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            snapshots.len() as u32,
+            table_at,
+        );
+        Ok(StagedChange {
+            header_switch,
+            size,
+            l1,
+            l1_at,
+            l1_clusters,
+            snapshots,
+            table_at,
+            table_len: table.len() as u64,
+            raised,
+            lowered: deltas.0.into_iter().filter(|&(_, d)| d < 0).collect(),
+        })
     }
 }
 
@@ -489,4 +588,28 @@ fn next_id(snapshots: &[SnapshotEntry]) -> String {
         .max()
         .unwrap_or(0);
     (max + 1).to_string()
+}
+
+/// Header bytes 24..72 for the given fields.
+#[allow(clippy::too_many_arguments)]
+fn switch_bytes(
+    size: u64,
+    crypt_method: u32,
+    l1_size: u32,
+    l1_offset: u64,
+    reftable_offset: u64,
+    reftable_clusters: u32,
+    nb_snapshots: u32,
+    snapshots_offset: u64,
+) -> [u8; 48] {
+    let mut b = [0u8; 48];
+    b[0..8].copy_from_slice(&size.to_be_bytes());
+    b[8..12].copy_from_slice(&crypt_method.to_be_bytes());
+    b[12..16].copy_from_slice(&l1_size.to_be_bytes());
+    b[16..24].copy_from_slice(&l1_offset.to_be_bytes());
+    b[24..32].copy_from_slice(&reftable_offset.to_be_bytes());
+    b[32..36].copy_from_slice(&reftable_clusters.to_be_bytes());
+    b[36..40].copy_from_slice(&nb_snapshots.to_be_bytes());
+    b[40..48].copy_from_slice(&snapshots_offset.to_be_bytes());
+    b
 }
