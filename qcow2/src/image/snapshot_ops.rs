@@ -68,6 +68,9 @@ pub struct StagedChange {
     /// Header bytes 24..72 of the new state (size, L1 fields, refcount table fields, snapshot
     /// count and table offset): the one write that publishes it.
     pub header_switch: [u8; 48],
+    /// Host offsets of the new L1 table and snapshot table (0 when there is none), whose
+    /// refcounts recovery checks before publishing a recorded switch.
+    pub staged_tables: [u64; 2],
     size: u64,
     l1: Vec<u64>,
     l1_at: u64,
@@ -290,6 +293,31 @@ impl Image {
             m.ws_mut()?.refcounts.adjust(host, k << cb, 1, -d)?;
         }
         self.flush_refblocks(&mut m)
+    }
+
+    /// Writes a recorded state switch (header bytes 24..72 from [`StagedChange::header_switch`])
+    /// during recovery, then closes the image: its in-memory state is stale after the switch, so
+    /// the caller opens it again (and reconciles refcounts with `check_and_repair`).
+    pub fn write_recorded_switch(self, switch: [u8; 48]) -> Result<()> {
+        self.require_writable()?;
+        {
+            let mut m = self.meta_mut();
+            self.flush_all(&mut m)?;
+            self.host()
+                .write_sync(&switch, 24, "header (recorded state switch)")?;
+            // Skip the clean close: it would write the stale in-memory header state.
+            m.ws = None;
+        }
+        Ok(())
+    }
+
+    /// The refcount of the host cluster holding `host_offset` (for recovery's checks that staged
+    /// structures are still intact).
+    pub fn refcount_at(&self, host_offset: u64) -> Result<u64> {
+        let mut m = self.meta_mut();
+        let cb = m.header.cluster_bits;
+        let host = self.host();
+        m.ws_mut()?.refcounts.get(host, host_offset >> cb)
     }
 
     /// Header bytes 24..72 as they are now (what a staged change's switch replaces).
@@ -560,6 +588,7 @@ impl Image {
         );
         Ok(StagedChange {
             header_switch,
+            staged_tables: [l1_at, table_at],
             size,
             l1,
             l1_at,

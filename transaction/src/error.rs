@@ -1,0 +1,66 @@
+//! What can go wrong with a group transaction, always naming the image and the reason.
+
+use std::path::PathBuf;
+
+use crate::journal::JournalError;
+
+/// Errors of group transactions.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// An action was refused before anything was written.
+    #[error("{image}: {reason}")]
+    Invalid { image: PathBuf, reason: String },
+    /// Preparing failed; the transaction was rolled back and nothing changed.
+    #[error("aborted, nothing changed: {0}")]
+    Aborted(Box<TxnError>),
+    /// The decision to commit is durable but a later step failed; `recover` finishes it.
+    #[error("committed, but a later step failed (run recover to finish): {0}")]
+    CommittedIncomplete(Box<TxnError>),
+    /// The engine failed on an image.
+    #[error("{image}: {source}")]
+    Image {
+        image: PathBuf,
+        #[source]
+        source: qcow2::Error,
+    },
+    /// A file of the group could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal of group {group}: {source}")]
+    Journal {
+        group: PathBuf,
+        #[source]
+        source: JournalError,
+    },
+    /// Another process holds the group.
+    #[error("group {0} is locked by another process")]
+    GroupLocked(PathBuf),
+    /// Recovery found an image it did not leave in this state; it changes nothing.
+    #[error(
+        "{image}: changed by someone else since the transaction began ({reason}); recovery stops"
+    )]
+    ForeignChange { image: PathBuf, reason: String },
+    /// Execution stopped at a named event (tests simulate power cuts with this).
+    #[error("interrupted at {0}")]
+    Interrupted(String),
+}
+
+impl TxnError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TxnError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn image(image: impl Into<PathBuf>, source: qcow2::Error) -> Self {
+        TxnError::Image {
+            image: image.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The group journal: an append-only file of checksummed records, each padded to 512 bytes so no
+//! two records share a sector. One `Decision` record is the group's commit point.
+//!
+//! Reading stops at the first bad record at the tail (a torn append, ignored); a bad record
+//! followed by a good one of the same transaction is corruption in the middle and a hard error.
+
+use std::io;
+
+use qcow2::storage::{Storage, StorageExt};
+
+/// Record magic.
+const MAGIC: [u8; 4] = *b"QTXJ";
+const VERSION: u16 = 1;
+/// Header: magic, version, kind, transaction id, sequence number, payload length.
+const HEADER_LEN: usize = 4 + 2 + 2 + 16 + 4 + 4;
+/// Records start on sector boundaries.
+pub const SECTOR: usize = 512;
+/// Payloads larger than this are refused (a journal names paths, not data).
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// What a record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Begin = 1,
+    Image = 2,
+    Staged = 3,
+    Overlay = 4,
+    Prepared = 5,
+    Decision = 6,
+    End = 7,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Begin,
+            2 => Kind::Image,
+            3 => Kind::Staged,
+            4 => Kind::Overlay,
+            5 => Kind::Prepared,
+            6 => Kind::Decision,
+            7 => Kind::End,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: Kind,
+    pub txn: [u8; 16],
+    pub seq: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Why a journal cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("journal record at byte {offset} is corrupt but valid records follow it")]
+    CorruptInTheMiddle { offset: u64 },
+}
+
+/// Encodes a record, padded to whole sectors.
+pub fn encode(record: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SECTOR);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(record.kind as u16).to_le_bytes());
+    out.extend_from_slice(&record.txn);
+    out.extend_from_slice(&record.seq.to_le_bytes());
+    out.extend_from_slice(&(record.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record.payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.resize(out.len().next_multiple_of(SECTOR), 0);
+    out
+}
+
+/// Decodes the record at the start of `bytes`: the record and its padded length, or `None`
+/// when the bytes are not a valid record.
+pub fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
+    if bytes.len() < HEADER_LEN + 4 || bytes[..4] != MAGIC {
+        return None;
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    let kind = Kind::from_u16(u16::from_le_bytes([bytes[6], bytes[7]]))?;
+    let mut txn = [0u8; 16];
+    txn.copy_from_slice(&bytes[8..24]);
+    let seq = u32::from_le_bytes(bytes[24..28].try_into().ok()?);
+    let len = u32::from_le_bytes(bytes[28..32].try_into().ok()?) as usize;
+    if version != VERSION || len > MAX_PAYLOAD || bytes.len() < HEADER_LEN + len + 4 {
+        return None;
+    }
+    let body = &bytes[..HEADER_LEN + len];
+    let crc = u32::from_le_bytes(
+        bytes[HEADER_LEN + len..HEADER_LEN + len + 4]
+            .try_into()
+            .ok()?,
+    );
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let record = Record {
+        kind,
+        txn,
+        seq,
+        payload: bytes[HEADER_LEN..HEADER_LEN + len].to_vec(),
+    };
+    Some((record, (HEADER_LEN + len + 4).next_multiple_of(SECTOR)))
+}
+
+/// Reads every record of the journal: a torn tail is dropped, corruption followed by a valid
+/// record of the same transaction is an error.
+pub fn read_all(bytes: &[u8]) -> Result<Vec<Record>, JournalError> {
+    let mut records: Vec<Record> = Vec::new();
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        match decode(&bytes[pos..]) {
+            Some((record, len)) => {
+                records.push(record);
+                pos += len;
+            }
+            None => {
+                // Anything valid later that belongs to the same transaction means this is not a
+                // torn tail.
+                let txn = records.first().map(|r| r.txn);
+                let mut probe = pos + SECTOR;
+                while probe < bytes.len() {
+                    if let Some((later, _)) = decode(&bytes[probe..]) {
+                        if Some(later.txn) == txn {
+                            return Err(JournalError::CorruptInTheMiddle { offset: pos as u64 });
+                        }
+                    }
+                    probe += SECTOR;
+                }
+                break;
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Appends records to a journal file, each made durable before `append` returns.
+pub struct Journal {
+    storage: Box<dyn Storage>,
+    end: u64,
+    txn: [u8; 16],
+    seq: u32,
+}
+
+impl Journal {
+    /// Starts a new transaction in an empty (or reset) journal.
+    pub fn start(storage: Box<dyn Storage>, txn: [u8; 16]) -> io::Result<Journal> {
+        storage.set_len(0)?;
+        storage.flush()?;
+        Ok(Journal {
+            storage,
+            end: 0,
+            txn,
+            seq: 0,
+        })
+    }
+
+    /// Appends one record and syncs it.
+    pub fn append(&mut self, kind: Kind, payload: Vec<u8>) -> io::Result<()> {
+        let bytes = encode(&Record {
+            kind,
+            txn: self.txn,
+            seq: self.seq,
+            payload,
+        });
+        self.storage.write_at(&bytes, self.end)?;
+        self.storage.flush()?;
+        self.end += bytes.len() as u64;
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Reads the whole journal from storage.
+    pub fn load(storage: &dyn Storage) -> Result<Vec<Record>, JournalError> {
+        let len = storage.len()?;
+        let mut bytes = vec![0u8; len as usize];
+        storage.read_exact_at(&mut bytes, 0)?;
+        read_all(&bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(kind: Kind, seq: u32, payload: &[u8]) -> Record {
+        Record {
+            kind,
+            txn: [7; 16],
+            seq,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_start_on_sectors() {
+        let r = rec(Kind::Image, 3, b"disk0.qcow2");
+        let bytes = encode(&r);
+        assert_eq!(bytes.len() % SECTOR, 0);
+        assert_eq!(decode(&bytes), Some((r, SECTOR)));
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored() {
+        let mut bytes = encode(&rec(Kind::Begin, 0, b""));
+        let mut last = encode(&rec(Kind::Decision, 1, &[1]));
+        last[10] ^= 0xFF;
+        bytes.extend(last);
+        let records = read_all(&bytes).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, Kind::Begin);
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_a_hard_error() {
+        let mut bytes = encode(&rec(Kind::Begin, 0, b""));
+        let mut middle = encode(&rec(Kind::Image, 1, b"x"));
+        middle[35] ^= 1;
+        bytes.extend(middle);
+        bytes.extend(encode(&rec(Kind::Prepared, 2, b"")));
+        assert!(matches!(
+            read_all(&bytes),
+            Err(JournalError::CorruptInTheMiddle { offset: 512 })
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for len in 0..600 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let _ = read_all(&bytes);
+        }
+        let mut header = encode(&rec(Kind::Begin, 0, b""));
+        header[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&header).is_none());
+    }
+}

@@ -1,0 +1,31 @@
+//! The group lock: an exclusive OFD lock on `group.lock` in the group directory, so one
+//! transaction runs per group at a time, across processes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+use nix::fcntl::{fcntl, FcntlArg};
+
+/// Opens (creating) the lock file and takes the exclusive lock; `Ok(None)` when another process
+/// holds it.
+pub(crate) fn lock_group(path: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    match fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(Some(file)),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(None),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}

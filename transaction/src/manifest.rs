@@ -1,0 +1,75 @@
+//! The group manifest: each disk's current top image, so external snapshots (which pivot a disk
+//! to a new overlay) are recorded somewhere a crash cannot tear. It is rewritten whole to a
+//! temporary file, synced, and renamed into place.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const HEADER: &str = "qcow2-group-manifest 1";
+
+/// Disks and their top images, in first-seen order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub generation: u64,
+    /// (disk, current top)
+    pub disks: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Manifest {
+    /// Reads the manifest, or an empty one when there is none.
+    pub fn load(path: &Path) -> std::io::Result<Manifest> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
+            Err(e) => return Err(e),
+        };
+        let mut lines = text.lines();
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a group manifest");
+        if lines.next() != Some(HEADER) {
+            return Err(bad());
+        }
+        let generation = lines
+            .next()
+            .and_then(|l| l.strip_prefix("generation "))
+            .and_then(|g| g.parse().ok())
+            .ok_or_else(bad)?;
+        let disks = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (d, t) = l.split_once('\t').ok_or_else(bad)?;
+                Ok((PathBuf::from(d), PathBuf::from(t)))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Manifest { generation, disks })
+    }
+
+    /// Points the disk whose top is `old_top` (or a new disk) at `new_top`.
+    pub fn pivot(&mut self, old_top: &Path, new_top: &Path) {
+        match self.disks.iter_mut().find(|(_, t)| t == old_top) {
+            Some((_, t)) => *t = new_top.to_path_buf(),
+            None => self
+                .disks
+                .push((old_top.to_path_buf(), new_top.to_path_buf())),
+        }
+    }
+
+    /// Writes the manifest durably: temporary file, sync, rename, directory sync.
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("manifest.tmp");
+        let mut text = format!("{HEADER}\ngeneration {}\n", self.generation);
+        for (d, t) in &self.disks {
+            text += &format!("{}\t{}\n", d.display(), t.display());
+        }
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+/// Makes a directory's entries (created, renamed, removed files) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}

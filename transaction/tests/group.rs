@@ -1,0 +1,304 @@
+//! Group transactions against QEMU: all-or-nothing across images, also when the work stops at any
+//! named point (a simulated power cut) and `recover` runs; `qemu-img check` exits 0 on every image
+//! afterwards and snapshot content never changes.
+
+use std::path::PathBuf;
+
+use qcow2::format::SnapshotTime;
+use qcow2::{CreateOptions, Image, OpenOptions};
+use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir};
+use qcow2_transaction::{Action, Group, Recovery, TxnError};
+
+struct Disks {
+    dir: PathBuf,
+    paths: Vec<PathBuf>,
+}
+
+/// Four images: each with data and a snapshot "base" (disk2 also "old").
+fn disks(name: &str) -> Disks {
+    require_qemu();
+    let dir = scratch_dir(name);
+    let mut paths = Vec::new();
+    for i in 0..4u8 {
+        let path = dir.join(format!("disk{i}.qcow2"));
+        let image = Image::create(
+            &path,
+            &CreateOptions {
+                size: 4 << 20,
+                cluster_size: 65536,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        image.write_at(&vec![i + 1; 300_000], 0).unwrap();
+        image
+            .create_snapshot("base", SnapshotTime { secs: 1, nanos: 0 })
+            .unwrap();
+        if i == 2 {
+            image
+                .create_snapshot("old", SnapshotTime { secs: 2, nanos: 0 })
+                .unwrap();
+        }
+        image.write_at(&vec![i + 100; 100_000], 1 << 20).unwrap();
+        image.close().unwrap();
+        paths.push(path);
+    }
+    Disks { dir, paths }
+}
+
+fn plan(d: &Disks) -> Vec<Action> {
+    vec![
+        Action::InternalCreate {
+            image: d.paths[0].clone(),
+            name: "nightly".into(),
+        },
+        Action::ExternalCreate {
+            image: d.paths[1].clone(),
+            overlay: d.dir.join("disk1.nightly.qcow2"),
+        },
+        Action::InternalDelete {
+            image: d.paths[2].clone(),
+            name: "old".into(),
+        },
+        Action::InternalRevert {
+            image: d.paths[3].clone(),
+            name: "base".into(),
+        },
+    ]
+}
+
+/// What a reader sees of the group: each image's snapshot names and active content, and the
+/// overlay's existence.
+#[derive(Debug, PartialEq, Eq)]
+struct View {
+    snapshots: Vec<Vec<String>>,
+    active: Vec<Vec<u8>>,
+    overlay: bool,
+}
+
+fn view(d: &Disks) -> View {
+    let mut snapshots = Vec::new();
+    let mut active = Vec::new();
+    for p in &d.paths {
+        let image = Image::open(p, &OpenOptions::metadata_only()).unwrap();
+        snapshots.push(image.snapshots().into_iter().map(|s| s.name).collect());
+        drop(image);
+        active.push(qemu_convert_raw(p, None));
+    }
+    let overlay = d.dir.join("disk1.nightly.qcow2").exists();
+    View {
+        snapshots,
+        active,
+        overlay,
+    }
+}
+
+fn assert_all_clean(d: &Disks) {
+    for p in d
+        .paths
+        .iter()
+        .chain([d.dir.join("disk1.nightly.qcow2")].iter())
+    {
+        if p.exists() {
+            let (code, json) = qemu_check(p);
+            assert_eq!(code, 0, "{}: {json}", p.display());
+        }
+    }
+    let stray: Vec<_> = std::fs::read_dir(&d.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".txn-"))
+        .collect();
+    assert!(stray.is_empty(), "temporary files left: {stray:?}");
+}
+
+fn group_dir(d: &Disks) -> PathBuf {
+    d.dir.join("group")
+}
+
+#[test]
+fn a_four_image_plan_commits_everywhere() {
+    let d = disks("txn-commit");
+    let before = view(&d);
+    let base3 = qemu_convert_raw(&d.paths[3], Some("base"));
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    let outcome = group.run(&plan(&d)).unwrap();
+    assert_eq!(outcome.overlays, vec![d.dir.join("disk1.nightly.qcow2")]);
+    drop(group);
+    let after = view(&d);
+    assert_eq!(after.snapshots[0], ["base", "nightly"]);
+    assert_eq!(after.snapshots[2], ["base"]);
+    assert!(after.overlay);
+    assert_eq!(after.active[0], before.active[0]);
+    assert_eq!(after.active[3], base3);
+    assert_eq!(
+        qemu_convert_raw(&d.paths[0], Some("nightly")),
+        before.active[0]
+    );
+    // The overlay is backed by disk1 under a relative name and reads like it.
+    let overlay = Image::open(d.dir.join("disk1.nightly.qcow2"), &OpenOptions::default()).unwrap();
+    assert_eq!(overlay.backing_file_name().as_deref(), Some("disk1.qcow2"));
+    drop(overlay);
+    assert_eq!(
+        qemu_convert_raw(&d.dir.join("disk1.nightly.qcow2"), None),
+        before.active[1]
+    );
+    let manifest = Group::open(group_dir(&d)).unwrap().manifest().unwrap();
+    assert_eq!(manifest.disks.len(), 1);
+    assert_all_clean(&d);
+}
+
+#[test]
+fn invalid_plans_change_nothing() {
+    let d = disks("txn-invalid");
+    let bytes: Vec<Vec<u8>> = d.paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    std::fs::write(d.dir.join("taken.qcow2"), b"data").unwrap();
+    let bad_plans = vec![
+        vec![Action::InternalCreate {
+            image: d.paths[0].clone(),
+            name: "base".into(),
+        }],
+        vec![
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "x".into(),
+            },
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "x".into(),
+            },
+        ],
+        vec![Action::InternalDelete {
+            image: d.paths[1].clone(),
+            name: "missing".into(),
+        }],
+        vec![Action::ExternalCreate {
+            image: d.paths[1].clone(),
+            overlay: d.dir.join("taken.qcow2"),
+        }],
+        vec![
+            Action::InternalCreate {
+                image: d.paths[2].clone(),
+                name: "fine".into(),
+            },
+            Action::InternalCreate {
+                image: d.dir.join("nope.qcow2"),
+                name: "y".into(),
+            },
+        ],
+        vec![Action::InternalCreate {
+            image: d.paths[0].clone(),
+            name: String::new(),
+        }],
+    ];
+    for p in bad_plans {
+        let err = group.run(&p).unwrap_err();
+        assert!(
+            matches!(err, TxnError::Invalid { .. } | TxnError::Image { .. }),
+            "{err}"
+        );
+        assert!(!err.to_string().is_empty());
+    }
+    for (p, b) in d.paths.iter().zip(&bytes) {
+        assert!(std::fs::read(p).unwrap() == *b, "{} changed", p.display());
+    }
+}
+
+#[test]
+fn a_failure_while_preparing_rolls_every_image_back() {
+    let d = disks("txn-abort");
+    // A 1-bit refcount image with data cannot take a snapshot: preparing it fails after the
+    // others are staged.
+    let rc1 = d.dir.join("zz-rc1.qcow2");
+    let image = Image::create(
+        &rc1,
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 65536,
+            refcount_bits: 1,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    image.write_at(&[5; 70_000], 0).unwrap();
+    image.close().unwrap();
+    let before = view(&d);
+    let mut actions = plan(&d);
+    actions.push(Action::InternalCreate {
+        image: rc1.clone(),
+        name: "impossible".into(),
+    });
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    let err = group.run(&actions).unwrap_err();
+    assert!(matches!(err, TxnError::Aborted(_)), "{err}");
+    assert_eq!(view(&d), before);
+    assert_all_clean(&d);
+    assert_eq!(group.recover().unwrap(), Recovery::Clean);
+}
+
+/// Stops the plan at every named event, recovers, and checks all-or-nothing.
+#[test]
+fn a_power_cut_at_any_point_recovers_to_all_or_nothing() {
+    let events = [
+        "begin",
+        "prepared 0",
+        "prepared 1",
+        "prepared 2",
+        "prepared 3",
+        "prepared",
+        "decided",
+        "published 0",
+        "published 1",
+        "published 2",
+        "published 3",
+        "closed",
+    ];
+    for (n, event) in events.iter().enumerate() {
+        let d = disks(&format!("txn-cut-{n}"));
+        let before = view(&d);
+        let mut group = Group::open(group_dir(&d)).unwrap();
+        let stop = event.to_string();
+        group.set_hook(Some(Box::new(move |e: &str| e != stop)));
+        let err = group.run(&plan(&d)).unwrap_err();
+        assert!(matches!(err, TxnError::Interrupted(_)), "{event}: {err}");
+        drop(group);
+        // A new process opens the group: recovery runs first.
+        let mut group = Group::open(group_dir(&d)).unwrap();
+        let after = view(&d);
+        let committed = n >= events.iter().position(|e| *e == "decided").unwrap();
+        if committed {
+            assert_eq!(after.snapshots[0], ["base", "nightly"], "{event}");
+            assert_eq!(after.snapshots[2], ["base"], "{event}");
+            assert!(after.overlay, "{event}");
+        } else {
+            assert_eq!(after, before, "{event}: not rolled back");
+        }
+        assert_all_clean(&d);
+        assert_eq!(
+            group.recover().unwrap(),
+            Recovery::Clean,
+            "{event}: second recover"
+        );
+        for (i, p) in d.paths.iter().enumerate() {
+            let image = Image::open(p, &OpenOptions::metadata_only()).unwrap();
+            let report = image.check().unwrap();
+            assert!(report.is_clean(), "{event}: disk{i}: {:?}", report.messages);
+        }
+    }
+}
+
+#[test]
+fn a_journal_corrupt_in_the_middle_stops_recovery() {
+    let d = disks("txn-corrupt-journal");
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    group.set_hook(Some(Box::new(|e: &str| e != "prepared")));
+    assert!(group.run(&plan(&d)).is_err());
+    drop(group);
+    let journal = group_dir(&d).join("txn.journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[512 + 40] ^= 0xFF;
+    std::fs::write(&journal, &bytes).unwrap();
+    let err = Group::open(group_dir(&d)).err().expect("refuses to guess");
+    assert!(matches!(err, TxnError::Journal { .. }), "{err}");
+}
