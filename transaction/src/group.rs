@@ -81,6 +81,7 @@ pub struct Group {
     dir: PathBuf,
     _lock: File,
     hook: Option<Hook>,
+    opened_with: Recovery,
 }
 
 impl Group {
@@ -97,9 +98,15 @@ impl Group {
             dir,
             _lock: lock,
             hook: None,
+            opened_with: Recovery::Clean,
         };
-        group.recover()?;
+        group.opened_with = group.recover()?;
         Ok(group)
+    }
+
+    /// What the recovery run by [`Group::open`] did.
+    pub fn opened_with(&self) -> Recovery {
+        self.opened_with
     }
 
     /// Installs a hook called at every named event; returning `false` stops the transaction
