@@ -1,16 +1,17 @@
 //! `check`: `qemu-img check`'s counters, JSON keys and exit codes (0 clean, 1 check failed,
-//! 2 corruptions, 3 leaks only, 63 format without checks). Repair needs the write engine.
+//! 2 corruptions, 3 leaks only, 63 format without checks). `-r leaks|all` repairs, then reports
+//! the second check as qemu-img does (with the fixed counts).
 
 use std::path::PathBuf;
 
-use qcow2::{CheckReport, OpenOptions};
+use qcow2::{CheckReport, OpenOptions, Repair};
 
 use crate::output::{Json, OutputFormat};
 use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Repair mode (not implemented yet).
+    /// Repair mode: `leaks` lowers leaked refcounts, `all` also fixes corruptions.
     #[arg(short = 'r', value_parser = ["leaks", "all"])]
     repair: Option<String>,
     #[arg(long, value_enum, default_value = "human")]
@@ -22,12 +23,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    if let Some(mode) = &args.repair {
-        return Err(Failure::new(
-            1,
-            format!("check -r {mode}: repair needs the write engine, which is not implemented yet"),
-        ));
-    }
     let format = format_of(&args.file, args.format.as_deref()).map_err(|m| Failure::new(1, m))?;
     if format == Format::Raw {
         return Err(Failure::new(
@@ -35,20 +30,78 @@ pub fn run(args: Args) -> CmdResult {
             "This image format does not support checks",
         ));
     }
-    let image = open_image(&args.file, &OpenOptions::metadata_only())
-        .map_err(|m| Failure::new(1, format!("Check failed: {m}")))?;
-    let report = image
-        .check()
-        .map_err(|e| Failure::new(1, format!("Check failed: {e}")))?;
+    let repair = match args.repair.as_deref() {
+        Some("leaks") => Some(Repair::Leaks),
+        Some(_) => Some(Repair::All),
+        None => None,
+    };
+    let options = OpenOptions {
+        writable: repair.is_some(),
+        ..OpenOptions::metadata_only()
+    };
+    let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));
+    let image = open_image(&args.file, &options).map_err(failed)?;
+    let report = image.check().map_err(|e| failed(e.to_string()))?;
+    if repair == Some(Repair::Leaks) && needs_rebuild(&report) {
+        // qemu-img stops after comparing refcounts: a referenced cluster with refcount 0 needs
+        // the refcount structures rebuilt, which only `-r all` may do.
+        for message in report
+            .messages
+            .iter()
+            .filter(|m| m.starts_with("ERROR cluster ") || m.starts_with("Leaked cluster "))
+        {
+            eprintln!("{message}");
+        }
+        eprintln!("ERROR need to rebuild refcount structures");
+        return Err(failed("Input/output error".into()));
+    }
     for message in &report.messages {
         eprintln!("{message}");
     }
+    let report = match repair {
+        None => report,
+        Some(mode) => {
+            // qemu-img names each cluster it repairs.
+            for message in &report.messages {
+                if let Some(rest) = message.strip_prefix("Leaked cluster ") {
+                    eprintln!("Repairing cluster {rest}");
+                }
+            }
+            let second = image
+                .check_and_repair(mode)
+                .map_err(|e| failed(e.to_string()))?;
+            if second.leaks_fixed > 0 || second.corruptions_fixed > 0 {
+                for message in &second.messages {
+                    eprintln!("{message}");
+                }
+            }
+            image.close().map_err(|e| failed(e.to_string()))?;
+            second
+        }
+    };
     let filename = args.file.display().to_string();
     match args.output {
         OutputFormat::Json => println!("{}", to_json(&report, &filename).pretty()),
-        OutputFormat::Human => print!("{}", to_human(&report)),
+        OutputFormat::Human => {
+            if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
+                print!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                    report.leaks_fixed, report.corruptions_fixed
+                );
+            }
+            print!("{}", to_human(&report))
+        }
     }
     Ok(report.exit_code())
+}
+
+/// Whether the check found a referenced cluster whose refcount is 0 (qemu then has to rebuild
+/// the refcount structures).
+fn needs_rebuild(report: &CheckReport) -> bool {
+    report.messages.iter().any(|m| {
+        m.strip_prefix("ERROR cluster ")
+            .is_some_and(|rest| rest.contains(" refcount=0 "))
+    })
 }
 
 /// qemu-img's `ImageCheck` JSON: counters only when non-zero, in qemu-img's key order.

@@ -1,6 +1,7 @@
-//! `convert -O raw`: copies the guest bytes of an image (or of one of its snapshots) into a sparse
-//! raw file. Only data ranges are read; zero and unallocated ranges, and all-zero blocks inside
-//! data, stay holes.
+//! `convert -O raw|qcow2`: copies the guest bytes of an image (or of one of its snapshots) into a
+//! sparse raw file or a new qcow2 image (`-o` as `create`, `-c` for compressed clusters). Only
+//! data ranges are read; zero and unallocated ranges, and all-zero blocks (raw) or clusters
+//! (qcow2) inside data, stay holes.
 
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
@@ -8,8 +9,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use qcow2::Image;
+use qcow2::{CreateOptions, Image};
 
+use crate::opts;
 use crate::progress::Progress;
 use crate::source::{is_zero, CmdResult, Failure, Guest, Input};
 
@@ -30,9 +32,18 @@ pub struct Args {
     /// Source format (qcow2 or raw); probed when absent.
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format (only raw for now).
+    /// Output format: raw or qcow2.
     #[arg(short = 'O', required = true)]
     output_format: String,
+    /// Write compressed clusters (qcow2 output).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Output format options `k=v,...` (repeatable), as for create.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Quiet (accepted for qemu-img compatibility; convert prints nothing but progress).
+    #[arg(short = 'q')]
+    quiet: bool,
     /// Snapshot id or name to copy.
     #[arg(short = 's', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
@@ -98,14 +109,36 @@ fn snapshot_id(image: &Image, selector: &Selector) -> Result<String, String> {
         .ok_or_else(|| format!("Failed to load snapshot: Can't find snapshot '{key}'"))
 }
 
+/// What to write.
+enum Output {
+    Raw,
+    Qcow2(CreateOptions),
+}
+
 pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
-    if args.output_format != "raw" {
-        return Err(fail(format!(
-            "convert -O {}: only raw output is supported until the write engine lands",
-            args.output_format
-        )));
-    }
+    let _ = args.quiet;
+    let qcow2_opts = match args.output_format.as_str() {
+        "raw" => {
+            if args.compress {
+                return Err(fail(
+                    "Compression not supported for this file format".into(),
+                ));
+            }
+            opts::parse_raw(&args.options).map_err(|(m, _)| fail(m))?;
+            None
+        }
+        "qcow2" => {
+            let o = opts::parse(&args.options).map_err(|(m, _)| fail(m))?;
+            if o.backing_file.is_some() || o.backing_fmt.is_some() {
+                return Err(fail(
+                    "convert: backing_file and backing_fmt are not supported by qcow2-tool".into(),
+                ));
+            }
+            Some(o)
+        }
+        other => return Err(fail(format!("Unknown file format '{other}'"))),
+    };
     let selector = match (&args.snapshot, &args.snapshot_param) {
         (Some(_), Some(_)) => return Err(fail("-s and -l are mutually exclusive".into())),
         (Some(s), None) => Some(Selector::IdOrName(s.clone())),
@@ -113,14 +146,29 @@ pub fn run(args: Args) -> CmdResult {
         (None, None) => None,
     };
     let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
+    // The output options are checked against the source size before anything is written.
+    let output = |guest: &dyn Guest| -> Result<Output, Failure> {
+        match &qcow2_opts {
+            None => Ok(Output::Raw),
+            Some(o) => o
+                .to_create_options(guest.size())
+                .map(Output::Qcow2)
+                .map_err(|m| {
+                    fail(format!(
+                        "{}: error while converting qcow2: {m}",
+                        args.dst.display()
+                    ))
+                }),
+        }
+    };
     match (&input, selector) {
-        (_, None) => copy(input.guest(), &args),
+        (_, None) => copy(input.guest(), &args, output(input.guest())?),
         (Input::Qcow2(image), Some(selector)) => {
             let id = snapshot_id(image, &selector).map_err(fail)?;
             let view = image
                 .open_snapshot(&id)
                 .map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
-            copy(&view, &args)
+            copy(&view, &args, output(&view)?)
         }
         (Input::Raw(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
@@ -128,7 +176,14 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
+fn copy(guest: &dyn Guest, args: &Args, output: Output) -> CmdResult {
+    match output {
+        Output::Raw => copy_raw(guest, args),
+        Output::Qcow2(options) => copy_qcow2(guest, args, &options),
+    }
+}
+
+fn copy_raw(guest: &dyn Guest, args: &Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let dst_name = args.dst.display();
     let out = FileOptions::new()
@@ -140,13 +195,10 @@ fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
     let size = guest.size();
     out.set_len(size)
         .map_err(|e| fail(format!("Could not resize '{dst_name}': {e}")))?;
-    let progress = Mutex::new(Progress::new(args.progress));
-    let mut window = 0;
-    while window < size {
-        let window_len = MAP_WINDOW.min(size - window);
-        // Data ranges cut into chunks; zero ranges are holes already.
+    // Data ranges cut into chunks; zero ranges are holes already.
+    let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
         let mut chunks = Vec::new();
-        for region in guest.regions(window, window_len).map_err(fail)? {
+        for region in guest.regions(window, window_len)? {
             let end = region.start + region.length;
             let mut pos = region.start;
             while region.data && pos < end {
@@ -155,6 +207,144 @@ fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
                 pos += n;
             }
         }
+        Ok(chunks)
+    };
+    let process = |chunk: &mut [u8], pos: u64| -> Result<(), String> {
+        guest
+            .read_at(chunk, pos)
+            .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
+        write_nonzero(&out, chunk, pos)
+            .map_err(|e| format!("error while writing at byte {pos}: {e}"))
+    };
+    run_chunks(size, args.progress, chunks, process).map_err(fail)?;
+    Ok(0)
+}
+
+/// Copies into a new qcow2 image: data ranges widened to whole output clusters, all-zero
+/// clusters skipped, the rest written (compressed with `-c`) in runs of clusters.
+fn copy_qcow2(guest: &dyn Guest, args: &Args, options: &CreateOptions) -> CmdResult {
+    let dst = args.dst.display().to_string();
+    let fail = |m: String| Failure::new(1, m);
+    let image = crate::create::open_new_qcow2(&dst, options)
+        .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
+    let cs = image.cluster_size();
+    let src_size = guest.size();
+    // The output may be larger (qemu rounds it up to whole sectors): the tail reads as zeros.
+    let size = image.size();
+    let l2_span = cs * (cs / if options.extended_l2 { 16 } else { 8 });
+    let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for region in guest.regions(window, window_len)? {
+            if !region.data {
+                continue;
+            }
+            let start = region.start & !(cs - 1);
+            let mut end = (region.start + region.length)
+                .next_multiple_of(cs)
+                .min(size);
+            if region.start + region.length == src_size {
+                end = size;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => ranges.push((start, end)),
+            }
+        }
+        let mut chunks = Vec::new();
+        // The first chunk of each L2 table's span goes first: the engine makes a new L2 table
+        // durable with a sync, which is cheap before much data is dirty.
+        let mut firsts = Vec::new();
+        for (start, end) in ranges {
+            let mut pos = start;
+            while pos < end {
+                let n = (CHUNK as u64).min(end - pos);
+                let span = pos / l2_span;
+                if firsts.last().is_none_or(|&(s, _)| s != span) {
+                    firsts.push((span, chunks.len()));
+                }
+                chunks.push((pos, n as usize));
+                pos += n;
+            }
+        }
+        let mut ordered: Vec<(u64, usize)> = firsts.iter().map(|&(_, i)| chunks[i]).collect();
+        let mut first_indexes = firsts.iter().map(|&(_, i)| i).peekable();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if first_indexes.peek() == Some(&i) {
+                first_indexes.next();
+            } else {
+                ordered.push(chunk);
+            }
+        }
+        Ok(ordered)
+    };
+    let process = |chunk: &mut [u8], pos: u64| -> Result<(), String> {
+        let readable = src_size.saturating_sub(pos).min(chunk.len() as u64) as usize;
+        guest
+            .read_at(&mut chunk[..readable], pos)
+            .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
+        chunk[readable..].fill(0);
+        write_clusters(&image, chunk, pos, cs as usize, args.compress)
+            .map_err(|e| format!("error while writing at byte {pos}: {e}"))
+    };
+    run_chunks(size, args.progress, chunks, process).map_err(fail)?;
+    image
+        .close()
+        .map_err(|e| fail(format!("{dst}: error while converting qcow2: {e}")))?;
+    Ok(0)
+}
+
+/// Writes the clusters of `chunk` (starting at cluster-aligned `offset`) that are not all
+/// zeros, in runs of adjacent clusters.
+fn write_clusters(
+    image: &Image,
+    chunk: &[u8],
+    offset: u64,
+    cs: usize,
+    compress: bool,
+) -> qcow2::Result<()> {
+    let mut run_start = None;
+    let mut pos = 0;
+    let flush = |start: usize, end: usize| {
+        let data = &chunk[start..end];
+        let at = offset + start as u64;
+        if compress {
+            image.write_compressed(data, at)
+        } else {
+            image.write_at(data, at)
+        }
+    };
+    while pos < chunk.len() {
+        let end = (pos + cs).min(chunk.len());
+        let zero = is_zero(&chunk[pos..end]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(start)) => {
+                flush(start, pos)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(start) = run_start {
+        flush(start, chunk.len())?;
+    }
+    Ok(())
+}
+
+/// Runs `process` over the chunks `chunks` lists for each window of the disk, on `WORKERS`
+/// threads with page-aligned buffers, reporting progress.
+fn run_chunks(
+    size: u64,
+    show_progress: bool,
+    chunks: impl Fn(u64, u64) -> Result<Vec<(u64, usize)>, String>,
+    process: impl Fn(&mut [u8], u64) -> Result<(), String> + Sync,
+) -> Result<(), String> {
+    let progress = Mutex::new(Progress::new(show_progress));
+    let mut window = 0;
+    while window < size {
+        let window_len = MAP_WINDOW.min(size - window);
+        let chunks = chunks(window, window_len)?;
         let next = AtomicUsize::new(0);
         let error = Mutex::new(None);
         std::thread::scope(|scope| {
@@ -165,15 +355,7 @@ fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
                     let skew = backing.as_ptr().align_offset(PAGE).min(PAGE);
                     let buf = &mut backing[skew..skew + CHUNK];
                     while let Some(&(pos, n)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let chunk = &mut buf[..n];
-                        let result = guest
-                            .read_at(chunk, pos)
-                            .map_err(|e| format!("error while reading at byte {pos}: {e}"))
-                            .and_then(|()| {
-                                write_nonzero(&out, chunk, pos)
-                                    .map_err(|e| format!("error while writing at byte {pos}: {e}"))
-                            });
-                        if let Err(e) = result {
+                        if let Err(e) = process(&mut buf[..n], pos) {
                             lock(&error).get_or_insert(e);
                             // Stop every worker.
                             next.store(chunks.len(), Ordering::Relaxed);
@@ -185,7 +367,7 @@ fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
             }
         });
         if let Some(e) = lock(&error).take() {
-            return Err(fail(e));
+            return Err(e);
         }
         window += window_len;
         lock(&progress).update(window, size);
@@ -193,7 +375,7 @@ fn copy(guest: &dyn Guest, args: &Args) -> CmdResult {
     let mut progress = lock(&progress);
     progress.update(size, size);
     progress.finish();
-    Ok(0)
+    Ok(())
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking worker already failed the command).

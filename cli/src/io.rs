@@ -1,25 +1,32 @@
-//! `io`: a read-only subset of qemu-io. `read [-v] [-q] [-P PAT] OFF LEN` prints qemu-io's
-//! lines; a pattern mismatch makes the run exit 1. Commands that write arrive with the write
-//! engine and are refused.
+//! `io`: a subset of qemu-io. Commands run in order on one open image (read-write unless
+//! `-r`), which is closed cleanly at the end: `read [-pqrv] [-P PAT] OFF LEN`,
+//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush` and `map`. Output
+//! lines, messages (stdout or stderr, as qemu-io) and the exit code (1 when any command failed)
+//! follow qemu-io.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use qcow2::{Image, OpenOptions};
+
 use crate::size::parse_size;
-use crate::source::{CmdResult, Failure, Guest, Input};
+use crate::source::{format_of, io_text, open_image, CmdResult, Failure, Format, Guest, RawFile};
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
 
 const READ_USAGE: &str =
     "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset";
+const WRITE_USAGE: &str = "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset";
+const DISCARD_USAGE: &str =
+    "discard [-Cq] off len -- discards a number of bytes at a specified offset";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Command to run (repeatable), e.g. `read -P 0x11 0 4k`.
+    /// Command to run (repeatable), e.g. `write -P 0x11 0 4k`.
     #[arg(short = 'c', value_name = "CMD")]
     commands: Vec<String>,
-    /// Open read-only (the only mode for now).
+    /// Open read-only.
     #[arg(short = 'r')]
     read_only: bool,
     /// Image format (qcow2 or raw); probed when absent.
@@ -28,46 +35,165 @@ pub struct Args {
     file: PathBuf,
 }
 
+/// The opened file.
+enum Target {
+    Qcow2(Box<Image>),
+    Raw(RawFile),
+}
+
+impl Target {
+    fn guest(&self) -> &dyn Guest {
+        match self {
+            Target::Qcow2(image) => image.as_ref(),
+            Target::Raw(raw) => raw,
+        }
+    }
+}
+
 pub fn run(args: Args) -> CmdResult {
-    let _ = args.read_only;
     if args.commands.is_empty() {
         return Err(Failure::new(
             1,
             "io: interactive mode is not supported; pass -c CMD",
         ));
     }
-    let input = Input::open(&args.file, args.format.as_deref()).map_err(|m| Failure::new(1, m))?;
-    let guest = input.guest();
+    let fail = |m: String| Failure::new(1, m);
+    let target = match format_of(&args.file, args.format.as_deref()).map_err(fail)? {
+        Format::Qcow2 => {
+            let options = if args.read_only {
+                OpenOptions::default()
+            } else {
+                OpenOptions::read_write()
+            };
+            Target::Qcow2(Box::new(open_image(&args.file, &options).map_err(fail)?))
+        }
+        Format::Raw => Target::Raw(RawFile::open(&args.file).map_err(fail)?),
+    };
+    let writable = !args.read_only;
     let mut ok = true;
     for line in &args.commands {
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some((&name, rest)) = words.split_first() else {
             continue;
         };
-        let succeeded = match name {
-            "read" | "r" => read(guest, rest),
-            "write" | "w" | "writev" | "discard" | "d" | "flush" | "f" | "map" | "aio_write"
-            | "truncate" | "zone_append" => {
-                eprintln!("{name}: not implemented yet (needs the write engine)");
-                false
-            }
+        let (min, max) = match name {
+            "read" | "r" | "write" | "w" | "discard" | "d" => (2, None),
+            "flush" | "f" | "map" => (0, Some(0)),
             _ => {
                 eprintln!("command \"{name}\" not found");
-                false
+                ok = false;
+                continue;
             }
         };
+        if !arg_count_ok(name, rest.len(), min, max) {
+            ok = false;
+            continue;
+        }
+        let writes = matches!(name, "write" | "w" | "discard" | "d");
+        if writes && !writable {
+            eprintln!("qcow2-tool: Block node is read-only");
+            ok = false;
+            continue;
+        }
+        let succeeded = match (name, &target) {
+            ("read" | "r", t) => read(t.guest(), rest),
+            ("map", t) => map(t),
+            ("flush" | "f", Target::Qcow2(image)) => flush(image),
+            ("flush" | "f", Target::Raw(_)) => true,
+            ("write" | "w", Target::Qcow2(image)) => write(image, rest),
+            ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
+            (_, Target::Raw(_)) => {
+                println!("{name} failed: Operation not supported");
+                false
+            }
+            _ => false,
+        };
         ok &= succeeded;
+    }
+    if let Target::Qcow2(image) = target {
+        if writable {
+            if let Err(e) = image.close() {
+                eprintln!("qcow2-tool: {e}");
+                ok = false;
+            }
+        }
     }
     Ok(if ok { 0 } else { 1 })
 }
 
-/// Options of one `read` command.
-struct ReadOptions {
-    pattern: Option<u8>,
-    verbose: bool,
-    quiet: bool,
-    offset: u64,
-    len: u64,
+/// qemu-io's argument count check (on stderr).
+fn arg_count_ok(name: &str, n: usize, min: usize, max: Option<usize>) -> bool {
+    if n >= min && max.is_none_or(|m| n <= m) {
+        return true;
+    }
+    match max {
+        Some(0) => eprintln!("bad argument count {n} to {name}, expected 0 arguments"),
+        Some(m) if m == min => {
+            eprintln!("bad argument count {n} to {name}, expected {min} arguments")
+        }
+        Some(m) => {
+            eprintln!("bad argument count {n} to {name}, expected between {min} and {m} arguments")
+        }
+        None => eprintln!("bad argument count {n} to {name}, expected at least {min} arguments"),
+    }
+    false
+}
+
+/// A command's options (with their arguments) and the index of its first operand.
+type Parsed<'a> = (Vec<(char, &'a str)>, usize);
+
+/// getopt(3) over a command's words (no permutation): the options with their arguments, and
+/// the index of the first operand. Errors are printed as getopt and qemu-io print them.
+fn getopt<'a>(cmd: &str, words: &[&'a str], spec: &str, usage: &str) -> Result<Parsed<'a>, ()> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i];
+        if word == "--" {
+            i += 1;
+            break;
+        }
+        if word.len() < 2 || !word.starts_with('-') {
+            break;
+        }
+        let flags = &word[1..];
+        for (k, c) in flags.char_indices() {
+            let takes_arg = match c {
+                ':' => None,
+                _ => spec
+                    .find(c)
+                    .map(|at| spec[at + c.len_utf8()..].starts_with(':')),
+            };
+            match takes_arg {
+                None => {
+                    eprintln!("{cmd}: invalid option -- '{c}'");
+                    println!("{usage}");
+                    return Err(());
+                }
+                Some(false) => found.push((c, "")),
+                Some(true) => {
+                    let rest = &flags[k + c.len_utf8()..];
+                    let value = if rest.is_empty() {
+                        i += 1;
+                        match words.get(i) {
+                            Some(v) => *v,
+                            None => {
+                                eprintln!("{cmd}: option requires an argument -- '{c}'");
+                                println!("{usage}");
+                                return Err(());
+                            }
+                        }
+                    } else {
+                        rest
+                    };
+                    found.push((c, value));
+                    break;
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok((found, i))
 }
 
 fn parse_pattern(text: &str) -> Option<u8> {
@@ -81,97 +207,457 @@ fn parse_pattern(text: &str) -> Option<u8> {
     u8::try_from(value).ok()
 }
 
-/// getopt-style parsing of `read`'s arguments. Errors are printed as qemu-io prints them.
-fn parse_read(words: &[&str]) -> Result<ReadOptions, ()> {
-    let (mut pattern, mut verbose, mut quiet) = (None, false, false);
-    let mut i = 0;
-    while i < words.len() && words[i].len() > 1 && words[i].starts_with('-') {
-        let flags = &words[i][1..];
-        for (k, c) in flags.char_indices() {
-            match c {
-                'v' => verbose = true,
-                'q' => quiet = true,
-                'P' => {
-                    let rest = &flags[k + 1..];
-                    let value = if rest.is_empty() {
-                        i += 1;
-                        *words.get(i).ok_or_else(|| println!("{READ_USAGE}"))?
-                    } else {
-                        rest
-                    };
-                    pattern = Some(parse_pattern(value).ok_or_else(|| {
-                        println!("non-numeric pattern '{value}'");
-                    })?);
-                    break;
-                }
-                _ => {
-                    println!("{READ_USAGE}");
-                    return Err(());
-                }
-            }
+/// A pattern option's byte, or qemu-io's message.
+fn pattern_arg(text: &str) -> Result<u8, ()> {
+    parse_pattern(text).ok_or_else(|| println!("{text} is not a valid pattern byte"))
+}
+
+/// qemu-io's `cvtnum` with its error messages.
+fn number_arg(text: &str) -> Result<u64, ()> {
+    match parse_size(text) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        Ok(_) => {
+            println!("Parsing error: argument too large -- {text}");
+            Err(())
         }
-        i += 1;
+        Err(_) if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) => {
+            println!("Parsing error: argument too large -- {text}");
+            Err(())
+        }
+        Err(_) => {
+            println!(
+                "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}"
+            );
+            Err(())
+        }
     }
-    let [off, len] = words[i..] else {
-        println!("{READ_USAGE}");
+}
+
+/// The `off len` operands of a command.
+/// `limit`: the note of the request-size limit message, or `None` for no limit.
+fn range_args(words: &[&str], usage: &str, limit: Option<&str>) -> Result<(u64, u64), ()> {
+    let [off, len] = words else {
+        println!("{usage}");
         return Err(());
     };
-    let offset = parse_size(off).map_err(|_| println!("non-numeric offset argument -- {off}"))?;
-    let len = parse_size(len).map_err(|_| println!("non-numeric length argument -- {len}"))?;
-    Ok(ReadOptions {
-        pattern,
-        verbose,
-        quiet,
-        offset,
-        len,
-    })
+    let offset = number_arg(off)?;
+    let len_value = number_arg(len)?;
+    if let Some(note) = limit.filter(|_| len_value > MAX_REQUEST) {
+        println!("length cannot exceed {MAX_REQUEST}{note}, given {len}");
+        return Err(());
+    }
+    Ok((offset, len_value))
+}
+
+/// Whether `[offset, offset + len)` lies inside a disk of `size` bytes.
+fn in_bounds(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}
+
+/// The `strerror` text qemu-io prints for a failed request.
+fn errno_text(e: &qcow2::Error) -> String {
+    match e {
+        qcow2::Error::OutOfBounds { .. } => "Input/output error".into(),
+        qcow2::Error::InvalidArgument { .. } => "Invalid argument".into(),
+        qcow2::Error::ReadOnly { .. } => "Permission denied".into(),
+        qcow2::Error::Io { source, .. } => io_text(source),
+        other => other.to_string(),
+    }
 }
 
 fn read(guest: &dyn Guest, words: &[&str]) -> bool {
-    let Ok(opts) = parse_read(words) else {
+    let Ok((flags, first)) = getopt("read", words, "pP:qrv", READ_USAGE) else {
         return false;
     };
-    if opts.len > MAX_REQUEST {
-        println!("length cannot exceed {MAX_REQUEST}, given {}", opts.len);
-        return false;
+    let (mut pattern, mut verbose, mut quiet) = (None, false, false);
+    for (c, value) in flags {
+        match c {
+            'P' => match pattern_arg(value) {
+                Ok(p) => pattern = Some(p),
+                Err(()) => return false,
+            },
+            'q' => quiet = true,
+            'v' => verbose = true,
+            _ => {}
+        }
     }
-    if opts
-        .offset
-        .checked_add(opts.len)
-        .is_none_or(|end| end > guest.size())
-    {
+    let Ok((offset, len)) = range_args(&words[first..], READ_USAGE, Some("")) else {
+        return false;
+    };
+    if !in_bounds(offset, len, guest.size()) {
         println!("read failed: Input/output error");
         return false;
     }
-    let mut buf = vec![0u8; opts.len as usize];
+    let mut buf = vec![0u8; len as usize];
     let started = Instant::now();
-    if let Err(e) = guest.read_at(&mut buf, opts.offset) {
+    if let Err(e) = guest.read_at(&mut buf, offset) {
         println!("read failed: {e}");
         return false;
     }
     let elapsed = started.elapsed();
     let mut ok = true;
-    if let Some(p) = opts.pattern {
+    if let Some(p) = pattern {
         if buf.iter().any(|&b| b != p) {
-            println!(
-                "Pattern verification failed at offset {}, {} bytes",
-                opts.offset, opts.len
-            );
+            println!("Pattern verification failed at offset {offset}, {len} bytes");
             ok = false;
         }
     }
-    if opts.quiet {
+    if quiet {
         return ok;
     }
-    if opts.verbose {
-        print!("{}", dump_buffer(&buf, opts.offset));
+    if verbose {
+        print!("{}", dump_buffer(&buf, offset));
     }
-    println!(
-        "read {}/{} bytes at offset {}",
-        opts.len, opts.len, opts.offset
-    );
-    println!("{}", report_line(opts.len, elapsed));
+    print_report("read", offset, len, elapsed);
     ok
+}
+
+fn write(image: &Image, words: &[&str]) -> bool {
+    let Ok((flags, first)) = getopt("write", words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
+        return false;
+    };
+    let (mut compressed, mut fua, mut no_fallback, mut unmap, mut zero, mut quiet) =
+        (false, false, false, false, false, false);
+    let mut pattern = None;
+    for (c, value) in flags {
+        match c {
+            'c' => compressed = true,
+            'f' => fua = true,
+            'n' => no_fallback = true,
+            'P' => match pattern_arg(value) {
+                Ok(p) => pattern = Some(p),
+                Err(()) => return false,
+            },
+            'q' => quiet = true,
+            'u' => unmap = true,
+            'z' => zero = true,
+            'b' | 'C' | 's' => {
+                println!("write: -{c} is not supported by qcow2-tool");
+                return false;
+            }
+            _ => {}
+        }
+    }
+    if words.len() - first != 2 {
+        println!("{WRITE_USAGE}");
+        return false;
+    }
+    if fua && compressed {
+        println!("-f and -b or -c cannot be specified at the same time");
+        return false;
+    }
+    if no_fallback && !zero {
+        println!("-n requires -z to be specified");
+        return false;
+    }
+    if unmap && !zero {
+        println!("-u requires -z to be specified");
+        return false;
+    }
+    if zero && pattern.is_some() {
+        println!("Only one of -z, -P, and -s can be specified at the same time");
+        return false;
+    }
+    // Beyond the request limit, -n (no fallback) zero writes are allowed.
+    let note = (!no_fallback).then_some(" without -n");
+    let Ok((offset, len)) = range_args(&words[first..], WRITE_USAGE, note) else {
+        return false;
+    };
+    if compressed && !zero {
+        if offset % 512 != 0 {
+            println!("{offset} is not a sector-aligned value for 'offset'");
+            return false;
+        }
+        if len % 512 != 0 {
+            println!("{len} is not a sector-aligned value for 'count'");
+            return false;
+        }
+    }
+    if !in_bounds(offset, len, image.size()) {
+        println!("write failed: Input/output error");
+        return false;
+    }
+    if compressed && !zero {
+        if image.header().has_external_data_file() {
+            println!("write failed: Operation not supported");
+            return false;
+        }
+        // qemu's qcow2 refuses misaligned compressed writes.
+        let (cs, size) = (image.cluster_size(), image.size());
+        let end = offset + len;
+        if offset % cs != 0 || (end % cs != 0 && end != size) {
+            println!("write failed: Invalid argument");
+            return false;
+        }
+    }
+    let started = Instant::now();
+    let errno = |e: qcow2::Error| errno_text(&e);
+    let result = if zero {
+        write_zeroes(image, offset, len, unmap).map_err(errno)
+    } else {
+        let buf = vec![pattern.unwrap_or(0xcd); len as usize];
+        if compressed {
+            write_compressed(image, &buf, offset)
+        } else {
+            image
+                .write_at(&buf, offset)
+                .and_then(|()| if fua { image.flush() } else { Ok(()) })
+                .map_err(errno)
+        }
+    };
+    let elapsed = started.elapsed();
+    if let Err(e) = result {
+        println!("write failed: {e}");
+        return false;
+    }
+    if !quiet {
+        print_report("wrote", offset, len, elapsed);
+    }
+    true
+}
+
+/// A zero write as qemu does it. On a v2 image without a backing file qemu's qcow2 turns whole
+/// clusters into unallocated ones (a discard) and writes real zeros only into partial clusters
+/// that are allocated; the engine writes real zeros everywhere on v2, which reads the same but
+/// allocates, so that case is done here.
+fn write_zeroes(image: &Image, offset: u64, len: u64, unmap: bool) -> qcow2::Result<()> {
+    if image.header().version >= 3 || image.backing_file_name().is_some() || len == 0 {
+        return image.write_zeroes(offset, len, unmap);
+    }
+    let cs = image.cluster_size();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let cluster_end = (pos - pos % cs + cs).min(end);
+        let whole_end = if pos % cs == 0 {
+            (end - end % cs).max(pos)
+        } else {
+            pos
+        };
+        if whole_end > pos {
+            image.discard(pos, whole_end - pos)?;
+            pos = whole_end;
+            continue;
+        }
+        if pos % cs == 0 && cluster_end == image.size() {
+            // The last, partial cluster of the disk counts as whole.
+            image.discard(pos, cluster_end - pos)?;
+            break;
+        }
+        // A partial cluster: zeros only matter where the cluster holds something.
+        if allocated_in_top(image, pos, cluster_end - pos)? {
+            image.write_zeroes(pos, cluster_end - pos, unmap)?;
+        }
+        pos = cluster_end;
+    }
+    Ok(())
+}
+
+/// Compressed clusters qemu's qcow2 has in flight at once (QCOW2_MAX_WORKERS).
+const QEMU_COMPRESS_TASKS: usize = 8;
+
+/// A compressed write as qemu's qcow2 does it: cluster by cluster, each refused (EIO) when the
+/// cluster already has a host cluster. qemu starts clusters as task slots free up and stops
+/// once a refusal is seen: the refused cluster's slot still starts one more, so clusters more
+/// than its task count past the first refused one are not written.
+/// Errors are the `strerror` text qemu-io prints.
+fn write_compressed(image: &Image, buf: &[u8], offset: u64) -> Result<(), String> {
+    let cs = image.cluster_size() as usize;
+    let mut refused = false;
+    let mut limit = usize::MAX;
+    for (i, cluster) in buf.chunks(cs).enumerate() {
+        if i >= limit {
+            break;
+        }
+        let at = offset + (i * cs) as u64;
+        if allocated_in_top(image, at, cluster.len() as u64).map_err(|e| errno_text(&e))? {
+            refused = true;
+            limit = limit.min(i + QEMU_COMPRESS_TASKS + 1);
+            continue;
+        }
+        image
+            .write_compressed(cluster, at)
+            .map_err(|e| errno_text(&e))?;
+    }
+    if refused {
+        return Err("Input/output error".into());
+    }
+    Ok(())
+}
+
+/// Whether any cluster of `[offset, offset + len)` has a host cluster in the image itself
+/// (data, compressed data, or a zero cluster that keeps its allocation).
+fn allocated_in_top(image: &Image, offset: u64, len: u64) -> qcow2::Result<bool> {
+    if len == 0 {
+        return Ok(false);
+    }
+    Ok(image
+        .map(offset, len)?
+        .iter()
+        .any(|e| e.depth == 0 && has_host_cluster(e.kind)))
+}
+
+/// Whether an extent of the image itself keeps a host cluster.
+fn has_host_cluster(kind: qcow2::ExtentKind) -> bool {
+    use qcow2::ExtentKind;
+    match kind {
+        ExtentKind::Data { .. } | ExtentKind::Compressed => true,
+        ExtentKind::Zero { host_offset } | ExtentKind::Unallocated { host_offset } => {
+            host_offset.is_some()
+        }
+    }
+}
+
+fn discard(image: &Image, words: &[&str]) -> bool {
+    let Ok((flags, first)) = getopt("discard", words, "Cq", DISCARD_USAGE) else {
+        return false;
+    };
+    let mut quiet = false;
+    for (c, _) in flags {
+        match c {
+            'q' => quiet = true,
+            'C' => {
+                println!("discard: -C is not supported by qcow2-tool");
+                return false;
+            }
+            _ => {}
+        }
+    }
+    let Ok((offset, len)) = range_args(&words[first..], DISCARD_USAGE, Some("")) else {
+        return false;
+    };
+    if !in_bounds(offset, len, image.size()) {
+        println!("discard failed: Input/output error");
+        return false;
+    }
+    let started = Instant::now();
+    // qemu ignores discards on a v2 image with a backing file (freeing a cluster there would
+    // expose the backing file's data, v2 having no zero clusters); the engine would free it.
+    let v2_over_backing = image.header().version < 3 && image.backing_file_name().is_some();
+    let result = if v2_over_backing {
+        Ok(())
+    } else {
+        discard_keeping_zero_clusters(image, offset, len)
+    };
+    if let Err(e) = result {
+        println!("discard failed: {}", errno_text(&e));
+        return false;
+    }
+    if !quiet {
+        print_report("discard", offset, len, started.elapsed());
+    }
+    true
+}
+
+/// A discard that, as qemu's, leaves clusters without a host cluster (zero or partly zero
+/// clusters) as they are when there is no backing file; the engine would make them
+/// unallocated, which reads the same but maps differently.
+fn discard_keeping_zero_clusters(image: &Image, offset: u64, len: u64) -> qcow2::Result<()> {
+    if image.backing_file_name().is_some() {
+        return image.discard(offset, len);
+    }
+    let (cs, size) = (image.cluster_size(), image.size());
+    let first = offset.next_multiple_of(cs);
+    let end = if offset + len >= size {
+        size
+    } else {
+        (offset + len) & !(cs - 1)
+    };
+    if first >= end {
+        return Ok(());
+    }
+    let mut run: Option<(u64, u64)> = None;
+    for e in image.map(first, end - first)? {
+        let keep = !(e.depth == 0 && has_host_cluster(e.kind));
+        if keep {
+            if let Some((start, stop)) = run.take() {
+                image.discard(start, stop - start)?;
+            }
+        } else {
+            let stop = e.start + e.length;
+            run = Some(run.map_or((e.start, stop), |(start, _)| (start, stop)));
+        }
+    }
+    if let Some((start, stop)) = run {
+        image.discard(start, stop - start)?;
+    }
+    Ok(())
+}
+
+fn flush(image: &Image) -> bool {
+    match image.flush() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("qcow2-tool: flush failed: {e}");
+            false
+        }
+    }
+}
+
+/// Guest bytes mapped per `map` call.
+const MAP_WINDOW: u64 = 1 << 30;
+
+/// qemu-io's `map`: ranges allocated (or not) in the top layer, adjacent ones merged.
+fn map(target: &Target) -> bool {
+    let image = match target {
+        Target::Qcow2(image) => image,
+        Target::Raw(raw) => {
+            let size = raw.size();
+            if size > 0 {
+                print_map_line(true, 0, size);
+            }
+            return true;
+        }
+    };
+    let size = image.size();
+    let mut run: Option<(bool, u64, u64)> = None;
+    let mut window = 0;
+    while window < size {
+        let len = MAP_WINDOW.min(size - window);
+        let extents = match image.map(window, len) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("qcow2-tool: Failed to get allocation status: {e}");
+                return false;
+            }
+        };
+        for e in extents {
+            let allocated = e.depth == 0 && e.present();
+            match &mut run {
+                Some((a, _, l)) if *a == allocated => *l += e.length,
+                _ => {
+                    if let Some((a, start, l)) = run {
+                        print_map_line(a, start, l);
+                    }
+                    run = Some((allocated, e.start, e.length));
+                }
+            }
+        }
+        window += len;
+    }
+    if let Some((a, start, l)) = run {
+        print_map_line(a, start, l);
+    }
+    true
+}
+
+fn print_map_line(allocated: bool, start: u64, len: u64) {
+    println!(
+        "{} ({len:#x}) bytes {} at offset {} ({start:#x})",
+        cvtstr(len as f64),
+        if allocated {
+            "    allocated"
+        } else {
+            "not allocated"
+        },
+        cvtstr(start as f64)
+    );
+}
+
+/// qemu-io's two report lines for one request.
+fn print_report(op: &str, offset: u64, len: u64, elapsed: Duration) {
+    println!("{op} {len}/{len} bytes at offset {offset}");
+    println!("{}", report_line(len, elapsed));
 }
 
 /// qemu-io's hex dump: 16 bytes a line, then the alphanumeric characters.

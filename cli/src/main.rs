@@ -6,14 +6,18 @@
 mod check;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod io;
 mod map;
+mod opts;
 mod output;
 mod progress;
+mod resize;
 mod size;
 mod snapshot;
 mod source;
+mod transaction;
 
 use clap::{Parser, Subcommand};
 
@@ -30,19 +34,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a new image, as qemu-img create.
+    Create(create::Args),
     /// Show what qemu-img info shows.
     Info(info::Args),
     /// Show the guest-to-host mapping, as qemu-img map.
     Map(map::Args),
     /// Check the image's consistency, as qemu-img check.
     Check(check::Args),
-    /// Copy the guest bytes to a raw file, as qemu-img convert.
+    /// Copy the guest bytes to a raw file or a new qcow2 image, as qemu-img convert.
     Convert(convert::Args),
+    /// Change the virtual size, as qemu-img resize.
+    Resize(resize::Args),
     /// Compare the guest contents of two images, as qemu-img compare.
     Compare(compare::Args),
     /// List internal snapshots, as qemu-img snapshot.
     Snapshot(snapshot::Args),
-    /// Run qemu-io commands (read subset).
+    /// Run a group of snapshot actions atomically (a QMP-style transaction plan).
+    Transaction(transaction::Args),
+    /// Finish or roll back an interrupted group transaction.
+    Recover(transaction::RecoverArgs),
+    /// Run qemu-io commands (read, write, discard, flush, map).
     Io(io::Args),
 }
 
@@ -63,12 +75,16 @@ fn main() {
         }
     };
     let result = match cli.command {
+        Command::Create(args) => create::run(args),
         Command::Info(args) => info::run(args),
         Command::Map(args) => map::run(args),
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Resize(args) => resize::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Snapshot(args) => snapshot::run(args),
+        Command::Transaction(args) => transaction::run(args),
+        Command::Recover(args) => transaction::recover(args),
         Command::Io(args) => io::run(args),
     };
     let code = match result {

@@ -31,12 +31,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    let actions = [args.list, args.create.is_some(), args.apply.is_some(), args.delete.is_some()];
+    let actions = [
+        args.list,
+        args.create.is_some(),
+        args.apply.is_some(),
+        args.delete.is_some(),
+    ];
     if actions.iter().filter(|&&a| a).count() > 1 {
         return Err(Failure::new(1, "Cannot mix '-l', '-a', '-c', '-d'"));
     }
     if let Some(name) = &args.create {
-        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        let image =
+            open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
         // qemu-img keeps names to 255 bytes and the time to microseconds.
         let mut cut = name.len().min(255);
         while !name.is_char_boundary(cut) {
@@ -50,25 +56,40 @@ pub fn run(args: Args) -> CmdResult {
             secs: now.as_secs() as i64,
             nanos: now.subsec_micros() * 1000,
         };
-        image.create_snapshot(name, time).map_err(|e| {
-            Failure::new(1, format!("Could not create snapshot '{name}': {e}"))
-        })?;
+        image
+            .create_snapshot(name, time)
+            .map_err(|e| Failure::new(1, format!("Could not create snapshot '{name}': {e}")))?;
         image.close().map_err(|e| Failure::new(1, e.to_string()))?;
         return Ok(0);
     }
     if let Some(name) = &args.apply {
-        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
-        image.apply_snapshot(name).map_err(|e| {
-            Failure::new(1, format!("Could not apply snapshot '{name}': {e}"))
-        })?;
+        let image =
+            open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        image
+            .apply_snapshot(name)
+            .map_err(|e| Failure::new(1, format!("Could not apply snapshot '{name}': {e}")))?;
         image.close().map_err(|e| Failure::new(1, e.to_string()))?;
         return Ok(0);
     }
     if let Some(name) = &args.delete {
-        let image = open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
-        image.delete_snapshot(name).map_err(|e| {
-            Failure::new(1, format!("Could not delete snapshot '{name}': {e}"))
-        })?;
+        let image =
+            open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
+        // qemu-img deletes by name only (applying also accepts an id); resolve the name to the
+        // snapshot's unique id so a name that looks like another snapshot's id stays unambiguous.
+        let id = image
+            .snapshot_entries()
+            .into_iter()
+            .find(|s| s.name == name.as_bytes())
+            .map(|s| s.id_str())
+            .ok_or_else(|| {
+                Failure::new(
+                    1,
+                    format!("Could not delete snapshot '{name}': snapshot not found"),
+                )
+            })?;
+        image
+            .delete_snapshot(&id)
+            .map_err(|e| Failure::new(1, format!("Could not delete snapshot '{name}': {e}")))?;
         image.close().map_err(|e| Failure::new(1, e.to_string()))?;
         return Ok(0);
     }

@@ -45,7 +45,7 @@ pub fn format_of(path: &Path, forced: Option<&str>) -> Result<Format, String> {
         Some(other) => Err(format!("Unknown file format '{other}'")),
         None => {
             let mut file = File::open(path)
-                .map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+                .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
             let mut magic = [0u8; 4];
             let n = file.read(&mut magic).unwrap_or(0);
             Ok(if n == 4 && magic == QCOW2_MAGIC {
@@ -82,11 +82,11 @@ pub struct RawFile {
 
 impl RawFile {
     pub fn open(path: &Path) -> Result<RawFile, String> {
-        let file =
-            File::open(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+        let file = File::open(path)
+            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
         let size = file
             .metadata()
-            .map_err(|e| format!("Could not open '{}': {e}", path.display()))?
+            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?
             .len();
         Ok(RawFile { file, size })
     }
@@ -216,4 +216,13 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .by_ref()
         .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0);
     words_zero && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// An I/O error as C's `strerror` prints it (without Rust's ` (os error N)` suffix).
+pub fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
 }

@@ -41,20 +41,185 @@ fn check_of_a_raw_file_exits_63_like_qemu_img() {
 }
 
 #[test]
-fn repair_is_refused_until_the_write_engine_exists() {
-    let f = fixture("c64k");
-    for mode in ["leaks", "all"] {
-        let out = tool(&["check", "-r", mode, path_str(&f.path)]);
-        no_panic(&out);
-        assert_eq!(code(&out), 1);
-        assert!(stderr(&out).contains("not implemented"), "{}", stderr(&out));
-    }
-}
-
-#[test]
 fn check_of_a_missing_file_fails_with_exit_1() {
     let out = tool(&["check", "-f", "qcow2", "/nonexistent/x.qcow2"]);
     no_panic(&out);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("Check failed"));
+}
+
+/// A new 1 MiB image (made by us) with refcounts raised on cluster 3 (the L1 table) and on
+/// cluster 9 (past the end, the file grown to cover it): two leaked clusters.
+fn leaky_image(path: &std::path::Path) {
+    let out = tool(&["create", "-q", "-f", "qcow2", path_str(path), "1M"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0x20000 + 6..0x20000 + 8].copy_from_slice(&2u16.to_be_bytes());
+    bytes[0x20000 + 18..0x20000 + 20].copy_from_slice(&1u16.to_be_bytes());
+    bytes.resize(10 * 65536, 0);
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// An image with 128 KiB of data whose L2 table's refcount is 0 (a corruption that needs the
+/// refcount structures rebuilt) and whose first data cluster's refcount is 2 (a leak).
+fn corrupt_image(path: &std::path::Path) {
+    let out = tool(&["create", "-q", "-f", "qcow2", path_str(path), "1M"]);
+    assert_eq!(code(&out), 0);
+    let out = tool(&["io", "-c", "write -P 1 0 128k", path_str(path)]);
+    assert_eq!(code(&out), 0);
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0x20000 + 8..0x20000 + 10].copy_from_slice(&0u16.to_be_bytes());
+    bytes[0x20000 + 12..0x20000 + 14].copy_from_slice(&2u16.to_be_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// Runs `check ARGS x.qcow2` with both tools on identical copies of `make`'s image (each in its
+/// own directory, so the file names match). Returns (ours, qemu's, our image path).
+fn repair_both(
+    name: &str,
+    make: fn(&std::path::Path),
+    args: &[&str],
+) -> (
+    std::process::Output,
+    std::process::Output,
+    std::path::PathBuf,
+) {
+    let ours_dir = qcow2_testdata::scratch_dir(&format!("{name}_ours"));
+    let theirs_dir = qcow2_testdata::scratch_dir(&format!("{name}_theirs"));
+    make(&ours_dir.join("x.qcow2"));
+    std::fs::copy(ours_dir.join("x.qcow2"), theirs_dir.join("x.qcow2")).unwrap();
+    let mut full = vec!["check"];
+    full.extend_from_slice(args);
+    full.push("x.qcow2");
+    let ours = tool_in(Some(&ours_dir), &full);
+    let qemu = qemu_in(&theirs_dir, &full);
+    no_panic(&ours);
+    let cmp = qemu_in(
+        &ours_dir,
+        &["compare", "x.qcow2", path_str(&theirs_dir.join("x.qcow2"))],
+    );
+    assert_eq!(code(&cmp), 0, "{args:?}: repaired images read differently");
+    (ours, qemu, ours_dir.join("x.qcow2"))
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+#[test]
+fn repairing_leaks_matches_qemu_img_exactly() {
+    for output in ["--output=json", "--output=human"] {
+        let (ours, qemu, path) = repair_both("repair_leaks", leaky_image, &["-r", "leaks", output]);
+        assert_eq!(code(&ours), code(&qemu), "{output}: {}", stderr(&ours));
+        assert_eq!(code(&ours), 0);
+        assert_eq!(stdout(&ours), stdout(&qemu), "{output}");
+        assert_eq!(stderr(&ours), stderr(&qemu), "{output}");
+        if output == "--output=json" {
+            assert_eq!(json_of(&ours)["leaks-fixed"], 2);
+        } else {
+            assert!(stdout(&ours).starts_with(
+                "The following inconsistencies were found and repaired:\n\n    2 leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\nNo errors were found on the image.\n"
+            ));
+        }
+        let (check, report) = qemu_check(&path);
+        assert_eq!(check, 0, "{report}");
+    }
+}
+
+#[test]
+fn repairing_leaks_with_all_matches_qemu_img_but_for_the_image_end() {
+    let (ours, qemu, path) = repair_both(
+        "repair_all_leaks",
+        leaky_image,
+        &["-r", "all", "--output=json"],
+    );
+    assert_eq!(code(&ours), code(&qemu), "{}", stderr(&ours));
+    let (mut a, mut b) = (json_of(&ours), json_of(&qemu));
+    // The engine rebuilds the refcount structures at the end of the file; qemu-img, seeing
+    // only leaks, fixes them in place.
+    a.as_object_mut().unwrap().remove("image-end-offset");
+    b.as_object_mut().unwrap().remove("image-end-offset");
+    assert_eq!(a, b);
+    assert_eq!(qemu_check(&path).0, 0);
+}
+
+#[test]
+fn repairing_leaks_when_a_rebuild_is_needed_fails_like_qemu_img() {
+    for output in ["--output=json", "--output=human"] {
+        let (ours, qemu, _) = repair_both(
+            "repair_needs_rebuild",
+            corrupt_image,
+            &["-r", "leaks", output],
+        );
+        assert_eq!(code(&ours), 1, "{}", stderr(&ours));
+        assert_eq!(code(&qemu), 1);
+        assert_eq!(stdout(&ours), stdout(&qemu));
+        assert_eq!(
+            stderr(&ours).replace("qcow2-tool:", "qemu-img:"),
+            stderr(&qemu)
+        );
+    }
+}
+
+#[test]
+fn repairing_corruptions_leaves_a_clean_image_like_qemu_img() {
+    let (ours, qemu, path) = repair_both(
+        "repair_all_corrupt",
+        corrupt_image,
+        &["-r", "all", "--output=json"],
+    );
+    assert_eq!(code(&ours), 0, "{}", stderr(&ours));
+    assert_eq!(code(&qemu), 0);
+    let (a, b) = (json_of(&ours), json_of(&qemu));
+    for key in [
+        "leaks-fixed",
+        "corruptions",
+        "leaks",
+        "check-errors",
+        "total-clusters",
+    ] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    assert!(a["corruptions-fixed"].as_u64().unwrap() > 0);
+    assert_eq!(qemu_check(&path).0, 0);
+}
+
+#[test]
+fn repairing_clean_images_prints_the_plain_check() {
+    for name in ["c64k", "snap", "zlib", "ext-l2-64k", "v2", "chain-top"] {
+        let dir = qcow2_testdata::scratch_dir(&format!("repair_clean_{name}"));
+        let path = qcow2_testdata::copy_fixture(name, &dir);
+        for output in ["--output=json", "--output=human"] {
+            let file = path.file_name().unwrap().to_str().unwrap();
+            let ours = tool_in(Some(&dir), &["check", "-r", "leaks", output, file]);
+            let qemu = qemu_in(&dir, &["check", "-r", "leaks", output, file]);
+            assert_eq!(code(&ours), code(&qemu), "{name}: {}", stderr(&ours));
+            assert_eq!(stdout(&ours), stdout(&qemu), "{name} {output}");
+            assert_eq!(stderr(&ours), stderr(&qemu), "{name} {output}");
+        }
+    }
+}
+
+#[test]
+fn repair_of_an_image_marked_corrupt_reports_the_engine_error() {
+    let dir = qcow2_testdata::scratch_dir("repair_corrupt_bit");
+    let path = dir.join("c.qcow2");
+    assert_eq!(
+        code(&tool(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&path),
+            "1M"
+        ])),
+        0
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[79] |= 0x02;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = tool(&["check", "-r", "all", path_str(&path)]);
+    no_panic(&out);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("marked corrupt"), "{}", stderr(&out));
 }

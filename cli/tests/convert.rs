@@ -103,7 +103,15 @@ fn other_output_formats_and_missing_snapshots_are_refused() {
     let f = fixture("snap");
     let dst = dir.join("out");
     for args in [
-        vec!["convert", "-O", "qcow2", path_str(&f.path), path_str(&dst)],
+        vec!["convert", "-O", "vmdk", path_str(&f.path), path_str(&dst)],
+        vec![
+            "convert",
+            "-c",
+            "-O",
+            "raw",
+            path_str(&f.path),
+            path_str(&dst),
+        ],
         vec![
             "convert",
             "-O",

@@ -44,7 +44,7 @@ fn read_through_a_backing_chain_sees_backing_data() {
     let p = bytes[at];
     assert!(bytes[at..at + 4096].iter().all(|&b| b == p));
     let cmd = format!("read -P {p} {at} 4096");
-    let out = tool(&["io", "-c", &cmd, path_str(&f.path)]);
+    let out = tool(&["io", "-r", "-c", &cmd, path_str(&f.path)]);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
 }
 
@@ -52,23 +52,25 @@ fn read_through_a_backing_chain_sees_backing_data() {
 fn verbose_read_dumps_like_qemu_io() {
     let f = fixture("c64k");
     let cmd = "read -v 0 40";
-    let ours = tool(&["io", "-c", cmd, path_str(&f.path)]);
+    let ours = tool(&["io", "-r", "-c", cmd, path_str(&f.path)]);
     let qemu = qemu_io(&["-r", "-f", "qcow2", "-c", cmd, path_str(&f.path)]);
     let head = |s: String| s.lines().take(4).collect::<Vec<_>>().join("\n");
     assert_eq!(head(stdout(&ours)), head(stdout(&qemu)));
 }
 
 #[test]
-fn out_of_range_reads_and_write_commands_fail() {
+fn out_of_range_reads_bad_commands_and_read_only_writes_fail() {
     let f = fixture("c64k");
     for cmd in [
         "read 1G 1",
         "write 0 1",
+        "discard 0 64k",
         "frobnicate",
         "read 0",
         "read -P 300 0 1",
     ] {
-        let out = tool(&["io", "-c", cmd, path_str(&f.path)]);
+        // -r: the fixtures are shared and must not be written.
+        let out = tool(&["io", "-r", "-c", cmd, path_str(&f.path)]);
         no_panic(&out);
         assert_eq!(code(&out), 1, "{cmd}");
     }

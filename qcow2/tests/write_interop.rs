@@ -406,3 +406,27 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
         );
     }
 }
+
+/// Found by the CLI's resize tests: an L1 table spanning several refblock ranges of a
+/// 512-byte-cluster image needs a contiguous run longer than one range; the new refblocks now go
+/// after the run instead of into it, so allocation no longer chases its own tail.
+#[test]
+fn growing_a_512_byte_cluster_image_to_1_gib_allocates_one_contiguous_l1() {
+    require_qemu();
+    let path = scratch_dir("resize-big-l1").join("a.qcow2");
+    let options = CreateOptions {
+        size: 4 << 20,
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.write_at(&pattern(3000, 1), 0).unwrap();
+    image.resize(1 << 30, false).unwrap();
+    image.write_at(&pattern(3000, 2), (1 << 30) - 3000).unwrap();
+    let len = image.file_len();
+    image.close().unwrap();
+    assert!(len < 4 << 20, "file grew to {len} bytes");
+    assert_qemu_clean(&path);
+    let map = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
+    assert!(map.status.success());
+}

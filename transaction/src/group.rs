@@ -5,7 +5,6 @@
 //! reconciling refcounts from the published metadata; it never replays decrements.
 
 use std::collections::hash_map::RandomState;
-use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -66,6 +65,8 @@ pub enum Recovery {
 /// The images one transaction touches on one file.
 struct Member {
     path: PathBuf,
+    /// The path as the plan spells it (the same file under two spellings is refused).
+    given: PathBuf,
     dev: u64,
     ino: u64,
     image: Option<Image>,
@@ -79,7 +80,7 @@ pub type Hook = Box<dyn FnMut(&str) -> bool + Send>;
 /// A group directory (journal, lock, manifest) held by this process.
 pub struct Group {
     dir: PathBuf,
-    _lock: File,
+    _lock: crate::lock::GroupLock,
     hook: Option<Hook>,
     opened_with: Recovery,
 }
@@ -531,10 +532,20 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
             .iter()
             .position(|m| (m.dev, m.ino) == (meta.dev(), meta.ino()))
         {
+            Some(i) if members[i].given != given => {
+                return Err(invalid(
+                    given,
+                    format!(
+                        "is the same file as {} (a link or another spelling): name each image once",
+                        members[i].given.display()
+                    ),
+                ))
+            }
             Some(i) => i,
             None => {
                 members.push(Member {
                     path: path.clone(),
+                    given: given.to_path_buf(),
                     dev: meta.dev(),
                     ino: meta.ino(),
                     image: None,

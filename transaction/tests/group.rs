@@ -302,3 +302,127 @@ fn a_journal_corrupt_in_the_middle_stops_recovery() {
     let err = Group::open(group_dir(&d)).err().expect("refuses to guess");
     assert!(matches!(err, TxnError::Journal { .. }), "{err}");
 }
+
+#[test]
+fn one_image_under_two_names_is_refused_before_any_write() {
+    let d = disks("txn-twice");
+    let bytes = std::fs::read(&d.paths[0]).unwrap();
+    let link = d.dir.join("link.qcow2");
+    std::os::unix::fs::symlink(&d.paths[0], &link).unwrap();
+    let hard = d.dir.join("hard.qcow2");
+    std::fs::hard_link(&d.paths[0], &hard).unwrap();
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    std::fs::create_dir(d.dir.join("sub")).unwrap();
+    for other in [link, hard, d.dir.join("sub/../disk0.qcow2")] {
+        let err = group
+            .run(&[
+                Action::InternalCreate {
+                    image: d.paths[0].clone(),
+                    name: "a".into(),
+                },
+                Action::InternalCreate {
+                    image: other.clone(),
+                    name: "b".into(),
+                },
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(err, TxnError::Invalid { .. }),
+            "{}: {err}",
+            other.display()
+        );
+    }
+    // The same spelling twice merges into one table write and one switch.
+    group
+        .run(&[
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "a".into(),
+            },
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "b".into(),
+            },
+        ])
+        .unwrap();
+    assert_ne!(std::fs::read(&d.paths[0]).unwrap(), bytes);
+    let image = Image::open(&d.paths[0], &OpenOptions::metadata_only()).unwrap();
+    let names: Vec<String> = image.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["base", "a", "b"]);
+    drop(image);
+    assert_all_clean(&d);
+}
+
+#[test]
+fn read_only_locked_or_replaced_images_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = disks("txn-refused");
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    // A file without write permission (tests run as root, so also check the engine's refusal of
+    // a corrupt image): the open for writing fails and names the image.
+    let corrupt = d.dir.join("corrupt.qcow2");
+    std::fs::copy(&d.paths[1], &corrupt).unwrap();
+    let mut b = std::fs::read(&corrupt).unwrap();
+    b[79] |= 2;
+    std::fs::write(&corrupt, &b).unwrap();
+    let err = group
+        .run(&[
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "x".into(),
+            },
+            Action::InternalCreate {
+                image: corrupt.clone(),
+                name: "x".into(),
+            },
+        ])
+        .unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    let mut perms = std::fs::metadata(&d.paths[2]).unwrap().permissions();
+    perms.set_mode(0o444);
+    std::fs::set_permissions(&d.paths[2], perms).unwrap();
+
+    // An image another process holds for writing.
+    let p = d.paths[3].to_str().unwrap().to_string();
+    let mut qemu = std::process::Command::new("qemu-io")
+        .arg(&p)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, Write};
+        let stdin = qemu.stdin.as_mut().unwrap();
+        stdin.write_all(b"read 0 512\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(qemu.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    let err = group
+        .run(&[Action::InternalCreate {
+            image: d.paths[3].clone(),
+            name: "x".into(),
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("locked"), "{err}");
+    drop(qemu.stdin.take());
+    qemu.wait().unwrap();
+    assert_eq!(view(&d).snapshots[0], ["base"]);
+}
+
+#[test]
+fn recovery_stops_when_an_image_was_replaced() {
+    let d = disks("txn-replaced");
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    group.set_hook(Some(Box::new(|e: &str| e != "prepared")));
+    assert!(group.run(&plan(&d)).is_err());
+    drop(group);
+    // Someone replaces disk0 with another file (a new inode) while the group is in doubt.
+    let copy = d.dir.join("copy");
+    std::fs::copy(&d.paths[0], &copy).unwrap();
+    std::fs::rename(&copy, &d.paths[0]).unwrap();
+    let err = Group::open(group_dir(&d)).err().expect("recovery refuses");
+    assert!(matches!(err, TxnError::ForeignChange { .. }), "{err}");
+}

@@ -15,6 +15,7 @@ impl Image {
         self.require_writable()?;
         let cs = self.cluster_size();
         let size = self.size();
+        self.check_bounds(offset, buf.len() as u64, size)?;
         let end = offset + buf.len() as u64;
         if offset % cs != 0 || (end % cs != 0 && end != size) {
             return Err(Error::InvalidArgument {

@@ -177,7 +177,8 @@ impl CreateOptions {
                 ),
             });
         }
-        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        // An empty disk has an empty L1 table that takes no cluster (nothing would count it).
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
         // Refcount table and blocks must cover themselves, the header and the L1 table.
         let per_block = refcount::entries_per_block(cluster_bits, order);
         let (mut reftable_clusters, mut blocks) = (1u64, 1u64);
@@ -287,16 +288,10 @@ impl Image {
             let l2_span = 1u64 << m.header.l1_shift();
             let span_end = ((guest / l2_span) + 1) * l2_span;
             let n = (span_end.min(size) - guest).div_ceil(cs);
-            let extended = m.header.extended_l2();
             let first = self.alloc(&mut m, n)?;
             for i in 0..n {
                 let slot_guest = guest + i * cs;
-                self.link_cluster(
-                    &mut m,
-                    slot_guest,
-                    (first + i * cs) | COPIED,
-                    if extended { 0xFFFF_FFFF } else { 0 },
-                )?;
+                self.link_cluster(&mut m, slot_guest, (first + i * cs) | COPIED, 0)?;
             }
             guest = span_end;
         }

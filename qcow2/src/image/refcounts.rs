@@ -223,22 +223,27 @@ impl Refcounts {
         let mut moved = None;
         loop {
             let start = self.find_free_run(host, n, *image_end)?;
-            // Cover the run with refblocks; a new refblock takes a cluster, maybe from the run.
-            let mut created = false;
-            for index in (start >> self.block_bits)..=((start + n - 1) >> self.block_bits) {
-                if index as usize >= self.reftable.len() {
-                    let m = self.grow_reftable(host, index, image_end)?;
-                    moved.get_or_insert(m);
-                    created = true;
-                    break;
-                }
-                if self.reftable[index as usize] & REFTABLE_OFFSET_MASK == 0 {
-                    self.create_refblock(host, index, image_end)?;
-                    created = true;
-                }
-            }
-            if created {
+            let first = start >> self.block_bits;
+            let last = (start + n - 1) >> self.block_bits;
+            if last as usize >= self.reftable.len() {
+                let m = self.grow_reftable(host, last, image_end)?;
+                moved.get_or_insert(m);
                 continue;
+            }
+            let missing: Vec<u64> = (first..=last)
+                .filter(|&i| self.reftable[i as usize] & REFTABLE_OFFSET_MASK == 0)
+                .collect();
+            if missing.len() == 1 && first == last {
+                // One uncovered range: its block takes the range's first free cluster and counts
+                // itself; the run is searched again around it.
+                self.create_refblock(host, missing[0], image_end)?;
+                continue;
+            }
+            if !missing.is_empty() {
+                // A run across uncovered ranges stays contiguous: its blocks go after it.
+                if !self.create_refblocks_after(host, &missing, start + n, image_end)? {
+                    continue;
+                }
             }
             for k in start..start + n {
                 self.set(host, k, 1)?;
@@ -247,6 +252,97 @@ impl Refcounts {
             self.free_index = start + n;
             return Ok((start << self.cluster_bits, moved));
         }
+    }
+
+    /// Creates the refblocks for reftable entries `needed` in clusters from `after` on (past the
+    /// file), together with any block those clusters need themselves, all counting each other.
+    /// They are written and synced before the reftable entries that publish them. Returns false
+    /// when the refcount table must grow first.
+    fn create_refblocks_after(
+        &mut self,
+        host: Host<'_>,
+        needed: &[u64],
+        after: u64,
+        image_end: &mut u64,
+    ) -> Result<bool> {
+        let per_block = 1u64 << self.block_bits;
+        let base = after.max(*image_end);
+        let missing = |rc: &Refcounts, i: u64| {
+            i as usize >= rc.reftable.len() || rc.reftable[i as usize] & REFTABLE_OFFSET_MASK == 0
+        };
+        // The blocks' own clusters may need blocks too; the count only grows, so it settles.
+        let mut indices: Vec<u64> = needed.to_vec();
+        loop {
+            let end = base + indices.len() as u64;
+            let mut more: Vec<u64> = (base / per_block..=(end - 1) / per_block)
+                .filter(|&i| missing(self, i) && !indices.contains(&i))
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            indices.append(&mut more);
+        }
+        indices.sort_unstable();
+        if indices
+            .last()
+            .is_some_and(|&i| i as usize >= self.reftable.len())
+        {
+            let top = *indices.last().expect("not empty");
+            self.grow_reftable(host, top, image_end)?;
+            return Ok(false);
+        }
+        let mut blocks: BTreeMap<u64, Vec<u8>> = indices
+            .iter()
+            .map(|&i| (i, vec![0u8; self.cluster_size() as usize]))
+            .collect();
+        let locations: Vec<(u64, u64)> = indices
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| (i, base + j as u64))
+            .collect();
+        for &(_, cluster) in &locations {
+            let i = cluster / per_block;
+            let within = (cluster % per_block) as usize;
+            match blocks.get_mut(&i) {
+                Some(bytes) => refcount::set(bytes, within, self.order, 1),
+                None => self.set(host, cluster, 1)?,
+            }
+        }
+        // Existing blocks that count the new ones are durable first, then the new blocks, then
+        // the reftable entries that publish them.
+        self.write_dirty(host)?;
+        for &(i, cluster) in &locations {
+            host.write(
+                &blocks[&i],
+                cluster << self.cluster_bits,
+                "new refcount block",
+            )?;
+        }
+        host.sync()?;
+        for &(i, cluster) in &locations {
+            let offset = cluster << self.cluster_bits;
+            host.write(
+                &offset.to_be_bytes(),
+                self.reftable_offset + i * 8,
+                "refcount table entry",
+            )?;
+        }
+        host.sync()?;
+        for (i, cluster) in locations {
+            let offset = cluster << self.cluster_bits;
+            self.reftable[i as usize] = offset;
+            self.block_offsets.insert(offset);
+            let bytes = blocks.remove(&i).expect("built above");
+            self.blocks.insert(
+                offset,
+                Block {
+                    bytes,
+                    dirty: false,
+                },
+            );
+        }
+        *image_end = (*image_end).max(base + indices.len() as u64);
+        Ok(true)
     }
 
     /// The first run of `n` free clusters at or after the free index.

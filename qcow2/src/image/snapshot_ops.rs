@@ -543,15 +543,22 @@ impl Image {
             host.write(&copy, at, "new L2 table")?;
             l1[i] = at | COPIED;
         }
-        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs).max(1);
-        let l1_at = self.alloc(m, l1_clusters)?;
+        // An empty L1 table takes no cluster (nothing would count it) and sits at offset 0.
+        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
+        let l1_at = if l1_clusters == 0 {
+            0
+        } else {
+            self.alloc(m, l1_clusters)?
+        };
         raised.extend((0..l1_clusters).map(|c| ((l1_at >> cb) + c, 1)));
         let mut l1_bytes = vec![0u8; (l1_clusters * cs) as usize];
         for (i, e) in l1.iter().enumerate() {
             put_be_u64_at(&mut l1_bytes, i, *e);
         }
-        self.guard(m, l1_at, l1_clusters * cs, None)?;
-        host.write(&l1_bytes, l1_at, "new L1 table")?;
+        if l1_clusters > 0 {
+            self.guard(m, l1_at, l1_clusters * cs, None)?;
+            host.write(&l1_bytes, l1_at, "new L1 table")?;
+        }
         let table = encode_table(&snapshots);
         if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
             return Err(self.refused("the snapshot table would exceed 64 MiB".into()));

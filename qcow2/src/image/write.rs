@@ -348,8 +348,23 @@ impl Image {
                 image: self.name.clone(),
                 reason: "the external data file is not open".into(),
             })?;
-        let allocated = slot.entry & COPIED != 0;
-        if !allocated {
+        let extended = m.header.extended_l2();
+        // A zero flag (standard L2) means the data file's bytes are stale for this cluster.
+        let allocated = slot.entry & COPIED != 0 && (extended || slot.entry & ZERO == 0);
+        let fresh_subclusters = extended && touched & !(slot.bitmap as u32) != 0;
+        if fresh_subclusters && allocated {
+            // Subclusters that read as zeros or from the backing file until now: write their
+            // whole span so the parts the request leaves out keep reading the same.
+            let mut content = self.cluster_content(m, cluster_start)?;
+            content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            let (start, end) = self.subcluster_span(m, touched);
+            storage
+                .write_at(
+                    &content[start as usize..end as usize],
+                    cluster_start + start,
+                )
+                .map_err(|e| Error::io(&self.name, "writing the data file", e))?;
+        } else if !allocated {
             // Fill the rest of the cluster from its current content so it reads the same.
             let mut content = self.cluster_content(m, cluster_start)?;
             content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
@@ -361,7 +376,6 @@ impl Image {
                 .write_at(data, cluster_start + in_cluster)
                 .map_err(|e| Error::io(&self.name, "writing the data file", e))?;
         }
-        let extended = m.header.extended_l2();
         let bitmap = if extended {
             if allocated {
                 (slot.bitmap | touched as u64) & !((touched as u64) << 32)
@@ -441,6 +455,19 @@ impl Image {
                     e - e % grain
                 }
             };
+            if !v3
+                && !external
+                && self.backing.is_none()
+                && in_cluster == 0
+                && g_end >= cs.min(m.header.size - cluster_start)
+                && g_start == 0
+            {
+                // v2 has no zero flag, but with nothing below an unallocated cluster reads as
+                // zeros: drop the cluster, as QEMU does.
+                self.unmap_cluster(&mut m, cluster_start)?;
+                pos = chunk_end;
+                continue;
+            }
             if !v3 || external || g_start >= g_end {
                 let zeros = vec![0u8; (chunk_end - pos) as usize];
                 self.write_cluster(&mut m, pos, &zeros)?;
@@ -567,6 +594,11 @@ impl Image {
     }
 
     fn discard_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
+        // Without zero flags a v2 image cannot hide its backing file: QEMU refuses such discards,
+        // and so the cluster keeps its data.
+        if m.header.version < 3 && self.backing.is_some() {
+            return Ok(());
+        }
         let h = &m.header;
         let l1_index = (cluster_start >> h.l1_shift()) as usize;
         if m.l1[l1_index] & OFFSET_MASK == 0 && self.backing.is_none() {
@@ -589,7 +621,8 @@ impl Image {
                 (0, 0)
             }
         } else {
-            (0, 0)
+            // Nothing allocated and nothing below: it already reads as zeros.
+            (slot.entry, slot.bitmap)
         };
         if m.header.has_external_data_file() {
             // Data-file clusters are not refcounted; the mapping just goes away.

@@ -1,0 +1,228 @@
+//! `create`: a new qcow2 (or raw) image as `qemu-img create` makes it, with the same options,
+//! the same `Formatting '...'` line and the same errors in the same order. With `-b` and no size,
+//! the size is the backing file's (opened relative to the new image's directory, as qemu-img
+//! does); `-u` skips opening the backing file.
+
+use std::fs::{File, OpenOptions as FileOptions};
+use std::path::Path;
+
+use qcow2::{CreateOptions, FileStorage, Image, OpenOptions};
+
+use crate::opts::{self, Qcow2Opts, MAX_IMAGE_SIZE};
+use crate::source::{format_of, io_text, resolve_relative, CmdResult, Failure, Format};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image format: qcow2 or raw (raw by default, as qemu-img).
+    #[arg(short = 'f', default_value = "raw")]
+    format: String,
+    /// Format options `k=v,...` (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file (relative names are relative to the new image's directory).
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// Do not open the backing file.
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: no `Formatting` line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: String,
+    /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
+    #[arg(allow_hyphen_values = true)]
+    size: Option<String>,
+}
+
+/// qemu-img's `cvtnum("image size", ..)`.
+pub fn parse_image_size(text: &str) -> Result<u64, String> {
+    let range = || format!("Invalid image size specified. Must be between 0 and {MAX_IMAGE_SIZE}.");
+    if text.starts_with('-') {
+        return Err(range());
+    }
+    match crate::size::parse_size(text) {
+        Ok(n) if n > MAX_IMAGE_SIZE => Err(range()),
+        Ok(n) => Ok(n),
+        Err(_) if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) => Err(range()),
+        Err(_) => Err(format!("Invalid image size specified: '{text}'.")),
+    }
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let file = args.file.clone();
+    let named = |m: String| Failure::new(1, format!("{file}: {m}"));
+    let fail = |(m, with_name): (String, bool)| {
+        if with_name {
+            named(m)
+        } else {
+            Failure::new(1, m)
+        }
+    };
+    let format = match args.format.as_str() {
+        "qcow2" => Format::Qcow2,
+        "raw" => Format::Raw,
+        other => return Err(named(format!("Unknown file format '{other}'"))),
+    };
+    let mut opts = Qcow2Opts::default();
+    let option_size = match format {
+        Format::Qcow2 => {
+            opts = opts::parse(&args.options).map_err(fail)?;
+            opts.size
+        }
+        Format::Raw => opts::parse_raw(&args.options).map_err(fail)?,
+    };
+    let given_size = match &args.size {
+        Some(text) => Some(parse_image_size(text).map_err(|m| Failure::new(1, m))?),
+        None => None,
+    };
+    if given_size.is_some() && option_size.is_some() {
+        return Err(named("The image size must be specified only once".into()));
+    }
+    let mut size = given_size.or(option_size);
+    if let Some(b) = &args.backing {
+        opts.backing_file = Some(b.clone());
+    }
+    if let Some(f) = &args.backing_format {
+        opts.backing_fmt = Some(f.clone());
+    }
+    if format == Format::Raw && (opts.backing_file.is_some() || opts.backing_fmt.is_some()) {
+        let key = if opts.backing_file.is_some() {
+            "backing_file"
+        } else {
+            "backing_fmt"
+        };
+        return Err(named(format!("Invalid parameter '{key}'")));
+    }
+    if let Some(backing) = opts.backing_file.clone() {
+        if backing == file {
+            return Err(named(
+                "Error: Trying to create an image with the same filename as the backing file"
+                    .into(),
+            ));
+        }
+        if backing.is_empty() {
+            return Err(named("Expected backing file name, got empty string".into()));
+        }
+        if !args.unsafe_backing {
+            let full = resolve_relative(Path::new(&file), &backing);
+            let (detected, backing_size) = open_backing(&full, opts.backing_fmt.as_deref())
+                .map_err(|m| named(format!("{m}\nCould not open backing image.")))?;
+            if opts.backing_fmt.is_none() {
+                return Err(named(format!(
+                    "Backing file specified without backing format\nDetected format of {detected}."
+                )));
+            }
+            size = size.or(Some(backing_size));
+        } else if opts.backing_fmt.is_none() {
+            return Err(named(
+                "Backing file specified without backing format".into(),
+            ));
+        }
+    }
+    let Some(size) = size else {
+        return Err(named("Image creation needs a size parameter".into()));
+    };
+    if !args.quiet {
+        let fields = match format {
+            Format::Qcow2 => opts.formatting_fields(size),
+            Format::Raw => format!("size={size}"),
+        };
+        println!("Formatting '{file}', fmt={} {fields}", args.format);
+    }
+    match format {
+        Format::Raw => create_raw(&file, size).map_err(named),
+        Format::Qcow2 => {
+            let options = opts.to_create_options(size).map_err(named)?;
+            create_qcow2(&file, &options).map_err(named)
+        }
+    }?;
+    Ok(0)
+}
+
+/// Opens the backing file as qemu-img does to learn its size: `(format name, virtual size)`.
+fn open_backing(path: &Path, format: Option<&str>) -> Result<(&'static str, u64), String> {
+    let shown = path.display();
+    let format = match format {
+        Some("qcow2") => Format::Qcow2,
+        Some("raw") => Format::Raw,
+        Some(other) => return Err(format!("Unknown driver '{other}'")),
+        None => {
+            File::open(path).map_err(|e| format!("Could not open '{shown}': {}", io_text(&e)))?;
+            format_of(path, None)?
+        }
+    };
+    match format {
+        Format::Raw => {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| format!("Could not open '{shown}': {}", io_text(&e)))?;
+            // qemu sees a raw file in whole sectors.
+            Ok(("raw", meta.len().div_ceil(512) * 512))
+        }
+        Format::Qcow2 => {
+            let mut magic = [0u8; 4];
+            let mut f = File::open(path)
+                .map_err(|e| format!("Could not open '{shown}': {}", io_text(&e)))?;
+            let n = std::io::Read::read(&mut f, &mut magic).unwrap_or(0);
+            if n < 4 || magic != *b"QFI\xfb" {
+                return Err("Image is not in qcow2 format".into());
+            }
+            let image = Image::open(path, &OpenOptions::metadata_only())
+                .map_err(|e| format!("Could not open '{shown}': {e}"))?;
+            Ok(("qcow2", image.size()))
+        }
+    }
+}
+
+/// Creates (or truncates, as qemu-img does) the file at `file`.
+fn create_file(file: &str) -> Result<File, String> {
+    FileOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(file)
+        .map_err(|e| format!("Could not create '{file}': {}", io_text(&e)))
+}
+
+fn create_raw(file: &str, size: u64) -> Result<(), String> {
+    let f = create_file(file)?;
+    f.set_len(size)
+        .map_err(|e| format!("Could not resize file: {}", io_text(&e)))
+}
+
+/// Writes a new qcow2 image at `file` (replacing what is there) and closes it cleanly. The
+/// backing file is recorded, never opened.
+pub fn create_qcow2(file: &str, options: &CreateOptions) -> Result<(), String> {
+    let image = open_new_qcow2(file, options)?;
+    image.close().map_err(|e| e.to_string())
+}
+
+/// Writes a new qcow2 image at `file` and returns it open for writing (without its backing).
+pub fn open_new_qcow2(file: &str, options: &CreateOptions) -> Result<Image, String> {
+    let f = create_file(file)?;
+    let storage = FileStorage::from_file(f, true);
+    Image::create_in(Box::new(storage), file, options).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_image_size;
+
+    #[test]
+    fn image_sizes_parse_with_qemu_img_messages() {
+        assert_eq!(parse_image_size("1G"), Ok(1 << 30));
+        assert_eq!(
+            parse_image_size("1x").unwrap_err(),
+            "Invalid image size specified: '1x'."
+        );
+        assert!(parse_image_size("-1")
+            .unwrap_err()
+            .contains("Must be between"));
+        assert!(parse_image_size("8E")
+            .unwrap_err()
+            .contains("Must be between"));
+    }
+}

@@ -1,0 +1,148 @@
+//! `transaction PLAN.json` and `recover GROUP_DIR`: atomic group snapshots. The plan follows
+//! QMP's `transaction` command; relative paths resolve against the plan file's directory.
+
+use std::path::{Path, PathBuf};
+
+use qcow2_transaction::{Action, Group, Recovery, TxnError};
+use serde_json::Value;
+
+use crate::source::{CmdResult, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The plan: {"group": DIR, "actions": [{"type": ..., "data": {...}}, ...]}.
+    plan: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// The group directory (journal, lock, manifest).
+    group: PathBuf,
+}
+
+/// Reads a plan and turns it into the group directory and its actions.
+pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), String> {
+    let plan: Value =
+        serde_json::from_str(text).map_err(|e| format!("the plan is not JSON: {e}"))?;
+    let group = plan["group"]
+        .as_str()
+        .ok_or("the plan needs a \"group\" directory")?;
+    let actions = plan["actions"]
+        .as_array()
+        .ok_or("the plan needs an \"actions\" list")?;
+    let path = |data: &Value, key: &str, i: usize| -> Result<PathBuf, String> {
+        data[key]
+            .as_str()
+            .map(|p| base.join(p))
+            .ok_or_else(|| format!("action {i}: \"data\" needs \"{key}\""))
+    };
+    let text_field = |data: &Value, keys: &[&str], i: usize| -> Result<String, String> {
+        keys.iter()
+            .find_map(|k| data[*k].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("action {i}: \"data\" needs \"{}\"", keys.join("\" or \"")))
+    };
+    let mut out = Vec::new();
+    for (i, a) in actions.iter().enumerate() {
+        let data = &a["data"];
+        let kind = a["type"]
+            .as_str()
+            .ok_or_else(|| format!("action {i} has no \"type\""))?;
+        out.push(match kind {
+            "blockdev-snapshot-internal-sync" => Action::InternalCreate {
+                image: path(data, "image", i)?,
+                name: text_field(data, &["name"], i)?,
+            },
+            "blockdev-snapshot-delete-internal-sync" => Action::InternalDelete {
+                image: path(data, "image", i)?,
+                name: text_field(data, &["id", "name"], i)?,
+            },
+            "snapshot-revert-internal" => Action::InternalRevert {
+                image: path(data, "image", i)?,
+                name: text_field(data, &["name", "id"], i)?,
+            },
+            "blockdev-snapshot-sync" => {
+                if let Some(f) = data["format"].as_str() {
+                    if f != "qcow2" {
+                        return Err(format!("action {i}: overlays are qcow2, not {f}"));
+                    }
+                }
+                Action::ExternalCreate {
+                    image: path(data, "image", i)?,
+                    overlay: path(data, "snapshot-file", i)?,
+                }
+            }
+            other => return Err(format!("action {i}: unknown type {other:?}")),
+        });
+    }
+    Ok((base.join(group), out))
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let text = std::fs::read_to_string(&args.plan)
+        .map_err(|e| Failure::new(1, format!("{}: {e}", args.plan.display())))?;
+    let base = args
+        .plan
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (group_dir, actions) = parse_plan(&text, base).map_err(|m| Failure::new(1, m))?;
+    let mut group = Group::open(&group_dir).map_err(|e| Failure::new(1, e.to_string()))?;
+    if group.opened_with() != Recovery::Clean {
+        eprintln!(
+            "recovered an interrupted transaction first ({:?})",
+            group.opened_with()
+        );
+    }
+    match group.run(&actions) {
+        Ok(outcome) => {
+            for a in &actions {
+                println!("{}", describe(a));
+            }
+            println!(
+                "Transaction committed: {} image(s), {} overlay(s).",
+                outcome.images.len(),
+                outcome.overlays.len()
+            );
+            Ok(0)
+        }
+        Err(e @ TxnError::CommittedIncomplete(_)) => Err(Failure::new(
+            3,
+            format!("{e}; run: qcow2-tool recover {}", group_dir.display()),
+        )),
+        Err(e) => Err(Failure::new(
+            1,
+            format!("transaction aborted, nothing changed: {e}"),
+        )),
+    }
+}
+
+pub fn recover(args: RecoverArgs) -> CmdResult {
+    let group = Group::open(&args.group).map_err(|e| Failure::new(1, e.to_string()))?;
+    println!(
+        "{}",
+        match group.opened_with() {
+            Recovery::Clean => "Nothing to recover.",
+            Recovery::RolledBack => "Rolled back an interrupted transaction.",
+            Recovery::RolledForward => "Finished a committed transaction.",
+        }
+    );
+    Ok(0)
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::InternalCreate { image, name } => {
+            format!("{}: created snapshot {name}", image.display())
+        }
+        Action::InternalDelete { image, name } => {
+            format!("{}: deleted snapshot {name}", image.display())
+        }
+        Action::InternalRevert { image, name } => {
+            format!("{}: reverted to snapshot {name}", image.display())
+        }
+        Action::ExternalCreate { image, overlay } => {
+            format!("{}: new overlay {}", image.display(), overlay.display())
+        }
+    }
+}

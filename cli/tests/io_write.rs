@@ -1,0 +1,275 @@
+//! `io` write commands against qemu-io: the same command sequence applied by both tools to two
+//! identical images must print the same lines (timings aside), leave guest contents that
+//! `qemu-img compare` finds identical, and leave our image clean for `qemu-img check`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use qcow2_testdata::{copy_fixture, qemu_check, qemu_io, scratch_dir};
+
+/// Writes, zero writes (with and without unmap, unaligned too), compressed writes, discards,
+/// flush, map, pattern reads, and requests qemu-io refuses.
+const SEQUENCE: &[&str] = &[
+    "write -P 0x11 0 64k",
+    "write 64k 4k",
+    "write -z 128k 64k",
+    "write -z -u 0 64k",
+    "write -c 256k 128k",
+    "discard 64k 64k",
+    "flush",
+    "map",
+    "read -P 0xcd 256k 128k",
+    "write -P 0x22 1000 5000",
+    "write -z 3000 70000",
+    "write -P 0x33 1M 512k",
+    "write -z -u 1088k 128k",
+    "discard 1280k 100k",
+    "write -c -P 0x44 2M 64k",
+    "write -P 0x55 2M 1k",
+    "discard 1 3",
+    "write -c 100 4k",
+    "write -c 4k 4k",
+    "write 4M 1",
+    "discard 0 5M",
+    "write -P 0x11 -z 0 4k",
+    "write -u 0 4k",
+    "write -X 0 4k",
+    "write 0",
+    "write -P 300 0 4k",
+    "write x 4k",
+    "write -q 3M 4k",
+    "write 0 0",
+    "flush x",
+    "read -P 0x33 1M 64k",
+    "read -P 0 1088k 64k",
+    "map",
+];
+
+/// Drops qemu-io's timing lines, which differ run to run.
+fn without_timings(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains(" ops; "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Runs `commands` through qemu-io on `theirs` and through us on `ours`, then compares
+/// output, contents and our image's consistency.
+fn run_both(ours: &Path, theirs: &Path, commands: &[&str], what: &str) {
+    let mut our_args = vec!["io", "-f", "qcow2"];
+    let mut qemu_args = vec!["-f", "qcow2"];
+    for c in commands {
+        our_args.extend(["-c", c]);
+        qemu_args.extend(["-c", c]);
+    }
+    our_args.push(path_str(ours));
+    qemu_args.push(path_str(theirs));
+    let out = tool(&our_args);
+    let qemu = qemu_io(&qemu_args);
+    no_panic(&out);
+    assert_eq!(code(&out), code(&qemu), "{what}: {}", stderr(&out));
+    assert_eq!(
+        without_timings(&stdout(&out)),
+        without_timings(&stdout(&qemu)),
+        "{what}: stdout"
+    );
+    assert_eq!(
+        stderr(&out).replace("qcow2-tool:", "qemu-io:"),
+        stderr(&qemu),
+        "{what}: stderr"
+    );
+    let dir = ours.parent().unwrap();
+    let cmp = qemu_in(dir, &["compare", path_str(ours), path_str(theirs)]);
+    assert_eq!(code(&cmp), 0, "{what}: {}", stdout(&cmp));
+    let (check, report) = qemu_check(ours);
+    assert_eq!(check, 0, "{what}: qemu-img check: {report}");
+}
+
+/// Two identical images made by qemu-img with `options`.
+fn image_pair(dir: &Path, options: &str, size: &str) -> (PathBuf, PathBuf) {
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([path_str(&ours), size]);
+    assert_eq!(code(&qemu_in(dir, &args)), 0);
+    std::fs::copy(&ours, &theirs).unwrap();
+    (ours, theirs)
+}
+
+#[test]
+fn write_sequences_match_qemu_io_on_new_images() {
+    let dir = scratch_dir("io_write_new");
+    for options in [
+        "",
+        "compat=0.10",
+        "cluster_size=4k",
+        "cluster_size=512",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=16k",
+        "compression_type=zstd",
+        "lazy_refcounts=on",
+        "refcount_bits=1,cluster_size=4k",
+        "refcount_bits=64",
+        "cluster_size=2M",
+        "preallocation=metadata",
+    ] {
+        let (ours, theirs) = image_pair(&dir, options, "4M");
+        run_both(&ours, &theirs, SEQUENCE, &format!("-o {options:?}"));
+    }
+}
+
+#[test]
+fn write_sequences_match_qemu_io_over_a_backing_file() {
+    let dir = scratch_dir("io_write_backing");
+    for options in ["", "compat=0.10", "extended_l2=on", "cluster_size=4k"] {
+        let base = dir.join("base.qcow2");
+        let make = qemu_in(
+            &dir,
+            &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
+        );
+        assert_eq!(code(&make), 0);
+        let fill = qemu_io(&["-f", "qcow2", "-c", "write -P 0x77 0 4M", path_str(&base)]);
+        assert_eq!(code(&fill), 0);
+        let mut opts = format!("backing_file={},backing_fmt=qcow2", path_str(&base));
+        if !options.is_empty() {
+            opts = format!("{opts},{options}");
+        }
+        let (ours, theirs) = image_pair(&dir, &opts, "4M");
+        run_both(
+            &ours,
+            &theirs,
+            SEQUENCE,
+            &format!("backing, -o {options:?}"),
+        );
+    }
+}
+
+#[test]
+fn write_sequences_match_qemu_io_on_fixture_copies() {
+    for name in [
+        "snap",
+        "snap-v2",
+        "zlib",
+        "zstd-c512",
+        "ext-l2-overlay",
+        "v2",
+        "lazy-clean",
+        "odd-64k",
+        "rc2",
+        "chain-top",
+        "unknown-ext",
+        "c512",
+        "zlib-c4k",
+        "ext-l2-32k",
+        "ext-l2-2m",
+    ] {
+        let ours_dir = scratch_dir(&format!("io_write_fixture_ours_{name}"));
+        let theirs_dir = scratch_dir(&format!("io_write_fixture_theirs_{name}"));
+        let ours = copy_fixture(name, &ours_dir);
+        let theirs = copy_fixture(name, &theirs_dir);
+        run_both(&ours, &theirs, SEQUENCE, name);
+    }
+}
+
+#[test]
+fn images_we_create_take_the_same_writes_as_images_qemu_img_creates() {
+    let dir = scratch_dir("io_write_our_create");
+    for options in [
+        "cluster_size=4k",
+        "compat=0.10",
+        "extended_l2=on,compression_type=zstd",
+    ] {
+        let ours = dir.join("ours.qcow2");
+        let theirs = dir.join("theirs.qcow2");
+        let made = tool(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            path_str(&ours),
+            "4M",
+        ]);
+        assert_eq!(code(&made), 0, "{}", stderr(&made));
+        let made = qemu_in(
+            &dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                options,
+                path_str(&theirs),
+                "4M",
+            ],
+        );
+        assert_eq!(code(&made), 0);
+        run_both(&ours, &theirs, SEQUENCE, options);
+    }
+}
+
+#[test]
+fn pattern_reads_see_earlier_writes_in_the_same_run_and_after_reopening() {
+    let dir = scratch_dir("io_write_read_back");
+    let (ours, _) = image_pair(&dir, "cluster_size=4k", "8M");
+    let out = tool(&[
+        "io",
+        "-c",
+        "write -P 0x5a 1000 100k",
+        "-c",
+        "write -c -P 0x6b 1M 64k",
+        "-c",
+        "write -z 1020k 4k",
+        "-c",
+        "read -P 0x5a 1000 20k",
+        "-c",
+        "read -P 0x6b 1M 64k",
+        "-c",
+        "read -P 0 1020k 4k",
+        path_str(&ours),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    for cmd in [
+        "read -P 0x5a 1000 20k",
+        "read -P 0x6b 1M 64k",
+        "read -P 0 1020k 4k",
+        "read -P 0 0 1000",
+    ] {
+        let ours_read = tool(&["io", "-r", "-c", cmd, path_str(&ours)]);
+        assert_eq!(code(&ours_read), 0, "{cmd}: {}", stdout(&ours_read));
+        let qemu_read = qemu_io(&["-r", "-f", "qcow2", "-c", cmd, path_str(&ours)]);
+        assert_eq!(code(&qemu_read), 0, "{cmd}: {}", stdout(&qemu_read));
+    }
+    let wrong = tool(&["io", "-r", "-c", "read -P 0x5a 0 4k", path_str(&ours)]);
+    assert_eq!(code(&wrong), 1);
+}
+
+#[test]
+fn writes_to_a_read_only_image_are_refused_like_qemu_io() {
+    let dir = scratch_dir("io_write_read_only");
+    let (ours, theirs) = image_pair(&dir, "", "1M");
+    for cmd in ["write 0 4k", "discard 0 64k", "write -z 0 4k"] {
+        let out = tool(&["io", "-r", "-c", cmd, path_str(&ours)]);
+        let qemu = qemu_io(&["-r", "-f", "qcow2", "-c", cmd, path_str(&theirs)]);
+        assert_eq!(code(&out), 1, "{cmd}");
+        assert_eq!(code(&qemu), 1, "{cmd}");
+        assert_eq!(
+            stderr(&out).replace("qcow2-tool:", "qemu-io:"),
+            stderr(&qemu),
+            "{cmd}"
+        );
+    }
+    let cmp = qemu_in(&dir, &["compare", path_str(&ours), path_str(&theirs)]);
+    assert_eq!(code(&cmp), 0);
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+}
