@@ -380,3 +380,51 @@ fn snapshots_of_an_empty_disk_leave_no_leak() {
     image.close().unwrap();
     assert_qemu_clean(&path, "empty");
 }
+
+/// A failed write (out of space, once) at any point of a snapshot create: the call fails and the
+/// image keeps its snapshots, its content and clean refcounts.
+#[test]
+fn out_of_space_during_snapshot_create_leaves_no_trace() {
+    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use std::sync::Arc;
+    for fail_at in 0..40usize {
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let image =
+            Image::create_in(Box::new(store.clone()), "enospc", &opts(1 << 20, 4096)).unwrap();
+        image.write_at(&fill(200_000, 3), 0).unwrap();
+        image.create_snapshot("kept", time(1)).unwrap();
+        image.write_at(&fill(50_000, 4), 100_000).unwrap();
+        image.flush().unwrap();
+        let writes = store
+            .ops()
+            .iter()
+            .filter(|o| matches!(o, Op::Write { .. }))
+            .count();
+        store.inject(Some(Fault::WriteOnce(
+            writes + fail_at,
+            std::io::ErrorKind::StorageFull,
+        )));
+        let result = image.create_snapshot("new", time(2));
+        store.inject(None);
+        if result.is_ok() {
+            // The fault came after the last write of the operation.
+            continue;
+        }
+        assert_eq!(image.snapshots().len(), 1, "fail_at {fail_at}");
+        drop(image);
+        let reopened = Image::from_storage(
+            Box::new(qcow2::MemoryStorage::from_bytes(store.live_bytes())),
+            "after",
+            &OpenOptions::metadata_only(),
+        )
+        .unwrap();
+        let report = reopened.check().unwrap();
+        assert!(
+            report.is_clean(),
+            "fail_at {fail_at}: {:?}",
+            report.messages
+        );
+        let names: Vec<String> = reopened.snapshots().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["kept"], "fail_at {fail_at}");
+    }
+}

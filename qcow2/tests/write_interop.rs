@@ -430,3 +430,41 @@ fn growing_a_512_byte_cluster_image_to_1_gib_allocates_one_contiguous_l1() {
     let map = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
     assert!(map.status.success());
 }
+
+/// The overlap guard: an L2 entry that points into the active L1 table (corrupt metadata) makes
+/// the write fail and the image marked corrupt, as QEMU does, instead of overwriting the table.
+#[test]
+fn a_write_that_would_hit_metadata_marks_the_image_corrupt_and_fails() {
+    require_qemu();
+    let path = scratch_dir("overlap-guard").join("a.qcow2");
+    let options = CreateOptions {
+        size: 1 << 20,
+        cluster_size: 65536,
+        ..CreateOptions::default()
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.write_at(&[7; 100], 0).unwrap();
+    image.close().unwrap();
+    // The L2 table is cluster 4; its first entry points at cluster 5. Point it at the L1 (3).
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0x40000..0x40008].copy_from_slice(&0x8000_0000_0003_0000u64.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let err = image.write_at(&[1; 512], 0).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("L1"), "{err}");
+    drop(image);
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(
+        after[0x30000..0x30010],
+        bytes[0x30000..0x30010],
+        "the L1 table is intact"
+    );
+    let ro = Image::open(&path, &OpenOptions::default()).unwrap();
+    assert!(ro.header().is_corrupt());
+    drop(ro);
+    assert!(matches!(
+        Image::open(&path, &OpenOptions::read_write()),
+        Err(Error::MarkedCorrupt { .. })
+    ));
+}

@@ -103,7 +103,7 @@ impl Image {
         Ok((refs.counts, nb))
     }
 
-    fn fix_leaks(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn fix_leaks(&self, m: &mut Meta) -> Result<()> {
         self.flush_all(m)?;
         let (expected, nb) = self.expected_refcounts(m)?;
         let host = self.host();

@@ -242,7 +242,21 @@ impl Image {
         let cs = m.header.cluster_size();
         let cb = m.header.cluster_bits;
         let host = self.host();
-        host.write_sync(&staged.header_switch, 24, "header (state switch)")?;
+        if let Err(e) = host.write_sync(&staged.header_switch, 24, "header (state switch)") {
+            // Whether the switch landed decides what the raised refcounts are: read it back.
+            let mut now = [0u8; 48];
+            let landed = host.read_zero_filled(&mut now, 24, "header").is_ok()
+                && now == staged.header_switch;
+            if !landed {
+                for &(k, d) in &staged.raised {
+                    let _ = m
+                        .ws_mut()
+                        .map(|ws| ws.refcounts.adjust(host, k << cb, 1, -d));
+                }
+                let _ = self.flush_refblocks(&mut m);
+                return Err(e);
+            }
+        }
         let old_table = (m.header.snapshots_offset, m.snapshot_table_len);
         m.header.size = staged.size;
         m.header.l1_size = staged.l1.len() as u32;
@@ -269,18 +283,29 @@ impl Image {
         // The switch is durable: the old state's references are gone.
         let mut lowered = Deltas(staged.lowered.into_iter().collect());
         lowered.add(old_table.0, old_table.1, -1, cb);
-        for (&k, &d) in &lowered.0 {
-            if d == 0 {
-                continue;
+        let result = (|| -> Result<()> {
+            for (&k, &d) in &lowered.0 {
+                if d == 0 {
+                    continue;
+                }
+                let rc = &mut m.ws_mut()?.refcounts;
+                rc.adjust(host, k << cb, 1, d)?;
+                if rc.get(host, k)? == 0 {
+                    self.l2_cache.remove(k << cb);
+                }
             }
-            let rc = &mut m.ws_mut()?.refcounts;
-            rc.adjust(host, k << cb, 1, d)?;
-            if rc.get(host, k)? == 0 {
-                self.l2_cache.remove(k << cb);
+            self.flush_refblocks(&mut m)?;
+            host.sync()
+        })();
+        if result.is_err() {
+            // The new state is published, so the change took effect; what the old state held
+            // is only leaked. Reclaim it now if the disk lets us (check -r leaks does it
+            // otherwise); a disk that keeps failing fails the next flush.
+            if self.fix_leaks(&mut m).is_ok() {
+                let _ = self.flush_refblocks(&mut m);
             }
         }
-        self.flush_refblocks(&mut m)?;
-        host.sync()
+        Ok(())
     }
 
     /// Takes back the refcounts a staged state raised; the image is then exactly as before.
@@ -433,6 +458,11 @@ impl Image {
                 deltas.add(off, len, -1, cb);
             }
         }
+        if encode_table(&snapshots).len() as u64 > MAX_SNAPSHOTS_SIZE {
+            return Err(self.refused(format!(
+                "the snapshot table would exceed its limit of {MAX_SNAPSHOTS_SIZE} bytes"
+            )));
+        }
         let (l1_source, source) = revert.unwrap_or((cur_l1, current));
         // The new active layer's copies add one path to every cluster they map.
         for &(off, len) in &source.data {
@@ -488,6 +518,11 @@ impl Image {
                     ws.l2_after_refblocks = false;
                     ws.refblocks_after_l2 = false;
                 }
+            }
+            // Increases that reached the disk before the failure are leaks now: take them back
+            // (best effort; if the disk still fails, check -r leaks does it later).
+            if self.fix_leaks(m).is_ok() {
+                let _ = self.flush_refblocks(m);
             }
         }
         result

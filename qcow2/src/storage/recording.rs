@@ -35,6 +35,8 @@ pub enum Survivors {
 pub enum Fault {
     /// The n-th write (counting from 0) and every later one fail with this error kind.
     WriteFrom(usize, io::ErrorKind),
+    /// Only the n-th write fails.
+    WriteOnce(usize, io::ErrorKind),
     /// The n-th flush and every later one fail.
     FlushFrom(usize),
 }
@@ -173,10 +175,14 @@ impl Storage for RecordingStorage {
         let mut state = self.lock();
         let index = state.writes;
         state.writes += 1;
-        if let Some(Fault::WriteFrom(n, kind)) = state.fault {
-            if index >= n {
+        match state.fault {
+            Some(Fault::WriteFrom(n, kind)) if index >= n => {
                 return Err(io::Error::new(kind, "injected write failure"));
             }
+            Some(Fault::WriteOnce(n, kind)) if index == n => {
+                return Err(io::Error::new(kind, "injected write failure"));
+            }
+            _ => {}
         }
         let op = Op::Write {
             offset,
