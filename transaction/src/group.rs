@@ -169,35 +169,85 @@ impl Group {
         self.event("begin")?;
 
         // Prepare: every new state staged, every overlay created under a temporary name.
+        // Overlay intents come first, so recovery knows which temporary files may exist.
+        let temps: Vec<Option<(PathBuf, PathBuf)>> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.overlay
+                    .as_ref()
+                    .map(|fin| (temp_name(fin, &txn, i), fin.clone()))
+            })
+            .collect();
+        for (i, (tmp, fin)) in temps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
+        {
+            let w = Writer::default()
+                .u64(i as u64)
+                .bytes(tmp.as_os_str().as_encoded_bytes())
+                .bytes(fin.as_os_str().as_encoded_bytes());
+            journal.append(Kind::Overlay, w.0).map_err(jio)?;
+        }
+        // Each image is its own file: stage them all at once.
+        let results: Vec<Result<Option<StagedChange>, TxnError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = members
+                .iter()
+                .zip(&temps)
+                .map(|(m, t)| scope.spawn(move || prepare_one(m, t.as_ref())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TxnError::Interrupted("a preparing thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
         let mut staged: Vec<Option<StagedChange>> = Vec::new();
-        let mut temps: Vec<Option<(PathBuf, PathBuf)>> = Vec::new();
-        for i in 0..members.len() {
-            let result = self.prepare_member(&mut journal, i, &members[i]);
-            match result {
-                Ok((s, t)) => {
-                    staged.push(s);
-                    temps.push(t);
+        let mut failure = None;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Some(s)) => {
+                    let w = Writer::default()
+                        .u64(i as u64)
+                        .bytes(&s.header_switch)
+                        .u64(s.staged_tables[0])
+                        .u64(s.staged_tables[1]);
+                    journal.append(Kind::Staged, w.0).map_err(jio)?;
+                    staged.push(Some(s));
                 }
-                Err(TxnError::Interrupted(e)) => return Err(TxnError::Interrupted(e)),
+                Ok(None) => staged.push(None),
                 Err(e) => {
-                    // Roll back what is staged; the journal then says so. If any undo fails, the
-                    // journal stays open and the next recover reconciles instead.
-                    let mut undone = true;
-                    for (m, s) in members.iter().zip(staged.drain(..)) {
-                        if let (Some(img), Some(s)) = (&m.image, s) {
-                            undone &= img.abandon(s).is_ok();
-                        }
-                    }
-                    for (tmp, _) in temps.iter().flatten() {
-                        undone &= std::fs::remove_file(tmp).is_ok();
-                    }
-                    if undone {
-                        let _ = journal.append(Kind::Decision, vec![0]);
-                        let _ = journal.append(Kind::End, Vec::new());
-                    }
-                    return Err(TxnError::Aborted(Box::new(e)));
+                    failure.get_or_insert(e);
+                    staged.push(None);
                 }
             }
+        }
+        if let Some(e) = failure {
+            // Roll back what is staged; the journal then says so. If any undo fails, the journal
+            // stays open and the next recover reconciles instead.
+            let mut undone = true;
+            for (m, s) in members.iter().zip(staged.drain(..)) {
+                if let (Some(img), Some(s)) = (&m.image, s) {
+                    undone &= img.abandon(s).is_ok();
+                }
+            }
+            for (tmp, _) in temps.iter().flatten() {
+                if tmp.exists() {
+                    undone &= std::fs::remove_file(tmp).is_ok();
+                }
+            }
+            if undone {
+                let _ = journal.append(Kind::Decision, vec![0]);
+                let _ = journal.append(Kind::End, Vec::new());
+            }
+            return Err(TxnError::Aborted(Box::new(e)));
+        }
+        for i in 0..members.len() {
+            self.event(&format!("prepared {i}"))?;
         }
         journal.append(Kind::Prepared, Vec::new()).map_err(jio)?;
         self.event("prepared")?;
@@ -244,48 +294,6 @@ impl Group {
             .append(Kind::End, Vec::new())
             .map_err(|e| incomplete(TxnError::io(&journal_path, e)))?;
         Ok(Outcome { images, overlays })
-    }
-
-    /// Stages one member: its snapshot changes, or its overlay under a temporary name.
-    #[allow(clippy::type_complexity)]
-    fn prepare_member(
-        &mut self,
-        journal: &mut Journal,
-        i: usize,
-        m: &Member,
-    ) -> Result<(Option<StagedChange>, Option<(PathBuf, PathBuf)>), TxnError> {
-        let jio = |e| TxnError::io(self.journal_path(), e);
-        let mut staged = None;
-        let mut temp = None;
-        if let (Some(img), false) = (&m.image, m.changes.is_empty()) {
-            let s = img
-                .stage(&m.changes)
-                .map_err(|e| TxnError::image(&m.path, e))?;
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(&s.header_switch)
-                .u64(s.staged_tables[0])
-                .u64(s.staged_tables[1]);
-            journal.append(Kind::Staged, w.0).map_err(jio)?;
-            staged = Some(s);
-        }
-        if let Some(fin) = &m.overlay {
-            let name = fin
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let tmp = parent(fin).join(format!(".{name}.txn-{i}"));
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(tmp.as_os_str().as_encoded_bytes())
-                .bytes(fin.as_os_str().as_encoded_bytes());
-            journal.append(Kind::Overlay, w.0).map_err(jio)?;
-            let img = m.image.as_ref().expect("members are opened");
-            create_overlay(&m.path, img.size(), &tmp, fin)?;
-            temp = Some((tmp, fin.clone()));
-        }
-        self.event(&format!("prepared {i}"))?;
-        Ok((staged, temp))
     }
 
     /// Finishes or rolls back an interrupted transaction; a second call changes nothing.
@@ -459,6 +467,36 @@ fn open_journal(path: &Path) -> Result<Box<dyn Storage>, TxnError> {
         .map_err(|e| TxnError::io(path, e))?;
     sync_dir(parent(path)).map_err(|e| TxnError::io(path, e))?;
     Ok(Box::new(FileStorage::from_file(file, true)))
+}
+
+/// Stages one member: its snapshot changes, or its overlay under its temporary name.
+fn prepare_one(
+    m: &Member,
+    temp: Option<&(PathBuf, PathBuf)>,
+) -> Result<Option<StagedChange>, TxnError> {
+    let img = m.image.as_ref().expect("members are opened");
+    let mut staged = None;
+    if !m.changes.is_empty() {
+        staged = Some(
+            img.stage(&m.changes)
+                .map_err(|e| TxnError::image(&m.path, e))?,
+        );
+    }
+    if let Some((tmp, fin)) = temp {
+        create_overlay(&m.path, img.size(), tmp, fin)?;
+    }
+    Ok(staged)
+}
+
+/// The temporary name of an overlay until the transaction commits: hidden, next to the final
+/// name, unique to the transaction.
+fn temp_name(fin: &Path, txn: &[u8; 16], i: usize) -> PathBuf {
+    let name = fin
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tag: String = txn[..4].iter().map(|b| format!("{b:02x}")).collect();
+    parent(fin).join(format!(".{name}.txn-{tag}-{i}"))
 }
 
 /// A transaction id no earlier journal record can share.
