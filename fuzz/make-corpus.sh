@@ -6,7 +6,8 @@
 # FIXTURES_DIR defaults to a fresh run of testdata/make-images.sh (needs qemu-img and qemu-io).
 # Images under 256 KiB, plus testdata/hostile/* if present, go to corpus/open_read/; the first
 # cluster of each (its header and extensions) goes to corpus/header/. The hand-made seeds under
-# regressions/TARGET/ are copied into corpus/TARGET/ too.
+# regressions/TARGET/ are copied into corpus/TARGET/ too (the only seeds of `ops`, whose inputs are
+# operation sequences, not images).
 set -euo pipefail
 
 FUZZ=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +23,7 @@ else
     bash "$ROOT/testdata/make-images.sh" "$SRC" >/dev/null
 fi
 
-mkdir -p "$FUZZ"/corpus/{open_read,header,snapshot_table,tables}
+mkdir -p "$FUZZ"/corpus/{open_read,header,snapshot_table,tables,ops}
 
 # The cluster size a qcow2 header declares (bytes 20..24), or nothing if it is not qcow2.
 cluster_size() {

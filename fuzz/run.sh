@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every read-side fuzz target for SECONDS each, then summarise.
+# Run every fuzz target for SECONDS each, then summarise.
 #
 # Usage: fuzz/run.sh [SECONDS] [TARGET...]      (default: 60 seconds, every target)
 #
@@ -16,17 +16,19 @@ SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
 if [[ ${#TARGETS[@]} -eq 0 ]]; then
-    TARGETS=(header open_read snapshot_table tables)
+    TARGETS=(header open_read snapshot_table tables ops)
 fi
 
 # Largest input per target: open_read takes whole images (the seed images are under 256 KiB);
 # header needs at most a cluster (QEMU images put everything it reads in the first 64 KiB);
-# tables reads at most 4 header bytes + 255 entries + a 4 KiB refblock.
+# tables reads at most 4 header bytes + 255 entries + a 4 KiB refblock; ops decodes a 10-byte
+# config and at most 64 steps of at most 9 bytes.
 max_len() {
     case $1 in
         open_read) echo 262144 ;;
         header | snapshot_table) echo 65536 ;;
         tables) echo 6144 ;;
+        ops) echo 1024 ;;
         *) echo 65536 ;;
     esac
 }

@@ -1,4 +1,5 @@
-//! Read-side fuzz targets for the qcow2 engine.
+//! Fuzz targets for the qcow2 engine: the read side (hostile bytes) and the write side (`ops`,
+//! operation sequences checked against a model).
 //!
 //! The logic lives in [`targets`] (a file that depends only on `qcow2` and `std`, so the stable
 //! replay test `qcow2/tests/fuzz_replay.rs` compiles the very same code). This crate adds what
@@ -25,6 +26,16 @@ impl<'a> Arbitrary<'a> for SnapshotTableInput<'a> {
 }
 
 impl<'a> Arbitrary<'a> for TablesInput {
+    fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
+        Ok(Self::from_bytes(<&'a [u8]>::arbitrary(u)?))
+    }
+
+    fn arbitrary_take_rest(u: Unstructured<'a>) -> Result<Self> {
+        Ok(Self::from_bytes(u.take_rest()))
+    }
+}
+
+impl<'a> Arbitrary<'a> for OpsInput {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
         Ok(Self::from_bytes(<&'a [u8]>::arbitrary(u)?))
     }

@@ -1,4 +1,4 @@
-//! The logic of every read-side fuzz target, as plain functions of `&[u8]`.
+//! The logic of every fuzz target, as plain functions of `&[u8]`.
 //!
 //! This file is compiled twice: by the `qcow2-fuzz` crate (`mod targets;` in `lib.rs`, driven by
 //! libFuzzer on nightly) and by `qcow2/tests/fuzz_replay.rs` (`#[path]` include, on stable), which
@@ -6,8 +6,10 @@
 //! decodes structured inputs by hand from the leading bytes: the fuzzer and the replay test then
 //! read every input file the same way.
 //!
-//! Each target either returns (errors from the engine are fine) or panics; a panic is a finding.
-//! The properties checked beyond "no panic" are written next to the code that checks them.
+//! Each target either returns or panics; a panic is a finding. The read-side targets accept any
+//! error from the engine (their inputs are hostile); `ops` drives the write side from a valid image
+//! and accepts only the errors its model expects. The properties checked beyond "no panic" are
+//! written next to the code that checks them.
 
 use qcow2::format::compressed::CompressedDescriptor;
 use qcow2::format::header::{field_offset, CompressionType, Header};
@@ -21,7 +23,13 @@ use qcow2::format::table::{
     classify_standard, ClusterMapping, SubclusterBitmap, SubclusterState, COMPRESSED, COPIED,
     OFFSET_MASK, ZERO,
 };
-use qcow2::{Extent, Image, MemoryStorage, OpenOptions};
+use qcow2::format::SnapshotTime;
+use qcow2::storage::recording::{RecordingStorage, Survivors};
+use qcow2::{
+    BackingPolicy, CreateOptions, Error, Extent, Image, MemoryStorage, OpenOptions, Repair,
+};
+use std::rc::Rc;
+use std::sync::Arc;
 
 /// The signature of every entry point.
 pub type Target = fn(&[u8]);
@@ -32,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("open_read", open_read),
     ("snapshot_table", snapshot_table),
     ("tables", tables),
+    ("ops", ops),
 ];
 
 /// The entry point of the target called `name`.
@@ -75,6 +84,10 @@ impl<'a> ByteReader<'a> {
 
     pub fn u16(&mut self) -> u16 {
         u16::from_be_bytes(self.be())
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.be())
     }
 
     pub fn u64(&mut self) -> u64 {
@@ -641,4 +654,1066 @@ fn check_refcounts(input: &TablesInput) {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// ops
+
+/// Most steps one `ops` input runs (every step re-reads the whole disk).
+const OPS_MAX_STEPS: usize = 64;
+/// Virtual sizes stay within this many clusters (512-byte clusters need more than 64 for a second
+/// L2 table, so L1 growth is reachable) ...
+const OPS_MAX_CLUSTERS: u64 = 160;
+/// ... and within this many bytes, so the full read after every step stays cheap with 64 KiB
+/// clusters.
+const OPS_MAX_BYTES: u64 = 1 << 20;
+/// Largest cluster the `ops` target creates (keeps images small).
+const OPS_MAX_CLUSTER_BITS: u32 = 16;
+/// Extended L2 entries need clusters of at least 16 KiB.
+const OPS_MIN_EXTENDED_L2_CLUSTER_BITS: u32 = 14;
+/// Snapshots alive at once; further creates are skipped (every snapshot is read at each check).
+const OPS_MAX_SNAPSHOTS: usize = 6;
+/// `check()` and the snapshot views run every this many steps (and after reopens and snapshot
+/// operations).
+const OPS_CHECK_EVERY: usize = 8;
+/// Durable checkpoints kept for crash cuts (each holds a copy of the disk).
+const OPS_MAX_CHECKPOINTS: usize = 8;
+/// Snapshot names: few, so apply and delete find them and duplicate names occur. None is numeric,
+/// so a name never matches an id.
+const OPS_SNAPSHOT_NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// The backing file name recorded in the header; the content is attached from memory.
+const OPS_BACKING_NAME: &str = "base";
+
+/// Whether bytes that a grow exposes beyond the old last cluster read the backing file. That is
+/// what the engine does today: `resize` zero-writes only the tail of the old last cluster, so the
+/// rest of the new area is unallocated and reads through to the backing file. QEMU (since 5.1)
+/// makes the whole new area read as zeros instead (v3: zero clusters; v2 refuses the resize when
+/// the backing file is longer than the old size). Set to `false` once the engine follows QEMU.
+const OPS_GROW_EXPOSES_BACKING: bool = false;
+
+/// Input of `ops`: a bounded image configuration, then up to [`OPS_MAX_STEPS`] steps.
+///
+/// Layout: `[cluster_bits][refcount_order][flags][size: u8 clusters, u16 odd bytes]` and, when
+/// flags bit 4 asks for a backing file, `[backing: u16 length, u8 seed]`; then steps, each an
+/// opcode byte and its fields (see [`OpsStep::read`]). Flags: bit 0 version 2 (else 3); bit 1
+/// lazy refcounts, bit 2 extended L2 (with clusters of 16 KiB or more), bit 3 zstd (all v3 only);
+/// bit 4 a raw backing file; bit 5 a sector-aligned size. Version 2 forces 16-bit refcounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpsInput {
+    pub config: OpsConfig,
+    pub steps: Vec<OpsStep>,
+}
+
+/// The image an `ops` input creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpsConfig {
+    pub cluster_bits: BoundedU32<MIN_CLUSTER_BITS, OPS_MAX_CLUSTER_BITS>,
+    pub refcount_bits: u32,
+    pub version: u32,
+    pub lazy_refcounts: bool,
+    pub extended_l2: bool,
+    pub zstd: bool,
+    pub size: u64,
+    /// The raw backing file's content, if any.
+    pub backing: Option<Vec<u8>>,
+}
+
+/// A guest byte range, chosen relative to the disk's size when the step runs (sizes change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeSel {
+    /// Bits 0-1: grain (cluster, byte, sector, subcluster); bit 2: run to the end of the disk;
+    /// bit 3: add an odd tail; bits 5-7 all set: overrun the disk (a request that must be refused).
+    pub mode: u8,
+    pub start: u32,
+    pub len: u16,
+}
+
+/// Which snapshot an apply or delete names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSel {
+    /// By id (the `index`-th snapshot's, or a free id), else by name.
+    pub by_id: bool,
+    pub index: u8,
+}
+
+/// One step of an `ops` input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsStep {
+    Write {
+        range: RangeSel,
+        byte: u8,
+    },
+    WriteZeroes {
+        range: RangeSel,
+        unmap: bool,
+    },
+    Discard {
+        range: RangeSel,
+    },
+    /// Whole clusters from the `cluster`-th (modulo the disk's clusters), one or two of them.
+    /// Requests that must be refused: `misaligned` shifts the start by half a cluster; `past_end`
+    /// starts `cluster` (modulo 4096) clusters after the end of the disk.
+    WriteCompressed {
+        cluster: u16,
+        two: bool,
+        misaligned: bool,
+        past_end: bool,
+        /// 0: one byte repeated; 1: pseudo-random (incompressible); 2: half random, half zeros;
+        /// 3: a byte stepping every 512 bytes.
+        kind: u8,
+        byte: u8,
+    },
+    Resize {
+        clusters: u8,
+        odd: u16,
+        sector_aligned: bool,
+        allow_data_loss: bool,
+    },
+    Flush,
+    CreateSnapshot {
+        name: u8,
+    },
+    ApplySnapshot(SnapshotSel),
+    DeleteSnapshot(SnapshotSel),
+    /// Close the image and open its bytes again (in a fresh recording store).
+    Reopen,
+    /// Materialise a power cut and check the crashed image (the live image carries on).
+    Crash {
+        /// Bit 2 set: cut at a durable checkpoint (`cut` picks which); else anywhere since the
+        /// oldest kept checkpoint. Bits 0-1: unflushed writes lost, kept, or torn (twice as often).
+        mode: u8,
+        cut: u16,
+        seed: u16,
+    },
+}
+
+impl RangeSel {
+    fn read(r: &mut ByteReader<'_>) -> Self {
+        RangeSel {
+            mode: r.u8(),
+            start: r.u32(),
+            len: r.u16(),
+        }
+    }
+
+    /// `(offset, len)` for a disk of `size` bytes: the offset is a multiple of the grain in
+    /// `[0, size]`, the length a multiple of it up to four clusters (unless it runs to the end).
+    fn resolve(self, size: u64, cs: u64) -> (u64, u64) {
+        let grain = match self.mode & 3 {
+            0 => cs,
+            1 => 1,
+            2 => 512,
+            _ => cs / 32,
+        };
+        let offset = self.start as u64 % (size / grain + 1) * grain;
+        let room = size - offset;
+        let mut len = if self.mode & 4 != 0 {
+            room
+        } else {
+            let max = room.min(4 * cs);
+            self.len as u64 % (max / grain + 1) * grain
+        };
+        if self.mode & 8 != 0 {
+            len = (len + 1 + (self.mode >> 4) as u64).min(room);
+        }
+        if self.mode & 0xE0 == 0xE0 {
+            len = room + 1 + self.len as u64 % cs;
+        }
+        (offset, len)
+    }
+}
+
+impl SnapshotSel {
+    fn read(r: &mut ByteReader<'_>) -> Self {
+        let b = r.u8();
+        SnapshotSel {
+            by_id: b & 0x80 != 0,
+            index: b & 0x7F,
+        }
+    }
+
+    /// The id or name to pass to the engine.
+    fn key(self, snapshots: &[ModelSnapshot]) -> String {
+        if self.by_id {
+            let i = self.index as usize % (snapshots.len() + 1);
+            match snapshots.get(i) {
+                Some(s) => s.id.clone(),
+                None => next_snapshot_id(snapshots),
+            }
+        } else {
+            OPS_SNAPSHOT_NAMES[self.index as usize % OPS_SNAPSHOT_NAMES.len()].to_string()
+        }
+    }
+}
+
+/// A virtual size of `clusters` (modulo the bound) whole clusters plus `odd` bytes, at most the
+/// bound itself.
+fn ops_size(clusters: u8, odd: u16, sector_aligned: bool, cluster_bits: u32) -> u64 {
+    let cs = 1u64 << cluster_bits;
+    let max_clusters = OPS_MAX_CLUSTERS.min(OPS_MAX_BYTES >> cluster_bits);
+    let mut odd = odd as u64 % cs;
+    if sector_aligned {
+        odd &= !511;
+    }
+    (clusters as u64 % (max_clusters + 1) * cs + odd).min(max_clusters * cs)
+}
+
+/// `len` bytes of the backing file's pattern; never zero, so backing data and zeros differ.
+fn backing_pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize).wrapping_add(i / 97) as u8 | 0x80)
+        .collect()
+}
+
+/// Data for a compressed write (see [`OpsStep::WriteCompressed`]).
+fn compressed_data(len: usize, kind: u8, byte: u8) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ byte as u64;
+    let mut random = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    };
+    (0..len)
+        .map(|i| match kind & 3 {
+            0 => byte,
+            1 => random(),
+            2 if i < len / 2 => random(),
+            2 => 0,
+            _ => byte.wrapping_add((i / 512) as u8),
+        })
+        .collect()
+}
+
+impl OpsStep {
+    /// Decodes one step: an opcode byte, then the step's fields.
+    fn read(r: &mut ByteReader<'_>) -> Self {
+        match r.u8() % 16 {
+            0..=2 | 13 => OpsStep::Write {
+                range: RangeSel::read(r),
+                byte: r.u8(),
+            },
+            3 | 14 => OpsStep::WriteZeroes {
+                range: RangeSel::read(r),
+                unmap: r.u8() & 1 != 0,
+            },
+            4 | 15 => OpsStep::Discard {
+                range: RangeSel::read(r),
+            },
+            5 => {
+                let cluster = r.u16();
+                let flags = r.u8();
+                OpsStep::WriteCompressed {
+                    cluster,
+                    two: flags & 1 != 0,
+                    misaligned: flags & 0xF0 == 0xF0,
+                    past_end: flags & 0xF0 == 0xE0,
+                    kind: flags >> 1 & 3,
+                    byte: r.u8(),
+                }
+            }
+            6 => {
+                let clusters = r.u8();
+                let odd = r.u16();
+                let flags = r.u8();
+                OpsStep::Resize {
+                    clusters,
+                    odd,
+                    sector_aligned: flags & 2 != 0,
+                    allow_data_loss: flags & 1 != 0,
+                }
+            }
+            7 => OpsStep::Flush,
+            8 => OpsStep::CreateSnapshot { name: r.u8() },
+            9 => OpsStep::ApplySnapshot(SnapshotSel::read(r)),
+            10 => OpsStep::DeleteSnapshot(SnapshotSel::read(r)),
+            11 => OpsStep::Reopen,
+            _ => OpsStep::Crash {
+                mode: r.u8(),
+                cut: r.u16(),
+                seed: r.u16(),
+            },
+        }
+    }
+}
+
+impl OpsInput {
+    pub fn from_bytes(data: &[u8]) -> Self {
+        let mut r = ByteReader::new(data);
+        let cluster_bits = BoundedU32::<MIN_CLUSTER_BITS, OPS_MAX_CLUSTER_BITS>::read(&mut r);
+        let refcount_order = BoundedU32::<0, MAX_REFCOUNT_ORDER>::read(&mut r).get();
+        let flags = r.u8();
+        let v3 = flags & 1 == 0;
+        let bits = cluster_bits.get();
+        let size = ops_size(r.u8(), r.u16(), flags & 0x20 != 0, bits);
+        let backing = (flags & 0x10 != 0).then(|| {
+            let max = ops_size(u8::MAX, u16::MAX, false, bits) + (1 << bits);
+            let len = r.u16() as u64 * 512 % (max + 1) + r.u8() as u64 % 512;
+            backing_pattern(len as usize, r.u8())
+        });
+        let config = OpsConfig {
+            cluster_bits,
+            refcount_bits: if v3 { 1 << refcount_order } else { 16 },
+            version: if v3 { 3 } else { 2 },
+            lazy_refcounts: v3 && flags & 2 != 0,
+            extended_l2: v3 && flags & 4 != 0 && bits >= OPS_MIN_EXTENDED_L2_CLUSTER_BITS,
+            zstd: v3 && flags & 8 != 0,
+            size,
+            backing,
+        };
+        let mut steps = Vec::new();
+        while r.remaining() > 0 && steps.len() < OPS_MAX_STEPS {
+            steps.push(OpsStep::read(&mut r));
+        }
+        OpsInput { config, steps }
+    }
+}
+
+/// A snapshot as the model knows it.
+#[derive(Debug, Clone)]
+struct ModelSnapshot {
+    id: String,
+    name: String,
+    /// The disk when the snapshot was taken (its length is the snapshot's size).
+    bytes: Rc<Vec<u8>>,
+}
+
+/// The id the engine gives a new snapshot: the largest numeric id plus one (as QEMU does).
+fn next_snapshot_id(snapshots: &[ModelSnapshot]) -> String {
+    let max = snapshots
+        .iter()
+        .filter_map(|s| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    (max + 1).to_string()
+}
+
+/// The snapshot an id or name finds: by id first, then the first with that name.
+fn find_model_snapshot<'a>(snapshots: &'a [ModelSnapshot], key: &str) -> Option<&'a ModelSnapshot> {
+    snapshots
+        .iter()
+        .find(|s| s.id == key)
+        .or_else(|| snapshots.iter().find(|s| s.name == key))
+}
+
+/// A state known to be durable: what a crash at or after `at` must still show (outside ranges
+/// that later requests may have changed).
+struct Checkpoint {
+    /// Recorded operations of the current store when the state became durable.
+    at: usize,
+    disk: Rc<Vec<u8>>,
+    snapshots: Vec<ModelSnapshot>,
+}
+
+/// Arbitrary bytes → a bounded image configuration and up to 64 steps (writes, zero writes,
+/// discards, compressed writes, resizes, flushes, snapshot create / apply / delete, reopens and
+/// simulated power cuts), each checked against a plain model: the disk as a byte vector, plus one
+/// per snapshot.
+///
+/// Properties: creating the configured image works; every step either succeeds and the image then
+/// reads exactly as the model, or is refused with the error the model expects (out of bounds,
+/// misaligned compressed write, unknown snapshot, refcount overflow with narrow refcounts, shrink
+/// over data without permission) and the image still reads as before; `check()` is clean every
+/// [`OPS_CHECK_EVERY`] steps, after snapshot operations, after reopens and at the end; every
+/// snapshot view reads as its model; a reopened image is not dirty. A crash image (any cut since
+/// the oldest kept checkpoint; unflushed writes lost, kept or torn) opens, shows nothing that
+/// fixing leaks does not cure (a dirty one is repaired by a read-write open), fixing leaks leaves
+/// it clean, its snapshots are
+/// those before or after the interrupted step, each reading as its model, and every byte no
+/// request touched since the last durable point reads as it did then.
+pub fn ops(data: &[u8]) {
+    ops_input(&OpsInput::from_bytes(data));
+}
+
+/// `ops` on an already decoded input.
+pub fn ops_input(input: &OpsInput) {
+    let mut run = OpsRun::new(&input.config);
+    for (i, step) in input.steps.iter().enumerate() {
+        run.step = i;
+        run.run(*step);
+        run.compare_disk(&format!("after step {i} {step:?}"));
+        if i % OPS_CHECK_EVERY == OPS_CHECK_EVERY - 1 {
+            run.check_clean(&format!("after step {i}"));
+            run.compare_snapshots(&format!("after step {i}"));
+        }
+    }
+    run.finish();
+}
+
+/// The running workload: the image, its store and the model.
+struct OpsRun {
+    config: OpsConfig,
+    cluster_size: u64,
+    store: Arc<RecordingStorage>,
+    /// `None` only in the middle of a reopen.
+    image: Option<Image>,
+    disk: Vec<u8>,
+    snapshots: Vec<ModelSnapshot>,
+    /// Durable states of the current store, oldest first (at most [`OPS_MAX_CHECKPOINTS`]).
+    checkpoints: Vec<Checkpoint>,
+    /// Guest requests since the oldest checkpoint: (recorded operations when it started, start,
+    /// end). A crash cut after it may show any content in that range.
+    requests: Vec<(usize, u64, u64)>,
+    step: usize,
+}
+
+impl OpsRun {
+    fn new(config: &OpsConfig) -> Self {
+        let cluster_size = 1u64 << config.cluster_bits.get();
+        let options = CreateOptions {
+            size: config.size,
+            cluster_size,
+            refcount_bits: config.refcount_bits,
+            version: config.version,
+            lazy_refcounts: config.lazy_refcounts,
+            extended_l2: config.extended_l2,
+            compression_type: if config.zstd {
+                CompressionType::Zstd
+            } else {
+                CompressionType::Zlib
+            },
+            backing_file: config.backing.as_ref().map(|_| OPS_BACKING_NAME.into()),
+            backing_format: config.backing.as_ref().map(|_| "raw".into()),
+            ..CreateOptions::default()
+        };
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let mut image = Image::create_in(Box::new(store.clone()), "fuzz", &options)
+            .unwrap_or_else(|e| panic!("create {options:?}: {e}"));
+        let mut disk = vec![0u8; config.size as usize];
+        if let Some(base) = &config.backing {
+            attach_backing(&mut image, base);
+            let n = base.len().min(disk.len());
+            disk[..n].copy_from_slice(&base[..n]);
+        }
+        let mut run = OpsRun {
+            config: config.clone(),
+            cluster_size,
+            store,
+            image: Some(image),
+            disk,
+            snapshots: Vec::new(),
+            checkpoints: Vec::new(),
+            requests: Vec::new(),
+            step: 0,
+        };
+        run.checkpoint();
+        run.compare_disk("after create");
+        run.check_clean("after create");
+        run
+    }
+
+    fn image(&self) -> &Image {
+        self.image.as_ref().expect("an image is open between steps")
+    }
+
+    fn size(&self) -> u64 {
+        self.disk.len() as u64
+    }
+
+    /// The backing file's bytes for a guest range (zeros past its end, or without one).
+    fn backing_bytes(&self, start: u64, end: u64) -> Vec<u8> {
+        let mut out = vec![0u8; (end - start) as usize];
+        if let Some(base) = &self.config.backing {
+            let from = (start as usize).min(base.len());
+            let to = (end as usize).min(base.len());
+            out[..to - from].copy_from_slice(&base[from..to]);
+        }
+        out
+    }
+
+    /// Records that a guest request may change `[start, end)` from now on.
+    fn request(&mut self, start: u64, end: u64) {
+        self.requests.push((self.store.op_count(), start, end));
+    }
+
+    /// Records the current state as durable.
+    fn checkpoint(&mut self) {
+        if self.checkpoints.len() == OPS_MAX_CHECKPOINTS {
+            self.checkpoints.remove(0);
+            let oldest = self.checkpoints[0].at;
+            self.requests.retain(|&(at, _, _)| at >= oldest);
+        }
+        self.checkpoints.push(Checkpoint {
+            at: self.store.op_count(),
+            disk: Rc::new(self.disk.clone()),
+            snapshots: self.snapshots.clone(),
+        });
+    }
+
+    /// Panics unless `result` is `Ok` or a refusal that `expected` accepts. Returns whether it
+    /// succeeded.
+    fn outcome(
+        &self,
+        result: qcow2::Result<()>,
+        what: &str,
+        expected: impl FnOnce(&Error) -> bool,
+    ) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(e) if expected(&e) => false,
+            Err(e) => panic!("step {} {what}: unexpected error: {e}", self.step),
+        }
+    }
+
+    /// A refusal for a refcount that would overflow: possible only with narrow refcounts (a
+    /// compressed host cluster takes references up to the maximum, then snapshots add one each).
+    fn refcount_overflow(&self, e: &Error) -> bool {
+        self.config.refcount_bits <= 8
+            && matches!(e, Error::InvalidArgument { reason, .. } if reason.contains("refcount"))
+    }
+
+    fn run(&mut self, step: OpsStep) {
+        let size = self.size();
+        let cs = self.cluster_size;
+        match step {
+            OpsStep::Write { range, byte } => {
+                let (offset, len) = range.resolve(size, cs);
+                let what = format!("write {len} bytes of {byte:#04x} at {offset:#x}");
+                self.request(offset, offset + len);
+                let result = self.image().write_at(&vec![byte; len as usize], offset);
+                if self.outcome(result, &what, |e| out_of_bounds(e, offset, len, size)) {
+                    assert!(
+                        offset + len <= size,
+                        "{what}: accepted past the end {size:#x}"
+                    );
+                    self.disk[offset as usize..(offset + len) as usize].fill(byte);
+                }
+            }
+            OpsStep::WriteZeroes { range, unmap } => {
+                let (offset, len) = range.resolve(size, cs);
+                let what = format!("write_zeroes {len} bytes at {offset:#x} unmap={unmap}");
+                self.request(offset, offset + len);
+                let result = self.image().write_zeroes(offset, len, unmap);
+                if self.outcome(result, &what, |e| out_of_bounds(e, offset, len, size)) {
+                    assert!(
+                        offset + len <= size,
+                        "{what}: accepted past the end {size:#x}"
+                    );
+                    self.disk[offset as usize..(offset + len) as usize].fill(0);
+                }
+            }
+            OpsStep::Discard { range } => {
+                let (offset, len) = range.resolve(size, cs);
+                let what = format!("discard {len} bytes at {offset:#x}");
+                self.request(offset, offset + len);
+                let result = self.image().discard(offset, len);
+                if self.outcome(result, &what, |e| out_of_bounds(e, offset, len, size)) {
+                    assert!(
+                        offset + len <= size,
+                        "{what}: accepted past the end {size:#x}"
+                    );
+                    self.model_discard(offset, len);
+                }
+            }
+            OpsStep::WriteCompressed {
+                cluster,
+                two,
+                misaligned,
+                past_end,
+                kind,
+                byte,
+            } => {
+                let count = if two { 2 } else { 1 };
+                let (offset, end) = if past_end {
+                    let offset = size.next_multiple_of(cs) + cluster as u64 % 4096 * cs;
+                    (offset, offset + count * cs)
+                } else {
+                    let start = cluster as u64 % size.div_ceil(cs).max(1) * cs;
+                    let end = (start + count * cs).min(size);
+                    (if misaligned { start + cs / 2 } else { start }, end)
+                };
+                let len = end.saturating_sub(offset);
+                let data = compressed_data(len as usize, kind, byte);
+                let what = format!("write_compressed {len} bytes (kind {kind}) at {offset:#x}");
+                self.request(offset, offset + len);
+                let result = self.image().write_compressed(&data, offset);
+                let refusable = past_end || misaligned;
+                if self.outcome(result, &what, |e| {
+                    refusable
+                        && matches!(e, Error::InvalidArgument { .. } | Error::OutOfBounds { .. })
+                }) {
+                    assert!(!refusable, "{what}: accepted (disk size {size:#x})");
+                    self.disk[offset as usize..end as usize].copy_from_slice(&data);
+                }
+            }
+            OpsStep::Resize {
+                clusters,
+                odd,
+                sector_aligned,
+                allow_data_loss,
+            } => {
+                let new_size = ops_size(
+                    clusters,
+                    odd,
+                    sector_aligned,
+                    self.config.cluster_bits.get(),
+                );
+                let what =
+                    format!("resize {size:#x} -> {new_size:#x} allow_data_loss={allow_data_loss}");
+                self.request(size.min(new_size), size.max(new_size));
+                let result = self.image().resize(new_size, allow_data_loss);
+                // Whether a shrink drops data depends on allocation, which the model does not
+                // track: without permission either outcome is fine.
+                // A v2 image cannot grow over a longer backing file (no zero clusters to hide
+                // it), so the engine refuses that, as QEMU does.
+                let refusable = (new_size < size && !allow_data_loss)
+                    || (new_size > size
+                        && self.config.version < 3
+                        && self
+                            .config
+                            .backing
+                            .as_ref()
+                            .is_some_and(|b| b.len() as u64 > size));
+                if self.outcome(result, &what, |e| {
+                    refusable && matches!(e, Error::InvalidArgument { .. })
+                }) {
+                    self.model_resize(new_size);
+                }
+            }
+            OpsStep::Flush => {
+                self.image()
+                    .flush()
+                    .unwrap_or_else(|e| panic!("step {} flush: {e}", self.step));
+                self.checkpoint();
+            }
+            OpsStep::CreateSnapshot { name } => {
+                if self.snapshots.len() >= OPS_MAX_SNAPSHOTS {
+                    return;
+                }
+                let name = OPS_SNAPSHOT_NAMES[name as usize % OPS_SNAPSHOT_NAMES.len()];
+                let time = SnapshotTime {
+                    secs: self.step as i64,
+                    nanos: 0,
+                };
+                let what = format!("create_snapshot {name:?}");
+                match self.image().create_snapshot(name, time) {
+                    Ok(info) => {
+                        let id = next_snapshot_id(&self.snapshots);
+                        assert_eq!(info.id, id, "{what}: id");
+                        assert_eq!(info.name, name, "{what}: name");
+                        assert_eq!(info.disk_size, Some(size), "{what}: disk size");
+                        self.snapshots.push(ModelSnapshot {
+                            id,
+                            name: name.to_string(),
+                            bytes: Rc::new(self.disk.clone()),
+                        });
+                        self.after_snapshot_change(&what);
+                    }
+                    Err(e) if self.refcount_overflow(&e) => self.after_refusal(&what),
+                    Err(e) => panic!("step {} {what}: unexpected error: {e}", self.step),
+                }
+            }
+            OpsStep::ApplySnapshot(sel) => {
+                let key = sel.key(&self.snapshots);
+                let target = find_model_snapshot(&self.snapshots, &key).cloned();
+                let what = format!(
+                    "apply_snapshot {key:?} (model: {:?})",
+                    target.as_ref().map(|s| &s.id)
+                );
+                self.request(0, u64::MAX);
+                let result = self.image().apply_snapshot(&key);
+                let found = target.is_some();
+                if self.outcome(result, &what, |e| {
+                    !found && matches!(e, Error::SnapshotNotFound { .. })
+                        || self.refcount_overflow(e)
+                }) {
+                    let target = target.unwrap_or_else(|| {
+                        panic!("{what}: applied a snapshot the model does not have")
+                    });
+                    self.disk = target.bytes.to_vec();
+                    self.after_snapshot_change(&what);
+                } else {
+                    self.after_refusal(&what);
+                }
+            }
+            OpsStep::DeleteSnapshot(sel) => {
+                let key = sel.key(&self.snapshots);
+                let target = find_model_snapshot(&self.snapshots, &key).map(|s| s.id.clone());
+                let what = format!("delete_snapshot {key:?} (model: {target:?})");
+                let result = self.image().delete_snapshot(&key);
+                let found = target.is_some();
+                if self.outcome(result, &what, |e| {
+                    !found && matches!(e, Error::SnapshotNotFound { .. })
+                }) {
+                    let id = target.unwrap_or_else(|| {
+                        panic!("{what}: deleted a snapshot the model does not have")
+                    });
+                    self.snapshots.retain(|s| s.id != id);
+                    self.after_snapshot_change(&what);
+                } else {
+                    self.after_refusal(&what);
+                }
+            }
+            OpsStep::Reopen => self.reopen(),
+            OpsStep::Crash { mode, cut, seed } => self.crash(mode, cut, seed),
+        }
+    }
+
+    /// Discard: whole clusters inside the range (the last partial cluster counts as whole when
+    /// the range reaches the end of the disk) read as zeros; except on v2 over a backing file,
+    /// which has no zero flag to hide the backing file with, so (as in QEMU) the clusters keep
+    /// their data.
+    fn model_discard(&mut self, offset: u64, len: u64) {
+        if self.config.version < 3 && self.config.backing.is_some() {
+            return;
+        }
+        let cs = self.cluster_size;
+        let size = self.size();
+        let first = offset.next_multiple_of(cs);
+        let end = if offset + len >= size {
+            (offset + len).next_multiple_of(cs)
+        } else {
+            (offset + len) & !(cs - 1)
+        };
+        let mut pos = first;
+        while pos < end.min(size) {
+            let to = (pos + cs).min(size);
+            self.disk[pos as usize..to as usize].fill(0);
+            pos += cs;
+        }
+    }
+
+    /// Resize: a shrink drops the end; a grow makes the rest of the old last cluster read as
+    /// zeros and, beyond it, whatever [`OPS_GROW_EXPOSES_BACKING`] says.
+    fn model_resize(&mut self, new_size: u64) {
+        let old = self.size();
+        if new_size <= old {
+            self.disk.truncate(new_size as usize);
+            return;
+        }
+        let tail_end = old.next_multiple_of(self.cluster_size).min(new_size);
+        self.disk.resize(tail_end as usize, 0);
+        let rest = if OPS_GROW_EXPOSES_BACKING {
+            self.backing_bytes(tail_end, new_size)
+        } else {
+            vec![0u8; (new_size - tail_end) as usize]
+        };
+        self.disk.extend_from_slice(&rest);
+    }
+
+    /// After a successful snapshot operation: the new state is durable (published by a synced
+    /// header write after everything else was flushed), the image is consistent, and every
+    /// snapshot reads as its model.
+    fn after_snapshot_change(&mut self, what: &str) {
+        self.checkpoint();
+        self.check_clean(what);
+        self.compare_snapshots(what);
+    }
+
+    /// After a refused operation: nothing changed (the disk is compared after every step).
+    fn after_refusal(&mut self, what: &str) {
+        let listed: Vec<(String, String)> = self
+            .image()
+            .snapshots()
+            .into_iter()
+            .map(|s| (s.id, s.name))
+            .collect();
+        assert_eq!(
+            listed,
+            snapshot_names(&self.snapshots),
+            "{what}: refused, but the snapshot list changed"
+        );
+        self.check_clean(&format!("{what} (refused)"));
+    }
+
+    fn reopen(&mut self) {
+        let what = format!("step {} reopen", self.step);
+        let image = self.image.take().expect("an image is open between steps");
+        image
+            .close()
+            .unwrap_or_else(|e| panic!("{what}: close: {e}"));
+        // A fresh recording store, so later crash cuts count from the reopened image.
+        let store = Arc::new(RecordingStorage::new(self.store.live_bytes()));
+        let mut image =
+            Image::from_storage(Box::new(store.clone()), "fuzz", &ops_open_options(true))
+                .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+        assert!(
+            !image.header().is_dirty(),
+            "{what}: a closed image is dirty"
+        );
+        if let Some(base) = &self.config.backing {
+            attach_backing(&mut image, base);
+        }
+        self.store = store;
+        self.image = Some(image);
+        self.checkpoints.clear();
+        self.requests.clear();
+        self.checkpoint();
+        self.check_clean(&what);
+        self.compare_snapshots(&what);
+    }
+
+    /// Materialises a power cut on the current store and checks the crashed image.
+    fn crash(&mut self, mode: u8, cut: u16, seed: u16) {
+        let ops = self.store.op_count();
+        let oldest = self.checkpoints[0].at;
+        let cut = if mode & 4 != 0 {
+            self.checkpoints[cut as usize % self.checkpoints.len()].at
+        } else {
+            oldest + cut as usize % (ops - oldest + 1)
+        };
+        let survivors = match mode & 3 {
+            0 => Survivors::None,
+            1 => Survivors::All,
+            _ => Survivors::TornSectors(seed as u64 + 1),
+        };
+        let what = format!(
+            "step {} crash after {cut} of {ops} recorded operations, {survivors:?}",
+            self.step
+        );
+        let bytes = self.store.crash_image(cut, survivors);
+        let durable_index = self
+            .checkpoints
+            .iter()
+            .rposition(|c| c.at <= cut)
+            .expect("cuts start at the oldest checkpoint");
+        let durable = &self.checkpoints[durable_index];
+        // The snapshots are those at the last durable point or those after the step that was
+        // running (each successful snapshot operation ends with a checkpoint).
+        let later = match self.checkpoints.get(durable_index + 1) {
+            Some(next) => &next.snapshots,
+            None => &self.snapshots,
+        };
+
+        let readonly = open_crashed(&bytes, false, &self.config.backing)
+            .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+        let dirty = readonly.header().is_dirty();
+        let image = if dirty {
+            assert!(
+                self.config.lazy_refcounts,
+                "{what}: dirty without lazy refcounts"
+            );
+            drop(readonly);
+            // A read-write open repairs a dirty image.
+            let image = open_crashed(&bytes, true, &self.config.backing)
+                .unwrap_or_else(|e| panic!("{what}: repairing open: {e}"));
+            let report = image
+                .check()
+                .unwrap_or_else(|e| panic!("{what}: check: {e}"));
+            assert!(
+                report.is_clean(),
+                "{what}: after the repairing open: {:?}",
+                report.messages
+            );
+            image
+        } else {
+            let report = readonly
+                .check()
+                .unwrap_or_else(|e| panic!("{what}: check: {e}"));
+            assert_eq!(report.check_errors, 0, "{what}: {:?}", report.messages);
+            // A cut inside a snapshot operation can leave refcounts raised for a state that was
+            // never published: leaks, and COPIED flags that disagree with the leaked refcount
+            // (counted as corruptions, as QEMU does). Fixing the leaks cures both (checked below);
+            // nothing else may be wrong.
+            let corruptions = report
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR") && !m.starts_with("ERROR OFLAG_COPIED"))
+                .count();
+            let copied = report
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR OFLAG_COPIED"))
+                .count() as u64;
+            assert!(
+                corruptions == 0
+                    && report.corruptions == copied
+                    && (copied == 0 || report.leaks > 0),
+                "{what}: {:?}",
+                report.messages
+            );
+            readonly
+        };
+
+        // Every byte no request touched since the durable point reads as it did then.
+        let size = image.size();
+        assert!(size <= OPS_MAX_BYTES, "{what}: size {size:#x}");
+        let mut content = vec![0u8; size as usize];
+        image
+            .read_at(&mut content, 0)
+            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        let n = content.len().min(durable.disk.len());
+        let mut touched = vec![false; n];
+        for &(at, start, end) in &self.requests {
+            if at >= durable.at && at <= cut && start < n as u64 {
+                touched[start as usize..(end.min(n as u64)) as usize].fill(true);
+            }
+        }
+        if let Some(i) = (0..n).find(|&i| !touched[i] && content[i] != durable.disk[i]) {
+            panic!(
+                "{what}: byte {i:#x} reads {:#04x}, durable since operation {} as {:#04x}",
+                content[i], durable.at, durable.disk[i]
+            );
+        }
+
+        let listed: Vec<(String, String)> = image
+            .snapshots()
+            .into_iter()
+            .map(|s| (s.id, s.name))
+            .collect();
+        let expected = if listed == snapshot_names(&durable.snapshots) {
+            &durable.snapshots
+        } else if listed == snapshot_names(later) {
+            later
+        } else {
+            panic!(
+                "{what}: snapshots {listed:?}, expected {:?} or {:?}",
+                snapshot_names(&durable.snapshots),
+                snapshot_names(later)
+            )
+        };
+        compare_snapshot_views(&image, expected, &what);
+        drop(image);
+
+        // Whatever is left, fixing leaks cures.
+        if !dirty {
+            let image = open_crashed(&bytes, true, &self.config.backing)
+                .unwrap_or_else(|e| panic!("{what}: read-write open: {e}"));
+            let report = image
+                .check_and_repair(Repair::Leaks)
+                .unwrap_or_else(|e| panic!("{what}: check -r leaks: {e}"));
+            assert!(
+                report.is_clean(),
+                "{what}: after fixing leaks: {:?}",
+                report.messages
+            );
+        }
+    }
+
+    /// The whole disk reads as the model.
+    fn compare_disk(&self, what: &str) {
+        let image = self.image();
+        assert_eq!(image.size(), self.size(), "{what}: virtual size");
+        let mut content = vec![0u8; self.disk.len()];
+        image
+            .read_at(&mut content, 0)
+            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        if content == self.disk {
+            return;
+        }
+        if let Some(i) = (0..content.len()).find(|&i| content[i] != self.disk[i]) {
+            panic!(
+                "{what}: guest byte {i:#x} reads {:#04x}, the model says {:#04x}",
+                content[i], self.disk[i]
+            );
+        }
+    }
+
+    /// `check()` finds nothing at all.
+    fn check_clean(&self, what: &str) {
+        let report = self
+            .image()
+            .check()
+            .unwrap_or_else(|e| panic!("{what}: check: {e}"));
+        assert!(report.is_clean(), "{what}: check: {:?}", report.messages);
+    }
+
+    /// The snapshot list and every snapshot's content match the model.
+    fn compare_snapshots(&self, what: &str) {
+        let image = self.image();
+        let listed: Vec<(String, String)> = image
+            .snapshots()
+            .into_iter()
+            .map(|s| (s.id, s.name))
+            .collect();
+        assert_eq!(
+            listed,
+            snapshot_names(&self.snapshots),
+            "{what}: snapshot list"
+        );
+        compare_snapshot_views(image, &self.snapshots, what);
+    }
+
+    /// Closes the image and checks what it leaves behind: clean, not dirty, same content.
+    fn finish(mut self) {
+        self.check_clean("at the end");
+        self.compare_snapshots("at the end");
+        let image = self.image.take().expect("an image is open between steps");
+        image
+            .close()
+            .unwrap_or_else(|e| panic!("at the end: close: {e}"));
+        let closed = open_crashed(&self.store.live_bytes(), false, &self.config.backing)
+            .unwrap_or_else(|e| panic!("at the end: open the closed image: {e}"));
+        assert!(
+            !closed.header().is_dirty(),
+            "at the end: a closed image is dirty"
+        );
+        let report = closed
+            .check()
+            .unwrap_or_else(|e| panic!("at the end: check the closed image: {e}"));
+        assert!(
+            report.is_clean(),
+            "at the end: closed image: {:?}",
+            report.messages
+        );
+        self.image = Some(closed);
+        self.compare_disk("the closed image");
+    }
+}
+
+/// (id, name) of each snapshot, in table order.
+fn snapshot_names(snapshots: &[ModelSnapshot]) -> Vec<(String, String)> {
+    snapshots
+        .iter()
+        .map(|s| (s.id.clone(), s.name.clone()))
+        .collect()
+}
+
+/// Every snapshot, opened by id, reads as its model.
+fn compare_snapshot_views(image: &Image, snapshots: &[ModelSnapshot], what: &str) {
+    for s in snapshots {
+        let view = image
+            .open_snapshot(&s.id)
+            .unwrap_or_else(|e| panic!("{what}: open snapshot {}: {e}", s.id));
+        assert_eq!(
+            view.size(),
+            s.bytes.len() as u64,
+            "{what}: snapshot {} size",
+            s.id
+        );
+        let mut content = vec![0u8; s.bytes.len()];
+        view.read_at(&mut content, 0)
+            .unwrap_or_else(|e| panic!("{what}: read snapshot {}: {e}", s.id));
+        if content[..] == s.bytes[..] {
+            continue;
+        }
+        if let Some(i) = (0..content.len()).find(|&i| content[i] != s.bytes[i]) {
+            panic!(
+                "{what}: snapshot {} ({}) byte {i:#x} reads {:#04x}, the model says {:#04x}",
+                s.id, s.name, content[i], s.bytes[i]
+            );
+        }
+    }
+}
+
+/// An out-of-bounds refusal of exactly the request that overran the disk.
+fn out_of_bounds(e: &Error, offset: u64, len: u64, size: u64) -> bool {
+    offset + len > size && matches!(e, Error::OutOfBounds { .. })
+}
+
+fn ops_open_options(writable: bool) -> OpenOptions {
+    OpenOptions {
+        writable,
+        backing: BackingPolicy::Ignore,
+        ..OpenOptions::default()
+    }
+}
+
+fn attach_backing(image: &mut Image, base: &[u8]) {
+    image
+        .attach_raw_backing(Box::new(MemoryStorage::from_bytes(base.to_vec())))
+        .unwrap_or_else(|e| panic!("attach the backing file: {e}"));
+}
+
+/// Opens image bytes from memory (with the backing file attached).
+fn open_crashed(bytes: &[u8], writable: bool, backing: &Option<Vec<u8>>) -> qcow2::Result<Image> {
+    let mut image = Image::from_storage(
+        Box::new(MemoryStorage::from_bytes(bytes.to_vec())),
+        "crashed",
+        &ops_open_options(writable),
+    )?;
+    if let Some(base) = backing {
+        attach_backing(&mut image, base);
+    }
+    Ok(image)
 }

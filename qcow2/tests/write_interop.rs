@@ -468,3 +468,42 @@ fn a_write_that_would_hit_metadata_marks_the_image_corrupt_and_fails() {
         Err(Error::MarkedCorrupt { .. })
     ));
 }
+
+/// Growing over a longer backing file reads zeros in the new area, as in QEMU (v3); a v2 image
+/// cannot hide the backing data and is refused, as QEMU refuses it.
+#[test]
+fn growing_over_a_longer_backing_file_reads_zeros_like_qemu() {
+    require_qemu();
+    let dir = scratch_dir("grow-over-backing");
+    std::fs::write(dir.join("base.raw"), pattern(4 << 20, 3)).unwrap();
+    for version in [3, 2] {
+        let ours = dir.join(format!("ours-v{version}.qcow2"));
+        let theirs = dir.join(format!("theirs-v{version}.qcow2"));
+        let options = CreateOptions {
+            size: (1 << 20) + 1024,
+            cluster_size: 65536,
+            version,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..CreateOptions::default()
+        };
+        Image::create(&ours, &options).unwrap().close().unwrap();
+        std::fs::copy(&ours, &theirs).unwrap();
+        let image = Image::open(&ours, &OpenOptions::read_write()).unwrap();
+        let result = image.resize(8 << 20, false);
+        image.close().unwrap();
+        let qemu = qemu_img(&["resize", "-f", "qcow2", theirs.to_str().unwrap(), "8M"]);
+        assert_eq!(
+            result.is_ok(),
+            qemu.status.success(),
+            "v{version}: {result:?}"
+        );
+        assert_qemu_clean(&ours);
+        let cmp = qemu_img(&["compare", ours.to_str().unwrap(), theirs.to_str().unwrap()]);
+        assert!(
+            cmp.status.success(),
+            "v{version}: {}",
+            String::from_utf8_lossy(&cmp.stdout)
+        );
+    }
+}

@@ -196,7 +196,8 @@ impl CreateOptions {
         let blocks_offset = reftable_offset + reftable_clusters * cs;
         let l1_offset = blocks_offset + blocks * cs;
         header.refcount_table_clusters = reftable_clusters as u32;
-        header.l1_table_offset = l1_offset;
+        // An empty L1 table sits at offset 0, as qemu-img writes it.
+        header.l1_table_offset = if l1_entries == 0 { 0 } else { l1_offset };
         header.l1_size = l1_entries as u32;
 
         let used = 1 + reftable_clusters + blocks + l1_clusters;

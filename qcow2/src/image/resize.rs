@@ -27,18 +27,28 @@ impl Image {
                     reason: format!("virtual size {new_size} needs an L1 table larger than 32 MiB"),
                 });
             }
+            // The new area reads as zeros, as in QEMU: the tail of a partly used last cluster may
+            // hold old bytes, and a longer backing file must not show through.
+            let cs = m.header.cluster_size();
+            let backing_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+            let zero_end = old_size.next_multiple_of(cs).min(new_size).max(backing_end);
+            if backing_end > old_size && m.header.version < 3 {
+                return Err(Error::InvalidArgument {
+                    image: self.name.clone(),
+                    reason: "growing a compat=0.10 image over a longer backing file would expose the backing data (no zero clusters in v2)".into(),
+                });
+            }
             if needed > m.l1.len() as u64 {
                 self.grow_l1(&mut m, needed)?;
             }
-            self.publish_size(&mut m, new_size)?;
-            drop(m);
-            // The tail of a partly used last cluster may hold old bytes: it must read as zeros.
-            let cs = self.cluster_size();
-            let tail_end = old_size.next_multiple_of(cs).min(new_size);
-            if tail_end > old_size {
-                self.write_zeroes(old_size, tail_end - old_size, false)?;
+            if zero_end > old_size {
+                // Zeroed before the size is published, so a crash never shows old bytes.
+                m.header.size = new_size;
+                let zeroed = self.zero_range(&mut m, old_size, zero_end - old_size, false);
+                m.header.size = old_size;
+                zeroed?;
             }
-            return Ok(());
+            return self.publish_size(&mut m, new_size);
         }
         // Shrink: everything past the new end must be unallocated, or the caller accepts the loss.
         let lost = self.allocated_in_range(new_size, old_size - new_size)?;

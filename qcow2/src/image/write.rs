@@ -429,6 +429,19 @@ impl Image {
         self.require_writable()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
+        self.zero_range(&mut m, offset, len, unmap)?;
+        self.keep_cache_bounded(&mut m)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros (the range is checked by the caller; a resize
+    /// also zeroes the area it is about to publish).
+    pub(crate) fn zero_range(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
         let v3 = m.header.version >= 3;
         let extended = m.header.extended_l2();
         let external = m.header.has_external_data_file();
@@ -464,29 +477,29 @@ impl Image {
             {
                 // v2 has no zero flag, but with nothing below an unallocated cluster reads as
                 // zeros: drop the cluster, as QEMU does.
-                self.unmap_cluster(&mut m, cluster_start)?;
+                self.unmap_cluster(m, cluster_start)?;
                 pos = chunk_end;
                 continue;
             }
             if !v3 || external || g_start >= g_end {
                 let zeros = vec![0u8; (chunk_end - pos) as usize];
-                self.write_cluster(&mut m, pos, &zeros)?;
+                self.write_cluster(m, pos, &zeros)?;
                 pos = chunk_end;
                 continue;
             }
             if g_start > in_cluster {
                 let zeros = vec![0u8; (g_start - in_cluster) as usize];
-                self.write_cluster(&mut m, pos, &zeros)?;
+                self.write_cluster(m, pos, &zeros)?;
             }
-            self.zero_grains(&mut m, cluster_start, g_start, g_end.min(cs), unmap)?;
+            self.zero_grains(m, cluster_start, g_start, g_end.min(cs), unmap)?;
             let tail_start = cluster_start + g_end;
             if tail_start < chunk_end {
                 let zeros = vec![0u8; (chunk_end - tail_start) as usize];
-                self.write_cluster(&mut m, tail_start, &zeros)?;
+                self.write_cluster(m, tail_start, &zeros)?;
             }
             pos = chunk_end;
         }
-        self.keep_cache_bounded(&mut m)
+        Ok(())
     }
 
     /// Sets zero flags for whole grains `[start, end)` of one cluster.
