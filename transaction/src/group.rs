@@ -89,6 +89,12 @@ impl Group {
     /// Opens (creating) the group directory, takes its lock and finishes any interrupted
     /// transaction.
     pub fn open(dir: impl AsRef<Path>) -> Result<Group, TxnError> {
+        Self::open_with_hook(dir, None)
+    }
+
+    /// Like [`Group::open`], with a hook already installed (so tests can cut power inside the
+    /// recovery that opening runs).
+    pub fn open_with_hook(dir: impl AsRef<Path>, hook: Option<Hook>) -> Result<Group, TxnError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| TxnError::io(&dir, e))?;
         let lock_path = dir.join("group.lock");
@@ -98,7 +104,7 @@ impl Group {
         let mut group = Group {
             dir,
             _lock: lock,
-            hook: None,
+            hook,
             opened_with: Recovery::Clean,
         };
         group.opened_with = group.recover()?;
@@ -383,6 +389,7 @@ impl Group {
                     }
                     img.write_recorded_switch(*after)
                         .map_err(|e| TxnError::image(path, e))?;
+                    self.event(&format!("recovery switched {i}"))?;
                     img = Image::open(path, &OpenOptions::read_write())
                         .map_err(|e| TxnError::image(path, e))?;
                 }
@@ -413,6 +420,7 @@ impl Group {
                 ));
             }
             img.close().map_err(|e| TxnError::image(path, e))?;
+            self.event(&format!("recovered {i}"))?;
             if let Some((tmp, fin)) = overlays.get(i) {
                 if commit {
                     if tmp.exists() {
@@ -435,6 +443,7 @@ impl Group {
                 .store(&self.manifest_path())
                 .map_err(|e| TxnError::io(self.manifest_path(), e))?;
         }
+        self.event("recovery reconciled")?;
         // Done: an empty journal means nothing is in flight.
         storage.set_len(0).map_err(|e| TxnError::io(&path, e))?;
         storage.flush().map_err(|e| TxnError::io(&path, e))?;
@@ -623,7 +632,17 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
                 if m.overlay.is_some() {
                     return Err(invalid(given, "two overlays for one image".into()));
                 }
-                m.overlay = Some(overlay.clone());
+                // The overlay's directory must exist; its canonical path names it everywhere.
+                let dir = std::fs::canonicalize(parent(overlay)).map_err(|e| {
+                    invalid(
+                        overlay,
+                        format!("the overlay's directory cannot be found: {e}"),
+                    )
+                })?;
+                let name = overlay
+                    .file_name()
+                    .ok_or_else(|| invalid(overlay, "the overlay path has no file name".into()))?;
+                m.overlay = Some(dir.join(name));
             }
         }
     }

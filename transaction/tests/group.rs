@@ -426,3 +426,47 @@ fn recovery_stops_when_an_image_was_replaced() {
     let err = Group::open(group_dir(&d)).err().expect("recovery refuses");
     assert!(matches!(err, TxnError::ForeignChange { .. }), "{err}");
 }
+
+/// Power cuts inside recovery itself, for a committed and for an undecided transaction: a later
+/// recovery gives the same result as one uninterrupted run, and a third changes nothing.
+#[test]
+fn a_power_cut_during_recovery_is_recovered_too() {
+    let recovery_events = [
+        "recovery switched 0",
+        "recovered 0",
+        "recovery switched 1",
+        "recovered 1",
+        "recovered 2",
+        "recovered 3",
+        "recovery reconciled",
+    ];
+    for (committed, cut) in [(true, "published 0"), (false, "prepared")] {
+        for (n, event) in recovery_events.iter().enumerate() {
+            let d = disks(&format!("txn-recut-{committed}-{n}"));
+            let before = view(&d);
+            let mut group = Group::open(group_dir(&d)).unwrap();
+            let stop = cut.to_string();
+            group.set_hook(Some(Box::new(move |e: &str| e != stop)));
+            assert!(group.run(&plan(&d)).is_err());
+            drop(group);
+            let stop = event.to_string();
+            let interrupted =
+                Group::open_with_hook(group_dir(&d), Some(Box::new(move |e: &str| e != stop)));
+            if let Err(e) = &interrupted {
+                assert!(matches!(e, TxnError::Interrupted(_)), "{e}");
+            }
+            drop(interrupted);
+            let mut group = Group::open(group_dir(&d)).unwrap();
+            let after = view(&d);
+            if committed {
+                assert_eq!(after.snapshots[0], ["base", "nightly"], "{event}");
+                assert_eq!(after.snapshots[2], ["base"], "{event}");
+                assert!(after.overlay, "{event}");
+            } else {
+                assert_eq!(after, before, "{event}");
+            }
+            assert_all_clean(&d);
+            assert_eq!(group.recover().unwrap(), Recovery::Clean, "{event}");
+        }
+    }
+}
