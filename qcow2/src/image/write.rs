@@ -44,11 +44,80 @@ impl Image {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
+            let whole = ((buf.len() - pos) as u64 / cs) as usize;
+            if guest % cs == 0 && whole > 1 {
+                let done =
+                    self.write_whole_clusters(&mut m, guest, &buf[pos..pos + whole * cs as usize])?;
+                if done > 0 {
+                    pos += done;
+                    continue;
+                }
+            }
             let len = ((cs - (guest & (cs - 1))) as usize).min(buf.len() - pos);
             self.write_cluster(&mut m, guest, &buf[pos..pos + len])?;
             pos += len;
         }
         self.keep_cache_bounded(&mut m)
+    }
+
+    /// Writes a run of whole clusters with one host write when they map to one contiguous host
+    /// range: clusters this image owns alone and that lie back to back, or clusters that need
+    /// fresh space (allocated together). Returns the bytes written; 0 means the cluster at
+    /// `guest` needs the general path.
+    fn write_whole_clusters(&self, m: &mut Meta, guest: u64, data: &[u8]) -> Result<usize> {
+        let h = &m.header;
+        if h.extended_l2() || h.has_external_data_file() {
+            return Ok(0);
+        }
+        let cs = h.cluster_size();
+        let l2_entries = 1u64 << h.l2_bits();
+        let first_index = (guest >> h.cluster_bits) & (l2_entries - 1);
+        let max = ((l2_entries - first_index) as usize).min(data.len() / cs as usize);
+        let slot = self.writable_slot(m, guest)?;
+        let table = self.l2_table(m, slot.l2_offset, 0, m.header.l1_table_offset)?;
+        let entry = |i: usize| be_u64_at(&table, slot.index + i);
+        let owned_at = |e: u64| match classify_standard(e, false) {
+            ClusterMapping::Normal { host_offset } if e & COPIED != 0 => Some(host_offset),
+            _ => None,
+        };
+        let needs_space = |e: u64| {
+            !matches!(
+                classify_standard(e, false),
+                ClusterMapping::ZeroAllocated { .. }
+            ) && owned_at(e).is_none()
+        };
+        if let Some(host) = owned_at(entry(0)) {
+            // In place: as far as the host clusters stay back to back.
+            let k = (1..max)
+                .take_while(|&i| owned_at(entry(i)) == Some(host + i as u64 * cs))
+                .count()
+                + 1;
+            let bytes = k * cs as usize;
+            self.guard(m, host, bytes as u64, None)?;
+            self.write_data(&data[..bytes], host)?;
+            return Ok(bytes);
+        }
+        if !needs_space(entry(0)) {
+            return Ok(0);
+        }
+        let k = (1..max).take_while(|&i| needs_space(entry(i))).count() + 1;
+        let bytes = k * cs as usize;
+        self.mark_dirty(m)?;
+        self.l2_needs_refblocks(m)?;
+        let new = self.alloc(m, k as u64)?;
+        self.guard(m, new, bytes as u64, None)?;
+        self.write_data(&data[..bytes], new)?;
+        m.ws_mut()?.l2_after_data_sync = true;
+        let old: Vec<u64> = (0..k).map(entry).collect();
+        self.l2_cache.modify(slot.l2_offset, |t| {
+            for i in 0..k {
+                put_be_u64_at(t, slot.index + i, (new + i as u64 * cs) | COPIED);
+            }
+        });
+        for e in old {
+            self.free_entry(m, e)?;
+        }
+        Ok(bytes)
     }
 
     /// Writes back L2 tables when too many are dirty, so memory stays bounded.
