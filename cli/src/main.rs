@@ -3,6 +3,7 @@
 //! mirror qemu-img/qemu-io so the two can be run side by side.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod check;
 mod compare;
 mod convert;
@@ -56,6 +57,8 @@ enum Command {
     Recover(transaction::RecoverArgs),
     /// Run qemu-io commands (read, write, discard, flush, map).
     Io(io::Args),
+    /// Time a read or write workload, as qemu-img bench.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
         Command::Transaction(args) => transaction::run(args),
         Command::Recover(args) => transaction::recover(args),
         Command::Io(args) => io::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     let code = match result {
         Ok(code) => code,

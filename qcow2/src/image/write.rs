@@ -370,14 +370,21 @@ impl Image {
         // Copy-on-write into a new cluster.
         let whole = in_cluster == 0
             && (data.len() as u64 == cs || cluster_start + data.len() as u64 >= m.header.size);
-        let mut content = if whole && !extended {
-            let mut c = vec![0u8; cs as usize];
-            c[..data.len()].copy_from_slice(data);
-            c
+        // A whole cluster is written straight from the caller's buffer; anything else is
+        // assembled from the cluster's current content (a short last cluster is zero-padded).
+        let assembled: Vec<u8>;
+        let content: &[u8] = if whole && !extended && data.len() as u64 == cs {
+            data
         } else {
-            self.cluster_content(m, cluster_start)?
+            let mut c = if whole && !extended {
+                vec![0u8; cs as usize]
+            } else {
+                self.cluster_content(m, cluster_start)?
+            };
+            c[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            assembled = c;
+            &assembled
         };
-        content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
         let bitmap = if extended {
             let old_alloc = match mapping {
                 ClusterMapping::Normal { .. } => slot.bitmap as u32,
@@ -394,7 +401,7 @@ impl Image {
         self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, 1)?;
         self.guard(m, new, cs, None)?;
-        self.write_data(&content, new)?;
+        self.write_data(content, new)?;
         m.ws_mut()?.l2_after_data_sync = true;
         self.set_slot(m, slot, new | COPIED, bitmap);
         self.free_entry(m, slot.entry)
