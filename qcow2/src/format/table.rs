@@ -124,6 +124,25 @@ impl SubclusterBitmap {
     }
 }
 
+/// Entry `index` of an L2 table held as raw bytes: word 0, the subcluster bitmap (0 for standard
+/// entries) and what word 0 maps to. Extended entries ignore the zero flag, as QEMU does: their
+/// bitmap says what reads as zeros.
+pub fn l2_entry(
+    table: &[u8],
+    index: usize,
+    extended: bool,
+    external_data: bool,
+) -> (u64, u64, ClusterMapping) {
+    if extended {
+        let raw = be_u64_at(table, index * 2);
+        let bitmap = be_u64_at(table, index * 2 + 1);
+        (raw, bitmap, classify_standard(raw & !ZERO, external_data))
+    } else {
+        let raw = be_u64_at(table, index);
+        (raw, 0, classify_standard(raw, external_data))
+    }
+}
+
 /// Reads big-endian u64 number `index` of a table held as raw bytes.
 #[inline]
 pub fn be_u64_at(bytes: &[u8], index: usize) -> u64 {

@@ -10,7 +10,7 @@ use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::{MAX_L1_ENTRIES, SNAPSHOT_EXTRA_V3_MIN_SIZE};
 use crate::format::table::{
-    be_u64_at, classify_standard, ClusterMapping, COPIED, L1_RESERVED_MASK, L2_STD_RESERVED_MASK,
+    be_u64_at, l2_entry, ClusterMapping, COPIED, L1_RESERVED_MASK, L2_STD_RESERVED_MASK,
     OFFSET_MASK, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
 };
 use crate::format::{refcount, CompressedDescriptor};
@@ -354,14 +354,7 @@ impl Image {
         let entries = 1usize << h.l2_bits();
         let mut next_contiguous = 0u64;
         for i in 0..entries {
-            let entry = be_u64_at(&table, if extended { i * 2 } else { i });
-            let bitmap = if extended {
-                be_u64_at(&table, i * 2 + 1)
-            } else {
-                0
-            };
-            // Extended entries ignore the zero flag: the bitmap says what reads as zeros.
-            let mapping = classify_standard(if extended { entry & !1 } else { entry }, external);
+            let (entry, bitmap, mapping) = l2_entry(&table, i, extended, external);
             if !matches!(mapping, ClusterMapping::Compressed { .. })
                 && entry & L2_STD_RESERVED_MASK != 0
             {
@@ -631,8 +624,7 @@ impl Image {
                 return Ok(());
             }
             for j in 0..1usize << h.l2_bits() {
-                let e = be_u64_at(&table, if extended { j * 2 } else { j });
-                let mapping = classify_standard(if extended { e & !1 } else { e }, external);
+                let (e, _, mapping) = l2_entry(&table, j, extended, external);
                 let data_offset = match mapping {
                     ClusterMapping::Normal { host_offset }
                     | ClusterMapping::ZeroAllocated { host_offset } => host_offset,

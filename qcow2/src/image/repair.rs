@@ -9,9 +9,7 @@ use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::refcount;
-use crate::format::table::{
-    be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK,
-};
+use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
 
 /// What `check -r` may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,8 +234,8 @@ impl Image {
             let table = self.l2_table(m, l2, i as u64, m.header.l1_table_offset)?;
             let mut changes = Vec::new();
             for j in 0..1usize << m.header.l2_bits() {
-                let e = be_u64_at(&table, if extended { j * 2 } else { j });
-                let data = match classify_standard(if extended { e & !1 } else { e }, external) {
+                let (e, _, mapping) = l2_entry(&table, j, extended, external);
+                let data = match mapping {
                     ClusterMapping::Normal { host_offset }
                     | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
                     _ => continue,

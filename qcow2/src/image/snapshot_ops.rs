@@ -20,9 +20,7 @@ use super::{Image, Meta, SnapshotInfo};
 use crate::error::{Error, Result};
 use crate::format::limits::*;
 use crate::format::snapshot::{encode_table, TIME64_TAG};
-use crate::format::table::{
-    be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK,
-};
+use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
 use crate::format::{CompressedDescriptor, SnapshotEntry, SnapshotTime};
 
 /// Refcount changes an operation makes, per cluster index.
@@ -184,8 +182,7 @@ impl Image {
             let table = self.l2_table(m, t, i as u64, l1_offset)?;
             refs.tables.push((i, t));
             for j in 0..1usize << m.header.l2_bits() {
-                let raw = be_u64_at(&table, if extended { j * 2 } else { j });
-                match classify_standard(if extended { raw & !1 } else { raw }, false) {
+                match l2_entry(&table, j, extended, false).2 {
                     ClusterMapping::Normal { host_offset }
                     | ClusterMapping::ZeroAllocated { host_offset } => {
                         refs.data.push((host_offset, cs))
@@ -553,13 +550,12 @@ impl Image {
             let mut copy = table.to_vec();
             for j in 0..1usize << m.header.l2_bits() {
                 let idx = if extended { j * 2 } else { j };
-                let raw = be_u64_at(&copy, idx);
-                let host_offset =
-                    match classify_standard(if extended { raw & !1 } else { raw }, false) {
-                        ClusterMapping::Normal { host_offset }
-                        | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
-                        _ => continue,
-                    };
+                let (raw, _, mapping) = l2_entry(&copy, j, extended, false);
+                let host_offset = match mapping {
+                    ClusterMapping::Normal { host_offset }
+                    | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
+                    _ => continue,
+                };
                 let k = host_offset >> cb;
                 let count = match after.get(&k) {
                     Some(&v) => v,
