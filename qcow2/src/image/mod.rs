@@ -1,9 +1,17 @@
-//! The engine: an opened qcow2 image, validated against QEMU's limits before any size or offset
-//! from disk is used, with guest reads, backing chains, snapshot views, `map`, `info` and `check`.
+//! The engine: an open qcow2 image, validated against QEMU's limits before any size or offset
+//! from disk is used.
 //!
-//! Submodules, one concept each: [`open`](self) validation lives here; `layer` maps guest offsets
-//! through L1/L2; `backing` opens chains through the caller's policy; `l2_cache` bounds memory;
-//! `codec` decompresses; `map`, `info`, `check` and `snapshot` build on `layer`.
+//! Submodules, one concept each:
+//! - reading: `layer` maps guest offsets through L1/L2; `l2_cache` bounds memory; `codec`
+//!   (de)compresses; `backing` opens chains through the caller's policy; `map`, `info`, `check`
+//!   and `snapshot` (read-only views) build on `layer`;
+//! - writing: `write` (in-place, copy-on-write, zero, discard), `compress`, `resize`, `create`;
+//!   `refcounts` allocates and grows refcount structures; `writeback` orders cached metadata on
+//!   its way to disk; `guard` refuses writes onto metadata; `host` wraps positioned I/O;
+//! - `repair` (check -r) and `snapshot_ops` (create, delete, apply; staged and published by one
+//!   header write).
+//!
+//! Open validation lives here.
 
 mod backing;
 mod check;
