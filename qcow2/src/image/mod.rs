@@ -15,6 +15,7 @@
 
 mod backing;
 mod check;
+mod cluster_map;
 mod codec;
 mod compress;
 mod create;

@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::cluster_map::ClusterMap;
+
 use super::host::Host;
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_REFTABLE_SIZE_BYTES;
@@ -26,7 +28,7 @@ pub(crate) struct Refcounts {
     reftable: Vec<u64>,
     pub reftable_offset: u64,
     pub reftable_clusters: u32,
-    blocks: BTreeMap<u64, Block>,
+    blocks: ClusterMap<Block>,
     /// Every refblock's host offset (for the overlap guard).
     block_offsets: HashSet<u64>,
     /// No cluster below this index is free (first-fit starts here).
@@ -81,7 +83,7 @@ impl Refcounts {
             reftable,
             reftable_offset,
             reftable_clusters,
-            blocks: BTreeMap::new(),
+            blocks: ClusterMap::default(),
             block_offsets,
             free_index: 0,
             compressed_cursor: None,
@@ -104,18 +106,19 @@ impl Refcounts {
     }
 
     fn block(&mut self, host: Host<'_>, offset: u64) -> Result<&mut Block> {
-        if !self.blocks.contains_key(&offset) {
-            let mut bytes = vec![0u8; self.cluster_size() as usize];
-            host.read_zero_filled(&mut bytes, offset, "refcount block")?;
-            self.blocks.insert(
-                offset,
-                Block {
+        // One map search per call: this runs once per cluster of a snapshot operation.
+        let cluster_size = self.cluster_size() as usize;
+        match self.blocks.entry(offset) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let mut bytes = vec![0u8; cluster_size];
+                host.read_zero_filled(&mut bytes, offset, "refcount block")?;
+                Ok(v.insert(Block {
                     bytes,
                     dirty: false,
-                },
-            );
+                }))
+            }
         }
-        Ok(self.blocks.get_mut(&offset).expect("just inserted"))
     }
 
     fn block_offset_for(&self, cluster: u64) -> Option<u64> {
@@ -514,8 +517,17 @@ impl Refcounts {
 
     /// Writes every changed refblock (no sync; the caller orders and syncs).
     pub(crate) fn write_dirty(&mut self, host: Host<'_>) -> Result<()> {
-        for (offset, block) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
-            host.write(&block.bytes, *offset, "refcount block")?;
+        // In offset order, so the writes sweep the file once.
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(o, _)| *o)
+            .collect();
+        dirty.sort_unstable();
+        for offset in dirty {
+            let block = self.blocks.get_mut(&offset).expect("listed above");
+            host.write(&block.bytes, offset, "refcount block")?;
             block.dirty = false;
         }
         Ok(())

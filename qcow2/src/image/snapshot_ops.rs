@@ -12,8 +12,7 @@
 //! was. QEMU instead clears COPIED in place and rewrites the active L1 in place on apply, which
 //! leaves windows where a crash marks a shared table unshared.
 
-use std::collections::HashMap;
-
+use super::cluster_map::ClusterMap;
 use super::refcounts::Refcounts;
 use super::snapshot::find_snapshot;
 use super::{Image, Meta, SnapshotInfo};
@@ -25,7 +24,7 @@ use crate::format::{CompressedDescriptor, SnapshotEntry, SnapshotTime};
 
 /// Refcount changes an operation makes, per cluster index.
 #[derive(Default)]
-struct Deltas(HashMap<u64, i64>);
+struct Deltas(ClusterMap<i64>);
 
 impl Deltas {
     fn add(&mut self, offset: u64, len: u64, delta: i64, cluster_bits: u32) {
@@ -537,7 +536,7 @@ impl Image {
             source,
         } = plan;
         // The refcount each cluster ends with decides its COPIED bit in the new tables.
-        let mut after: HashMap<u64, u64> = HashMap::new();
+        let mut after: ClusterMap<u64> = ClusterMap::default();
         for (&k, &d) in &deltas.0 {
             let v = m.ws_mut()?.refcounts.get(host, k)? as i64 + d;
             after.insert(k, v.max(0) as u64);
