@@ -393,7 +393,7 @@ fn write(image: &Image, words: &[&str]) -> bool {
     let started = Instant::now();
     let errno = |e: qcow2::Error| errno_text(&e);
     let result = if zero {
-        write_zeroes(image, offset, len, unmap).map_err(errno)
+        image.write_zeroes(offset, len, unmap).map_err(errno)
     } else {
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         if compressed {
@@ -414,43 +414,6 @@ fn write(image: &Image, words: &[&str]) -> bool {
         print_report("wrote", offset, len, elapsed);
     }
     true
-}
-
-/// A zero write as qemu does it. On a v2 image without a backing file qemu's qcow2 turns whole
-/// clusters into unallocated ones (a discard) and writes real zeros only into partial clusters
-/// that are allocated; the engine writes real zeros everywhere on v2, which reads the same but
-/// allocates, so that case is done here.
-fn write_zeroes(image: &Image, offset: u64, len: u64, unmap: bool) -> qcow2::Result<()> {
-    if image.header().version >= 3 || image.backing_file_name().is_some() || len == 0 {
-        return image.write_zeroes(offset, len, unmap);
-    }
-    let cs = image.cluster_size();
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let cluster_end = (pos - pos % cs + cs).min(end);
-        let whole_end = if pos % cs == 0 {
-            (end - end % cs).max(pos)
-        } else {
-            pos
-        };
-        if whole_end > pos {
-            image.discard(pos, whole_end - pos)?;
-            pos = whole_end;
-            continue;
-        }
-        if pos % cs == 0 && cluster_end == image.size() {
-            // The last, partial cluster of the disk counts as whole.
-            image.discard(pos, cluster_end - pos)?;
-            break;
-        }
-        // A partial cluster: zeros only matter where the cluster holds something.
-        if allocated_in_top(image, pos, cluster_end - pos)? {
-            image.write_zeroes(pos, cluster_end - pos, unmap)?;
-        }
-        pos = cluster_end;
-    }
-    Ok(())
 }
 
 /// Compressed clusters qemu's qcow2 has in flight at once (QCOW2_MAX_WORKERS).
@@ -531,14 +494,9 @@ fn discard(image: &Image, words: &[&str]) -> bool {
         return false;
     }
     let started = Instant::now();
-    // qemu ignores discards on a v2 image with a backing file (freeing a cluster there would
-    // expose the backing file's data, v2 having no zero clusters); the engine would free it.
-    let v2_over_backing = image.header().version < 3 && image.backing_file_name().is_some();
-    let result = if v2_over_backing {
-        Ok(())
-    } else {
-        discard_keeping_zero_clusters(image, offset, len)
-    };
+    // The engine discards as qemu's qcow2 does (v2 over a backing file keeps its data; clusters
+    // without a host cluster stay as they are).
+    let result = image.discard(offset, len);
     if let Err(e) = result {
         println!("discard failed: {}", errno_text(&e));
         return false;
@@ -547,41 +505,6 @@ fn discard(image: &Image, words: &[&str]) -> bool {
         print_report("discard", offset, len, started.elapsed());
     }
     true
-}
-
-/// A discard that, as qemu's, leaves clusters without a host cluster (zero or partly zero
-/// clusters) as they are when there is no backing file; the engine would make them
-/// unallocated, which reads the same but maps differently.
-fn discard_keeping_zero_clusters(image: &Image, offset: u64, len: u64) -> qcow2::Result<()> {
-    if image.backing_file_name().is_some() {
-        return image.discard(offset, len);
-    }
-    let (cs, size) = (image.cluster_size(), image.size());
-    let first = offset.next_multiple_of(cs);
-    let end = if offset + len >= size {
-        size
-    } else {
-        (offset + len) & !(cs - 1)
-    };
-    if first >= end {
-        return Ok(());
-    }
-    let mut run: Option<(u64, u64)> = None;
-    for e in image.map(first, end - first)? {
-        let keep = !(e.depth == 0 && has_host_cluster(e.kind));
-        if keep {
-            if let Some((start, stop)) = run.take() {
-                image.discard(start, stop - start)?;
-            }
-        } else {
-            let stop = e.start + e.length;
-            run = Some(run.map_or((e.start, stop), |(start, _)| (start, stop)));
-        }
-    }
-    if let Some((start, stop)) = run {
-        image.discard(start, stop - start)?;
-    }
-    Ok(())
 }
 
 fn flush(image: &Image) -> bool {

@@ -557,6 +557,15 @@ impl Image {
                 pos = chunk_end;
                 continue;
             }
+            if !v3 && !external && self.backing.is_none() {
+                // v2 with nothing below: a part of a cluster that is not allocated reads as zeros
+                // already; writing zeros there would only allocate it (QEMU leaves it too).
+                let (run, n) = self.lookup(m, m.active(), pos, chunk_end - pos)?;
+                if matches!(run, super::layer::Run::Unallocated) && n >= chunk_end - pos {
+                    pos = chunk_end;
+                    continue;
+                }
+            }
             if !v3 || external || g_start >= g_end {
                 let zeros = vec![0u8; (chunk_end - pos) as usize];
                 self.write_cluster(m, pos, &zeros)?;
