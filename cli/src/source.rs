@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qcow2::{Image, OpenOptions, SnapshotView};
 
@@ -62,17 +62,7 @@ pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
     Image::open(path, options).map_err(|e| format!("Could not open '{}': {e}", path.display()))
 }
 
-/// `name` from an image header, resolved against the directory of the image at `image_path`.
-pub fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
-    let candidate = Path::new(name);
-    if candidate.is_absolute() {
-        return candidate.to_path_buf();
-    }
-    match image_path.parent() {
-        Some(dir) => dir.join(candidate),
-        None => candidate.to_path_buf(),
-    }
-}
+pub use qcow2::image::resolve_relative;
 
 /// A raw file read as a guest disk.
 pub struct RawFile {

@@ -523,8 +523,9 @@ impl Image {
     }
 }
 
-/// Resolves `name` (from an image's header) against the directory of the image at `image_path`.
-pub(crate) fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
+/// Resolves `name` (a backing or data file name from an image's header) against the directory of
+/// the image at `image_path`, as the engine does when it follows the chain.
+pub fn resolve_relative(image_path: &Path, name: &str) -> PathBuf {
     let candidate = Path::new(name);
     if candidate.is_absolute() {
         return candidate.to_path_buf();
