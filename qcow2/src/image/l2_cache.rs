@@ -4,7 +4,7 @@
 //! disk) are never evicted: the writer writes them back in dependency order (see `writeback`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::Result;
@@ -20,6 +20,8 @@ pub(crate) struct L2Cache {
     capacity: usize,
     slots: RwLock<HashMap<u64, Slot>>,
     clock: AtomicU64,
+    /// How many slots are dirty; changed only under the slots' write lock, read without it.
+    dirty: AtomicUsize,
 }
 
 impl L2Cache {
@@ -29,6 +31,7 @@ impl L2Cache {
             capacity: capacity.max(1),
             slots: RwLock::new(HashMap::with_capacity(capacity.clamp(1, 1024))),
             clock: AtomicU64::new(0),
+            dirty: AtomicUsize::new(0),
         }
     }
 
@@ -66,7 +69,7 @@ impl L2Cache {
                 return slot.table.clone();
             }
         }
-        let clean = slots.values().filter(|s| !s.dirty).count();
+        let clean = slots.len() - self.dirty.load(Ordering::Relaxed);
         if clean >= self.capacity && !slots.contains_key(&host_offset) {
             if let Some(victim) = slots
                 .iter()
@@ -77,7 +80,7 @@ impl L2Cache {
                 slots.remove(&victim);
             }
         }
-        slots.insert(
+        let replaced = slots.insert(
             host_offset,
             Slot {
                 table: table.clone(),
@@ -85,6 +88,8 @@ impl L2Cache {
                 dirty,
             },
         );
+        let was_dirty = replaced.is_some_and(|s| s.dirty);
+        self.count_change(was_dirty, dirty);
         table
     }
 
@@ -104,7 +109,21 @@ impl L2Cache {
                 slot.table = bytes.into();
             }
         }
-        slot.dirty = true;
+        let was_dirty = std::mem::replace(&mut slot.dirty, true);
+        self.count_change(was_dirty, true);
+    }
+
+    /// Keeps the dirty count in step with one slot going from `was` to `now`.
+    fn count_change(&self, was: bool, now: bool) {
+        match (was, now) {
+            (false, true) => {
+                self.dirty.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.dirty.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 
     /// The dirty tables, in offset order.
@@ -121,21 +140,22 @@ impl L2Cache {
 
     /// How many tables are dirty.
     pub(crate) fn dirty_count(&self) -> usize {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.values().filter(|s| s.dirty).count()
+        self.dirty.load(Ordering::Relaxed)
     }
 
     /// Marks a table as written back.
     pub(crate) fn mark_clean(&self, host_offset: u64) {
         if let Some(slot) = self.write_slots().get_mut(&host_offset) {
-            slot.dirty = false;
+            let was_dirty = std::mem::replace(&mut slot.dirty, false);
+            self.count_change(was_dirty, false);
         }
     }
 
     /// Drops a table whose cluster was freed, so the overlap guard does not mistake the
     /// cluster's next use for an L2 table.
     pub(crate) fn remove(&self, host_offset: u64) {
-        self.write_slots().remove(&host_offset);
+        let removed = self.write_slots().remove(&host_offset);
+        self.count_change(removed.is_some_and(|s| s.dirty), false);
     }
 
     /// The offsets of every cached table (for the overlap guard).
@@ -175,6 +195,13 @@ mod tests {
         cache.get_or_load(2, || Ok(vec![2; 4])).unwrap();
         cache.get_or_load(3, || Ok(vec![3; 4])).unwrap();
         assert_eq!(cache.dirty_tables().len(), 1);
+        assert_eq!(cache.dirty_count(), 1);
+        cache.modify(1, |t| t[1] = 8);
+        assert_eq!(
+            cache.dirty_count(),
+            1,
+            "a second change to a dirty table counts once"
+        );
         assert_eq!(cache.dirty_tables()[0].1[0], 7);
         cache.mark_clean(1);
         assert_eq!(cache.dirty_count(), 0);
