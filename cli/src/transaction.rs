@@ -110,6 +110,11 @@ pub fn run(args: Args) -> CmdResult {
             3,
             format!("{e}; run: qcow2-tool recover {}", group_dir.display()),
         )),
+        Err(e @ (TxnError::AbortIncomplete(_) | TxnError::InDoubt(_))) => Err(Failure::new(
+            1,
+            format!("{e}; run: qcow2-tool recover {}", group_dir.display()),
+        )),
+        Err(e @ TxnError::Aborted(_)) => Err(Failure::new(1, format!("transaction {e}"))),
         Err(e) => Err(Failure::new(
             1,
             format!("transaction aborted, nothing changed: {e}"),

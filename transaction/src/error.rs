@@ -13,6 +13,14 @@ pub enum TxnError {
     /// Preparing failed; the transaction was rolled back and nothing changed.
     #[error("aborted, nothing changed: {0}")]
     Aborted(Box<TxnError>),
+    /// Preparing failed and rolling back failed too; nothing was published, and `recover`
+    /// finishes the rollback.
+    #[error("aborted, nothing published, but cleanup failed (run recover to finish): {0}")]
+    AbortIncomplete(Box<TxnError>),
+    /// Writing the commit decision failed and it is unknown whether it reached the disk;
+    /// nothing was published, and `recover` decides from the journal.
+    #[error("the commit decision may or may not be durable (run recover to settle it): {0}")]
+    InDoubt(Box<TxnError>),
     /// The decision to commit is durable but a later step failed; `recover` finishes it.
     #[error("committed, but a later step failed (run recover to finish): {0}")]
     CommittedIncomplete(Box<TxnError>),

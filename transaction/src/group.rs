@@ -6,17 +6,17 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use qcow2::image::{SnapshotChange, StagedChange};
-use qcow2::storage::{FileStorage, Storage};
-use qcow2::{CreateOptions, Image, OpenOptions, Repair};
+use qcow2::{CreateOptions, Image, Repair};
 
 use crate::codec::{Reader, Writer};
 use crate::error::TxnError;
+use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::journal::{Journal, Kind};
-use crate::manifest::{sync_dir, Manifest};
+use crate::manifest::Manifest;
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +80,22 @@ pub type Hook = Box<dyn FnMut(&str) -> bool + Send>;
 /// A group directory (journal, lock, manifest) held by this process.
 pub struct Group {
     dir: PathBuf,
-    _lock: crate::lock::GroupLock,
+    fs: Arc<dyn GroupFs>,
+    _lock: LockGuard,
     hook: Option<Hook>,
     opened_with: Recovery,
 }
 
+/// What preparing has left behind so far: staged image states and overlay temporary names.
+struct Staging {
+    staged: Vec<Option<StagedChange>>,
+    /// Per member: (temporary, final) overlay names.
+    temps: Vec<Option<(PathBuf, PathBuf)>>,
+}
+
 impl Group {
-    /// Opens (creating) the group directory, takes its lock and finishes any interrupted
-    /// transaction.
+    /// Opens (creating) the group directory on the host file system, takes its lock and
+    /// finishes any interrupted transaction.
     pub fn open(dir: impl AsRef<Path>) -> Result<Group, TxnError> {
         Self::open_with_hook(dir, None)
     }
@@ -95,14 +103,25 @@ impl Group {
     /// Like [`Group::open`], with a hook already installed (so tests can cut power inside the
     /// recovery that opening runs).
     pub fn open_with_hook(dir: impl AsRef<Path>, hook: Option<Hook>) -> Result<Group, TxnError> {
+        Self::open_in(Arc::new(RealFs), dir, hook)
+    }
+
+    /// Opens a group on any file system (tests pass a recording [`crate::sim::SimFs`]).
+    pub fn open_in(
+        fs: Arc<dyn GroupFs>,
+        dir: impl AsRef<Path>,
+        hook: Option<Hook>,
+    ) -> Result<Group, TxnError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| TxnError::io(&dir, e))?;
+        fs.create_dir_all(&dir).map_err(|e| TxnError::io(&dir, e))?;
         let lock_path = dir.join("group.lock");
-        let lock = crate::lock::lock_group(&lock_path)
+        let lock = fs
+            .lock_group(&lock_path)
             .map_err(|e| TxnError::io(&lock_path, e))?
             .ok_or_else(|| TxnError::GroupLocked(dir.clone()))?;
         let mut group = Group {
             dir,
+            fs,
             _lock: lock,
             hook,
             opened_with: Recovery::Clean,
@@ -123,6 +142,7 @@ impl Group {
     }
 
     fn event(&mut self, name: &str) -> Result<(), TxnError> {
+        self.fs.event(name);
         let go_on = match &mut self.hook {
             Some(hook) => hook(name),
             None => true,
@@ -144,139 +164,74 @@ impl Group {
 
     /// The manifest: each disk's current top.
     pub fn manifest(&self) -> Result<Manifest, TxnError> {
-        Manifest::load(&self.manifest_path()).map_err(|e| TxnError::io(self.manifest_path(), e))
+        Manifest::load(&*self.fs, &self.manifest_path())
+            .map_err(|e| TxnError::io(self.manifest_path(), e))
     }
 
     /// Runs `actions` atomically: every one takes effect, or none does, also across a crash
     /// (after `recover`).
+    ///
+    /// Errors: `Invalid` (refused, nothing written), `Aborted` (rolled back, nothing changed),
+    /// `AbortIncomplete` and `InDoubt` (nothing published; `recover` finishes the cleanup or
+    /// decides from the journal), `CommittedIncomplete` (committed; `recover` finishes it).
     pub fn run(&mut self, actions: &[Action]) -> Result<Outcome, TxnError> {
         self.recover()?;
-        let mut members = validate(actions)?;
+        let mut members = validate(&*self.fs, actions)?;
         let txn = new_txn_id();
         let journal_path = self.journal_path();
-        let storage = open_journal(&journal_path)?;
-        let mut journal =
-            Journal::start(storage, txn).map_err(|e| TxnError::io(&journal_path, e))?;
-        let jio = |e| TxnError::io(&journal_path, e);
-        journal.append(Kind::Begin, Vec::new()).map_err(jio)?;
-        for (i, m) in members.iter().enumerate() {
-            let before = m
-                .image
-                .as_ref()
-                .map_or([0; 48], |img| img.header_switch_bytes());
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(m.path.as_os_str().as_encoded_bytes())
-                .u64(m.dev)
-                .u64(m.ino)
-                .bytes(&before);
-            journal.append(Kind::Image, w.0).map_err(jio)?;
-        }
-        self.event("begin")?;
-
-        // Prepare: every new state staged, every overlay created under a temporary name.
-        // Overlay intents come first, so recovery knows which temporary files may exist.
-        let temps: Vec<Option<(PathBuf, PathBuf)>> = members
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                m.overlay
-                    .as_ref()
-                    .map(|fin| (temp_name(fin, &txn, i), fin.clone()))
-            })
-            .collect();
-        for (i, (tmp, fin)) in temps
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
-        {
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(tmp.as_os_str().as_encoded_bytes())
-                .bytes(fin.as_os_str().as_encoded_bytes());
-            journal.append(Kind::Overlay, w.0).map_err(jio)?;
-        }
-        // Each image is its own file: stage them all at once.
-        let results: Vec<Result<Option<StagedChange>, TxnError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = members
+        let mut journal = self
+            .start_journal(txn)
+            .map_err(|e| TxnError::Aborted(Box::new(e)))?;
+        let mut staging = Staging {
+            staged: Vec::new(),
+            temps: members
                 .iter()
-                .zip(&temps)
-                .map(|(m, t)| scope.spawn(move || prepare_one(m, t.as_ref())))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(TxnError::Interrupted("a preparing thread panicked".into()))
-                    })
+                .enumerate()
+                .map(|(i, m)| {
+                    m.overlay
+                        .as_ref()
+                        .map(|fin| (temp_name(fin, &txn, i), fin.clone()))
                 })
-                .collect()
-        });
-        let mut staged: Vec<Option<StagedChange>> = Vec::new();
-        let mut failure = None;
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(Some(s)) => {
-                    let w = Writer::default()
-                        .u64(i as u64)
-                        .bytes(&s.header_switch)
-                        .u64(s.staged_tables[0])
-                        .u64(s.staged_tables[1]);
-                    journal.append(Kind::Staged, w.0).map_err(jio)?;
-                    staged.push(Some(s));
-                }
-                Ok(None) => staged.push(None),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    staged.push(None);
-                }
-            }
+                .collect(),
+        };
+        match self.prepare(&mut journal, &members, &mut staging) {
+            Ok(()) => {}
+            Err(e @ TxnError::Interrupted(_)) => return Err(e),
+            Err(e) => return Err(self.abort(&mut journal, &members, staging, e)),
         }
-        if let Some(e) = failure {
-            // Roll back what is staged; the journal then says so. If any undo fails, the journal
-            // stays open and the next recover reconciles instead.
-            let mut undone = true;
-            for (m, s) in members.iter().zip(staged.drain(..)) {
-                if let (Some(img), Some(s)) = (&m.image, s) {
-                    undone &= img.abandon(s).is_ok();
-                }
-            }
-            for (tmp, _) in temps.iter().flatten() {
-                if tmp.exists() {
-                    undone &= std::fs::remove_file(tmp).is_ok();
-                }
-            }
-            if undone {
-                let _ = journal.append(Kind::Decision, vec![0]);
-                let _ = journal.append(Kind::End, Vec::new());
-            }
-            return Err(TxnError::Aborted(Box::new(e)));
-        }
-        for i in 0..members.len() {
-            self.event(&format!("prepared {i}"))?;
-        }
-        journal.append(Kind::Prepared, Vec::new()).map_err(jio)?;
-        self.event("prepared")?;
 
-        // The commit point.
-        journal
-            .append(Kind::Decision, vec![1])
-            .map_err(|e| TxnError::Aborted(Box::new(TxnError::io(&journal_path, e))))?;
+        // The commit point. When the record may be half-written, an abort record written over
+        // it settles the question; if even that fails, recovery decides from what is on disk.
+        self.fs.event("decision_write");
+        if let Err(e) = journal.append(Kind::Decision, vec![1]) {
+            let e = TxnError::io(&journal_path, e);
+            return Err(match journal.append(Kind::Decision, vec![0]) {
+                Ok(()) => self.abort(&mut journal, &members, staging, e),
+                Err(_) => TxnError::InDoubt(Box::new(e)),
+            });
+        }
         self.event("decided")?;
 
         // Roll forward; failures from here on are finished by recover.
         let incomplete = |e| TxnError::CommittedIncomplete(Box::new(e));
         let mut manifest = self.manifest().map_err(incomplete)?;
         let mut overlays = Vec::new();
-        for i in 0..members.len() {
-            if let (Some(img), Some(s)) = (&members[i].image, staged[i].take()) {
-                img.publish(s)
-                    .map_err(|e| incomplete(TxnError::image(&members[i].path, e)))?;
+        let steps = members.iter().zip(staging.staged).zip(&staging.temps);
+        for (i, ((member, staged), temp)) in steps.enumerate() {
+            if let (Some(img), Some(s)) = (&member.image, staged) {
+                self.fs.event("snapshot_header_switch");
+                img.publish_decided(s)
+                    .map_err(|e| incomplete(TxnError::image(&member.path, e)))?;
             }
-            if let Some((tmp, fin)) = &temps[i] {
-                std::fs::rename(tmp, fin).map_err(|e| incomplete(TxnError::io(fin, e)))?;
-                sync_dir(parent(fin)).map_err(|e| incomplete(TxnError::io(fin, e)))?;
-                manifest.pivot(&members[i].path, fin);
+            if let Some((tmp, fin)) = temp {
+                self.fs.event("overlay_rename");
+                self.fs
+                    .rename(tmp, fin)
+                    .map_err(|e| incomplete(TxnError::io(fin, e)))?;
+                self.fs
+                    .sync_dir(parent(fin))
+                    .map_err(|e| incomplete(TxnError::io(fin, e)))?;
+                manifest.pivot(&member.path, fin);
                 overlays.push(fin.clone());
             }
             self.event(&format!("published {i}"))?;
@@ -284,7 +239,7 @@ impl Group {
         if !overlays.is_empty() {
             manifest.generation += 1;
             manifest
-                .store(&self.manifest_path())
+                .store(&*self.fs, &self.manifest_path())
                 .map_err(|e| incomplete(TxnError::io(self.manifest_path(), e)))?;
         }
         let mut images = Vec::new();
@@ -302,15 +257,155 @@ impl Group {
         Ok(Outcome { images, overlays })
     }
 
+    /// Opens the journal (creating it durably) and starts a transaction in it.
+    fn start_journal(&mut self, txn: [u8; 16]) -> Result<Journal, TxnError> {
+        let path = self.journal_path();
+        let storage = self
+            .fs
+            .open_or_create(&path)
+            .map_err(|e| TxnError::io(&path, e))?;
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| TxnError::io(&self.dir, e))?;
+        Journal::start(storage, txn).map_err(|e| TxnError::io(&path, e))
+    }
+
+    /// Journals every member, then stages every new state (invisible to readers) and creates
+    /// every overlay under its temporary name.
+    fn prepare(
+        &mut self,
+        journal: &mut Journal,
+        members: &[Member],
+        staging: &mut Staging,
+    ) -> Result<(), TxnError> {
+        let journal_path = self.journal_path();
+        let jio = |e| TxnError::io(&journal_path, e);
+        journal.append(Kind::Begin, Vec::new()).map_err(jio)?;
+        for (i, m) in members.iter().enumerate() {
+            let before = m
+                .image
+                .as_ref()
+                .map_or([0; 48], |img| img.header_switch_bytes());
+            let w = Writer::default()
+                .u64(i as u64)
+                .bytes(m.path.as_os_str().as_encoded_bytes())
+                .u64(m.dev)
+                .u64(m.ino)
+                .bytes(&before);
+            journal.append(Kind::Image, w.0).map_err(jio)?;
+        }
+        self.event("begin")?;
+        // Overlay intents come first, so recovery knows which temporary files may exist.
+        for (i, (tmp, fin)) in staging
+            .temps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
+        {
+            let w = Writer::default()
+                .u64(i as u64)
+                .bytes(tmp.as_os_str().as_encoded_bytes())
+                .bytes(fin.as_os_str().as_encoded_bytes());
+            journal.append(Kind::Overlay, w.0).map_err(jio)?;
+        }
+        // Each image is its own file: stage them all at once where the file system allows.
+        let fs = &*self.fs;
+        let temps = &staging.temps;
+        let results: Vec<Result<Option<StagedChange>, TxnError>> = if fs.parallel() {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = members
+                    .iter()
+                    .zip(temps)
+                    .map(|(m, t)| scope.spawn(move || prepare_one(fs, m, t.as_ref())))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(TxnError::Interrupted("a preparing thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            members
+                .iter()
+                .zip(temps)
+                .map(|(m, t)| prepare_one(fs, m, t.as_ref()))
+                .collect()
+        };
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(s) => staging.staged.push(s),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    staging.staged.push(None);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (i, s) in staging.staged.iter().enumerate() {
+            if let Some(s) = s {
+                let w = Writer::default()
+                    .u64(i as u64)
+                    .bytes(&s.header_switch)
+                    .u64(s.staged_tables[0])
+                    .u64(s.staged_tables[1]);
+                journal.append(Kind::Staged, w.0).map_err(jio)?;
+            }
+        }
+        for i in 0..members.len() {
+            self.event(&format!("prepared {i}"))?;
+        }
+        journal.append(Kind::Prepared, Vec::new()).map_err(jio)?;
+        self.event("prepared")
+    }
+
+    /// Rolls back what preparing left, newest first, and closes the journal. Returns the error
+    /// to report: `Aborted` when everything is undone, `AbortIncomplete` when `recover` must
+    /// finish (the journal then stays open and recovery rolls back).
+    fn abort(
+        &mut self,
+        journal: &mut Journal,
+        members: &[Member],
+        staging: Staging,
+        cause: TxnError,
+    ) -> TxnError {
+        self.fs.event("abort");
+        let mut undone = true;
+        for (m, s) in members.iter().zip(staging.staged).rev() {
+            if let (Some(img), Some(s)) = (&m.image, s) {
+                undone &= img.abandon(s).is_ok();
+            }
+        }
+        for (tmp, _) in staging.temps.iter().flatten().rev() {
+            if self.fs.exists(tmp) {
+                undone &= self.fs.remove_file(tmp).is_ok();
+                undone &= self.fs.sync_dir(parent(tmp)).is_ok();
+            }
+        }
+        undone = undone
+            && journal.append(Kind::Decision, vec![0]).is_ok()
+            && journal.append(Kind::End, Vec::new()).is_ok();
+        if undone {
+            TxnError::Aborted(Box::new(cause))
+        } else {
+            TxnError::AbortIncomplete(Box::new(cause))
+        }
+    }
+
     /// Finishes or rolls back an interrupted transaction; a second call changes nothing.
     pub fn recover(&mut self) -> Result<Recovery, TxnError> {
         let path = self.journal_path();
-        let storage = match FileStorage::open_read_write(&path) {
+        let storage = match self.fs.open_existing(&path) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovery::Clean),
             Err(e) => return Err(TxnError::io(&path, e)),
         };
-        let records = Journal::load(&storage).map_err(|source| TxnError::Journal {
+        let records = Journal::load(&*storage).map_err(|source| TxnError::Journal {
             group: self.dir.clone(),
             source,
         })?;
@@ -358,17 +453,22 @@ impl Group {
                 _ => {}
             }
         }
-        let mut manifest = self.manifest()?;
-        let mut pivoted = false;
-        for (i, path, dev, ino, before) in &images {
-            let meta = std::fs::metadata(path).map_err(|e| TxnError::io(path, e))?;
-            if (meta.dev(), meta.ino()) != (*dev, *ino) {
+        // Every image must still be the file the transaction began with before any is touched.
+        for (_, path, dev, ino, _) in &images {
+            let id = self.fs.stat(path).map_err(|e| TxnError::io(path, e))?;
+            if (id.dev, id.ino) != (*dev, *ino) {
                 return Err(TxnError::ForeignChange {
                     image: path.clone(),
                     reason: "the file was replaced".into(),
                 });
             }
-            let mut img = Image::open(path, &OpenOptions::read_write())
+        }
+        let mut manifest = self.manifest()?;
+        let mut pivoted = false;
+        for (i, path, _, _, before) in &images {
+            let mut img = self
+                .fs
+                .open_image(path)
                 .map_err(|e| TxnError::image(path, e))?;
             let current = img.header_switch_bytes();
             match staged.get(i) {
@@ -390,7 +490,9 @@ impl Group {
                     img.write_recorded_switch(*after)
                         .map_err(|e| TxnError::image(path, e))?;
                     self.event(&format!("recovery switched {i}"))?;
-                    img = Image::open(path, &OpenOptions::read_write())
+                    img = self
+                        .fs
+                        .open_image(path)
                         .map_err(|e| TxnError::image(path, e))?;
                 }
                 Some((after, _)) if commit => debug_assert_eq!(current, *after),
@@ -423,25 +525,39 @@ impl Group {
             self.event(&format!("recovered {i}"))?;
             if let Some((tmp, fin)) = overlays.get(i) {
                 if commit {
-                    if tmp.exists() {
-                        std::fs::rename(tmp, fin).map_err(|e| TxnError::io(fin, e))?;
-                        sync_dir(parent(fin)).map_err(|e| TxnError::io(fin, e))?;
+                    if self.fs.exists(tmp) {
+                        self.fs.rename(tmp, fin).map_err(|e| TxnError::io(fin, e))?;
+                        self.fs
+                            .sync_dir(parent(fin))
+                            .map_err(|e| TxnError::io(fin, e))?;
                     }
                     if !manifest.disks.iter().any(|(_, t)| t == fin) {
                         manifest.pivot(path, fin);
                         pivoted = true;
                     }
-                } else if tmp.exists() {
-                    std::fs::remove_file(tmp).map_err(|e| TxnError::io(tmp, e))?;
-                    sync_dir(parent(tmp)).map_err(|e| TxnError::io(tmp, e))?;
+                } else if self.fs.exists(tmp) {
+                    self.fs.remove_file(tmp).map_err(|e| TxnError::io(tmp, e))?;
+                    self.fs
+                        .sync_dir(parent(tmp))
+                        .map_err(|e| TxnError::io(tmp, e))?;
                 }
             }
         }
         if pivoted {
             manifest.generation += 1;
             manifest
-                .store(&self.manifest_path())
+                .store(&*self.fs, &self.manifest_path())
                 .map_err(|e| TxnError::io(self.manifest_path(), e))?;
+        }
+        // A power cut inside `Manifest::store` can leave its temporary file behind.
+        let stray = Manifest::temp_path(&self.manifest_path());
+        if self.fs.exists(&stray) {
+            self.fs
+                .remove_file(&stray)
+                .map_err(|e| TxnError::io(&stray, e))?;
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| TxnError::io(&self.dir, e))?;
         }
         self.event("recovery reconciled")?;
         // Done: an empty journal means nothing is in flight.
@@ -460,26 +576,9 @@ fn os_str(bytes: &[u8]) -> std::ffi::OsString {
     std::ffi::OsStr::from_bytes(bytes).to_os_string()
 }
 
-fn parent(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-fn open_journal(path: &Path) -> Result<Box<dyn Storage>, TxnError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| TxnError::io(path, e))?;
-    sync_dir(parent(path)).map_err(|e| TxnError::io(path, e))?;
-    Ok(Box::new(FileStorage::from_file(file, true)))
-}
-
 /// Stages one member: its snapshot changes, or its overlay under its temporary name.
 fn prepare_one(
+    fs: &dyn GroupFs,
     m: &Member,
     temp: Option<&(PathBuf, PathBuf)>,
 ) -> Result<Option<StagedChange>, TxnError> {
@@ -492,7 +591,7 @@ fn prepare_one(
         );
     }
     if let Some((tmp, fin)) = temp {
-        create_overlay(&m.path, img.size(), tmp, fin)?;
+        create_overlay(fs, &m.path, img.size(), tmp, fin)?;
     }
     Ok(staged)
 }
@@ -541,24 +640,33 @@ fn relative_to(target: &Path, from: &Path) -> PathBuf {
 }
 
 /// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place).
-fn create_overlay(image: &Path, size: u64, tmp: &Path, fin: &Path) -> Result<(), TxnError> {
-    let dir = std::fs::canonicalize(parent(fin)).map_err(|e| TxnError::io(fin, e))?;
+fn create_overlay(
+    fs: &dyn GroupFs,
+    image: &Path,
+    size: u64,
+    tmp: &Path,
+    fin: &Path,
+) -> Result<(), TxnError> {
+    let dir = fs
+        .canonicalize(parent(fin))
+        .map_err(|e| TxnError::io(fin, e))?;
     let backing = relative_to(image, &dir);
-    let storage = FileStorage::create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
+    fs.event("overlay_create");
+    let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
     let options = CreateOptions {
         size,
         backing_file: Some(backing.to_string_lossy().into_owned()),
         backing_format: Some("qcow2".into()),
         ..CreateOptions::default()
     };
-    let overlay = Image::create_in(Box::new(storage), &tmp.display().to_string(), &options)
+    let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
         .map_err(|e| TxnError::image(tmp, e))?;
     overlay.close().map_err(|e| TxnError::image(tmp, e))?;
-    sync_dir(&dir).map_err(|e| TxnError::io(tmp, e))
+    fs.sync_dir(&dir).map_err(|e| TxnError::io(tmp, e))
 }
 
 /// Checks every action before anything is written, and opens every image in a canonical order.
-fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
+fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnError> {
     let invalid = |image: &Path, reason: String| TxnError::Invalid {
         image: image.to_path_buf(),
         reason,
@@ -569,15 +677,16 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
     let mut members: Vec<Member> = Vec::new();
     for action in actions {
         let given = action.image();
-        let path = std::fs::canonicalize(given)
+        let path = fs
+            .canonicalize(given)
             .map_err(|e| invalid(given, format!("cannot be found: {e}")))?;
-        let meta = std::fs::metadata(&path).map_err(|e| TxnError::io(&path, e))?;
-        if !meta.is_file() {
+        let meta = fs.stat(&path).map_err(|e| TxnError::io(&path, e))?;
+        if !meta.is_file {
             return Err(invalid(given, "is not a regular file".into()));
         }
         let index = match members
             .iter()
-            .position(|m| (m.dev, m.ino) == (meta.dev(), meta.ino()))
+            .position(|m| (m.dev, m.ino) == (meta.dev, meta.ino))
         {
             Some(i) if members[i].given != given => {
                 return Err(invalid(
@@ -593,8 +702,8 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
                 members.push(Member {
                     path: path.clone(),
                     given: given.to_path_buf(),
-                    dev: meta.dev(),
-                    ino: meta.ino(),
+                    dev: meta.dev,
+                    ino: meta.ino,
                     image: None,
                     changes: Vec::new(),
                     overlay: None,
@@ -633,7 +742,7 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
                     return Err(invalid(given, "two overlays for one image".into()));
                 }
                 // The overlay's directory must exist; its canonical path names it everywhere.
-                let dir = std::fs::canonicalize(parent(overlay)).map_err(|e| {
+                let dir = fs.canonicalize(parent(overlay)).map_err(|e| {
                     invalid(
                         overlay,
                         format!("the overlay's directory cannot be found: {e}"),
@@ -656,8 +765,8 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
                     .into(),
             ));
         }
-        if let Ok(meta) = std::fs::metadata(overlay) {
-            if meta.len() > 0 || !meta.is_file() {
+        if let Ok(meta) = fs.stat(overlay) {
+            if meta.len > 0 || !meta.is_file {
                 return Err(invalid(
                     overlay,
                     "the overlay path is taken by a non-empty file".into(),
@@ -665,7 +774,7 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
             }
             if members
                 .iter()
-                .any(|o| (o.dev, o.ino) == (meta.dev(), meta.ino()))
+                .any(|o| (o.dev, o.ino) == (meta.dev, meta.ino))
             {
                 return Err(invalid(
                     overlay,
@@ -673,7 +782,7 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
                 ));
             }
         }
-        if !parent(overlay).is_dir() {
+        if !fs.is_dir(parent(overlay)) {
             return Err(invalid(
                 overlay,
                 "the overlay's directory does not exist".into(),
@@ -683,7 +792,8 @@ fn validate(actions: &[Action]) -> Result<Vec<Member>, TxnError> {
     // Open in a canonical order (device, inode) so two groups never deadlock on image locks.
     members.sort_by_key(|m| (m.dev, m.ino));
     for m in members.iter_mut() {
-        let img = Image::open(&m.path, &OpenOptions::read_write())
+        let img = fs
+            .open_image(&m.path)
             .map_err(|e| TxnError::image(&m.path, e))?;
         check_member(&img, m)?;
         m.image = Some(img);

@@ -19,10 +19,12 @@
 
 mod codec;
 pub mod error;
+pub mod fs;
 mod group;
 pub mod journal;
 mod lock;
 pub mod manifest;
+pub mod sim;
 
 pub use error::TxnError;
 pub use group::{Action, Group, Hook, Outcome, Recovery};

@@ -2,9 +2,9 @@
 //! to a new overlay) are recorded somewhere a crash cannot tear. It is rewritten whole to a
 //! temporary file, synced, and renamed into place.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::fs::{parent, GroupFs};
 
 const HEADER: &str = "qcow2-group-manifest 1";
 
@@ -18,14 +18,15 @@ pub struct Manifest {
 
 impl Manifest {
     /// Reads the manifest, or an empty one when there is none.
-    pub fn load(path: &Path) -> std::io::Result<Manifest> {
-        let text = match fs::read_to_string(path) {
+    pub fn load(fs: &dyn GroupFs, path: &Path) -> std::io::Result<Manifest> {
+        let bytes = match fs.read(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
             Err(e) => return Err(e),
         };
-        let mut lines = text.lines();
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a group manifest");
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let mut lines = text.lines();
         if lines.next() != Some(HEADER) {
             return Err(bad());
         }
@@ -54,22 +55,21 @@ impl Manifest {
         }
     }
 
+    /// Where [`Manifest::store`] writes before renaming into place.
+    pub fn temp_path(path: &Path) -> PathBuf {
+        path.with_extension("manifest.tmp")
+    }
+
     /// Writes the manifest durably: temporary file, sync, rename, directory sync.
-    pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("manifest.tmp");
+    pub fn store(&self, fs: &dyn GroupFs, path: &Path) -> std::io::Result<()> {
+        let tmp = Self::temp_path(path);
         let mut text = format!("{HEADER}\ngeneration {}\n", self.generation);
         for (d, t) in &self.disks {
             text += &format!("{}\t{}\n", d.display(), t.display());
         }
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
+        fs.write_synced(&tmp, text.as_bytes())?;
+        fs.event("manifest_rename");
+        fs.rename(&tmp, path)?;
+        fs.sync_dir(parent(path))
     }
-}
-
-/// Makes a directory's entries (created, renamed, removed files) durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }

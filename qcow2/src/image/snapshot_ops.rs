@@ -231,8 +231,21 @@ impl Image {
         self.build(&mut m, plan)
     }
 
-    /// Publishes a staged state with one header write, then drops what the old state held.
+    /// Publishes a staged state with one header write, then drops what the old state held. When
+    /// the header write fails and did not land, the staged state is abandoned (the image is as
+    /// before).
     pub fn publish(&self, staged: StagedChange) -> Result<()> {
+        self.publish_inner(staged, true)
+    }
+
+    /// Like [`Image::publish`] for a state a transaction has already decided to commit: when the
+    /// header write fails, the staged state stays intact (its refcounts raised) so recovery can
+    /// still write the recorded switch.
+    pub fn publish_decided(&self, staged: StagedChange) -> Result<()> {
+        self.publish_inner(staged, false)
+    }
+
+    fn publish_inner(&self, staged: StagedChange, undo_on_failure: bool) -> Result<()> {
         self.require_writable()?;
         let mut m = self.meta_mut();
         let cs = m.header.cluster_size();
@@ -243,6 +256,9 @@ impl Image {
             let mut now = [0u8; 48];
             let landed = host.read_zero_filled(&mut now, 24, "header").is_ok()
                 && now == staged.header_switch;
+            if !landed && !undo_on_failure {
+                return Err(e);
+            }
             if !landed {
                 for &(k, d) in &staged.raised {
                     let _ = m

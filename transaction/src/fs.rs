@@ -1,0 +1,159 @@
+//! The file system a group works on. Every file a transaction touches (images, overlays, the
+//! journal, the manifest) goes through one [`GroupFs`], so a recording implementation
+//! ([`crate::sim::SimFs`]) can order every write, flush, rename and directory sync of all files in
+//! one log and rebuild what a power cut leaves behind. [`RealFs`] is the host file system.
+
+use std::any::Any;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use qcow2::storage::{FileStorage, Storage};
+use qcow2::{BackingPolicy, Image, OpenOptions};
+
+/// What identifies a file: device and inode (two names of one file share them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub is_file: bool,
+}
+
+/// A held lock; dropping it releases the lock.
+pub type LockGuard = Box<dyn Any + Send>;
+
+/// File-system operations a group transaction needs.
+pub trait GroupFs: Send + Sync {
+    /// The absolute path with `.`, `..` and symbolic links resolved; the file must exist.
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
+    /// Identity and size of the file at `path` (following links).
+    fn stat(&self, path: &Path) -> io::Result<FileId>;
+    /// Whether `path` is an existing directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Takes the exclusive group lock at `path`; `Ok(None)` when another holder has it.
+    fn lock_group(&self, path: &Path) -> io::Result<Option<LockGuard>>;
+    /// Opens an existing qcow2 image for writing, alone (its backing chain is not needed to
+    /// stage snapshots), with the image locks QEMU uses.
+    fn open_image(&self, path: &Path) -> qcow2::Result<Image>;
+    /// Creates a new, empty file; fails if the name exists.
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
+    /// Opens an existing file for reading and writing.
+    fn open_existing(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
+    /// Opens a file for reading and writing, creating it empty when missing.
+    fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
+    /// The whole content of a file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Replaces a file's content (creating it) and makes the content durable.
+    fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()>;
+    /// Renames a file, replacing `to` atomically.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file name.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes a directory's entries (created, renamed, removed names) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Whether a name exists.
+    fn exists(&self, path: &Path) -> bool {
+        self.stat(path).is_ok()
+    }
+    /// Marks a named point of a transaction in the operation log (recording file systems only).
+    fn event(&self, _name: &str) {}
+    /// Whether images may be staged from several threads at once. A recording file system
+    /// says no, so its operation log is the same on every run.
+    fn parallel(&self) -> bool {
+        true
+    }
+}
+
+/// The host file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+impl GroupFs for RealFs {
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
+
+    fn stat(&self, path: &Path) -> io::Result<FileId> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            is_file: m.is_file(),
+        })
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn lock_group(&self, path: &Path) -> io::Result<Option<LockGuard>> {
+        Ok(crate::lock::lock_group(path)?.map(|l| Box::new(l) as LockGuard))
+    }
+
+    fn open_image(&self, path: &Path) -> qcow2::Result<Image> {
+        Image::open(
+            path,
+            &OpenOptions {
+                writable: true,
+                backing: BackingPolicy::Ignore,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::create_new(path)?))
+    }
+
+    fn open_existing(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::open_read_write(path)?))
+    }
+
+    fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(Box::new(FileStorage::from_file(file, true)))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// The directory holding `path` (`.` for a bare name).
+pub fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}

@@ -1,0 +1,540 @@
+//! Power cuts, torn writes and injected errors at every operation of a group transaction, on the
+//! recording file system (`qcow2_transaction::sim`): images, overlays, the journal and the
+//! manifest share one operation log, so a cut can fall between any two operations of any files.
+//!
+//! After every cut, `recover` must give the whole old state or the whole new state (the new one
+//! once the decision was durable), every image must check clean with no leaks, no stray file may
+//! remain, and a second `recover` must change nothing (`shared/TRANSACTIONS.md` sections 3, 5.2
+//! and 6). The default run samples the cuts; `QCOW2_CRASH_FULL=1` tries every one.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qcow2::format::SnapshotTime;
+use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
+use qcow2_transaction::fs::GroupFs;
+use qcow2_transaction::journal::{read_all, Kind};
+use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
+use qcow2_transaction::{Action, Group, Recovery, TxnError};
+
+const GROUP: &str = "/vm/group";
+const OVERLAY: &str = "/vm/d2.new.qcow2";
+
+fn path(name: &str) -> PathBuf {
+    Path::new("/vm").join(name)
+}
+
+fn full() -> bool {
+    std::env::var_os("QCOW2_CRASH_FULL").is_some()
+}
+
+/// Up to `n` indices spread over `0..=len`, plus every index in `always`.
+fn sample(len: usize, n: usize, always: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut cuts: Vec<usize> = if full() || len < n {
+        (0..=len).collect()
+    } else {
+        (0..n).map(|i| i * len / (n - 1)).collect()
+    };
+    cuts.extend(always.into_iter().filter(|&c| c <= len));
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts
+}
+
+/// An image with data, a snapshot per name (the data changes between them) and more data after.
+fn make(fs: &SimFs, name: &str, size: u64, cluster_size: u64, seed: u8, snapshots: &[&str]) {
+    let storage = fs.create_new(&path(name)).unwrap();
+    let options = CreateOptions {
+        size,
+        cluster_size,
+        ..CreateOptions::default()
+    };
+    let img = Image::create_in(storage, name, &options).unwrap();
+    let chunk = size / 8;
+    for (k, snap) in snapshots.iter().enumerate() {
+        let fill = vec![seed * 16 + k as u8 + 1; chunk as usize];
+        img.write_at(&fill, k as u64 * chunk / 2).unwrap();
+        let time = SnapshotTime {
+            secs: 1 + k as i64,
+            nanos: 0,
+        };
+        img.create_snapshot(snap, time).unwrap();
+    }
+    img.write_at(&vec![0xA0 + seed; chunk as usize / 2], size / 2)
+        .unwrap();
+    img.close().unwrap();
+}
+
+/// Three disks: 64 KiB clusters; 512-byte clusters (staging then grows refcount structures and
+/// copies many L2 tables); 64 KiB clusters again (the one that gets an overlay).
+fn setup() -> SimFs {
+    let fs = SimFs::new();
+    fs.add_dir(Path::new("/vm"));
+    make(&fs, "d0.qcow2", 8 << 20, 65536, 0, &["base"]);
+    make(&fs, "d1.qcow2", 1 << 20, 512, 1, &["base", "old"]);
+    fill_to_refblock_edge(&fs, &path("d1.qcow2"));
+    make(&fs, "d2.qcow2", 4 << 20, 65536, 2, &["base"]);
+    fs.settled()
+}
+
+/// Allocates guest clusters of a 512-byte-cluster image until its file ends a few clusters short
+/// of what its last refblock covers, so staging must create a refblock (and write the refcount
+/// table) while it is being crash-tested.
+fn fill_to_refblock_edge(fs: &SimFs, p: &Path) {
+    const COVERED: u64 = 256 * 512; // one 512-byte refblock of 16-bit counts
+    let storage = fs.open_existing(p).unwrap();
+    let img = Image::from_storage(storage, "edge", &OpenOptions::read_write()).unwrap();
+    let mut guest = 640 << 10;
+    while fs.file(p).unwrap().len() as u64 % COVERED < COVERED - 3 * 512 {
+        img.write_at(&[0xEE; 512], guest).unwrap();
+        guest += 512;
+    }
+    img.close().unwrap();
+}
+
+fn disks() -> Vec<PathBuf> {
+    ["d0.qcow2", "d1.qcow2", "d2.qcow2"].map(path).to_vec()
+}
+
+/// Internal create, delete plus create on one image, and an external snapshot.
+fn mixed_plan() -> Vec<Action> {
+    let d = disks();
+    vec![
+        Action::InternalCreate {
+            image: d[0].clone(),
+            name: "new".into(),
+        },
+        Action::InternalDelete {
+            image: d[1].clone(),
+            name: "old".into(),
+        },
+        Action::InternalCreate {
+            image: d[1].clone(),
+            name: "new".into(),
+        },
+        Action::ExternalCreate {
+            image: d[2].clone(),
+            overlay: PathBuf::from(OVERLAY),
+        },
+    ]
+}
+
+/// Every disk reverts to its "base" snapshot (T16).
+fn revert_plan() -> Vec<Action> {
+    disks()
+        .into_iter()
+        .map(|image| Action::InternalRevert {
+            image,
+            name: "base".into(),
+        })
+        .collect()
+}
+
+/// What a reader sees: per image its snapshots with content hashes and its active content hash;
+/// the overlay's backing name if it exists; the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    images: BTreeMap<PathBuf, (Vec<(String, u64)>, u64)>,
+    overlay: Option<Option<String>>,
+    manifest: Option<Vec<u8>>,
+}
+
+fn open_read_only(fs: &SimFs, p: &Path) -> Image {
+    let options = OpenOptions {
+        backing: BackingPolicy::Ignore,
+        ..OpenOptions::default()
+    };
+    let storage = fs.open_existing(p).unwrap();
+    Image::from_storage(storage, &p.display().to_string(), &options)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn hash_content(size: u64, mut read: impl FnMut(&mut [u8], u64)) -> u64 {
+    let mut h = DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        read(&mut buf[..n], pos);
+        h.write(&buf[..n]);
+        pos += n as u64;
+    }
+    h.finish()
+}
+
+fn view(fs: &SimFs) -> View {
+    let mut images = BTreeMap::new();
+    for p in disks() {
+        let img = open_read_only(fs, &p);
+        let mut snaps = Vec::new();
+        for s in img.snapshots() {
+            let snap = img.open_snapshot(&s.id).unwrap();
+            let hash = hash_content(snap.size(), |b, o| snap.read_at(b, o).unwrap());
+            snaps.push((s.name.clone(), hash));
+        }
+        let active = hash_content(img.size(), |b, o| img.read_at(b, o).unwrap());
+        images.insert(p, (snaps, active));
+    }
+    let overlay = fs
+        .exists(Path::new(OVERLAY))
+        .then(|| open_read_only(fs, Path::new(OVERLAY)).backing_file_name());
+    let manifest = fs.file(&Path::new(GROUP).join("group.manifest"));
+    View {
+        images,
+        overlay,
+        manifest,
+    }
+}
+
+/// Every image checks clean (no corruption, no leak), no stray file exists, and the journal holds
+/// no unfinished transaction.
+fn assert_sound(fs: &SimFs, ctx: &str) {
+    let mut files = disks();
+    if fs.exists(Path::new(OVERLAY)) {
+        files.push(PathBuf::from(OVERLAY));
+    }
+    for p in &files {
+        let report = open_read_only(fs, p).check().unwrap();
+        assert!(
+            report.is_clean(),
+            "{ctx}: {} does not check clean: {report:?}",
+            p.display()
+        );
+    }
+    let group = Path::new(GROUP);
+    files.extend([group.join("txn.journal"), group.join("group.manifest")]);
+    for name in fs.names() {
+        assert!(
+            files.contains(&name),
+            "{ctx}: stray file {}",
+            name.display()
+        );
+    }
+    if let Some(bytes) = fs.file(&group.join("txn.journal")) {
+        let records = read_all(&bytes).unwrap();
+        assert!(
+            records.last().is_none_or(|r| r.kind == Kind::End),
+            "{ctx}: the journal still holds a transaction"
+        );
+    }
+}
+
+fn open_group(fs: &SimFs) -> Result<Group, TxnError> {
+    Group::open_in(Arc::new(fs.clone()), GROUP, None)
+}
+
+/// Recovers `fs`, checks the outcome, then checks that a second recovery changes nothing.
+fn recover_and_check(fs: &SimFs, expect: &[&View], ctx: &str) -> View {
+    let group = open_group(fs).unwrap_or_else(|e| panic!("{ctx}: recovery failed: {e}"));
+    drop(group);
+    let v = view(fs);
+    assert!(
+        expect.contains(&&v),
+        "{ctx}: the group is neither in an expected state nor mixed-free: {v:#?}"
+    );
+    assert_sound(fs, ctx);
+    let again = fs.settled();
+    let group = open_group(&again).unwrap();
+    assert_eq!(group.opened_with(), Recovery::Clean, "{ctx}");
+    drop(group);
+    assert!(
+        again.log().iter().all(|op| matches!(op, FsOp::Event(_))),
+        "{ctx}: a second recovery wrote something"
+    );
+    v
+}
+
+/// A recorded clean run of `plan` on a fresh copy of `base`, and the states before and after.
+struct Recorded {
+    run: SimFs,
+    pre: View,
+    post: View,
+    /// Log index of the decision write and of the event after it is durable.
+    decision_write: usize,
+    decided: usize,
+}
+
+fn record(base: &SimFs, plan: &[Action]) -> Recorded {
+    let pre = view(base);
+    let run = base.settled();
+    let mut group = open_group(&run).unwrap();
+    group.run(plan).unwrap();
+    drop(group);
+    let post = view(&run);
+    assert_ne!(pre, post);
+    let log = run.log();
+    let at = |name: &str| {
+        log.iter()
+            .position(|op| *op == FsOp::Event(name.into()))
+            .unwrap_or_else(|| panic!("no {name} event"))
+    };
+    let (decision_write, decided) = (at("decision_write"), at("decided"));
+    // T6: between the decision write and its durability only the journal is touched, so no
+    // roll-forward step can run before the decision is on disk.
+    let journal = run.ino(&Path::new(GROUP).join("txn.journal")).unwrap();
+    for op in &log[decision_write + 1..decided] {
+        match op {
+            FsOp::Write { ino, .. } | FsOp::Flush { ino } => assert_eq!(*ino, journal, "{op:?}"),
+            other => panic!("{other:?} between the decision write and its flush"),
+        }
+    }
+    assert!(matches!(log[decided - 1], FsOp::Flush { ino } if ino == journal));
+    Recorded {
+        run,
+        pre,
+        post,
+        decision_write,
+        decided,
+    }
+}
+
+/// The expected views after a cut at `cut`: before the decision write the old state, once the
+/// decision is durable the new one, in between either.
+fn expected(r: &Recorded, cut: usize) -> Vec<&View> {
+    if cut <= r.decision_write {
+        vec![&r.pre]
+    } else if cut >= r.decided {
+        vec![&r.post]
+    } else {
+        vec![&r.pre, &r.post]
+    }
+}
+
+fn crash_everywhere(plan: &[Action], label: &str) {
+    let base = setup();
+    let r = record(&base, plan);
+    let len = r.run.log_len();
+    let cuts = sample(len, 120, r.decision_write..=r.decided);
+    for &cut in &cuts {
+        for survivors in [Survivors::None, Survivors::All, Survivors::torn(cut as u64)] {
+            let ctx = format!("{label}: cut {cut}/{len} {survivors:?}");
+            let crashed = r.run.crash(cut, survivors);
+            recover_and_check(&crashed, &expected(&r, cut), &ctx);
+        }
+    }
+}
+
+/// T4, T5, T6, T10: a power cut at every operation of a mixed plan (internal create, delete,
+/// external snapshot, with refcount growth on the 512-byte-cluster image).
+#[test]
+fn a_power_cut_anywhere_in_a_mixed_plan_recovers_all_or_nothing() {
+    crash_everywhere(&mixed_plan(), "mixed");
+}
+
+/// T16: a group revert across three images: never a mixed group, never a mixed image.
+#[test]
+fn a_power_cut_anywhere_in_a_group_revert_recovers_all_or_nothing() {
+    crash_everywhere(&revert_plan(), "revert");
+}
+
+/// T10: every write the engine makes to bytes 0..512 of an existing image stays inside that
+/// sector, so the header commit is one atomic sector write.
+#[test]
+fn header_commits_stay_within_one_sector() {
+    let base = setup();
+    for plan in [mixed_plan(), revert_plan()] {
+        let r = record(&base, &plan);
+        let existing: Vec<u64> = disks().iter().filter_map(|p| r.run.ino(p)).collect();
+        let mut header_writes = 0;
+        for op in r.run.log() {
+            if let FsOp::Write { ino, offset, data } = op {
+                if existing.contains(&ino) && offset < 512 {
+                    header_writes += 1;
+                    assert!(
+                        offset + data.len() as u64 <= 512,
+                        "a header write at {offset} of {} bytes spans sectors",
+                        data.len()
+                    );
+                }
+            }
+        }
+        assert!(header_writes >= 2, "every image gets a header switch");
+    }
+}
+
+/// T10 negative control: when only single bytes are atomic, some cut tears a header switch and
+/// the checks above notice. This proves the matrix can see the sector-atomicity assumption.
+#[test]
+fn the_hostile_one_byte_profile_is_detected() {
+    let base = setup();
+    let r = record(&base, &revert_plan());
+    let log = r.run.log();
+    // Cuts right after each header switch write (and before its flush).
+    let switches: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| {
+            matches!(op, FsOp::Write { offset, data, .. } if *offset == 24 && data.len() == 48)
+        })
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert!(!switches.is_empty());
+    let mut detected = 0;
+    for &cut in &switches {
+        for seed in 1..40u64 {
+            let crashed = r.run.crash(cut, Survivors::Torn { seed, unit: 1 });
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                recover_and_check(&crashed, &expected(&r, cut), "hostile")
+            }));
+            detected += outcome.is_err() as usize;
+            if detected > 0 {
+                return;
+            }
+        }
+    }
+    assert!(detected > 0, "a torn header switch went unnoticed");
+}
+
+/// T9: power cuts inside recovery itself, for undecided and committed transactions: the final
+/// state equals one uninterrupted recovery.
+#[test]
+fn a_power_cut_during_recovery_is_recovered_too() {
+    let base = setup();
+    let r = record(&base, &mixed_plan());
+    let log = r.run.log();
+    let at = |name: &str| log.iter().position(|op| *op == FsOp::Event(name.into()));
+    // Undecided with everything staged, and committed with half the images published.
+    let points = [at("prepared").unwrap() + 1, at("published 1").unwrap() + 1];
+    for cut in points {
+        let crashed = r.run.crash(cut, Survivors::None);
+        let clean = crashed.settled();
+        let want = recover_and_check(&clean, &expected(&r, cut), "clean recovery");
+        let mut group = open_group(&crashed).unwrap();
+        assert_ne!(group.opened_with(), Recovery::Clean);
+        group.set_hook(None);
+        drop(group);
+        let len = crashed.log_len();
+        for inner in sample(len, 60, []) {
+            for survivors in [Survivors::None, Survivors::torn(inner as u64)] {
+                let ctx = format!("cut {cut}, recovery cut {inner}/{len} {survivors:?}");
+                let twice = crashed.crash(inner, survivors);
+                let got = recover_and_check(&twice, &[&want], &ctx);
+                assert_eq!(got, want, "{ctx}");
+            }
+        }
+    }
+}
+
+/// T2, T3, T24: EIO or ENOSPC at every I/O operation of a transaction, once or from then on.
+/// The run ends in a clean abort with the old state, or a committed state, or an error that
+/// `recover` settles; a retry on the same group then succeeds.
+#[test]
+fn errors_at_any_operation_abort_cleanly_or_are_recovered() {
+    let base = setup();
+    let plan = mixed_plan();
+    let r = record(&base, &plan);
+    let attempts = r.run.attempts();
+    let mut outcomes = BTreeMap::<&str, usize>::new();
+    for at in sample(attempts, 80, []) {
+        for (errno, persistent) in [
+            (libc::EIO, false),
+            (libc::ENOSPC, false),
+            (libc::EIO, true),
+            (libc::ENOSPC, true),
+        ] {
+            let ctx = format!("fault at {at}/{attempts} errno {errno} persistent {persistent}");
+            let fs = base.settled();
+            let mut group = open_group(&fs).unwrap();
+            fs.inject(Some(Fault {
+                at,
+                errno,
+                persistent,
+            }));
+            let result = group.run(&plan);
+            fs.inject(None);
+            let kind = match &result {
+                Ok(_) => "committed",
+                Err(TxnError::Aborted(_)) => "aborted",
+                Err(TxnError::AbortIncomplete(_)) => "abort incomplete",
+                Err(TxnError::InDoubt(_)) => "in doubt",
+                Err(TxnError::CommittedIncomplete(_)) => "committed incomplete",
+                Err(e) => panic!("{ctx}: unexpected error {e}"),
+            };
+            *outcomes.entry(kind).or_default() += 1;
+            match kind {
+                "committed" => {
+                    assert_eq!(view(&fs), r.post, "{ctx}");
+                    drop(group);
+                    assert_sound(&fs, &ctx);
+                }
+                "aborted" => {
+                    // Nothing changed and nothing leaked, without any recovery.
+                    assert_eq!(view(&fs), r.pre, "{ctx}");
+                    assert_sound(&fs, &ctx);
+                    group
+                        .run(&plan)
+                        .unwrap_or_else(|e| panic!("{ctx}: retry: {e}"));
+                    drop(group);
+                    assert_eq!(view(&fs), r.post, "{ctx}: retry");
+                }
+                _ => {
+                    drop(group);
+                    let want: Vec<&View> = match kind {
+                        "abort incomplete" => vec![&r.pre],
+                        "committed incomplete" => vec![&r.post],
+                        _ => vec![&r.pre, &r.post],
+                    };
+                    recover_and_check(&fs, &want, &ctx);
+                }
+            }
+        }
+    }
+    // The matrix must reach both sides of the decision.
+    assert!(
+        outcomes.get("aborted").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("committed incomplete").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
+}
+
+/// T18: every directory sync matters. With any one of them skipped (as if the call were missing
+/// from the code), some power cut loses an overlay, a manifest or the journal and the checks
+/// above fail.
+#[test]
+fn removing_any_directory_sync_breaks_a_crash_check() {
+    let base = setup();
+    let plan = mixed_plan();
+    let r = record(&base, &plan);
+    let syncs = r
+        .run
+        .log()
+        .iter()
+        .filter(|op| matches!(op, FsOp::SyncDir { .. }))
+        .count();
+    assert!(syncs >= 3, "journal, overlay and manifest are each synced");
+    for skip in 0..syncs {
+        let run = base.settled();
+        run.skip_dir_sync(Some(skip));
+        let mut group = open_group(&run).unwrap();
+        group.run(&plan).unwrap();
+        drop(group);
+        let len = run.log_len();
+        let decided = run
+            .log()
+            .iter()
+            .position(|op| *op == FsOp::Event("decided".into()))
+            .unwrap();
+        let mut broken = false;
+        for cut in 0..=len {
+            let crashed = run.crash(cut, Survivors::None);
+            let want = if cut >= decided {
+                vec![&r.post]
+            } else {
+                vec![&r.pre, &r.post]
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                recover_and_check(&crashed, &want, "mutant")
+            }));
+            if outcome.is_err() {
+                broken = true;
+                break;
+            }
+        }
+        assert!(broken, "directory sync {skip} is never needed");
+    }
+}
