@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use qcow2_transaction::{Action, Group, Recovery, TxnError};
+use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
 use serde_json::Value;
 
 use crate::source::{CmdResult, Failure};
@@ -67,9 +67,19 @@ pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), Str
                         return Err(format!("action {i}: overlays are qcow2, not {f}"));
                     }
                 }
+                let mode = match data["mode"].as_str() {
+                    None | Some("absolute-paths") => OverlayMode::New,
+                    Some("existing") => OverlayMode::Existing,
+                    Some(other) => {
+                        return Err(format!(
+                            "action {i}: mode is \"absolute-paths\" or \"existing\", not {other:?}"
+                        ))
+                    }
+                };
                 Action::ExternalCreate {
                     image: path(data, "image", i)?,
                     overlay: path(data, "snapshot-file", i)?,
+                    mode,
                 }
             }
             other => return Err(format!("action {i}: unknown type {other:?}")),
@@ -146,8 +156,17 @@ fn describe(a: &Action) -> String {
         Action::InternalRevert { image, name } => {
             format!("{}: reverted to snapshot {name}", image.display())
         }
-        Action::ExternalCreate { image, overlay } => {
-            format!("{}: new overlay {}", image.display(), overlay.display())
+        Action::ExternalCreate {
+            image,
+            overlay,
+            mode: OverlayMode::New,
+        } => format!("{}: new overlay {}", image.display(), overlay.display()),
+        Action::ExternalCreate { image, overlay, .. } => {
+            format!(
+                "{}: existing overlay {}",
+                image.display(),
+                overlay.display()
+            )
         }
     }
 }

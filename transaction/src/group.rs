@@ -27,8 +27,23 @@ pub enum Action {
     InternalDelete { image: PathBuf, name: String },
     /// `snapshot-revert-internal`: make an internal snapshot the active state.
     InternalRevert { image: PathBuf, name: String },
-    /// `blockdev-snapshot-sync`: a new overlay on top of `image`, recorded in the manifest.
-    ExternalCreate { image: PathBuf, overlay: PathBuf },
+    /// `blockdev-snapshot-sync`: an overlay on top of `image`, recorded in the manifest.
+    ExternalCreate {
+        image: PathBuf,
+        overlay: PathBuf,
+        mode: OverlayMode,
+    },
+}
+
+/// Where an external snapshot's overlay comes from (QMP's `NewImageMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverlayMode {
+    /// The transaction creates the overlay; the path must be free (or an empty file).
+    #[default]
+    New,
+    /// The overlay exists already, backed by the image with the same size; an abort leaves it
+    /// in place, because the transaction did not make it.
+    Existing,
 }
 
 impl Action {
@@ -72,6 +87,7 @@ struct Member {
     image: Option<Image>,
     changes: Vec<SnapshotChange>,
     overlay: Option<PathBuf>,
+    overlay_mode: OverlayMode,
 }
 
 /// Named points in a transaction, where tests can simulate a power cut.
@@ -188,9 +204,11 @@ impl Group {
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    m.overlay
-                        .as_ref()
-                        .map(|fin| (temp_name(fin, &txn, i), fin.clone()))
+                    m.overlay.as_ref().map(|fin| match m.overlay_mode {
+                        OverlayMode::New => (temp_name(fin, &txn, i), fin.clone()),
+                        // An overlay in place already has nothing to create or rename.
+                        OverlayMode::Existing => (fin.clone(), fin.clone()),
+                    })
                 })
                 .collect(),
         };
@@ -224,13 +242,15 @@ impl Group {
                     .map_err(|e| incomplete(TxnError::image(&member.path, e)))?;
             }
             if let Some((tmp, fin)) = temp {
-                self.fs.event("overlay_rename");
-                self.fs
-                    .rename(tmp, fin)
-                    .map_err(|e| incomplete(TxnError::io(fin, e)))?;
-                self.fs
-                    .sync_dir(parent(fin))
-                    .map_err(|e| incomplete(TxnError::io(fin, e)))?;
+                if tmp != fin {
+                    self.fs.event("overlay_rename");
+                    self.fs
+                        .rename(tmp, fin)
+                        .map_err(|e| incomplete(TxnError::io(fin, e)))?;
+                    self.fs
+                        .sync_dir(parent(fin))
+                        .map_err(|e| incomplete(TxnError::io(fin, e)))?;
+                }
                 manifest.pivot(&member.path, fin);
                 overlays.push(fin.clone());
             }
@@ -381,8 +401,8 @@ impl Group {
                 undone &= img.abandon(s).is_ok();
             }
         }
-        for (tmp, _) in staging.temps.iter().flatten().rev() {
-            if self.fs.exists(tmp) {
+        for (tmp, fin) in staging.temps.iter().flatten().rev() {
+            if tmp != fin && self.fs.exists(tmp) {
                 undone &= self.fs.remove_file(tmp).is_ok();
                 undone &= self.fs.sync_dir(parent(tmp)).is_ok();
             }
@@ -525,7 +545,7 @@ impl Group {
             self.event(&format!("recovered {i}"))?;
             if let Some((tmp, fin)) = overlays.get(i) {
                 if commit {
-                    if self.fs.exists(tmp) {
+                    if tmp != fin && self.fs.exists(tmp) {
                         self.fs.rename(tmp, fin).map_err(|e| TxnError::io(fin, e))?;
                         self.fs
                             .sync_dir(parent(fin))
@@ -535,7 +555,7 @@ impl Group {
                         manifest.pivot(path, fin);
                         pivoted = true;
                     }
-                } else if self.fs.exists(tmp) {
+                } else if tmp != fin && self.fs.exists(tmp) {
                     self.fs.remove_file(tmp).map_err(|e| TxnError::io(tmp, e))?;
                     self.fs
                         .sync_dir(parent(tmp))
@@ -590,7 +610,7 @@ fn prepare_one(
                 .map_err(|e| TxnError::image(&m.path, e))?,
         );
     }
-    if let Some((tmp, fin)) = temp {
+    if let Some((tmp, fin)) = temp.filter(|(tmp, fin)| tmp != fin) {
         create_overlay(fs, &m.path, img.size(), tmp, fin)?;
     }
     Ok(staged)
@@ -707,6 +727,7 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
                     image: None,
                     changes: Vec::new(),
                     overlay: None,
+                    overlay_mode: OverlayMode::New,
                 });
                 members.len() - 1
             }
@@ -737,7 +758,7 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
             Action::InternalRevert { name, .. } => m.changes.push(SnapshotChange::Revert {
                 id_or_name: name.clone(),
             }),
-            Action::ExternalCreate { overlay, .. } => {
+            Action::ExternalCreate { overlay, mode, .. } => {
                 if m.overlay.is_some() {
                     return Err(invalid(given, "two overlays for one image".into()));
                 }
@@ -752,6 +773,7 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
                     .file_name()
                     .ok_or_else(|| invalid(overlay, "the overlay path has no file name".into()))?;
                 m.overlay = Some(dir.join(name));
+                m.overlay_mode = *mode;
             }
         }
     }
@@ -766,7 +788,7 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
             ));
         }
         if let Ok(meta) = fs.stat(overlay) {
-            if meta.len > 0 || !meta.is_file {
+            if m.overlay_mode == OverlayMode::New && (meta.len > 0 || !meta.is_file) {
                 return Err(invalid(
                     overlay,
                     "the overlay path is taken by a non-empty file".into(),
@@ -796,9 +818,99 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
             .open_image(&m.path)
             .map_err(|e| TxnError::image(&m.path, e))?;
         check_member(&img, m)?;
+        if let (Some(overlay), OverlayMode::Existing) = (&m.overlay, m.overlay_mode) {
+            check_existing_overlay(fs, overlay, &m.path, img.size())?;
+        }
         m.image = Some(img);
     }
     Ok(members)
+}
+
+/// The snapshot count and table size after the member's changes stay within QEMU's limits
+/// (65536 snapshots, a 64 MiB table), so a plan that would break them is refused before any
+/// write rather than while staging.
+fn check_limits(img: &Image, m: &Member, deleted: &[Vec<u8>]) -> Result<(), TxnError> {
+    use qcow2::format::limits::{
+        MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, SNAPSHOT_ENTRY_FIXED_SIZE, SNAPSHOT_EXTRA_KNOWN_SIZE,
+    };
+    use qcow2::format::snapshot::{align_entry, TIME64_FIELD_SIZE};
+    let kept: Vec<_> = img
+        .snapshot_entries()
+        .into_iter()
+        .filter(|e| !deleted.contains(&e.id))
+        .collect();
+    let mut count = kept.len() as u64;
+    let mut table = qcow2::format::snapshot::encode_table(&kept).len() as u64;
+    for c in &m.changes {
+        if let SnapshotChange::Create { name, .. } = c {
+            count += 1;
+            // A new entry: fixed part, known extra data with the 64-bit time, id and name.
+            let id_len = (count + 1).to_string().len();
+            let len = SNAPSHOT_ENTRY_FIXED_SIZE
+                + SNAPSHOT_EXTRA_KNOWN_SIZE
+                + TIME64_FIELD_SIZE
+                + id_len
+                + name.len();
+            table = align_entry(table) + len as u64;
+        }
+    }
+    let invalid = |reason: String| TxnError::Invalid {
+        image: m.path.clone(),
+        reason,
+    };
+    if count > u64::from(MAX_SNAPSHOTS) {
+        return Err(invalid(format!(
+            "too many snapshots: {count} would exceed the limit of {MAX_SNAPSHOTS}"
+        )));
+    }
+    if table > MAX_SNAPSHOTS_SIZE {
+        return Err(invalid(format!(
+            "the snapshot table would take {table} bytes, more than the limit of {MAX_SNAPSHOTS_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// An existing overlay must be a qcow2 image of the same size whose backing file is `image`
+/// (named relative to the overlay, as a qcow2 backing name is), in qcow2 format.
+fn check_existing_overlay(
+    fs: &dyn GroupFs,
+    overlay: &Path,
+    image: &Path,
+    size: u64,
+) -> Result<(), TxnError> {
+    let invalid = |reason: String| TxnError::Invalid {
+        image: overlay.to_path_buf(),
+        reason,
+    };
+    let ov = fs
+        .open_image(overlay)
+        .map_err(|e| invalid(format!("the existing overlay cannot be used: {e}")))?;
+    let backing = ov
+        .backing_file_name()
+        .ok_or_else(|| invalid("the existing overlay has no backing file".into()))?;
+    let resolved = fs.canonicalize(&parent(overlay).join(&backing));
+    if resolved.ok().as_deref() != Some(image) {
+        return Err(invalid(format!(
+            "the existing overlay is backed by {backing:?}, not by {}",
+            image.display()
+        )));
+    }
+    match ov.backing_format().as_deref() {
+        None | Some("qcow2") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "the existing overlay names its backing file as {other}, not qcow2"
+            )))
+        }
+    }
+    if ov.size() != size {
+        return Err(invalid(format!(
+            "the existing overlay is {} bytes, the image {size}",
+            ov.size()
+        )));
+    }
+    ov.close().map_err(|e| TxnError::image(overlay, e))
 }
 
 /// Per-image checks that need the open image.
@@ -840,7 +952,7 @@ fn check_member(img: &Image, m: &Member) -> Result<(), TxnError> {
             }
         }
     }
-    Ok(())
+    check_limits(img, m, &deleted)
 }
 
 fn now() -> qcow2::format::SnapshotTime {

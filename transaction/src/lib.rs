@@ -27,5 +27,5 @@ pub mod manifest;
 pub mod sim;
 
 pub use error::TxnError;
-pub use group::{Action, Group, Hook, Outcome, Recovery};
+pub use group::{Action, Group, Hook, Outcome, OverlayMode, Recovery};
 pub use manifest::Manifest;

@@ -17,7 +17,7 @@ use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
 use qcow2_transaction::fs::GroupFs;
 use qcow2_transaction::journal::{read_all, Kind};
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
-use qcow2_transaction::{Action, Group, Recovery, TxnError};
+use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
 
 const GROUP: &str = "/vm/group";
 const OVERLAY: &str = "/vm/d2.new.qcow2";
@@ -117,6 +117,7 @@ fn mixed_plan() -> Vec<Action> {
         Action::ExternalCreate {
             image: d[2].clone(),
             overlay: PathBuf::from(OVERLAY),
+            mode: OverlayMode::New,
         },
     ]
 }
@@ -303,8 +304,11 @@ fn expected(r: &Recorded, cut: usize) -> Vec<&View> {
 }
 
 fn crash_everywhere(plan: &[Action], label: &str) {
-    let base = setup();
-    let r = record(&base, plan);
+    crash_everywhere_from(&setup(), plan, label)
+}
+
+fn crash_everywhere_from(base: &SimFs, plan: &[Action], label: &str) {
+    let r = record(base, plan);
     let len = r.run.log_len();
     let cuts = sample(len, 120, r.decision_write..=r.decided);
     for &cut in &cuts {
@@ -537,4 +541,235 @@ fn removing_any_directory_sync_breaks_a_crash_check() {
         }
         assert!(broken, "directory sync {skip} is never needed");
     }
+}
+
+/// How many I/O operations precede the named event in a log (the index a fault counts).
+fn attempts_before(log: &[FsOp], event: &str) -> usize {
+    let at = log
+        .iter()
+        .position(|op| *op == FsOp::Event(event.into()))
+        .unwrap();
+    log[..at]
+        .iter()
+        .filter(|op| !matches!(op, FsOp::Event(_)))
+        .count()
+}
+
+/// Makes the overlay for d2 ahead of the transaction, as `mode: existing` expects.
+fn add_overlay(fs: &SimFs, backing: &str, format: &str, size: u64) -> SimFs {
+    let storage = fs.create_new(Path::new(OVERLAY)).unwrap();
+    let options = CreateOptions {
+        size,
+        backing_file: Some(backing.into()),
+        backing_format: Some(format.into()),
+        ..CreateOptions::default()
+    };
+    Image::create_in(storage, OVERLAY, &options)
+        .unwrap()
+        .close()
+        .unwrap();
+    fs.settled()
+}
+
+fn reuse_plan() -> Vec<Action> {
+    let mut plan = mixed_plan();
+    if let Some(Action::ExternalCreate { mode, .. }) = plan.last_mut() {
+        *mode = OverlayMode::Existing;
+    }
+    plan
+}
+
+/// T19 (b): an existing overlay with the right backing is pivoted to; a power cut anywhere
+/// leaves it in place (the transaction did not make it) and the group all old or all new.
+#[test]
+fn an_existing_overlay_is_reused_and_never_deleted() {
+    let base = add_overlay(&setup(), "d2.qcow2", "qcow2", 4 << 20);
+    let overlay_bytes = base.file(Path::new(OVERLAY)).unwrap();
+    crash_everywhere_from(&base, &reuse_plan(), "reuse");
+    // An abort (a failing member) keeps the overlay byte for byte.
+    let fs = base.settled();
+    let mut plan = reuse_plan();
+    plan.push(Action::InternalDelete {
+        image: path("d0.qcow2"),
+        name: "base".into(),
+    });
+    plan.push(Action::InternalRevert {
+        image: path("d0.qcow2"),
+        name: "base".into(),
+    });
+    let err = open_group(&fs).unwrap().run(&plan).unwrap_err();
+    assert!(matches!(err, TxnError::Invalid { .. }), "{err}");
+    let fs_failing = base.settled();
+    let mut group = open_group(&fs_failing).unwrap();
+    // Fail the flush of the last record before the decision: everything staged rolls back.
+    let probe = base.settled();
+    open_group(&probe).unwrap().run(&reuse_plan()).unwrap();
+    fs_failing.inject(Some(Fault {
+        at: attempts_before(&probe.log(), "prepared") - 1,
+        errno: libc::EIO,
+        persistent: false,
+    }));
+    let err = group.run(&reuse_plan()).unwrap_err();
+    assert!(matches!(err, TxnError::Aborted(_)), "{err}");
+    fs_failing.inject(None);
+    drop(group);
+    drop(open_group(&fs_failing).unwrap());
+    assert_eq!(
+        fs_failing.file(Path::new(OVERLAY)).unwrap(),
+        overlay_bytes,
+        "the reused overlay changed"
+    );
+    assert_sound(&fs_failing, "reuse abort");
+}
+
+/// T19 (c): an existing overlay with another backing file, backing format or size, or none at
+/// all, is refused before anything is written.
+#[test]
+fn an_unsuitable_existing_overlay_is_refused() {
+    let cases = [
+        ("d0.qcow2", "qcow2", 4u64 << 20, "backed by"),
+        ("d2.qcow2", "raw", 4 << 20, "not qcow2"),
+        ("d2.qcow2", "qcow2", 2 << 20, "bytes"),
+    ];
+    for (backing, format, size, why) in cases {
+        let fs = add_overlay(&setup(), backing, format, size);
+        let before = fs.settled();
+        let err = open_group(&fs).unwrap().run(&reuse_plan()).unwrap_err();
+        assert!(
+            matches!(&err, TxnError::Invalid { reason, .. } if reason.contains(why)),
+            "{backing} {format} {size}: {err}"
+        );
+        let writes: Vec<FsOp> = fs
+            .log()
+            .into_iter()
+            .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+            .collect();
+        assert!(
+            writes.is_empty(),
+            "{err}: something was written: {writes:?}"
+        );
+        assert_eq!(view(&fs), view(&before));
+    }
+    let err = open_group(&setup())
+        .unwrap()
+        .run(&reuse_plan())
+        .unwrap_err();
+    assert!(matches!(err, TxnError::Invalid { .. }), "{err}");
+}
+
+/// An empty 1 MiB image holding `n` snapshots that all share one L1 table (32-bit refcounts, so
+/// the shared table's count fits), made consistent by a full repair: writing the table directly
+/// is what makes 65536 snapshots cheap to set up.
+fn many_snapshots(fs: &SimFs, name: &str, n: usize) {
+    let storage = fs.create_new(&path(name)).unwrap();
+    let options = CreateOptions {
+        size: 1 << 20,
+        cluster_size: 65536,
+        refcount_bits: 32,
+        ..CreateOptions::default()
+    };
+    let img = Image::create_in(storage, name, &options).unwrap();
+    img.create_snapshot("s0", SnapshotTime { secs: 1, nanos: 0 })
+        .unwrap();
+    let first = img.snapshot_entries()[0].clone();
+    img.close().unwrap();
+    let entries: Vec<_> = (0..n)
+        .map(|i| {
+            let mut e = first.clone();
+            e.id = (i + 1).to_string().into_bytes();
+            e.name = format!("s{i}").into_bytes();
+            e
+        })
+        .collect();
+    let table = qcow2::format::snapshot::encode_table(&entries);
+    let file = fs.open_existing(&path(name)).unwrap();
+    let at = file.len().unwrap().next_multiple_of(65536);
+    file.write_at(&table, at).unwrap();
+    let mut switch = [0u8; 12];
+    switch[..4].copy_from_slice(&(n as u32).to_be_bytes());
+    switch[4..].copy_from_slice(&at.to_be_bytes());
+    file.write_at(&switch, 60).unwrap();
+    file.flush().unwrap();
+    let storage = fs.open_existing(&path(name)).unwrap();
+    let img = Image::from_storage(storage, name, &OpenOptions::read_write()).unwrap();
+    let report = img.check_and_repair(qcow2::Repair::All).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(img.snapshot_entries().len(), n);
+    img.close().unwrap();
+}
+
+/// T21: an image at QEMU's 65536-snapshot limit takes no more, refused before any write with the
+/// other images untouched; one at 65535 takes exactly one more.
+#[test]
+fn the_snapshot_count_limit_is_checked_before_any_write() {
+    let fs = setup();
+    many_snapshots(&fs, "full.qcow2", 65536);
+    many_snapshots(&fs, "edge.qcow2", 65535);
+    let fs = fs.settled();
+    let over = [
+        Action::InternalCreate {
+            image: path("d0.qcow2"),
+            name: "new".into(),
+        },
+        Action::InternalCreate {
+            image: path("full.qcow2"),
+            name: "one more".into(),
+        },
+    ];
+    let err = open_group(&fs).unwrap().run(&over).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("too many snapshots")),
+        "{err}"
+    );
+    let writes = fs
+        .log()
+        .into_iter()
+        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+        .count();
+    assert_eq!(writes, 0, "refused after writing");
+    let edge = [Action::InternalCreate {
+        image: path("edge.qcow2"),
+        name: "the last one".into(),
+    }];
+    open_group(&fs).unwrap().run(&edge).unwrap();
+    let img = open_read_only(&fs, &path("edge.qcow2"));
+    assert_eq!(img.snapshot_entries().len(), 65536);
+    assert!(img.check().unwrap().is_clean());
+}
+
+/// T17: a snapshot whose L1 table is longer than the active one (iotest 029) reverts like any
+/// other, across power cuts; the active L1 takes the snapshot's length.
+#[test]
+fn reverting_to_a_snapshot_with_a_longer_l1_table() {
+    let fs = setup();
+    let d0 = path("d0.qcow2");
+    let file = fs.open_existing(&d0).unwrap();
+    let mut header = [0u8; 72];
+    file.read_at(&mut header, 0).unwrap();
+    let table = u64::from_be_bytes(header[64..72].try_into().unwrap());
+    let mut l1_size = [0u8; 4];
+    file.read_at(&mut l1_size, table + 8).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(l1_size),
+        1,
+        "an 8 MiB image has one L1 entry"
+    );
+    // The second entry is still inside the snapshot's L1 cluster, and zero.
+    file.write_at(&2u32.to_be_bytes(), table + 8).unwrap();
+    file.flush().unwrap();
+    let base = fs.settled();
+    let plan = [Action::InternalRevert {
+        image: d0.clone(),
+        name: "base".into(),
+    }];
+    crash_everywhere_from(&base, &plan, "long L1");
+    let after = base.settled();
+    open_group(&after).unwrap().run(&plan).unwrap();
+    let mut header = [0u8; 72];
+    after
+        .open_existing(&d0)
+        .unwrap()
+        .read_at(&mut header, 0)
+        .unwrap();
+    assert_eq!(u32::from_be_bytes(header[36..40].try_into().unwrap()), 2);
 }

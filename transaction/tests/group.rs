@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use qcow2::format::SnapshotTime;
 use qcow2::{CreateOptions, Image, OpenOptions};
 use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir};
-use qcow2_transaction::{Action, Group, Recovery, TxnError};
+use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
 
 struct Disks {
     dir: PathBuf,
@@ -55,6 +55,7 @@ fn plan(d: &Disks) -> Vec<Action> {
         Action::ExternalCreate {
             image: d.paths[1].clone(),
             overlay: d.dir.join("disk1.nightly.qcow2"),
+            mode: OverlayMode::New,
         },
         Action::InternalDelete {
             image: d.paths[2].clone(),
@@ -176,6 +177,7 @@ fn invalid_plans_change_nothing() {
         vec![Action::ExternalCreate {
             image: d.paths[1].clone(),
             overlay: d.dir.join("taken.qcow2"),
+            mode: OverlayMode::New,
         }],
         vec![
             Action::InternalCreate {
@@ -469,4 +471,70 @@ fn a_power_cut_during_recovery_is_recovered_too() {
             assert_eq!(group.recover().unwrap(), Recovery::Clean, "{event}");
         }
     }
+}
+
+/// T23: while one transaction holds its images (paused after preparing), a second group that
+/// shares an image is refused at once, a disjoint group commits in parallel, and the same group
+/// cannot be opened twice; the first transaction then commits.
+#[test]
+fn overlapping_groups_exclude_each_other_and_disjoint_ones_run_in_parallel() {
+    use std::sync::mpsc;
+    let d = disks("txn-concurrent");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let first_dir = d.dir.join("group-a");
+    let first_plan = vec![Action::InternalCreate {
+        image: d.paths[0].clone(),
+        name: "a".into(),
+    }];
+    let first = std::thread::spawn(move || {
+        let hook: qcow2_transaction::Hook = Box::new(move |event| {
+            if event == "prepared" {
+                ready_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }
+            true
+        });
+        let mut group = Group::open_with_hook(&first_dir, Some(hook)).unwrap();
+        group.run(&first_plan)
+    });
+    ready_rx.recv().unwrap();
+    // Another group touching disk0: the image lock refuses it without waiting.
+    let mut other = Group::open(d.dir.join("group-b")).unwrap();
+    let err = other
+        .run(&[
+            Action::InternalCreate {
+                image: d.paths[1].clone(),
+                name: "b".into(),
+            },
+            Action::InternalCreate {
+                image: d.paths[0].clone(),
+                name: "b".into(),
+            },
+        ])
+        .unwrap_err();
+    assert!(err.to_string().contains("locked"), "{err}");
+    // The same group directory: the group lock refuses it.
+    let err = Group::open(d.dir.join("group-a"))
+        .err()
+        .expect("opened twice");
+    assert!(matches!(err, TxnError::GroupLocked(_)), "{err}");
+    // A disjoint group proceeds while the first is still in flight.
+    other
+        .run(&[Action::InternalCreate {
+            image: d.paths[2].clone(),
+            name: "c".into(),
+        }])
+        .unwrap();
+    go_tx.send(()).unwrap();
+    first.join().unwrap().unwrap();
+    let after = view(&d);
+    assert_eq!(after.snapshots[0], ["base", "a"]);
+    assert_eq!(
+        after.snapshots[1],
+        ["base"],
+        "the refused plan changed disk1"
+    );
+    assert_eq!(after.snapshots[2], ["base", "old", "c"]);
+    assert_all_clean(&d);
 }

@@ -466,6 +466,16 @@ impl Image {
             .map(|n| String::from_utf8_lossy(n).into_owned())
     }
 
+    /// The backing file format as recorded in the image (its backing-format extension).
+    pub fn backing_format(&self) -> Option<String> {
+        self.meta()
+            .header
+            .extensions
+            .backing_format
+            .as_ref()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+    }
+
     /// The opened backing image, if the chain was followed and it is qcow2.
     pub fn backing_image(&self) -> Option<&Image> {
         match &self.backing {
