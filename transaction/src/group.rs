@@ -6,17 +6,18 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::image::{SnapshotChange, StagedChange};
-use qcow2::{CreateOptions, Image, Repair};
+use qcow2::image::SnapshotChange;
+use qcow2::{Image, Repair};
 
 use crate::codec::{Reader, Writer};
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::journal::{Journal, Kind};
 use crate::manifest::Manifest;
+use crate::step::{OverlayStep, SnapshotStep, Step};
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +103,6 @@ pub struct Group {
     opened_with: Recovery,
 }
 
-/// What preparing has left behind so far: staged image states and overlay temporary names.
-struct Staging {
-    staged: Vec<Option<StagedChange>>,
-    /// Per member: (temporary, final) overlay names.
-    temps: Vec<Option<(PathBuf, PathBuf)>>,
-}
-
 impl Group {
     /// Opens (creating) the group directory on the host file system, takes its lock and
     /// finishes any interrupted transaction.
@@ -192,30 +186,19 @@ impl Group {
     /// decides from the journal), `CommittedIncomplete` (committed; `recover` finishes it).
     pub fn run(&mut self, actions: &[Action]) -> Result<Outcome, TxnError> {
         self.recover()?;
-        let mut members = validate(&*self.fs, actions)?;
+        let members = validate(&*self.fs, actions)?;
         let txn = new_txn_id();
         let journal_path = self.journal_path();
         let mut journal = self
             .start_journal(txn)
             .map_err(|e| TxnError::Aborted(Box::new(e)))?;
-        let mut staging = Staging {
-            staged: Vec::new(),
-            temps: members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    m.overlay.as_ref().map(|fin| match m.overlay_mode {
-                        OverlayMode::New => (temp_name(fin, &txn, i), fin.clone()),
-                        // An overlay in place already has nothing to create or rename.
-                        OverlayMode::Existing => (fin.clone(), fin.clone()),
-                    })
-                })
-                .collect(),
-        };
-        match self.prepare(&mut journal, &members, &mut staging) {
+        let images: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
+        let overlays: Vec<PathBuf> = members.iter().filter_map(|m| m.overlay.clone()).collect();
+        let (records, mut steps) = plan_steps(members, &txn);
+        match self.prepare(&mut journal, &records, &mut steps) {
             Ok(()) => {}
             Err(e @ TxnError::Interrupted(_)) => return Err(e),
-            Err(e) => return Err(self.abort(&mut journal, &members, staging, e)),
+            Err(e) => return Err(self.abort(&mut journal, &mut steps, e)),
         }
 
         // The commit point. When the record may be half-written, an abort record written over
@@ -224,7 +207,7 @@ impl Group {
         if let Err(e) = journal.append(Kind::Decision, vec![1]) {
             let e = TxnError::io(&journal_path, e);
             return Err(match journal.append(Kind::Decision, vec![0]) {
-                Ok(()) => self.abort(&mut journal, &members, staging, e),
+                Ok(()) => self.abort(&mut journal, &mut steps, e),
                 Err(_) => TxnError::InDoubt(Box::new(e)),
             });
         }
@@ -232,43 +215,20 @@ impl Group {
 
         // Roll forward; failures from here on are finished by recover.
         let incomplete = |e| TxnError::CommittedIncomplete(Box::new(e));
-        let mut manifest = self.manifest().map_err(incomplete)?;
-        let mut overlays = Vec::new();
-        let steps = members.iter().zip(staging.staged).zip(&staging.temps);
-        for (i, ((member, staged), temp)) in steps.enumerate() {
-            if let (Some(img), Some(s)) = (&member.image, staged) {
-                self.fs.event("snapshot_header_switch");
-                img.publish_decided(s)
-                    .map_err(|e| incomplete(TxnError::image(&member.path, e)))?;
-            }
-            if let Some((tmp, fin)) = temp {
-                if tmp != fin {
-                    self.fs.event("overlay_rename");
-                    self.fs
-                        .rename(tmp, fin)
-                        .map_err(|e| incomplete(TxnError::io(fin, e)))?;
-                    self.fs
-                        .sync_dir(parent(fin))
-                        .map_err(|e| incomplete(TxnError::io(fin, e)))?;
-                }
-                manifest.pivot(&member.path, fin);
-                overlays.push(fin.clone());
-            }
+        let original = self.manifest().map_err(incomplete)?;
+        let mut manifest = original.clone();
+        for (i, step) in steps.iter_mut().enumerate() {
+            step.commit(&*self.fs, &mut manifest).map_err(incomplete)?;
             self.event(&format!("published {i}"))?;
         }
-        if !overlays.is_empty() {
+        if manifest != original {
             manifest.generation += 1;
             manifest
                 .store(&*self.fs, &self.manifest_path())
                 .map_err(|e| incomplete(TxnError::io(self.manifest_path(), e)))?;
         }
-        let mut images = Vec::new();
-        for m in members.iter_mut() {
-            if let Some(img) = m.image.take() {
-                img.close()
-                    .map_err(|e| incomplete(TxnError::image(&m.path, e)))?;
-            }
-            images.push(m.path.clone());
+        for step in steps.iter_mut() {
+            step.clean().map_err(incomplete)?;
         }
         self.event("closed")?;
         journal
@@ -290,53 +250,31 @@ impl Group {
         Journal::start(storage, txn).map_err(|e| TxnError::io(&path, e))
     }
 
-    /// Journals every member, then stages every new state (invisible to readers) and creates
-    /// every overlay under its temporary name.
+    /// Journals every member and intent, then prepares every step (in parallel where the file
+    /// system allows: each image is its own file) and journals what recovery needs.
     fn prepare(
         &mut self,
         journal: &mut Journal,
-        members: &[Member],
-        staging: &mut Staging,
+        records: &[Record],
+        steps: &mut [Box<dyn Step>],
     ) -> Result<(), TxnError> {
         let journal_path = self.journal_path();
         let jio = |e| TxnError::io(&journal_path, e);
         journal.append(Kind::Begin, Vec::new()).map_err(jio)?;
-        for (i, m) in members.iter().enumerate() {
-            let before = m
-                .image
-                .as_ref()
-                .map_or([0; 48], |img| img.header_switch_bytes());
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(m.path.as_os_str().as_encoded_bytes())
-                .u64(m.dev)
-                .u64(m.ino)
-                .bytes(&before);
-            journal.append(Kind::Image, w.0).map_err(jio)?;
+        for (kind, payload) in records.iter().filter(|(k, _)| *k == Kind::Image) {
+            journal.append(*kind, payload.clone()).map_err(jio)?;
         }
         self.event("begin")?;
         // Overlay intents come first, so recovery knows which temporary files may exist.
-        for (i, (tmp, fin)) in staging
-            .temps
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
-        {
-            let w = Writer::default()
-                .u64(i as u64)
-                .bytes(tmp.as_os_str().as_encoded_bytes())
-                .bytes(fin.as_os_str().as_encoded_bytes());
-            journal.append(Kind::Overlay, w.0).map_err(jio)?;
+        for (kind, payload) in records.iter().filter(|(k, _)| *k != Kind::Image) {
+            journal.append(*kind, payload.clone()).map_err(jio)?;
         }
-        // Each image is its own file: stage them all at once where the file system allows.
         let fs = &*self.fs;
-        let temps = &staging.temps;
-        let results: Vec<Result<Option<StagedChange>, TxnError>> = if fs.parallel() {
+        let results: Vec<Result<Option<Vec<u8>>, TxnError>> = if fs.parallel() {
             std::thread::scope(|scope| {
-                let handles: Vec<_> = members
-                    .iter()
-                    .zip(temps)
-                    .map(|(m, t)| scope.spawn(move || prepare_one(fs, m, t.as_ref())))
+                let handles: Vec<_> = steps
+                    .iter_mut()
+                    .map(|step| scope.spawn(move || step.prepare(fs)))
                     .collect();
                 handles
                     .into_iter()
@@ -348,64 +286,38 @@ impl Group {
                     .collect()
             })
         } else {
-            members
-                .iter()
-                .zip(temps)
-                .map(|(m, t)| prepare_one(fs, m, t.as_ref()))
-                .collect()
+            steps.iter_mut().map(|step| step.prepare(fs)).collect()
         };
-        let mut failure = None;
+        let mut staged = Vec::new();
         for r in results {
-            match r {
-                Ok(s) => staging.staged.push(s),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    staging.staged.push(None);
-                }
-            }
+            staged.extend(r?);
         }
-        if let Some(e) = failure {
-            return Err(e);
+        for payload in staged {
+            journal.append(Kind::Staged, payload).map_err(jio)?;
         }
-        for (i, s) in staging.staged.iter().enumerate() {
-            if let Some(s) = s {
-                let w = Writer::default()
-                    .u64(i as u64)
-                    .bytes(&s.header_switch)
-                    .u64(s.staged_tables[0])
-                    .u64(s.staged_tables[1]);
-                journal.append(Kind::Staged, w.0).map_err(jio)?;
-            }
-        }
-        for i in 0..members.len() {
+        for i in 0..steps.len() {
             self.event(&format!("prepared {i}"))?;
         }
         journal.append(Kind::Prepared, Vec::new()).map_err(jio)?;
         self.event("prepared")
     }
 
-    /// Rolls back what preparing left, newest first, and closes the journal. Returns the error
+    /// Takes back what preparing built, newest first, and closes the journal. Returns the error
     /// to report: `Aborted` when everything is undone, `AbortIncomplete` when `recover` must
     /// finish (the journal then stays open and recovery rolls back).
     fn abort(
         &mut self,
         journal: &mut Journal,
-        members: &[Member],
-        staging: Staging,
+        steps: &mut [Box<dyn Step>],
         cause: TxnError,
     ) -> TxnError {
         self.fs.event("abort");
         let mut undone = true;
-        for (m, s) in members.iter().zip(staging.staged).rev() {
-            if let (Some(img), Some(s)) = (&m.image, s) {
-                undone &= img.abandon(s).is_ok();
-            }
+        for step in steps.iter_mut().rev() {
+            undone &= step.abort(&*self.fs).is_ok();
         }
-        for (tmp, fin) in staging.temps.iter().flatten().rev() {
-            if tmp != fin && self.fs.exists(tmp) {
-                undone &= self.fs.remove_file(tmp).is_ok();
-                undone &= self.fs.sync_dir(parent(tmp)).is_ok();
-            }
+        for step in steps.iter_mut() {
+            undone &= step.clean().is_ok();
         }
         undone = undone
             && journal.append(Kind::Decision, vec![0]).is_ok()
@@ -596,26 +508,6 @@ fn os_str(bytes: &[u8]) -> std::ffi::OsString {
     std::ffi::OsStr::from_bytes(bytes).to_os_string()
 }
 
-/// Stages one member: its snapshot changes, or its overlay under its temporary name.
-fn prepare_one(
-    fs: &dyn GroupFs,
-    m: &Member,
-    temp: Option<&(PathBuf, PathBuf)>,
-) -> Result<Option<StagedChange>, TxnError> {
-    let img = m.image.as_ref().expect("members are opened");
-    let mut staged = None;
-    if !m.changes.is_empty() {
-        staged = Some(
-            img.stage(&m.changes)
-                .map_err(|e| TxnError::image(&m.path, e))?,
-        );
-    }
-    if let Some((tmp, fin)) = temp.filter(|(tmp, fin)| tmp != fin) {
-        create_overlay(fs, &m.path, img.size(), tmp, fin)?;
-    }
-    Ok(staged)
-}
-
 /// The temporary name of an overlay until the transaction commits: hidden, next to the final
 /// name, unique to the transaction.
 fn temp_name(fin: &Path, txn: &[u8; 16], i: usize) -> PathBuf {
@@ -642,47 +534,6 @@ fn new_txn_id() -> [u8; 16] {
         chunk.copy_from_slice(&h.finish().to_le_bytes());
     }
     id
-}
-
-/// `target` as seen from directory `from` (both absolute): `../x/y.qcow2` and the like.
-fn relative_to(target: &Path, from: &Path) -> PathBuf {
-    let t: Vec<Component> = target.components().collect();
-    let f: Vec<Component> = from.components().collect();
-    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
-    let mut out = PathBuf::new();
-    for _ in common..f.len() {
-        out.push("..");
-    }
-    for c in &t[common..] {
-        out.push(c.as_os_str());
-    }
-    out
-}
-
-/// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place).
-fn create_overlay(
-    fs: &dyn GroupFs,
-    image: &Path,
-    size: u64,
-    tmp: &Path,
-    fin: &Path,
-) -> Result<(), TxnError> {
-    let dir = fs
-        .canonicalize(parent(fin))
-        .map_err(|e| TxnError::io(fin, e))?;
-    let backing = relative_to(image, &dir);
-    fs.event("overlay_create");
-    let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
-    let options = CreateOptions {
-        size,
-        backing_file: Some(backing.to_string_lossy().into_owned()),
-        backing_format: Some("qcow2".into()),
-        ..CreateOptions::default()
-    };
-    let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
-        .map_err(|e| TxnError::image(tmp, e))?;
-    overlay.close().map_err(|e| TxnError::image(tmp, e))?;
-    fs.sync_dir(&dir).map_err(|e| TxnError::io(tmp, e))
 }
 
 /// Checks every action before anything is written, and opens every image in a canonical order.
@@ -871,6 +722,57 @@ fn check_limits(img: &Image, m: &Member, deleted: &[Vec<u8>]) -> Result<(), TxnE
     Ok(())
 }
 
+/// A journal record to write: its kind and payload.
+type Record = (Kind, Vec<u8>);
+
+/// Turns validated members into their journal records (`Image` for each, `Overlay` intents) and
+/// their steps, in lock order.
+fn plan_steps(members: Vec<Member>, txn: &[u8; 16]) -> (Vec<Record>, Vec<Box<dyn Step>>) {
+    let mut records = Vec::new();
+    let mut steps: Vec<Box<dyn Step>> = Vec::new();
+    for (i, m) in members.into_iter().enumerate() {
+        let before = m
+            .image
+            .as_ref()
+            .map_or([0; 48], |img| img.header_switch_bytes());
+        let w = Writer::default()
+            .u64(i as u64)
+            .bytes(m.path.as_os_str().as_encoded_bytes())
+            .u64(m.dev)
+            .u64(m.ino)
+            .bytes(&before);
+        records.push((Kind::Image, w.0));
+        match m.overlay {
+            Some(fin) => {
+                let tmp = match m.overlay_mode {
+                    OverlayMode::New => temp_name(&fin, txn, i),
+                    // An overlay in place already has nothing to create or rename.
+                    OverlayMode::Existing => fin.clone(),
+                };
+                let w = Writer::default()
+                    .u64(i as u64)
+                    .bytes(tmp.as_os_str().as_encoded_bytes())
+                    .bytes(fin.as_os_str().as_encoded_bytes());
+                records.push((Kind::Overlay, w.0));
+                steps.push(Box::new(OverlayStep {
+                    path: m.path,
+                    image: m.image,
+                    tmp,
+                    fin,
+                }));
+            }
+            None => steps.push(Box::new(SnapshotStep {
+                index: i,
+                path: m.path,
+                image: m.image,
+                changes: m.changes,
+                staged: None,
+            })),
+        }
+    }
+    (records, steps)
+}
+
 /// An existing overlay must be a qcow2 image of the same size whose backing file is `image`
 /// (named relative to the overlay, as a qcow2 backing name is), in qcow2 format.
 fn check_existing_overlay(
@@ -962,22 +864,5 @@ fn now() -> qcow2::format::SnapshotTime {
     qcow2::format::SnapshotTime {
         secs: d.as_secs() as i64,
         nanos: d.subsec_micros() * 1000,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_names_walk_up_and_down() {
-        assert_eq!(
-            relative_to(Path::new("/a/b/x.qcow2"), Path::new("/a/b")),
-            PathBuf::from("x.qcow2")
-        );
-        assert_eq!(
-            relative_to(Path::new("/a/b/x.qcow2"), Path::new("/a/c")),
-            PathBuf::from("../b/x.qcow2")
-        );
     }
 }

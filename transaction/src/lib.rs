@@ -15,6 +15,24 @@
 //! [`Group::recover`] (run by [`Group::open`]) rolls back a group without a decision and finishes
 //! one with it, then reconciles refcounts from the published metadata, so it is idempotent and
 //! never replays a decrement.
+//!
+//! Each image's part is a step with prepare, commit, abort and clean (`step.rs`); several actions
+//! on one image merge into one step. Every file goes through a [`fs::GroupFs`], so the recording
+//! [`sim::SimFs`] orders all files' operations in one log for crash tests.
+//!
+//! Where this departs from `shared/TRANSACTIONS.md`:
+//! - the API is one call, [`Group::run`], rather than `begin`/`prepare`/`commit`/`abort`: a
+//!   caller has nothing to do between the phases, and one call cannot leave a half-used handle;
+//! - an abort writes a `Decision(0)` record and `End`; an abort that cannot finish returns
+//!   `AbortIncomplete` and leaves the rollback to `recover`;
+//! - a failed decision write is overwritten with `Decision(0)`; if that fails too, the result is
+//!   `InDoubt` and recovery decides from what reached the disk;
+//! - the foreign-writer marker (a private autoclear bit) is not used: the image locks, the
+//!   journaled (device, inode) and the header's state bytes detect foreign changes, and staged
+//!   tables are checked to be still allocated before a roll-forward;
+//! - with the journal lost, staged clusters are only leaks that `check -r leaks` reclaims;
+//! - an image with the dirty bit is repaired when opened for writing, then takes part;
+//! - snapshot names compare byte for byte, case-sensitively, as QEMU compares them.
 #![forbid(unsafe_code)]
 
 mod codec;
@@ -25,6 +43,7 @@ pub mod journal;
 mod lock;
 pub mod manifest;
 pub mod sim;
+mod step;
 
 pub use error::TxnError;
 pub use group::{Action, Group, Hook, Outcome, OverlayMode, Recovery};

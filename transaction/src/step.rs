@@ -1,0 +1,209 @@
+//! The steps of a transaction, one per image: every kind of action implements [`Step`], and the
+//! group drives them all through the same protocol (as QEMU's transaction actions do):
+//!
+//! - `prepare` builds the new state where no reader sees it (fresh clusters with raised
+//!   refcounts, a temporary overlay file) and says what recovery needs to know about it;
+//! - `commit` publishes it, after the group's decision is durable;
+//! - `abort` takes back what `prepare` built, before any decision;
+//! - `clean` closes what the step holds, whatever the outcome.
+//!
+//! Several actions on one image merge into one step, so they cost one table write and one
+//! header switch.
+
+use std::path::{Path, PathBuf};
+
+use qcow2::image::{SnapshotChange, StagedChange};
+use qcow2::{CreateOptions, Image};
+
+use crate::codec::Writer;
+use crate::error::TxnError;
+use crate::fs::{parent, GroupFs};
+use crate::manifest::Manifest;
+
+/// One image's part of a group transaction.
+pub(crate) trait Step: Send {
+    /// Builds the new state, invisible to readers. Returns the payload of a `Staged` journal
+    /// record when recovery needs one to finish the commit.
+    fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError>;
+    /// Publishes the prepared state (the group decision is durable).
+    fn commit(&mut self, fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError>;
+    /// Takes back what `prepare` built (no decision was made).
+    fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
+    /// Closes the image cleanly.
+    fn clean(&mut self) -> Result<(), TxnError>;
+}
+
+/// Internal snapshot changes of one image: create, delete and revert, merged.
+pub(crate) struct SnapshotStep {
+    pub index: usize,
+    pub path: PathBuf,
+    pub image: Option<Image>,
+    pub changes: Vec<SnapshotChange>,
+    pub staged: Option<StagedChange>,
+}
+
+impl SnapshotStep {
+    fn image(&self) -> &Image {
+        self.image
+            .as_ref()
+            .expect("the image stays open until clean")
+    }
+}
+
+impl Step for SnapshotStep {
+    fn prepare(&mut self, _fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
+        let staged = self
+            .image()
+            .stage(&self.changes)
+            .map_err(|e| TxnError::image(&self.path, e))?;
+        let record = Writer::default()
+            .u64(self.index as u64)
+            .bytes(&staged.header_switch)
+            .u64(staged.staged_tables[0])
+            .u64(staged.staged_tables[1]);
+        self.staged = Some(staged);
+        Ok(Some(record.0))
+    }
+
+    fn commit(&mut self, fs: &dyn GroupFs, _manifest: &mut Manifest) -> Result<(), TxnError> {
+        if let Some(staged) = self.staged.take() {
+            fs.event("snapshot_header_switch");
+            self.image()
+                .publish_decided(staged)
+                .map_err(|e| TxnError::image(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
+        match self.staged.take() {
+            Some(staged) => self
+                .image()
+                .abandon(staged)
+                .map_err(|e| TxnError::image(&self.path, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn clean(&mut self) -> Result<(), TxnError> {
+        match self.image.take() {
+            Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An external snapshot: an overlay backed by the image becomes the disk's top in the manifest.
+/// A new overlay is made under a temporary name and renamed on commit; an existing one (`tmp ==
+/// fin`) is only pivoted to, and never removed.
+pub(crate) struct OverlayStep {
+    pub path: PathBuf,
+    /// Held open (locked) so nobody writes the image while it gets its overlay.
+    pub image: Option<Image>,
+    pub tmp: PathBuf,
+    pub fin: PathBuf,
+}
+
+impl OverlayStep {
+    fn creates(&self) -> bool {
+        self.tmp != self.fin
+    }
+}
+
+impl Step for OverlayStep {
+    fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
+        if self.creates() {
+            let size = self.image.as_ref().map_or(0, Image::size);
+            create_overlay(fs, &self.path, size, &self.tmp, &self.fin)?;
+        }
+        Ok(None)
+    }
+
+    fn commit(&mut self, fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError> {
+        if self.creates() {
+            fs.event("overlay_rename");
+            fs.rename(&self.tmp, &self.fin)
+                .map_err(|e| TxnError::io(&self.fin, e))?;
+            fs.sync_dir(parent(&self.fin))
+                .map_err(|e| TxnError::io(&self.fin, e))?;
+        }
+        manifest.pivot(&self.path, &self.fin);
+        Ok(())
+    }
+
+    fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
+        if self.creates() && fs.exists(&self.tmp) {
+            fs.remove_file(&self.tmp)
+                .map_err(|e| TxnError::io(&self.tmp, e))?;
+            fs.sync_dir(parent(&self.tmp))
+                .map_err(|e| TxnError::io(&self.tmp, e))?;
+        }
+        Ok(())
+    }
+
+    fn clean(&mut self) -> Result<(), TxnError> {
+        match self.image.take() {
+            Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place).
+fn create_overlay(
+    fs: &dyn GroupFs,
+    image: &Path,
+    size: u64,
+    tmp: &Path,
+    fin: &Path,
+) -> Result<(), TxnError> {
+    let dir = fs
+        .canonicalize(parent(fin))
+        .map_err(|e| TxnError::io(fin, e))?;
+    let backing = relative_to(image, &dir);
+    fs.event("overlay_create");
+    let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
+    let options = CreateOptions {
+        size,
+        backing_file: Some(backing.to_string_lossy().into_owned()),
+        backing_format: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
+        .map_err(|e| TxnError::image(tmp, e))?;
+    overlay.close().map_err(|e| TxnError::image(tmp, e))?;
+    fs.sync_dir(&dir).map_err(|e| TxnError::io(tmp, e))
+}
+
+/// `target` as seen from directory `from` (both absolute): `../x/y.qcow2` and the like.
+pub(crate) fn relative_to(target: &Path, from: &Path) -> PathBuf {
+    use std::path::Component;
+    let t: Vec<Component> = target.components().collect();
+    let f: Vec<Component> = from.components().collect();
+    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_walk_up_and_down() {
+        assert_eq!(
+            relative_to(Path::new("/a/b/x.qcow2"), Path::new("/a/b")),
+            PathBuf::from("x.qcow2")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/b/x.qcow2"), Path::new("/a/c")),
+            PathBuf::from("../b/x.qcow2")
+        );
+    }
+}
