@@ -822,3 +822,42 @@ fn unknown_snapshot_extra_data_survives_a_transaction() {
         .unwrap();
     assert_eq!(&kept.extra[64..], &unknown[..]);
 }
+
+/// T14: a foreign `check -r leaks` between the decision and the header switch reclaims the staged
+/// tables (they look leaked). Recovery then refuses to publish a switch to freed clusters: it
+/// stops with `ForeignChange`, touches nothing, and keeps the journal for a later look.
+#[test]
+fn recovery_refuses_to_publish_staged_tables_someone_reclaimed() {
+    let base = setup();
+    let r = record(&base, &revert_plan());
+    let log = r.run.log();
+    let cut = log
+        .iter()
+        .position(|op| *op == FsOp::Event("decided".into()))
+        .unwrap();
+    let crashed = r.run.crash(cut, Survivors::None);
+    // The foreign repair, on the image recovery looks at last.
+    let d2 = path("d2.qcow2");
+    let storage = crashed.open_existing(&d2).unwrap();
+    let img = Image::from_storage(storage, "foreign", &OpenOptions::read_write()).unwrap();
+    let report = img.check_and_repair(qcow2::Repair::Leaks).unwrap();
+    assert!(report.leaks_fixed > 0, "the staged state looked leaked");
+    img.close().unwrap();
+    let before = crashed.settled();
+    let err = open_group(&before).err().expect("recovery went ahead");
+    assert!(
+        matches!(&err, TxnError::ForeignChange { reason, .. } if reason.contains("reclaimed")),
+        "{err}"
+    );
+    let writes = before
+        .log()
+        .into_iter()
+        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+        .count();
+    assert_eq!(writes, 0, "recovery wrote after finding a foreign change");
+    let journal = before.file(&Path::new(GROUP).join("txn.journal")).unwrap();
+    assert!(
+        !read_all(&journal).unwrap().is_empty(),
+        "the journal was dropped"
+    );
+}
