@@ -54,6 +54,10 @@ pub trait GroupFs: Send + Sync {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes a directory's entries (created, renamed, removed names) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Bytes free for an unprivileged writer on the file system holding `path`, when known.
+    fn free_space(&self, _path: &Path) -> Option<u64> {
+        None
+    }
     /// Whether a name exists.
     fn exists(&self, path: &Path) -> bool {
         self.stat(path).is_ok()
@@ -148,6 +152,11 @@ impl GroupFs for RealFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    fn free_space(&self, path: &Path) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(path).ok()?;
+        Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
     }
 }
 

@@ -681,11 +681,13 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
             .open_image(&m.path)
             .map_err(|e| TxnError::image(&m.path, e))?;
         check_member(&img, m)?;
+        m.image = Some(img);
+        let img = m.image.as_ref().expect("just opened");
         if let (Some(overlay), OverlayMode::Existing) = (&m.overlay, m.overlay_mode) {
             check_existing_overlay(fs, overlay, &m.path, img.size())?;
         }
-        m.image = Some(img);
     }
+    check_space(fs, &members)?;
     Ok(members)
 }
 
@@ -730,6 +732,50 @@ fn check_limits(img: &Image, m: &Member, deleted: &[Vec<u8>]) -> Result<(), TxnE
         return Err(invalid(format!(
             "the snapshot table would take {table} bytes, more than the limit of {MAX_SNAPSHOTS_SIZE}"
         )));
+    }
+    Ok(())
+}
+
+/// Refuses a plan the file systems plainly have no room for (statvfs), before any write. The
+/// estimate is generous: per image, fresh copies of its L1 and snapshot tables with room for
+/// the new entries and a few refcount blocks; per new overlay, its first clusters.
+fn check_space(fs: &dyn GroupFs, members: &[Member]) -> Result<(), TxnError> {
+    let mut need: Vec<(u64, &Path, u64)> = Vec::new();
+    for m in members {
+        let Some(img) = &m.image else { continue };
+        let cs = img.cluster_size();
+        let round = |bytes: u64| bytes.div_ceil(cs) * cs;
+        let (dev, place, bytes) = match (&m.overlay, m.overlay_mode) {
+            (Some(overlay), OverlayMode::New) => {
+                let dev = fs.stat(parent(overlay)).map_or(m.dev, |id| id.dev);
+                (dev, overlay.as_path(), 4 << 16)
+            }
+            (Some(_), OverlayMode::Existing) => continue,
+            (None, _) => {
+                let table = qcow2::format::snapshot::encode_table(&img.snapshot_entries()).len();
+                let new_entries = 1024 * m.changes.len() as u64;
+                let l1 = u64::from(img.header().l1_size) * 8;
+                let bytes = round(l1) + round(table as u64 + new_entries) + 4 * cs;
+                (m.dev, m.path.as_path(), bytes)
+            }
+        };
+        match need.iter_mut().find(|(d, _, _)| *d == dev) {
+            Some(entry) => entry.2 += bytes,
+            None => need.push((dev, place, bytes)),
+        }
+    }
+    for (_, place, bytes) in need {
+        if let Some(free) = fs.free_space(parent(place)) {
+            if free < bytes {
+                return Err(TxnError::Invalid {
+                    image: place.to_path_buf(),
+                    reason: format!(
+                        "not enough space: the transaction needs about {bytes} bytes here, \
+                         {free} are free"
+                    ),
+                });
+            }
+        }
     }
     Ok(())
 }

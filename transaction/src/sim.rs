@@ -117,6 +117,8 @@ struct State {
     /// Directory syncs seen so far, and the one to skip (a mutation test of the sync calls).
     syncs: usize,
     skip_sync: Option<usize>,
+    /// What `free_space` reports (unknown when `None`).
+    free: Option<u64>,
 }
 
 impl State {
@@ -218,6 +220,11 @@ impl SimFs {
     /// Arms a fault (replacing any other), or disarms with `None`.
     pub fn inject(&self, fault: Option<Fault>) {
         self.state().fault = fault;
+    }
+
+    /// Sets the free space the file system reports to validation.
+    pub fn set_free_space(&self, bytes: Option<u64>) {
+        self.state().free = bytes;
     }
 
     /// Makes the `n`-th directory sync (counting from 0) do nothing, as if the call were
@@ -604,6 +611,10 @@ impl GroupFs for SimFs {
 
     fn parallel(&self) -> bool {
         false
+    }
+
+    fn free_space(&self, _path: &Path) -> Option<u64> {
+        self.state().free
     }
 }
 

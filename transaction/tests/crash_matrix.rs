@@ -861,3 +861,24 @@ fn recovery_refuses_to_publish_staged_tables_someone_reclaimed() {
         "the journal was dropped"
     );
 }
+
+/// T3: when the file system plainly lacks room (statvfs), validation refuses before any write;
+/// with room, the same plan commits.
+#[test]
+fn a_plan_the_disk_has_no_room_for_is_refused_before_any_write() {
+    let fs = setup();
+    fs.set_free_space(Some(100_000));
+    let err = open_group(&fs).unwrap().run(&mixed_plan()).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("not enough space")),
+        "{err}"
+    );
+    let writes = fs
+        .log()
+        .into_iter()
+        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+        .count();
+    assert_eq!(writes, 0, "refused after writing");
+    fs.set_free_space(Some(64 << 20));
+    open_group(&fs).unwrap().run(&mixed_plan()).unwrap();
+}
