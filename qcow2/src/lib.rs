@@ -18,7 +18,7 @@ pub mod storage;
 
 pub use error::{ChainProblem, Error, Result};
 pub use image::{
-    BackingPolicy, CheckReport, CreateOptions, Extent, ExtentKind, Image, ImageInfo, OpenOptions,
-    Preallocation, Repair, SnapshotInfo, SnapshotView,
+    BackingPolicy, CheckReport, CommitOptions, CreateOptions, Extent, ExtentKind, Image, ImageInfo,
+    NewBacking, OpenOptions, Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
