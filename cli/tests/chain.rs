@@ -205,7 +205,10 @@ fn v2_top(dir: &Path) -> Chain {
     }
 }
 
-const SCENARIOS: &[(&str, fn(&Path) -> Chain)] = &[
+/// Builds a chain in a directory.
+type Build = fn(&Path) -> Chain;
+
+const SCENARIOS: &[(&str, Build)] = &[
     ("qcow2 chain", qcow2_chain),
     ("raw base", raw_base),
     ("v2 top", v2_top),
