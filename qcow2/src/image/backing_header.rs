@@ -205,3 +205,74 @@ impl Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::storage::{RecordingStorage, Storage, StorageExt};
+    use crate::{CreateOptions, Image, RebaseOptions};
+
+    fn image(cluster_size: u64, backing: &str) -> (Arc<RecordingStorage>, Image) {
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let options = CreateOptions {
+            size: 1 << 20,
+            cluster_size,
+            backing_file: Some(backing.to_string()),
+            backing_format: Some("qcow2".into()),
+            ..CreateOptions::default()
+        };
+        let image = Image::create_in(Box::new(store.clone()), "t", &options).unwrap();
+        (store, image)
+    }
+
+    fn header_only(name: Option<&str>, format: Option<&str>) -> RebaseOptions {
+        RebaseOptions {
+            name: name.map(str::to_string),
+            format: format.map(str::to_string),
+            header_only: true,
+        }
+    }
+
+    #[test]
+    fn the_rewritten_cluster_zero_is_what_qemu_would_write() {
+        let (store, mut image) = image(65536, "old-backing.qcow2");
+        let options = header_only(Some("a/much/longer/new/backing/name.raw"), Some("raw"));
+        image.rebase(&options, None, &mut |_, _| {}).unwrap();
+        let mut cluster0 = vec![0u8; 65536];
+        store.read_exact_at(&mut cluster0, 0).unwrap();
+        let mut expected = image.header().encode().unwrap();
+        expected.resize(65536, 0);
+        assert!(cluster0 == expected, "staging bytes are left in cluster 0");
+        assert_eq!(
+            image.backing_file_name().as_deref(),
+            Some("a/much/longer/new/backing/name.raw")
+        );
+    }
+
+    #[test]
+    fn no_room_to_stage_the_names_is_refused_before_any_write() {
+        let old = "o".repeat(150);
+        let (store, mut image) = image(512, &old);
+        let before = store.op_count();
+        let options = header_only(Some(&"n".repeat(300)), Some("qcow2"));
+        let err = image.rebase(&options, None, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("no room"), "{err}");
+        let writes = store.ops()[before..]
+            .iter()
+            .filter(|op| matches!(op, crate::storage::recording::Op::Write { .. }))
+            .count();
+        assert_eq!(writes, 0);
+        assert_eq!(image.backing_file_name(), Some(old));
+        assert!(store.len().unwrap() > 0);
+    }
+
+    #[test]
+    fn overlong_names_are_refused() {
+        let (_, mut image) = image(65536, "b.qcow2");
+        let options = header_only(Some(&"n".repeat(1024)), Some("qcow2"));
+        assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
+        let options = header_only(Some("b"), Some(&"f".repeat(16)));
+        assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
+    }
+}
