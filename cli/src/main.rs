@@ -5,6 +5,7 @@
 
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -14,6 +15,7 @@ mod map;
 mod opts;
 mod output;
 mod progress;
+mod rebase;
 mod resize;
 mod size;
 mod snapshot;
@@ -47,6 +49,10 @@ enum Command {
     Convert(convert::Args),
     /// Change the virtual size, as qemu-img resize.
     Resize(resize::Args),
+    /// Merge an image into its backing file (or a deeper base), as qemu-img commit.
+    Commit(commit::Args),
+    /// Change the backing file (copying what would change unless -u), as qemu-img rebase.
+    Rebase(rebase::Args),
     /// Compare the guest contents of two images, as qemu-img compare.
     Compare(compare::Args),
     /// List internal snapshots, as qemu-img snapshot.
@@ -84,6 +90,8 @@ fn main() {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Commit(args) => commit::run(args),
+        Command::Rebase(args) => rebase::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Snapshot(args) => snapshot::run(args),
         Command::Transaction(args) => transaction::run(args),

@@ -50,13 +50,24 @@ pub(crate) fn open_chain(
     options: &OpenOptions,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Image> {
+    open_chain_writable_at(path, options, chain, None)
+}
+
+/// As [`open_chain`], but the image at depth `writable_depth` of the chain (0 is `path` itself)
+/// opens for writing too: the target of a commit.
+pub(crate) fn open_chain_writable_at(
+    path: &Path,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+) -> Result<Image> {
     let name = path.display().to_string();
     let storage = open_locked(path, options.writable, options, &name, "the image")?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
     let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
     if options.backing != BackingPolicy::Ignore {
-        attach_files(&mut image, &canonical, options, chain)?;
+        attach_files(&mut image, &canonical, options, chain, writable_depth)?;
     }
     if options.writable {
         image.enable_writes()?;
@@ -70,7 +81,10 @@ fn attach_files(
     canonical: &Path,
     options: &OpenOptions,
     chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
 ) -> Result<()> {
+    // The image being attached to sits at depth `chain.len()`.
+    let backing_writable = writable_depth == Some(chain.len() + 1);
     if let Some(data_name) = image.data_file_name.clone() {
         let data_path = permitted(image, "data", &data_name, options)?;
         let storage = open_locked(
@@ -137,17 +151,17 @@ fn attach_files(
     };
     let backing = if is_qcow2 {
         chain.push(canonical.to_path_buf());
-        let read_only = OpenOptions {
-            writable: false,
+        let below_options = OpenOptions {
+            writable: backing_writable,
             ..options.clone()
         };
-        let below = open_chain(&backing_path, &read_only, chain);
+        let below = open_chain_writable_at(&backing_path, &below_options, chain, writable_depth);
         chain.pop();
         Backing::Qcow2(Box::new(below?))
     } else {
         let storage = open_locked(
             &backing_path,
-            false,
+            backing_writable,
             options,
             &image.name,
             &format!("the backing file {backing_name:?}"),
@@ -210,10 +224,21 @@ impl Image {
     /// Reads guest bytes of an unallocated range from the backing chain; zeros where there is no
     /// backing file or past its end.
     pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(backing) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
+        match &self.backing {
+            Some(backing) => backing.read(&self.name, buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Backing {
+    /// Reads guest bytes at `offset`; past the end they read as zeros. `above` names the image
+    /// this one backs, for messages.
+    pub(crate) fn read(&self, above: &str, buf: &mut [u8], offset: u64) -> Result<()> {
+        let backing = self;
         let size = backing.size();
         let available = size.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (inside, past_end) = buf.split_at_mut(available);
@@ -230,7 +255,7 @@ impl Image {
                 use crate::storage::StorageExt;
                 storage
                     .read_zero_filled_at(inside, offset)
-                    .map_err(|e| Error::io(&self.name, "reading the raw backing file", e))
+                    .map_err(|e| Error::io(above, "reading the raw backing file", e))
             }
         }
     }

@@ -9,14 +9,18 @@
 //!   `refcounts` allocates and grows refcount structures; `writeback` orders cached metadata on
 //!   its way to disk; `guard` refuses writes onto metadata; `host` wraps positioned I/O;
 //! - `repair` (check -r) and `snapshot_ops` (create, delete, apply; staged and published by one
-//!   header write).
+//!   header write);
+//! - chains: `commit` (merge into a base, then empty the top), `rebase` (new backing file, copying
+//!   what would change), `backing_header` (crash-safe switch of the backing name and format).
 //!
 //! Open validation lives here.
 
 mod backing;
+mod backing_header;
 mod check;
 mod cluster_map;
 mod codec;
+mod commit;
 mod compress;
 mod create;
 mod guard;
@@ -25,6 +29,7 @@ mod info;
 mod l2_cache;
 mod layer;
 mod map;
+mod rebase;
 mod refcounts;
 mod repair;
 mod resize;
@@ -38,9 +43,11 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
 pub use check::CheckReport;
+pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use info::{ImageInfo, SnapshotInfo};
 pub use map::{Extent, ExtentKind};
+pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
 pub use snapshot_ops::{SnapshotChange, StagedChange};

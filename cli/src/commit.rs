@@ -1,0 +1,90 @@
+//! `commit`: merges an image into a base below it, as `qemu-img commit`. Without `-b` the data
+//! goes into the backing file and the image is emptied afterwards (unless `-d`); with `-b BASE`
+//! every layer above BASE is committed into it and no image is emptied (qemu-img's behaviour).
+
+use std::path::{Path, PathBuf};
+
+use qcow2::{CommitOptions, Image, OpenOptions};
+
+use crate::progress::Progress;
+use crate::source::{format_of, CmdResult, Failure, Format};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The image to commit into (default: the backing file); implies -d.
+    #[arg(short = 'b')]
+    base: Option<PathBuf>,
+    /// Keep the image's content instead of emptying it.
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: no `Image committed.` line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image format (qcow2).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    file: PathBuf,
+}
+
+/// The depth of `base` in the chain below `file`, matched as a path given on the command line
+/// or as a name relative to the image.
+fn base_depth(file: &Path, base: &Path) -> Result<u32, String> {
+    let not_found = || {
+        format!(
+            "Did not find '{}' in the backing chain of '{}'",
+            base.display(),
+            file.display()
+        )
+    };
+    let chain = Image::chain_paths(file, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let wanted: Vec<PathBuf> = [
+        base.to_path_buf(),
+        qcow2::image::resolve_relative(file, &base.to_string_lossy()),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::canonicalize(p).ok())
+    .collect();
+    chain
+        .iter()
+        .position(|p| std::fs::canonicalize(p).is_ok_and(|c| wanted.contains(&c)))
+        .map(|i| i as u32 + 1)
+        .ok_or_else(not_found)
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let fail = |m: String| Failure::new(1, m);
+    let format = format_of(&args.file, args.format.as_deref()).map_err(fail)?;
+    if format == Format::Raw {
+        return Err(fail("Image does not have a backing file".into()));
+    }
+    let name = args.file.display().to_string();
+    let probe = Image::open(&args.file, &OpenOptions::metadata_only())
+        .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
+    if probe.backing_file_name().is_none() {
+        return Err(fail("Image does not have a backing file".into()));
+    }
+    drop(probe);
+    let base_depth = match &args.base {
+        Some(base) => base_depth(&args.file, base).map_err(fail)?,
+        None => 1,
+    };
+    let options = CommitOptions {
+        base_depth,
+        empty_top: !args.keep && args.base.is_none(),
+    };
+    let image = Image::open_for_commit(&args.file, &OpenOptions::default(), &options)
+        .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
+    let mut progress = Progress::new(args.progress);
+    image
+        .commit(&options, &mut |done, total| progress.update(done, total))
+        .map_err(|e| fail(format!("Block job failed: {e}")))?;
+    progress.finish();
+    image.close().map_err(|e| fail(e.to_string()))?;
+    if !args.quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
