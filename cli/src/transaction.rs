@@ -82,6 +82,9 @@ pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), Str
                     mode,
                 }
             }
+            "blockdev-snapshot-delete-external" => Action::ExternalDelete {
+                image: path(data, "image", i)?,
+            },
             other => return Err(format!("action {i}: unknown type {other:?}")),
         });
     }
@@ -166,6 +169,12 @@ fn describe(a: &Action) -> String {
                 "{}: existing overlay {}",
                 image.display(),
                 overlay.display()
+            )
+        }
+        Action::ExternalDelete { image } => {
+            format!(
+                "{}: merged into its backing file and removed",
+                image.display()
             )
         }
     }

@@ -38,6 +38,9 @@ pub trait GroupFs: Send + Sync {
     /// Opens an existing qcow2 image for writing, alone (its backing chain is not needed to
     /// stage snapshots), with the image locks QEMU uses.
     fn open_image(&self, path: &Path) -> qcow2::Result<Image>;
+    /// Opens an overlay read-only over its backing file opened writable, to merge the overlay
+    /// into it (`Image::commit`).
+    fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image>;
     /// Creates a new, empty file; fails if the name exists.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
     /// Opens an existing file for reading and writing.
@@ -111,6 +114,18 @@ impl GroupFs for RealFs {
                 ..OpenOptions::default()
             },
         )
+    }
+
+    fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
+        let options = OpenOptions {
+            backing: BackingPolicy::Follow,
+            ..OpenOptions::default()
+        };
+        let commit = qcow2::image::CommitOptions {
+            base_depth: 1,
+            empty_top: false,
+        };
+        Image::open_for_commit(path, &options, &commit)
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn Storage>> {

@@ -17,7 +17,7 @@ use crate::error::TxnError;
 use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::journal::{Journal, Kind};
 use crate::manifest::Manifest;
-use crate::step::{OverlayStep, SnapshotStep, Step};
+use crate::step::{OverlayStep, RetireStep, SnapshotStep, Step};
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub enum Action {
         overlay: PathBuf,
         mode: OverlayMode,
     },
+    /// `blockdev-snapshot-delete-external`: merge the overlay `image` into its backing file,
+    /// make the backing file the disk's top in the manifest, and remove the overlay.
+    ExternalDelete { image: PathBuf },
 }
 
 /// Where an external snapshot's overlay comes from (QMP's `NewImageMode`).
@@ -53,7 +56,8 @@ impl Action {
             Action::InternalCreate { image, .. }
             | Action::InternalDelete { image, .. }
             | Action::InternalRevert { image, .. }
-            | Action::ExternalCreate { image, .. } => image,
+            | Action::ExternalCreate { image, .. }
+            | Action::ExternalDelete { image } => image,
         }
     }
 }
@@ -89,6 +93,8 @@ struct Member {
     changes: Vec<SnapshotChange>,
     overlay: Option<PathBuf>,
     overlay_mode: OverlayMode,
+    /// For `ExternalDelete`: this image is an overlay to merge into its backing file, and go.
+    retire: bool,
 }
 
 /// Named points in a transaction, where tests can simulate a power cut.
@@ -186,7 +192,7 @@ impl Group {
     /// decides from the journal), `CommittedIncomplete` (committed; `recover` finishes it).
     pub fn run(&mut self, actions: &[Action]) -> Result<Outcome, TxnError> {
         self.recover()?;
-        let members = validate(&*self.fs, actions)?;
+        let members = validate(&*self.fs, actions, &self.manifest()?)?;
         let txn = new_txn_id();
         let journal_path = self.journal_path();
         let mut journal = self
@@ -194,7 +200,7 @@ impl Group {
             .map_err(|e| TxnError::Aborted(Box::new(e)))?;
         let images: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
         let overlays: Vec<PathBuf> = members.iter().filter_map(|m| m.overlay.clone()).collect();
-        let (records, mut steps) = plan_steps(members, &txn);
+        let (records, mut steps) = plan_steps(&*self.fs, members, &txn);
         match self.prepare(&mut journal, &records, &mut steps) {
             Ok(()) => {}
             Err(e @ TxnError::Interrupted(_)) => return Err(e),
@@ -228,7 +234,7 @@ impl Group {
                 .map_err(|e| incomplete(TxnError::io(self.manifest_path(), e)))?;
         }
         for step in steps.iter_mut() {
-            step.clean().map_err(incomplete)?;
+            step.clean(&*self.fs).map_err(incomplete)?;
         }
         self.event("closed")?;
         journal
@@ -317,7 +323,7 @@ impl Group {
             undone &= step.abort(&*self.fs).is_ok();
         }
         for step in steps.iter_mut() {
-            undone &= step.clean().is_ok();
+            undone &= step.clean(&*self.fs).is_ok();
         }
         undone = undone
             && journal.append(Kind::Decision, vec![0]).is_ok()
@@ -358,6 +364,7 @@ impl Group {
         let mut images = Vec::new();
         let mut staged = std::collections::HashMap::new();
         let mut overlays = std::collections::HashMap::new();
+        let mut retires = std::collections::HashMap::new();
         for r in &records {
             let mut rd = Reader(&r.payload);
             match r.kind {
@@ -376,6 +383,14 @@ impl Group {
                     let table = rd.u64().ok_or_else(|| bad("staged"))?;
                     staged.insert(i, (after, [l1, table]));
                 }
+                Kind::Retire => {
+                    let i = rd.u64().ok_or_else(|| bad("retire"))?;
+                    let top = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("retire"))?));
+                    let base = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("retire"))?));
+                    let dev = rd.u64().ok_or_else(|| bad("retire"))?;
+                    let ino = rd.u64().ok_or_else(|| bad("retire"))?;
+                    retires.insert(i, (top, base, dev, ino));
+                }
                 Kind::Overlay => {
                     let i = rd.u64().ok_or_else(|| bad("overlay"))?;
                     let tmp = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("overlay"))?));
@@ -385,10 +400,25 @@ impl Group {
                 _ => {}
             }
         }
+        // An overlay removed after a committed delete is gone for good.
+        let gone =
+            |i: &u64, path: &Path| commit && retires.contains_key(i) && !self.fs.exists(path);
+        let images: Vec<_> = images
+            .into_iter()
+            .filter(|(i, path, ..)| !gone(i, path))
+            .collect();
         // Every image must still be the file the transaction began with before any is touched.
-        for (_, path, dev, ino, _) in &images {
+        let bases = retires
+            .values()
+            .map(|(_, base, dev, ino)| (base.clone(), *dev, *ino));
+        for (path, dev, ino) in images
+            .iter()
+            .map(|(_, p, dev, ino, _)| (p.clone(), *dev, *ino))
+            .chain(bases)
+        {
+            let path = &path;
             let id = self.fs.stat(path).map_err(|e| TxnError::io(path, e))?;
-            if (id.dev, id.ino) != (*dev, *ino) {
+            if (id.dev, id.ino) != (dev, ino) {
                 return Err(TxnError::ForeignChange {
                     image: path.clone(),
                     reason: "the file was replaced".into(),
@@ -487,11 +517,52 @@ impl Group {
                 }
             }
         }
+        // Merged overlays: the backing file holds their data in full once preparing finished, but
+        // a cut while merging can leave it clusters to take back; after a commit the disk's top
+        // is the backing file and the overlay goes.
+        let mut remove = Vec::new();
+        for (top, base, _, _) in retires.values() {
+            if is_qcow2(&*self.fs, base) {
+                let img = self
+                    .fs
+                    .open_image(base)
+                    .map_err(|e| TxnError::image(base, e))?;
+                let report = img
+                    .check_and_repair(Repair::Leaks)
+                    .map_err(|e| TxnError::image(base, e))?;
+                if !report.is_clean() {
+                    return Err(TxnError::image(
+                        base,
+                        qcow2::Error::InvalidArgument {
+                            image: base.display().to_string(),
+                            reason: format!(
+                                "still inconsistent after reconciliation: {:?}",
+                                report.messages
+                            ),
+                        },
+                    ));
+                }
+                img.close().map_err(|e| TxnError::image(base, e))?;
+            }
+            if commit {
+                if !manifest.disks.iter().any(|(_, t)| t == base) {
+                    manifest.pivot(top, base);
+                    pivoted = true;
+                }
+                remove.push(top.clone());
+            }
+        }
         if pivoted {
             manifest.generation += 1;
             manifest
                 .store(&*self.fs, &self.manifest_path())
                 .map_err(|e| TxnError::io(self.manifest_path(), e))?;
+        }
+        for top in remove.iter().filter(|t| self.fs.exists(t)) {
+            self.fs.remove_file(top).map_err(|e| TxnError::io(top, e))?;
+            self.fs
+                .sync_dir(parent(top))
+                .map_err(|e| TxnError::io(top, e))?;
         }
         // A power cut inside `Manifest::store` can leave its temporary file behind.
         let stray = Manifest::temp_path(&self.manifest_path());
@@ -549,7 +620,11 @@ fn new_txn_id() -> [u8; 16] {
 }
 
 /// Checks every action before anything is written, and opens every image in a canonical order.
-fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnError> {
+fn validate(
+    fs: &dyn GroupFs,
+    actions: &[Action],
+    manifest: &Manifest,
+) -> Result<Vec<Member>, TxnError> {
     let invalid = |image: &Path, reason: String| TxnError::Invalid {
         image: image.to_path_buf(),
         reason,
@@ -591,6 +666,7 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
                     changes: Vec::new(),
                     overlay: None,
                     overlay_mode: OverlayMode::New,
+                    retire: false,
                 });
                 members.len() - 1
             }
@@ -638,6 +714,20 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
                 m.overlay = Some(dir.join(name));
                 m.overlay_mode = *mode;
             }
+            Action::ExternalDelete { .. } => {
+                if m.retire {
+                    return Err(invalid(given, "the overlay is deleted twice".into()));
+                }
+                m.retire = true;
+            }
+        }
+    }
+    for m in &members {
+        if m.retire && (m.overlay.is_some() || !m.changes.is_empty()) {
+            return Err(invalid(
+                &m.path,
+                "an overlay that is deleted cannot take other actions in the same plan".into(),
+            ));
         }
     }
     // Overlays: a free path, not an image of the group.
@@ -677,9 +767,12 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
     // Open in a canonical order (device, inode) so two groups never deadlock on image locks.
     members.sort_by_key(|m| (m.dev, m.ino));
     for m in members.iter_mut() {
-        let img = fs
-            .open_image(&m.path)
-            .map_err(|e| TxnError::image(&m.path, e))?;
+        let img = if m.retire {
+            fs.open_for_commit(&m.path)
+        } else {
+            fs.open_image(&m.path)
+        }
+        .map_err(|e| TxnError::image(&m.path, e))?;
         check_member(&img, m)?;
         m.image = Some(img);
         let img = m.image.as_ref().expect("just opened");
@@ -688,6 +781,9 @@ fn validate(fs: &dyn GroupFs, actions: &[Action]) -> Result<Vec<Member>, TxnErro
         }
     }
     check_space(fs, &members)?;
+    for m in members.iter().filter(|m| m.retire) {
+        check_retire(fs, m, &members, manifest)?;
+    }
     Ok(members)
 }
 
@@ -780,12 +876,83 @@ fn check_space(fs: &dyn GroupFs, members: &[Member]) -> Result<(), TxnError> {
     Ok(())
 }
 
+/// Where an overlay's backing file is, by the name its header gives.
+fn backing_path(fs: &dyn GroupFs, overlay: &Path, img: &Image) -> Option<PathBuf> {
+    let name = img.backing_file_name()?;
+    fs.canonicalize(&parent(overlay).join(name)).ok()
+}
+
+/// An overlay to delete must have a backing file to merge into that no other action of the plan
+/// changes, no internal snapshots (they would go with it), and no image of the group (in the plan
+/// or the manifest) may still be backed by it.
+fn check_retire(
+    fs: &dyn GroupFs,
+    m: &Member,
+    members: &[Member],
+    manifest: &Manifest,
+) -> Result<(), TxnError> {
+    let invalid = |reason: String| TxnError::Invalid {
+        image: m.path.clone(),
+        reason,
+    };
+    let img = m.image.as_ref().expect("members are opened");
+    let base = backing_path(fs, &m.path, img)
+        .ok_or_else(|| invalid("has no backing file to merge into".into()))?;
+    if members.iter().any(|o| o.path == base) {
+        return Err(invalid(format!(
+            "its backing file {} is changed by another action of the plan",
+            base.display()
+        )));
+    }
+    if !img.snapshot_entries().is_empty() {
+        return Err(invalid(
+            "has internal snapshots, which deleting the overlay would lose".into(),
+        ));
+    }
+    let others = members
+        .iter()
+        .filter(|o| o.path != m.path)
+        .map(|o| o.path.clone())
+        .chain(manifest.disks.iter().map(|(_, top)| top.clone()));
+    for other in others {
+        let Ok(storage) = fs.open_existing(&other) else {
+            continue;
+        };
+        let options = qcow2::OpenOptions {
+            backing: qcow2::BackingPolicy::Ignore,
+            ..qcow2::OpenOptions::default()
+        };
+        let Ok(o) = Image::from_storage(storage, &other.display().to_string(), &options) else {
+            continue;
+        };
+        if backing_path(fs, &other, &o).as_deref() == Some(m.path.as_path()) {
+            return Err(invalid(format!(
+                "{} is still backed by it",
+                other.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the file at `path` starts with the qcow2 magic.
+fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    fs.open_existing(path)
+        .and_then(|s| s.read_at(&mut magic, 0))
+        .is_ok_and(|n| n == 4 && magic == *b"QFI\xfb")
+}
+
 /// A journal record to write: its kind and payload.
 type Record = (Kind, Vec<u8>);
 
 /// Turns validated members into their journal records (`Image` for each, `Overlay` intents) and
 /// their steps, in lock order.
-fn plan_steps(members: Vec<Member>, txn: &[u8; 16]) -> (Vec<Record>, Vec<Box<dyn Step>>) {
+fn plan_steps(
+    fs: &dyn GroupFs,
+    members: Vec<Member>,
+    txn: &[u8; 16],
+) -> (Vec<Record>, Vec<Box<dyn Step>>) {
     let mut records = Vec::new();
     let mut steps: Vec<Box<dyn Step>> = Vec::new();
     for (i, m) in members.into_iter().enumerate() {
@@ -800,6 +967,26 @@ fn plan_steps(members: Vec<Member>, txn: &[u8; 16]) -> (Vec<Record>, Vec<Box<dyn
             .u64(m.ino)
             .bytes(&before);
         records.push((Kind::Image, w.0));
+        if m.retire {
+            let img = m.image.expect("members are opened");
+            // Validation found the backing file, so it resolves.
+            let base = backing_path(fs, &m.path, &img).unwrap_or_default();
+            let id = fs.stat(&base).map_or((0, 0), |id| (id.dev, id.ino));
+            let w = Writer::default()
+                .u64(i as u64)
+                .bytes(m.path.as_os_str().as_encoded_bytes())
+                .bytes(base.as_os_str().as_encoded_bytes())
+                .u64(id.0)
+                .u64(id.1);
+            records.push((Kind::Retire, w.0));
+            steps.push(Box::new(RetireStep {
+                path: m.path,
+                base,
+                image: Some(img),
+                committed: false,
+            }));
+            continue;
+        }
         match m.overlay {
             Some(fin) => {
                 let tmp = match m.overlay_mode {

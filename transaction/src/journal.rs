@@ -29,6 +29,8 @@ pub enum Kind {
     Prepared = 5,
     Decision = 6,
     End = 7,
+    /// An overlay merged into its backing file and removed (external snapshot delete).
+    Retire = 8,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             5 => Kind::Prepared,
             6 => Kind::Decision,
             7 => Kind::End,
+            8 => Kind::Retire,
             _ => return None,
         })
     }

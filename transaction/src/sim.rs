@@ -520,6 +520,30 @@ impl GroupFs for SimFs {
         )
     }
 
+    fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
+        let name = path.display().to_string();
+        let io = |e| qcow2::Error::io(&name, "opening the image", e);
+        let alone = |writable| OpenOptions {
+            writable,
+            backing: BackingPolicy::Ignore,
+            ..OpenOptions::default()
+        };
+        let mut top =
+            Image::from_storage(self.open_existing(path).map_err(io)?, &name, &alone(false))?;
+        let Some(backing) = top.backing_file_name() else {
+            return Ok(top);
+        };
+        let base_path = normalize(&parent(&normalize(path)).join(&backing));
+        let storage = self.open_existing(&base_path).map_err(io)?;
+        if top.backing_format().as_deref() == Some("raw") {
+            top.attach_raw_backing(storage)?;
+        } else {
+            let base_name = base_path.display().to_string();
+            top.attach_backing(Image::from_storage(storage, &base_name, &alone(true))?);
+        }
+        Ok(top)
+    }
+
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
         let p = normalize(path);
         let mut s = self.state();

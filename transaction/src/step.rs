@@ -29,8 +29,8 @@ pub(crate) trait Step: Send {
     fn commit(&mut self, fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError>;
     /// Takes back what `prepare` built (no decision was made).
     fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
-    /// Closes the image cleanly.
-    fn clean(&mut self) -> Result<(), TxnError>;
+    /// Closes the image cleanly, and after a commit removes what the step made obsolete.
+    fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
 }
 
 /// Internal snapshot changes of one image: create, delete and revert, merged.
@@ -85,7 +85,7 @@ impl Step for SnapshotStep {
         }
     }
 
-    fn clean(&mut self) -> Result<(), TxnError> {
+    fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
         match self.image.take() {
             Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
             None => Ok(()),
@@ -141,11 +141,90 @@ impl Step for OverlayStep {
         Ok(())
     }
 
-    fn clean(&mut self) -> Result<(), TxnError> {
+    fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
         match self.image.take() {
             Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
             None => Ok(()),
         }
+    }
+}
+
+/// An external snapshot deleted: the overlay's data is merged into its backing file while
+/// preparing (the disk, read through the overlay, shows the same bytes before and after), the
+/// manifest points the disk at the backing file on commit, and the overlay file goes once the
+/// manifest is durable.
+pub(crate) struct RetireStep {
+    pub path: PathBuf,
+    pub base: PathBuf,
+    /// The overlay, read-only, over its backing file opened writable.
+    pub image: Option<Image>,
+    pub committed: bool,
+}
+
+impl Step for RetireStep {
+    fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
+        fs.event("overlay_merge");
+        let image = self
+            .image
+            .as_ref()
+            .expect("the image stays open until clean");
+        let options = qcow2::image::CommitOptions {
+            base_depth: 1,
+            empty_top: false,
+        };
+        image
+            .commit(&options, &mut |_, _| {})
+            .map_err(|e| TxnError::image(&self.path, e))?;
+        Ok(None)
+    }
+
+    fn commit(&mut self, _fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError> {
+        manifest.pivot(&self.path, &self.base);
+        self.committed = true;
+        Ok(())
+    }
+
+    fn abort(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
+        // The backing file may hold some of the overlay's data now, which the disk (read
+        // through the overlay) never shows; only clusters a failed write left behind need
+        // taking back.
+        let image = self
+            .image
+            .as_ref()
+            .expect("the image stays open until clean");
+        if let Some(base) = image.backing_image() {
+            let report = base
+                .check_and_repair(qcow2::Repair::Leaks)
+                .map_err(|e| TxnError::image(&self.base, e))?;
+            if !report.is_clean() {
+                return Err(TxnError::image(
+                    &self.base,
+                    qcow2::Error::InvalidArgument {
+                        image: self.base.display().to_string(),
+                        reason: format!(
+                            "still inconsistent after the abort: {:?}",
+                            report.messages
+                        ),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
+        if let Some(img) = self.image.take() {
+            img.close().map_err(|e| TxnError::image(&self.path, e))?;
+        }
+        // The manifest no longer names the overlay: it can go.
+        if self.committed && fs.exists(&self.path) {
+            fs.event("overlay_remove");
+            fs.remove_file(&self.path)
+                .map_err(|e| TxnError::io(&self.path, e))?;
+            fs.sync_dir(parent(&self.path))
+                .map_err(|e| TxnError::io(&self.path, e))?;
+        }
+        Ok(())
     }
 }
 

@@ -882,3 +882,186 @@ fn a_plan_the_disk_has_no_room_for_is_refused_before_any_write() {
     fs.set_free_space(Some(64 << 20));
     open_group(&fs).unwrap().run(&mixed_plan()).unwrap();
 }
+
+fn writable_alone() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        backing: BackingPolicy::Ignore,
+        ..OpenOptions::default()
+    }
+}
+
+/// The guest content of the disk whose top is `top`, read through its backing file.
+fn disk_hash(fs: &SimFs, top: &Path) -> u64 {
+    let mut img = open_read_only(fs, top);
+    if let Some(name) = img.backing_file_name() {
+        img.attach_backing(open_read_only(fs, &top.parent().unwrap().join(name)));
+    }
+    hash_content(img.size(), |b, o| img.read_at(b, o).unwrap())
+}
+
+/// d2 gets an overlay through a transaction, then guest writes land in the overlay: whole
+/// clusters, a partial one (copied on write from d2) and zeroes that hide d2's data.
+fn setup_with_overlay() -> SimFs {
+    let fs = setup();
+    let plan = [Action::ExternalCreate {
+        image: path("d2.qcow2"),
+        overlay: PathBuf::from(OVERLAY),
+        mode: OverlayMode::New,
+    }];
+    open_group(&fs).unwrap().run(&plan).unwrap();
+    let storage = fs.open_existing(Path::new(OVERLAY)).unwrap();
+    let mut top = Image::from_storage(storage, OVERLAY, &writable_alone()).unwrap();
+    top.attach_backing(open_read_only(&fs, &path("d2.qcow2")));
+    top.write_at(&vec![0x5E; 3 << 16], 1 << 20).unwrap();
+    top.write_at(&[0x77; 1000], (2 << 20) + 300).unwrap();
+    top.write_zeroes(0, 1 << 16, false).unwrap();
+    top.close().unwrap();
+    fs.settled()
+}
+
+fn retire_plan() -> Vec<Action> {
+    vec![
+        Action::ExternalDelete {
+            image: PathBuf::from(OVERLAY),
+        },
+        Action::InternalCreate {
+            image: path("d0.qcow2"),
+            name: "new".into(),
+        },
+    ]
+}
+
+/// Issue 8: deleting an external snapshot in a group: at every power cut, the disk reads the
+/// same through whichever top the manifest names; the group is all old (overlay on top, no new
+/// snapshot on d0) or all new (d2 on top, overlay gone, the snapshot made); everything checks
+/// clean; a second recovery changes nothing.
+#[test]
+fn deleting_an_external_snapshot_is_atomic_across_power_cuts() {
+    let base = setup_with_overlay();
+    let d2 = path("d2.qcow2");
+    let disk = disk_hash(&base, Path::new(OVERLAY));
+    let manifest_path = Path::new(GROUP).join("group.manifest");
+    let top_of = |fs: &SimFs| {
+        let m = qcow2_transaction::Manifest::load(fs, &manifest_path).unwrap();
+        m.disks
+            .iter()
+            .find(|(d, _)| *d == d2)
+            .map(|(_, t)| t.clone())
+            .unwrap()
+    };
+    assert_eq!(top_of(&base), PathBuf::from(OVERLAY));
+    let run = base.settled();
+    open_group(&run).unwrap().run(&retire_plan()).unwrap();
+    assert_eq!(top_of(&run), d2);
+    assert!(!run.exists(Path::new(OVERLAY)));
+    assert_eq!(disk_hash(&run, &d2), disk);
+    let log = run.log();
+    let at = |name: &str| {
+        log.iter()
+            .position(|op| *op == FsOp::Event(name.into()))
+            .unwrap()
+    };
+    let (decision_write, decided) = (at("decision_write"), at("decided"));
+    let removal = at("overlay_remove");
+    assert!(removal > decided, "the overlay went before the decision");
+    for cut in sample(log.len(), 150, decision_write..=decided) {
+        for survivors in [Survivors::None, Survivors::All, Survivors::torn(cut as u64)] {
+            let ctx = format!("retire: cut {cut}/{} {survivors:?}", log.len());
+            let fs = run.crash(cut, survivors);
+            drop(open_group(&fs).unwrap_or_else(|e| panic!("{ctx}: recovery failed: {e}")));
+            let top = top_of(&fs);
+            let new = top == d2;
+            let d0_new = open_read_only(&fs, &path("d0.qcow2"))
+                .snapshots()
+                .iter()
+                .any(|s| s.name == "new");
+            assert_eq!(new, d0_new, "{ctx}: a mixed group");
+            if cut >= decided {
+                assert!(new, "{ctx}: a durable decision was lost");
+            }
+            if cut <= decision_write {
+                assert!(!new, "{ctx}: committed without a decision");
+            }
+            assert_eq!(fs.exists(Path::new(OVERLAY)), !new, "{ctx}: overlay file");
+            assert_eq!(
+                disk_hash(&fs, &top),
+                disk,
+                "{ctx}: the disk's content changed"
+            );
+            assert_sound(&fs, &ctx);
+            let again = fs.settled();
+            drop(open_group(&again).unwrap());
+            assert!(
+                again.log().iter().all(|op| matches!(op, FsOp::Event(_))),
+                "{ctx}: a second recovery wrote something"
+            );
+        }
+    }
+}
+
+/// Issue 8: an overlay that another image still uses as its backing file, one with internal
+/// snapshots, and an image without a backing file cannot be deleted; nothing is written.
+#[test]
+fn an_overlay_still_in_use_cannot_be_deleted() {
+    let base = setup_with_overlay();
+    // Another image of the group backed by the overlay.
+    let fs = base.settled();
+    let storage = fs.create_new(&path("child.qcow2")).unwrap();
+    let options = CreateOptions {
+        size: 4 << 20,
+        backing_file: Some("d2.new.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    Image::create_in(storage, "child", &options)
+        .unwrap()
+        .close()
+        .unwrap();
+    let fs = fs.settled();
+    let plan = [
+        Action::ExternalDelete {
+            image: PathBuf::from(OVERLAY),
+        },
+        Action::InternalCreate {
+            image: path("child.qcow2"),
+            name: "x".into(),
+        },
+    ];
+    let err = open_group(&fs).unwrap().run(&plan).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("still backed by it")),
+        "{err}"
+    );
+    // Internal snapshots in the overlay.
+    let fs2 = base.settled();
+    let storage = fs2.open_existing(Path::new(OVERLAY)).unwrap();
+    let top = Image::from_storage(storage, OVERLAY, &writable_alone()).unwrap();
+    top.create_snapshot("inside", SnapshotTime { secs: 5, nanos: 0 })
+        .unwrap();
+    top.close().unwrap();
+    let fs2 = fs2.settled();
+    let err = open_group(&fs2).unwrap().run(&retire_plan()).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("internal snapshots")),
+        "{err}"
+    );
+    // No backing file at all.
+    let fs3 = base.settled();
+    let plan = [Action::ExternalDelete {
+        image: path("d0.qcow2"),
+    }];
+    let err = open_group(&fs3).unwrap().run(&plan).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("no backing file")),
+        "{err}"
+    );
+    for f in [&fs, &fs2, &fs3] {
+        let writes = f
+            .log()
+            .into_iter()
+            .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+            .count();
+        assert_eq!(writes, 0, "refused after writing");
+    }
+}
