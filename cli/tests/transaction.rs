@@ -156,3 +156,121 @@ fn sigkill_at_any_instant_then_recover_leaves_all_or_nothing() {
     // Which outcomes occurred depends on timing; each one was checked above.
     eprintln!("outcomes seen: {seen:?}");
 }
+
+const RETIRE_PLAN: &str = r#"{"group": "vm1-group",
+ "actions": [
+   {"type": "blockdev-snapshot-delete-external", "data": {"image": "disk1.top.qcow2"}},
+   {"type": "blockdev-snapshot-internal-sync", "data": {"image": "disk0.qcow2", "name": "nightly"}}
+ ]}"#;
+
+/// disk1 gets a QEMU-made overlay holding guest writes of every kind (data, a partial cluster,
+/// compressed, zeroes hiding backing data); returns the disk's raw content through it.
+fn make_overlay(dir: &Path) -> Vec<u8> {
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", stderr(&out));
+    ok(qemu_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "disk1.qcow2",
+            "-F",
+            "qcow2",
+            "disk1.top.qcow2",
+        ],
+    ));
+    for cmd in [
+        "write -P 0x5e 1M 3M",
+        "write -P 0x77 5000 1000",
+        "write -c -P 0x33 6M 64k",
+        "write -z 7M 512k",
+    ] {
+        let out =
+            qcow2_testdata::qemu_io(&["-c", cmd, dir.join("disk1.top.qcow2").to_str().unwrap()]);
+        ok(out);
+    }
+    qcow2_testdata::qemu_convert_raw(&dir.join("disk1.top.qcow2"), None)
+}
+
+/// Issue 8 with the real binary: a group that deletes an external snapshot commits and QEMU
+/// agrees; SIGKILL at any instant, then `recover`, leaves it all old or all new, the disk
+/// reading the same through its top, `qemu-img check` clean and no stray file.
+#[test]
+fn deleting_an_external_snapshot_survives_sigkill() {
+    require_qemu();
+    let mut seen = std::collections::BTreeSet::new();
+    for (n, delay_ms) in [
+        None,
+        Some(0u64),
+        Some(2),
+        Some(5),
+        Some(10),
+        Some(20),
+        Some(40),
+        Some(80),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = scratch_dir(&format!("cli-txn-retire-{n}"));
+        make_disks(&dir, 8 << 20, 512);
+        let disk = make_overlay(&dir);
+        std::fs::write(dir.join("plan.json"), RETIRE_PLAN).unwrap();
+        let plan = dir.join("plan.json");
+        match delay_ms {
+            None => {
+                let out = tool(&["transaction", plan.to_str().unwrap()]);
+                assert_eq!(code(&out), 0, "{}", stderr(&out));
+                assert!(stdout(&out).contains("merged into its backing file"));
+            }
+            Some(ms) => {
+                let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2-tool"))
+                    .args(["transaction", plan.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                // The delay picks the instant of the cut; nothing waits on it for correctness.
+                std::thread::sleep(Duration::from_millis(ms));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let out = tool(&["recover", dir.join("vm1-group").to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "run {n}: {}", stderr(&out));
+        let top = dir.join("disk1.top.qcow2");
+        let new = !top.exists();
+        let nightly = snapshot_names(&dir.join("disk0.qcow2")).contains(&"nightly".to_string());
+        assert_eq!(new, nightly, "run {n}: a mixed group");
+        if delay_ms.is_none() {
+            assert!(new, "the plan did not commit");
+        }
+        let now_top = if new {
+            dir.join("disk1.qcow2")
+        } else {
+            top.clone()
+        };
+        assert_eq!(
+            qcow2_testdata::qemu_convert_raw(&now_top, None),
+            disk,
+            "run {n}: the disk's content changed"
+        );
+        assert_qemu_clean(&dir);
+        if top.exists() {
+            let (code, json) = qemu_check(&top);
+            assert_eq!(code, 0, "{json}");
+        }
+        let stray: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.join("vm1-group")).unwrap())
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".txn-") || n.ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "run {n}: stray files {stray:?}");
+        seen.insert(new);
+    }
+    eprintln!("outcomes seen (true = committed): {seen:?}");
+}
