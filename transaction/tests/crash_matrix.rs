@@ -1065,3 +1065,42 @@ fn an_overlay_still_in_use_cannot_be_deleted() {
         assert_eq!(writes, 0, "refused after writing");
     }
 }
+
+/// T8: a power cut at every operation of an abort (a failure on the last record before the
+/// decision rolls back every staged image and the temporary overlay) recovers to the old state.
+#[test]
+fn a_power_cut_during_an_abort_recovers_the_old_state() {
+    let base = setup();
+    let plan = mixed_plan();
+    let r = record(&base, &plan);
+    let run = base.settled();
+    let mut group = open_group(&run).unwrap();
+    run.inject(Some(Fault {
+        at: attempts_before(&r.run.log(), "prepared") - 1,
+        errno: libc::EIO,
+        persistent: false,
+    }));
+    let err = group.run(&plan).unwrap_err();
+    assert!(matches!(err, TxnError::Aborted(_)), "{err}");
+    drop(group);
+    run.inject(None);
+    let log = run.log();
+    let abort = log
+        .iter()
+        .position(|op| *op == FsOp::Event("abort".into()))
+        .unwrap();
+    assert!(
+        log[abort..]
+            .iter()
+            .filter(|op| matches!(op, FsOp::Write { .. } | FsOp::Unlink { .. }))
+            .count()
+            >= 3,
+        "the abort undoes staged refcounts and removes the overlay"
+    );
+    for cut in sample(log.len(), 120, abort..log.len()) {
+        for survivors in [Survivors::None, Survivors::All, Survivors::torn(cut as u64)] {
+            let ctx = format!("abort: cut {cut}/{} {survivors:?}", log.len());
+            recover_and_check(&run.crash(cut, survivors), &[&r.pre], &ctx);
+        }
+    }
+}
