@@ -201,30 +201,38 @@ impl Group {
         let images: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
         let overlays: Vec<PathBuf> = members.iter().filter_map(|m| m.overlay.clone()).collect();
         let (records, mut steps) = plan_steps(&*self.fs, members, &txn);
-        match self.prepare(&mut journal, &records, &mut steps) {
-            Ok(()) => {}
+        let staged = match self.prepare(&mut journal, &records, &mut steps) {
+            Ok(staged) => staged,
             Err(e @ TxnError::Interrupted(_)) => return Err(e),
             Err(e) => return Err(self.abort(&mut journal, &mut steps, e)),
-        }
+        };
 
-        // The commit point. When the record may be half-written, an abort record written over
-        // it settles the question; if even that fails, recovery decides from what is on disk.
+        // The commit point: what recovery needs to publish, and the decision, under one checksum
+        // and one sync. When the record may be half-written, an abort record written over it
+        // settles the question; if even that fails, recovery decides from what is on disk.
+        let mut decision: Vec<Record> = staged.into_iter().map(|p| (Kind::Staged, p)).collect();
+        decision.push((Kind::Prepared, Vec::new()));
+        decision.push((Kind::Decision, vec![1]));
         self.fs.event("decision_write");
-        if let Err(e) = journal.append(Kind::Decision, vec![1]) {
+        if let Err(e) = journal.append_all(decision) {
             let e = TxnError::io(&journal_path, e);
             return Err(match journal.append(Kind::Decision, vec![0]) {
                 Ok(()) => self.abort(&mut journal, &mut steps, e),
                 Err(_) => TxnError::InDoubt(Box::new(e)),
             });
         }
+        self.event("prepared")?;
         self.event("decided")?;
 
         // Roll forward; failures from here on are finished by recover.
         let incomplete = |e| TxnError::CommittedIncomplete(Box::new(e));
         let original = self.manifest().map_err(incomplete)?;
         let mut manifest = original.clone();
-        for (i, step) in steps.iter_mut().enumerate() {
-            step.commit(&*self.fs, &mut manifest).map_err(incomplete)?;
+        let published = each_step(&*self.fs, &mut steps, |step, fs| step.commit(fs));
+        for (i, pivot) in published.into_iter().enumerate() {
+            if let Some((old_top, new_top)) = pivot.map_err(incomplete)? {
+                manifest.pivot(&old_top, &new_top);
+            }
             self.event(&format!("published {i}"))?;
         }
         if manifest != original {
@@ -233,12 +241,12 @@ impl Group {
                 .store(&*self.fs, &self.manifest_path())
                 .map_err(|e| incomplete(TxnError::io(self.manifest_path(), e)))?;
         }
-        for step in steps.iter_mut() {
-            step.clean(&*self.fs).map_err(incomplete)?;
+        for cleaned in each_step(&*self.fs, &mut steps, |step, fs| step.clean(fs)) {
+            cleaned.map_err(incomplete)?;
         }
         self.event("closed")?;
         journal
-            .append(Kind::End, Vec::new())
+            .finish()
             .map_err(|e| incomplete(TxnError::io(&journal_path, e)))?;
         Ok(Outcome { images, overlays })
     }
@@ -246,66 +254,45 @@ impl Group {
     /// Opens the journal (creating it durably) and starts a transaction in it.
     fn start_journal(&mut self, txn: [u8; 16]) -> Result<Journal, TxnError> {
         let path = self.journal_path();
+        let created = !self.fs.exists(&path);
         let storage = self
             .fs
             .open_or_create(&path)
             .map_err(|e| TxnError::io(&path, e))?;
-        self.fs
-            .sync_dir(&self.dir)
-            .map_err(|e| TxnError::io(&self.dir, e))?;
+        if created {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| TxnError::io(&self.dir, e))?;
+        }
         Journal::start(storage, txn).map_err(|e| TxnError::io(&path, e))
     }
 
     /// Journals every member and intent, then prepares every step (in parallel where the file
-    /// system allows: each image is its own file) and journals what recovery needs.
+    /// system allows: each image is its own file). Returns the `Staged` payloads recovery needs,
+    /// which go into the journal with the decision.
     fn prepare(
         &mut self,
         journal: &mut Journal,
         records: &[Record],
         steps: &mut [Box<dyn Step>],
-    ) -> Result<(), TxnError> {
+    ) -> Result<Vec<Vec<u8>>, TxnError> {
         let journal_path = self.journal_path();
         let jio = |e| TxnError::io(&journal_path, e);
-        journal.append(Kind::Begin, Vec::new()).map_err(jio)?;
-        for (kind, payload) in records.iter().filter(|(k, _)| *k == Kind::Image) {
-            journal.append(*kind, payload.clone()).map_err(jio)?;
-        }
+        // Members and intents (overlays that may exist, overlays to merge) in one sync, so
+        // recovery knows every file the transaction may touch before anything is touched.
+        let mut first = vec![(Kind::Begin, Vec::new())];
+        first.extend(records.iter().cloned());
+        journal.append_all(first).map_err(jio)?;
         self.event("begin")?;
-        // Overlay intents come first, so recovery knows which temporary files may exist.
-        for (kind, payload) in records.iter().filter(|(k, _)| *k != Kind::Image) {
-            journal.append(*kind, payload.clone()).map_err(jio)?;
-        }
-        let fs = &*self.fs;
-        let results: Vec<Result<Option<Vec<u8>>, TxnError>> = if fs.parallel() {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = steps
-                    .iter_mut()
-                    .map(|step| scope.spawn(move || step.prepare(fs)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(TxnError::Interrupted("a preparing thread panicked".into()))
-                        })
-                    })
-                    .collect()
-            })
-        } else {
-            steps.iter_mut().map(|step| step.prepare(fs)).collect()
-        };
+        let results = each_step(&*self.fs, steps, |step, fs| step.prepare(fs));
         let mut staged = Vec::new();
         for r in results {
             staged.extend(r?);
         }
-        for payload in staged {
-            journal.append(Kind::Staged, payload).map_err(jio)?;
-        }
         for i in 0..steps.len() {
             self.event(&format!("prepared {i}"))?;
         }
-        journal.append(Kind::Prepared, Vec::new()).map_err(jio)?;
-        self.event("prepared")
+        Ok(staged)
     }
 
     /// Takes back what preparing built, newest first, and closes the journal. Returns the error
@@ -325,9 +312,7 @@ impl Group {
         for step in steps.iter_mut() {
             undone &= step.clean(&*self.fs).is_ok();
         }
-        undone = undone
-            && journal.append(Kind::Decision, vec![0]).is_ok()
-            && journal.append(Kind::End, Vec::new()).is_ok();
+        undone = undone && journal.finish().is_ok();
         if undone {
             TxnError::Aborted(Box::new(cause))
         } else {
@@ -941,6 +926,34 @@ fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
     fs.open_existing(path)
         .and_then(|s| s.read_at(&mut magic, 0))
         .is_ok_and(|n| n == 4 && magic == *b"QFI\xfb")
+}
+
+/// Runs `work` on every step: on threads of their own where the file system allows (each image
+/// is its own file), else one after another so a recording file system logs the same order on
+/// every run. Results come back in step order.
+fn each_step<T: Send>(
+    fs: &dyn GroupFs,
+    steps: &mut [Box<dyn Step>],
+    work: impl Fn(&mut dyn Step, &dyn GroupFs) -> Result<T, TxnError> + Sync,
+) -> Vec<Result<T, TxnError>> {
+    if !fs.parallel() || steps.len() < 2 {
+        return steps.iter_mut().map(|step| work(&mut **step, fs)).collect();
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = steps
+            .iter_mut()
+            .map(|step| scope.spawn(move || work(&mut **step, fs)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TxnError::Interrupted("a step's thread panicked".into()))
+                })
+            })
+            .collect()
+    })
 }
 
 /// A journal record to write: its kind and payload.

@@ -31,6 +31,9 @@ pub enum Kind {
     End = 7,
     /// An overlay merged into its backing file and removed (external snapshot delete).
     Retire = 8,
+    /// Several records written and synced as one, under one checksum: a torn batch is a torn
+    /// tail as a whole, never a hole followed by valid records. Reading flattens it.
+    Batch = 9,
 }
 
 impl Kind {
@@ -44,6 +47,7 @@ impl Kind {
             6 => Kind::Decision,
             7 => Kind::End,
             8 => Kind::Retire,
+            9 => Kind::Batch,
             _ => return None,
         })
     }
@@ -65,6 +69,8 @@ pub enum JournalError {
     Io(#[from] io::Error),
     #[error("journal record at byte {offset} is corrupt but valid records follow it")]
     CorruptInTheMiddle { offset: u64 },
+    #[error("journal record at byte {offset} has a valid checksum but a malformed batch")]
+    MalformedBatch { offset: u64 },
 }
 
 /// Encodes a record, padded to whole sectors.
@@ -123,18 +129,27 @@ pub fn read_all(bytes: &[u8]) -> Result<Vec<Record>, JournalError> {
     let mut pos = 0usize;
     while pos < bytes.len() {
         match decode(&bytes[pos..]) {
+            // A record of another transaction is what an unfinished reset left past ours.
+            Some((record, _)) if records.first().is_some_and(|r| r.txn != record.txn) => break,
+            Some((record, len)) if record.kind == Kind::Batch => {
+                let inner =
+                    unbatch(&record).ok_or(JournalError::MalformedBatch { offset: pos as u64 })?;
+                records.extend(inner);
+                pos += len;
+            }
             Some((record, len)) => {
                 records.push(record);
                 pos += len;
             }
             None => {
-                // Anything valid later that belongs to the same transaction means this is not a
-                // torn tail.
+                // Anything valid later that belongs to the same transaction (or anything at all
+                // when the first record is the bad one: the journal is reset durably before a
+                // transaction writes) means this is not a torn tail.
                 let txn = records.first().map(|r| r.txn);
                 let mut probe = pos + SECTOR;
                 while probe < bytes.len() {
                     if let Some((later, _)) = decode(&bytes[probe..]) {
-                        if Some(later.txn) == txn {
+                        if txn.is_none_or(|t| t == later.txn) {
                             return Err(JournalError::CorruptInTheMiddle { offset: pos as u64 });
                         }
                     }
@@ -147,6 +162,28 @@ pub fn read_all(bytes: &[u8]) -> Result<Vec<Record>, JournalError> {
     Ok(records)
 }
 
+/// The records a batch holds: (kind u16, length u32, payload) each, little-endian.
+fn unbatch(batch: &Record) -> Option<Vec<Record>> {
+    let mut out = Vec::new();
+    let mut rest = &batch.payload[..];
+    while !rest.is_empty() {
+        let kind = Kind::from_u16(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?))?;
+        let len = u32::from_le_bytes(rest.get(2..6)?.try_into().ok()?) as usize;
+        let payload = rest.get(6..6usize.checked_add(len)?)?.to_vec();
+        if kind == Kind::Batch {
+            return None;
+        }
+        out.push(Record {
+            kind,
+            txn: batch.txn,
+            seq: batch.seq.checked_add(out.len() as u32)?,
+            payload,
+        });
+        rest = &rest[6 + len..];
+    }
+    Some(out)
+}
+
 /// Appends records to a journal file, each made durable before `append` returns.
 pub struct Journal {
     storage: Box<dyn Storage>,
@@ -156,10 +193,14 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Starts a new transaction in an empty (or reset) journal.
+    /// Starts a new transaction in an empty journal. The reset is durable before any record of
+    /// the new transaction is written, so nothing of an older one can follow a torn first record.
     pub fn start(storage: Box<dyn Storage>, txn: [u8; 16]) -> io::Result<Journal> {
-        storage.set_len(0)?;
-        storage.flush()?;
+        // A finished transaction leaves the journal empty already.
+        if storage.len()? != 0 {
+            storage.set_len(0)?;
+            storage.flush()?;
+        }
         Ok(Journal {
             storage,
             end: 0,
@@ -170,6 +211,24 @@ impl Journal {
 
     /// Appends one record and syncs it.
     pub fn append(&mut self, kind: Kind, payload: Vec<u8>) -> io::Result<()> {
+        self.append_all(vec![(kind, payload)])
+    }
+
+    /// Appends records with one write and one sync, as one [`Kind::Batch`] record: they all
+    /// reach the disk or, torn, none of them counts.
+    pub fn append_all(&mut self, mut records: Vec<(Kind, Vec<u8>)>) -> io::Result<()> {
+        let count = records.len() as u32;
+        let (kind, payload) = if records.len() == 1 {
+            records.remove(0)
+        } else {
+            let mut payload = Vec::new();
+            for (kind, p) in records {
+                payload.extend_from_slice(&(kind as u16).to_le_bytes());
+                payload.extend_from_slice(&(p.len() as u32).to_le_bytes());
+                payload.extend_from_slice(&p);
+            }
+            (Kind::Batch, payload)
+        };
         let bytes = encode(&Record {
             kind,
             txn: self.txn,
@@ -179,7 +238,16 @@ impl Journal {
         self.storage.write_at(&bytes, self.end)?;
         self.storage.flush()?;
         self.end += bytes.len() as u64;
-        self.seq += 1;
+        self.seq += count;
+        Ok(())
+    }
+
+    /// Ends the transaction: an empty journal means nothing is in flight (an `End` record would
+    /// mean the same, and cost the same sync).
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.storage.set_len(0)?;
+        self.storage.flush()?;
+        self.end = 0;
         Ok(())
     }
 
@@ -235,6 +303,42 @@ mod tests {
             read_all(&bytes),
             Err(JournalError::CorruptInTheMiddle { offset: 512 })
         ));
+    }
+
+    #[test]
+    fn a_batch_reads_as_its_records_and_tears_as_a_whole() {
+        let mut journal = Journal::start(Box::new(qcow2::MemoryStorage::new()), [7; 16]).unwrap();
+        journal.append(Kind::Begin, Vec::new()).unwrap();
+        journal
+            .append_all(vec![
+                (Kind::Image, b"a".to_vec()),
+                (Kind::Overlay, b"b".to_vec()),
+            ])
+            .unwrap();
+        let bytes = {
+            let mut b = vec![0u8; journal.end as usize];
+            journal.storage.read_exact_at(&mut b, 0).unwrap();
+            b
+        };
+        let records = read_all(&bytes).unwrap();
+        let kinds: Vec<Kind> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [Kind::Begin, Kind::Image, Kind::Overlay]);
+        assert_eq!(records[2].seq, 2);
+        assert_eq!(records[2].payload, b"b");
+        let mut torn = bytes.clone();
+        torn[SECTOR + 40] ^= 1;
+        assert_eq!(read_all(&torn).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_of_another_transaction_end_the_journal() {
+        let mut bytes = encode(&rec(Kind::Begin, 0, b""));
+        let mut stale = rec(Kind::Decision, 5, &[1]);
+        stale.txn = [9; 16];
+        bytes.extend(encode(&stale));
+        let records = read_all(&bytes).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, Kind::Begin);
     }
 
     #[test]

@@ -18,15 +18,18 @@ use qcow2::{CreateOptions, Image};
 use crate::codec::Writer;
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs};
-use crate::manifest::Manifest;
+
+/// A disk's top changing from the first image to the second.
+pub(crate) type Pivot = (PathBuf, PathBuf);
 
 /// One image's part of a group transaction.
 pub(crate) trait Step: Send {
     /// Builds the new state, invisible to readers. Returns the payload of a `Staged` journal
     /// record when recovery needs one to finish the commit.
     fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError>;
-    /// Publishes the prepared state (the group decision is durable).
-    fn commit(&mut self, fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError>;
+    /// Publishes the prepared state (the group decision is durable). Returns the manifest pivot
+    /// (old top, new top) the step makes, if any.
+    fn commit(&mut self, fs: &dyn GroupFs) -> Result<Option<Pivot>, TxnError>;
     /// Takes back what `prepare` built (no decision was made).
     fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
     /// Closes the image cleanly, and after a commit removes what the step made obsolete.
@@ -65,14 +68,14 @@ impl Step for SnapshotStep {
         Ok(Some(record.0))
     }
 
-    fn commit(&mut self, fs: &dyn GroupFs, _manifest: &mut Manifest) -> Result<(), TxnError> {
+    fn commit(&mut self, fs: &dyn GroupFs) -> Result<Option<Pivot>, TxnError> {
         if let Some(staged) = self.staged.take() {
             fs.event("snapshot_header_switch");
             self.image()
                 .publish_decided(staged)
                 .map_err(|e| TxnError::image(&self.path, e))?;
         }
-        Ok(())
+        Ok(None)
     }
 
     fn abort(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
@@ -119,7 +122,7 @@ impl Step for OverlayStep {
         Ok(None)
     }
 
-    fn commit(&mut self, fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError> {
+    fn commit(&mut self, fs: &dyn GroupFs) -> Result<Option<Pivot>, TxnError> {
         if self.creates() {
             fs.event("overlay_rename");
             fs.rename(&self.tmp, &self.fin)
@@ -127,8 +130,7 @@ impl Step for OverlayStep {
             fs.sync_dir(parent(&self.fin))
                 .map_err(|e| TxnError::io(&self.fin, e))?;
         }
-        manifest.pivot(&self.path, &self.fin);
-        Ok(())
+        Ok(Some((self.path.clone(), self.fin.clone())))
     }
 
     fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
@@ -178,10 +180,9 @@ impl Step for RetireStep {
         Ok(None)
     }
 
-    fn commit(&mut self, _fs: &dyn GroupFs, manifest: &mut Manifest) -> Result<(), TxnError> {
-        manifest.pivot(&self.path, &self.base);
+    fn commit(&mut self, _fs: &dyn GroupFs) -> Result<Option<Pivot>, TxnError> {
         self.committed = true;
-        Ok(())
+        Ok(Some((self.path.clone(), self.base.clone())))
     }
 
     fn abort(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
