@@ -185,19 +185,18 @@ impl Image {
                 format!("L2 table at {l2_offset:#x} overlaps {}", area.what),
             ));
         }
-        self.l2_cache.get_or_load(l2_offset, || {
-            let mut bytes = vec![0u8; cluster_size as usize];
-            self.storage
-                .read_zero_filled_at(&mut bytes, l2_offset)
-                .map_err(|e| {
-                    Error::io(
-                        &self.name,
-                        format!("reading the L2 table at {l2_offset:#x}"),
-                        e,
-                    )
-                })?;
-            Ok(bytes)
-        })
+        self.l2_cache
+            .get_or_load(l2_offset, cluster_size as usize, |bytes| {
+                self.storage
+                    .read_zero_filled_at(bytes, l2_offset)
+                    .map_err(|e| {
+                        Error::io(
+                            &self.name,
+                            format!("reading the L2 table at {l2_offset:#x}"),
+                            e,
+                        )
+                    })
+            })
     }
 
     /// The run starting `in_cluster` bytes into the cluster of L2 entry `index`, at most `max_len`
