@@ -261,6 +261,7 @@ impl Image {
             l2_after_refblocks: false,
             refblocks_after_l2: false,
             l2_after_data_sync: false,
+            dirty_l1: std::collections::BTreeSet::new(),
             lazy: h.lazy_refcounts(),
         });
         // Bitmaps are not kept up to date here, so they must read as inconsistent to QEMU; the
