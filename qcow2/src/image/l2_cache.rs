@@ -4,10 +4,10 @@
 //! table's buffer when no reader holds it (no zeroing, no copy per miss). Dirty tables (changed by the writer, not yet on
 //! disk) are never evicted: the writer writes them back in dependency order (see `writeback`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::cluster_map::ClusterMap;
 use crate::error::Result;
 
 struct Slot {
@@ -19,7 +19,7 @@ struct Slot {
 /// L2 tables in memory, at most `capacity` clean ones.
 pub(crate) struct L2Cache {
     capacity: usize,
-    slots: RwLock<HashMap<u64, Slot>>,
+    slots: RwLock<ClusterMap<Slot>>,
     clock: AtomicU64,
     /// How many slots are dirty; changed only under the slots' write lock, read without it.
     dirty: AtomicUsize,
@@ -32,7 +32,10 @@ impl L2Cache {
     pub(crate) fn new(capacity: usize) -> Self {
         L2Cache {
             capacity: capacity.max(1),
-            slots: RwLock::new(HashMap::with_capacity(capacity.clamp(1, 1024))),
+            slots: RwLock::new(ClusterMap::with_capacity_and_hasher(
+                capacity.clamp(1, 1024),
+                Default::default(),
+            )),
             clock: AtomicU64::new(0),
             dirty: AtomicUsize::new(0),
             spare: Mutex::new(None),
@@ -43,7 +46,7 @@ impl L2Cache {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Slot>> {
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, ClusterMap<Slot>> {
         self.slots.write().unwrap_or_else(|e| e.into_inner())
     }
 
