@@ -1,12 +1,13 @@
 //! A bounded cache of L2 tables keyed by host offset. Hits take a shared lock and bump an atomic
 //! clock, so parallel readers do not serialize; a miss loads the table outside the lock and evicts
-//! the least recently used clean entry when full. Dirty tables (changed by the writer, not yet on
+//! the least recently used clean entry when full, and the next miss reads into the evicted
+//! table's buffer when no reader holds it (no zeroing, no copy per miss). Dirty tables (changed by the writer, not yet on
 //! disk) are never evicted: the writer writes them back in dependency order (see `writeback`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use super::cluster_map::ClusterMap;
 use crate::error::Result;
 
 struct Slot {
@@ -18,10 +19,12 @@ struct Slot {
 /// L2 tables in memory, at most `capacity` clean ones.
 pub(crate) struct L2Cache {
     capacity: usize,
-    slots: RwLock<HashMap<u64, Slot>>,
+    slots: RwLock<ClusterMap<Slot>>,
     clock: AtomicU64,
     /// How many slots are dirty; changed only under the slots' write lock, read without it.
     dirty: AtomicUsize,
+    /// The last evicted table, when nothing else holds it: the next miss loads into it.
+    spare: Mutex<Option<Arc<[u8]>>>,
 }
 
 impl L2Cache {
@@ -29,9 +32,13 @@ impl L2Cache {
     pub(crate) fn new(capacity: usize) -> Self {
         L2Cache {
             capacity: capacity.max(1),
-            slots: RwLock::new(HashMap::with_capacity(capacity.clamp(1, 1024))),
+            slots: RwLock::new(ClusterMap::with_capacity_and_hasher(
+                capacity.clamp(1, 1024),
+                Default::default(),
+            )),
             clock: AtomicU64::new(0),
             dirty: AtomicUsize::new(0),
+            spare: Mutex::new(None),
         }
     }
 
@@ -39,15 +46,16 @@ impl L2Cache {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Slot>> {
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, ClusterMap<Slot>> {
         self.slots.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The table at `host_offset`, loading it with `load` on a miss.
+    /// The table at `host_offset`, loading it with `load` into a `len`-byte buffer on a miss.
     pub(crate) fn get_or_load(
         &self,
         host_offset: u64,
-        load: impl FnOnce() -> Result<Vec<u8>>,
+        len: usize,
+        load: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<Arc<[u8]>> {
         {
             let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
@@ -56,7 +64,14 @@ impl L2Cache {
                 return Ok(slot.table.clone());
             }
         }
-        let table: Arc<[u8]> = load()?.into();
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut table = match spare {
+            Some(t) if t.len() == len => t,
+            // One allocation, written in place (collecting into a Vec first would copy it).
+            _ => std::iter::repeat_n(0u8, len).collect(),
+        };
+        let bytes = Arc::get_mut(&mut table).expect("a spare table has no other holder");
+        load(bytes)?;
         Ok(self.insert(host_offset, table, false))
     }
 
@@ -77,7 +92,11 @@ impl L2Cache {
                 .min_by_key(|(_, s)| s.last_used.load(Ordering::Relaxed))
                 .map(|(k, _)| *k)
             {
-                slots.remove(&victim);
+                if let Some(mut old) = slots.remove(&victim) {
+                    if Arc::get_mut(&mut old.table).is_some() {
+                        *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(old.table);
+                    }
+                }
             }
         }
         let replaced = slots.insert(
@@ -174,26 +193,36 @@ mod tests {
         let cache = L2Cache::new(2);
         let loads = std::cell::Cell::new(0);
         let load = |v: u8| {
-            loads.set(loads.get() + 1);
-            Ok(vec![v; 4])
+            let loads = &loads;
+            move |t: &mut [u8]| {
+                loads.set(loads.get() + 1);
+                t.fill(v);
+                Ok(())
+            }
         };
-        cache.get_or_load(1, || load(1)).unwrap();
-        cache.get_or_load(2, || load(2)).unwrap();
-        cache.get_or_load(1, || load(1)).unwrap();
-        cache.get_or_load(3, || load(3)).unwrap(); // evicts 2
+        cache.get_or_load(1, 4, load(1)).unwrap();
+        cache.get_or_load(2, 4, load(2)).unwrap();
+        cache.get_or_load(1, 4, load(1)).unwrap();
+        cache.get_or_load(3, 4, load(3)).unwrap(); // evicts 2
         assert_eq!(loads.get(), 3);
-        assert_eq!(&*cache.get_or_load(1, || load(9)).unwrap(), &[1; 4]);
-        assert_eq!(&*cache.get_or_load(2, || load(2)).unwrap(), &[2; 4]);
+        assert_eq!(&*cache.get_or_load(1, 4, load(9)).unwrap(), &[1; 4]);
+        assert_eq!(&*cache.get_or_load(2, 4, load(2)).unwrap(), &[2; 4]);
         assert_eq!(loads.get(), 4);
     }
 
     #[test]
     fn dirty_tables_are_never_evicted() {
         let cache = L2Cache::new(1);
-        cache.get_or_load(1, || Ok(vec![1; 4])).unwrap();
+        let fill = |v: u8| {
+            move |t: &mut [u8]| {
+                t.fill(v);
+                Ok(())
+            }
+        };
+        cache.get_or_load(1, 4, fill(1)).unwrap();
         cache.modify(1, |t| t[0] = 7);
-        cache.get_or_load(2, || Ok(vec![2; 4])).unwrap();
-        cache.get_or_load(3, || Ok(vec![3; 4])).unwrap();
+        cache.get_or_load(2, 4, fill(2)).unwrap();
+        cache.get_or_load(3, 4, fill(3)).unwrap();
         assert_eq!(cache.dirty_tables().len(), 1);
         assert_eq!(cache.dirty_count(), 1);
         cache.modify(1, |t| t[1] = 8);
@@ -205,5 +234,22 @@ mod tests {
         assert_eq!(cache.dirty_tables()[0].1[0], 7);
         cache.mark_clean(1);
         assert_eq!(cache.dirty_count(), 0);
+    }
+
+    #[test]
+    fn a_miss_reuses_the_evicted_buffer_only_when_nobody_holds_it() {
+        let cache = L2Cache::new(1);
+        let fill = |v: u8| {
+            move |t: &mut [u8]| {
+                t[1..].fill(v);
+                Ok(())
+            }
+        };
+        let held = cache.get_or_load(1, 4, fill(1)).unwrap();
+        // 1 is evicted while `held` still holds it: 2 gets a fresh, zeroed buffer.
+        assert_eq!(&*cache.get_or_load(2, 4, fill(2)).unwrap(), &[0, 2, 2, 2]);
+        assert_eq!(&*held, &[0, 1, 1, 1], "a reader's copy never changes");
+        // 2 is evicted with no holder: 3 loads into its buffer.
+        assert_eq!(&*cache.get_or_load(3, 4, fill(3)).unwrap(), &[0, 3, 3, 3]);
     }
 }

@@ -115,14 +115,14 @@ impl Image {
         if l2_offset == 0 {
             return Ok((Run::Unallocated, end - offset));
         }
-        let table = self.l2_table(m, l2_offset, l1_index, l1_offset)?;
-
         let l2_mask = (1u64 << h.l2_bits()) - 1;
         let mut index = (offset >> cluster_bits) & l2_mask;
+        let (table, base) = self.l2_for_read(m, l2_offset, l1_index, l1_offset, index)?;
+        let table_end = base + table.len() as u64 / h.l2_entry_size();
         let mut pos = offset;
         let (run, len) = self.entry_run(
             m,
-            &table,
+            (&table, base),
             l2_offset,
             index,
             pos & (cluster_size - 1),
@@ -135,9 +135,9 @@ impl Image {
             return Ok((first, total));
         }
         // Extend across following entries while the mapping continues seamlessly.
-        while pos < end && pos & (cluster_size - 1) == 0 {
+        while pos < end && pos & (cluster_size - 1) == 0 && index + 1 < table_end {
             index += 1;
-            let (next, len) = self.entry_run(m, &table, l2_offset, index, 0, end - pos)?;
+            let (next, len) = self.entry_run(m, (&table, base), l2_offset, index, 0, end - pos)?;
             if !first.continues_with(total, next) {
                 break;
             }
@@ -145,6 +145,40 @@ impl Image {
             pos += len;
         }
         Ok((first, total))
+    }
+
+    /// The part of the L2 table at `l2_offset` that holds entry `index`, and the index of its
+    /// first entry. A read-only image caches 4 KiB slices, so a miss reads 4 KiB instead of a
+    /// whole table (QEMU's `l2-cache-entry-size`); a writer's tables are cached whole, because
+    /// its changes are made and written back per table.
+    fn l2_for_read(
+        &self,
+        m: &Meta,
+        l2_offset: u64,
+        l1_index: u64,
+        l1_offset: u64,
+        index: u64,
+    ) -> Result<(Arc<[u8]>, u64)> {
+        if self.writable {
+            return Ok((self.l2_table(m, l2_offset, l1_index, l1_offset)?, 0));
+        }
+        self.check_l2_offset(m, l2_offset, l1_index, l1_offset)?;
+        let slice_len = l2_slice_len(m.header.cluster_size());
+        let per_slice = slice_len / m.header.l2_entry_size();
+        let first = index - index % per_slice;
+        let at = l2_offset + first * m.header.l2_entry_size();
+        let slice = self
+            .l2_slices
+            .get_or_load(at, slice_len as usize, |bytes| {
+                self.storage.read_zero_filled_at(bytes, at).map_err(|e| {
+                    Error::io(
+                        &self.name,
+                        format!("reading the L2 table slice at {at:#x}"),
+                        e,
+                    )
+                })
+            })?;
+        Ok((slice, first))
     }
 
     /// Loads (or finds cached) the L2 table at `l2_offset`, named by L1 entry `l1_index`.
@@ -155,6 +189,30 @@ impl Image {
         l1_index: u64,
         l1_offset: u64,
     ) -> Result<Arc<[u8]>> {
+        self.check_l2_offset(m, l2_offset, l1_index, l1_offset)?;
+        let cluster_size = m.header.cluster_size();
+        self.l2_cache
+            .get_or_load(l2_offset, cluster_size as usize, |bytes| {
+                self.storage
+                    .read_zero_filled_at(bytes, l2_offset)
+                    .map_err(|e| {
+                        Error::io(
+                            &self.name,
+                            format!("reading the L2 table at {l2_offset:#x}"),
+                            e,
+                        )
+                    })
+            })
+    }
+
+    /// An L2 table offset must be cluster aligned, inside the file and clear of the metadata.
+    fn check_l2_offset(
+        &self,
+        m: &Meta,
+        l2_offset: u64,
+        l1_index: u64,
+        l1_offset: u64,
+    ) -> Result<()> {
         let cluster_size = m.header.cluster_size();
         let structure = || format!("L1 entry {l1_index}");
         let at = Self::l1_entry_at(l1_offset, l1_index);
@@ -185,27 +243,16 @@ impl Image {
                 format!("L2 table at {l2_offset:#x} overlaps {}", area.what),
             ));
         }
-        self.l2_cache.get_or_load(l2_offset, || {
-            let mut bytes = vec![0u8; cluster_size as usize];
-            self.storage
-                .read_zero_filled_at(&mut bytes, l2_offset)
-                .map_err(|e| {
-                    Error::io(
-                        &self.name,
-                        format!("reading the L2 table at {l2_offset:#x}"),
-                        e,
-                    )
-                })?;
-            Ok(bytes)
-        })
+        Ok(())
     }
 
     /// The run starting `in_cluster` bytes into the cluster of L2 entry `index`, at most `max_len`
     /// bytes and never past the cluster's end.
+    /// `table` holds the entries from index `base` on (a slice or the whole table).
     fn entry_run(
         &self,
         m: &Meta,
-        table: &[u8],
+        (table, base): (&[u8], u64),
         l2_offset: u64,
         index: u64,
         in_cluster: u64,
@@ -217,19 +264,13 @@ impl Image {
         let external = h.has_external_data_file();
         let entry_offset = l2_offset + index * h.l2_entry_size();
         let structure = || format!("L2 entry {index}");
-        let raw = be_u64_at(
-            table,
-            if extended {
-                index as usize * 2
-            } else {
-                index as usize
-            },
-        );
+        let at = (index - base) as usize;
+        let raw = be_u64_at(table, if extended { at * 2 } else { at });
         let to_cluster_end = (cluster_size - in_cluster).min(max_len);
 
         let mapping = classify_standard(raw, external);
         if let ClusterMapping::Compressed { descriptor } = mapping {
-            if extended && be_u64_at(table, index as usize * 2 + 1) != 0 {
+            if extended && be_u64_at(table, at * 2 + 1) != 0 {
                 return Err(Error::corrupt(
                     &self.name,
                     structure(),
@@ -263,7 +304,7 @@ impl Image {
         if extended {
             // Word 0's zero flag means nothing here; the bitmap decides per subcluster.
             let allocated = host != 0 || (external && raw & crate::format::table::COPIED != 0);
-            let bitmap = SubclusterBitmap(be_u64_at(table, index as usize * 2 + 1));
+            let bitmap = SubclusterBitmap(be_u64_at(table, at * 2 + 1));
             if !bitmap.is_valid(allocated) {
                 return Err(Error::corrupt(
                     &self.name,
@@ -495,4 +536,10 @@ impl Image {
         *last = Some((raw, out));
         Ok(())
     }
+}
+
+/// Bytes per cached slice of a read-only image's L2 tables: a 4 KiB page, or the whole table
+/// when clusters are smaller.
+pub(crate) fn l2_slice_len(cluster_size: u64) -> u64 {
+    cluster_size.min(4096)
 }

@@ -2,7 +2,8 @@
 //! from disk is used.
 //!
 //! Submodules, one concept each:
-//! - reading: `layer` maps guest offsets through L1/L2; `l2_cache` bounds memory; `codec`
+//! - reading: `layer` maps guest offsets through L1/L2; `l2_cache` bounds memory (whole tables
+//!   for a writer, 4 KiB slices while read-only); `codec`
 //!   (de)compresses; `backing` opens chains through the caller's policy; `map`, `info`, `check`
 //!   and `snapshot` (read-only views) build on `layer`;
 //! - writing: `write` (in-place, copy-on-write, zero, discard), `compress`, `resize`, `create`;
@@ -69,7 +70,8 @@ pub struct OpenOptions {
     pub backing: BackingPolicy,
     /// The deepest backing chain accepted.
     pub max_backing_depth: usize,
-    /// Memory for cached L2 tables, in bytes (at least one table is always cached).
+    /// Memory for cached L2 tables, in bytes (at least one table is always cached). A read-only
+    /// image spends it on 4 KiB slices of tables, a writable one on whole tables.
     pub l2_cache_bytes: u64,
     /// Read without taking QEMU's image locks, even while another process writes (qemu-img's
     /// `-U`). Ignored for writable opens.
@@ -185,6 +187,8 @@ pub struct Image {
     data_file_name: Option<String>,
     backing: Option<Backing>,
     l2_cache: L2Cache,
+    /// Slices of L2 tables, for reads while the image is read-only (see `layer`).
+    l2_slices: L2Cache,
     /// The most recently decompressed cluster: descriptor bits and bytes. Sequential small reads
     /// of one compressed cluster then decompress it once.
     last_compressed: Mutex<Option<(u64, Box<[u8]>)>>,
@@ -268,6 +272,7 @@ impl Image {
             l2_after_refblocks: false,
             refblocks_after_l2: false,
             l2_after_data_sync: false,
+            dirty_l1: std::collections::BTreeSet::new(),
             lazy: h.lazy_refcounts(),
         });
         // Bitmaps are not kept up to date here, so they must read as inconsistent to QEMU; the
@@ -283,6 +288,8 @@ impl Image {
         }
         drop(m);
         self.writable = true;
+        // A writer caches whole tables; slices read so far could go stale.
+        self.l2_slices = L2Cache::new(1);
         if self.meta().header.is_dirty() {
             self.repair_dirty()?;
         }
@@ -413,6 +420,9 @@ impl Image {
             data_file_name,
             backing: None,
             l2_cache: L2Cache::new((options.l2_cache_bytes / cluster_size) as usize),
+            l2_slices: L2Cache::new(
+                (options.l2_cache_bytes / layer::l2_slice_len(cluster_size)) as usize,
+            ),
             last_compressed: Mutex::new(None),
         })
     }

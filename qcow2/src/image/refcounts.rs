@@ -4,9 +4,9 @@
 //! 48). New structures are written and synced before the entry or header field that publishes
 //! them, so a crash leaves at worst leaked clusters.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use super::cluster_map::ClusterMap;
+use super::cluster_map::{ClusterMap, ClusterSet};
 
 use super::host::Host;
 use crate::error::{Error, Result};
@@ -30,7 +30,7 @@ pub(crate) struct Refcounts {
     pub reftable_clusters: u32,
     blocks: ClusterMap<Block>,
     /// Every refblock's host offset (for the overlap guard).
-    block_offsets: HashSet<u64>,
+    block_offsets: ClusterSet,
     /// No cluster below this index is free (first-fit starts here).
     free_index: u64,
     /// Where the next compressed cluster may start, inside the last cluster used for compressed
@@ -61,7 +61,7 @@ impl Refcounts {
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
             .collect();
         let cluster_size = 1u64 << cluster_bits;
-        let mut block_offsets = HashSet::new();
+        let mut block_offsets = ClusterSet::default();
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
             if e & !REFTABLE_OFFSET_MASK != 0 || off % cluster_size != 0 {

@@ -1,7 +1,8 @@
 //! Guest writes: in place where COPIED says the cluster is ours alone, otherwise copy-on-write
 //! into a new cluster (from the backing chain, a snapshot-shared cluster or a compressed one);
 //! zero writes with zero flags (v3) or real zeros (v2); discards that free clusters. New L2
-//! tables go to fresh clusters and are published by one 8-byte L1 entry write.
+//! tables go to fresh clusters and are published by an L1 entry write when the L2 tables are
+//! written back (see `writeback`).
 
 use super::layer::Layer;
 use super::{Image, Meta};
@@ -217,23 +218,19 @@ impl Image {
             vec![0u8; cs as usize]
         };
         self.mark_dirty(m)?;
+        // The new table's refcount reaches the disk before the table, the table before the L1
+        // entry: the table stays dirty in the cache and the entry is published by `flush_l2`.
+        self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, 1)?;
-        // The new table's refcount and contents are durable before the L1 entry points at it.
-        self.flush_refblocks(m)?;
         self.guard(m, new, cs, None)?;
-        self.host().write(&content, new, "new L2 table")?;
-        self.host().sync()?;
-        let l1_entry_at = m.header.l1_table_offset + l1_index as u64 * 8;
-        self.host()
-            .write_sync(&(new | COPIED).to_be_bytes(), l1_entry_at, "L1 entry")?;
         m.l1[l1_index] = new | COPIED;
-        self.l2_cache.insert(new, content.into(), false);
+        m.ws_mut()?.dirty_l1.insert(l1_index);
+        self.l2_cache.insert(new, content.into(), true);
         if old != 0 {
-            // The reference is gone on disk, so the old table's refcount may drop now.
+            // The shared table loses this reference once the new L1 entry is durable.
+            self.free(m, old, cs)?;
             let host = self.host();
-            let rc = &mut m.ws_mut()?.refcounts;
-            rc.adjust(host, old, cs, -1)?;
-            if rc.get(host, old / cs)? == 0 {
+            if m.ws_mut()?.refcounts.get(host, old / cs)? == 0 {
                 self.l2_cache.remove(old);
             }
         }
@@ -376,7 +373,16 @@ impl Image {
         let content: &[u8] = if whole && !extended && data.len() as u64 == cs {
             data
         } else {
-            let mut c = if whole && !extended {
+            // Nothing to copy when the old cluster reads as zeros: skip the read (and the
+            // second pass over 64 KiB that it costs).
+            let reads_zeros = match mapping {
+                ClusterMapping::Unallocated => self.backing.is_none(),
+                ClusterMapping::Zero | ClusterMapping::ZeroAllocated { .. } => {
+                    m.header.version >= 3
+                }
+                _ => false,
+            };
+            let mut c = if (whole || reads_zeros) && !extended {
                 vec![0u8; cs as usize]
             } else {
                 self.cluster_content(m, cluster_start)?

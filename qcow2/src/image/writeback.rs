@@ -3,10 +3,15 @@
 //!
 //! - a refcount increase is durable before an L2 entry that needs it (`l2_after_refblocks`);
 //! - an L2 entry's removal is durable before the refcount drops (`refblocks_after_l2`);
-//! - new guest data is durable before the L2 entry that points at it (`l2_after_data_sync`).
+//! - new guest data is durable before the L2 entry that points at it (`l2_after_data_sync`);
+//! - a new L2 table is durable before the L1 entry that publishes it: L1 entries changed in
+//!   memory (`dirty_l1`) are written after the L2 tables, so a new table costs no sync of its own
+//!   (a sync there would also write back every dirty guest page the host holds).
 //!
 //! The two cache dependencies never hold at once: setting one first satisfies the other by
 //! writing back, so a crash at any point leaves at worst leaked clusters.
+
+use std::collections::BTreeSet;
 
 use super::host::Host;
 use super::refcounts::Refcounts;
@@ -22,6 +27,8 @@ pub(crate) struct WriteState {
     pub l2_after_refblocks: bool,
     pub refblocks_after_l2: bool,
     pub l2_after_data_sync: bool,
+    /// Active L1 entries changed in memory and not yet on disk (new L2 tables to publish).
+    pub dirty_l1: BTreeSet<usize>,
     /// Lazy refcounts: refblocks reach the disk only on close; the dirty bit covers the gap.
     pub lazy: bool,
 }
@@ -50,7 +57,8 @@ impl Image {
         Ok(())
     }
 
-    /// Writes back every dirty L2 table (after the refblocks and data they depend on) and syncs.
+    /// Writes back every dirty L2 table (after the refblocks and data they depend on) and syncs,
+    /// then the L1 entries that publish new tables, and syncs again.
     pub(crate) fn flush_l2(&self, m: &mut Meta) -> Result<()> {
         let ws = m.ws()?;
         if ws.l2_after_refblocks && !ws.lazy {
@@ -71,10 +79,27 @@ impl Image {
                 self.l2_cache.mark_clean(*offset);
             }
         }
+        self.write_dirty_l1(m)?;
         let ws = m.ws_mut()?;
         ws.refblocks_after_l2 = false;
         ws.l2_after_data_sync = false;
         Ok(())
+    }
+
+    /// Writes the changed span of the active L1 table in one write and syncs. Entries between
+    /// changed ones hold what the disk holds already.
+    fn write_dirty_l1(&self, m: &mut Meta) -> Result<()> {
+        let ws = m.ws_mut()?;
+        let (Some(&first), Some(&last)) = (ws.dirty_l1.first(), ws.dirty_l1.last()) else {
+            return Ok(());
+        };
+        ws.dirty_l1.clear();
+        let mut bytes = Vec::with_capacity((last - first + 1) * 8);
+        for e in &m.l1[first..=last] {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        let at = m.header.l1_table_offset + first as u64 * 8;
+        self.host().write_sync(&bytes, at, "L1 entries")
     }
 
     /// Declares that L2 entries about to be written need refcounts raised in the cache.
