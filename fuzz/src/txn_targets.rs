@@ -23,11 +23,14 @@ use qcow2_transaction::journal::{self, Kind, Record};
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
 use qcow2_transaction::{Action, Group, Recovery, TxnError};
 
+/// The signature of every entry point.
+pub type TxnTarget = fn(&[u8]);
+
 /// Every target of this file by name.
-pub const TXN_TARGETS: &[(&str, fn(&[u8]))] = &[("transaction", transaction), ("journal", journal)];
+pub const TXN_TARGETS: &[(&str, TxnTarget)] = &[("transaction", transaction), ("journal", journal)];
 
 /// The entry point of the target called `name`.
-pub fn txn_target(name: &str) -> Option<fn(&[u8])> {
+pub fn txn_target(name: &str) -> Option<TxnTarget> {
     TXN_TARGETS
         .iter()
         .find(|(n, _)| *n == name)
@@ -417,6 +420,27 @@ fn recover_and_check(fs: &SimFs, n_images: usize, expect: &[&View], ctx: &str) {
 // ------------------------------------------------------------------------------------------------
 // `transaction`
 
+/// Known findings the fuzz binaries step over while their fix is outstanding, so one finding
+/// does not hide the next: `run.sh` sets `QCOW2_FUZZ_TOLERATE_KNOWN`; the stable replay test
+/// does not, so the regression inputs (listed in `regressions/KNOWN_FAILING`) still fail there.
+fn tolerate_known() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    TOLERATE_KNOWN.load(Ordering::Relaxed)
+        || *SET.get_or_init(|| std::env::var_os("QCOW2_FUZZ_TOLERATE_KNOWN").is_some())
+}
+
+/// Set by the replay of a local corpus, which the fuzzer grew while stepping over known findings.
+pub static TOLERATE_KNOWN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Known finding `transaction/crash-revert-then-create-aborts-instead-of-invalid`: `validate`
+/// accepts a change after a revert of the same image; staging refuses it, so the run writes a
+/// journal and returns `Aborted` instead of refusing the plan with `Invalid` up front.
+fn is_revert_not_last(e: &TxnError) -> bool {
+    matches!(e, TxnError::Aborted(inner)
+        if inner.to_string().contains("a revert must be the last change"))
+}
+
 /// Whether `validate` must accept the plan, from the configs alone: names must exist (id first,
 /// then name) for delete and revert, be new and non-empty for create, no snapshot is deleted
 /// twice or reverted to after its delete, an image gets at most one overlay and then no internal
@@ -427,6 +451,7 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
         created: Vec<&'static str>,
         deleted: Vec<usize>,
         internal: bool,
+        reverted: bool,
         overlay: Option<&'static str>,
     }
     let mut per: Vec<Changes> = images.iter().map(|_| Changes::default()).collect();
@@ -446,6 +471,10 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
         };
         let c = &mut per[i];
         let name = a.name();
+        // The engine stages a revert only as an image's last change.
+        if c.reverted && a.0 & 3 != 3 {
+            return false;
+        }
         match a.0 & 3 {
             0 => {
                 if name.is_empty()
@@ -464,6 +493,8 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
                 }
                 if kind == 1 {
                     c.deleted.push(k);
+                } else {
+                    c.reverted = true;
                 }
                 c.internal = true;
             }
@@ -585,7 +616,18 @@ pub fn transaction(data: &[u8]) {
             );
             return;
         }
-        Err(e) => panic!("plan {plan:?} fails without any fault: {e}"),
+        Err(e) if !valid && tolerate_known() && is_revert_not_last(&e) => {
+            count(1);
+            assert_eq!(
+                view(&clean, n, "refused"),
+                pre,
+                "an aborted plan changed the group"
+            );
+            assert_sound(&clean, n, "aborted");
+            return;
+        }
+        Err(e) if valid => panic!("plan {plan:?} fails without any fault: {e}"),
+        Err(e) => panic!("invalid plan {plan:?} is not refused with Invalid: {e}"),
         Ok(_) => assert!(valid, "an invalid plan {plan:?} is accepted"),
     }
     let post = view(&clean, n, "post");
@@ -619,7 +661,7 @@ pub fn transaction(data: &[u8]) {
         count(3);
     }
     drop(group);
-    if let Ok(_) = result {
+    if result.is_ok() {
         assert_eq!(
             view(&fs, n, &ctx),
             post,
@@ -810,6 +852,28 @@ fn fix_checksums(bytes: &mut [u8]) {
     }
 }
 
+/// Known finding `journal/timeout-staged-switch-moves-refcount-table`: recovery writes a `Staged`
+/// record's header switch as it stands, and when it points the refcount table at another cluster,
+/// the leak repair that follows runs for hours. True when some `Staged` switch's refcount-table
+/// fields (header bytes 48..60) differ from every `Image` record's old ones.
+fn moves_refcount_table(bytes: &[u8]) -> bool {
+    let Ok(records) = journal::read_all(bytes) else {
+        return false;
+    };
+    // Payloads: Image = [i][len][path][dev][ino][48 old bytes]; Staged = [i][48][48 new bytes]..
+    let field = |switch: &[u8]| switch.get(24..36).map(<[u8]>::to_vec);
+    let old: Vec<Vec<u8>> = records
+        .iter()
+        .filter(|r| r.kind == Kind::Image && r.payload.len() >= 48)
+        .filter_map(|r| field(&r.payload[r.payload.len() - 48..]))
+        .collect();
+    records
+        .iter()
+        .filter(|r| r.kind == Kind::Staged)
+        .filter_map(|r| r.payload.get(12..60).and_then(field))
+        .any(|new| !old.contains(&new))
+}
+
 /// The (dev, ino) every valid `Image` record names for a path, read the way recovery reads them.
 fn journal_images(bytes: &[u8]) -> Vec<(PathBuf, u64, u64)> {
     let Ok(records) = journal::read_all(bytes) else {
@@ -849,11 +913,14 @@ pub fn journal(data: &[u8]) {
 /// second one writes nothing.
 pub fn journal_input(input: &JournalInput) {
     count(0);
-    let fs = journal_base(input);
     let mut bytes = input.journal.clone();
     if input.flags & 1 != 0 {
         fix_checksums(&mut bytes);
     }
+    if tolerate_known() && moves_refcount_table(&bytes) {
+        return;
+    }
+    let fs = journal_base(input);
     let journal_path = Path::new(GROUP).join("txn.journal");
     fs.add_file(&journal_path, bytes.clone());
     let fs = fs.settled();
@@ -1067,7 +1134,9 @@ pub fn transaction_seeds() -> Vec<(String, Vec<u8>)> {
         t.extend_from_slice(&seed.to_be_bytes());
         t
     };
-    let cases: Vec<(&str, Vec<ImageConfig>, Vec<u8>, Vec<u8>)> = vec![
+    // (name, images, actions, trouble)
+    type Case = (&'static str, Vec<ImageConfig>, Vec<u8>, Vec<u8>);
+    let cases: Vec<Case> = vec![
         (
             "mixed-cut-early",
             vec![a.clone(), b.clone()],
