@@ -441,6 +441,24 @@ fn is_revert_not_last(e: &TxnError) -> bool {
         if inner.to_string().contains("a revert must be the last change"))
 }
 
+/// Known finding `transaction/crash-two-images-one-overlay-path-accepted`: `validate` does not
+/// refuse two images choosing the same overlay path.
+fn overlay_chosen_twice(images: &[ImageConfig], actions: &[u8]) -> bool {
+    let mut seen = BTreeMap::new();
+    for a in actions
+        .iter()
+        .map(|&a| ActionSel(a))
+        .filter(|a| a.0 & 3 == 3)
+    {
+        if let Some(i) = a.image(images.len()) {
+            if seen.insert(a.overlay(), i).is_some_and(|j| j != i) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Whether `validate` must accept the plan, from the configs alone: names must exist (id first,
 /// then name) for delete and revert, be new and non-empty for create, no snapshot is deleted
 /// twice or reverted to after its delete, an image gets at most one overlay and then no internal
@@ -628,6 +646,10 @@ pub fn transaction(data: &[u8]) {
         }
         Err(e) if valid => panic!("plan {plan:?} fails without any fault: {e}"),
         Err(e) => panic!("invalid plan {plan:?} is not refused with Invalid: {e}"),
+        Ok(_) if !valid && tolerate_known() && overlay_chosen_twice(&configs, &actions) => {
+            count(1);
+            return;
+        }
         Ok(_) => assert!(valid, "an invalid plan {plan:?} is accepted"),
     }
     let post = view(&clean, n, "post");
