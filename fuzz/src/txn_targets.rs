@@ -896,6 +896,14 @@ fn moves_refcount_table(bytes: &[u8]) -> bool {
         .any(|new| !old.contains(&new))
 }
 
+/// Known findings `journal/crash-overlay-record-names-an-image-recovery-removes-it` and
+/// `journal/crash-committed-overlay-record-without-files-pivots-manifest`: recovery removes,
+/// renames and pivots to the paths an `Overlay` record names without checking them. The setup
+/// makes no overlays, so every `Overlay` record here is hostile: true when there is one.
+fn has_overlay_record(bytes: &[u8]) -> bool {
+    journal::read_all(bytes).is_ok_and(|records| records.iter().any(|r| r.kind == Kind::Overlay))
+}
+
 /// The (dev, ino) every valid `Image` record names for a path, read the way recovery reads them.
 fn journal_images(bytes: &[u8]) -> Vec<(PathBuf, u64, u64)> {
     let Ok(records) = journal::read_all(bytes) else {
@@ -970,10 +978,18 @@ pub fn journal_input(input: &JournalInput) {
         .filter(|(_, ino)| !allowed.contains(ino))
         .map(|(p, &ino)| (ino, p))
         .collect();
-    let images: BTreeSet<&PathBuf> = before.keys().filter(|p| p.starts_with("/vm/d")).collect();
+    // The setup makes no overlays, so every file but the journal and the manifest is an image.
+    let images: BTreeSet<&PathBuf> = before
+        .keys()
+        .filter(|p| **p != journal_path && **p != manifest)
+        .collect();
 
+    if tolerate_known() && has_overlay_record(&bytes) {
+        return;
+    }
     let result = open_group(&fs);
     let log = fs.log();
+
     for op in &log {
         match op {
             FsOp::Write { ino, .. } | FsOp::SetLen { ino, .. } => {
@@ -1020,6 +1036,18 @@ pub fn journal_input(input: &JournalInput) {
                     records.last().is_none_or(|r| r.kind == Kind::End),
                     "recovery left a transaction in the journal"
                 );
+            }
+            // Every disk's top in the manifest exists.
+            if let Some(text) = fs.file(&manifest) {
+                let text = String::from_utf8_lossy(&text).into_owned();
+                for top in text.lines().skip(2).filter_map(|l| l.split_once('\t')) {
+                    assert!(
+                        fs.exists(Path::new(top.1)),
+                        "recovery points disk {} at {}, which does not exist",
+                        top.0,
+                        top.1
+                    );
+                }
             }
             let again = fs.settled();
             let group = open_group(&again).expect("a second recovery");
