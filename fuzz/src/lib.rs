@@ -11,7 +11,12 @@
 //! decoding: a corpus file means the same thing to the fuzzer and to the replay test.
 
 mod targets;
+mod txn_targets;
 pub use targets::*;
+pub use txn_targets::{
+    journal, journal_input, journal_seeds, stats_line, transaction, transaction_seeds, txn_target,
+    ImageConfig, JournalInput, TXN_TARGETS,
+};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 
@@ -36,6 +41,16 @@ impl<'a> Arbitrary<'a> for TablesInput {
 }
 
 impl<'a> Arbitrary<'a> for OpsInput {
+    fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
+        Ok(Self::from_bytes(<&'a [u8]>::arbitrary(u)?))
+    }
+
+    fn arbitrary_take_rest(u: Unstructured<'a>) -> Result<Self> {
+        Ok(Self::from_bytes(u.take_rest()))
+    }
+}
+
+impl<'a> Arbitrary<'a> for JournalInput {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
         Ok(Self::from_bytes(<&'a [u8]>::arbitrary(u)?))
     }
