@@ -385,6 +385,19 @@ impl Group {
                 _ => {}
             }
         }
+        // Recovery renames and removes only what this transaction made: an overlay's temporary
+        // name is the one `run` derives from its final name, and a merged overlay is a member.
+        let txn = records[0].txn;
+        for (i, (tmp, fin)) in &overlays {
+            if tmp != fin && *tmp != temp_name(fin, &txn, *i as usize) {
+                return Err(bad("overlay"));
+            }
+        }
+        for (i, (top, ..)) in &retires {
+            if !images.iter().any(|(j, p, ..)| j == i && p == top) {
+                return Err(bad("retire"));
+            }
+        }
         // An overlay removed after a committed delete is gone for good.
         let gone =
             |i: &u64, path: &Path| commit && retires.contains_key(i) && !self.fs.exists(path);
@@ -422,12 +435,27 @@ impl Group {
                 .map_err(|e| TxnError::image(path, e))?;
             let current = img.header_switch_bytes();
             match staged.get(i) {
-                Some((after, tables)) if commit && current != *after => {
-                    if current != *before {
+                Some((after, tables)) if commit && !same_state(&current, after) => {
+                    if !same_state(&current, before) {
                         return Err(TxnError::ForeignChange {
                             image: path.clone(),
                             reason: "its header is neither the old nor the new state".into(),
                         });
+                    }
+                    // The switch keeps the refcount table where staging left it; a journal that
+                    // says otherwise is not ours to apply.
+                    if current[24..36] != after[24..36] {
+                        return Err(TxnError::ForeignChange {
+                            image: path.clone(),
+                            reason: "its refcount table is not where the staged state has it"
+                                .into(),
+                        });
+                    }
+                    let be = |r: std::ops::Range<usize>| {
+                        u64::from_be_bytes(after[r].try_into().unwrap_or_default())
+                    };
+                    if *tables != [be(16..24), be(40..48)] {
+                        return Err(bad("staged"));
                     }
                     for &t in tables.iter().filter(|&&t| t != 0) {
                         if img.refcount_at(t).map_err(|e| TxnError::image(path, e))? == 0 {
@@ -440,7 +468,7 @@ impl Group {
                     to_switch.push(*i);
                 }
                 Some(_) if commit => {}
-                _ if current != *before => {
+                _ if !same_state(&current, before) => {
                     return Err(TxnError::ForeignChange {
                         image: path.clone(),
                         reason: "its header changed although nothing was published".into(),
@@ -489,6 +517,12 @@ impl Group {
                         self.fs
                             .sync_dir(parent(fin))
                             .map_err(|e| TxnError::io(fin, e))?;
+                    }
+                    if !self.fs.exists(fin) {
+                        return Err(TxnError::ForeignChange {
+                            image: fin.clone(),
+                            reason: "the committed overlay is missing".into(),
+                        });
                     }
                     if !manifest.disks.iter().any(|(_, t)| t == fin) {
                         manifest.pivot(path, fin);
@@ -715,9 +749,18 @@ fn validate(
             ));
         }
     }
-    // Overlays: a free path, not an image of the group.
-    for m in &members {
+    // Overlays: a free path, not an image of the group, not chosen twice.
+    for (i, m) in members.iter().enumerate() {
         let Some(overlay) = &m.overlay else { continue };
+        if members[..i]
+            .iter()
+            .any(|o| o.overlay.as_ref() == Some(overlay))
+        {
+            return Err(invalid(
+                overlay,
+                "two images of the plan get the same overlay".into(),
+            ));
+        }
         if !m.changes.is_empty() {
             return Err(invalid(
                 &m.path,
@@ -920,6 +963,13 @@ fn check_retire(
     Ok(())
 }
 
+/// Whether two header states (bytes 24..72) agree on what a transaction switches: size, L1 table
+/// and snapshot table. The refcount table fields (48..60) may differ: staging can grow the table,
+/// which publishes itself at once.
+fn same_state(a: &[u8; 48], b: &[u8; 48]) -> bool {
+    a[..24] == b[..24] && a[36..] == b[36..]
+}
+
 /// Whether the file at `path` starts with the qcow2 magic.
 fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
     let mut magic = [0u8; 4];
@@ -1081,6 +1131,17 @@ fn check_member(img: &Image, m: &Member) -> Result<(), TxnError> {
     };
     let existing = img.snapshot_entries();
     let mut deleted = Vec::new();
+    if let Some(i) = m
+        .changes
+        .iter()
+        .position(|c| matches!(c, SnapshotChange::Revert { .. }))
+    {
+        if i + 1 < m.changes.len() {
+            return Err(invalid(
+                "a revert must be the last action on an image in a plan".into(),
+            ));
+        }
+    }
     for c in &m.changes {
         match c {
             SnapshotChange::Create { name, .. } => {

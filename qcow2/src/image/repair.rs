@@ -104,6 +104,14 @@ impl Image {
     pub(crate) fn fix_leaks(&self, m: &mut Meta) -> Result<()> {
         self.flush_all(m)?;
         let (expected, nb) = self.expected_refcounts(m)?;
+        // Only clusters inside the file can hold leaked space; a reference far past the end
+        // (a corrupt table) must not make this loop run for ever.
+        let file_clusters = self
+            .storage
+            .len()
+            .map_err(|e| Error::io(&self.name, "reading the file length", e))?
+            .div_ceil(m.header.cluster_size());
+        let nb = nb.min(file_clusters);
         let host = self.host();
         let ws = m.ws_mut()?;
         for k in 0..nb {
