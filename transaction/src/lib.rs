@@ -32,7 +32,11 @@
 //!   tables are checked to be still allocated before a roll-forward;
 //! - with the journal lost, staged clusters are only leaks that `check -r leaks` reclaims;
 //! - an image with the dirty bit is repaired when opened for writing, then takes part;
-//! - snapshot names compare byte for byte, case-sensitively, as QEMU compares them.
+//! - snapshot names compare byte for byte, case-sensitively, as QEMU compares them;
+//! - while a state is staged and unpublished, the active L2 entries of clusters it shares keep
+//!   COPIED with a raised count (as in QEMU's own snapshot create): a surplus, never a count
+//!   below the references; the switch publishes tables with COPIED cleared, and recovery or an
+//!   abort takes the surplus back. The image locks keep other writers out meanwhile.
 #![forbid(unsafe_code)]
 
 mod codec;
