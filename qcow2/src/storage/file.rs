@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Storage;
 
@@ -13,6 +14,9 @@ pub struct FileStorage {
     file: File,
     writable: bool,
     locked: bool,
+    /// Whether anything was written since the last sync: a sync with nothing new to make
+    /// durable is skipped (on a busy host it still costs milliseconds).
+    unsynced: AtomicBool,
 }
 
 impl FileStorage {
@@ -22,6 +26,7 @@ impl FileStorage {
             file: File::open(path)?,
             writable: false,
             locked: false,
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -31,6 +36,7 @@ impl FileStorage {
             file: OpenOptions::new().read(true).write(true).open(path)?,
             writable: true,
             locked: false,
+            unsynced: AtomicBool::new(true),
         })
     }
 
@@ -44,6 +50,7 @@ impl FileStorage {
                 .open(path)?,
             writable: true,
             locked: false,
+            unsynced: AtomicBool::new(true),
         })
     }
 
@@ -53,6 +60,8 @@ impl FileStorage {
             file,
             writable,
             locked: false,
+            // Writes made through other handles before this one existed are not known here.
+            unsynced: AtomicBool::new(true),
         }
     }
 
@@ -105,15 +114,21 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.require_writable()?;
-        self.file.write_all_at(buf, offset)
+        // Marked once complete: a flush that started earlier need not cover it, a later one must.
+        let result = self.file.write_all_at(buf, offset);
+        self.unsynced.store(true, Ordering::Release);
+        result
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.writable {
-            self.file.sync_data()
-        } else {
-            Ok(())
+        // A write that completes after the swap sets the flag again for the next flush.
+        if self.writable && self.unsynced.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.unsynced.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -122,6 +137,8 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.require_writable()?;
-        self.file.set_len(len)
+        let result = self.file.set_len(len);
+        self.unsynced.store(true, Ordering::Release);
+        result
     }
 }
