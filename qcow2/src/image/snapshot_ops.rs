@@ -380,7 +380,11 @@ impl Image {
         let cur_l1 = m.l1.clone();
         let cur_l1_off = m.header.l1_table_offset;
         let current = self.layer_refs(m, &cur_l1, cur_l1_off)?;
-        let mut deltas = Deltas::default();
+        // Most changes touch every cluster the active layer holds: size the map once.
+        let mut deltas = Deltas(ClusterMap::with_capacity_and_hasher(
+            current.data.len() + current.tables.len() + 16,
+            Default::default(),
+        ));
         let mut snapshots = m.snapshots.clone();
         let mut created: Vec<Vec<u8>> = Vec::new();
         let mut size = m.header.size;
