@@ -556,7 +556,8 @@ impl Image {
             source,
         } = plan;
         // The refcount each cluster ends with decides its COPIED bit in the new tables.
-        let mut after: ClusterMap<u64> = ClusterMap::default();
+        let mut after: ClusterMap<u64> =
+            ClusterMap::with_capacity_and_hasher(deltas.0.len(), Default::default());
         for (&k, &d) in &deltas.0 {
             let v = m.ws_mut()?.refcounts.get(host, k)? as i64 + d;
             after.insert(k, v.max(0) as u64);
