@@ -8,6 +8,9 @@
 //! crashes or hangs found but not fixed yet: they are skipped with a note, so the suite stays green and the
 //! list says what is outstanding. Once the engine is fixed, delete the line.
 
+#[path = "../../fuzz/src/replay.rs"]
+mod replay_common;
+
 #[path = "../../fuzz/src/targets.rs"]
 #[allow(dead_code)]
 mod targets;
@@ -16,22 +19,13 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::panic;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
-use std::time::Duration;
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+    replay_common::fuzz_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// File names listed in `fuzz/regressions/KNOWN_FAILING`.
 fn known_failing() -> BTreeSet<String> {
-    let list = fs::read_to_string(fuzz_dir().join("regressions/KNOWN_FAILING")).unwrap_or_default();
-    list.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
+    replay_common::known_failing(&fuzz_dir())
 }
 
 /// Input files of every target under `root` (`root/TARGET/*`), sorted.
@@ -52,25 +46,6 @@ fn inputs(root: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// An input taking longer than this is reported as a hang (libFuzzer's `timeout-*` artifacts): the
-/// fuzzer gives each input 10 s optimized; unoptimized test builds get more.
-const HANG_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Runs `entry(data)` on a worker thread: `Err` on a panic or when it misses the deadline (the
-/// worker is then left running; the test fails and the process ends with it).
-fn run_with_deadline(entry: targets::Target, data: Vec<u8>) -> Result<(), &'static str> {
-    let (done, finished) = mpsc::channel();
-    thread::spawn(move || {
-        let outcome = panic::catch_unwind(|| entry(&data));
-        let _ = done.send(outcome.is_ok());
-    });
-    match finished.recv_timeout(HANG_DEADLINE) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("panics"),
-        Err(_) => Err("hangs"),
-    }
-}
-
 /// Runs every input under `root`; returns how many ran. Panics listing every input that panics or
 /// hangs.
 fn replay(root: &Path, skip: &BTreeSet<String>) -> usize {
@@ -88,7 +63,7 @@ fn replay(root: &Path, skip: &BTreeSet<String>) -> usize {
         let data = fs::read(&path).unwrap();
         let entry = targets::target(&target).expect("directory names a target");
         ran += 1;
-        if let Err(problem) = run_with_deadline(entry, data) {
+        if let Err(problem) = replay_common::run_with_deadline(entry, data) {
             failures.push(format!("{target}: {} ({problem})", path.display()));
         }
     }

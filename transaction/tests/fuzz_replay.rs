@@ -6,6 +6,9 @@
 //! a file: `fuzz/src/txn_targets.rs` depends only on `qcow2`, this crate and `std`. Inputs named
 //! in `fuzz/regressions/KNOWN_FAILING` are skipped with a note until their fix lands.
 
+#[path = "../../fuzz/src/replay.rs"]
+mod replay_common;
+
 #[path = "../../fuzz/src/txn_targets.rs"]
 #[allow(dead_code)]
 mod txn_targets;
@@ -14,38 +17,13 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::panic;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
-use std::time::Duration;
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+    replay_common::fuzz_dir(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn known_failing() -> BTreeSet<String> {
-    let list = fs::read_to_string(fuzz_dir().join("regressions/KNOWN_FAILING")).unwrap_or_default();
-    list.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// An input taking longer than this is reported as a hang (libFuzzer gives each input 10 s).
-const HANG_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Runs `entry(data)` on a worker thread: `Err` on a panic or when it misses the deadline.
-fn run_with_deadline(entry: txn_targets::TxnTarget, data: Vec<u8>) -> Result<(), &'static str> {
-    let (done, finished) = mpsc::channel();
-    thread::spawn(move || {
-        let outcome = panic::catch_unwind(|| entry(&data));
-        let _ = done.send(outcome.is_ok());
-    });
-    match finished.recv_timeout(HANG_DEADLINE) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("panics"),
-        Err(_) => Err("hangs"),
-    }
+    replay_common::known_failing(&fuzz_dir())
 }
 
 /// Runs every input of this file's targets under `root`; returns how many ran. Panics listing
@@ -68,7 +46,7 @@ fn replay(root: &Path) -> usize {
             }
             let data = fs::read(&path).unwrap();
             ran += 1;
-            if let Err(problem) = run_with_deadline(entry, data) {
+            if let Err(problem) = replay_common::run_with_deadline(entry, data) {
                 failures.push(format!("{target}: {} ({problem})", path.display()));
             }
         }
