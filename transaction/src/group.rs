@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::image::SnapshotChange;
-use qcow2::{Image, Repair};
+use qcow2::Image;
 
 use crate::codec::{Reader, Writer};
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::journal::{Journal, Kind};
 use crate::manifest::Manifest;
-use crate::step::{OverlayStep, RetireStep, SnapshotStep, Step};
+use crate::step::{reclaim_leaks, OverlayStep, RetireStep, SnapshotStep, Step};
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +210,7 @@ impl Group {
         // The commit point: what recovery needs to publish, and the decision, under one checksum
         // and one sync. When the record may be half-written, an abort record written over it
         // settles the question; if even that fails, recovery decides from what is on disk.
-        let mut decision: Vec<Record> = staged.into_iter().map(|p| (Kind::Staged, p)).collect();
+        let mut decision: Vec<NewRecord> = staged.into_iter().map(|p| (Kind::Staged, p)).collect();
         decision.push((Kind::Prepared, Vec::new()));
         decision.push((Kind::Decision, vec![1]));
         self.fs.event("decision_write");
@@ -273,7 +273,7 @@ impl Group {
     fn prepare(
         &mut self,
         journal: &mut Journal,
-        records: &[Record],
+        records: &[NewRecord],
         steps: &mut [Box<dyn Step>],
     ) -> Result<Vec<Vec<u8>>, TxnError> {
         let journal_path = self.journal_path();
@@ -493,21 +493,7 @@ impl Group {
             }
             // Refcounts follow from what is published now: staged surplus or the old state's
             // clusters are leaks, and fixing leaks reclaims them.
-            let report = img
-                .check_and_repair(Repair::Leaks)
-                .map_err(|e| TxnError::image(path, e))?;
-            if !report.is_clean() {
-                return Err(TxnError::image(
-                    path,
-                    qcow2::Error::InvalidArgument {
-                        image: path.display().to_string(),
-                        reason: format!(
-                            "still inconsistent after reconciliation: {:?}",
-                            report.messages
-                        ),
-                    },
-                ));
-            }
+            reclaim_leaks(&img, path)?;
             img.close().map_err(|e| TxnError::image(path, e))?;
             self.event(&format!("recovered {i}"))?;
             if let Some((tmp, fin)) = overlays.get(i) {
@@ -546,21 +532,7 @@ impl Group {
                     .fs
                     .open_image(base)
                     .map_err(|e| TxnError::image(base, e))?;
-                let report = img
-                    .check_and_repair(Repair::Leaks)
-                    .map_err(|e| TxnError::image(base, e))?;
-                if !report.is_clean() {
-                    return Err(TxnError::image(
-                        base,
-                        qcow2::Error::InvalidArgument {
-                            image: base.display().to_string(),
-                            reason: format!(
-                                "still inconsistent after reconciliation: {:?}",
-                                report.messages
-                            ),
-                        },
-                    ));
-                }
+                reclaim_leaks(&img, base)?;
                 img.close().map_err(|e| TxnError::image(base, e))?;
             }
             if commit {
@@ -975,7 +947,7 @@ fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
     let mut magic = [0u8; 4];
     fs.open_existing(path)
         .and_then(|s| s.read_at(&mut magic, 0))
-        .is_ok_and(|n| n == 4 && magic == *b"QFI\xfb")
+        .is_ok_and(|n| n == 4 && u32::from_be_bytes(magic) == qcow2::format::limits::QCOW_MAGIC)
 }
 
 /// Runs `work` on every step: on threads of their own where the file system allows (each image
@@ -1007,7 +979,7 @@ fn each_step<T: Send>(
 }
 
 /// A journal record to write: its kind and payload.
-type Record = (Kind, Vec<u8>);
+type NewRecord = (Kind, Vec<u8>);
 
 /// Turns validated members into their journal records (`Image` for each, `Overlay` intents) and
 /// their steps, in lock order.
@@ -1015,7 +987,7 @@ fn plan_steps(
     fs: &dyn GroupFs,
     members: Vec<Member>,
     txn: &[u8; 16],
-) -> (Vec<Record>, Vec<Box<dyn Step>>) {
+) -> (Vec<NewRecord>, Vec<Box<dyn Step>>) {
     let mut records = Vec::new();
     let mut steps: Vec<Box<dyn Step>> = Vec::new();
     for (i, m) in members.into_iter().enumerate() {

@@ -193,24 +193,10 @@ impl Step for RetireStep {
             .image
             .as_ref()
             .expect("the image stays open until clean");
-        if let Some(base) = image.backing_image() {
-            let report = base
-                .check_and_repair(qcow2::Repair::Leaks)
-                .map_err(|e| TxnError::image(&self.base, e))?;
-            if !report.is_clean() {
-                return Err(TxnError::image(
-                    &self.base,
-                    qcow2::Error::InvalidArgument {
-                        image: self.base.display().to_string(),
-                        reason: format!(
-                            "still inconsistent after the abort: {:?}",
-                            report.messages
-                        ),
-                    },
-                ));
-            }
+        match image.backing_image() {
+            Some(base) => reclaim_leaks(base, &self.base),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
@@ -227,6 +213,28 @@ impl Step for RetireStep {
         }
         Ok(())
     }
+}
+
+/// Takes back leaked clusters (a staged surplus, an old state's clusters, a cut write's
+/// allocations): refcounts then follow from what is published. Anything still wrong afterwards
+/// is not ours to guess about.
+pub(crate) fn reclaim_leaks(img: &Image, path: &Path) -> Result<(), TxnError> {
+    let report = img
+        .check_and_repair(qcow2::Repair::Leaks)
+        .map_err(|e| TxnError::image(path, e))?;
+    if report.is_clean() {
+        return Ok(());
+    }
+    Err(TxnError::image(
+        path,
+        qcow2::Error::InvalidArgument {
+            image: path.display().to_string(),
+            reason: format!(
+                "still inconsistent after reclaiming leaks: {:?}",
+                report.messages
+            ),
+        },
+    ))
 }
 
 /// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place).

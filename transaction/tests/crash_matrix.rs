@@ -222,6 +222,15 @@ fn assert_sound(fs: &SimFs, ctx: &str) {
     }
 }
 
+/// What changed files: every logged operation but events and flushes (a flush of unchanged
+/// data changes nothing).
+fn changes(fs: &SimFs) -> Vec<FsOp> {
+    fs.log()
+        .into_iter()
+        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
+        .collect()
+}
+
 fn open_group(fs: &SimFs) -> Result<Group, TxnError> {
     Group::open_in(Arc::new(fs.clone()), GROUP, None)
 }
@@ -679,11 +688,7 @@ fn an_unsuitable_existing_overlay_is_refused() {
             matches!(&err, TxnError::Invalid { reason, .. } if reason.contains(why)),
             "{backing} {format} {size}: {err}"
         );
-        let writes: Vec<FsOp> = fs
-            .log()
-            .into_iter()
-            .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
-            .collect();
+        let writes = changes(&fs);
         assert!(
             writes.is_empty(),
             "{err}: something was written: {writes:?}"
@@ -761,11 +766,7 @@ fn the_snapshot_count_limit_is_checked_before_any_write() {
         matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("too many snapshots")),
         "{err}"
     );
-    let writes = fs
-        .log()
-        .into_iter()
-        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
-        .count();
+    let writes = changes(&fs).len();
     assert_eq!(writes, 0, "refused after writing");
     let edge = [Action::InternalCreate {
         image: path("edge.qcow2"),
@@ -889,11 +890,7 @@ fn recovery_refuses_to_publish_staged_tables_someone_reclaimed() {
         matches!(&err, TxnError::ForeignChange { reason, .. } if reason.contains("reclaimed")),
         "{err}"
     );
-    let writes = before
-        .log()
-        .into_iter()
-        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
-        .count();
+    let writes = changes(&before).len();
     assert_eq!(writes, 0, "recovery wrote after finding a foreign change");
     let journal = before.file(&Path::new(GROUP).join("txn.journal")).unwrap();
     assert!(
@@ -913,11 +910,7 @@ fn a_plan_the_disk_has_no_room_for_is_refused_before_any_write() {
         matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("not enough space")),
         "{err}"
     );
-    let writes = fs
-        .log()
-        .into_iter()
-        .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
-        .count();
+    let writes = changes(&fs).len();
     assert_eq!(writes, 0, "refused after writing");
     fs.set_free_space(Some(64 << 20));
     open_group(&fs).unwrap().run(&mixed_plan()).unwrap();
@@ -1097,11 +1090,7 @@ fn an_overlay_still_in_use_cannot_be_deleted() {
         "{err}"
     );
     for f in [&fs, &fs2, &fs3] {
-        let writes = f
-            .log()
-            .into_iter()
-            .filter(|op| !matches!(op, FsOp::Event(_) | FsOp::Flush { .. }))
-            .count();
+        let writes = changes(f).len();
         assert_eq!(writes, 0, "refused after writing");
     }
 }
