@@ -16,8 +16,10 @@ struct Chain {
     files: Vec<(&'static str, &'static str)>,
 }
 
-fn img(dir: &Path, args: &[&str]) {
-    let out = qemu_in(dir, args);
+/// Runs `qemu-img` with the words of `command` (no argument here has a space in it).
+fn img(dir: &Path, command: &str) {
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let out = qemu_in(dir, &args);
     assert!(out.status.success(), "qemu-img {args:?}: {}", stderr(&out));
 }
 
@@ -40,36 +42,11 @@ fn io(dir: &Path, format: &str, file: &str, cmds: &[&str]) {
 /// Three qcow2 layers with different cluster sizes; the top holds plain, compressed and zero
 /// clusters (some hiding backing data), and partial clusters.
 fn qcow2_chain(dir: &Path) -> Chain {
-    img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "base.qcow2",
-            "4M",
-        ],
-    );
+    img(dir, "create -q -f qcow2 -o cluster_size=4k base.qcow2 4M");
     io(dir, "qcow2", "base.qcow2", &["write -P 1 0 4M"]);
     img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=64k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-            "4M",
-        ],
+        "create -q -f qcow2 -o cluster_size=64k -b base.qcow2 -F qcow2 mid.qcow2 4M",
     );
     io(
         dir,
@@ -83,20 +60,7 @@ fn qcow2_chain(dir: &Path) -> Chain {
     );
     img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=16k",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "4M",
-        ],
+        "create -q -f qcow2 -o cluster_size=16k -b mid.qcow2 -F qcow2 top.qcow2 4M",
     );
     io(
         dir,
@@ -122,24 +86,11 @@ fn qcow2_chain(dir: &Path) -> Chain {
 
 /// A qcow2 image over a raw file, with compressed and zero clusters.
 fn raw_base(dir: &Path) -> Chain {
-    img(dir, &["create", "-q", "-f", "raw", "base.raw", "3M"]);
+    img(dir, "create -q -f raw base.raw 3M");
     io(dir, "raw", "base.raw", &["write -P 1 0 3M"]);
     img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=32k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "top.qcow2",
-            "3M",
-        ],
+        "create -q -f qcow2 -o cluster_size=32k -b base.raw -F raw top.qcow2 3M",
     );
     io(
         dir,
@@ -159,36 +110,11 @@ fn raw_base(dir: &Path) -> Chain {
 
 /// A v2 (compat=0.10) top, which has no zero flags, over a smaller qcow2 base.
 fn v2_top(dir: &Path) -> Chain {
-    img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "base.qcow2",
-            "2M",
-        ],
-    );
+    img(dir, "create -q -f qcow2 -o cluster_size=512 base.qcow2 2M");
     io(dir, "qcow2", "base.qcow2", &["write -P 1 0 2M"]);
     img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "3M",
-        ],
+        "create -q -f qcow2 -o compat=0.10 -b base.qcow2 -F qcow2 top.qcow2 3M",
     );
     io(
         dir,
@@ -334,7 +260,7 @@ fn commit_gives_the_chain_qemu_img_commit_gives() {
 #[test]
 fn commit_refuses_an_image_without_backing_file_as_qemu_img_does() {
     let dir = scratch_dir("commit_alone");
-    img(&dir, &["create", "-q", "-f", "qcow2", "alone.qcow2", "1M"]);
+    img(&dir, "create -q -f qcow2 alone.qcow2 1M");
     let o = tool_in(Some(&dir), &["commit", "alone.qcow2"]);
     let q = qemu_in(&dir, &["commit", "alone.qcow2"]);
     no_panic(&o);
@@ -354,20 +280,11 @@ fn rebase_gives_the_image_qemu_img_rebase_gives() {
         std::fs::create_dir_all(&orig).unwrap();
         let mut chain = build(&orig);
         // Unrelated backing files to move onto.
-        img(&orig, &["create", "-q", "-f", "raw", "other.raw", "4M"]);
+        img(&orig, "create -q -f raw other.raw 4M");
         io(&orig, "raw", "other.raw", &["write -P 9 1M 2M"]);
         img(
             &orig,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=8k",
-                "other.qcow2",
-                "2M",
-            ],
+            "create -q -f qcow2 -o cluster_size=8k other.qcow2 2M",
         );
         io(
             &orig,
