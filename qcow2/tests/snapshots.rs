@@ -256,6 +256,87 @@ fn a_refused_snapshot_leaves_the_image_byte_for_byte_unchanged() {
     assert_qemu_clean(&path, "refused");
 }
 
+/// Snapshot operations count references in runs of clusters: compressed clusters that share
+/// host clusters must add up, and runs must cross refcount blocks (512-byte clusters: a block
+/// covers 2048 to 64 clusters here) at every refcount width.
+#[test]
+fn snapshots_over_shared_compressed_clusters_and_many_refcount_blocks_match_qemu() {
+    require_qemu();
+    for bits in [2u32, 8, 16, 64] {
+        let name = format!("runs-rc{bits}");
+        let path = scratch_dir(&format!("snap-{name}")).join("a.qcow2");
+        let size = 1usize << 20;
+        let cs = 512;
+        let image = Image::create(
+            &path,
+            &CreateOptions {
+                refcount_bits: bits,
+                ..opts(size as u64, cs as u64)
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; size];
+        // Plain clusters in one long run, then compressed ones (a few dozen bytes each, so many
+        // share one host cluster), then plain ones again.
+        let plain = fill(400 * cs, 1);
+        image.write_at(&plain, 0).unwrap();
+        model[..plain.len()].copy_from_slice(&plain);
+        for c in 400..900 {
+            let data = vec![c as u8; cs];
+            image.write_compressed(&data, (c * cs) as u64).unwrap();
+            model[c * cs..(c + 1) * cs].copy_from_slice(&data);
+        }
+        let tail = fill(600 * cs, 2);
+        image.write_at(&tail, (1000 * cs) as u64).unwrap();
+        model[1000 * cs..1600 * cs].copy_from_slice(&tail);
+        image.flush().unwrap();
+        if bits == 2 {
+            // Host clusters holding three compressed clusters already count 3, the most two
+            // bits hold: a snapshot would need 6, and is refused before any write.
+            let before = std::fs::read(&path).unwrap();
+            let err = image.create_snapshot("first", time(1)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { .. }),
+                "{name}: {err}"
+            );
+            assert!(std::fs::read(&path).unwrap() == before, "{name}: refused");
+            drop(image);
+            assert_qemu_clean(&path, &name);
+            assert!(qemu_convert_raw(&path, None) == model, "{name}");
+            continue;
+        }
+        let first = model.clone();
+        image.create_snapshot("first", time(1)).unwrap();
+        let data = fill(300 * cs, 3);
+        image.write_at(&data, (350 * cs) as u64).unwrap();
+        model[350 * cs..650 * cs].copy_from_slice(&data);
+        let second = model.clone();
+        image.create_snapshot("second", time(2)).unwrap();
+        drop(image);
+        assert_qemu_clean(&path, &name);
+        assert!(qemu_convert_raw(&path, Some("first")) == first, "{name}");
+        assert!(qemu_convert_raw(&path, Some("second")) == second, "{name}");
+        assert!(qemu_convert_raw(&path, None) == model, "{name}");
+
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        image.delete_snapshot("first").unwrap();
+        image.apply_snapshot("second").unwrap();
+        image.close().unwrap();
+        assert_qemu_clean(&path, &name);
+        assert!(qemu_convert_raw(&path, None) == second, "{name}: reverted");
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        image.delete_snapshot("second").unwrap();
+        image.close().unwrap();
+        let (code, json) = qemu_check(&path);
+        assert_eq!(code, 0, "{name}: {json}");
+        assert_eq!(json["leaks"].as_u64().unwrap_or(0), 0, "{name}: {json}");
+        assert!(
+            qemu_convert_raw(&path, None) == second,
+            "{name}: after deletes"
+        );
+    }
+}
+
 #[test]
 fn a_thousand_snapshots_with_a_third_deleted_list_like_qemu() {
     require_qemu();

@@ -31,6 +31,7 @@ mod l2_cache;
 mod layer;
 mod map;
 mod rebase;
+mod refcount_deltas;
 mod refcounts;
 mod repair;
 mod resize;

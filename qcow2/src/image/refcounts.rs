@@ -184,33 +184,108 @@ impl Refcounts {
             return Ok(());
         }
         let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
-        for k in first..=last {
-            let v = self.get(host, k)?;
-            let ok = if delta >= 0 {
-                v.checked_add(delta as u64).is_some_and(|n| n <= self.max())
-            } else {
-                v >= delta.unsigned_abs()
-            };
-            if !ok {
-                return Err(Error::corrupt(
-                    host.name,
-                    "refcount",
-                    k << self.cluster_bits,
-                    format!("refcount {v} of cluster {k} cannot change by {delta}"),
-                ));
+        let last = (offset + (len - 1)) >> self.cluster_bits;
+        self.adjust_clusters(host, first, last + 1, delta, |_| {})
+    }
+
+    /// The part of `[k, end)` that one refblock covers: the index of `k` within its block, and
+    /// how many clusters from `k` on the block covers.
+    fn chunk(&self, k: u64, end: u64) -> (usize, usize) {
+        let per_block = 1u64 << self.block_bits;
+        let within = k & (per_block - 1);
+        (within as usize, (per_block - within).min(end - k) as usize)
+    }
+
+    /// Appends the refcounts of clusters `[start, end)` to `out`, one refblock at a time.
+    pub(crate) fn get_clusters(
+        &mut self,
+        host: Host<'_>,
+        start: u64,
+        end: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<()> {
+        let mut k = start;
+        while k < end {
+            let (within, n) = self.chunk(k, end);
+            match self.block_offset_for(k) {
+                None => out.extend(std::iter::repeat_n(0, n)),
+                Some(offset) => {
+                    let order = self.order;
+                    let block = self.block(host, offset)?;
+                    refcount::get_range(&block.bytes, within, n, order, out);
+                }
             }
-        }
-        for k in first..=last {
-            let v = self.get(host, k)?;
-            let n = (v as i128 + delta as i128) as u64;
-            self.set(host, k, n)?;
-            if n == 0 {
-                self.free_index = self.free_index.min(k);
-                self.compressed_cursor = None;
-            }
+            k += n as u64;
         }
         Ok(())
+    }
+
+    /// Adds `delta` to the refcount of every cluster index in `[start, end)`, one refblock at a
+    /// time, and calls `zeroed` with each cluster that ends at zero. Refuses an overflow or a
+    /// drop below zero before changing anything.
+    pub(crate) fn adjust_clusters(
+        &mut self,
+        host: Host<'_>,
+        start: u64,
+        end: u64,
+        delta: i64,
+        mut zeroed: impl FnMut(u64),
+    ) -> Result<()> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let order = self.order;
+        let mut k = start;
+        while k < end {
+            let (within, n) = self.chunk(k, end);
+            let Some(offset) = self.block_offset_for(k) else {
+                return Err(if delta > 0 {
+                    Error::corrupt(
+                        host.name,
+                        "refcount table",
+                        self.reftable_offset,
+                        format!("no refcount block covers cluster {k}"),
+                    )
+                } else {
+                    self.out_of_range(host, k, 0, delta)
+                });
+            };
+            let block = self.block(host, offset)?;
+            if let Some((i, v)) = refcount::find_out_of_range(&block.bytes, within, n, order, delta)
+            {
+                return Err(self.out_of_range(host, k - within as u64 + i as u64, v, delta));
+            }
+            k += n as u64;
+        }
+        let mut k = start;
+        while k < end {
+            let (within, n) = self.chunk(k, end);
+            let offset = self.block_offset_for(k).expect("checked above");
+            let block_start = k - within as u64;
+            let block = self.block(host, offset)?;
+            let mut first_zero = None;
+            refcount::add_range(&mut block.bytes, within, n, order, delta, |i| {
+                let c = block_start + i as u64;
+                first_zero.get_or_insert(c);
+                zeroed(c);
+            });
+            block.dirty = true;
+            if let Some(z) = first_zero {
+                self.free_index = self.free_index.min(z);
+                self.compressed_cursor = None;
+            }
+            k += n as u64;
+        }
+        Ok(())
+    }
+
+    fn out_of_range(&self, host: Host<'_>, cluster: u64, value: u64, delta: i64) -> Error {
+        Error::corrupt(
+            host.name,
+            "refcount",
+            cluster << self.cluster_bits,
+            format!("refcount {value} of cluster {cluster} cannot change by {delta}"),
+        )
     }
 
     /// Allocates `n` contiguous free clusters at or after `end_hint`'s first fit, sets their

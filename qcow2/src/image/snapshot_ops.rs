@@ -12,7 +12,7 @@
 //! was. QEMU instead clears COPIED in place and rewrites the active L1 in place on apply, which
 //! leaves windows where a crash marks a shared table unshared.
 
-use super::cluster_map::ClusterMap;
+use super::refcount_deltas::{RefcountDeltas, Segment, SegmentCursor};
 use super::refcounts::Refcounts;
 use super::snapshot::find_snapshot;
 use super::{Image, Meta, SnapshotInfo};
@@ -22,26 +22,12 @@ use crate::format::snapshot::{encode_table, TIME64_TAG};
 use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
 use crate::format::{CompressedDescriptor, SnapshotEntry, SnapshotTime};
 
-/// Refcount changes an operation makes, per cluster index.
-#[derive(Default)]
-struct Deltas(ClusterMap<i64>);
-
-impl Deltas {
-    fn add(&mut self, offset: u64, len: u64, delta: i64, cluster_bits: u32) {
-        if len == 0 {
-            return;
-        }
-        for k in offset >> cluster_bits..=(offset + len - 1) >> cluster_bits {
-            *self.0.entry(k).or_insert(0) += delta;
-        }
-    }
-}
-
 /// A layer's references: its L2 tables and the host ranges its entries hold.
 struct LayerRefs {
     /// (L1 index, L2 table offset)
     tables: Vec<(usize, u64)>,
-    /// (host offset, length) of data, zero-allocated and compressed clusters.
+    /// Cluster index runs `[start, end)` of data, zero-allocated and compressed clusters, in
+    /// table order; runs of compressed clusters may overlap (they share host clusters).
     data: Vec<(u64, u64)>,
 }
 
@@ -75,15 +61,24 @@ pub struct StagedChange {
     snapshots: Vec<SnapshotEntry>,
     table_at: u64,
     table_len: u64,
-    /// Refcount increases made while staging (allocations included), per cluster.
-    raised: Vec<(u64, i64)>,
-    /// Refcount decreases due once the new state is published, per cluster.
-    lowered: Vec<(u64, i64)>,
+    /// Refcount increases made while staging (allocations included).
+    raised: Vec<Segment>,
+    /// Refcount decreases due once the new state is published.
+    lowered: Vec<Segment>,
+}
+
+/// Every refcount change of a plan, settled, with the refcount each changed cluster ends with.
+struct SettledChanges {
+    segments: Vec<Segment>,
+    /// The final refcounts of the segments' clusters, segment after segment.
+    after: Vec<u64>,
+    /// Where each segment's clusters start in `after`.
+    first_value: Vec<usize>,
 }
 
 /// The new active layer and snapshot list a batch of changes leads to.
 struct Plan {
-    deltas: Deltas,
+    changes: SettledChanges,
     snapshots: Vec<SnapshotEntry>,
     size: u64,
     /// L1 entries of the new active layer before its tables are copied.
@@ -167,11 +162,16 @@ impl Image {
 
     /// The L2 tables and host ranges reachable from an L1 table.
     fn layer_refs(&self, m: &Meta, l1: &[u64], l1_offset: u64) -> Result<LayerRefs> {
-        let cs = m.header.cluster_size();
         let extended = m.header.extended_l2();
         let mut refs = LayerRefs {
             tables: Vec::new(),
             data: Vec::new(),
+        };
+        let cb = m.header.cluster_bits;
+        // Extends the last run when the clusters follow on from it, as they mostly do.
+        let mut push = |start: u64, end: u64| match refs.data.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => refs.data.push((start, end)),
         };
         for (i, &e) in l1.iter().enumerate() {
             let t = e & OFFSET_MASK;
@@ -184,11 +184,14 @@ impl Image {
                 match l2_entry(&table, j, extended, false).2 {
                     ClusterMapping::Normal { host_offset }
                     | ClusterMapping::ZeroAllocated { host_offset } => {
-                        refs.data.push((host_offset, cs))
+                        push(host_offset >> cb, (host_offset >> cb) + 1)
                     }
                     ClusterMapping::Compressed { descriptor } => {
-                        let d = CompressedDescriptor::decode(descriptor, m.header.cluster_bits);
-                        refs.data.push((d.host_offset, d.compressed_size()));
+                        let d = CompressedDescriptor::decode(descriptor, cb);
+                        let len = d.compressed_size();
+                        if len > 0 {
+                            push(d.host_offset >> cb, ((d.host_offset + len - 1) >> cb) + 1);
+                        }
                     }
                     _ => {}
                 }
@@ -197,21 +200,38 @@ impl Image {
         Ok(refs)
     }
 
+    /// Settles the collected changes and works out the refcount each changed cluster ends with.
     /// Refuses, before any write, a change that would overflow or underflow a refcount.
-    fn check_overflow(&self, m: &mut Meta, deltas: &Deltas) -> Result<()> {
+    fn settle(&self, m: &mut Meta, deltas: &RefcountDeltas) -> Result<SettledChanges> {
         let host = self.host();
+        let refcount_bits = m.header.refcount_bits();
         let rc = &mut m.ws_mut()?.refcounts;
         let max = rc.max();
-        for (&k, &d) in &deltas.0 {
-            let v = rc.get(host, k)? as i128 + d as i128;
-            if v < 0 || v > max as i128 {
-                return Err(self.refused(format!(
-                    "cluster {k} would need a refcount of {v}, outside 0..={max} for {}-bit refcounts",
-                    m.header.refcount_bits()
-                )));
+        let segments = deltas.settle();
+        let total: u64 = segments.iter().map(Segment::len).sum();
+        let mut after = Vec::with_capacity(total as usize);
+        let mut first_value = Vec::with_capacity(segments.len());
+        for seg in &segments {
+            first_value.push(after.len());
+            let from = after.len();
+            rc.get_clusters(host, seg.start, seg.end, &mut after)?;
+            for (i, v) in after[from..].iter_mut().enumerate() {
+                let n = *v as i128 + seg.delta as i128;
+                if n < 0 || n > max as i128 {
+                    return Err(self.refused(format!(
+                        "cluster {} would need a refcount of {n}, outside 0..={max} for \
+                         {refcount_bits}-bit refcounts",
+                        seg.start + i as u64
+                    )));
+                }
+                *v = n as u64;
             }
         }
-        Ok(())
+        Ok(SettledChanges {
+            segments,
+            after,
+            first_value,
+        })
     }
 
     /// Stages and publishes one change.
@@ -260,10 +280,11 @@ impl Image {
                 return Err(e);
             }
             if !landed {
-                for &(k, d) in &staged.raised {
-                    let _ = m
-                        .ws_mut()
-                        .map(|ws| ws.refcounts.adjust(host, k << cb, 1, -d));
+                for seg in &staged.raised {
+                    let _ = m.ws_mut().map(|ws| {
+                        ws.refcounts
+                            .adjust_clusters(host, seg.start, seg.end, -seg.delta, |_| {})
+                    });
                 }
                 let _ = self.flush_refblocks(&mut m);
                 return Err(e);
@@ -293,18 +314,18 @@ impl Image {
             });
         }
         // The switch is durable: the old state's references are gone.
-        let mut lowered = Deltas(staged.lowered.into_iter().collect());
-        lowered.add(old_table.0, old_table.1, -1, cb);
+        let mut lowered = RefcountDeltas::default();
+        lowered.add_segments(&staged.lowered);
+        lowered.add_bytes(old_table.0, old_table.1, -1, cb);
         let result = (|| -> Result<()> {
-            for (&k, &d) in &lowered.0 {
-                if d == 0 {
-                    continue;
-                }
-                let rc = &mut m.ws_mut()?.refcounts;
-                rc.adjust(host, k << cb, 1, d)?;
-                if rc.get(host, k)? == 0 {
-                    self.l2_cache.remove(k << cb);
-                }
+            for seg in lowered.settle() {
+                m.ws_mut()?.refcounts.adjust_clusters(
+                    host,
+                    seg.start,
+                    seg.end,
+                    seg.delta,
+                    |k| self.l2_cache.remove(k << cb),
+                )?;
             }
             self.flush_refblocks(&mut m)?;
             host.sync()
@@ -324,10 +345,11 @@ impl Image {
     pub fn abandon(&self, staged: StagedChange) -> Result<()> {
         self.require_writable()?;
         let mut m = self.meta_mut();
-        let cb = m.header.cluster_bits;
         let host = self.host();
-        for &(k, d) in &staged.raised {
-            m.ws_mut()?.refcounts.adjust(host, k << cb, 1, -d)?;
+        for seg in &staged.raised {
+            m.ws_mut()?
+                .refcounts
+                .adjust_clusters(host, seg.start, seg.end, -seg.delta, |_| {})?;
         }
         self.flush_refblocks(&mut m)
     }
@@ -380,11 +402,7 @@ impl Image {
         let cur_l1 = m.l1.clone();
         let cur_l1_off = m.header.l1_table_offset;
         let current = self.layer_refs(m, &cur_l1, cur_l1_off)?;
-        // Most changes touch every cluster the active layer holds: size the map once.
-        let mut deltas = Deltas(ClusterMap::with_capacity_and_hasher(
-            current.data.len() + current.tables.len() + 16,
-            Default::default(),
-        ));
+        let mut deltas = RefcountDeltas::default();
         let mut snapshots = m.snapshots.clone();
         let mut created: Vec<Vec<u8>> = Vec::new();
         let mut size = m.header.size;
@@ -409,13 +427,11 @@ impl Image {
                         ));
                     }
                     if current_taken {
-                        deltas.add(cur_l1_off, cur_l1.len() as u64 * 8, 1, cb);
+                        deltas.add_bytes(cur_l1_off, cur_l1.len() as u64 * 8, 1, cb);
                         for &(_, t) in &current.tables {
-                            deltas.add(t, cs, 1, cb);
+                            deltas.add_bytes(t, cs, 1, cb);
                         }
-                        for &(off, len) in &current.data {
-                            deltas.add(off, len, 1, cb);
-                        }
+                        deltas.add_runs(&current.data, 1);
                     }
                     current_taken = true;
                     let id = next_id(&snapshots);
@@ -440,13 +456,11 @@ impl Image {
                     let entry = self.existing(&snapshots, &created, id_or_name)?;
                     let l1 = self.snapshot_l1(m, &entry)?;
                     let refs = self.layer_refs(m, &l1, entry.l1_table_offset)?;
-                    deltas.add(entry.l1_table_offset, entry.l1_size as u64 * 8, -1, cb);
+                    deltas.add_bytes(entry.l1_table_offset, entry.l1_size as u64 * 8, -1, cb);
                     for &(_, t) in &refs.tables {
-                        deltas.add(t, cs, -1, cb);
+                        deltas.add_bytes(t, cs, -1, cb);
                     }
-                    for &(off, len) in &refs.data {
-                        deltas.add(off, len, -1, cb);
-                    }
+                    deltas.add_runs(&refs.data, -1);
                     snapshots.retain(|s| s.id != entry.id);
                 }
                 SnapshotChange::Revert { id_or_name } => {
@@ -466,13 +480,11 @@ impl Image {
         }
         if !current_taken {
             // Nothing keeps the current active tables: the new active layer replaces them.
-            deltas.add(cur_l1_off, cur_l1.len() as u64 * 8, -1, cb);
+            deltas.add_bytes(cur_l1_off, cur_l1.len() as u64 * 8, -1, cb);
             for &(_, t) in &current.tables {
-                deltas.add(t, cs, -1, cb);
+                deltas.add_bytes(t, cs, -1, cb);
             }
-            for &(off, len) in &current.data {
-                deltas.add(off, len, -1, cb);
-            }
+            deltas.add_runs(&current.data, -1);
         }
         if encode_table(&snapshots).len() as u64 > MAX_SNAPSHOTS_SIZE {
             return Err(self.refused(format!(
@@ -481,12 +493,10 @@ impl Image {
         }
         let (l1_source, source) = revert.unwrap_or((cur_l1, current));
         // The new active layer's copies add one path to every cluster they map.
-        for &(off, len) in &source.data {
-            deltas.add(off, len, 1, cb);
-        }
-        self.check_overflow(m, &deltas)?;
+        deltas.add_runs(&source.data, 1);
+        let changes = self.settle(m, &deltas)?;
         Ok(Plan {
-            deltas,
+            changes,
             snapshots,
             size,
             l1_source,
@@ -549,20 +559,15 @@ impl Image {
         let cb = m.header.cluster_bits;
         let host = self.host();
         let Plan {
-            deltas,
+            changes,
             snapshots,
             size,
             l1_source,
             source,
         } = plan;
         // The refcount each cluster ends with decides its COPIED bit in the new tables.
-        let mut after: ClusterMap<u64> =
-            ClusterMap::with_capacity_and_hasher(deltas.0.len(), Default::default());
-        for (&k, &d) in &deltas.0 {
-            let v = m.ws_mut()?.refcounts.get(host, k)? as i64 + d;
-            after.insert(k, v.max(0) as u64);
-        }
-        let mut raised: Vec<(u64, i64)> = Vec::new();
+        let mut cursor = SegmentCursor::new(&changes.segments);
+        let mut raised: Vec<Segment> = Vec::new();
         let extended = m.header.extended_l2();
         let mut l1 = l1_source;
         for &(i, t) in &source.tables {
@@ -577,8 +582,11 @@ impl Image {
                     _ => continue,
                 };
                 let k = host_offset >> cb;
-                let count = match after.get(&k) {
-                    Some(&v) => v,
+                let count = match cursor.find(k) {
+                    Some(i) => {
+                        let seg = &changes.segments[i];
+                        changes.after[changes.first_value[i] + (k - seg.start) as usize]
+                    }
                     None => m.ws_mut()?.refcounts.get(host, k)?,
                 };
                 let fixed = if count == 1 {
@@ -589,7 +597,7 @@ impl Image {
                 put_be_u64_at(&mut copy, idx, fixed);
             }
             let at = self.alloc(m, 1)?;
-            raised.push((at >> cb, 1));
+            raised.push(one_each(at >> cb, 1));
             self.guard(m, at, cs, None)?;
             host.write(&copy, at, "new L2 table")?;
             l1[i] = at | COPIED;
@@ -601,7 +609,9 @@ impl Image {
         } else {
             self.alloc(m, l1_clusters)?
         };
-        raised.extend((0..l1_clusters).map(|c| ((l1_at >> cb) + c, 1)));
+        if l1_clusters > 0 {
+            raised.push(one_each(l1_at >> cb, l1_clusters));
+        }
         let mut l1_bytes = vec![0u8; (l1_clusters * cs) as usize];
         for (i, e) in l1.iter().enumerate() {
             put_be_u64_at(&mut l1_bytes, i, *e);
@@ -619,18 +629,18 @@ impl Image {
         } else {
             let clusters = (table.len() as u64).div_ceil(cs);
             let at = self.alloc(m, clusters)?;
-            raised.extend((0..clusters).map(|c| ((at >> cb) + c, 1)));
+            raised.push(one_each(at >> cb, clusters));
             self.guard(m, at, clusters * cs, None)?;
             host.write(&table, at, "new snapshot table")?;
             at
         };
         host.sync()?;
         // Raised refcounts are durable before anything can point at them.
-        for (&k, &d) in &deltas.0 {
-            if d > 0 {
-                m.ws_mut()?.refcounts.adjust(host, k << cb, 1, d)?;
-                raised.push((k, d));
-            }
+        for seg in changes.segments.iter().filter(|s| s.delta > 0) {
+            m.ws_mut()?
+                .refcounts
+                .adjust_clusters(host, seg.start, seg.end, seg.delta, |_| {})?;
+            raised.push(*seg);
         }
         self.flush_refblocks(m)?;
         let h = &m.header;
@@ -655,8 +665,21 @@ impl Image {
             table_at,
             table_len: table.len() as u64,
             raised,
-            lowered: deltas.0.into_iter().filter(|&(_, d)| d < 0).collect(),
+            lowered: changes
+                .segments
+                .into_iter()
+                .filter(|s| s.delta < 0)
+                .collect(),
         })
+    }
+}
+
+/// A refcount increase of one for `n` clusters from index `start` (fresh allocations).
+fn one_each(start: u64, n: u64) -> Segment {
+    Segment {
+        start,
+        end: start + n,
+        delta: 1,
     }
 }
 
