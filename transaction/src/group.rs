@@ -962,19 +962,22 @@ fn each_step<T: Send>(
         return steps.iter_mut().map(|step| work(&mut **step, fs)).collect();
     }
     let work = &work;
+    let panicked = || Err(TxnError::Interrupted("a step's thread panicked".into()));
     std::thread::scope(|scope| {
-        let handles: Vec<_> = steps
+        // The calling thread takes the last step itself: one thread fewer to start per phase.
+        let (last, rest) = steps.split_last_mut().expect("two or more steps");
+        let handles: Vec<_> = rest
             .iter_mut()
             .map(|step| scope.spawn(move || work(&mut **step, fs)))
             .collect();
-        handles
+        let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut **last, fs)))
+            .unwrap_or_else(|_| panicked());
+        let mut results: Vec<_> = handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(TxnError::Interrupted("a step's thread panicked".into()))
-                })
-            })
-            .collect()
+            .map(|h| h.join().unwrap_or_else(|_| panicked()))
+            .collect();
+        results.push(own);
+        results
     })
 }
 

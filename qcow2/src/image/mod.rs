@@ -620,8 +620,9 @@ pub(crate) fn read_table(
         .collect())
 }
 
-/// Reads the snapshot table entry by entry, so a hostile count costs no more than the bytes that
-/// are really there (and never more than the 64 MiB limit). Returns the entries and the table's
+/// Reads the snapshot table entry by entry through a window of up to 64 KiB, so a table of many
+/// small entries costs a few reads, while a hostile count costs no more than the bytes that are
+/// really there (and never more than the 64 MiB limit). Returns the entries and the table's
 /// unpadded length.
 pub(crate) fn read_snapshot_table(
     storage: &dyn Storage,
@@ -629,22 +630,20 @@ pub(crate) fn read_snapshot_table(
     header: &Header,
 ) -> Result<(Vec<SnapshotEntry>, u64)> {
     let base = header.snapshots_offset;
+    let mut window = TableWindow {
+        storage,
+        base,
+        start: 0,
+        bytes: Vec::new(),
+    };
     let mut pos = 0u64;
     let mut entries = Vec::new();
     for index in 0..header.nb_snapshots {
         pos = align_entry(pos);
         let at = base + pos;
-        let mut fixed = [0u8; SNAPSHOT_ENTRY_FIXED_SIZE];
-        storage.read_exact_at(&mut fixed, at).map_err(|_| {
-            Error::corrupt(
-                image,
-                format!("snapshot table entry {index}"),
-                at,
-                "runs past the end of the file",
-            )
-        })?;
+        let fixed = window.entry(image, index, pos, SNAPSHOT_ENTRY_FIXED_SIZE)?;
         let sizes: EntrySizes =
-            SnapshotEntry::sizes(&fixed, at, index).map_err(|e| Error::from_format(image, e))?;
+            SnapshotEntry::sizes(fixed, at, index).map_err(|e| Error::from_format(image, e))?;
         let len = sizes.entry_len();
         if pos + len > MAX_SNAPSHOTS_SIZE {
             return Err(Error::corrupt(
@@ -654,19 +653,69 @@ pub(crate) fn read_snapshot_table(
                 format!("larger than the limit of {MAX_SNAPSHOTS_SIZE} bytes"),
             ));
         }
-        let mut bytes = vec![0u8; len as usize];
-        storage.read_exact_at(&mut bytes, at).map_err(|_| {
-            Error::corrupt(
-                image,
-                format!("snapshot table entry {index}"),
-                at,
-                format!("{len} bytes run past the end of the file"),
-            )
-        })?;
+        let bytes = window.entry(image, index, pos, len as usize)?;
         entries.push(
-            SnapshotEntry::decode(&bytes, at, index).map_err(|e| Error::from_format(image, e))?,
+            SnapshotEntry::decode(bytes, at, index).map_err(|e| Error::from_format(image, e))?,
         );
         pos += len;
     }
     Ok((entries, pos))
+}
+
+/// A window of table bytes read ahead from the file.
+struct TableWindow<'a> {
+    storage: &'a dyn Storage,
+    /// Host offset of the table.
+    base: u64,
+    /// Table position of `bytes[0]`.
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl TableWindow<'_> {
+    const READ_AHEAD: usize = 64 * 1024;
+
+    /// Bytes `pos..pos + len` of entry `index`, which must lie inside the file.
+    fn entry(&mut self, image: &str, index: u32, pos: u64, len: usize) -> Result<&[u8]> {
+        let at = self.base + pos;
+        match self.get(pos, len) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(Error::corrupt(
+                image,
+                format!("snapshot table entry {index}"),
+                at,
+                format!("{len} bytes run past the end of the file"),
+            )),
+            Err(e) => Err(Error::io(
+                image,
+                format!("reading the snapshot table at {at:#x}"),
+                e,
+            )),
+        }
+    }
+
+    /// Table bytes `pos..pos + len`, or `None` when the file ends first.
+    fn get(&mut self, pos: u64, len: usize) -> std::io::Result<Option<&[u8]>> {
+        let held = pos >= self.start && pos + len as u64 <= self.start + self.bytes.len() as u64;
+        if !held {
+            self.bytes.resize(len.max(Self::READ_AHEAD), 0);
+            let mut filled = 0;
+            while filled < self.bytes.len() {
+                let n = self
+                    .storage
+                    .read_at(&mut self.bytes[filled..], self.base + pos + filled as u64)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            self.bytes.truncate(filled);
+            self.start = pos;
+            if filled < len {
+                return Ok(None);
+            }
+        }
+        let from = (pos - self.start) as usize;
+        Ok(Some(&self.bytes[from..from + len]))
+    }
 }

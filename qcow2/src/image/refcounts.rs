@@ -14,9 +14,30 @@ use crate::format::limits::MAX_REFTABLE_SIZE_BYTES;
 use crate::format::refcount;
 use crate::format::table::REFTABLE_OFFSET_MASK;
 
+const SECTOR: usize = 512;
+
 struct Block {
     bytes: Vec<u8>,
-    dirty: bool,
+    /// The byte range changed since the block was last written, if any: a snapshot's second
+    /// pass often changes a few entries of a block, and writing only their sectors keeps the
+    /// sync that follows short.
+    dirty: Option<(usize, usize)>,
+}
+
+impl Block {
+    fn clean(bytes: Vec<u8>) -> Block {
+        Block { bytes, dirty: None }
+    }
+
+    /// Records that entries `first..first + count` changed.
+    fn touch(&mut self, first: usize, count: usize, order: u32) {
+        let lo = (first << order) / 8;
+        let hi = ((first + count) << order).div_ceil(8);
+        self.dirty = Some(match self.dirty {
+            Some((a, b)) => (a.min(lo), b.max(hi)),
+            None => (lo, hi),
+        });
+    }
 }
 
 /// The refcount structures of one image, as the write engine keeps them.
@@ -113,10 +134,7 @@ impl Refcounts {
             std::collections::hash_map::Entry::Vacant(v) => {
                 let mut bytes = vec![0u8; cluster_size];
                 host.read_zero_filled(&mut bytes, offset, "refcount block")?;
-                Ok(v.insert(Block {
-                    bytes,
-                    dirty: false,
-                }))
+                Ok(v.insert(Block::clean(bytes)))
             }
         }
     }
@@ -157,7 +175,7 @@ impl Refcounts {
         let order = self.order;
         let block = self.block(host, offset)?;
         refcount::set(&mut block.bytes, within, order, value);
-        block.dirty = true;
+        block.touch(within, 1, order);
         Ok(())
     }
 
@@ -269,7 +287,7 @@ impl Refcounts {
                 first_zero.get_or_insert(c);
                 zeroed(c);
             });
-            block.dirty = true;
+            block.touch(within, n, order);
             if let Some(z) = first_zero {
                 self.free_index = self.free_index.min(z);
                 self.compressed_cursor = None;
@@ -411,13 +429,7 @@ impl Refcounts {
             self.reftable[i as usize] = offset;
             self.block_offsets.insert(offset);
             let bytes = blocks.remove(&i).expect("built above");
-            self.blocks.insert(
-                offset,
-                Block {
-                    bytes,
-                    dirty: false,
-                },
-            );
+            self.blocks.insert(offset, Block::clean(bytes));
         }
         *image_end = (*image_end).max(base + indices.len() as u64);
         Ok(true)
@@ -425,16 +437,26 @@ impl Refcounts {
 
     /// The first run of `n` free clusters at or after the free index.
     fn find_free_run(&mut self, host: Host<'_>, n: u64, image_end: u64) -> Result<u64> {
+        // `start` is where the candidate run begins, `k` the next cluster to look at; the scan
+        // reads each refblock once, not one map lookup per cluster.
         let mut start = self.free_index;
         let mut k = start;
-        while k < start + n {
-            if k >= image_end {
-                return Ok(start);
+        let order = self.order;
+        while k < start + n && k < image_end {
+            let (within, count) = self.chunk(k, image_end);
+            if let Some(offset) = self.block_offset_for(k) {
+                let block_start = k - within as u64;
+                let block = self.block(host, offset)?;
+                for i in within..within + count {
+                    if block_start + i as u64 >= start + n {
+                        return Ok(start);
+                    }
+                    if refcount::get(&block.bytes, i, order) != 0 {
+                        start = block_start + i as u64 + 1;
+                    }
+                }
             }
-            if self.get(host, k)? != 0 {
-                start = k + 1;
-            }
-            k += 1;
+            k += count as u64;
         }
         Ok(start)
     }
@@ -462,13 +484,7 @@ impl Refcounts {
         host.write_sync(&offset.to_be_bytes(), entry_at, "refcount table entry")?;
         self.reftable[index as usize] = offset;
         self.block_offsets.insert(offset);
-        self.blocks.insert(
-            offset,
-            Block {
-                bytes,
-                dirty: false,
-            },
-        );
+        self.blocks.insert(offset, Block::clean(bytes));
         *image_end = (*image_end).max(location + 1);
         Ok(())
     }
@@ -567,13 +583,7 @@ impl Refcounts {
             for (i, bytes) in new_blocks {
                 let off = table[i as usize];
                 self.block_offsets.insert(off);
-                self.blocks.insert(
-                    off,
-                    Block {
-                        bytes,
-                        dirty: false,
-                    },
-                );
+                self.blocks.insert(off, Block::clean(bytes));
             }
             self.reftable = table;
             self.reftable_offset = new_offset;
@@ -587,7 +597,7 @@ impl Refcounts {
 
     /// Whether any refblock holds changes not yet on disk.
     pub(crate) fn has_dirty(&self) -> bool {
-        self.blocks.values().any(|b| b.dirty)
+        self.blocks.values().any(|b| b.dirty.is_some())
     }
 
     /// Writes every changed refblock (no sync; the caller orders and syncs).
@@ -596,14 +606,19 @@ impl Refcounts {
         let mut dirty: Vec<u64> = self
             .blocks
             .iter()
-            .filter(|(_, b)| b.dirty)
+            .filter(|(_, b)| b.dirty.is_some())
             .map(|(o, _)| *o)
             .collect();
         dirty.sort_unstable();
         for offset in dirty {
             let block = self.blocks.get_mut(&offset).expect("listed above");
-            host.write(&block.bytes, offset, "refcount block")?;
-            block.dirty = false;
+            let (lo, hi) = block.dirty.expect("listed as dirty");
+            // Whole sectors around the change (the rest of the block is unchanged on disk).
+            let lo = lo & !(SECTOR - 1);
+            let hi = hi.next_multiple_of(SECTOR).min(block.bytes.len());
+            host.write(&block.bytes[lo..hi], offset + lo as u64, "refcount block")?;
+            // Still dirty if the write failed: a retry or a repair writes it again.
+            block.dirty = None;
         }
         Ok(())
     }
@@ -611,7 +626,7 @@ impl Refcounts {
     /// Drops clean cached blocks when the cache grows large.
     pub(crate) fn trim(&mut self, max_blocks: usize) {
         if self.blocks.len() > max_blocks {
-            self.blocks.retain(|_, b| b.dirty);
+            self.blocks.retain(|_, b| b.dirty.is_some());
         }
     }
 

@@ -612,7 +612,9 @@ impl Image {
         if l1_clusters > 0 {
             raised.push(one_each(l1_at >> cb, l1_clusters));
         }
-        let mut l1_bytes = vec![0u8; (l1_clusters * cs) as usize];
+        // Whole sectors of entries: nothing reads an L1 table past its size, so the rest of its
+        // clusters need no write.
+        let mut l1_bytes = vec![0u8; (l1.len() * 8).next_multiple_of(512)];
         for (i, e) in l1.iter().enumerate() {
             put_be_u64_at(&mut l1_bytes, i, *e);
         }
@@ -634,8 +636,9 @@ impl Image {
             host.write(&table, at, "new snapshot table")?;
             at
         };
-        host.sync()?;
-        // Raised refcounts are durable before anything can point at them.
+        // The new tables and the raised refcounts become durable under one sync, before the
+        // header can point at them: until then nothing references the new clusters, so any part
+        // of these writes landing without the rest leaves at most leaked clusters.
         for seg in changes.segments.iter().filter(|s| s.delta > 0) {
             m.ws_mut()?
                 .refcounts
@@ -643,6 +646,7 @@ impl Image {
             raised.push(*seg);
         }
         self.flush_refblocks(m)?;
+        host.sync()?;
         let h = &m.header;
         let header_switch = switch_bytes(
             size,
