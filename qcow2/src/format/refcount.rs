@@ -70,6 +70,18 @@ pub fn get_range(
     }
 }
 
+/// The first entry of `first..first + count` that is zero (a free cluster), if any.
+pub fn first_zero(block: &[u8], first: usize, count: usize, refcount_order: u32) -> Option<usize> {
+    match refcount_order {
+        3 => block[first..first + count].iter().position(|&b| b == 0),
+        4 => block[first * 2..(first + count) * 2]
+            .chunks_exact(2)
+            .position(|c| c == [0, 0]),
+        _ => (first..first + count).position(|i| get(block, i, refcount_order) == 0),
+    }
+    .map(|i| first + i)
+}
+
 /// The first entry of `first..first + count` (with its value) that `delta` would move outside
 /// `0..=max_refcount`, if any.
 pub fn find_out_of_range(
@@ -182,6 +194,13 @@ mod tests {
             for i in 1..n {
                 assert_eq!(get(&block, i, order), get(&before, i, order) - 1);
             }
+            assert_eq!(first_zero(&block, 0, n, order), Some(0));
+            assert_eq!(first_zero(&before, 1, n - 1, order), None);
+            assert_eq!(
+                first_zero(&block, 1, n - 1, order),
+                ones.first().copied(),
+                "order {order}"
+            );
             let mut b = vec![0u8; 128];
             add_range(&mut b, 2, 5, order, 1, |_| panic!("nothing ends at zero"));
             assert!((0..n).all(|i| get(&b, i, order) == u64::from((2..7).contains(&i))));

@@ -444,19 +444,36 @@ impl Refcounts {
         let order = self.order;
         while k < start + n && k < image_end {
             let (within, count) = self.chunk(k, image_end);
-            if let Some(offset) = self.block_offset_for(k) {
-                let block_start = k - within as u64;
-                let block = self.block(host, offset)?;
-                for i in within..within + count {
-                    if block_start + i as u64 >= start + n {
-                        return Ok(start);
+            let block_start = k - within as u64;
+            let block_end = k + count as u64;
+            let Some(offset) = self.block_offset_for(k) else {
+                // No block covers the range: every cluster in it is free.
+                k = block_end;
+                continue;
+            };
+            let block = self.block(host, offset)?;
+            while k < block_end && k < start + n {
+                let i = (k - block_start) as usize;
+                if k == start {
+                    // The run's first cluster: skip used entries in one sweep.
+                    let left = (block_end - k) as usize;
+                    match refcount::first_zero(&block.bytes, i, left, order) {
+                        Some(z) => {
+                            start = block_start + z as u64;
+                            k = start + 1;
+                        }
+                        None => {
+                            start = block_end;
+                            k = block_end;
+                        }
                     }
-                    if refcount::get(&block.bytes, i, order) != 0 {
-                        start = block_start + i as u64 + 1;
-                    }
+                    continue;
                 }
+                if refcount::get(&block.bytes, i, order) != 0 {
+                    start = k + 1;
+                }
+                k += 1;
             }
-            k += count as u64;
         }
         Ok(start)
     }
