@@ -512,3 +512,56 @@ fn growing_over_a_longer_backing_file_reads_zeros_like_qemu() {
         );
     }
 }
+
+/// A partial write into a new cluster past the end of the file writes only the request (the rest
+/// reads as zeros without being written), while a new cluster inside the file, which may hold old
+/// bytes, is written whole with zeros around the request.
+#[test]
+fn partial_writes_into_new_clusters_write_zeros_only_where_old_bytes_lie() {
+    require_qemu();
+    let path = scratch_dir("partial-new-cluster").join("a.qcow2");
+    let cs = 65536usize;
+    let size = 4 * 1024 * 1024;
+    let image = Image::create(
+        &path,
+        &CreateOptions {
+            size: size as u64,
+            cluster_size: cs as u64,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size];
+    // A whole cluster of old bytes, then freed: its host cluster keeps them.
+    image.write_at(&pattern(cs, 7), 0).unwrap();
+    image.flush().unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    // Past the end of the file: only 4 KiB at 8 KiB into the new cluster reach the file.
+    let data = pattern(4096, 1);
+    image.write_at(&data, cs as u64 + 8192).unwrap();
+    model[cs + 8192..cs + 8192 + 4096].copy_from_slice(&data);
+    image.flush().unwrap();
+    let after = std::fs::metadata(&path).unwrap().len();
+    let host = image.map(cs as u64, cs as u64).unwrap()[0].kind;
+    let qcow2::ExtentKind::Data { host_offset } = host else {
+        panic!("not allocated: {host:?}");
+    };
+    assert!(host_offset >= before, "allocated past the old end");
+    assert_eq!(
+        after,
+        host_offset + 8192 + 4096,
+        "only the request was written past the end of the file"
+    );
+    // Inside the file: the freed cluster 0 is reused and must not show its old bytes.
+    image.discard(0, cs as u64).unwrap();
+    image.write_at(&data, 2 * cs as u64 + 4096).unwrap();
+    model[2 * cs + 4096..2 * cs + 8192].copy_from_slice(&data);
+    let reused = image.map(2 * cs as u64, cs as u64).unwrap()[0].kind;
+    assert!(
+        matches!(reused, qcow2::ExtentKind::Data { host_offset } if host_offset < before),
+        "the freed cluster inside the file is reused: {reused:?}"
+    );
+    image.close().unwrap();
+    assert_qemu_clean(&path);
+    assert_reads_as(&path, &model);
+}

@@ -367,30 +367,15 @@ impl Image {
         // Copy-on-write into a new cluster.
         let whole = in_cluster == 0
             && (data.len() as u64 == cs || cluster_start + data.len() as u64 >= m.header.size);
-        // A whole cluster is written straight from the caller's buffer; anything else is
-        // assembled from the cluster's current content (a short last cluster is zero-padded).
-        let assembled: Vec<u8>;
-        let content: &[u8] = if whole && !extended && data.len() as u64 == cs {
-            data
-        } else {
-            // Nothing to copy when the old cluster reads as zeros: skip the read (and the
-            // second pass over 64 KiB that it costs).
-            let reads_zeros = match mapping {
-                ClusterMapping::Unallocated => self.backing.is_none(),
-                ClusterMapping::Zero | ClusterMapping::ZeroAllocated { .. } => {
-                    m.header.version >= 3
-                }
-                _ => false,
-            };
-            let mut c = if (whole || reads_zeros) && !extended {
-                vec![0u8; cs as usize]
-            } else {
-                self.cluster_content(m, cluster_start)?
-            };
-            c[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-            assembled = c;
-            &assembled
+        // Nothing to copy when the old cluster reads as zeros: skip the read (and the second
+        // pass over 64 KiB that it costs).
+        let reads_zeros = match mapping {
+            ClusterMapping::Unallocated => self.backing.is_none(),
+            ClusterMapping::Zero | ClusterMapping::ZeroAllocated { .. } => m.header.version >= 3,
+            _ => false,
         };
+        // The new cluster holds the request and zeros around it.
+        let data_and_zeros = (whole || reads_zeros) && !extended;
         let bitmap = if extended {
             let old_alloc = match mapping {
                 ClusterMapping::Normal { .. } => slot.bitmap as u32,
@@ -407,7 +392,25 @@ impl Image {
         self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, 1)?;
         self.guard(m, new, cs, None)?;
-        self.write_data(content, new)?;
+        if whole && !extended && data.len() as u64 == cs {
+            // A whole cluster goes straight from the caller's buffer.
+            self.write_data(data, new)?;
+        } else if data_and_zeros && self.past_eof(new)? {
+            // Past the end of the file the cluster reads as zeros already (a hole, or nothing
+            // at all, which readers take as zeros, as QEMU does): write only the request, not
+            // 16 times its bytes for a 4K write.
+            self.write_data(data, new + in_cluster)?;
+        } else {
+            // Anything else is assembled from the cluster's current content (a short last
+            // cluster is zero-padded).
+            let mut content = if data_and_zeros {
+                vec![0u8; cs as usize]
+            } else {
+                self.cluster_content(m, cluster_start)?
+            };
+            content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            self.write_data(&content, new)?;
+        }
         m.ws_mut()?.l2_after_data_sync = true;
         self.set_slot(m, slot, new | COPIED, bitmap);
         self.free_entry(m, slot.entry)
@@ -473,6 +476,15 @@ impl Image {
             self.set_slot(m, slot, cluster_start | COPIED, bitmap);
         }
         Ok(())
+    }
+
+    /// Whether `host_offset` lies at or past the end of the image file (so it holds no old bytes).
+    fn past_eof(&self, host_offset: u64) -> Result<bool> {
+        let len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io(&self.name, "reading the image file's length", e))?;
+        Ok(host_offset >= len)
     }
 
     fn write_data(&self, data: &[u8], host_offset: u64) -> Result<()> {
