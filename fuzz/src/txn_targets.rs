@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use qcow2::format::SnapshotTime;
-use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
+use qcow2::{CreateOptions, Image};
 use qcow2_transaction::fs::GroupFs;
 use qcow2_transaction::journal::{self, Kind, Record};
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
@@ -263,18 +263,6 @@ fn open_group(fs: &SimFs) -> Result<Group, TxnError> {
     Group::open_in(Arc::new(fs.clone()), GROUP, None)
 }
 
-fn open_read_only(fs: &SimFs, p: &Path) -> qcow2::Result<Image> {
-    let options = OpenOptions {
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    };
-    let name = p.display().to_string();
-    let storage = fs
-        .open_existing(p)
-        .map_err(|e| qcow2::Error::io(&name, "opening", e))?;
-    Image::from_storage(storage, &name, &options)
-}
-
 /// A hash of a layer's guest-visible content that reads only what `map` says holds data: every
 /// non-zero 512-byte block with its offset, so equal content hashes equal whatever the allocation.
 fn hash_content(
@@ -319,7 +307,9 @@ struct View {
 fn view(fs: &SimFs, n_images: usize, ctx: &str) -> View {
     let mut images = BTreeMap::new();
     for p in (0..n_images).map(image_path) {
-        let img = open_read_only(fs, &p).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let img = fs
+            .open_read_only(&p)
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         let mut snaps = Vec::new();
         for s in img.snapshots() {
             let snap = img
@@ -344,7 +334,9 @@ fn view(fs: &SimFs, n_images: usize, ctx: &str) -> View {
     let mut overlays = BTreeMap::new();
     for o in OVERLAYS[..2].iter().map(PathBuf::from) {
         if fs.exists(&o) {
-            let img = open_read_only(fs, &o).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            let img = fs
+                .open_read_only(&o)
+                .unwrap_or_else(|e| panic!("{ctx}: {e}"));
             overlays.insert(o, img.backing_file_name());
         }
     }
@@ -366,31 +358,8 @@ fn assert_sound(fs: &SimFs, n_images: usize, ctx: &str) {
             .map(PathBuf::from)
             .filter(|o| fs.exists(o)),
     );
-    for p in &files {
-        let img = open_read_only(fs, p).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        let report = img.check().unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
-        assert!(
-            report.is_clean(),
-            "{ctx}: {} does not check clean: {report:?}",
-            p.display()
-        );
-    }
-    let group = Path::new(GROUP);
-    files.extend([group.join("txn.journal"), group.join("group.manifest")]);
-    for name in fs.names() {
-        assert!(
-            files.contains(&name),
-            "{ctx}: stray file {}",
-            name.display()
-        );
-    }
-    if let Some(bytes) = fs.file(&group.join("txn.journal")) {
-        let records = journal::read_all(&bytes).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        assert!(
-            records.last().is_none_or(|r| r.kind == Kind::End),
-            "{ctx}: the journal still holds a transaction"
-        );
-    }
+    fs.audit(&files, Path::new(GROUP))
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
 }
 
 /// Recovers `fs` (by opening the group), checks the outcome is one of `expect` and sound, and

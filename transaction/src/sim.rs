@@ -247,6 +247,54 @@ impl SimFs {
         })))
     }
 
+    /// Opens an image on its own (its backing file ignored), read-only, as a checker looks at it.
+    pub fn open_read_only(&self, path: &Path) -> qcow2::Result<Image> {
+        self.open_alone(path, false)
+    }
+
+    fn open_alone(&self, path: &Path, writable: bool) -> qcow2::Result<Image> {
+        let name = path.display().to_string();
+        let storage = self
+            .open_existing(path)
+            .map_err(|e| qcow2::Error::io(&name, "opening the image", e))?;
+        Image::from_storage(storage, &name, &alone_options(writable))
+    }
+
+    /// What a finished, refused or recovered transaction must leave: every file in `images`
+    /// checks clean (no corruption, no leak), no other file exists besides the journal and the
+    /// manifest in `group`, and the journal holds no unfinished transaction. Says what is wrong
+    /// otherwise.
+    pub fn audit(&self, images: &[PathBuf], group: &Path) -> Result<(), String> {
+        for p in images {
+            let report = self
+                .open_read_only(p)
+                .and_then(|img| img.check())
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            if !report.is_clean() {
+                return Err(format!("{} does not check clean: {report:?}", p.display()));
+            }
+        }
+        let journal = group.join("txn.journal");
+        let expected = [journal.clone(), group.join("group.manifest")];
+        if let Some(stray) = self
+            .names()
+            .into_iter()
+            .find(|n| !images.contains(n) && !expected.contains(n))
+        {
+            return Err(format!("stray file {}", stray.display()));
+        }
+        if let Some(bytes) = self.file(&journal) {
+            let records = crate::journal::read_all(&bytes).map_err(|e| e.to_string())?;
+            if records
+                .last()
+                .is_some_and(|r| r.kind != crate::journal::Kind::End)
+            {
+                return Err("the journal still holds a transaction".into());
+            }
+        }
+        Ok(())
+    }
+
     /// A new file system holding everything as it is now, all durable, with an empty log.
     pub fn settled(&self) -> SimFs {
         let n = self.log_len();
@@ -385,6 +433,15 @@ fn materialize(base: &Tree, ops: &[FsOp], survivors: Survivors) -> Tree {
     tree
 }
 
+/// Options that open an image without its backing file.
+fn alone_options(writable: bool) -> OpenOptions {
+    OpenOptions {
+        writable,
+        backing: BackingPolicy::Ignore,
+        ..OpenOptions::default()
+    }
+}
+
 /// One open file of a [`SimFs`].
 struct SimFile {
     fs: SimFs,
@@ -505,31 +562,13 @@ impl GroupFs for SimFs {
     }
 
     fn open_image(&self, path: &Path) -> qcow2::Result<Image> {
-        let name = path.display().to_string();
-        let storage = self
-            .open_existing(path)
-            .map_err(|e| qcow2::Error::io(&name, "opening the image", e))?;
-        Image::from_storage(
-            storage,
-            &name,
-            &OpenOptions {
-                writable: true,
-                backing: BackingPolicy::Ignore,
-                ..OpenOptions::default()
-            },
-        )
+        self.open_alone(path, true)
     }
 
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
         let name = path.display().to_string();
         let io = |e| qcow2::Error::io(&name, "opening the image", e);
-        let alone = |writable| OpenOptions {
-            writable,
-            backing: BackingPolicy::Ignore,
-            ..OpenOptions::default()
-        };
-        let mut top =
-            Image::from_storage(self.open_existing(path).map_err(io)?, &name, &alone(false))?;
+        let mut top = self.open_alone(path, false)?;
         let Some(backing) = top.backing_file_name() else {
             return Ok(top);
         };
@@ -539,7 +578,11 @@ impl GroupFs for SimFs {
             top.attach_raw_backing(storage)?;
         } else {
             let base_name = base_path.display().to_string();
-            top.attach_backing(Image::from_storage(storage, &base_name, &alone(true))?);
+            top.attach_backing(Image::from_storage(
+                storage,
+                &base_name,
+                &alone_options(true),
+            )?);
         }
         Ok(top)
     }

@@ -36,6 +36,14 @@ pub(crate) trait Step: Send {
     fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
 }
 
+/// Closes the image a step holds (writing back what it cached), if it still holds one.
+fn close_held(image: &mut Option<Image>, path: &Path) -> Result<(), TxnError> {
+    match image.take() {
+        Some(img) => img.close().map_err(|e| TxnError::image(path, e)),
+        None => Ok(()),
+    }
+}
+
 /// Internal snapshot changes of one image: create, delete and revert, merged.
 pub(crate) struct SnapshotStep {
     pub index: usize,
@@ -89,10 +97,7 @@ impl Step for SnapshotStep {
     }
 
     fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
-        match self.image.take() {
-            Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
-            None => Ok(()),
-        }
+        close_held(&mut self.image, &self.path)
     }
 }
 
@@ -144,10 +149,7 @@ impl Step for OverlayStep {
     }
 
     fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
-        match self.image.take() {
-            Some(img) => img.close().map_err(|e| TxnError::image(&self.path, e)),
-            None => Ok(()),
-        }
+        close_held(&mut self.image, &self.path)
     }
 }
 
@@ -200,9 +202,7 @@ impl Step for RetireStep {
     }
 
     fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
-        if let Some(img) = self.image.take() {
-            img.close().map_err(|e| TxnError::image(&self.path, e))?;
-        }
+        close_held(&mut self.image, &self.path)?;
         // The manifest no longer names the overlay: it can go.
         if self.committed && fs.exists(&self.path) {
             fs.event("overlay_remove");

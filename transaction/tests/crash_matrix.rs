@@ -15,7 +15,7 @@ use std::sync::Arc;
 use qcow2::format::SnapshotTime;
 use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
 use qcow2_transaction::fs::GroupFs;
-use qcow2_transaction::journal::{read_all, Kind};
+use qcow2_transaction::journal::read_all;
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
 use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
 
@@ -143,12 +143,7 @@ struct View {
 }
 
 fn open_read_only(fs: &SimFs, p: &Path) -> Image {
-    let options = OpenOptions {
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    };
-    let storage = fs.open_existing(p).unwrap();
-    Image::from_storage(storage, &p.display().to_string(), &options)
+    fs.open_read_only(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -196,30 +191,8 @@ fn assert_sound(fs: &SimFs, ctx: &str) {
     if fs.exists(Path::new(OVERLAY)) {
         files.push(PathBuf::from(OVERLAY));
     }
-    for p in &files {
-        let report = open_read_only(fs, p).check().unwrap();
-        assert!(
-            report.is_clean(),
-            "{ctx}: {} does not check clean: {report:?}",
-            p.display()
-        );
-    }
-    let group = Path::new(GROUP);
-    files.extend([group.join("txn.journal"), group.join("group.manifest")]);
-    for name in fs.names() {
-        assert!(
-            files.contains(&name),
-            "{ctx}: stray file {}",
-            name.display()
-        );
-    }
-    if let Some(bytes) = fs.file(&group.join("txn.journal")) {
-        let records = read_all(&bytes).unwrap();
-        assert!(
-            records.last().is_none_or(|r| r.kind == Kind::End),
-            "{ctx}: the journal still holds a transaction"
-        );
-    }
+    fs.audit(&files, Path::new(GROUP))
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
 }
 
 /// What changed files: every logged operation but events and flushes (a flush of unchanged
