@@ -5,7 +5,7 @@
 use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_L1_ENTRIES;
-use crate::format::table::OFFSET_MASK;
+use crate::format::table::{put_be_u64_at, OFFSET_MASK};
 
 impl Image {
     /// Changes the virtual size. Shrinking fails when data would be lost, unless `allow_data_loss`.
@@ -114,6 +114,20 @@ impl Image {
         Ok(())
     }
 
+    /// Writes an L1 table of `len` entries (`entries`, then zeros) at `at`, in fresh clusters the
+    /// caller has allocated. Only whole sectors holding entries are written: nothing reads an L1
+    /// table past its size (QEMU writes new L1 tables the same way).
+    pub(crate) fn write_new_l1(&self, entries: &[u64], len: usize, at: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut bytes = vec![0u8; (len * 8).next_multiple_of(512)];
+        for (i, &e) in entries.iter().enumerate() {
+            put_be_u64_at(&mut bytes, i, e);
+        }
+        self.host().write(&bytes, at, "new L1 table")
+    }
+
     /// Moves the active L1 table to fresh clusters with `entries` entries.
     pub(crate) fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
         let cs = m.header.cluster_size();
@@ -122,12 +136,8 @@ impl Image {
         self.mark_dirty(m)?;
         let new = self.alloc(m, clusters)?;
         self.flush_all(m)?;
-        let mut table = vec![0u8; (clusters * cs) as usize];
-        for (i, e) in m.l1.iter().enumerate() {
-            table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
         self.guard(m, new, clusters * cs, None)?;
-        self.host().write(&table, new, "new L1 table")?;
+        self.write_new_l1(&m.l1, entries as usize, new)?;
         self.host().sync()?;
         let mut switch = [0u8; 12];
         switch[..4].copy_from_slice(&(entries as u32).to_be_bytes());

@@ -612,15 +612,9 @@ impl Image {
         if l1_clusters > 0 {
             raised.push(one_each(l1_at >> cb, l1_clusters));
         }
-        // Whole sectors of entries: nothing reads an L1 table past its size, so the rest of its
-        // clusters need no write.
-        let mut l1_bytes = vec![0u8; (l1.len() * 8).next_multiple_of(512)];
-        for (i, e) in l1.iter().enumerate() {
-            put_be_u64_at(&mut l1_bytes, i, *e);
-        }
         if l1_clusters > 0 {
             self.guard(m, l1_at, l1_clusters * cs, None)?;
-            host.write(&l1_bytes, l1_at, "new L1 table")?;
+            self.write_new_l1(&l1, l1.len(), l1_at)?;
         }
         let table = encode_table(&snapshots);
         if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
