@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use qcow2::storage::Storage;
+use qcow2::storage::{read_from_bytes, Storage};
 use qcow2::{BackingPolicy, Image, OpenOptions};
 
 use crate::fs::{parent, FileId, GroupFs, LockGuard};
@@ -452,15 +452,7 @@ impl Storage for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let s = self.fs.state();
         let file = s.live.files.get(&self.ino).map_or(&[][..], |f| &f[..]);
-        let Ok(start) = usize::try_from(offset) else {
-            return Ok(0);
-        };
-        if start >= file.len() {
-            return Ok(0);
-        }
-        let n = buf.len().min(file.len() - start);
-        buf[..n].copy_from_slice(&file[start..start + n]);
-        Ok(n)
+        Ok(read_from_bytes(file, buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -47,16 +47,7 @@ fn end_of(offset: u64, len: usize) -> io::Result<usize> {
 
 impl Storage for MemoryStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let bytes = self.read_lock();
-        let Ok(start) = usize::try_from(offset) else {
-            return Ok(0);
-        };
-        if start >= bytes.len() {
-            return Ok(0);
-        }
-        let n = buf.len().min(bytes.len() - start);
-        buf[..n].copy_from_slice(&bytes[start..start + n]);
-        Ok(n)
+        Ok(super::read_from_bytes(&self.read_lock(), buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -12,6 +12,20 @@ pub use recording::RecordingStorage;
 
 use std::io;
 
+/// Reads from bytes held in memory as [`Storage::read_at`] reads from a store: up to `buf.len()`
+/// bytes at `offset`, fewer at the end, none past it. For in-memory stores and test doubles.
+pub fn read_from_bytes(bytes: &[u8], buf: &mut [u8], offset: u64) -> usize {
+    let Ok(start) = usize::try_from(offset) else {
+        return 0;
+    };
+    if start >= bytes.len() {
+        return 0;
+    }
+    let n = buf.len().min(bytes.len() - start);
+    buf[..n].copy_from_slice(&bytes[start..start + n]);
+    n
+}
+
 /// A byte-addressed store: a file, a memory buffer, or a test double.
 ///
 /// `read_at` returns fewer bytes than asked only at the end of the store; writes past the end extend

@@ -159,16 +159,7 @@ fn apply(bytes: &mut Vec<u8>, op: &Op) {
 
 impl Storage for RecordingStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let state = self.lock();
-        let Ok(start) = usize::try_from(offset) else {
-            return Ok(0);
-        };
-        if start >= state.live.len() {
-            return Ok(0);
-        }
-        let n = buf.len().min(state.live.len() - start);
-        buf[..n].copy_from_slice(&state.live[start..start + n]);
-        Ok(n)
+        Ok(super::read_from_bytes(&self.lock().live, buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
