@@ -2,6 +2,7 @@
 //! function takes bytes and returns values or a [`FormatError`] that names the structure and its
 //! offset, so a forensic tool can use it alone and the fuzzer can drive it directly.
 
+pub mod bitmap;
 pub mod compressed;
 pub mod error;
 pub mod extension;

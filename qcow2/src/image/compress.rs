@@ -50,6 +50,8 @@ impl Image {
     }
 
     fn write_one_compressed(&self, m: &mut Meta, guest: u64, data: &[u8]) -> Result<()> {
+        let cs = m.header.cluster_size();
+        self.bitmaps_mark(m, guest, cs.min(m.header.size - guest))?;
         self.mark_dirty(m)?;
         self.l2_needs_refblocks(m)?;
         let host_offset = self.alloc_bytes(m, data.len() as u64)?;

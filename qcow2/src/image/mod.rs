@@ -18,6 +18,7 @@
 
 mod backing;
 mod backing_header;
+mod bitmap;
 mod check;
 mod cluster_map;
 mod codec;
@@ -44,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
+pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
@@ -129,6 +131,8 @@ pub(crate) struct Meta {
     pub metadata_areas: Vec<MetadataArea>,
     /// The writer's state; `None` while the image is read-only.
     pub ws: Option<writeback::WriteState>,
+    /// Persistent dirty bitmaps, when the image has consistent ones.
+    pub bitmaps: Option<bitmap::Bitmaps>,
 }
 
 impl Meta {
@@ -276,9 +280,12 @@ impl Image {
             dirty_l1: std::collections::BTreeSet::new(),
             lazy: h.lazy_refcounts(),
         });
-        // Bitmaps are not kept up to date here, so they must read as inconsistent to QEMU; the
-        // raw-data-file bit stays true because data lands at its guest offset.
-        let keep = Autoclear::RAW_EXTERNAL_DATA;
+        // Bitmaps this engine understands are kept up to date (`bitmap`); the raw-data-file bit
+        // stays true because data lands at its guest offset. Other autoclear bits are cleared.
+        let mut keep = Autoclear::RAW_EXTERNAL_DATA;
+        if m.bitmaps.is_some() {
+            keep |= Autoclear::BITMAPS;
+        }
         if m.header.version >= 3 && m.header.autoclear_features & !keep != 0 {
             m.header.autoclear_features &= keep;
             host.write_sync(
@@ -374,6 +381,7 @@ impl Image {
             snapshot_table_len: 0,
             metadata_areas: Vec::new(),
             ws: None,
+            bitmaps: None,
             header,
         };
         meta.add_area(&name, 0, cluster_size, "the header")?;
@@ -405,6 +413,18 @@ impl Image {
             table_len,
             "the snapshot table",
         )?;
+        meta.bitmaps = bitmap::load(&*storage, &name, &meta)?;
+        if let Some(b) = meta.bitmaps.clone() {
+            meta.add_area(&name, b.dir_offset, b.dir_size, "the bitmap directory")?;
+            for e in &b.entries {
+                meta.add_area(
+                    &name,
+                    e.table_offset,
+                    e.table_size as u64 * 8,
+                    "a bitmap table",
+                )?;
+            }
+        }
         let data_file_name = meta
             .header
             .extensions

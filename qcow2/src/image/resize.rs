@@ -18,6 +18,9 @@ impl Image {
             });
         }
         let old_size = self.size();
+        if new_size != old_size {
+            self.refuse_with_bitmaps(&self.meta(), "resizing")?;
+        }
         if new_size >= old_size {
             let mut m = self.meta_mut();
             let needed = m.header.l1_entries_for(new_size);

@@ -469,6 +469,11 @@ impl Image {
                     let mut l1 = self.snapshot_l1(m, &entry)?;
                     let refs = self.layer_refs(m, &l1, entry.l1_table_offset)?;
                     size = entry.disk_size().unwrap_or(m.header.size);
+                    if size != m.header.size {
+                        self.refuse_with_bitmaps(m, "reverting to a snapshot of another size")?;
+                    }
+                    // Every guest byte may change: enabled bitmaps mark the whole disk.
+                    self.bitmaps_mark(m, 0, m.header.size)?;
                     if size > MAX_VIRTUAL_SIZE || m.header.l1_entries_for(size) > MAX_L1_ENTRIES {
                         return Err(self.refused(format!("snapshot disk size {size} is too large")));
                     }

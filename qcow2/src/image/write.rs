@@ -41,6 +41,7 @@ impl Image {
         self.require_writable()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
+        self.bitmaps_mark(&mut m, offset, buf.len() as u64)?;
         let cs = m.header.cluster_size();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -523,6 +524,7 @@ impl Image {
         self.require_writable()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
+        self.bitmaps_mark(&mut m, offset, len)?;
         self.zero_range(&mut m, offset, len, unmap)?;
         self.keep_cache_bounded(&mut m)
     }
@@ -682,6 +684,7 @@ impl Image {
         self.require_writable()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
+        self.bitmaps_mark(&mut m, offset, len)?;
         let cs = m.header.cluster_size();
         let first = offset.next_multiple_of(cs);
         let end = offset + len;

@@ -157,7 +157,9 @@ impl Image {
         let lazy = m.ws()?.lazy;
         m.ws_mut()?.lazy = false;
         self.flush_refblocks(m)?;
+        let stored = self.bitmaps_store(m);
         m.ws_mut()?.lazy = lazy;
+        stored?;
         if m.header.is_dirty() {
             m.header.incompatible_features &= !Incompatible::DIRTY;
             self.host().write_sync(

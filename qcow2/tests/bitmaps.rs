@@ -1,0 +1,362 @@
+//! Persistent dirty bitmaps made by QEMU survive this engine's writes: QEMU still lists them as
+//! consistent, `qemu-img check` is clean, and the dirty ranges QEMU exports over NBD
+//! (`qemu-nbd -B` read by `nbdinfo --map=qemu:dirty-bitmap:NAME`) are exactly the granules a
+//! model says were written.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use qcow2::{Image, OpenOptions};
+use qcow2_testdata::{qemu_check, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
+
+/// One QEMU-made bitmap and the guest granules it must mark.
+struct Expect {
+    name: String,
+    granularity: u64,
+    enabled: bool,
+    dirty: BTreeSet<u64>,
+}
+
+impl Expect {
+    fn new(name: &str, granularity: u64, enabled: bool) -> Self {
+        Expect {
+            name: name.into(),
+            granularity,
+            enabled,
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    fn note(&mut self, offset: u64, len: u64) {
+        if !self.enabled || len == 0 {
+            return;
+        }
+        let g = self.granularity;
+        for granule in offset / g..=(offset + len - 1) / g {
+            self.dirty.insert(granule);
+        }
+    }
+
+    /// The model as merged `(start, length)` ranges, clipped to the disk.
+    fn ranges(&self, size: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &granule in &self.dirty {
+            let start = granule * self.granularity;
+            let end = (start + self.granularity).min(size);
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == start => *l = end - *s,
+                _ => out.push((start, end - start)),
+            }
+        }
+        out
+    }
+}
+
+/// The dirty ranges QEMU itself exports for bitmap `name` of `image`.
+fn qemu_dirty_ranges(image: &Path, name: &str) -> Vec<(u64, u64)> {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(image)
+        .arg("]")
+        .output()
+        .expect("nbdinfo (libnbd-bin) must be installed");
+    assert!(
+        out.status.success(),
+        "nbdinfo on {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// qemu-img info's bitmap list as (name, flags).
+fn qemu_bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {
+    let info = qemu_info(image);
+    let list = &info["format-specific"]["data"]["bitmaps"];
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect();
+                    (b["name"].as_str().unwrap().to_string(), flags)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A deterministic mix of writes, zero writes and discards, noted in every model.
+fn workload(image: &Image, expect: &mut [Expect], seed: u64, ops: usize) {
+    let size = image.size();
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    for _ in 0..ops {
+        let offset = (next() % (size / 512)) * 512;
+        let len = ((next() % 256) * 512 + 512).min(size - offset);
+        match next() % 4 {
+            0 => image.write_zeroes(offset, len, next() % 2 == 0).unwrap(),
+            1 => image.discard(offset, len).unwrap(),
+            _ => image.write_at(&vec![0x5a; len as usize], offset).unwrap(),
+        }
+        for e in expect.iter_mut() {
+            e.note(offset, len);
+        }
+    }
+}
+
+fn assert_bitmaps_match(image_path: &Path, expect: &[Expect], size: u64) {
+    let listed = qemu_bitmaps(image_path);
+    assert_eq!(listed.len(), expect.len());
+    for (name, flags) in &listed {
+        assert!(
+            !flags.iter().any(|f| f == "in-use"),
+            "{name} is in use after a clean close: {flags:?}"
+        );
+    }
+    let (code, report) = qemu_check(image_path);
+    assert_eq!(code, 0, "qemu-img check: {report}");
+    let ours = Image::open(image_path, &OpenOptions::default()).unwrap();
+    for e in expect {
+        let want = e.ranges(size);
+        assert_eq!(
+            qemu_dirty_ranges(image_path, &e.name),
+            want,
+            "QEMU's view of bitmap {}",
+            e.name
+        );
+        assert_eq!(
+            ours.dirty_extents(&e.name, 0, size).unwrap(),
+            want,
+            "our view of bitmap {}",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn qemu_made_bitmaps_mark_exactly_what_we_write() {
+    let dir = scratch_dir("bitmaps_mark");
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let size = 32u64 << 20;
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "32M"]);
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 7 0 32M",
+        base.to_str().unwrap(),
+    ]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let top_s = top.to_str().unwrap();
+    let mut expect = vec![
+        Expect::new("g512", 512, true),
+        Expect::new("g64k", 65536, true),
+        Expect::new("g1m", 1 << 20, true),
+        Expect::new("off", 65536, false),
+    ];
+    for e in &expect {
+        let g = e.granularity.to_string();
+        let mut args = vec!["bitmap", "--add", "-g", &g];
+        if !e.enabled {
+            args.push("--disable");
+        }
+        args.extend([top_s, &e.name]);
+        qemu_img_ok(&args);
+    }
+    // QEMU dirties the bitmaps first; its bits must survive our session.
+    qemu_io(&["-f", "qcow2", "-c", "write 20M 4k", top_s]);
+    for e in &mut expect {
+        e.note(20 << 20, 4096);
+    }
+    qemu_img_ok(&["snapshot", "-c", "s1", top_s]);
+    {
+        let image = Image::open(&top, &OpenOptions::read_write()).unwrap();
+        workload(&image, &mut expect, 1, 40);
+        image.close().unwrap();
+    }
+    assert_bitmaps_match(&top, &expect, size);
+    // QEMU and we take turns: its writes and ours add up.
+    qemu_io(&["-f", "qcow2", "-c", "write 30M 64k", top_s]);
+    for e in &mut expect {
+        e.note(30 << 20, 65536);
+    }
+    {
+        let image = Image::open(&top, &OpenOptions::read_write()).unwrap();
+        workload(&image, &mut expect, 2, 20);
+        image.close().unwrap();
+    }
+    assert_bitmaps_match(&top, &expect, size);
+}
+
+#[test]
+fn a_hundred_bitmaps_stay_consistent_through_snapshots() {
+    let dir = scratch_dir("bitmaps_hundred");
+    let path = dir.join("d.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "8M"]);
+    let mut expect = Vec::new();
+    for i in 0..100 {
+        let name = format!("bitmap-{i:03}");
+        let g = 512u64 << (i % 12);
+        qemu_img_ok(&["bitmap", "--add", "-g", &g.to_string(), p, &name]);
+        expect.push(Expect::new(&name, g, true));
+    }
+    {
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        assert_eq!(image.bitmaps().len(), 100);
+        assert!(image.bitmaps().iter().all(|b| b.enabled && b.consistent()));
+        workload(&image, &mut expect, 3, 10);
+        image
+            .create_snapshot("snap", qcow2::format::SnapshotTime::default())
+            .unwrap();
+        workload(&image, &mut expect, 4, 10);
+        image.close().unwrap();
+    }
+    let listed = qemu_bitmaps(&path);
+    assert_eq!(listed.len(), 100);
+    assert!(listed.iter().all(|(_, f)| f == &["auto".to_string()]));
+    assert_eq!(qemu_check(&path).0, 0);
+    for e in expect.iter().step_by(17) {
+        assert_eq!(qemu_dirty_ranges(&path, &e.name), e.ranges(8 << 20));
+    }
+}
+
+#[test]
+fn a_crash_leaves_bitmaps_in_use_never_stale_and_trusted() {
+    let dir = scratch_dir("bitmaps_crash");
+    let path = dir.join("d.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "8M"]);
+    qemu_img_ok(&["bitmap", "--add", p, "b0"]);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    // Reading does not touch the bitmaps on disk.
+    let before = std::fs::read(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 0).unwrap();
+    image.flush().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    image.write_at(&[1; 4096], 1 << 20).unwrap();
+    image.flush().unwrap();
+    // What a power cut now leaves: QEMU must see the bitmap as in use.
+    let crashed = dir.join("crashed.qcow2");
+    std::fs::copy(&path, &crashed).unwrap();
+    image.close().unwrap();
+    let listed = qemu_bitmaps(&crashed);
+    assert_eq!(listed[0].1, vec!["in-use".to_string(), "auto".to_string()]);
+    assert_eq!(qemu_check(&crashed).0, 0);
+    // The clean close saved it.
+    assert_eq!(qemu_bitmaps(&path)[0].1, vec!["auto".to_string()]);
+    assert_eq!(qemu_dirty_ranges(&path, "b0"), vec![(1 << 20, 65536)]);
+    // An in-use bitmap is reported, kept, and not trusted by us either.
+    let again = Image::open(&crashed, &OpenOptions::read_write()).unwrap();
+    assert!(again.bitmaps()[0].in_use);
+    assert!(again.dirty_extents("b0", 0, 8 << 20).is_err());
+    again.write_at(&[2; 512], 0).unwrap();
+    again.close().unwrap();
+    assert_eq!(
+        qemu_bitmaps(&crashed)[0].1,
+        vec!["in-use".to_string(), "auto".to_string()]
+    );
+    assert_eq!(qemu_check(&crashed).0, 0);
+}
+
+#[test]
+fn changes_the_bitmaps_cannot_follow_are_refused_and_change_nothing() {
+    let dir = scratch_dir("bitmaps_refuse");
+    let path = dir.join("d.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "8M"]);
+    qemu_img_ok(&["bitmap", "--add", p, "b0"]);
+    let before = std::fs::read(&path).unwrap();
+    {
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        let err = image.resize(16 << 20, false).unwrap_err();
+        assert!(
+            err.to_string().contains("persistent dirty bitmaps"),
+            "{err}"
+        );
+        image.close().unwrap();
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+/// Bytes of the first directory entry, for the hostile cases.
+fn directory_offset(path: &Path) -> u64 {
+    let image = Image::open(path, &OpenOptions::metadata_only()).unwrap();
+    image
+        .header()
+        .extensions
+        .bitmaps
+        .unwrap()
+        .bitmap_directory_offset
+}
+
+#[test]
+fn hostile_bitmap_directories_are_refused_by_name_like_qemu_refuses_them() {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch_dir("bitmaps_hostile");
+    let clean = dir.join("clean.qcow2");
+    let c = clean.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", c, "8M"]);
+    qemu_img_ok(&["bitmap", "--add", c, "victim"]);
+    let dir_at = directory_offset(&clean);
+    // (what, byte offset inside the entry, bytes)
+    let cases: &[(&str, u64, &[u8])] = &[
+        ("granularity below 512", 17, &[8]),
+        ("granularity above 2 GiB", 17, &[32]),
+        ("reserved flag", 12, &[0, 0, 0, 4]),
+        ("bitmap type", 16, &[2]),
+        ("extra data", 20, &[0, 0, 0, 8]),
+        ("unaligned table", 0, &[0, 0, 0, 0, 0, 0, 0x12, 0x34]),
+        ("table size", 8, &[0, 0, 0, 9]),
+        ("empty table", 8, &[0, 0, 0, 0]),
+        ("name size", 18, &[0, 0]),
+    ];
+    for (what, at, bytes) in cases {
+        let path = dir.join(format!("{}.qcow2", what.replace(' ', "-")));
+        std::fs::copy(&clean, &path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(bytes, dir_at + at).unwrap();
+        drop(f);
+        let before = std::fs::read(&path).unwrap();
+        let qemu = qcow2_testdata::qemu_img(&["info", path.to_str().unwrap()]);
+        assert!(!qemu.status.success(), "{what}: qemu-img opens it");
+        for options in [OpenOptions::default(), OpenOptions::read_write()] {
+            let err = Image::open(&path, &options).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("bitmap") && text.contains(&format!("{dir_at:#x}")),
+                "{what}: {text}"
+            );
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "{what}");
+    }
+}
