@@ -454,7 +454,7 @@ pub fn run(args: Args) -> CmdResult {
     let disk = Disk::open(path, args.format.as_deref(), work.write, args.force_share)
         .map_err(|m| Failure::new(1, m))?;
     let image_size = disk.size().map_err(|m| Failure::new(1, m))?;
-    println!(
+    outln!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
         work.count,
         if work.write { "write" } else { "read" },
@@ -464,12 +464,12 @@ pub fn run(args: Args) -> CmdResult {
         work.step
     );
     if work.flush_interval != 0 {
-        println!("Sending flush every {} requests", work.flush_interval);
+        outln!("Sending flush every {} requests", work.flush_interval);
     }
     let elapsed = run_workload(&disk, work, image_size)
         .map_err(|e| Failure::new(1, format!("Failed request: {e}")))?;
     let seconds = elapsed.as_secs_f64();
-    println!("Run completed in {seconds:3.3} seconds.");
+    outln!("Run completed in {seconds:3.3} seconds.");
     if !args.quiet {
         let bytes = (work.count * work.size) as f64;
         let (mb_s, iops) = if seconds > 0.0 {
@@ -477,7 +477,7 @@ pub fn run(args: Args) -> CmdResult {
         } else {
             (f64::INFINITY, f64::INFINITY)
         };
-        println!("Throughput: {mb_s:.1} MB/s, {iops:.0} IOPS");
+        outln!("Throughput: {mb_s:.1} MB/s, {iops:.0} IOPS");
     }
     let unsafe_cache = args.cache.as_deref() == Some("unsafe");
     disk.close(work.write, unsafe_cache)

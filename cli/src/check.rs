@@ -50,13 +50,13 @@ pub fn run(args: Args) -> CmdResult {
             .iter()
             .filter(|m| m.starts_with("ERROR cluster ") || m.starts_with("Leaked cluster "))
         {
-            eprintln!("{message}");
+            errln!("{message}");
         }
-        eprintln!("ERROR need to rebuild refcount structures");
+        errln!("ERROR need to rebuild refcount structures");
         return Err(failed("Input/output error".into()));
     }
     for message in &report.messages {
-        eprintln!("{message}");
+        errln!("{message}");
     }
     let report = match repair {
         None => report,
@@ -64,7 +64,7 @@ pub fn run(args: Args) -> CmdResult {
             // qemu-img names each cluster it repairs.
             for message in &report.messages {
                 if let Some(rest) = message.strip_prefix("Leaked cluster ") {
-                    eprintln!("Repairing cluster {rest}");
+                    errln!("Repairing cluster {rest}");
                 }
             }
             let second = image
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> CmdResult {
                 .map_err(|e| failed(e.to_string()))?;
             if second.leaks_fixed > 0 || second.corruptions_fixed > 0 {
                 for message in &second.messages {
-                    eprintln!("{message}");
+                    errln!("{message}");
                 }
             }
             image.close().map_err(|e| failed(e.to_string()))?;
@@ -81,15 +81,15 @@ pub fn run(args: Args) -> CmdResult {
     };
     let filename = args.file.display().to_string();
     match args.output {
-        OutputFormat::Json => println!("{}", to_json(&report, &filename).pretty()),
+        OutputFormat::Json => outln!("{}", to_json(&report, &filename).pretty()),
         OutputFormat::Human => {
             if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
-                print!(
+                out!(
                     "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                     report.leaks_fixed, report.corruptions_fixed
                 );
             }
-            print!("{}", to_human(&report))
+            out!("{}", to_human(&report))
         }
     }
     Ok(report.exit_code())

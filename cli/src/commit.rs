@@ -84,7 +84,7 @@ pub fn run(args: Args) -> CmdResult {
     progress.finish();
     image.close().map_err(|e| fail(e.to_string()))?;
     if !args.quiet {
-        println!("Image committed.");
+        outln!("Image committed.");
     }
     Ok(0)
 }

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> CmdResult {
     let (ga, gb) = (a.guest(), b.guest());
     let (size_a, size_b) = (ga.size(), gb.size());
     if args.strict && size_a != size_b {
-        println!("Strict mode: Image size mismatch!");
+        outln!("Strict mode: Image size mismatch!");
         return Ok(1);
     }
     let common = size_a.min(size_b);
@@ -66,7 +66,7 @@ pub fn run(args: Args) -> CmdResult {
             };
             if let Verdict::MismatchAt(offset) = verdict {
                 progress.finish();
-                println!("Content mismatch at offset {offset}!");
+                outln!("Content mismatch at offset {offset}!");
                 return Ok(1);
             }
             progress.update(start + length, total);
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> CmdResult {
     }
 
     if size_a != size_b {
-        println!("Warning: Image size mismatch!");
+        outln!("Warning: Image size mismatch!");
         let longer = if size_a > size_b { ga } else { gb };
         let mut pos = common;
         while pos < total {
@@ -86,7 +86,7 @@ pub fn run(args: Args) -> CmdResult {
                         zero_range(longer, r.start, r.length, &mut progress, total)?
                     {
                         progress.finish();
-                        println!("Content mismatch at offset {offset}!");
+                        outln!("Content mismatch at offset {offset}!");
                         return Ok(1);
                     }
                 }
@@ -96,7 +96,7 @@ pub fn run(args: Args) -> CmdResult {
     }
     progress.update(total, total);
     progress.finish();
-    println!("Images are identical.");
+    outln!("Images are identical.");
     Ok(0)
 }
 

@@ -3,12 +3,12 @@
 //! data ranges are read; zero and unallocated ranges, and all-zero blocks (raw) or clusters
 //! (qcow2) inside data, stay holes.
 
-use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use qcow2::storage::FileIdentity;
 use qcow2::{CreateOptions, Image};
 
 use crate::opts;
@@ -146,6 +146,8 @@ pub fn run(args: Args) -> CmdResult {
         (None, None) => None,
     };
     let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
+    // The output may not be any file the input reads, under whatever name.
+    let inputs = input.files();
     // The output options are checked against the source size before anything is written.
     let output = |guest: &dyn Guest| -> Result<Output, Failure> {
         match &qcow2_opts {
@@ -162,13 +164,13 @@ pub fn run(args: Args) -> CmdResult {
         }
     };
     match (&input, selector) {
-        (_, None) => copy(input.guest(), &args, output(input.guest())?),
+        (_, None) => copy(input.guest(), &args, output(input.guest())?, &inputs),
         (Input::Qcow2(image), Some(selector)) => {
             let id = snapshot_id(image, &selector).map_err(fail)?;
             let view = image
                 .open_snapshot(&id)
                 .map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
-            copy(&view, &args, output(&view)?)
+            copy(&view, &args, output(&view)?, &inputs)
         }
         (Input::Raw(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
@@ -176,22 +178,19 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-fn copy(guest: &dyn Guest, args: &Args, output: Output) -> CmdResult {
+fn copy(guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]) -> CmdResult {
     match output {
-        Output::Raw => copy_raw(guest, args),
-        Output::Qcow2(options) => copy_qcow2(guest, args, &options),
+        Output::Raw => copy_raw(guest, args, inputs),
+        Output::Qcow2(options) => copy_qcow2(guest, args, &options, inputs),
     }
 }
 
-fn copy_raw(guest: &dyn Guest, args: &Args) -> CmdResult {
+fn copy_raw(guest: &dyn Guest, args: &Args, inputs: &[FileIdentity]) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let dst_name = args.dst.display();
-    let out = FileOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&args.dst)
-        .map_err(|e| fail(format!("Could not create '{dst_name}': {e}")))?;
+    let storage = crate::target::replace_file(&args.dst, inputs)
+        .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
+    let out = storage.file();
     let size = guest.size();
     out.set_len(size)
         .map_err(|e| fail(format!("Could not resize '{dst_name}': {e}")))?;
@@ -213,7 +212,7 @@ fn copy_raw(guest: &dyn Guest, args: &Args) -> CmdResult {
         guest
             .read_at(chunk, pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
-        write_nonzero(&out, chunk, pos)
+        write_nonzero(out, chunk, pos)
             .map_err(|e| format!("error while writing at byte {pos}: {e}"))
     };
     run_chunks(size, args.progress, chunks, process).map_err(fail)?;
@@ -222,10 +221,15 @@ fn copy_raw(guest: &dyn Guest, args: &Args) -> CmdResult {
 
 /// Copies into a new qcow2 image: data ranges widened to whole output clusters, all-zero
 /// clusters skipped, the rest written (compressed with `-c`) in runs of clusters.
-fn copy_qcow2(guest: &dyn Guest, args: &Args, options: &CreateOptions) -> CmdResult {
+fn copy_qcow2(
+    guest: &dyn Guest,
+    args: &Args,
+    options: &CreateOptions,
+    inputs: &[FileIdentity],
+) -> CmdResult {
     let dst = args.dst.display().to_string();
     let fail = |m: String| Failure::new(1, m);
-    let image = crate::create::open_new_qcow2(&dst, options)
+    let image = crate::create::open_new_qcow2(&dst, options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
     let cs = image.cluster_size();
     let src_size = guest.size();

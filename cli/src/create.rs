@@ -3,10 +3,13 @@
 //! the size is the backing file's (opened relative to the new image's directory, as qemu-img
 //! does); `-u` skips opening the backing file.
 
-use std::fs::{File, OpenOptions as FileOptions};
+use std::fs::File;
 use std::path::Path;
 
-use qcow2::{CreateOptions, FileStorage, Image, OpenOptions};
+use qcow2::storage::FileIdentity;
+use qcow2::{CreateOptions, Image, OpenOptions};
+
+use crate::target::replace_file;
 
 use crate::opts::{self, Qcow2Opts, MAX_IMAGE_SIZE};
 use crate::source::{format_of, io_text, resolve_relative, CmdResult, Failure, Format};
@@ -82,6 +85,8 @@ pub fn run(args: Args) -> CmdResult {
         return Err(named("The image size must be specified only once".into()));
     }
     let mut size = given_size.or(option_size);
+    // The new file may not replace its own backing file, under any name.
+    let mut inputs = Vec::new();
     if let Some(b) = &args.backing {
         opts.backing_file = Some(b.clone());
     }
@@ -106,8 +111,9 @@ pub fn run(args: Args) -> CmdResult {
         if backing.is_empty() {
             return Err(named("Expected backing file name, got empty string".into()));
         }
+        let full = resolve_relative(Path::new(&file), &backing);
+        inputs.extend(crate::target::identity_of(&full));
         if !args.unsafe_backing {
-            let full = resolve_relative(Path::new(&file), &backing);
             let (detected, backing_size) = open_backing(&full, opts.backing_fmt.as_deref())
                 .map_err(|m| named(format!("{m}\nCould not open backing image.")))?;
             if opts.backing_fmt.is_none() {
@@ -130,13 +136,13 @@ pub fn run(args: Args) -> CmdResult {
             Format::Qcow2 => opts.formatting_fields(size),
             Format::Raw => format!("size={size}"),
         };
-        println!("Formatting '{file}', fmt={} {fields}", args.format);
+        outln!("Formatting '{file}', fmt={} {fields}", args.format);
     }
     match format {
-        Format::Raw => create_raw(&file, size).map_err(named),
+        Format::Raw => create_raw(&file, size, &inputs).map_err(named),
         Format::Qcow2 => {
             let options = opts.to_create_options(size).map_err(named)?;
-            create_qcow2(&file, &options).map_err(named)
+            create_qcow2(&file, &options, &inputs).map_err(named)
         }
     }?;
     Ok(0)
@@ -176,34 +182,32 @@ fn open_backing(path: &Path, format: Option<&str>) -> Result<(&'static str, u64)
     }
 }
 
-/// Creates (or truncates, as qemu-img does) the file at `file`.
-fn create_file(file: &str) -> Result<File, String> {
-    FileOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(file)
-        .map_err(|e| format!("Could not create '{file}': {}", io_text(&e)))
-}
-
-fn create_raw(file: &str, size: u64) -> Result<(), String> {
-    let f = create_file(file)?;
-    f.set_len(size)
+fn create_raw(file: &str, size: u64, inputs: &[FileIdentity]) -> Result<(), String> {
+    let storage = replace_file(Path::new(file), inputs)?;
+    storage
+        .file()
+        .set_len(size)
         .map_err(|e| format!("Could not resize file: {}", io_text(&e)))
 }
 
-/// Writes a new qcow2 image at `file` (replacing what is there) and closes it cleanly. The
-/// backing file is recorded, never opened.
-pub fn create_qcow2(file: &str, options: &CreateOptions) -> Result<(), String> {
-    let image = open_new_qcow2(file, options)?;
+/// Writes a new qcow2 image at `file` (replacing what is there, unless it is one of `inputs`)
+/// and closes it cleanly. The backing file is recorded, never opened.
+pub fn create_qcow2(
+    file: &str,
+    options: &CreateOptions,
+    inputs: &[FileIdentity],
+) -> Result<(), String> {
+    let image = open_new_qcow2(file, options, inputs)?;
     image.close().map_err(|e| e.to_string())
 }
 
 /// Writes a new qcow2 image at `file` and returns it open for writing (without its backing).
-pub fn open_new_qcow2(file: &str, options: &CreateOptions) -> Result<Image, String> {
-    let f = create_file(file)?;
-    let storage = FileStorage::from_file(f, true);
+pub fn open_new_qcow2(
+    file: &str,
+    options: &CreateOptions,
+    inputs: &[FileIdentity],
+) -> Result<Image, String> {
+    let storage = replace_file(Path::new(file), inputs)?;
     Image::create_in(Box::new(storage), file, options).map_err(|e| e.to_string())
 }
 

@@ -75,11 +75,11 @@ pub fn run(args: Args) -> CmdResult {
             } else {
                 items.remove(0)
             };
-            println!("{}", json.pretty());
+            outln!("{}", json.pretty());
         }
         OutputFormat::Human => {
             let blocks: Vec<String> = chain.iter().map(to_human).collect();
-            print!("{}", blocks.join("\n"));
+            out!("{}", blocks.join("\n"));
         }
     }
     Ok(0)

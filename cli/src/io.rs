@@ -80,7 +80,7 @@ pub fn run(args: Args) -> CmdResult {
             "read" | "r" | "write" | "w" | "discard" | "d" => (2, None),
             "flush" | "f" | "map" => (0, Some(0)),
             _ => {
-                eprintln!("command \"{name}\" not found");
+                errln!("command \"{name}\" not found");
                 ok = false;
                 continue;
             }
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> CmdResult {
         }
         let writes = matches!(name, "write" | "w" | "discard" | "d");
         if writes && !writable {
-            eprintln!("qcow2-tool: Block node is read-only");
+            errln!("qcow2-tool: Block node is read-only");
             ok = false;
             continue;
         }
@@ -103,7 +103,7 @@ pub fn run(args: Args) -> CmdResult {
             ("write" | "w", Target::Qcow2(image)) => write(image, rest),
             ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
             (_, Target::Raw(_)) => {
-                println!("{name} failed: Operation not supported");
+                outln!("{name} failed: Operation not supported");
                 false
             }
             _ => false,
@@ -113,7 +113,7 @@ pub fn run(args: Args) -> CmdResult {
     if let Target::Qcow2(image) = target {
         if writable {
             if let Err(e) = image.close() {
-                eprintln!("qcow2-tool: {e}");
+                errln!("qcow2-tool: {e}");
                 ok = false;
             }
         }
@@ -127,14 +127,14 @@ fn arg_count_ok(name: &str, n: usize, min: usize, max: Option<usize>) -> bool {
         return true;
     }
     match max {
-        Some(0) => eprintln!("bad argument count {n} to {name}, expected 0 arguments"),
+        Some(0) => errln!("bad argument count {n} to {name}, expected 0 arguments"),
         Some(m) if m == min => {
-            eprintln!("bad argument count {n} to {name}, expected {min} arguments")
+            errln!("bad argument count {n} to {name}, expected {min} arguments")
         }
         Some(m) => {
-            eprintln!("bad argument count {n} to {name}, expected between {min} and {m} arguments")
+            errln!("bad argument count {n} to {name}, expected between {min} and {m} arguments")
         }
-        None => eprintln!("bad argument count {n} to {name}, expected at least {min} arguments"),
+        None => errln!("bad argument count {n} to {name}, expected at least {min} arguments"),
     }
     false
 }
@@ -166,8 +166,8 @@ fn getopt<'a>(cmd: &str, words: &[&'a str], spec: &str, usage: &str) -> Result<P
             };
             match takes_arg {
                 None => {
-                    eprintln!("{cmd}: invalid option -- '{c}'");
-                    println!("{usage}");
+                    errln!("{cmd}: invalid option -- '{c}'");
+                    outln!("{usage}");
                     return Err(());
                 }
                 Some(false) => found.push((c, "")),
@@ -178,8 +178,8 @@ fn getopt<'a>(cmd: &str, words: &[&'a str], spec: &str, usage: &str) -> Result<P
                         match words.get(i) {
                             Some(v) => *v,
                             None => {
-                                eprintln!("{cmd}: option requires an argument -- '{c}'");
-                                println!("{usage}");
+                                errln!("{cmd}: option requires an argument -- '{c}'");
+                                outln!("{usage}");
                                 return Err(());
                             }
                         }
@@ -209,7 +209,7 @@ fn parse_pattern(text: &str) -> Option<u8> {
 
 /// A pattern option's byte, or qemu-io's message.
 fn pattern_arg(text: &str) -> Result<u8, ()> {
-    parse_pattern(text).ok_or_else(|| println!("{text} is not a valid pattern byte"))
+    parse_pattern(text).ok_or_else(|| outln!("{text} is not a valid pattern byte"))
 }
 
 /// qemu-io's `cvtnum` with its error messages.
@@ -217,15 +217,15 @@ fn number_arg(text: &str) -> Result<u64, ()> {
     match parse_size(text) {
         Ok(n) if n <= i64::MAX as u64 => Ok(n),
         Ok(_) => {
-            println!("Parsing error: argument too large -- {text}");
+            outln!("Parsing error: argument too large -- {text}");
             Err(())
         }
         Err(_) if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) => {
-            println!("Parsing error: argument too large -- {text}");
+            outln!("Parsing error: argument too large -- {text}");
             Err(())
         }
         Err(_) => {
-            println!(
+            outln!(
                 "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}"
             );
             Err(())
@@ -237,13 +237,13 @@ fn number_arg(text: &str) -> Result<u64, ()> {
 /// `limit`: the note of the request-size limit message, or `None` for no limit.
 fn range_args(words: &[&str], usage: &str, limit: Option<&str>) -> Result<(u64, u64), ()> {
     let [off, len] = words else {
-        println!("{usage}");
+        outln!("{usage}");
         return Err(());
     };
     let offset = number_arg(off)?;
     let len_value = number_arg(len)?;
     if let Some(note) = limit.filter(|_| len_value > MAX_REQUEST) {
-        println!("length cannot exceed {MAX_REQUEST}{note}, given {len}");
+        outln!("length cannot exceed {MAX_REQUEST}{note}, given {len}");
         return Err(());
     }
     Ok((offset, len_value))
@@ -285,20 +285,20 @@ fn read(guest: &dyn Guest, words: &[&str]) -> bool {
         return false;
     };
     if !in_bounds(offset, len, guest.size()) {
-        println!("read failed: Input/output error");
+        outln!("read failed: Input/output error");
         return false;
     }
     let mut buf = vec![0u8; len as usize];
     let started = Instant::now();
     if let Err(e) = guest.read_at(&mut buf, offset) {
-        println!("read failed: {e}");
+        outln!("read failed: {e}");
         return false;
     }
     let elapsed = started.elapsed();
     let mut ok = true;
     if let Some(p) = pattern {
         if buf.iter().any(|&b| b != p) {
-            println!("Pattern verification failed at offset {offset}, {len} bytes");
+            outln!("Pattern verification failed at offset {offset}, {len} bytes");
             ok = false;
         }
     }
@@ -306,7 +306,7 @@ fn read(guest: &dyn Guest, words: &[&str]) -> bool {
         return ok;
     }
     if verbose {
-        print!("{}", dump_buffer(&buf, offset));
+        out!("{}", dump_buffer(&buf, offset));
     }
     print_report("read", offset, len, elapsed);
     ok
@@ -332,30 +332,30 @@ fn write(image: &Image, words: &[&str]) -> bool {
             'u' => unmap = true,
             'z' => zero = true,
             'b' | 'C' | 's' => {
-                println!("write: -{c} is not supported by qcow2-tool");
+                outln!("write: -{c} is not supported by qcow2-tool");
                 return false;
             }
             _ => {}
         }
     }
     if words.len() - first != 2 {
-        println!("{WRITE_USAGE}");
+        outln!("{WRITE_USAGE}");
         return false;
     }
     if fua && compressed {
-        println!("-f and -b or -c cannot be specified at the same time");
+        outln!("-f and -b or -c cannot be specified at the same time");
         return false;
     }
     if no_fallback && !zero {
-        println!("-n requires -z to be specified");
+        outln!("-n requires -z to be specified");
         return false;
     }
     if unmap && !zero {
-        println!("-u requires -z to be specified");
+        outln!("-u requires -z to be specified");
         return false;
     }
     if zero && pattern.is_some() {
-        println!("Only one of -z, -P, and -s can be specified at the same time");
+        outln!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     // Beyond the request limit, -n (no fallback) zero writes are allowed.
@@ -365,28 +365,28 @@ fn write(image: &Image, words: &[&str]) -> bool {
     };
     if compressed && !zero {
         if offset % 512 != 0 {
-            println!("{offset} is not a sector-aligned value for 'offset'");
+            outln!("{offset} is not a sector-aligned value for 'offset'");
             return false;
         }
         if len % 512 != 0 {
-            println!("{len} is not a sector-aligned value for 'count'");
+            outln!("{len} is not a sector-aligned value for 'count'");
             return false;
         }
     }
     if !in_bounds(offset, len, image.size()) {
-        println!("write failed: Input/output error");
+        outln!("write failed: Input/output error");
         return false;
     }
     if compressed && !zero {
         if image.header().has_external_data_file() {
-            println!("write failed: Operation not supported");
+            outln!("write failed: Operation not supported");
             return false;
         }
         // qemu's qcow2 refuses misaligned compressed writes.
         let (cs, size) = (image.cluster_size(), image.size());
         let end = offset + len;
         if offset % cs != 0 || (end % cs != 0 && end != size) {
-            println!("write failed: Invalid argument");
+            outln!("write failed: Invalid argument");
             return false;
         }
     }
@@ -407,7 +407,7 @@ fn write(image: &Image, words: &[&str]) -> bool {
     };
     let elapsed = started.elapsed();
     if let Err(e) = result {
-        println!("write failed: {e}");
+        outln!("write failed: {e}");
         return false;
     }
     if !quiet {
@@ -480,7 +480,7 @@ fn discard(image: &Image, words: &[&str]) -> bool {
         match c {
             'q' => quiet = true,
             'C' => {
-                println!("discard: -C is not supported by qcow2-tool");
+                outln!("discard: -C is not supported by qcow2-tool");
                 return false;
             }
             _ => {}
@@ -490,7 +490,7 @@ fn discard(image: &Image, words: &[&str]) -> bool {
         return false;
     };
     if !in_bounds(offset, len, image.size()) {
-        println!("discard failed: Input/output error");
+        outln!("discard failed: Input/output error");
         return false;
     }
     let started = Instant::now();
@@ -498,7 +498,7 @@ fn discard(image: &Image, words: &[&str]) -> bool {
     // without a host cluster stay as they are).
     let result = image.discard(offset, len);
     if let Err(e) = result {
-        println!("discard failed: {}", errno_text(&e));
+        outln!("discard failed: {}", errno_text(&e));
         return false;
     }
     if !quiet {
@@ -511,7 +511,7 @@ fn flush(image: &Image) -> bool {
     match image.flush() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("qcow2-tool: flush failed: {e}");
+            errln!("qcow2-tool: flush failed: {e}");
             false
         }
     }
@@ -540,7 +540,7 @@ fn map(target: &Target) -> bool {
         let extents = match image.map(window, len) {
             Ok(e) => e,
             Err(e) => {
-                eprintln!("qcow2-tool: Failed to get allocation status: {e}");
+                errln!("qcow2-tool: Failed to get allocation status: {e}");
                 return false;
             }
         };
@@ -565,7 +565,7 @@ fn map(target: &Target) -> bool {
 }
 
 fn print_map_line(allocated: bool, start: u64, len: u64) {
-    println!(
+    outln!(
         "{} ({len:#x}) bytes {} at offset {} ({start:#x})",
         cvtstr(len as f64),
         if allocated {
@@ -579,8 +579,8 @@ fn print_map_line(allocated: bool, start: u64, len: u64) {
 
 /// qemu-io's two report lines for one request.
 fn print_report(op: &str, offset: u64, len: u64, elapsed: Duration) {
-    println!("{op} {len}/{len} bytes at offset {offset}");
-    println!("{}", report_line(len, elapsed));
+    outln!("{op} {len}/{len} bytes at offset {offset}");
+    outln!("{}", report_line(len, elapsed));
 }
 
 /// qemu-io's hex dump: 16 bytes a line, then the alphanumeric characters.

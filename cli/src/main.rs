@@ -3,6 +3,8 @@
 //! mirror qemu-img/qemu-io so the two can be run side by side.
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod console;
 mod bench;
 mod check;
 mod commit;
@@ -20,6 +22,7 @@ mod resize;
 mod size;
 mod snapshot;
 mod source;
+mod target;
 mod transaction;
 
 use clap::{Parser, Subcommand};
@@ -99,12 +102,18 @@ fn main() {
         Command::Io(args) => io::run(args),
         Command::Bench(args) => bench::run(args),
     };
-    let code = match result {
+    let mut code = match result {
         Ok(code) => code,
         Err(failure) => {
-            eprintln!("qcow2-tool: {}", failure.message);
+            errln!("qcow2-tool: {}", failure.message);
             failure.code
         }
     };
+    if let Some(message) = console::finish() {
+        errln!("qcow2-tool: {message}");
+        if code == 0 {
+            code = error_code;
+        }
+    }
     std::process::exit(code);
 }

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> CmdResult {
                 .iter()
                 .map(|e| entry_json(e).compact_map())
                 .collect();
-            println!("[{}]", lines.join(",\n"));
+            outln!("[{}]", lines.join(",\n"));
             Ok(0)
         }
         OutputFormat::Human => human(&image, &args.file, &extents),
@@ -60,14 +60,14 @@ fn raw(args: &Args) -> CmdResult {
     let len = args.max_length.unwrap_or(u64::MAX).min(size - start);
     let name = args.file.display().to_string();
     match args.output {
-        OutputFormat::Json if len == 0 => println!("[]"),
-        OutputFormat::Json => println!(
+        OutputFormat::Json if len == 0 => outln!("[]"),
+        OutputFormat::Json => outln!(
             "[{{ \"start\": {start}, \"length\": {len}, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": {start}}}]"
         ),
         OutputFormat::Human => {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             if len > 0 {
-                println!("{:<16}{:<16}{:<16}{name}", c_hex(start), c_hex(len), c_hex(start));
+                outln!("{:<16}{:<16}{:<16}{name}", c_hex(start), c_hex(len), c_hex(start));
             }
         }
     }
@@ -136,7 +136,7 @@ fn files_by_depth(image: &Image, top: &std::path::Path) -> Vec<String> {
 /// qemu-img map's human table: data ranges only, with the file holding them.
 fn human(image: &Image, top: &std::path::Path, extents: &[Extent]) -> CmdResult {
     let files = files_by_depth(image, top);
-    println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+    outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
     for e in extents {
         if e.data() && e.offset().is_none() {
             return Err(Failure::new(
@@ -149,7 +149,7 @@ fn human(image: &Image, top: &std::path::Path, extents: &[Extent]) -> CmdResult 
                 .get(e.depth as usize)
                 .map(String::as_str)
                 .unwrap_or("");
-            println!(
+            outln!(
                 "{:<16}{:<16}{:<16}{file}",
                 c_hex(e.start),
                 c_hex(e.length),

@@ -34,7 +34,7 @@ impl Progress {
 
     fn show(&mut self, pct: f64) {
         if self.enabled {
-            eprint!("    ({pct:.2}/100%)\r");
+            err!("    ({pct:.2}/100%)\r");
             let _ = std::io::stderr().flush();
         }
         self.last = Some(pct);
@@ -43,7 +43,7 @@ impl Progress {
     /// Ends the progress line.
     pub fn finish(&mut self) {
         if self.enabled {
-            eprintln!();
+            errln!();
         }
     }
 }

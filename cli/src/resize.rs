@@ -51,7 +51,7 @@ pub fn run(args: Args) -> CmdResult {
     let name = args.file.display().to_string();
     let resized = || {
         if !args.quiet {
-            println!("Image resized.");
+            outln!("Image resized.");
         }
         Ok(0)
     };

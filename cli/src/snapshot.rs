@@ -108,7 +108,7 @@ pub fn run(args: Args) -> CmdResult {
         open_image(&args.file, &OpenOptions::metadata_only()).map_err(|m| Failure::new(1, m))?;
     let snapshots = image.info().snapshots;
     if !snapshots.is_empty() {
-        print!("Snapshot list:\n{}", snapshot_table(&snapshots));
+        out!("Snapshot list:\n{}", snapshot_table(&snapshots));
     }
     Ok(0)
 }

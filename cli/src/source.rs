@@ -179,6 +179,16 @@ pub enum Input {
 }
 
 impl Input {
+    /// Every host file the input reads from (its chain and data file included).
+    pub fn files(&self) -> Vec<qcow2::storage::FileIdentity> {
+        match self {
+            Input::Qcow2(image) => image.files_in_use(),
+            Input::Raw(raw) => qcow2::storage::FileIdentity::of(&raw.file)
+                .into_iter()
+                .collect(),
+        }
+    }
+
     /// Opens `path` as `-f` says, or as its magic says.
     pub fn open(path: &Path, forced: Option<&str>) -> Result<Input, String> {
         match format_of(path, forced)? {

@@ -102,7 +102,7 @@ pub fn run(args: Args) -> CmdResult {
     let (group_dir, actions) = parse_plan(&text, base).map_err(|m| Failure::new(1, m))?;
     let mut group = Group::open(&group_dir).map_err(|e| Failure::new(1, e.to_string()))?;
     if group.opened_with() != Recovery::Clean {
-        eprintln!(
+        errln!(
             "recovered an interrupted transaction first ({:?})",
             group.opened_with()
         );
@@ -110,9 +110,9 @@ pub fn run(args: Args) -> CmdResult {
     match group.run(&actions) {
         Ok(outcome) => {
             for a in &actions {
-                println!("{}", describe(a));
+                outln!("{}", describe(a));
             }
-            println!(
+            outln!(
                 "Transaction committed: {} image(s), {} overlay(s).",
                 outcome.images.len(),
                 outcome.overlays.len()
@@ -137,7 +137,7 @@ pub fn run(args: Args) -> CmdResult {
 
 pub fn recover(args: RecoverArgs) -> CmdResult {
     let group = Group::open(&args.group).map_err(|e| Failure::new(1, e.to_string()))?;
-    println!(
+    outln!(
         "{}",
         match group.opened_with() {
             Recovery::Clean => "Nothing to recover.",

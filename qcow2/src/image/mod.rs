@@ -470,6 +470,22 @@ impl Image {
         &self.name
     }
 
+    /// Every host file this image reads from: itself, its data file and its whole backing
+    /// chain. A command that creates or truncates a file refuses one of these as its target.
+    pub fn files_in_use(&self) -> Vec<crate::storage::FileIdentity> {
+        let mut out: Vec<_> = [Some(&self.storage), self.data_file.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.identity())
+            .collect();
+        match &self.backing {
+            Some(Backing::Qcow2(image)) => out.extend(image.files_in_use()),
+            Some(Backing::Raw { storage, .. }) => out.extend(storage.identity()),
+            None => {}
+        }
+        out
+    }
+
     /// The path the image was opened from, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

@@ -135,6 +135,10 @@ impl Storage for FileStorage {
         Ok(self.file.metadata()?.len())
     }
 
+    fn identity(&self) -> Option<super::FileIdentity> {
+        super::FileIdentity::of(&self.file).ok()
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.require_writable()?;
         let result = self.file.set_len(len);

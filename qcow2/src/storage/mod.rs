@@ -45,6 +45,30 @@ pub trait Storage: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// The host file behind the store, if it is one: what tells two names of one file apart
+    /// from two files (symlinks, hard links, `..`).
+    fn identity(&self) -> Option<FileIdentity> {
+        None
+    }
+}
+
+/// A host file's identity: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    pub device: u64,
+    pub inode: u64,
+}
+
+impl FileIdentity {
+    /// The identity of an open file.
+    pub fn of(file: &std::fs::File) -> io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileIdentity {
+            device: m.dev(),
+            inode: m.ino(),
+        })
+    }
 }
 
 /// Helpers every backend gets.
@@ -91,6 +115,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn identity(&self) -> Option<FileIdentity> {
+        (**self).identity()
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -108,5 +135,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn identity(&self) -> Option<FileIdentity> {
+        (**self).identity()
     }
 }

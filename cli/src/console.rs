@@ -1,0 +1,72 @@
+//! Output that never panics: `println!` panics when stdout is a closed pipe (`| head`) or a full
+//! device, which aborted a command halfway (an `io` script skipped its later writes). Commands
+//! print through `outln!`/`out!` instead: the first failed write is remembered, later output is
+//! dropped, the command's work goes on, and `main` reports the error once and exits non-zero,
+//! as the QEMU tools do. Messages to stderr (`errln!`) ignore failures: there is nowhere left
+//! to report them.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::Mutex;
+
+/// The first error writing to stdout, if any.
+static FAILED: Mutex<Option<io::ErrorKind>> = Mutex::new(None);
+
+fn failed() -> std::sync::MutexGuard<'static, Option<io::ErrorKind>> {
+    FAILED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes to stdout unless an earlier write failed.
+pub fn write_out(args: fmt::Arguments<'_>) {
+    let mut failed = failed();
+    if failed.is_some() {
+        return;
+    }
+    if let Err(e) = io::stdout().lock().write_fmt(args) {
+        *failed = Some(e.kind());
+    }
+}
+
+/// Writes to stderr, ignoring failures.
+pub fn write_err(args: fmt::Arguments<'_>) {
+    let _ = io::stderr().lock().write_fmt(args);
+}
+
+/// Flushes stdout; the first output error of the run, as a message, if there was one.
+pub fn finish() -> Option<String> {
+    if let Err(e) = io::stdout().lock().flush() {
+        failed().get_or_insert(e.kind());
+    }
+    (*failed()).map(|kind| {
+        format!(
+            "Failed to write to standard output: {}",
+            io::Error::from(kind)
+        )
+    })
+}
+
+/// `print!` that never panics.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::console::write_out(format_args!($($arg)*)) };
+}
+
+/// `println!` that never panics.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::console::write_out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::console::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprintln!` that never panics.
+#[macro_export]
+macro_rules! errln {
+    () => { $crate::console::write_err(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::console::write_err(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprint!` that never panics.
+#[macro_export]
+macro_rules! err {
+    ($($arg:tt)*) => { $crate::console::write_err(format_args!($($arg)*)) };
+}

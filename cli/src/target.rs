@@ -1,0 +1,72 @@
+//! Files a command creates or replaces (`create`, `convert`): every such file goes through
+//! [`replace_file`], which refuses a target that is one of the command's own inputs (whatever
+//! name, symlink, hard link or `..` reached it) and takes QEMU's write lock, all before the
+//! first byte of the old contents is touched.
+
+use std::fs::OpenOptions as FileOptions;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use qcow2::storage::FileIdentity;
+use qcow2::FileStorage;
+
+use crate::source::io_text;
+
+/// The identity of the file at `path` (after symlinks), if it exists.
+pub fn identity_of(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| FileIdentity {
+        device: m.dev(),
+        inode: m.ino(),
+    })
+}
+
+/// Opens `path` to replace its contents: refuses FIFOs and sockets (opening them could hang),
+/// refuses a file that is one of `inputs`, takes QEMU's write lock, then empties it. Messages
+/// follow qemu-img's; the caller puts the file name (and what it was doing) in front.
+pub fn replace_file(path: &Path, inputs: &[FileIdentity]) -> Result<FileStorage, String> {
+    let shown = path.display();
+    if let Ok(meta) = std::fs::metadata(path) {
+        let kind = meta.file_type();
+        if kind.is_fifo() || kind.is_socket() {
+            return Err(format!(
+                "Could not create '{shown}': the target is a FIFO or socket, not a file"
+            ));
+        }
+    }
+    // Open without truncating: nothing changes until the checks below have passed.
+    let file = FileOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("Could not create '{shown}': {}", io_text(&e)))?;
+    let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let identity =
+        FileIdentity::of(&file).map_err(|e| format!("Could not create '{shown}': {e}"))?;
+    if inputs.contains(&identity) {
+        return Err(
+            "the output is also an input (the same file as an image being read, \
+             or a file of its backing chain); refusing to overwrite it"
+                .into(),
+        );
+    }
+    let mut storage = FileStorage::from_file(file, true);
+    if regular {
+        match storage.lock_image(true) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(format!(
+                    "Failed to get \"write\" lock\nIs another process using the image [{shown}]?"
+                ))
+            }
+            Err(e) => return Err(format!("Could not lock '{shown}': {e}")),
+        }
+        storage
+            .file()
+            .set_len(0)
+            .map_err(|e| format!("Could not create '{shown}': {}", io_text(&e)))?;
+    }
+    Ok(storage)
+}

@@ -1,0 +1,232 @@
+//! Commands never destroy data they were not asked to change: a target that is also a source
+//! (under any name) is refused, and so is a target another process holds open, before the first
+//! write. Each case hashes every file before and after.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{stderr, tool_in};
+use qcow2_testdata::{qemu_img_ok, qemu_io, scratch_dir};
+
+/// Every file under `dir` and its contents.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_file() {
+            out.insert(p.clone(), std::fs::read(&p).unwrap());
+        } else if p.is_dir() {
+            out.extend(snapshot(&p));
+        }
+    }
+    out
+}
+
+/// A base with data, an overlay over it, and other names for the base.
+fn chain(dir: &Path) {
+    let d = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &d("base.qcow2"), "4M"]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x5a 0 1M", &d("base.qcow2")]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &d("top.qcow2"),
+    ]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0xa5 2M 1M", &d("top.qcow2")]);
+    std::os::unix::fs::symlink("base.qcow2", dir.join("link.qcow2")).unwrap();
+    std::fs::hard_link(dir.join("base.qcow2"), dir.join("hard.qcow2")).unwrap();
+    std::fs::create_dir(dir.join("sub")).unwrap();
+}
+
+#[test]
+fn a_destination_that_is_also_a_source_is_refused_under_every_name() {
+    let dir = scratch_dir("safety_same_file");
+    chain(&dir);
+    let before = snapshot(&dir);
+    // (source, destination): the source itself, or a file of its chain, by other names.
+    let cases = [
+        ("base.qcow2", "base.qcow2"),
+        ("base.qcow2", "./base.qcow2"),
+        ("base.qcow2", "sub/../base.qcow2"),
+        ("base.qcow2", "link.qcow2"),
+        ("base.qcow2", "hard.qcow2"),
+        ("top.qcow2", "top.qcow2"),
+        ("top.qcow2", "base.qcow2"),
+        ("top.qcow2", "link.qcow2"),
+        ("top.qcow2", "hard.qcow2"),
+    ];
+    for (src, dst) in cases {
+        for format in ["raw", "qcow2"] {
+            let out = tool_in(Some(&dir), &["convert", "-O", format, src, dst]);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "convert {src} -> {dst} ({format})"
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains(dst) && err.contains("also an input"),
+                "convert {src} -> {dst}: {err}"
+            );
+            assert!(
+                snapshot(&dir) == before,
+                "convert {src} -> {dst} changed a file"
+            );
+        }
+    }
+    // create: a new image may not replace its own backing file under another name.
+    for dst in ["hard.qcow2", "sub/../hard.qcow2"] {
+        let out = tool_in(
+            Some(&dir),
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                dst,
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "create {dst}");
+        assert!(stderr(&out).contains("also an input"), "{}", stderr(&out));
+        assert!(snapshot(&dir) == before, "create {dst} changed a file");
+    }
+    // A different file is written as usual.
+    let out = tool_in(
+        Some(&dir),
+        &["convert", "-O", "raw", "top.qcow2", "top.raw"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A QEMU process holding `image` open for writing, until dropped.
+struct Holder(Child);
+
+impl Holder {
+    fn start(image: &Path) -> Holder {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        // Bounded wait until qemu-io holds its locks (it takes them before reading commands).
+        for _ in 0..2000 {
+            let out = qcow2_testdata::qemu_img(&["info", image.to_str().unwrap()]);
+            if String::from_utf8_lossy(&out.stderr).contains("lock") {
+                return Holder(child);
+            }
+            std::thread::yield_now();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("qemu-io never locked {}", image.display());
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_target_in_use_by_qemu_is_not_touched() {
+    let dir = scratch_dir("safety_locked");
+    chain(&dir);
+    let _holder = Holder::start(&dir.join("top.qcow2"));
+    let before = snapshot(&dir);
+    let attempts: [&[&str]; 4] = [
+        &["create", "-q", "-f", "qcow2", "top.qcow2", "1M"],
+        &["create", "-q", "-f", "raw", "top.qcow2", "1M"],
+        &["convert", "-O", "qcow2", "base.qcow2", "top.qcow2"],
+        &["convert", "-O", "raw", "base.qcow2", "top.qcow2"],
+    ];
+    for args in attempts {
+        let out = tool_in(Some(&dir), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("Failed to get \"write\" lock"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(snapshot(&dir) == before, "{args:?} changed a file");
+    }
+}
+
+#[test]
+fn a_full_or_closed_stdout_is_reported_once_and_never_skips_work() {
+    let dir = scratch_dir("safety_stdout");
+    chain(&dir);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qcow2-tool"))
+            .args(args)
+            .current_dir(&dir)
+            .stdout(full())
+            .output()
+            .unwrap()
+    };
+    // Every write of the script lands although nothing it prints can be.
+    let out = run(&[
+        "io",
+        "-c",
+        "write -P 1 0 4k",
+        "-c",
+        "write -P 2 64k 4k",
+        "-c",
+        "write -P 3 128k 4k",
+        "top.qcow2",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("standard output").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for (pattern, offset) in [(1, "0"), (2, "64k"), (3, "128k")] {
+        let check = qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pattern} {offset} 4k"),
+            dir.join("top.qcow2").to_str().unwrap(),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&check.stdout).contains("read 4096/4096"),
+            "write {pattern} at {offset} was skipped"
+        );
+    }
+    for args in [
+        &["info", "top.qcow2"][..],
+        &["info", "--output=json", "top.qcow2"],
+        &["map", "top.qcow2"],
+        &["check", "top.qcow2"],
+        &["compare", "base.qcow2", "hard.qcow2"],
+    ] {
+        let out = run(args);
+        let err = stderr(&out);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {err}");
+        assert!(err.contains("standard output"), "{args:?}: {err}");
+    }
+}
