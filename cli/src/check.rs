@@ -37,6 +37,8 @@ pub fn run(args: Args) -> CmdResult {
     };
     let options = OpenOptions {
         writable: repair.is_some(),
+        // `-r all` may clear the corrupt mark our overlap guard (or QEMU's) set.
+        repair_corrupt: repair == Some(Repair::All),
         ..OpenOptions::metadata_only()
     };
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));

@@ -230,3 +230,30 @@ fn a_full_or_closed_stdout_is_reported_once_and_never_skips_work() {
         assert!(err.contains("standard output"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn check_repair_all_clears_the_corrupt_mark_of_a_consistent_image_and_nothing_else() {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch_dir("safety_corrupt_bit");
+    chain(&dir);
+    let path = dir.join("base.qcow2");
+    let clean = std::fs::read(&path).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&2u64.to_be_bytes(), 72).unwrap();
+    drop(f);
+    let corrupt =
+        |p: &Path| qcow2_testdata::qemu_info(p)["format-specific"]["data"]["corrupt"].clone();
+    assert_eq!(corrupt(&path), true);
+    // Writing and leak repair refuse a corrupt image; `-r all` repairs it.
+    let out = tool_in(Some(&dir), &["io", "-c", "write 0 512", "base.qcow2"]);
+    assert_ne!(out.status.code(), Some(0));
+    let out = tool_in(Some(&dir), &["check", "-r", "leaks", "base.qcow2"]);
+    assert_ne!(out.status.code(), Some(0));
+    let out = tool_in(Some(&dir), &["check", "-r", "all", "base.qcow2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(corrupt(&path), false);
+    assert!(
+        std::fs::read(&path).unwrap() == clean,
+        "more than the mark changed"
+    );
+}

@@ -3,9 +3,13 @@
 //! the metadata is already corrupt; the image is marked corrupt and the request fails instead of
 //! destroying more data.
 
+use std::collections::HashMap;
+
+use super::refcounts::Refcounts;
 use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
+use crate::format::table::OFFSET_MASK;
 
 impl Image {
     /// Fails (and marks the image corrupt) when `[offset, offset + len)` overlaps metadata.
@@ -55,6 +59,77 @@ impl Image {
             cluster += cs;
         }
         None
+    }
+
+    /// Before the first write: no refcount block may lie on other metadata (the header, an L1
+    /// or L2 table of any snapshot, the refcount or snapshot table, a bitmap structure), and no
+    /// active L2 table on a refcount block or fixed metadata. Updating such a block or table
+    /// would overwrite what the other structure holds (an L1 table: every guest cluster), so the
+    /// image is refused for writing, as `qemu-img check` calls it corrupt; nothing is written.
+    pub(crate) fn check_layout(&self, m: &Meta, refcounts: &Refcounts) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let mut owner: HashMap<u64, String> = HashMap::new();
+        let claim = |owner: &mut HashMap<u64, String>, start: u64, len: u64, what: &str| {
+            let mut c = start & !(cs - 1);
+            while c < start.saturating_add(len) {
+                owner.entry(c).or_insert_with(|| what.to_string());
+                c += cs;
+            }
+        };
+        for a in &m.metadata_areas {
+            claim(&mut owner, a.start, a.end - a.start, a.what);
+        }
+        let mut snapshot_l2: HashMap<u64, String> = HashMap::new();
+        for s in &m.snapshots {
+            let what = format!("the L1 table of snapshot {}", s.id_str());
+            claim(&mut owner, s.l1_table_offset, s.l1_size as u64 * 8, &what);
+            // Snapshot tables are checked when a snapshot is used; here they only name what
+            // a refblock must not hit.
+            if let Ok(l1) =
+                self.read_table(s.l1_table_offset, s.l1_size as u64, "snapshot L1 table")
+            {
+                for e in l1 {
+                    let l2 = e & OFFSET_MASK;
+                    if l2 != 0 {
+                        snapshot_l2
+                            .entry(l2)
+                            .or_insert_with(|| format!("an L2 table of snapshot {}", s.id_str()));
+                    }
+                }
+            }
+        }
+        let fixed = owner.clone();
+        for (i, &e) in m.l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if let Some(what) = fixed.get(&(l2 & !(cs - 1))) {
+                return Err(Error::corrupt(
+                    &self.name,
+                    format!("active L1 entry {i}"),
+                    m.header.l1_table_offset + i as u64 * 8,
+                    format!("its L2 table at {l2:#x} lies on {what}"),
+                ));
+            }
+            owner
+                .entry(l2)
+                .or_insert_with(|| "an active L2 table".into());
+        }
+        for (l2, what) in snapshot_l2 {
+            owner.entry(l2).or_insert(what);
+        }
+        for (i, block) in refcounts.refblocks() {
+            if let Some(what) = owner.get(&block) {
+                return Err(Error::corrupt(
+                    &self.name,
+                    format!("refcount table entry {i}"),
+                    m.header.refcount_table_offset + i as u64 * 8,
+                    format!("its refcount block at {block:#x} lies on {what}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Sets the corrupt bit on disk (best effort: the caller is already failing).

@@ -79,6 +79,10 @@ pub struct OpenOptions {
     /// Read without taking QEMU's image locks, even while another process writes (qemu-img's
     /// `-U`). Ignored for writable opens.
     pub force_share: bool,
+    /// Open an image marked corrupt for writing, so that `check_and_repair(Repair::All)` can
+    /// repair it and clear the mark (qemu-img `check -r all`). Any other write to such an image
+    /// is the caller's responsibility.
+    pub repair_corrupt: bool,
 }
 
 impl Default for OpenOptions {
@@ -89,6 +93,7 @@ impl Default for OpenOptions {
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             l2_cache_bytes: 4 << 20,
             force_share: false,
+            repair_corrupt: false,
         }
     }
 }
@@ -244,17 +249,17 @@ impl Image {
         }
         image.backing = None;
         if options.writable {
-            image.enable_writes()?;
+            image.enable_writes(options.repair_corrupt)?;
         }
         Ok(image)
     }
 
     /// Prepares a freshly opened image for writing: refuses a corrupt one, loads the refcounts,
     /// repairs a dirty one, and clears the autoclear bits this engine does not maintain.
-    fn enable_writes(&mut self) -> Result<()> {
+    fn enable_writes(&mut self, repair_corrupt: bool) -> Result<()> {
         use crate::format::features::Autoclear;
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-        if m.header.is_corrupt() {
+        if m.header.is_corrupt() && !repair_corrupt {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),
             });
@@ -271,6 +276,7 @@ impl Image {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
+        self.check_layout(&m, &refcounts)?;
         m.ws = Some(writeback::WriteState {
             refcounts,
             alloc_end: m.file_len.div_ceil(h.cluster_size()),

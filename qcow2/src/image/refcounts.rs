@@ -115,6 +115,15 @@ impl Refcounts {
         1 << self.cluster_bits
     }
 
+    /// Every refblock the refcount table names: `(table index, host offset)`.
+    pub(crate) fn refblocks(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.reftable
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, e & REFTABLE_OFFSET_MASK))
+            .filter(|&(_, o)| o != 0)
+    }
+
     /// Whether `offset` is a refblock.
     pub(crate) fn is_refblock(&self, offset: u64) -> bool {
         self.block_offsets

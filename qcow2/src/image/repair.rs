@@ -30,7 +30,12 @@ impl Image {
             });
         }
         let first = self.check()?;
-        if first.is_clean() && !self.meta().header.is_dirty() && !self.meta().header.is_corrupt() {
+        if first.is_clean() && !self.meta().header.is_dirty() {
+            // A consistent image only loses its corrupt mark (qemu-img check -r all does so).
+            if mode == Repair::All {
+                let mut m = self.meta_mut();
+                self.clear_bits(&mut m, Incompatible::CORRUPT)?;
+            }
             return Ok(first);
         }
         {

@@ -1,0 +1,87 @@
+//! A refcount table that points a refcount block at other metadata (the active L1 table, a
+//! snapshot's L2 table) is refused for writing before anything is written: updating that block
+//! would overwrite every guest mapping or the snapshot. QEMU's `qemu-img check` calls these
+//! images corrupt too.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use qcow2::{Image, OpenOptions};
+use qcow2_testdata::{qemu_check, qemu_img_ok, qemu_io, scratch_dir};
+
+fn header_u64(path: &Path, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn poke_u64(path: &Path, at: u64, value: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&value.to_be_bytes(), at).unwrap();
+}
+
+/// A 64 MiB image with data, one snapshot and more data after it.
+fn image(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 1M", p]);
+    qemu_img_ok(&["snapshot", "-c", "s1", p]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 2 0 64k", p]);
+    path
+}
+
+#[test]
+fn refcount_blocks_on_other_metadata_refuse_writes_and_change_nothing() {
+    let dir = scratch_dir("overlap_refblocks");
+    let reftable_at = |p: &Path| header_u64(p, 48);
+    let cases: Vec<(&str, Box<dyn Fn(&Path) -> u64>, &str)> = vec![
+        (
+            "active-l1",
+            Box::new(|p: &Path| header_u64(p, 40)),
+            "active L1 table",
+        ),
+        (
+            "snapshot-l2",
+            Box::new(|p: &Path| {
+                // The snapshot's L1 table, then its first L2 table.
+                let image = Image::open(p, &OpenOptions::metadata_only()).unwrap();
+                let s = &image.snapshot_entries()[0];
+                header_u64(p, s.l1_table_offset) & 0x00FF_FFFF_FFFF_FE00
+            }),
+            "snapshot 1",
+        ),
+        (
+            "snapshot-table",
+            Box::new(|p: &Path| header_u64(p, 64)),
+            "snapshot table",
+        ),
+    ];
+    for (name, target, what) in cases {
+        let path = image(&dir, &format!("{name}.qcow2"));
+        let t = target(&path);
+        assert_ne!(t % 65536, 1, "{name}");
+        poke_u64(&path, reftable_at(&path), t);
+        let before = std::fs::read(&path).unwrap();
+        let (code, _) = qemu_check(&path);
+        assert_eq!(code, 2, "{name}: qemu-img check calls it corrupt");
+        let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("refcount table entry 0") && text.contains(what),
+            "{name}: {text}"
+        );
+        // Reading is still possible, and nothing was written.
+        let ro = Image::open(&path, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        ro.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![2u8; 4096], "{name}");
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "{name}: the file changed"
+        );
+    }
+}
