@@ -38,7 +38,8 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
 fn refcount_blocks_on_other_metadata_refuse_writes_and_change_nothing() {
     let dir = scratch_dir("overlap_refblocks");
     let reftable_at = |p: &Path| header_u64(p, 48);
-    let cases: Vec<(&str, Box<dyn Fn(&Path) -> u64>, &str)> = vec![
+    type Target = Box<dyn Fn(&Path) -> u64>;
+    let cases: Vec<(&str, Target, &str)> = vec![
         (
             "active-l1",
             Box::new(|p: &Path| header_u64(p, 40)),
