@@ -39,7 +39,11 @@ fn base_depth(file: &Path, base: &Path) -> Result<u32, String> {
             file.display()
         )
     };
-    let chain = Image::chain_paths(file, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let chain = Image::chain_paths(
+        file,
+        &crate::source::with_policy(file, &OpenOptions::default()),
+    )
+    .map_err(|e| e.to_string())?;
     let wanted: Vec<PathBuf> = [
         base.to_path_buf(),
         qcow2::image::resolve_relative(file, &base.to_string_lossy()),
@@ -75,8 +79,12 @@ pub fn run(args: Args) -> CmdResult {
         base_depth,
         empty_top: !args.keep && args.base.is_none(),
     };
-    let image = Image::open_for_commit(&args.file, &OpenOptions::default(), &options)
-        .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
+    let image = Image::open_for_commit(
+        &args.file,
+        &crate::source::with_policy(&args.file, &OpenOptions::default()),
+        &options,
+    )
+    .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
     let mut progress = Progress::new(args.progress);
     image
         .commit(&options, &mut |done, total| progress.update(done, total))

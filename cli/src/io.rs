@@ -109,6 +109,14 @@ pub fn run(args: Args) -> CmdResult {
             _ => false,
         };
         ok &= succeeded;
+        // An image marked corrupt takes no further commands (qemu-io stops too): later
+        // writes would build on metadata already known to be wrong.
+        if let Target::Qcow2(image) = &target {
+            if !succeeded && image.header().is_corrupt() {
+                errln!("qcow2-tool: the image is now marked corrupt; the remaining commands are skipped");
+                break;
+            }
+        }
     }
     if let Target::Qcow2(image) = target {
         if writable {

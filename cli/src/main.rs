@@ -34,6 +34,16 @@ use clap::{Parser, Subcommand};
     about = "qemu-img/qemu-io style tool over the qcow2 engine"
 )]
 struct Cli {
+    /// Which backing and data files an image may make the tool open: `follow` (anything, as
+    /// qemu-img does), `beside` (only files in the image's own directory or below), `refuse`.
+    /// Images name files by path, so an untrusted image can make `follow` read any file.
+    #[arg(
+        long = "backing-files",
+        global = true,
+        value_enum,
+        default_value = "follow"
+    )]
+    backing_files: source::BackingFiles,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +96,7 @@ fn main() {
             std::process::exit(code);
         }
     };
+    source::set_backing_files(cli.backing_files);
     let result = match cli.command {
         Command::Create(args) => create::run(args),
         Command::Info(args) => info::run(args),

@@ -66,6 +66,7 @@ pub fn run(args: Args) -> CmdResult {
         },
         ..OpenOptions::default()
     };
+    let open = crate::source::with_policy(&args.file, &open);
     let mut image = Image::open(&args.file, &open)
         .map_err(|e| fail(format!("Could not open '{file_name}': {e}")))?;
     let new = match (&name, args.header_only) {

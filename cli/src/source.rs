@@ -57,9 +57,45 @@ pub fn format_of(path: &Path, forced: Option<&str>) -> Result<Format, String> {
     }
 }
 
-/// Opens a qcow2 image with its backing chain and data file.
+/// Which backing and data files images may make the tool open (`--backing-files`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackingFiles {
+    /// Whatever the image names, anywhere (qemu-img's behaviour).
+    Follow,
+    /// Only files in the directory of the image named on the command line (or below it).
+    Beside,
+    /// None: an image that names a backing or data file is refused.
+    Refuse,
+}
+
+static BACKING_FILES: std::sync::OnceLock<BackingFiles> = std::sync::OnceLock::new();
+
+/// Sets the policy for this run (once, from the command line).
+pub fn set_backing_files(policy: BackingFiles) {
+    let _ = BACKING_FILES.set(policy);
+}
+
+/// `options` with the run's backing-file policy applied to a chain opened from `path`.
+pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
+    let mut options = options.clone();
+    if options.backing == qcow2::BackingPolicy::Follow {
+        options.backing = match BACKING_FILES.get().copied().unwrap_or(BackingFiles::Follow) {
+            BackingFiles::Follow => qcow2::BackingPolicy::Follow,
+            BackingFiles::Refuse => qcow2::BackingPolicy::Refuse,
+            BackingFiles::Beside => {
+                let top = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                let dir = top.parent().map(Path::to_path_buf).unwrap_or_default();
+                qcow2::BackingPolicy::AllowDirs(vec![dir])
+            }
+        };
+    }
+    options
+}
+
+/// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
-    Image::open(path, options).map_err(|e| format!("Could not open '{}': {e}", path.display()))
+    Image::open(path, &with_policy(path, options))
+        .map_err(|e| format!("Could not open '{}': {e}", path.display()))
 }
 
 pub use qcow2::image::resolve_relative;

@@ -257,3 +257,179 @@ fn check_repair_all_clears_the_corrupt_mark_of_a_consistent_image_and_nothing_el
         "more than the mark changed"
     );
 }
+
+#[test]
+fn backing_and_data_files_that_are_not_files_or_not_allowed_are_refused() {
+    let dir = scratch_dir("safety_named_files");
+    let d = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    std::fs::create_dir(dir.join("vm")).unwrap();
+    std::fs::create_dir(dir.join("elsewhere")).unwrap();
+    // A FIFO as the backing file: opening it for reading would block forever.
+    let fifo = dir.join("vm/fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "fifo",
+        "-F",
+        "raw",
+        &d("vm/over-fifo.qcow2"),
+        "1M",
+    ]);
+    // A character device as the data file: writes would be acknowledged and read back as zeros.
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", d("vm/data.raw")),
+        &d("vm/with-data.qcow2"),
+        "1M",
+    ]);
+    std::fs::remove_file(dir.join("vm/data.raw")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("vm/data.raw")).unwrap();
+    // A backing file outside the image's directory.
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &d("elsewhere/secret.qcow2"),
+        "1M",
+    ]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../elsewhere/secret.qcow2",
+        "-F",
+        "qcow2",
+        &d("vm/over-outside.qcow2"),
+    ]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "with-data.qcow2",
+        "-F",
+        "qcow2",
+        "-u",
+        &d("vm/over-local.qcow2"),
+        "1M",
+    ]);
+    let before = snapshot(&dir);
+    let vm = dir.join("vm");
+    let cases: [(&[&str], &str); 6] = [
+        (&["map", "over-fifo.qcow2"], "FIFO"),
+        (
+            &["convert", "-O", "raw", "over-fifo.qcow2", "../out.raw"],
+            "FIFO",
+        ),
+        (
+            &["io", "-c", "write -P 1 0 4k", "with-data.qcow2"],
+            "character device",
+        ),
+        (
+            &["--backing-files=beside", "map", "over-outside.qcow2"],
+            "backing policy",
+        ),
+        (
+            &["map", "--backing-files=refuse", "over-outside.qcow2"],
+            "backing policy",
+        ),
+        (
+            &[
+                "--backing-files",
+                "refuse",
+                "compare",
+                "over-outside.qcow2",
+                "over-outside.qcow2",
+            ],
+            "backing policy",
+        ),
+    ];
+    for (args, why) in cases {
+        let out = tool_in(Some(&vm), args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert!(stderr(&out).contains(why), "{args:?}: {}", stderr(&out));
+        assert!(snapshot(&dir) == before, "{args:?} changed a file");
+    }
+    // What the policy allows still works: the default follows, `beside` allows the directory.
+    let out = tool_in(Some(&vm), &["map", "over-outside.qcow2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(dir.join("vm/data.raw")).unwrap();
+    std::fs::write(dir.join("vm/data.raw"), vec![0u8; 1 << 20]).unwrap();
+    let out = tool_in(
+        Some(&vm),
+        &["--backing-files=beside", "map", "over-local.qcow2"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn io_stops_at_the_command_that_marked_the_image_corrupt() {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch_dir("safety_io_corrupt");
+    let path = dir.join("d.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "1M"]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 64k", p]);
+    // Point guest cluster 0 at the L1 table itself: an in-place write there is refused by the
+    // overlap guard, which marks the image corrupt.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let u64_at = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = u64_at(40);
+    let l2 = u64_at(l1) & 0x00FF_FFFF_FFFF_FE00;
+    f.write_all_at(&(l1 | 1 << 63).to_be_bytes(), l2).unwrap();
+    drop(f);
+    let out = tool_in(
+        Some(&dir),
+        &[
+            "io",
+            "-c",
+            "write -P 2 0 4k",
+            "-c",
+            "write -P 3 128k 4k",
+            "d.qcow2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("corrupt") && err.contains("skipped"), "{err}");
+    let info = qcow2_testdata::qemu_info(&path);
+    assert_eq!(info["format-specific"]["data"]["corrupt"], true);
+    let map = qcow2_testdata::qemu_map(&path);
+    let second = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["start"].as_u64() == Some(128 << 10) || {
+                let s = e["start"].as_u64().unwrap();
+                s < 128 << 10 && s + e["length"].as_u64().unwrap() > 128 << 10
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        second["data"], false,
+        "the command after the corruption ran: {map}"
+    );
+}

@@ -19,6 +19,10 @@ pub enum ChainProblem {
     /// The image names a backing file, but was opened from storage that has no directory to resolve
     /// the name against.
     NoDirectory,
+    /// The name leads to something that is not a regular file or block device (a FIFO, which
+    /// would hang the reader, or a character device such as `/dev/zero`, which would acknowledge
+    /// writes and read back something else).
+    NotAFile { kind: &'static str },
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -38,6 +42,9 @@ impl std::fmt::Display for ChainProblem {
             }
             ChainProblem::UnsupportedFormat(fmt) => {
                 write!(f, "backing format {fmt:?} is not supported")
+            }
+            ChainProblem::NotAFile { kind } => {
+                write!(f, "it is a {kind}, not a regular file or block device")
             }
             ChainProblem::NoDirectory => {
                 write!(

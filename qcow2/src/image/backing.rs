@@ -195,9 +195,9 @@ fn permitted(
         problem: ChainProblem::NoDirectory,
     })?;
     let path = resolve_relative(base, name);
-    match &options.backing {
-        BackingPolicy::Follow => Ok(path),
-        BackingPolicy::Refuse | BackingPolicy::Ignore => Err(refuse()),
+    let path = match &options.backing {
+        BackingPolicy::Follow => path,
+        BackingPolicy::Refuse | BackingPolicy::Ignore => return Err(refuse()),
         BackingPolicy::AllowDirs(dirs) => {
             let real = std::fs::canonicalize(&path).map_err(|_| refuse())?;
             let allowed = dirs
@@ -205,12 +205,36 @@ fn permitted(
                 .filter_map(|d| std::fs::canonicalize(d).ok())
                 .any(|d| real.starts_with(d));
             if allowed {
-                Ok(path)
+                path
             } else {
-                Err(refuse())
+                return Err(refuse());
             }
         }
+    };
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_fifo() {
+            Some("FIFO")
+        } else if t.is_char_device() {
+            Some("character device")
+        } else if t.is_socket() {
+            Some("socket")
+        } else if t.is_dir() {
+            Some("directory")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(Error::Chain {
+                image: image.name.clone(),
+                role,
+                file: name.to_string(),
+                problem: ChainProblem::NotAFile { kind },
+            });
+        }
     }
+    Ok(path)
 }
 
 fn probe_is_qcow2(path: &Path) -> std::io::Result<bool> {
