@@ -136,7 +136,7 @@ pub fn run(args: Args) -> CmdResult {
 }
 
 pub fn recover(args: RecoverArgs) -> CmdResult {
-    let group = Group::open(&args.group).map_err(|e| Failure::new(1, e.to_string()))?;
+    let group = Group::open_existing(&args.group).map_err(|e| Failure::new(1, e.to_string()))?;
     outln!(
         "{}",
         match group.opened_with() {

@@ -433,3 +433,56 @@ fn io_stops_at_the_command_that_marked_the_image_corrupt() {
         "the command after the corruption ran: {map}"
     );
 }
+
+#[test]
+fn an_external_data_mapping_away_from_the_guest_offset_is_refused_like_qemu_does() {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch_dir("safety_data_identity");
+    let path = dir.join("d.qcow2");
+    let data = dir.join("d.raw");
+    let p = path.to_str().unwrap();
+    for raw in ["off", "on"] {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&data);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw={raw}", data.display()),
+            p,
+            "1M",
+        ]);
+        qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 128k", p]);
+        // Guest cluster 0 now claims the data file's second cluster.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let u64_at = |at: u64| {
+            let mut b = [0u8; 8];
+            f.read_exact_at(&mut b, at).unwrap();
+            u64::from_be_bytes(b)
+        };
+        let l2 = u64_at(u64_at(40)) & 0x00FF_FFFF_FFFF_FE00;
+        f.write_all_at(&u64_at(l2 + 8).to_be_bytes(), l2).unwrap();
+        drop(f);
+        let data_before = std::fs::read(&data).unwrap();
+        let qemu = qemu_io(&["-f", "qcow2", "-r", "-c", "read 0 4k", p]);
+        assert!(String::from_utf8_lossy(&qemu.stdout).contains("read failed"));
+        let out = tool_in(Some(&dir), &["io", "-r", "-c", "read 0 4k", "d.qcow2"]);
+        assert_eq!(out.status.code(), Some(1), "data_file_raw={raw}");
+        let out = tool_in(Some(&dir), &["io", "-c", "write -P 2 0 4k", "d.qcow2"]);
+        assert_eq!(out.status.code(), Some(1), "data_file_raw={raw}");
+        let text = format!("{}{}", common::stdout(&out), stderr(&out));
+        assert!(text.contains("does not match guest offset"), "{text}");
+        assert!(
+            std::fs::read(&data).unwrap() == data_before,
+            "the data file changed"
+        );
+        let info = qcow2_testdata::qemu_info(&path);
+        assert_eq!(info["format-specific"]["data"]["corrupt"], true);
+    }
+}

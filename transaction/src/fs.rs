@@ -55,6 +55,12 @@ pub trait GroupFs: Send + Sync {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file name.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Whether an image could be taken for writing by this process: `Ok(Err(why))` when another
+    /// process holds it (QEMU keeps a shared lock on every image and backing file it has open).
+    /// Checked before an image is deleted. The recording file system has no other processes.
+    fn probe_unused(&self, _path: &Path) -> io::Result<Result<(), String>> {
+        Ok(Ok(()))
+    }
     /// Makes a directory's entries (created, renamed, removed names) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Bytes free for an unprivileged writer on the file system holding `path`, when known.
@@ -136,23 +142,44 @@ impl GroupFs for RealFs {
         Ok(Box::new(FileStorage::open_read_write(path)?))
     }
 
+    // The group's own files (journal, manifest, lock) are never reached through a symlink:
+    // a link planted in the group directory must not make a transaction write elsewhere.
     fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         Ok(Box::new(FileStorage::from_file(file, true)))
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        std::fs::read(path)
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut bytes = Vec::new();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(path)?;
+        // A fresh file (O_EXCL): whatever had the name, a file or a link, is replaced, never
+        // written through.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         f.write_all(bytes)?;
         f.sync_all()
     }
@@ -163,6 +190,12 @@ impl GroupFs for RealFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+
+    fn probe_unused(&self, path: &Path) -> io::Result<Result<(), String>> {
+        // The probe's locks go away with its file when it returns.
+        let mut probe = FileStorage::open_read_only(path)?;
+        probe.lock_image(true)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

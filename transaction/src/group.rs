@@ -129,6 +129,13 @@ impl Group {
         hook: Option<Hook>,
     ) -> Result<Group, TxnError> {
         let dir = dir.as_ref().to_path_buf();
+        if fs.exists(&dir) && !fs.is_dir(&dir) {
+            return Err(TxnError::Invalid {
+                image: dir,
+                reason: "is a file, not a group directory (a group is a directory of its own)"
+                    .into(),
+            });
+        }
         fs.create_dir_all(&dir).map_err(|e| TxnError::io(&dir, e))?;
         let lock_path = dir.join("group.lock");
         let lock = fs
@@ -144,6 +151,23 @@ impl Group {
         };
         group.opened_with = group.recover()?;
         Ok(group)
+    }
+
+    /// Opens an existing group directory (never creating one) and finishes any interrupted
+    /// transaction: what `recover` needs, where a mistyped path must not become a new group.
+    pub fn open_existing(dir: impl AsRef<Path>) -> Result<Group, TxnError> {
+        let dir = dir.as_ref();
+        if !RealFs.is_dir(dir) {
+            return Err(TxnError::Invalid {
+                image: dir.to_path_buf(),
+                reason: if RealFs.exists(dir) {
+                    "is a file, not a group directory".into()
+                } else {
+                    "no such group directory (recover never creates one: check the path)".into()
+                },
+            });
+        }
+        Self::open(dir)
     }
 
     /// What the recovery run by [`Group::open`] did.
@@ -192,7 +216,11 @@ impl Group {
     /// decides from the journal), `CommittedIncomplete` (committed; `recover` finishes it).
     pub fn run(&mut self, actions: &[Action]) -> Result<Outcome, TxnError> {
         self.recover()?;
-        let members = validate(&*self.fs, actions, &self.manifest()?)?;
+        let group_dir = self
+            .fs
+            .canonicalize(&self.dir)
+            .map_err(|e| TxnError::io(&self.dir, e))?;
+        let members = validate(&*self.fs, actions, &self.manifest()?, &group_dir)?;
         let txn = new_txn_id();
         let journal_path = self.journal_path();
         let mut journal = self
@@ -615,6 +643,7 @@ fn validate(
     fs: &dyn GroupFs,
     actions: &[Action],
     manifest: &Manifest,
+    group_dir: &Path,
 ) -> Result<Vec<Member>, TxnError> {
     let invalid = |image: &Path, reason: String| TxnError::Invalid {
         image: image.to_path_buf(),
@@ -632,6 +661,12 @@ fn validate(
         let meta = fs.stat(&path).map_err(|e| TxnError::io(&path, e))?;
         if !meta.is_file {
             return Err(invalid(given, "is not a regular file".into()));
+        }
+        if parent(&path) == group_dir {
+            return Err(invalid(
+                given,
+                "lies in the group directory, which holds only the group's own files".into(),
+            ));
         }
         let index = match members
             .iter()
@@ -702,6 +737,13 @@ fn validate(
                 let name = overlay
                     .file_name()
                     .ok_or_else(|| invalid(overlay, "the overlay path has no file name".into()))?;
+                if dir == group_dir {
+                    return Err(invalid(
+                        overlay,
+                        "lies in the group directory, which holds only the group's own files"
+                            .into(),
+                    ));
+                }
                 m.overlay = Some(dir.join(name));
                 m.overlay_mode = *mode;
             }
@@ -762,6 +804,37 @@ fn validate(
                 overlay,
                 "the overlay's directory does not exist".into(),
             ));
+        }
+    }
+    // A disk that was pivoted to an overlay is read through that overlay: changing the image
+    // underneath would silently change what the guest reads.
+    for m in &members {
+        if let Some((_, top)) = manifest
+            .disks
+            .iter()
+            .find(|(disk, top)| disk == &m.path && top != &m.path)
+        {
+            return Err(invalid(
+                &m.given,
+                format!(
+                    "is the base of a disk whose top is now {} (an external snapshot): act on the top",
+                    top.display()
+                ),
+            ));
+        }
+    }
+    // An overlay to delete may be the backing file of an image outside the group; whoever has
+    // that image open holds a lock on the overlay.
+    for m in members.iter().filter(|m| m.retire) {
+        match fs.probe_unused(&m.path) {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                return Err(invalid(
+                    &m.given,
+                    format!("is in use by another process ({why}): it cannot be deleted"),
+                ))
+            }
+            Err(e) => return Err(TxnError::io(&m.path, e)),
         }
     }
     // Open in a canonical order (device, inode) so two groups never deadlock on image locks.

@@ -27,11 +27,13 @@ impl Drop for GroupLock {
 /// Opens (creating) the lock file and takes the exclusive lock; `Ok(None)` when another process
 /// holds it.
 pub(crate) fn lock_group(path: &Path) -> io::Result<Option<GroupLock>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let lock = libc::flock {
         l_type: libc::F_WRLCK as libc::c_short,

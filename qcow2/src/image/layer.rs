@@ -128,6 +128,9 @@ impl Image {
             pos & (cluster_size - 1),
             end - pos,
         )?;
+        if h.has_external_data_file() {
+            self.check_identity_mapping(run, offset, l2_offset + index * h.l2_entry_size(), index)?;
+        }
         let first = run;
         let mut total = len;
         pos += len;
@@ -363,6 +366,37 @@ impl Image {
 
     /// A data cluster must lie inside the file and outside the metadata areas (data in an
     /// external data file is checked by that file's length only when read).
+    /// With an external data file every guest cluster lives at its own offset in that file;
+    /// writes go there, so an entry that maps elsewhere would make reads and writes disagree.
+    /// QEMU refuses such an entry as corruption; so does this engine, for reads and writes.
+    fn check_identity_mapping(
+        &self,
+        run: Run,
+        guest: u64,
+        entry_offset: u64,
+        index: u64,
+    ) -> Result<()> {
+        let host = match run {
+            Run::Data { host_offset }
+            | Run::UnallocatedAlloc { host_offset }
+            | Run::Zero {
+                host_offset: Some(host_offset),
+            } => host_offset,
+            _ => return Ok(()),
+        };
+        if host != guest {
+            return Err(Error::corrupt(
+                &self.name,
+                format!("L2 entry {index}"),
+                entry_offset,
+                format!(
+                    "external data file offset {host:#x} does not match guest offset {guest:#x}, which is not allowed"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_data_cluster(
         &self,
         m: &Meta,

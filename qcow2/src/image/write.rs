@@ -437,6 +437,20 @@ impl Image {
         let extended = m.header.extended_l2();
         // A zero flag (standard L2) means the data file's bytes are stale for this cluster.
         let allocated = slot.entry & COPIED != 0 && (extended || slot.entry & ZERO == 0);
+        let mapped = slot.entry & OFFSET_MASK;
+        if mapped != 0 && mapped != cluster_start {
+            // Data lands at the guest offset; an entry mapping elsewhere would read other bytes.
+            self.mark_corrupt(m);
+            return Err(Error::corrupt(
+                &self.name,
+                "L2 entry",
+                slot.l2_offset + slot.index as u64 * m.header.l2_entry_size(),
+                format!(
+                    "external data file offset {mapped:#x} does not match guest offset \
+                     {cluster_start:#x}; the image is now marked corrupt"
+                ),
+            ));
+        }
         let fresh_subclusters = extended && touched & !(slot.bitmap as u32) != 0;
         if fresh_subclusters && allocated {
             // Subclusters that read as zeros or from the backing file until now: write their
