@@ -19,6 +19,7 @@ use std::sync::Arc;
 use qcow2::format::SnapshotTime;
 use qcow2::{CreateOptions, Image};
 use qcow2_transaction::fs::GroupFs;
+use qcow2_transaction::identity::GroupId;
 use qcow2_transaction::journal::{self, Kind, Record};
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
 use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
@@ -42,11 +43,15 @@ const GROUP: &str = "/vm/group";
 /// empty name, so duplicates, missing snapshots and id lookups all happen.
 const NAMES: [&str; 8] = ["s0", "s1", "new", "new2", "1", "", "s0", "x"];
 /// Overlay paths plans draw from: two free ones, an existing image, a missing directory.
-const OVERLAYS: [&str; 4] = [
+/// Overlay paths a plan may name: free ones, an image, a missing directory, and files of the
+/// group directory (the journal, a new name there), which every plan must be refused for.
+const OVERLAYS: [&str; 6] = [
     "/vm/o0.qcow2",
     "/vm/o1.qcow2",
     "/vm/d0.qcow2",
     "/nodir/o.qcow2",
+    "/vm/group/txn.journal",
+    "/vm/group/o.qcow2",
 ];
 const MISSING_IMAGE: &str = "/vm/missing.qcow2";
 /// Journals longer than this are cut: recovery reads the whole file, and real journals of these
@@ -256,6 +261,8 @@ fn build(configs: &[ImageConfig]) -> SimFs {
         }
         img.close().expect("closing a new image");
     }
+    // The group exists already, with its identity: a plan's run writes only what it does.
+    drop(open_group(&fs).expect("opening a fresh group"));
     fs.settled()
 }
 
@@ -463,7 +470,7 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
             }
             _ => {
                 let o = a.overlay();
-                if c.overlay.is_some() || o.starts_with("/nodir/") {
+                if c.overlay.is_some() || o.starts_with("/nodir/") || o.starts_with(GROUP) {
                     return false;
                 }
                 c.overlay = Some(o);
@@ -713,7 +720,9 @@ fn check_post(configs: &[ImageConfig], actions: &[u8], pre: &View, post: &View) 
 
 /// `[group][cut: u16][flags][journal bytes]`: a group of 1–2 images after a plan of 1–2 actions
 /// cut at `cut` (all unsynced writes kept), whose journal is then replaced by the input's bytes.
-/// Flag bit 0 re-checksums every record-looking sector, so mutated payloads get past the CRC.
+/// Flag bit 0 re-checksums every record-looking sector, so mutated payloads get past the CRC; bit
+/// 1 also binds their transaction ids to the group, so they get past recovery's identity check
+/// (without it, recovery must refuse any journal the group did not write, and change nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalInput {
     pub images: Vec<ImageConfig>,
@@ -767,9 +776,15 @@ fn journal_base(input: &JournalInput) -> SimFs {
     run.crash(cut, Survivors::All)
 }
 
+/// The identity of every group on a `SimFs`: journals bound to it are this group's own.
+fn sim_group() -> GroupId {
+    GroupId(qcow2_transaction::sim::SIM_GROUP_SECRET)
+}
+
 /// Re-encodes every sector that starts like a record (magic, known kind, a length that fits), so
-/// its checksum matches whatever the payload now says.
-fn fix_checksums(bytes: &mut [u8]) {
+/// its checksum matches whatever the payload now says; with `bind`, its transaction id is first
+/// bound to the group (keeping the nonce).
+fn fix_checksums(bytes: &mut [u8], bind: bool) {
     let mut pos = 0;
     while pos + 36 <= bytes.len() {
         let b = &bytes[pos..];
@@ -788,6 +803,9 @@ fn fix_checksums(bytes: &mut [u8]) {
             if 36 + len <= b.len() {
                 let mut txn = [0u8; 16];
                 txn.copy_from_slice(&b[8..24]);
+                if bind {
+                    txn = sim_group().bind(txn[..8].try_into().unwrap_or_default());
+                }
                 let record = Record {
                     kind,
                     txn,
@@ -845,8 +863,8 @@ pub fn journal(data: &[u8]) {
 pub fn journal_input(input: &JournalInput) {
     count(0);
     let mut bytes = input.journal.clone();
-    if input.flags & 1 != 0 {
-        fix_checksums(&mut bytes);
+    if input.flags & 3 != 0 {
+        fix_checksums(&mut bytes, input.flags & 2 != 0);
     }
     let fs = journal_base(input);
     let journal_path = Path::new(GROUP).join("txn.journal");
@@ -884,6 +902,31 @@ pub fn journal_input(input: &JournalInput) {
 
     let result = open_group(&fs);
     let log = fs.log();
+
+    // A journal the group did not write (its id is not bound to the group) changes nothing.
+    let foreign = journal::read_all(&bytes).ok().is_some_and(|records| {
+        records.last().is_some_and(|r| r.kind != Kind::End)
+            && records.first().is_some_and(|r| !sim_group().made(&r.txn))
+    });
+    if foreign {
+        assert!(
+            result.is_err(),
+            "recovery accepted a journal the group did not write"
+        );
+        let acted = log.iter().find(|op| {
+            matches!(
+                op,
+                FsOp::Write { .. }
+                    | FsOp::SetLen { .. }
+                    | FsOp::Unlink { .. }
+                    | FsOp::Rename { .. }
+            )
+        });
+        assert!(
+            acted.is_none(),
+            "recovery acted on a foreign journal: {acted:?}"
+        );
+    }
 
     for op in &log {
         match op {
@@ -1028,7 +1071,7 @@ pub fn journal_seeds() -> Vec<(String, Vec<u8>)> {
                 .into_iter()
                 .flat_map(|r| {
                     journal::encode(&Record {
-                        txn: [0x5E; 16],
+                        txn: sim_group().bind([0x5E; 8]),
                         ..r
                     })
                 })

@@ -61,6 +61,11 @@ pub trait GroupFs: Send + Sync {
     fn probe_unused(&self, _path: &Path) -> io::Result<Result<(), String>> {
         Ok(Ok(()))
     }
+    /// A new group's secret: 16 unpredictable bytes. The recording file system makes it fixed,
+    /// so a crash test or fuzz input replays the same way and can bind journals to its group.
+    fn new_group_secret(&self) -> [u8; 16] {
+        random_bytes()
+    }
     /// Makes a directory's entries (created, renamed, removed names) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Bytes free for an unprivileged writer on the file system holding `path`, when known.
@@ -206,6 +211,25 @@ impl GroupFs for RealFs {
         let st = nix::sys::statvfs::statvfs(path).ok()?;
         Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
     }
+}
+
+/// 16 unpredictable bytes: a group's secret, or a transaction's nonce.
+pub fn random_bytes() -> [u8; 16] {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut id = [0u8; 16];
+    for (i, chunk) in id.chunks_mut(8).enumerate() {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_usize(i);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    id
 }
 
 /// The directory holding `path` (`.` for a bare name).

@@ -4,8 +4,6 @@
 //! reached its decision and finishes one that did, by publishing the recorded switches and then
 //! reconciling refcounts from the published metadata; it never replays decrements.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +13,7 @@ use qcow2::Image;
 use crate::codec::{Reader, Writer};
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs, LockGuard, RealFs};
+use crate::identity::GroupId;
 use crate::journal::{Journal, Kind};
 use crate::manifest::Manifest;
 use crate::step::{reclaim_leaks, OverlayStep, RetireStep, SnapshotStep, Step};
@@ -105,8 +104,18 @@ pub struct Group {
     dir: PathBuf,
     fs: Arc<dyn GroupFs>,
     _lock: LockGuard,
+    id: GroupId,
     hook: Option<Hook>,
     opened_with: Recovery,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("dir", &self.dir)
+            .field("opened_with", &self.opened_with)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Group {
@@ -142,10 +151,12 @@ impl Group {
             .lock_group(&lock_path)
             .map_err(|e| TxnError::io(&lock_path, e))?
             .ok_or_else(|| TxnError::GroupLocked(dir.clone()))?;
+        let id = GroupId::load_or_create(&*fs, &dir)?;
         let mut group = Group {
             dir,
             fs,
             _lock: lock,
+            id,
             hook,
             opened_with: Recovery::Clean,
         };
@@ -221,7 +232,10 @@ impl Group {
             .canonicalize(&self.dir)
             .map_err(|e| TxnError::io(&self.dir, e))?;
         let members = validate(&*self.fs, actions, &self.manifest()?, &group_dir)?;
-        let txn = new_txn_id();
+        let nonce: [u8; 8] = crate::fs::random_bytes()[..8]
+            .try_into()
+            .unwrap_or_default();
+        let txn = self.id.bind(nonce);
         let journal_path = self.journal_path();
         let mut journal = self
             .start_journal(txn)
@@ -362,6 +376,19 @@ impl Group {
         })?;
         if records.is_empty() || records.last().map(|r| r.kind) == Some(Kind::End) {
             return Ok(Recovery::Clean);
+        }
+        // Only a journal this group wrote may make recovery rename or delete anything.
+        if !self.id.made(&records[0].txn) {
+            return Err(TxnError::Invalid {
+                image: path.clone(),
+                reason: format!(
+                    "holds an unfinished transaction this group did not write (its id is not bound \
+                     to {}); recovery changes nothing. A journal left by a qcow2-tool older than \
+                     group identities, or copied from another group, must be resolved by hand: \
+                     check each image it names, then remove it",
+                    self.dir.join(crate::identity::FILE).display()
+                ),
+            });
         }
         let commit = records
             .iter()
@@ -619,23 +646,6 @@ fn temp_name(fin: &Path, txn: &[u8; 16], i: usize) -> PathBuf {
         .unwrap_or_default();
     let tag: String = txn[..4].iter().map(|b| format!("{b:02x}")).collect();
     parent(fin).join(format!(".{name}.txn-{tag}-{i}"))
-}
-
-/// A transaction id no earlier journal record can share.
-fn new_txn_id() -> [u8; 16] {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let mut id = [0u8; 16];
-    for (i, chunk) in id.chunks_mut(8).enumerate() {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u128(nanos);
-        h.write_u32(std::process::id());
-        h.write_usize(i);
-        chunk.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    id
 }
 
 /// Checks every action before anything is written, and opens every image in a canonical order.

@@ -43,6 +43,7 @@ mod codec;
 pub mod error;
 pub mod fs;
 mod group;
+pub mod identity;
 pub mod journal;
 mod lock;
 pub mod manifest;

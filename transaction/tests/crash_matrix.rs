@@ -76,6 +76,8 @@ fn setup() -> SimFs {
     make(&fs, "d1.qcow2", 1 << 20, 512, 1, &["base", "old"]);
     fill_to_refblock_edge(&fs, &path("d1.qcow2"));
     make(&fs, "d2.qcow2", 4 << 20, 65536, 2, &["base"]);
+    // The group exists already (with its identity), so a test sees only its plan's writes.
+    drop(open_group(&fs).unwrap());
     fs.settled()
 }
 
@@ -858,7 +860,7 @@ fn recovery_refuses_to_publish_staged_tables_someone_reclaimed() {
     assert!(report.leaks_fixed > 0, "the staged state looked leaked");
     img.close().unwrap();
     let before = crashed.settled();
-    let err = open_group(&before).err().expect("recovery went ahead");
+    let err = open_group(&before).expect_err("recovery went ahead");
     assert!(
         matches!(&err, TxnError::ForeignChange { reason, .. } if reason.contains("reclaimed")),
         "{err}"
@@ -1164,4 +1166,57 @@ fn a_dirty_lazy_refcount_image_is_repaired_then_joins() {
     let mut buf = vec![0u8; 300_000];
     snap.read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0x42));
+}
+
+/// A power cut while a new group makes its identity leaves a group that opens and is sound.
+#[test]
+fn a_cut_while_the_group_identity_is_made_leaves_a_group_that_opens() {
+    let fs = SimFs::new();
+    fs.add_dir(Path::new("/vm"));
+    make(&fs, "d0.qcow2", 1 << 20, 65536, 0, &[]);
+    let run = fs.settled();
+    drop(open_group(&run).unwrap());
+    for cut in 0..=run.log_len() {
+        for survivors in [Survivors::None, Survivors::All] {
+            let crashed = run.crash(cut, survivors);
+            drop(open_group(&crashed).unwrap_or_else(|e| panic!("cut {cut}: {e}")));
+            crashed
+                .audit(&[path("d0.qcow2")], Path::new(GROUP))
+                .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        }
+    }
+}
+
+/// A CRC-valid journal this group did not write (another group's, or forged) makes recovery
+/// refuse, whatever it names: no file is written, renamed or removed.
+#[test]
+fn a_journal_not_bound_to_the_group_changes_nothing() {
+    let base = setup();
+    let plan = mixed_plan();
+    let r = record(&base, &plan);
+    let prepared = r
+        .run
+        .log()
+        .iter()
+        .position(|op| *op == FsOp::Event("decided".into()))
+        .unwrap();
+    let crashed = r.run.crash(prepared + 1, Survivors::All);
+    // The same journal, but the group's identity is another one.
+    let id = Path::new(GROUP).join(qcow2_transaction::identity::FILE);
+    crashed.add_file(
+        &id,
+        format!("qcow2-group-id 1 {}\n", "0f".repeat(16)).into_bytes(),
+    );
+    let before = crashed.settled();
+    let names = before.names();
+    let err = open_group(&before).unwrap_err();
+    assert!(
+        matches!(&err, TxnError::Invalid { reason, .. } if reason.contains("did not write")),
+        "{err}"
+    );
+    assert!(
+        changes(&before).is_empty(),
+        "recovery acted on a foreign journal"
+    );
+    assert_eq!(before.names(), names);
 }

@@ -302,7 +302,7 @@ fn a_journal_corrupt_in_the_middle_stops_recovery() {
     let mut bytes = std::fs::read(&journal).unwrap();
     bytes[40] ^= 0xFF; // inside the first record, with a valid one after it
     std::fs::write(&journal, &bytes).unwrap();
-    let err = Group::open(group_dir(&d)).err().expect("refuses to guess");
+    let err = Group::open(group_dir(&d)).expect_err("refuses to guess");
     assert!(matches!(err, TxnError::Journal { .. }), "{err}");
 }
 
@@ -426,7 +426,7 @@ fn recovery_stops_when_an_image_was_replaced() {
     let copy = d.dir.join("copy");
     std::fs::copy(&d.paths[0], &copy).unwrap();
     std::fs::rename(&copy, &d.paths[0]).unwrap();
-    let err = Group::open(group_dir(&d)).err().expect("recovery refuses");
+    let err = Group::open(group_dir(&d)).expect_err("recovery refuses");
     assert!(matches!(err, TxnError::ForeignChange { .. }), "{err}");
 }
 
@@ -516,9 +516,7 @@ fn overlapping_groups_exclude_each_other_and_disjoint_ones_run_in_parallel() {
         .unwrap_err();
     assert!(err.to_string().contains("locked"), "{err}");
     // The same group directory: the group lock refuses it.
-    let err = Group::open(d.dir.join("group-a"))
-        .err()
-        .expect("opened twice");
+    let err = Group::open(d.dir.join("group-a")).expect_err("opened twice");
     assert!(matches!(err, TxnError::GroupLocked(_)), "{err}");
     // A disjoint group proceeds while the first is still in flight.
     other
