@@ -37,8 +37,9 @@ pub fn run(args: Args) -> CmdResult {
     };
     let options = OpenOptions {
         writable: repair.is_some(),
-        // `-r all` may clear the corrupt mark our overlap guard (or QEMU's) set.
-        repair_corrupt: repair == Some(Repair::All),
+        // A repair may open an image marked corrupt (qemu-img opens it in check mode) and
+        // clears the mark when the image proves consistent.
+        repair_corrupt: repair.is_some(),
         ..OpenOptions::metadata_only()
     };
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));

@@ -1,7 +1,6 @@
 //! `info`: what `qemu-img info` shows, in its human layout or its JSON keys and key order.
 
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use qcow2::format::features::Autoclear;
@@ -119,47 +118,24 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
     }
 }
 
-/// The bitmap directory, read from the file (the library does not expose it yet).
-fn read_bitmaps(image: &Image, path: &Path) -> Result<Option<Vec<Bitmap>>, String> {
+/// The persistent bitmaps, as the library read and validated them at open.
+fn read_bitmaps(image: &Image, _path: &Path) -> Result<Option<Vec<Bitmap>>, String> {
     let header = image.header();
-    let Some(ext) = header.extensions.bitmaps else {
-        return Ok(None);
-    };
-    if header.autoclear_features & Autoclear::BITMAPS == 0 {
+    if header.extensions.bitmaps.is_none() || header.autoclear_features & Autoclear::BITMAPS == 0 {
         return Ok(None);
     }
-    // QEMU caps the directory at 64 MiB.
-    if ext.bitmap_directory_size > 64 << 20 {
-        return Err(format!("{}: bitmap directory is too large", path.display()));
-    }
-    let file = File::open(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
-    let mut dir = vec![0u8; ext.bitmap_directory_size as usize];
-    file.read_exact_at(&mut dir, ext.bitmap_directory_offset)
-        .map_err(|e| format!("{}: reading the bitmap directory: {e}", path.display()))?;
-    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let mut bitmaps = Vec::new();
-    let mut pos = 0usize;
-    for _ in 0..ext.nb_bitmaps {
-        let Some(entry) = dir.get(pos..pos + 24) else {
-            return Err(format!("{}: bitmap directory is truncated", path.display()));
-        };
-        let flags = be32(&entry[12..16]);
-        let granularity_bits = entry[17] as u32;
-        let name_size = u16::from_be_bytes([entry[18], entry[19]]) as usize;
-        let extra_size = be32(&entry[20..24]) as usize;
-        let name_start = pos + 24 + extra_size;
-        let Some(name) = dir.get(name_start..name_start + name_size) else {
-            return Err(format!("{}: bitmap directory is truncated", path.display()));
-        };
-        bitmaps.push(Bitmap {
-            name: String::from_utf8_lossy(name).into_owned(),
-            granularity: 1u64.checked_shl(granularity_bits).unwrap_or(0),
-            in_use: flags & 1 != 0,
-            auto: flags & 2 != 0,
-        });
-        pos = (name_start + name_size + 7) & !7;
-    }
-    Ok(Some(bitmaps))
+    Ok(Some(
+        image
+            .bitmaps()
+            .into_iter()
+            .map(|b| Bitmap {
+                name: b.name,
+                granularity: b.granularity,
+                in_use: b.in_use,
+                auto: b.enabled,
+            })
+            .collect(),
+    ))
 }
 
 fn bitmap_flags(b: &Bitmap) -> Vec<&'static str> {

@@ -6,6 +6,7 @@
 #[macro_use]
 mod console;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -78,6 +79,8 @@ enum Command {
     Io(io::Args),
     /// Time a read or write workload, as qemu-img bench.
     Bench(bench::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, as qemu-img bitmap.
+    Bitmap(bitmap::Args),
 }
 
 fn main() {
@@ -112,6 +115,7 @@ fn main() {
         Command::Recover(args) => transaction::recover(args),
         Command::Io(args) => io::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Bitmap(args) => bitmap::run(args),
     };
     let mut code = match result {
         Ok(code) => code,

@@ -86,3 +86,34 @@ fn refcount_blocks_on_other_metadata_refuse_writes_and_change_nothing() {
         );
     }
 }
+
+#[test]
+fn metadata_counted_free_refuses_writes_until_repaired() {
+    let dir = scratch_dir("overlap_counted_free");
+    let path = image(&dir, "l1-free.qcow2");
+    // The active L1 table's cluster gets refcount 0 in the first refblock (16-bit counts).
+    let l1 = header_u64(&path, 40);
+    let refblock = header_u64(&path, header_u64(&path, 48));
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0, 0], refblock + (l1 >> 16) * 2).unwrap();
+    drop(f);
+    let before = std::fs::read(&path).unwrap();
+    let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
+    assert!(
+        err.to_string().contains("refcount 0") && err.to_string().contains("active L1"),
+        "{err}"
+    );
+    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+    // check -r all rebuilds the counts; then the image takes writes and QEMU agrees.
+    let options = OpenOptions {
+        repair_corrupt: true,
+        ..OpenOptions::read_write()
+    };
+    let image = Image::open(&path, &options).unwrap();
+    image.check_and_repair(qcow2::Repair::All).unwrap();
+    image.close().unwrap();
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.write_at(&[3; 65536], 1 << 20).unwrap();
+    image.close().unwrap();
+    assert_eq!(qemu_check(&path).0, 0);
+}

@@ -84,6 +84,25 @@ impl Image {
                 "a backing format name is at most {MAX_BACKING_FORMAT_NAME} bytes"
             )));
         }
+        self.rewrite_header(m, |h| {
+            h.backing_file = name.map(<[u8]>::to_vec);
+            h.extensions.backing_format = name.and(format).map(<[u8]>::to_vec);
+        })
+    }
+
+    /// Rewrites cluster 0 with whatever `change` makes of the header (extensions, feature bits,
+    /// the backing file), crash-safely as the module doc says: every state a power cut can leave
+    /// means the old header or the new one, or nothing is written. Everything else in the image
+    /// is flushed first.
+    pub(crate) fn rewrite_header(
+        &self,
+        m: &mut Meta,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            image: self.name.clone(),
+            reason,
+        };
         self.flush_all(m)?;
         let cs = m.header.cluster_size() as usize;
         let mut old = vec![0u8; cs];
@@ -91,8 +110,9 @@ impl Image {
             .read_zero_filled(&mut old, 0, "header cluster")?;
         let old_header = Header::decode(&old).map_err(|e| Error::from_format(&self.name, e))?;
         let mut new_header = old_header.clone();
-        new_header.backing_file = name.map(<[u8]>::to_vec);
-        new_header.extensions.backing_format = name.and(format).map(<[u8]>::to_vec);
+        change(&mut new_header);
+        let name_owned = new_header.backing_file.clone();
+        let name = name_owned.as_deref();
         let mut target = new_header
             .encode()
             .map_err(|e| Error::from_format(&self.name, e))?;
@@ -186,10 +206,7 @@ impl Image {
                     })
                 })
                 .ok_or_else(|| {
-                    invalid(
-                        "the header layout does not allow a crash-safe change of the backing file"
-                            .into(),
-                    )
+                    invalid("the header layout does not allow a crash-safe rewrite".into())
                 })?;
             plans.push((plan, to));
             from = to.clone();
@@ -198,7 +215,7 @@ impl Image {
         for (writes, to) in plans {
             for (a, b) in writes {
                 self.host()
-                    .write_sync(&to[a..b], a as u64, "header (backing file)")?;
+                    .write_sync(&to[a..b], a as u64, "header (rewrite)")?;
             }
         }
         m.header = Header::decode(&target).map_err(|e| Error::from_format(&self.name, e))?;

@@ -66,7 +66,17 @@ impl Image {
     /// active L2 table on a refcount block or fixed metadata. Updating such a block or table
     /// would overwrite what the other structure holds (an L1 table: every guest cluster), so the
     /// image is refused for writing, as `qemu-img check` calls it corrupt; nothing is written.
-    pub(crate) fn check_layout(&self, m: &Meta, refcounts: &Refcounts) -> Result<()> {
+    ///
+    /// With `counts`, every cluster of that metadata must also have a refcount: a cluster counted
+    /// free would be handed out by the allocator and overwritten by the next new table or data
+    /// cluster. (A dirty image, or one opened for `check -r all`, gets its refcounts rebuilt
+    /// before any allocation instead.)
+    pub(crate) fn check_layout(
+        &self,
+        m: &Meta,
+        refcounts: &mut Refcounts,
+        counts: bool,
+    ) -> Result<()> {
         let cs = m.header.cluster_size();
         let mut owner: HashMap<u64, String> = HashMap::new();
         let claim = |owner: &mut HashMap<u64, String>, start: u64, len: u64, what: &str| {
@@ -119,13 +129,33 @@ impl Image {
         for (l2, what) in snapshot_l2 {
             owner.entry(l2).or_insert(what);
         }
-        for (i, block) in refcounts.refblocks() {
+        let blocks: Vec<(usize, u64)> = refcounts.refblocks().collect();
+        for &(i, block) in &blocks {
             if let Some(what) = owner.get(&block) {
                 return Err(Error::corrupt(
                     &self.name,
                     format!("refcount table entry {i}"),
                     m.header.refcount_table_offset + i as u64 * 8,
                     format!("its refcount block at {block:#x} lies on {what}"),
+                ));
+            }
+            owner.insert(block, "a refcount block".into());
+        }
+        if !counts {
+            return Ok(());
+        }
+        let mut clusters: Vec<(&u64, &String)> = owner.iter().collect();
+        clusters.sort();
+        for (&cluster, what) in clusters {
+            if refcounts.get(self.host(), cluster >> m.header.cluster_bits)? == 0 {
+                return Err(Error::corrupt(
+                    &self.name,
+                    "refcount",
+                    cluster,
+                    format!(
+                        "cluster {cluster:#x} ({what}) has refcount 0, so it would be allocated \
+                         again and overwritten; qemu-img check -r all repairs it"
+                    ),
                 ));
             }
         }

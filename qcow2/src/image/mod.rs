@@ -269,14 +269,15 @@ impl Image {
             name: &self.name,
         };
         let h = &m.header;
-        let refcounts = refcounts::Refcounts::load(
+        let mut refcounts = refcounts::Refcounts::load(
             host,
             h.cluster_bits,
             h.refcount_order,
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        self.check_layout(&m, &refcounts)?;
+        let counts = !m.header.is_dirty() && !repair_corrupt;
+        self.check_layout(&m, &mut refcounts, counts)?;
         m.ws = Some(writeback::WriteState {
             refcounts,
             alloc_end: m.file_len.div_ceil(h.cluster_size()),

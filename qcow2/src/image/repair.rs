@@ -31,11 +31,9 @@ impl Image {
         }
         let first = self.check()?;
         if first.is_clean() && !self.meta().header.is_dirty() {
-            // A consistent image only loses its corrupt mark (qemu-img check -r all does so).
-            if mode == Repair::All {
-                let mut m = self.meta_mut();
-                self.clear_bits(&mut m, Incompatible::CORRUPT)?;
-            }
+            // A consistent image only loses its corrupt mark (qemu-img check -r does so).
+            let mut m = self.meta_mut();
+            self.clear_bits(&mut m, Incompatible::CORRUPT)?;
             return Ok(first);
         }
         {

@@ -273,7 +273,7 @@ impl Image {
     }
 
     /// Drops references whose removal is already in the cached L2 tables.
-    fn free(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn free(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
         self.refblocks_need_l2(m)?;
         let host = self.host();
         m.ws_mut()?.refcounts.adjust(host, offset, len, -1)

@@ -18,6 +18,8 @@
 //! leaves either the old or the new flags; a power cut at any point leaves at worst `in_use`
 //! set and leaked clusters. The autoclear bit stays set: the bitmaps are understood here.
 
+mod manage;
+
 use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::bitmap::{self, BitmapEntry, TableEntry, FLAG_IN_USE};

@@ -1,0 +1,156 @@
+//! `bitmap` against `qemu-img bitmap`: the same operations on copies of one image give the same
+//! `qemu-img info` bitmap lists, the same dirty ranges over NBD, the same messages and exit
+//! codes; `qemu-img check` stays clean.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{stderr, tool_in};
+use qcow2_testdata::{qemu_check, qemu_img, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
+
+fn bitmaps(path: &Path) -> serde_json::Value {
+    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+fn dirty(path: &Path, name: &str) -> String {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(path)
+        .arg("]")
+        .output()
+        .expect("nbdinfo (libnbd-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bitmap_operations_match_qemu_img() {
+    let dir = scratch_dir("bitmap_ops");
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", ours.to_str().unwrap(), "64M"]);
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 1 0 1M",
+        ours.to_str().unwrap(),
+    ]);
+    std::fs::copy(&ours, &theirs).unwrap();
+    let steps: &[&[&str]] = &[
+        &["--add", "b0"],
+        &["--add", "-g", "512", "--disable", "b1"],
+        &["--add", "-g", "1M", "b2"],
+        &["--disable", "b2"],
+        &["--enable", "b1"],
+        &["--remove", "b1"],
+        &["--add", "b3"],
+    ];
+    let run_both = |args: &[&str], write: Option<&str>| {
+        for (tool, path) in [("ours", &ours), ("qemu", &theirs)] {
+            let mut full: Vec<&str> = vec!["bitmap"];
+            full.extend(args.iter().take(args.len() - 1));
+            full.push(path.to_str().unwrap());
+            full.push(args[args.len() - 1]);
+            let out = if tool == "ours" {
+                tool_in(None, &full)
+            } else {
+                qemu_img(&full)
+            };
+            assert!(
+                out.status.success(),
+                "{tool} {full:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if let Some(w) = write {
+                qemu_io(&["-f", "qcow2", "-c", w, path.to_str().unwrap()]);
+            }
+        }
+    };
+    for (i, step) in steps.iter().enumerate() {
+        run_both(step, Some(&format!("write {} 64k", i * (4 << 20))));
+        assert_eq!(bitmaps(&ours), bitmaps(&theirs), "after {step:?}");
+    }
+    run_both(&["--merge", "b0", "b3"], None);
+    run_both(&["--clear", "b0"], None);
+    for name in ["b0", "b2", "b3"] {
+        assert_eq!(dirty(&ours, name), dirty(&theirs, name), "bitmap {name}");
+    }
+    // Merging from another image (-b).
+    let src = dir.join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "64M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "128k", src.to_str().unwrap(), "s"]);
+    qemu_io(&["-f", "qcow2", "-c", "write 40M 300k", src.to_str().unwrap()]);
+    run_both(&["--merge", "s", "-b", src.to_str().unwrap(), "b0"], None);
+    assert_eq!(dirty(&ours, "b0"), dirty(&theirs, "b0"));
+    assert_eq!(qemu_check(&ours).0, 0);
+    // Removing every bitmap drops the extension; the image checks clean without leaks.
+    for name in ["b0", "b2", "b3"] {
+        run_both(&["--remove", name], None);
+    }
+    assert_eq!(bitmaps(&ours), bitmaps(&theirs));
+    assert_eq!(qemu_check(&ours).0, 0);
+}
+
+#[test]
+fn bitmap_errors_match_qemu_img() {
+    let dir = scratch_dir("bitmap_errors");
+    let path = dir.join("d.qcow2");
+    let v2 = dir.join("v2.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "1M"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        v2.to_str().unwrap(),
+        "1M",
+    ]);
+    qemu_img_ok(&["bitmap", "--add", p, "a"]);
+    let cases: &[&[&str]] = &[
+        &["--remove", "d.qcow2", "nope"],
+        &["--add", "d.qcow2", "a"],
+        &["--add", "-g", "100", "d.qcow2", "b"],
+        &["--add", "-g", "256", "d.qcow2", "b"],
+        &["d.qcow2", "a"],
+        &["--merge", "nope", "d.qcow2", "a"],
+        &["--disable", "d.qcow2", "nope"],
+    ];
+    let pristine = std::fs::read(&path).unwrap();
+    for args in cases {
+        // qemu-img rewrites the bitmaps whenever it opens the image for writing; ours does not.
+        let mut full = vec!["bitmap"];
+        full.extend_from_slice(args);
+        let qemu = Command::new("qemu-img")
+            .args(&full)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        std::fs::write(&path, &pristine).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let ours = tool_in(Some(&dir), &full);
+        assert_eq!(ours.status.code(), qemu.status.code(), "{args:?}");
+        assert_eq!(
+            stderr(&ours).replace("qcow2-tool:", "qemu-img:"),
+            String::from_utf8_lossy(&qemu.stderr),
+            "{args:?}"
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "{args:?} changed the image"
+        );
+    }
+    let out = tool_in(Some(&dir), &["bitmap", "--add", "v2.qcow2", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("Cannot store dirty bitmaps in qcow2 v2 files"));
+}
