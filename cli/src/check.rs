@@ -39,7 +39,7 @@ pub fn run(args: Args) -> CmdResult {
         writable: repair.is_some(),
         // A repair may open an image marked corrupt (qemu-img opens it in check mode) and
         // clears the mark when the image proves consistent.
-        repair_corrupt: repair.is_some(),
+        for_repair: repair.is_some(),
         ..OpenOptions::metadata_only()
     };
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));

@@ -202,7 +202,7 @@ fn repairing_clean_images_prints_the_plain_check() {
 
 #[test]
 fn repair_of_a_consistent_image_marked_corrupt_clears_the_mark() {
-    let dir = qcow2_testdata::scratch_dir("repair_corrupt_bit");
+    let dir = qcow2_testdata::scratch_dir("for_repair_bit");
     let path = dir.join("c.qcow2");
     assert_eq!(
         code(&tool(&[

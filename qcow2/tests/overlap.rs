@@ -106,7 +106,7 @@ fn metadata_counted_free_refuses_writes_until_repaired() {
     assert!(std::fs::read(&path).unwrap() == before, "the file changed");
     // check -r all rebuilds the counts; then the image takes writes and QEMU agrees.
     let options = OpenOptions {
-        repair_corrupt: true,
+        for_repair: true,
         ..OpenOptions::read_write()
     };
     let image = Image::open(&path, &options).unwrap();

@@ -711,7 +711,11 @@ fn many_snapshots(fs: &SimFs, name: &str, n: usize) {
     file.write_at(&switch, 60).unwrap();
     file.flush().unwrap();
     let storage = fs.open_existing(&path(name)).unwrap();
-    let img = Image::from_storage(storage, name, &OpenOptions::read_write()).unwrap();
+    let repair = OpenOptions {
+        for_repair: true,
+        ..OpenOptions::read_write()
+    };
+    let img = Image::from_storage(storage, name, &repair).unwrap();
     let report = img.check_and_repair(qcow2::Repair::All).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(img.snapshot_entries().len(), n);
@@ -808,7 +812,11 @@ fn rewrite_table(fs: &SimFs, p: &Path, edit: impl FnOnce(&mut Vec<qcow2::format:
     file.write_at(&switch, 60).unwrap();
     file.flush().unwrap();
     let storage = fs.open_existing(p).unwrap();
-    let img = Image::from_storage(storage, "edit", &OpenOptions::read_write()).unwrap();
+    let repair = OpenOptions {
+        for_repair: true,
+        ..OpenOptions::read_write()
+    };
+    let img = Image::from_storage(storage, "edit", &repair).unwrap();
     assert!(img.check_and_repair(qcow2::Repair::All).unwrap().is_clean());
     img.close().unwrap();
 }

@@ -29,6 +29,10 @@ pub struct Autoclear;
 impl Autoclear {
     pub const BITMAPS: u64 = 1 << 0;
     pub const RAW_EXTERNAL_DATA: u64 = 1 << 1;
+    /// This engine's own bit (QEMU clears it, as every unknown autoclear bit, when it opens the
+    /// image for writing): set while a session of ours keeps every bitmap bit durable before
+    /// the data write it covers, so the bitmaps it marked `in_use` can be trusted after a crash.
+    pub const ENGINE_DURABLE_BITMAPS: u64 = 1 << 63;
     pub const KNOWN: u64 = 0x3;
 }
 

@@ -70,7 +70,7 @@ pub(crate) fn open_chain_writable_at(
         attach_files(&mut image, &canonical, options, chain, writable_depth)?;
     }
     if options.writable {
-        image.enable_writes(options.repair_corrupt)?;
+        image.enable_writes(options.for_repair)?;
     }
     Ok(image)
 }

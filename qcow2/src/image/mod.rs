@@ -79,10 +79,11 @@ pub struct OpenOptions {
     /// Read without taking QEMU's image locks, even while another process writes (qemu-img's
     /// `-U`). Ignored for writable opens.
     pub force_share: bool,
-    /// Open an image marked corrupt for writing, so that `check_and_repair(Repair::All)` can
-    /// repair it and clear the mark (qemu-img `check -r all`). Any other write to such an image
-    /// is the caller's responsibility.
-    pub repair_corrupt: bool,
+    /// Open for [`Image::check_and_repair`] (qemu-img `check -r`): an image marked corrupt, or
+    /// one whose refcounts must be rebuilt before anything is allocated, opens for writing so
+    /// the repair can fix it (and clear the mark). Any other write to such an image is the
+    /// caller's responsibility.
+    pub for_repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -93,7 +94,7 @@ impl Default for OpenOptions {
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             l2_cache_bytes: 4 << 20,
             force_share: false,
-            repair_corrupt: false,
+            for_repair: false,
         }
     }
 }
@@ -249,17 +250,17 @@ impl Image {
         }
         image.backing = None;
         if options.writable {
-            image.enable_writes(options.repair_corrupt)?;
+            image.enable_writes(options.for_repair)?;
         }
         Ok(image)
     }
 
     /// Prepares a freshly opened image for writing: refuses a corrupt one, loads the refcounts,
     /// repairs a dirty one, and clears the autoclear bits this engine does not maintain.
-    fn enable_writes(&mut self, repair_corrupt: bool) -> Result<()> {
+    fn enable_writes(&mut self, for_repair: bool) -> Result<()> {
         use crate::format::features::Autoclear;
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-        if m.header.is_corrupt() && !repair_corrupt {
+        if m.header.is_corrupt() && !for_repair {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),
             });
@@ -276,7 +277,7 @@ impl Image {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        let counts = !m.header.is_dirty() && !repair_corrupt;
+        let counts = !m.header.is_dirty() && !for_repair;
         self.check_layout(&m, &mut refcounts, counts)?;
         m.ws = Some(writeback::WriteState {
             refcounts,
@@ -287,6 +288,8 @@ impl Image {
             dirty_l1: std::collections::BTreeSet::new(),
             lazy: h.lazy_refcounts(),
         });
+        // A session of ours that kept its bitmaps durable and did not close: they are consistent.
+        self.recover_durable_bitmaps(&mut m)?;
         // Bitmaps this engine understands are kept up to date (`bitmap`); the raw-data-file bit
         // stays true because data lands at its guest offset. Other autoclear bits are cleared.
         let mut keep = Autoclear::RAW_EXTERNAL_DATA;

@@ -130,12 +130,9 @@ impl Image {
         } else {
             e.flags &= !FLAG_AUTO;
         }
-        if b.tracked.is_none() {
-            // Not tracking: the on-disk flags are the saved ones; change them now.
-            let entries = b.entries.clone();
-            self.write_directory_in_place(&m, &entries)?;
-        }
-        Ok(())
+        // The entries in memory carry the on-disk `in_use` state: only the flag changes.
+        let entries = b.entries.clone();
+        self.write_directory_in_place(&m, &entries)
     }
 
     /// Clears every bit of a bitmap.
@@ -175,11 +172,21 @@ impl Image {
             return Ok(());
         };
         let g = b.entries[index].granularity_bits;
+        let durable = b.durable;
         let tracked = b.tracked.as_mut().map(|t| &mut t[index]);
-        match tracked.and_then(|t| t.bits.as_mut()) {
-            Some(bits) => change(bits, g),
-            None => Err(self.inconsistent(name)),
+        let len = match tracked.and_then(|t| t.bits.as_mut()) {
+            Some(bits) => {
+                change(bits, g)?;
+                bits.len()
+            }
+            None => return Err(self.inconsistent(name)),
+        };
+        if durable {
+            // Under the durable-bits rule the disk holds every bit at every instant.
+            self.persist_bits(&mut m, index, 0, len)?;
+            self.host().sync()?;
         }
+        Ok(())
     }
 
     /// Publishes `entries` as the new directory: written to fresh clusters, made durable, then
@@ -244,6 +251,7 @@ impl Image {
             dir_size,
             entries: entries.clone(),
             tracked: None,
+            durable: false,
         });
         if let Some((at, size)) = new_dir {
             m.add_area(&self.name, at, size, "the bitmap directory")?;

@@ -18,6 +18,7 @@
 //! leaves either the old or the new flags; a power cut at any point leaves at worst `in_use`
 //! set and leaked clusters. The autoclear bit stays set: the bitmaps are understood here.
 
+mod durable;
 mod manage;
 
 use super::{Image, Meta};
@@ -33,6 +34,9 @@ pub(crate) struct Bitmaps {
     pub entries: Vec<BitmapEntry>,
     /// Present once the first change after open set `in_use` on disk.
     pub tracked: Option<Vec<Tracked>>,
+    /// This session keeps the durable-bits rule (`durable`): every consistent bitmap was
+    /// tracked from the start and the engine's autoclear bit is set on disk.
+    pub durable: bool,
 }
 
 /// One bitmap's bits in memory, with the table they came from. `None` bits: the bitmap was
@@ -124,7 +128,20 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         dir_size: size,
         entries,
         tracked: None,
+        durable: false,
     }))
+}
+
+/// The bytes of a bitmap of `bytes` bytes that hold the bits of `[offset, offset + len)`.
+fn byte_span(bytes: usize, granularity_bits: u8, offset: u64, len: u64) -> Option<(usize, usize)> {
+    if len == 0 || bytes == 0 {
+        return None;
+    }
+    let first = (offset >> granularity_bits) / 8;
+    let last = ((offset + len - 1) >> granularity_bits) / 8;
+    let lo = (first as usize).min(bytes);
+    let hi = (last as usize + 1).min(bytes);
+    (lo < hi).then_some((lo, hi))
 }
 
 /// Sets the bits covering `[offset, offset + len)` at `granularity_bits`.
@@ -303,6 +320,11 @@ impl Image {
                 });
             }
         }
+        // Every bitmap tracked from here on: the session can promise durable bits.
+        let durable = entries.iter().all(|e| !e.in_use()) && m.header.version >= 3;
+        if durable {
+            self.set_durable_bit(m, true)?;
+        }
         let mut marked = entries;
         for e in &mut marked {
             e.flags |= FLAG_IN_USE;
@@ -311,6 +333,7 @@ impl Image {
         if let Some(b) = m.bitmaps.as_mut() {
             b.entries = marked;
             b.tracked = Some(tracked);
+            b.durable = durable;
         }
         Ok(())
     }
@@ -327,10 +350,25 @@ impl Image {
         let Some(tracked) = b.tracked.as_mut() else {
             return Ok(());
         };
-        for (e, t) in b.entries.iter().zip(tracked.iter_mut()) {
+        let mut newly_set = Vec::new();
+        for (i, (e, t)) in b.entries.iter().zip(tracked.iter_mut()).enumerate() {
             if let (true, Some(bits)) = (e.auto(), t.bits.as_mut()) {
+                let Some((lo, hi)) = byte_span(bits.len(), e.granularity_bits, offset, len) else {
+                    continue;
+                };
+                let before = bits[lo..hi].to_vec();
                 set_range(bits, e.granularity_bits, offset, len);
+                if bits[lo..hi] != before[..] {
+                    newly_set.push((i, lo, hi));
+                }
             }
+        }
+        if b.durable && !newly_set.is_empty() {
+            // The bits reach the disk before the data they cover (`durable`).
+            for (i, lo, hi) in newly_set {
+                self.persist_bits(m, i, lo, hi)?;
+            }
+            self.host().sync()?;
         }
         Ok(())
     }
@@ -422,9 +460,14 @@ impl Image {
             }
         }
         self.write_directory_in_place(m, &saved)?;
+        let durable = b.durable;
         if let Some(b) = m.bitmaps.as_mut() {
             b.entries = saved;
             b.tracked = None;
+            b.durable = false;
+        }
+        if durable {
+            self.set_durable_bit(m, false)?;
         }
         Ok(())
     }
