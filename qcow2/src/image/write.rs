@@ -96,6 +96,7 @@ impl Image {
                 + 1;
             let bytes = k * cs as usize;
             self.guard(m, host, bytes as u64, None)?;
+            self.bitmaps_durable_before_inplace(m)?;
             self.write_data(&data[..bytes], host)?;
             return Ok(bytes);
         }
@@ -349,6 +350,7 @@ impl Image {
                     return Ok(());
                 }
                 self.guard(m, host_offset + in_cluster, data.len() as u64, None)?;
+                self.bitmaps_durable_before_inplace(m)?;
                 return self.write_data(data, host_offset + in_cluster);
             }
             ClusterMapping::ZeroAllocated { host_offset } if owned => {
@@ -435,6 +437,8 @@ impl Image {
                 reason: "the external data file is not open".into(),
             })?;
         let extended = m.header.extended_l2();
+        // Data-file writes land in place, readable at once.
+        self.bitmaps_durable_before_inplace(m)?;
         // A zero flag (standard L2) means the data file's bytes are stale for this cluster.
         let allocated = slot.entry & COPIED != 0 && (extended || slot.entry & ZERO == 0);
         let mapped = slot.entry & OFFSET_MASK;

@@ -4,15 +4,19 @@
 //! leaves them `in_use`, they are dropped, and the next backup must read the whole disk. This
 //! engine keeps a stronger rule while its autoclear bit `ENGINE_DURABLE_BITMAPS` is set:
 //!
-//! **every bit that a write sets reaches the bitmap's data cluster on disk, durably, before the
-//! write's data is issued.** A newly set byte range is written in place (or into a new data
-//! cluster whose refcount is durable before the table entry names it), then synced, and only
-//! then does the guest write go on. Bits that are already set cost nothing, so the price is one
-//! small write and one sync per first write into a clean granule.
+//! **every bit that a write sets is durable in the bitmap's data cluster before the write's data
+//! can be read back.** A newly set byte range is written at once (in place, or into a new data
+//! cluster whose refcount is durable before the table entry names it); data written in place
+//! (a cluster the image owns, an external data file) waits for a sync of those bits, and data
+//! written to a new cluster is readable only once its L2 entry is on disk, which `writeback`
+//! writes only after a sync (`l2_after_data_sync`, set when bits are written). Zero writes and
+//! discards change only L2 entries and follow the same path. Bits already set cost nothing, so
+//! the price is one small write per first write into a clean granule, plus one sync when that
+//! write is in place.
 //!
 //! The argument: at any instant, for every bitmap the session tracks, the bits on disk are a
-//! superset of every guest range whose data may have reached the disk since the bitmap was last
-//! saved, because no data write starts before its bits are durable. Clearing or merging bits
+//! superset of every guest range whose new data a read could return after a crash, because no
+//! data becomes readable before its bits are durable. Clearing or merging bits
 //! writes the whole bitmap durably before returning, so the disk never lags a change of bits.
 //! The session sets the autoclear bit (one 8-byte header write, synced) before it marks any
 //! bitmap `in_use`, and only when every bitmap was consistent at that moment, so every `in_use`
@@ -67,7 +71,12 @@ impl Image {
         };
         let mut table = t.table;
         let chunks = lo / cs..hi.div_ceil(cs);
-        for (k, entry) in table.iter_mut().enumerate().take(chunks.end).skip(chunks.start) {
+        for (k, entry) in table
+            .iter_mut()
+            .enumerate()
+            .take(chunks.end)
+            .skip(chunks.start)
+        {
             let start = k * cs;
             let chunk = &bits[start..(start + cs).min(bits.len())];
             match *entry {

@@ -252,6 +252,7 @@ impl Image {
             entries: entries.clone(),
             tracked: None,
             durable: false,
+            unsynced: false,
         });
         if let Some((at, size)) = new_dir {
             m.add_area(&self.name, at, size, "the bitmap directory")?;

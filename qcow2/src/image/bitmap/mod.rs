@@ -37,6 +37,8 @@ pub(crate) struct Bitmaps {
     /// This session keeps the durable-bits rule (`durable`): every consistent bitmap was
     /// tracked from the start and the engine's autoclear bit is set on disk.
     pub durable: bool,
+    /// Bits written under the rule but not yet synced (`durable`).
+    pub unsynced: bool,
 }
 
 /// One bitmap's bits in memory, with the table they came from. `None` bits: the bitmap was
@@ -129,6 +131,7 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         entries,
         tracked: None,
         durable: false,
+        unsynced: false,
     }))
 }
 
@@ -364,11 +367,27 @@ impl Image {
             }
         }
         if b.durable && !newly_set.is_empty() {
-            // The bits reach the disk before the data they cover (`durable`).
+            // The bits reach the disk before the data they cover (`durable`): before the next
+            // L2 update, and before a write in place (`bitmaps_durable_before_inplace`).
             for (i, lo, hi) in newly_set {
                 self.persist_bits(m, i, lo, hi)?;
             }
-            self.host().sync()?;
+            if let Some(b) = m.bitmaps.as_mut() {
+                b.unsynced = true;
+            }
+            m.ws_mut()?.l2_after_data_sync = true;
+        }
+        Ok(())
+    }
+
+    /// Before guest data is written where it is readable at once (a cluster the image owns, or
+    /// an external data file): bits persisted by `bitmaps_mark` are synced first.
+    pub(crate) fn bitmaps_durable_before_inplace(&self, m: &mut Meta) -> Result<()> {
+        if let Some(b) = m.bitmaps.as_mut() {
+            if b.unsynced {
+                self.host().sync()?;
+                b.unsynced = false;
+            }
         }
         Ok(())
     }
