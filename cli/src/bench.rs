@@ -9,7 +9,6 @@
 //! the engine. As in qemu-img, nothing is flushed during the run unless `--flush-interval` asks,
 //! and closing the image (which flushes) happens after the clock stops.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -257,7 +256,8 @@ fn workload(args: &Args) -> Result<Workload, Failure> {
 /// The opened disk: a qcow2 image or a raw file.
 enum Disk {
     Qcow2(Box<Image>),
-    Raw(File),
+    /// Held with QEMU's image locks (the write lock when writing) for the whole run.
+    Raw(qcow2::FileStorage),
 }
 
 impl Disk {
@@ -276,40 +276,58 @@ impl Disk {
                 };
                 Ok(Disk::Qcow2(Box::new(open_image(path, &options)?)))
             }
-            Format::Raw => std::fs::OpenOptions::new()
-                .read(true)
-                .write(write)
-                .open(path)
-                .map(Disk::Raw)
-                .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e))),
+            Format::Raw => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(path)
+                    .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+                if write {
+                    crate::target::lock_for_write(file, path)
+                        .map(Disk::Raw)
+                        .map_err(|m| format!("{}: {m}", path.display()))
+                } else {
+                    Ok(Disk::Raw(qcow2::FileStorage::from_file(file, false)))
+                }
+            }
         }
     }
 
     fn size(&self) -> Result<u64, String> {
         match self {
             Disk::Qcow2(image) => Ok(image.size()),
-            Disk::Raw(file) => file.metadata().map(|m| m.len()).map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw
+                .file()
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| io_text(&e)),
         }
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) => image.read_at(buf, offset).map_err(|e| errno_text(&e)),
-            Disk::Raw(file) => file.read_exact_at(buf, offset).map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw
+                .file()
+                .read_exact_at(buf, offset)
+                .map_err(|e| io_text(&e)),
         }
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) => image.write_at(buf, offset).map_err(|e| errno_text(&e)),
-            Disk::Raw(file) => file.write_all_at(buf, offset).map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw
+                .file()
+                .write_all_at(buf, offset)
+                .map_err(|e| io_text(&e)),
         }
     }
 
     fn flush(&self) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) => image.flush().map_err(|e| errno_text(&e)),
-            Disk::Raw(file) => file.sync_data().map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw.file().sync_data().map_err(|e| io_text(&e)),
         }
     }
 
@@ -317,7 +335,9 @@ impl Disk {
     fn close(self, wrote: bool, unsafe_cache: bool) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) if wrote => image.close().map_err(|e| e.to_string()),
-            Disk::Raw(file) if wrote && !unsafe_cache => file.sync_data().map_err(|e| io_text(&e)),
+            Disk::Raw(raw) if wrote && !unsafe_cache => {
+                raw.file().sync_data().map_err(|e| io_text(&e))
+            }
             _ => Ok(()),
         }
     }

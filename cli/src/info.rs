@@ -61,6 +61,7 @@ pub fn run(args: Args) -> CmdResult {
                 if chain.len() >= MAX_CHAIN {
                     return Err(Failure::new(1, "Backing chain is too deep"));
                 }
+                crate::source::may_follow(&args.file, &next).map_err(|m| Failure::new(1, m))?;
                 path = next;
             }
             _ => break,

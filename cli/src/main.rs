@@ -86,7 +86,16 @@ enum Command {
 fn main() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // compare reports errors with 2; everything else with 1.
-    let error_code = if argv.get(1).is_some_and(|a| a == "compare") {
+    // The subcommand is the first word after the global options.
+    let mut words = argv.iter().skip(1);
+    let mut subcommand = words.next();
+    while let Some(w) = subcommand.filter(|w| w.to_string_lossy().starts_with("--backing-files")) {
+        if w == "--backing-files" {
+            words.next();
+        }
+        subcommand = words.next();
+    }
+    let error_code = if subcommand.is_some_and(|a| a == "compare") {
         2
     } else {
         1

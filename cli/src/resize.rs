@@ -73,7 +73,9 @@ pub fn run(args: Args) -> CmdResult {
     };
     match format {
         Format::Raw => {
+            // Read access too: QEMU's locks are read locks, which need it.
             let file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(&args.file)
                 .map_err(|e| fail(format!("Could not open '{name}': {}", io_text(&e))))?;
@@ -82,7 +84,11 @@ pub fn run(args: Args) -> CmdResult {
                 .map_err(|e| fail(format!("Could not open '{name}': {}", io_text(&e))))?
                 .len();
             let total = target(current)?;
-            file.set_len(total)
+            let storage = crate::target::lock_for_write(file, &args.file)
+                .map_err(|m| fail(format!("{name}: {m}")))?;
+            storage
+                .file()
+                .set_len(total)
                 .map_err(|e| fail(format!("Could not resize file: {}", io_text(&e))))?;
             resized()
         }

@@ -92,6 +92,42 @@ pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     options
 }
 
+/// Whether a chain opened from `top` may go on to the backing file at `next`, under the run's
+/// policy (for commands that walk a chain by name, as `info --backing-chain` does). FIFOs,
+/// sockets, directories and character devices are never followed.
+pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let refused = || {
+        format!(
+            "Could not open backing file '{}': not allowed by --backing-files",
+            next.display()
+        )
+    };
+    match BACKING_FILES.get().copied().unwrap_or(BackingFiles::Follow) {
+        BackingFiles::Follow => {}
+        BackingFiles::Refuse => return Err(refused()),
+        BackingFiles::Beside => {
+            let dir = std::fs::canonicalize(top)
+                .ok()
+                .and_then(|t| t.parent().map(Path::to_path_buf));
+            let real = std::fs::canonicalize(next).ok();
+            if !matches!((&dir, &real), (Some(d), Some(r)) if r.starts_with(d)) {
+                return Err(refused());
+            }
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(next) {
+        let t = meta.file_type();
+        if t.is_fifo() || t.is_socket() || t.is_char_device() || t.is_dir() {
+            return Err(format!(
+                "Could not open backing file '{}': not a regular file or block device",
+                next.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
     Image::open(path, &with_policy(path, options))

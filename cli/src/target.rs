@@ -21,6 +21,19 @@ pub fn identity_of(path: &Path) -> Option<FileIdentity> {
     })
 }
 
+/// Takes QEMU's write lock on an open file that a command writes or resizes in place.
+pub fn lock_for_write(file: std::fs::File, path: &Path) -> Result<FileStorage, String> {
+    let shown = path.display();
+    let mut storage = FileStorage::from_file(file, true);
+    match storage.lock_image(true) {
+        Ok(Ok(())) => Ok(storage),
+        Ok(Err(_)) => Err(format!(
+            "Failed to get \"write\" lock\nIs another process using the image [{shown}]?"
+        )),
+        Err(e) => Err(format!("Could not lock '{shown}': {}", io_text(&e))),
+    }
+}
+
 /// Opens `path` to replace its contents: refuses FIFOs and sockets (opening them could hang),
 /// refuses a file that is one of `inputs`, takes QEMU's write lock, then empties it. Messages
 /// follow qemu-img's; the caller puts the file name (and what it was doing) in front.

@@ -351,8 +351,25 @@ fn backing_and_data_files_that_are_not_files_or_not_allowed_are_refused() {
     ]);
     let before = snapshot(&dir);
     let vm = dir.join("vm");
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["map", "over-fifo.qcow2"], "FIFO"),
+        (
+            &["info", "--backing-chain", "over-fifo.qcow2"],
+            "not a regular file",
+        ),
+        (
+            &[
+                "info",
+                "--backing-files=beside",
+                "--backing-chain",
+                "over-outside.qcow2",
+            ],
+            "not allowed",
+        ),
+        (
+            &["commit", "--backing-files=beside", "over-outside.qcow2"],
+            "backing policy",
+        ),
         (
             &["convert", "-O", "raw", "over-fifo.qcow2", "../out.raw"],
             "FIFO",
@@ -386,6 +403,17 @@ fn backing_and_data_files_that_are_not_files_or_not_allowed_are_refused() {
         assert!(stderr(&out).contains(why), "{args:?}: {}", stderr(&out));
         assert!(snapshot(&dir) == before, "{args:?} changed a file");
     }
+    // compare keeps qemu-img's error code 2 with a global option before the subcommand.
+    let out = tool_in(
+        Some(&vm),
+        &[
+            "--backing-files=refuse",
+            "compare",
+            "over-outside.qcow2",
+            "over-outside.qcow2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
     // What the policy allows still works: the default follows, `beside` allows the directory.
     let out = tool_in(Some(&vm), &["map", "over-outside.qcow2"]);
     assert!(out.status.success(), "{}", stderr(&out));

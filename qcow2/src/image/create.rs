@@ -229,8 +229,18 @@ impl Image {
         let name = path.display().to_string();
         let cluster_bits = options.validate(&name)?;
         let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, &name))?;
-        let storage =
+        let mut storage =
             FileStorage::create_new(path).map_err(|e| Error::io(&name, "creating the image", e))?;
+        // Locked before the first byte is written, like every other write path.
+        if let Err(detail) = storage
+            .lock_image(true)
+            .map_err(|e| Error::io(&name, "locking the new image", e))?
+        {
+            return Err(Error::Locked {
+                image: name.clone(),
+                detail,
+            });
+        }
         storage
             .write_at(&bytes, 0)
             .and_then(|_| storage.flush())
