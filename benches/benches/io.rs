@@ -139,6 +139,40 @@ fn overwrites(c: &mut Criterion, group_name: &str, len: usize, random: bool) {
             image.write_at(buf.as_slice(), at).expect("qcow2 write");
         })
     });
+    image.close().expect("close");
+    // The same image with one enabled persistent bitmap (64 KiB granularity): once a granule's
+    // bit is set, a write costs what it costs without the bitmap.
+    let with_bitmap = writable_copy(&allocated(GIB), "overwrite-1G-bitmap.qcow2");
+    let image = open_rw(&with_bitmap);
+    if image.bitmaps().is_empty() {
+        image.add_bitmap("b0", 64 * KIB, false).expect("add a bitmap");
+    }
+    let mut cycle = Cycle::new(&offsets);
+    group.bench_function("qcow2-bitmap", |b| {
+        b.iter(|| {
+            let (at, _) = cycle.next_offset();
+            image.write_at(buf.as_slice(), at).expect("qcow2 write");
+        })
+    });
+    // The worst case of the durable-bits rule: every write sets a bit of a cleared bitmap and
+    // lands in place, so each waits for one sync of the bitmap's bytes.
+    group.bench_function("qcow2-bitmap-first-write", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                image.clear_bitmap("b0").expect("clear");
+                let n = (iters - done).min(offsets.len() as u64) as usize;
+                let started = Instant::now();
+                for &at in &offsets[..n] {
+                    image.write_at(buf.as_slice(), at).expect("qcow2 write");
+                }
+                total += started.elapsed();
+                done += n as u64;
+            }
+            total
+        })
+    });
     group.finish();
     image.close().expect("close");
 }
@@ -153,13 +187,23 @@ fn overwrite_4k(c: &mut Criterion) {
 
 /// Writes `buf` at each offset of passes over `offsets` into `target`, resetting the target
 /// (untimed) before each pass: every timed write allocates. Closing (which writes back dirty
-/// metadata and syncs) is outside the clock, as qemu-img bench's final close is.
-fn allocating_pass(target: &AllocTarget, offsets: &[u64], buf: &[u8], iters: u64) -> Duration {
+/// metadata and syncs) is outside the clock, as qemu-img bench's final close is. With `bitmap`,
+/// the image gets one enabled persistent bitmap (untimed) before each pass.
+fn allocating_pass(
+    target: &AllocTarget,
+    offsets: &[u64],
+    buf: &[u8],
+    iters: u64,
+    bitmap: bool,
+) -> Duration {
     let mut total = Duration::ZERO;
     let mut remaining = iters;
     while remaining > 0 {
         target.reset();
         let image = target.open();
+        if bitmap {
+            image.add_bitmap("b0", 64 * KIB, false).expect("add a bitmap");
+        }
         let n = remaining.min(offsets.len() as u64) as usize;
         let started = Instant::now();
         for &at in &offsets[..n] {
@@ -213,7 +257,10 @@ fn allocating(c: &mut Criterion, group_name: &str, len: usize, target: &AllocTar
         })
     });
     group.bench_function("qcow2", |b| {
-        b.iter_custom(|iters| allocating_pass(target, &offsets, buf.as_slice(), iters))
+        b.iter_custom(|iters| allocating_pass(target, &offsets, buf.as_slice(), iters, false))
+    });
+    group.bench_function("qcow2-bitmap", |b| {
+        b.iter_custom(|iters| allocating_pass(target, &offsets, buf.as_slice(), iters, true))
     });
     group.finish();
 }

@@ -200,6 +200,34 @@ fn a_disk_pivoted_to_an_overlay_is_not_changed_underneath() {
         r#"{"type": "blockdev-snapshot-internal-sync", "data": {"image": "disk0.top.qcow2", "name": "t"}}"#,
     );
     assert!(run_plan(&dir, &p).status.success());
+    // A second external snapshot: the first overlay is now in the middle of the chain.
+    let p = plan(
+        &dir,
+        "ext2.json",
+        r#"{"type": "blockdev-snapshot-sync", "data": {"image": "disk0.top.qcow2", "snapshot-file": "disk0.top2.qcow2", "format": "qcow2"}}"#,
+    );
+    assert!(run_plan(&dir, &p).status.success());
+    for (i, image) in ["disk0.top.qcow2", "disk0.qcow2"].iter().enumerate() {
+        let p = plan(
+            &dir,
+            &format!("mid{i}.json"),
+            &format!(
+                r#"{{"type": "blockdev-snapshot-internal-sync", "data": {{"image": "{image}", "name": "m"}}}}"#
+            ),
+        );
+        let before = snapshot(&dir);
+        let out = run_plan(&dir, &p);
+        assert_eq!(out.status.code(), Some(1), "{image}");
+        assert!(
+            stderr(&out).contains("disk0.top2.qcow2"),
+            "{image}: {}",
+            stderr(&out)
+        );
+        assert!(
+            snapshot(&dir) == before,
+            "{image}: a refused plan changed a file"
+        );
+    }
 }
 
 /// qemu-io holding `image` (and its backing chain) open, until dropped.

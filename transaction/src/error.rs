@@ -49,7 +49,10 @@ pub enum TxnError {
     GroupLocked(PathBuf),
     /// Recovery found an image it did not leave in this state; it changes nothing.
     #[error(
-        "{image}: changed by someone else since the transaction began ({reason}); recovery stops"
+        "{image}: changed by someone else since the transaction began ({reason}); recovery stops \
+         and changes nothing. Put the original file back and run recover again; or, if the change \
+         is wanted, check every image the plan named (qemu-img check), then remove the group's \
+         txn.journal by hand to give up the interrupted transaction"
     )]
     ForeignChange { image: PathBuf, reason: String },
     /// Execution stopped at a named event (tests simulate power cuts with this).

@@ -49,6 +49,13 @@ pub trait GroupFs: Send + Sync {
     fn open_or_create(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
     /// The whole content of a file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The first `len` bytes of a file (less when it is shorter): a header, without reading the
+    /// whole image.
+    fn read_prefix(&self, path: &Path, len: usize) -> io::Result<Vec<u8>> {
+        let mut bytes = self.read(path)?;
+        bytes.truncate(len);
+        Ok(bytes)
+    }
     /// Replaces a file's content (creating it) and makes the content durable.
     fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()>;
     /// Renames a file, replacing `to` atomically.
@@ -169,6 +176,15 @@ impl GroupFs for RealFs {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn read_prefix(&self, path: &Path, len: usize) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut bytes = Vec::with_capacity(len);
+        std::fs::File::open(path)?
+            .take(len as u64)
             .read_to_end(&mut bytes)?;
         Ok(bytes)
     }

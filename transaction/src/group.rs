@@ -816,14 +816,11 @@ fn validate(
             ));
         }
     }
-    // A disk that was pivoted to an overlay is read through that overlay: changing the image
-    // underneath would silently change what the guest reads.
+    // A disk that was pivoted to an overlay is read through that overlay: changing any image
+    // underneath (the old top, or an overlay between) would silently change what the guest reads.
+    let below = images_below_tops(fs, manifest);
     for m in &members {
-        if let Some((_, top)) = manifest
-            .disks
-            .iter()
-            .find(|(disk, top)| disk == &m.path && top != &m.path)
-        {
+        if let Some((_, top)) = below.iter().find(|(image, _)| image == &m.path) {
             return Err(invalid(
                 &m.given,
                 format!(
@@ -868,6 +865,41 @@ fn validate(
         check_retire(fs, m, &members, manifest)?;
     }
     Ok(members)
+}
+
+/// Every image below a disk's current top in the manifest, with that top: the backing chain read
+/// from the qcow2 headers (a few KiB each), as deep as QEMU's limit. A header that cannot be
+/// read or decoded ends that walk; the images themselves are checked when opened.
+fn images_below_tops(fs: &dyn GroupFs, manifest: &Manifest) -> Vec<(PathBuf, PathBuf)> {
+    const HEAD: usize = 64 << 10;
+    let mut below = Vec::new();
+    for (disk, top) in &manifest.disks {
+        if disk == top {
+            continue;
+        }
+        let mut at = top.clone();
+        for _ in 0..qcow2::format::limits::DEFAULT_MAX_BACKING_DEPTH {
+            let Ok(bytes) = fs.read_prefix(&at, HEAD) else {
+                break;
+            };
+            let Ok(header) = qcow2::format::Header::decode(&bytes) else {
+                break;
+            };
+            let Some(name) = header.backing_file else {
+                break;
+            };
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let next = qcow2::image::resolve_relative(&at, &name);
+            let Ok(next) = fs.canonicalize(&next) else {
+                break;
+            };
+            below.push((next.clone(), top.clone()));
+            at = next;
+        }
+        // The manifest's own record of the disk's first image, whatever the headers say.
+        below.push((disk.clone(), top.clone()));
+    }
+    below
 }
 
 /// The snapshot count and table size after the member's changes stay within QEMU's limits
