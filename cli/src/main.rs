@@ -20,6 +20,7 @@ mod output;
 mod progress;
 mod rebase;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 mod source;
@@ -81,6 +82,8 @@ enum Command {
     Bench(bench::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, as qemu-img bitmap.
     Bitmap(bitmap::Args),
+    /// Serve images as NBD exports, as qemu-nbd.
+    Serve(serve::Args),
 }
 
 fn main() {
@@ -125,6 +128,7 @@ fn main() {
         Command::Io(args) => io::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Bitmap(args) => bitmap::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     let mut code = match result {
         Ok(code) => code,
