@@ -16,7 +16,7 @@ SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
 if [[ ${#TARGETS[@]} -eq 0 ]]; then
-    TARGETS=(header open_read snapshot_table tables ops transaction journal)
+    TARGETS=(header open_read snapshot_table tables ops transaction journal nbd)
 fi
 
 # Largest input per target: open_read takes whole images (the seed images are under 256 KiB);

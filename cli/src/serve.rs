@@ -44,6 +44,9 @@ pub struct Args {
     /// Accepted for qemu-nbd compatibility: any number of clients may connect.
     #[arg(short = 'e', long = "shared")]
     shared: Option<u32>,
+    /// Offer this persistent bitmap as the context `qemu:dirty-bitmap:NAME` (repeatable).
+    #[arg(short = 'B', long = "bitmap")]
+    bitmaps: Vec<String>,
     /// Write the process id here once the server listens.
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
@@ -86,7 +89,13 @@ pub fn run(args: Args) -> CmdResult {
             OpenOptions::read_write()
         };
         let image = open_image(&path, &options).map_err(fail)?;
+        for b in &args.bitmaps {
+            if !image.bitmaps().iter().any(|i| &i.name == b) {
+                return Err(fail(format!("Bitmap '{b}' is not found")));
+            }
+        }
         exports.push(Export {
+            bitmaps: args.bitmaps.clone(),
             name,
             image: Arc::new(image),
             read_only: args.read_only,

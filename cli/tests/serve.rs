@@ -266,10 +266,32 @@ fn qemu_and_libnbd_clients_read_and_write_what_the_image_holds() {
 #[test]
 fn block_status_and_export_facts_match_qemu_nbd() {
     let dir = scratch_dir("serve_status");
-    let _top = image(&dir);
-    let ours = Served::start(&dir, "ours", &["-r", "top.qcow2"]);
-    let qemu = Served::qemu_nbd(&dir, "qemu", &["-r", "-A", "-f", "qcow2", "top.qcow2"]);
-    for map in ["--map", "--map=qemu:allocation-depth"] {
+    let top = image(&dir);
+    // A disabled bitmap with some writes recorded (qemu-nbd refuses an enabled one read-only).
+    qemu_img_ok(&["bitmap", "--add", "-g", "128k", top.to_str().unwrap(), "b0"]);
+    // Whole clusters: QEMU also asks the file system about the tail of a cluster past the end
+    // of the file (it reports it as zero); this server answers from the qcow2 metadata alone.
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write 5M 192k",
+        "-c",
+        "write 33M 64k",
+        top.to_str().unwrap(),
+    ]);
+    qemu_img_ok(&["bitmap", "--disable", top.to_str().unwrap(), "b0"]);
+    let ours = Served::start(&dir, "ours", &["-r", "-B", "b0", "top.qcow2"]);
+    let qemu = Served::qemu_nbd(
+        &dir,
+        "qemu",
+        &["-r", "-A", "-B", "b0", "-f", "qcow2", "top.qcow2"],
+    );
+    for map in [
+        "--map",
+        "--map=qemu:allocation-depth",
+        "--map=qemu:dirty-bitmap:b0",
+    ] {
         let a = run("nbdinfo", &[map, &ours.uri("")]);
         let b = run("nbdinfo", &[map, &qemu.uri("")]);
         assert_eq!(a, b, "nbdinfo {map}");

@@ -16,6 +16,8 @@ pub struct Export {
     pub image: Arc<Image>,
     pub read_only: bool,
     pub description: Option<String>,
+    /// Persistent bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (qemu-nbd's `-B`).
+    pub bitmaps: Vec<String>,
 }
 
 impl std::fmt::Debug for Export {
@@ -27,8 +29,21 @@ impl std::fmt::Debug for Export {
     }
 }
 
-/// The meta contexts this server offers, by id.
-const CONTEXTS: [&str; 2] = ["base:allocation", "qemu:allocation-depth"];
+/// The meta contexts an export offers, by id (qemu's numbering): 0 `base:allocation`,
+/// 1 `qemu:allocation-depth`, 2 + i the i-th exported bitmap.
+fn contexts(export: &Export) -> Vec<String> {
+    let mut names = vec![
+        "base:allocation".to_string(),
+        "qemu:allocation-depth".to_string(),
+    ];
+    names.extend(
+        export
+            .bitmaps
+            .iter()
+            .map(|b| format!("qemu:dirty-bitmap:{b}")),
+    );
+    names
+}
 
 /// Serves one connection until the client disconnects or breaks the protocol.
 pub fn serve_connection<S: Read + Write>(exports: &[Export], stream: S) -> io::Result<()> {
@@ -244,10 +259,11 @@ impl<S: Read + Write> Connection<S> {
                         self.error(option, REP_ERR_UNKNOWN, "export not present")?;
                         continue;
                     };
-                    let ids = matching_contexts(&req.queries, set);
+                    let names = contexts(&export);
+                    let ids = matching_contexts(&names, &req.queries, set);
                     for &id in &ids {
                         let mut p = if set { id } else { 0 }.to_be_bytes().to_vec();
-                        p.extend_from_slice(CONTEXTS[id as usize].as_bytes());
+                        p.extend_from_slice(names[id as usize].as_bytes());
                         self.reply(option, REP_META_CONTEXT, &p)?;
                     }
                     if set {
@@ -365,7 +381,7 @@ impl<S: Read + Write> Connection<S> {
                     } else if !in_bounds {
                         self.fail(r, EINVAL, "operation past EOF")?;
                     } else {
-                        self.block_status(image, r, &ids)?;
+                        self.block_status(export, r, &ids)?;
                     }
                 }
                 other => self.fail(
@@ -456,12 +472,48 @@ impl<S: Read + Write> Connection<S> {
     }
 
     /// BLOCK_STATUS: one chunk per selected context, extents merged by equal flags.
-    fn block_status(&mut self, image: &Image, r: Request, ids: &[u32]) -> io::Result<()> {
+    fn block_status(&mut self, export: &Export, r: Request, ids: &[u32]) -> io::Result<()> {
+        let image = &*export.image;
+        let end = r.offset + r.length as u64;
         let extents = match image.map(r.offset, r.length as u64) {
             Ok(e) => e,
             Err(e) => return self.fail(r, errno(&e), &e.to_string()),
         };
+        // Dirty bitmaps: (start, length, dirty) runs covering the request, per exported bitmap.
+        let mut dirty_runs: Vec<Vec<(u64, u64, bool)>> = Vec::new();
+        for name in &export.bitmaps {
+            let dirty = match image.dirty_extents(name, r.offset, r.length as u64) {
+                Ok(d) => d,
+                Err(e) => return self.fail(r, errno(&e), &e.to_string()),
+            };
+            let mut runs = Vec::new();
+            let mut pos = r.offset;
+            for (start, len) in dirty {
+                if start > pos {
+                    runs.push((pos, start - pos, false));
+                }
+                runs.push((start, len, true));
+                pos = start + len;
+            }
+            if pos < end {
+                runs.push((pos, end - pos, false));
+            }
+            dirty_runs.push(runs);
+        }
         for (n, &id) in ids.iter().enumerate() {
+            if id >= 2 {
+                let runs = &dirty_runs[(id - 2) as usize];
+                let mut list: Vec<(u64, u32)> = Vec::new();
+                for &(_, len, dirty) in runs {
+                    let f = u32::from(dirty);
+                    match list.last_mut() {
+                        Some((l, lf)) if *lf == f && *l + len <= u32::MAX as u64 => *l += len,
+                        _ => list.push((len, f)),
+                    }
+                }
+                self.send_status(r, id, list, n == ids.len() - 1)?;
+                continue;
+            }
             let flags_of = |e: &Extent| -> u32 {
                 if id == 0 {
                     (if e.data() { 0 } else { 1 }) | (if e.zero() { 2 } else { 0 })
@@ -486,32 +538,43 @@ impl<S: Read + Write> Connection<S> {
                     _ => list.push((end - start, f)),
                 }
             }
-            if r.flags & CMD_FLAG_REQ_ONE != 0 {
-                list.truncate(1);
-            }
-            list.truncate(MAX_EXTENTS);
-            let flags = if n == ids.len() - 1 { CHUNK_DONE } else { 0 };
-            let mut out = chunk_header(
-                flags,
-                CHUNK_BLOCK_STATUS,
-                r.cookie,
-                4 + 8 * list.len() as u32,
-            )
-            .to_vec();
-            out.extend_from_slice(&id.to_be_bytes());
-            for (len, f) in list {
-                out.extend_from_slice(&(len as u32).to_be_bytes());
-                out.extend_from_slice(&f.to_be_bytes());
-            }
-            self.send(&out)?;
+            self.send_status(r, id, list, n == ids.len() - 1)?;
         }
         Ok(())
+    }
+
+    /// One BLOCK_STATUS chunk: `(length, flags)` extents for context `id`.
+    fn send_status(
+        &mut self,
+        r: Request,
+        id: u32,
+        mut list: Vec<(u64, u32)>,
+        last: bool,
+    ) -> io::Result<()> {
+        if r.flags & CMD_FLAG_REQ_ONE != 0 {
+            list.truncate(1);
+        }
+        list.truncate(MAX_EXTENTS);
+        let flags = if last { CHUNK_DONE } else { 0 };
+        let mut out = chunk_header(
+            flags,
+            CHUNK_BLOCK_STATUS,
+            r.cookie,
+            4 + 8 * list.len() as u32,
+        )
+        .to_vec();
+        out.extend_from_slice(&id.to_be_bytes());
+        for (len, f) in list {
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        self.send(&out)
     }
 }
 
 /// The ids of the contexts `queries` select: exact names for SET; for LIST also the namespace
 /// wildcards, and everything when there is no query.
-fn matching_contexts(queries: &[String], set: bool) -> Vec<u32> {
+fn matching_contexts(names: &[String], queries: &[String], set: bool) -> Vec<u32> {
     let mut ids = Vec::new();
     let mut add = |id: u32| {
         if !ids.contains(&id) {
@@ -519,11 +582,12 @@ fn matching_contexts(queries: &[String], set: bool) -> Vec<u32> {
         }
     };
     if queries.is_empty() && !set {
-        add(0);
-        add(1);
+        for id in 0..names.len() {
+            add(id as u32);
+        }
     }
     for q in queries {
-        for (id, name) in CONTEXTS.iter().enumerate() {
+        for (id, name) in names.iter().enumerate() {
             let wildcard = !set && name.starts_with(q.as_str()) && q.ends_with(':');
             if q == name || wildcard {
                 add(id as u32);
