@@ -60,6 +60,8 @@ impl Image {
     /// Writes back every dirty L2 table (after the refblocks and data they depend on) and syncs,
     /// then the L1 entries that publish new tables, and syncs again.
     pub(crate) fn flush_l2(&self, m: &mut Meta) -> Result<()> {
+        // Bitmap bits covering the data these tables publish go first (`bitmap::durable`).
+        self.bitmaps_write_pending(m)?;
         let ws = m.ws()?;
         if ws.l2_after_refblocks && !ws.lazy {
             self.flush_refblocks(m)?;

@@ -5,14 +5,14 @@
 //! engine keeps a stronger rule while its autoclear bit `ENGINE_DURABLE_BITMAPS` is set:
 //!
 //! **every bit that a write sets is durable in the bitmap's data cluster before the write's data
-//! can be read back.** A newly set byte range is written at once (in place, or into a new data
-//! cluster whose refcount is durable before the table entry names it); data written in place
-//! (a cluster the image owns, an external data file) waits for a sync of those bits, and data
-//! written to a new cluster is readable only once its L2 entry is on disk, which `writeback`
-//! writes only after a sync (`l2_after_data_sync`, set when bits are written). Zero writes and
-//! discards change only L2 entries and follow the same path. Bits already set cost nothing, so
-//! the price is one small write per first write into a clean granule, plus one sync when that
-//! write is in place.
+//! can be read back.** Newly set bytes are collected (`pending`) and written in one go (in
+//! place, or into a new data cluster whose refcount is durable before the table entry names it)
+//! at the first of two moments: before data is written in place (a cluster the image owns, an
+//! external data file), followed by a sync; or at the start of the next L2 write-back, whose own
+//! sync (`l2_after_data_sync`, set when bits are set) precedes the L2 entries that make data in
+//! new clusters readable. Zero writes and discards change only L2 entries and follow the same
+//! path. Bits already set cost nothing; the price is one small write per batch of first writes
+//! into clean granules, plus one sync before a write in place into one.
 //!
 //! The argument: at any instant, for every bitmap the session tracks, the bits on disk are a
 //! superset of every guest range whose new data a read could return after a crash, because no

@@ -253,6 +253,7 @@ impl Image {
             tracked: None,
             durable: false,
             unsynced: false,
+            pending: Vec::new(),
         });
         if let Some((at, size)) = new_dir {
             m.add_area(&self.name, at, size, "the bitmap directory")?;

@@ -39,6 +39,9 @@ pub(crate) struct Bitmaps {
     pub durable: bool,
     /// Bits written under the rule but not yet synced (`durable`).
     pub unsynced: bool,
+    /// Byte ranges `(bitmap, lo, hi)` set in memory and not yet written (`durable`): written
+    /// in one go before the next L2 write-back or write in place.
+    pub pending: Vec<(usize, usize, usize)>,
 }
 
 /// One bitmap's bits in memory, with the table they came from. `None` bits: the bitmap was
@@ -132,6 +135,7 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         tracked: None,
         durable: false,
         unsynced: false,
+        pending: Vec::new(),
     }))
 }
 
@@ -145,6 +149,16 @@ fn byte_span(bytes: usize, granularity_bits: u8, offset: u64, len: u64) -> Optio
     let lo = (first as usize).min(bytes);
     let hi = (last as usize + 1).min(bytes);
     (lo < hi).then_some((lo, hi))
+}
+
+/// Whether every bit covering `[offset, offset + len)` is set already.
+fn all_set(bits: &[u8], granularity_bits: u8, offset: u64, len: u64) -> bool {
+    if len == 0 || bits.is_empty() {
+        return true;
+    }
+    let first = offset >> granularity_bits;
+    let last = ((offset + len - 1) >> granularity_bits).min(bits.len() as u64 * 8 - 1);
+    (first..=last).all(|bit| bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
 }
 
 /// Sets the bits covering `[offset, offset + len)` at `granularity_bits`.
@@ -356,33 +370,58 @@ impl Image {
         let mut newly_set = Vec::new();
         for (i, (e, t)) in b.entries.iter().zip(tracked.iter_mut()).enumerate() {
             if let (true, Some(bits)) = (e.auto(), t.bits.as_mut()) {
+                // The common case, a write into a dirty granule, changes nothing.
+                if all_set(bits, e.granularity_bits, offset, len) {
+                    continue;
+                }
                 let Some((lo, hi)) = byte_span(bits.len(), e.granularity_bits, offset, len) else {
                     continue;
                 };
-                let before = bits[lo..hi].to_vec();
                 set_range(bits, e.granularity_bits, offset, len);
-                if bits[lo..hi] != before[..] {
-                    newly_set.push((i, lo, hi));
-                }
+                newly_set.push((i, lo, hi));
             }
         }
         if b.durable && !newly_set.is_empty() {
-            // The bits reach the disk before the data they cover (`durable`): before the next
-            // L2 update, and before a write in place (`bitmaps_durable_before_inplace`).
+            // The bits reach the disk before the data they cover (`durable`): they are written
+            // before the next L2 write-back (whose sync covers them) and before a write in place
+            // (`bitmaps_durable_before_inplace`), batched until then.
             for (i, lo, hi) in newly_set {
-                self.persist_bits(m, i, lo, hi)?;
-            }
-            if let Some(b) = m.bitmaps.as_mut() {
-                b.unsynced = true;
+                match b
+                    .pending
+                    .iter_mut()
+                    .find(|p| p.0 == i && p.1 <= hi && lo <= p.2)
+                {
+                    Some(p) => {
+                        p.1 = p.1.min(lo);
+                        p.2 = p.2.max(hi);
+                    }
+                    None => b.pending.push((i, lo, hi)),
+                }
             }
             m.ws_mut()?.l2_after_data_sync = true;
         }
         Ok(())
     }
 
+    /// Writes the bits set since the last call (no sync: the caller's next sync covers them).
+    pub(crate) fn bitmaps_write_pending(&self, m: &mut Meta) -> Result<()> {
+        let pending = match m.bitmaps.as_mut() {
+            Some(b) if !b.pending.is_empty() => std::mem::take(&mut b.pending),
+            _ => return Ok(()),
+        };
+        for (i, lo, hi) in pending {
+            self.persist_bits(m, i, lo, hi)?;
+        }
+        if let Some(b) = m.bitmaps.as_mut() {
+            b.unsynced = true;
+        }
+        Ok(())
+    }
+
     /// Before guest data is written where it is readable at once (a cluster the image owns, or
-    /// an external data file): bits persisted by `bitmaps_mark` are synced first.
+    /// an external data file): the bits set so far are written and synced first.
     pub(crate) fn bitmaps_durable_before_inplace(&self, m: &mut Meta) -> Result<()> {
+        self.bitmaps_write_pending(m)?;
         if let Some(b) = m.bitmaps.as_mut() {
             if b.unsynced {
                 self.host().sync()?;
@@ -484,6 +523,7 @@ impl Image {
             b.entries = saved;
             b.tracked = None;
             b.durable = false;
+            b.pending.clear();
         }
         if durable {
             self.set_durable_bit(m, false)?;
@@ -507,13 +547,16 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::set_range;
+    use super::{all_set, set_range};
 
     #[test]
     fn ranges_set_every_granule_they_touch() {
         let mut bits = vec![0u8; 4];
+        assert!(!all_set(&bits, 16, 65535, 2));
         set_range(&mut bits, 16, 65535, 2);
         assert_eq!(bits, [0b11, 0, 0, 0]);
+        assert!(all_set(&bits, 16, 0, 65536 * 2));
+        assert!(!all_set(&bits, 16, 0, 65536 * 3));
         let mut bits = vec![0u8; 4];
         set_range(&mut bits, 16, 3 << 16, 20 << 16);
         assert_eq!(bits, [0xF8, 0xFF, 0x7F, 0]);
