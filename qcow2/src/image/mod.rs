@@ -12,7 +12,12 @@
 //! - `repair` (check -r) and `snapshot_ops` (create, delete, apply; staged and published by one
 //!   header write);
 //! - chains: `commit` (merge into a base, then empty the top), `rebase` (new backing file, copying
-//!   what would change), `backing_header` (crash-safe switch of the backing name and format).
+//!   what would change), `backing_header` (crash-safe rewrites of cluster 0: the backing name and
+//!   format, the bitmaps extension);
+//! - `bitmap/`: persistent dirty bitmaps (validated at open, marked by every change, saved on
+//!   close, kept durable across power cuts, added/removed/merged as `qemu-img bitmap` does);
+//! - `guard` also checks the layout before the first write (`check_layout`): no refcount block or
+//!   L2 table on other metadata, no metadata counted free.
 //!
 //! Open validation lives here.
 
