@@ -136,7 +136,7 @@ pub fn run(args: Args) -> CmdResult {
     for op in &p.ops {
         let done = match op {
             Op::Add => {
-                let g = granularity.unwrap_or(65536);
+                let g = granularity.unwrap_or_else(|| image.default_bitmap_granularity());
                 if !g.is_power_of_two() || g < 512 {
                     Err("Granularity must be power of 2 and at least 512".to_string())
                 } else {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
+use qcow2_transaction::{Action, BitmapSource, Group, OverlayMode, Recovery, TxnError};
 use serde_json::Value;
 
 use crate::source::{CmdResult, Failure};
@@ -41,6 +41,13 @@ pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), Str
             .find_map(|k| data[*k].as_str())
             .map(str::to_string)
             .ok_or_else(|| format!("action {i}: \"data\" needs \"{}\"", keys.join("\" or \"")))
+    };
+    let flag = |data: &Value, key: &str, i: usize| -> Result<bool, String> {
+        match &data[key] {
+            Value::Null => Ok(false),
+            Value::Bool(b) => Ok(*b),
+            _ => Err(format!("action {i}: \"{key}\" is true or false")),
+        }
     };
     let mut out = Vec::new();
     for (i, a) in actions.iter().enumerate() {
@@ -85,6 +92,70 @@ pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), Str
             "blockdev-snapshot-delete-external" => Action::ExternalDelete {
                 image: path(data, "image", i)?,
             },
+            "block-dirty-bitmap-add" => {
+                if data["persistent"].as_bool() == Some(false) {
+                    return Err(format!(
+                        "action {i}: a bitmap of an image at rest is persistent; \"persistent\": \
+                         false has no meaning here"
+                    ));
+                }
+                let granularity = match &data["granularity"] {
+                    Value::Null => None,
+                    g => Some(g.as_u64().ok_or_else(|| {
+                        format!("action {i}: \"granularity\" is a number of bytes")
+                    })?),
+                };
+                Action::BitmapAdd {
+                    image: path(data, "node", i)?,
+                    name: text_field(data, &["name"], i)?,
+                    granularity,
+                    disabled: flag(data, "disabled", i)?,
+                }
+            }
+            "block-dirty-bitmap-remove" => Action::BitmapRemove {
+                image: path(data, "node", i)?,
+                name: text_field(data, &["name"], i)?,
+            },
+            "block-dirty-bitmap-clear" => Action::BitmapClear {
+                image: path(data, "node", i)?,
+                name: text_field(data, &["name"], i)?,
+            },
+            "block-dirty-bitmap-enable" => Action::BitmapEnable {
+                image: path(data, "node", i)?,
+                name: text_field(data, &["name"], i)?,
+            },
+            "block-dirty-bitmap-disable" => Action::BitmapDisable {
+                image: path(data, "node", i)?,
+                name: text_field(data, &["name"], i)?,
+            },
+            "block-dirty-bitmap-merge" => {
+                let list = data["bitmaps"]
+                    .as_array()
+                    .ok_or_else(|| format!("action {i}: \"data\" needs a \"bitmaps\" list"))?;
+                let mut sources = Vec::new();
+                for b in list {
+                    sources.push(match b {
+                        Value::String(name) => BitmapSource {
+                            image: None,
+                            name: name.clone(),
+                        },
+                        Value::Object(_) => BitmapSource {
+                            image: Some(path(b, "node", i)?),
+                            name: text_field(b, &["name"], i)?,
+                        },
+                        _ => {
+                            return Err(format!(
+                            "action {i}: each of \"bitmaps\" is a name or {{\"node\", \"name\"}}"
+                        ))
+                        }
+                    });
+                }
+                Action::BitmapMerge {
+                    image: path(data, "node", i)?,
+                    target: text_field(data, &["target"], i)?,
+                    sources,
+                }
+            }
             other => return Err(format!("action {i}: unknown type {other:?}")),
         });
     }
@@ -176,6 +247,24 @@ fn describe(a: &Action) -> String {
                 "{}: merged into its backing file and removed",
                 image.display()
             )
+        }
+        Action::BitmapAdd { image, name, .. } => {
+            format!("{}: added bitmap {name}", image.display())
+        }
+        Action::BitmapRemove { image, name } => {
+            format!("{}: removed bitmap {name}", image.display())
+        }
+        Action::BitmapClear { image, name } => {
+            format!("{}: cleared bitmap {name}", image.display())
+        }
+        Action::BitmapEnable { image, name } => {
+            format!("{}: enabled bitmap {name}", image.display())
+        }
+        Action::BitmapDisable { image, name } => {
+            format!("{}: disabled bitmap {name}", image.display())
+        }
+        Action::BitmapMerge { image, target, .. } => {
+            format!("{}: merged into bitmap {target}", image.display())
         }
     }
 }

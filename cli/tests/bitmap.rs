@@ -8,26 +8,16 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{stderr, tool_in};
-use qcow2_testdata::{qemu_check, qemu_img, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
+use qcow2_testdata::{
+    qemu_bitmaps, qemu_check, qemu_dirty_map, qemu_img, qemu_img_ok, qemu_io, scratch_dir,
+};
 
 fn bitmaps(path: &Path) -> serde_json::Value {
-    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
+    qemu_bitmaps(path)
 }
 
 fn dirty(path: &Path, name: &str) -> String {
-    let out = Command::new("nbdinfo")
-        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-        .arg(path)
-        .arg("]")
-        .output()
-        .expect("nbdinfo (libnbd-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    qemu_dirty_map(path, name)
 }
 
 #[test]
@@ -153,4 +143,38 @@ fn bitmap_errors_match_qemu_img() {
     let out = tool_in(Some(&dir), &["bitmap", "--add", "v2.qcow2", "a"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("Cannot store dirty bitmaps in qcow2 v2 files"));
+}
+
+/// An overlay's header (backing name, format, feature table) runs past its first sector, and a
+/// 4 KiB-cluster image gets QEMU's default granularity of 4 KiB: both as qemu-img does them.
+#[test]
+fn bitmaps_on_an_overlay_and_on_small_clusters_match_qemu_img() {
+    let dir = scratch_dir("bitmap_overlay");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    let mut pairs = Vec::new();
+    for (name, extra) in [
+        ("ov", vec!["-b", "base.qcow2", "-F", "qcow2"]),
+        ("small", vec!["-o", "cluster_size=4096"]),
+    ] {
+        let ours = dir.join(format!("{name}-ours.qcow2"));
+        let theirs = dir.join(format!("{name}-theirs.qcow2"));
+        for p in [&ours, &theirs] {
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            args.extend(extra.iter().copied());
+            args.extend([p.to_str().unwrap(), "64M"]);
+            qemu_img_ok(&args);
+        }
+        let out = tool_in(None, &["bitmap", "--add", ours.to_str().unwrap(), "b"]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        qemu_img_ok(&["bitmap", "--add", theirs.to_str().unwrap(), "b"]);
+        pairs.push((ours, theirs));
+    }
+    for (ours, theirs) in &pairs {
+        qemu_io(&["-f", "qcow2", "-c", "write 1M 8k", ours.to_str().unwrap()]);
+        qemu_io(&["-f", "qcow2", "-c", "write 1M 8k", theirs.to_str().unwrap()]);
+        assert_eq!(bitmaps(ours), bitmaps(theirs), "{}", ours.display());
+        assert_eq!(dirty(ours, "b"), dirty(theirs, "b"), "{}", ours.display());
+        assert_eq!(qemu_check(ours).0, 0, "{}", ours.display());
+    }
 }

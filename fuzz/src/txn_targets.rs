@@ -796,6 +796,8 @@ fn fix_checksums(bytes: &mut [u8], bind: bool) {
             5 => Some(Kind::Prepared),
             6 => Some(Kind::Decision),
             7 => Some(Kind::End),
+            10 => Some(Kind::Bitmaps),
+            11 => Some(Kind::BitmapDone),
             _ => None,
         };
         let len = u32::from_le_bytes([b[28], b[29], b[30], b[31]]) as usize;

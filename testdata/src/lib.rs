@@ -318,6 +318,30 @@ pub fn qemu_info(path: &Path) -> serde_json::Value {
     qemu_json_status(Some(&image_dir(path)), &args).1
 }
 
+/// The persistent bitmaps `qemu-img info` lists for a qcow2 image (`null` when none).
+pub fn qemu_bitmaps(path: &Path) -> serde_json::Value {
+    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// `nbdinfo --map` of bitmap `name` of a qcow2 image as `qemu-nbd -B` exports it: the dirty
+/// ranges QEMU itself reads from the image, one line per extent.
+pub fn qemu_dirty_map(path: &Path, name: &str) -> String {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(abs_path(path))
+        .arg("]")
+        .output()
+        .expect("nbdinfo (libnbd-bin) must be installed");
+    assert!(
+        out.status.success(),
+        "nbdinfo on bitmap {name} of {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `qemu-img map --output=json` (format from the file extension).
 pub fn qemu_map(path: &Path) -> serde_json::Value {
     let abs = abs_path(path);

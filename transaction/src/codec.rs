@@ -16,6 +16,12 @@ impl Writer {
     }
 }
 
+/// A path or name from the bytes a Unix file name is made of.
+pub fn os_str(bytes: &[u8]) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(bytes).to_os_string()
+}
+
 pub struct Reader<'a>(pub &'a [u8]);
 
 impl<'a> Reader<'a> {

@@ -38,6 +38,8 @@ pub trait GroupFs: Send + Sync {
     /// Opens an existing qcow2 image for writing, alone (its backing chain is not needed to
     /// stage snapshots), with the image locks QEMU uses.
     fn open_image(&self, path: &Path) -> qcow2::Result<Image>;
+    /// Opens an existing qcow2 image read-only, alone (to read its bitmaps).
+    fn open_read_only(&self, path: &Path) -> qcow2::Result<Image>;
     /// Opens an overlay read-only over its backing file opened writable, to merge the overlay
     /// into it (`Image::commit`).
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image>;
@@ -132,6 +134,14 @@ impl GroupFs for RealFs {
                 ..OpenOptions::default()
             },
         )
+    }
+
+    fn open_read_only(&self, path: &Path) -> qcow2::Result<Image> {
+        let options = OpenOptions {
+            backing: BackingPolicy::Ignore,
+            ..OpenOptions::default()
+        };
+        Image::open(path, &options)
     }
 
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::image::SnapshotChange;
-use qcow2::Image;
+use qcow2::{CreateOptions, Image};
 
-use crate::codec::{Reader, Writer};
+use crate::bitmaps::{BitmapChange, BitmapSource};
+use crate::codec::{os_str, Reader, Writer};
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::identity::GroupId;
@@ -36,6 +37,29 @@ pub enum Action {
     /// `blockdev-snapshot-delete-external`: merge the overlay `image` into its backing file,
     /// make the backing file the disk's top in the manifest, and remove the overlay.
     ExternalDelete { image: PathBuf },
+    /// `block-dirty-bitmap-add`: a persistent bitmap, empty, enabled unless `disabled`, of
+    /// `granularity` bytes (QEMU's default when `None`). `image` may be an overlay the same plan
+    /// creates: the bitmap then starts with the overlay.
+    BitmapAdd {
+        image: PathBuf,
+        name: String,
+        granularity: Option<u64>,
+        disabled: bool,
+    },
+    /// `block-dirty-bitmap-remove`.
+    BitmapRemove { image: PathBuf, name: String },
+    /// `block-dirty-bitmap-clear`: every bit cleared.
+    BitmapClear { image: PathBuf, name: String },
+    /// `block-dirty-bitmap-enable`: the bitmap tracks writes again.
+    BitmapEnable { image: PathBuf, name: String },
+    /// `block-dirty-bitmap-disable`: the bitmap stops tracking writes.
+    BitmapDisable { image: PathBuf, name: String },
+    /// `block-dirty-bitmap-merge`: every bit of each source set in `target`.
+    BitmapMerge {
+        image: PathBuf,
+        target: String,
+        sources: Vec<BitmapSource>,
+    },
 }
 
 /// Where an external snapshot's overlay comes from (QMP's `NewImageMode`).
@@ -56,8 +80,26 @@ impl Action {
             | Action::InternalDelete { image, .. }
             | Action::InternalRevert { image, .. }
             | Action::ExternalCreate { image, .. }
-            | Action::ExternalDelete { image } => image,
+            | Action::ExternalDelete { image }
+            | Action::BitmapAdd { image, .. }
+            | Action::BitmapRemove { image, .. }
+            | Action::BitmapClear { image, .. }
+            | Action::BitmapEnable { image, .. }
+            | Action::BitmapDisable { image, .. }
+            | Action::BitmapMerge { image, .. } => image,
         }
+    }
+
+    fn is_bitmap(&self) -> bool {
+        matches!(
+            self,
+            Action::BitmapAdd { .. }
+                | Action::BitmapRemove { .. }
+                | Action::BitmapClear { .. }
+                | Action::BitmapEnable { .. }
+                | Action::BitmapDisable { .. }
+                | Action::BitmapMerge { .. }
+        )
     }
 }
 
@@ -94,6 +136,10 @@ struct Member {
     overlay_mode: OverlayMode,
     /// For `ExternalDelete`: this image is an overlay to merge into its backing file, and go.
     retire: bool,
+    /// Bitmap changes of this image, applied after the decision.
+    bitmaps: Vec<BitmapChange>,
+    /// Bitmaps added to the new overlay, while preparing.
+    overlay_bitmaps: Vec<BitmapChange>,
 }
 
 /// Named points in a transaction, where tests can simulate a power cut.
@@ -277,6 +323,26 @@ impl Group {
             }
             self.event(&format!("published {i}"))?;
         }
+        // Bitmap changes, one at a time, each journaled once done: recovery goes on from the
+        // first one not done, and one change applied twice is the same change.
+        for (i, step) in steps.iter().enumerate() {
+            let Some((image, path, changes)) = step.bitmaps() else {
+                continue;
+            };
+            for (k, change) in changes.iter().enumerate() {
+                self.fs.event("bitmap_apply");
+                let fs = &*self.fs;
+                crate::bitmaps::apply(image, path, std::slice::from_ref(change), &|p| {
+                    fs.open_read_only(p)
+                })
+                .map_err(incomplete)?;
+                let done = Writer::default().u64(i as u64).u64(k as u64);
+                journal
+                    .append(Kind::BitmapDone, done.0)
+                    .map_err(|e| incomplete(TxnError::io(&journal_path, e)))?;
+                self.event(&format!("bitmap {i}.{k} applied"))?;
+            }
+        }
         if manifest != original {
             manifest.generation += 1;
             manifest
@@ -405,6 +471,8 @@ impl Group {
         let mut staged = std::collections::HashMap::new();
         let mut overlays = std::collections::HashMap::new();
         let mut retires = std::collections::HashMap::new();
+        let mut bitmaps = std::collections::HashMap::new();
+        let mut bitmaps_done = std::collections::HashMap::new();
         for r in &records {
             let mut rd = Reader(&r.payload);
             match r.kind {
@@ -431,6 +499,17 @@ impl Group {
                     let ino = rd.u64().ok_or_else(|| bad("retire"))?;
                     retires.insert(i, (top, base, dev, ino));
                 }
+                Kind::Bitmaps => {
+                    let (i, changes) =
+                        crate::bitmaps::decode(&r.payload).ok_or_else(|| bad("bitmaps"))?;
+                    bitmaps.insert(i, changes);
+                }
+                Kind::BitmapDone => {
+                    let i = rd.u64().ok_or_else(|| bad("bitmap done"))?;
+                    let k = rd.u64().ok_or_else(|| bad("bitmap done"))?;
+                    let next = bitmaps_done.entry(i).or_insert(0);
+                    *next = (*next).max(k + 1);
+                }
                 Kind::Overlay => {
                     let i = rd.u64().ok_or_else(|| bad("overlay"))?;
                     let tmp = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("overlay"))?));
@@ -451,6 +530,11 @@ impl Group {
         for (i, (top, ..)) in &retires {
             if !images.iter().any(|(j, p, ..)| j == i && p == top) {
                 return Err(bad("retire"));
+            }
+        }
+        for i in bitmaps.keys() {
+            if !images.iter().any(|(j, ..)| j == i) || retires.contains_key(i) {
+                return Err(bad("bitmaps"));
             }
         }
         // An overlay removed after a committed delete is gone for good.
@@ -549,6 +633,13 @@ impl Group {
             // Refcounts follow from what is published now: staged surplus or the old state's
             // clusters are leaks, and fixing leaks reclaims them.
             reclaim_leaks(&img, path)?;
+            if let (true, Some(changes)) = (commit, bitmaps.get(i)) {
+                let done = bitmaps_done.get(i).copied().unwrap_or(0) as usize;
+                let fs = &*self.fs;
+                let rest = changes.get(done..).unwrap_or_default();
+                crate::bitmaps::apply(&img, path, rest, &|p| fs.open_read_only(p))?;
+                self.event(&format!("recovery applied bitmaps {i}"))?;
+            }
             img.close().map_err(|e| TxnError::image(path, e))?;
             self.event(&format!("recovered {i}"))?;
             if let Some((tmp, fin)) = overlays.get(i) {
@@ -632,11 +723,6 @@ impl Group {
     }
 }
 
-fn os_str(bytes: &[u8]) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::OsStr::from_bytes(bytes).to_os_string()
-}
-
 /// The temporary name of an overlay until the transaction commits: hidden, next to the final
 /// name, unique to the transaction.
 fn temp_name(fin: &Path, txn: &[u8; 16], i: usize) -> PathBuf {
@@ -663,8 +749,46 @@ fn validate(
         return Err(invalid(Path::new(""), "the plan has no actions".into()));
     }
     let mut members: Vec<Member> = Vec::new();
+    // Overlays the plan creates: bitmap actions may name them before they exist.
+    let new_overlays: Vec<PathBuf> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ExternalCreate {
+                overlay,
+                mode: OverlayMode::New,
+                ..
+            } => Some(
+                fs.canonicalize(parent(overlay))
+                    .ok()?
+                    .join(overlay.file_name()?),
+            ),
+            _ => None,
+        })
+        .collect();
+    let mut overlay_bitmaps: Vec<(PathBuf, BitmapChange)> = Vec::new();
     for action in actions {
         let given = action.image();
+        if action.is_bitmap() {
+            let named = fs
+                .canonicalize(parent(given))
+                .ok()
+                .zip(given.file_name())
+                .map(|(dir, name)| dir.join(name));
+            if let Some(overlay) = named.filter(|n| new_overlays.contains(n)) {
+                match bitmap_change(fs, action)? {
+                    add @ BitmapChange::Add { .. } => overlay_bitmaps.push((overlay, add)),
+                    _ => {
+                        return Err(invalid(
+                            given,
+                            "is an overlay this plan creates, which has no bitmaps yet: only \
+                             block-dirty-bitmap-add applies to it"
+                                .into(),
+                        ))
+                    }
+                }
+                continue;
+            }
+        }
         let path = fs
             .canonicalize(given)
             .map_err(|e| invalid(given, format!("cannot be found: {e}")))?;
@@ -703,6 +827,8 @@ fn validate(
                     overlay: None,
                     overlay_mode: OverlayMode::New,
                     retire: false,
+                    bitmaps: Vec::new(),
+                    overlay_bitmaps: Vec::new(),
                 });
                 members.len() - 1
             }
@@ -763,10 +889,38 @@ fn validate(
                 }
                 m.retire = true;
             }
+            _ => m.bitmaps.push(bitmap_change(fs, action)?),
+        }
+    }
+    for (overlay, add) in overlay_bitmaps {
+        if let Some(m) = members
+            .iter_mut()
+            .find(|m| m.overlay.as_ref() == Some(&overlay))
+        {
+            m.overlay_bitmaps.push(add);
         }
     }
     for m in &members {
-        if m.retire && (m.overlay.is_some() || !m.changes.is_empty()) {
+        for change in &m.bitmaps {
+            let BitmapChange::Merge { sources, .. } = change else {
+                continue;
+            };
+            for source in sources.iter().filter_map(|(image, _)| image.as_ref()) {
+                if members.iter().any(|o| &o.path == source) {
+                    return Err(invalid(
+                        &m.given,
+                        format!(
+                            "merges a bitmap of {}, which this plan changes too: merge in a \
+                             plan of its own",
+                            source.display()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for m in &members {
+        if m.retire && (m.overlay.is_some() || !m.changes.is_empty() || !m.bitmaps.is_empty()) {
             return Err(invalid(
                 &m.path,
                 "an overlay that is deleted cannot take other actions in the same plan".into(),
@@ -854,6 +1008,7 @@ fn validate(
         }
         .map_err(|e| TxnError::image(&m.path, e))?;
         check_member(&img, m)?;
+        check_bitmaps(fs, &img, m)?;
         m.image = Some(img);
         let img = m.image.as_ref().expect("just opened");
         if let (Some(overlay), OverlayMode::Existing) = (&m.overlay, m.overlay_mode) {
@@ -1120,6 +1275,9 @@ fn plan_steps(
             .u64(m.ino)
             .bytes(&before);
         records.push((Kind::Image, w.0));
+        if !m.bitmaps.is_empty() {
+            records.push((Kind::Bitmaps, crate::bitmaps::encode(i, &m.bitmaps)));
+        }
         if m.retire {
             let img = m.image.expect("members are opened");
             // Validation found the backing file, so it resolves.
@@ -1157,6 +1315,8 @@ fn plan_steps(
                     image: m.image,
                     tmp,
                     fin,
+                    bitmaps: m.bitmaps,
+                    overlay_bitmaps: m.overlay_bitmaps,
                 }));
             }
             None => steps.push(Box::new(SnapshotStep {
@@ -1164,6 +1324,7 @@ fn plan_steps(
                 path: m.path,
                 image: m.image,
                 changes: m.changes,
+                bitmaps: m.bitmaps,
                 staged: None,
             })),
         }
@@ -1211,6 +1372,99 @@ fn check_existing_overlay(
         )));
     }
     ov.close().map_err(|e| TxnError::image(overlay, e))
+}
+
+/// Turns a bitmap action into the change it makes; merge sources name canonical images, and a
+/// granularity of 0 stands for QEMU's default until the image is open.
+fn bitmap_change(fs: &dyn GroupFs, action: &Action) -> Result<BitmapChange, TxnError> {
+    let name = |n: &String| n.clone();
+    Ok(match action {
+        Action::BitmapAdd {
+            name: n,
+            granularity,
+            disabled,
+            ..
+        } => BitmapChange::Add {
+            name: name(n),
+            granularity: granularity.unwrap_or(0),
+            disabled: *disabled,
+        },
+        Action::BitmapRemove { name: n, .. } => BitmapChange::Remove { name: name(n) },
+        Action::BitmapClear { name: n, .. } => BitmapChange::Clear { name: name(n) },
+        Action::BitmapEnable { name: n, .. } => BitmapChange::Enable { name: name(n) },
+        Action::BitmapDisable { name: n, .. } => BitmapChange::Disable { name: name(n) },
+        Action::BitmapMerge {
+            image,
+            target,
+            sources,
+        } => {
+            let own = fs.canonicalize(image).ok();
+            let mut resolved = Vec::new();
+            for s in sources {
+                let at = match &s.image {
+                    None => None,
+                    Some(p) => {
+                        let c = fs.canonicalize(p).map_err(|e| TxnError::Invalid {
+                            image: p.clone(),
+                            reason: format!("the merge source cannot be found: {e}"),
+                        })?;
+                        (Some(&c) != own.as_ref()).then_some(c)
+                    }
+                };
+                resolved.push((at, s.name.clone()));
+            }
+            BitmapChange::Merge {
+                target: target.clone(),
+                sources: resolved,
+            }
+        }
+        other => {
+            return Err(TxnError::Invalid {
+                image: other.image().to_path_buf(),
+                reason: "is not a bitmap action".into(),
+            })
+        }
+    })
+}
+
+/// Gives bitmaps added without a granularity QEMU's default, then replays the member's bitmap
+/// changes on a model of its bitmaps (and of the new overlay's).
+fn check_bitmaps(fs: &dyn GroupFs, img: &Image, m: &mut Member) -> Result<(), TxnError> {
+    let default = img.default_bitmap_granularity();
+    for change in m.bitmaps.iter_mut() {
+        if let BitmapChange::Add { granularity, .. } = change {
+            if *granularity == 0 {
+                *granularity = default;
+            }
+        }
+    }
+    let mut other = |p: &Path| {
+        let o = fs.open_read_only(p).map_err(|e| TxnError::image(p, e))?;
+        Ok((o.size(), o.bitmaps()))
+    };
+    crate::bitmaps::check(img, &m.path, &m.bitmaps, &mut other)?;
+    if m.overlay_bitmaps.is_empty() {
+        return Ok(());
+    }
+    // The overlay starts empty, with the image's size and the default cluster size.
+    let overlay = m.overlay.clone().unwrap_or_default();
+    let probe = Image::create_in(
+        Box::new(qcow2::MemoryStorage::new()),
+        &overlay.display().to_string(),
+        &CreateOptions {
+            size: img.size(),
+            ..CreateOptions::default()
+        },
+    )
+    .map_err(|e| TxnError::image(&overlay, e))?;
+    for change in m.overlay_bitmaps.iter_mut() {
+        if let BitmapChange::Add { granularity, .. } = change {
+            if *granularity == 0 {
+                *granularity = probe.default_bitmap_granularity();
+            }
+        }
+    }
+    crate::bitmaps::check(&probe, &overlay, &m.overlay_bitmaps, &mut other)
 }
 
 /// Per-image checks that need the open image.

@@ -34,6 +34,10 @@ pub enum Kind {
     /// Several records written and synced as one, under one checksum: a torn batch is a torn
     /// tail as a whole, never a hole followed by valid records. Reading flattens it.
     Batch = 9,
+    /// One image's bitmap changes, applied after the decision (and again by recovery).
+    Bitmaps = 10,
+    /// One bitmap change is applied (image index, change index): recovery goes on after it.
+    BitmapDone = 11,
 }
 
 impl Kind {
@@ -48,6 +52,8 @@ impl Kind {
             7 => Kind::End,
             8 => Kind::Retire,
             9 => Kind::Batch,
+            10 => Kind::Bitmaps,
+            11 => Kind::BitmapDone,
             _ => return None,
         })
     }

@@ -1,8 +1,8 @@
 //! Atomic group operations across several qcow2 images.
 //!
 //! A [`Group`] is a directory holding a journal, a lock and a manifest. [`Group::run`] takes a
-//! list of [`Action`]s (internal snapshot create, delete and revert, and external snapshots with
-//! a new overlay) and applies them all or none, also across a crash:
+//! list of [`Action`]s (internal snapshot create, delete and revert, external snapshot create and
+//! delete, and persistent bitmap changes) and applies them all or none, also across a crash:
 //!
 //! 1. every action is validated and every image opened (locked) before anything is written;
 //! 2. each image's new state is *staged* in fresh clusters with its refcounts raised; readers
@@ -10,7 +10,8 @@
 //!    overlays are created under temporary names;
 //! 3. one CRC-checked `Decision` record in the journal is the commit point;
 //! 4. each image then switches with one sector-atomic header write, overlays are renamed and the
-//!    manifest records the new tops.
+//!    manifest records the new tops; bitmap changes follow, each journaled once applied, so
+//!    recovery goes on from the first one not applied (`bitmaps.rs`).
 //!
 //! [`Group::recover`] (run by [`Group::open`]) rolls back a group without a decision and finishes
 //! one with it, then reconciles refcounts from the published metadata, so it is idempotent and
@@ -39,6 +40,7 @@
 //!   abort takes the surplus back. The image locks keep other writers out meanwhile.
 #![forbid(unsafe_code)]
 
+mod bitmaps;
 mod codec;
 pub mod error;
 pub mod fs;
@@ -50,6 +52,7 @@ pub mod manifest;
 pub mod sim;
 mod step;
 
+pub use bitmaps::BitmapSource;
 pub use error::TxnError;
 pub use group::{Action, Group, Hook, Outcome, OverlayMode, Recovery};
 pub use manifest::Manifest;

@@ -564,6 +564,10 @@ impl GroupFs for SimFs {
         self.open_alone(path, true)
     }
 
+    fn open_read_only(&self, path: &Path) -> qcow2::Result<Image> {
+        self.open_alone(path, false)
+    }
+
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
         let name = path.display().to_string();
         let io = |e| qcow2::Error::io(&name, "opening the image", e);

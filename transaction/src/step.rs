@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use qcow2::image::{SnapshotChange, StagedChange};
 use qcow2::{CreateOptions, Image};
 
+use crate::bitmaps::BitmapChange;
 use crate::codec::Writer;
 use crate::error::TxnError;
 use crate::fs::{parent, GroupFs};
@@ -34,6 +35,10 @@ pub(crate) trait Step: Send {
     fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
     /// Closes the image cleanly, and after a commit removes what the step made obsolete.
     fn clean(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError>;
+    /// The image's bitmap changes, which the group applies one by one after every commit.
+    fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
+        None
+    }
 }
 
 /// Closes the image a step holds (writing back what it cached), if it still holds one.
@@ -44,12 +49,14 @@ fn close_held(image: &mut Option<Image>, path: &Path) -> Result<(), TxnError> {
     }
 }
 
-/// Internal snapshot changes of one image: create, delete and revert, merged.
+/// Internal snapshot changes of one image (create, delete and revert, merged), then its bitmap
+/// changes.
 pub(crate) struct SnapshotStep {
     pub index: usize,
     pub path: PathBuf,
     pub image: Option<Image>,
     pub changes: Vec<SnapshotChange>,
+    pub bitmaps: Vec<BitmapChange>,
     pub staged: Option<StagedChange>,
 }
 
@@ -63,6 +70,9 @@ impl SnapshotStep {
 
 impl Step for SnapshotStep {
     fn prepare(&mut self, _fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
+        if self.changes.is_empty() {
+            return Ok(None);
+        }
         let staged = self
             .image()
             .stage(&self.changes)
@@ -99,6 +109,10 @@ impl Step for SnapshotStep {
     fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
         close_held(&mut self.image, &self.path)
     }
+
+    fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
+        Some((self.image.as_ref()?, &self.path, &self.bitmaps))
+    }
 }
 
 /// An external snapshot: an overlay backed by the image becomes the disk's top in the manifest.
@@ -110,6 +124,10 @@ pub(crate) struct OverlayStep {
     pub image: Option<Image>,
     pub tmp: PathBuf,
     pub fin: PathBuf,
+    /// Bitmap changes of the image, after the decision.
+    pub bitmaps: Vec<BitmapChange>,
+    /// Bitmaps the new overlay starts with.
+    pub overlay_bitmaps: Vec<BitmapChange>,
 }
 
 impl OverlayStep {
@@ -122,7 +140,13 @@ impl Step for OverlayStep {
     fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
         if self.creates() {
             let size = self.image.as_ref().map_or(0, Image::size);
-            create_overlay(fs, &self.path, size, &self.tmp, &self.fin)?;
+            create_overlay(
+                fs,
+                &self.path,
+                size,
+                (&self.tmp, &self.fin),
+                &self.overlay_bitmaps,
+            )?;
         }
         Ok(None)
     }
@@ -150,6 +174,10 @@ impl Step for OverlayStep {
 
     fn clean(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
         close_held(&mut self.image, &self.path)
+    }
+
+    fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
+        Some((self.image.as_ref()?, &self.path, &self.bitmaps))
     }
 }
 
@@ -237,13 +265,14 @@ pub(crate) fn reclaim_leaks(img: &Image, path: &Path) -> Result<(), TxnError> {
     ))
 }
 
-/// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place).
+/// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place
+/// `fin`), with the bitmaps `adds` make.
 fn create_overlay(
     fs: &dyn GroupFs,
     image: &Path,
     size: u64,
-    tmp: &Path,
-    fin: &Path,
+    (tmp, fin): (&Path, &Path),
+    adds: &[BitmapChange],
 ) -> Result<(), TxnError> {
     let dir = fs
         .canonicalize(parent(fin))
@@ -259,6 +288,7 @@ fn create_overlay(
     };
     let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
         .map_err(|e| TxnError::image(tmp, e))?;
+    crate::bitmaps::apply(&overlay, tmp, adds, &|p| fs.open_read_only(p))?;
     overlay.close().map_err(|e| TxnError::image(tmp, e))?;
     fs.sync_dir(&dir).map_err(|e| TxnError::io(tmp, e))
 }

@@ -17,7 +17,7 @@ use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
 use qcow2_transaction::fs::GroupFs;
 use qcow2_transaction::journal::read_all;
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
-use qcow2_transaction::{Action, Group, OverlayMode, Recovery, TxnError};
+use qcow2_transaction::{Action, BitmapSource, Group, OverlayMode, Recovery, TxnError};
 
 const GROUP: &str = "/vm/group";
 const OVERLAY: &str = "/vm/d2.new.qcow2";
@@ -142,6 +142,21 @@ struct View {
     images: BTreeMap<PathBuf, (Vec<(String, u64)>, u64)>,
     overlay: Option<Option<String>>,
     manifest: Option<Vec<u8>>,
+    /// Per image (and the overlay): each bitmap's name, granularity, enabled flag and dirty
+    /// ranges (none when it is in use).
+    bitmaps: BTreeMap<PathBuf, Vec<BitmapView>>,
+}
+
+type BitmapView = (String, u64, bool, Option<Vec<(u64, u64)>>);
+
+fn bitmap_view(img: &Image) -> Vec<BitmapView> {
+    img.bitmaps()
+        .into_iter()
+        .map(|b| {
+            let dirty = (!b.in_use).then(|| img.dirty_extents(&b.name, 0, img.size()).unwrap());
+            (b.name, b.granularity, b.enabled, dirty)
+        })
+        .collect()
 }
 
 fn open_read_only(fs: &SimFs, p: &Path) -> Image {
@@ -164,8 +179,10 @@ fn hash_content(size: u64, mut read: impl FnMut(&mut [u8], u64)) -> u64 {
 
 fn view(fs: &SimFs) -> View {
     let mut images = BTreeMap::new();
+    let mut bitmaps = BTreeMap::new();
     for p in disks() {
         let img = open_read_only(fs, &p);
+        bitmaps.insert(p.clone(), bitmap_view(&img));
         let mut snaps = Vec::new();
         for s in img.snapshots() {
             let snap = img.open_snapshot(&s.id).unwrap();
@@ -175,14 +192,17 @@ fn view(fs: &SimFs) -> View {
         let active = hash_content(img.size(), |b, o| img.read_at(b, o).unwrap());
         images.insert(p, (snaps, active));
     }
-    let overlay = fs
-        .exists(Path::new(OVERLAY))
-        .then(|| open_read_only(fs, Path::new(OVERLAY)).backing_file_name());
+    let overlay = fs.exists(Path::new(OVERLAY)).then(|| {
+        let img = open_read_only(fs, Path::new(OVERLAY));
+        bitmaps.insert(PathBuf::from(OVERLAY), bitmap_view(&img));
+        img.backing_file_name()
+    });
     let manifest = fs.file(&Path::new(GROUP).join("group.manifest"));
     View {
         images,
         overlay,
         manifest,
+        bitmaps,
     }
 }
 
@@ -355,6 +375,98 @@ fn a_power_cut_anywhere_in_a_mixed_plan_recovers_all_or_nothing() {
 #[test]
 fn a_power_cut_anywhere_in_a_group_revert_recovers_all_or_nothing() {
     crash_everywhere(&revert_plan(), "revert");
+}
+
+/// The disks of `setup`, each with an enabled bitmap "b0" that marks a write made after it.
+fn setup_with_bitmaps() -> SimFs {
+    let fs = setup();
+    for p in disks() {
+        let storage = fs.open_existing(&p).unwrap();
+        let img = Image::from_storage(storage, "bitmaps", &OpenOptions::read_write()).unwrap();
+        img.add_bitmap("b0", 65536, false).unwrap();
+        img.write_at(&[0x5a; 4096], 3 * 65536).unwrap();
+        img.close().unwrap();
+    }
+    fs.settled()
+}
+
+/// The backup tools' pattern as one plan: a snapshot of every disk (internal on d0, external on
+/// d2) with a new bitmap started and the old one stopped, plus a merge, a clear and a remove.
+fn bitmap_plan() -> Vec<Action> {
+    let d = disks();
+    let name = |n: &str| n.to_string();
+    vec![
+        Action::InternalCreate {
+            image: d[0].clone(),
+            name: name("new"),
+        },
+        Action::BitmapAdd {
+            image: d[0].clone(),
+            name: name("b1"),
+            granularity: None,
+            disabled: false,
+        },
+        Action::BitmapDisable {
+            image: d[0].clone(),
+            name: name("b0"),
+        },
+        Action::BitmapAdd {
+            image: d[1].clone(),
+            name: name("b1"),
+            granularity: Some(512),
+            disabled: true,
+        },
+        Action::BitmapMerge {
+            image: d[1].clone(),
+            target: name("b1"),
+            sources: vec![BitmapSource {
+                image: None,
+                name: name("b0"),
+            }],
+        },
+        Action::BitmapClear {
+            image: d[1].clone(),
+            name: name("b0"),
+        },
+        Action::ExternalCreate {
+            image: d[2].clone(),
+            overlay: PathBuf::from(OVERLAY),
+            mode: OverlayMode::New,
+        },
+        Action::BitmapAdd {
+            image: PathBuf::from(OVERLAY),
+            name: name("b1"),
+            granularity: None,
+            disabled: false,
+        },
+        Action::BitmapRemove {
+            image: d[2].clone(),
+            name: name("b0"),
+        },
+    ]
+}
+
+/// Bitmap actions are all-or-nothing with the snapshots of their plan: at every cut, recovery
+/// gives the old bitmaps (and snapshots) or the new ones, consistent, with exactly the bits a
+/// clean run leaves.
+#[test]
+fn a_power_cut_anywhere_in_a_plan_with_bitmap_actions_recovers_all_or_nothing() {
+    let base = setup_with_bitmaps();
+    let r = record(&base, &bitmap_plan());
+    let post = &r.post.bitmaps;
+    let d = disks();
+    let names =
+        |p: &Path| -> Vec<(String, bool)> { post[p].iter().map(|b| (b.0.clone(), b.2)).collect() };
+    assert_eq!(names(&d[0]), [("b0".into(), false), ("b1".into(), true)]);
+    assert_eq!(names(&d[1]), [("b0".into(), true), ("b1".into(), false)]);
+    assert_eq!(post[&d[1]][0].3, Some(Vec::new()), "b0 is cleared");
+    assert_eq!(
+        post[&d[1]][1].3, r.pre.bitmaps[&d[1]][0].3,
+        "b1 holds b0's bits"
+    );
+    assert!(names(&d[2]).is_empty());
+    assert_eq!(names(Path::new(OVERLAY)), [("b1".into(), true)]);
+    crash_everywhere_from(&base, &bitmap_plan(), "bitmaps");
 }
 
 /// T10: every write the engine makes to bytes 0..512 of an existing image stays inside that

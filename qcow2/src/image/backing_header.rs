@@ -17,6 +17,7 @@
 
 use super::{Image, Meta};
 use crate::error::{Error, Result};
+use crate::format::features::Autoclear;
 use crate::format::limits::{MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME};
 use crate::format::Header;
 use crate::storage::recording::SECTOR;
@@ -32,6 +33,11 @@ fn meaning(bytes: &[u8]) -> Option<Header> {
     if h.backing_file.is_none() {
         // A format without a name is never used.
         h.extensions.backing_format = None;
+    }
+    if h.autoclear_features & Autoclear::BITMAPS == 0 {
+        // Without its autoclear bit the bitmaps extension is ignored (QEMU drops it), so an
+        // extension written before the bit is set, or left after it is cleared, means nothing.
+        h.extensions.bitmaps = None;
     }
     Some(h)
 }
@@ -227,6 +233,7 @@ impl Image {
 mod tests {
     use std::sync::Arc;
 
+    use crate::storage::recording::Survivors;
     use crate::storage::{RecordingStorage, Storage, StorageExt};
     use crate::{CreateOptions, Image, RebaseOptions};
 
@@ -291,5 +298,35 @@ mod tests {
         assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
         let options = header_only(Some("b"), Some(&"f".repeat(16)));
         assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
+    }
+
+    /// An overlay's cluster 0 (backing format and feature table) ends past the first sector,
+    /// so the new bitmaps extension and the autoclear bit land in different sectors.
+    #[test]
+    fn an_overlay_gets_its_first_bitmap_crash_safely() {
+        let (store, image) = image(65536, "base.qcow2");
+        let before = store.op_count();
+        image.add_bitmap("b1", 65536, false).unwrap();
+        image.close().unwrap();
+        let ops = store.ops();
+        for cut in before..=ops.len() {
+            for survivors in [
+                Survivors::None,
+                Survivors::All,
+                Survivors::TornSectors(cut as u64),
+            ] {
+                let crashed = crate::MemoryStorage::from_bytes(store.crash_image(cut, survivors));
+                let options = crate::OpenOptions {
+                    backing: crate::BackingPolicy::Ignore,
+                    ..crate::OpenOptions::default()
+                };
+                let reopened = Image::from_storage(Box::new(crashed), "t", &options)
+                    .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+                let names: Vec<String> = reopened.bitmaps().into_iter().map(|b| b.name).collect();
+                assert!(names.is_empty() || names == ["b1"], "cut {cut}: {names:?}");
+                assert_eq!(reopened.backing_file_name().as_deref(), Some("base.qcow2"));
+            }
+        }
+        assert!(ops.len() > before, "the add wrote nothing");
     }
 }

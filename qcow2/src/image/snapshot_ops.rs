@@ -248,6 +248,9 @@ impl Image {
         let mut m = self.meta_mut();
         self.flush_all(&mut m)?;
         let plan = self.plan(&mut m, changes)?;
+        // A revert marked every enabled bitmap: those bits are durable before the switch can
+        // publish the reverted data, also when recovery (which never saw them) publishes it.
+        self.bitmaps_durable_before_inplace(&mut m)?;
         self.build(&mut m, plan)
     }
 

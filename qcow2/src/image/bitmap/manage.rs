@@ -35,11 +35,21 @@ impl Image {
             .ok_or_else(|| self.bitmap_error(format!("Dirty bitmap '{name}' not found")))
     }
 
-    /// Adds a persistent bitmap of `granularity` bytes (a power of two, 512 B to 2 GiB), empty,
-    /// enabled unless `disabled`. The image must be v3 (QEMU's rule).
-    pub fn add_bitmap(&self, name: &str, granularity: u64, disabled: bool) -> Result<()> {
-        self.require_writable()?;
-        let mut m = self.meta_mut();
+    /// The granularity QEMU gives a new bitmap when none is asked for: the cluster size, within
+    /// 4 KiB to 64 KiB.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        self.cluster_size().clamp(4096, 65536)
+    }
+
+    /// Checks, without writing, QEMU's rules for a new bitmap's version, name, granularity and
+    /// size. Whether the name is free and the count within its limit depends on the bitmaps
+    /// present when it is added, which [`Image::add_bitmap`] checks.
+    pub fn check_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        let m = self.meta();
+        self.check_new_bitmap_in(&m, name, granularity)
+    }
+
+    fn check_new_bitmap_in(&self, m: &Meta, name: &str, granularity: u64) -> Result<()> {
         if m.header.version < 3 {
             return Err(self.bitmap_error("Cannot store dirty bitmaps in qcow2 v2 files".into()));
         }
@@ -65,6 +75,15 @@ impl Image {
                 "Too much space will be occupied by the bitmap. Use larger granularity".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Adds a persistent bitmap of `granularity` bytes (a power of two, 512 B to 2 GiB), empty,
+    /// enabled unless `disabled`. The image must be v3 (QEMU's rule).
+    pub fn add_bitmap(&self, name: &str, granularity: u64, disabled: bool) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.meta_mut();
+        self.check_new_bitmap_in(&m, name, granularity)?;
         if let Some(b) = &m.bitmaps {
             if b.entries.iter().any(|e| e.name == name) {
                 return Err(self.bitmap_error(format!("Bitmap already exists: {name}")));
@@ -75,6 +94,8 @@ impl Image {
                 );
             }
         }
+        let bits = granularity.trailing_zeros() as u8;
+        let cs = m.header.cluster_size();
         // Tracked bits are saved first: the directory is rebuilt from the saved state.
         self.bitmaps_store(&mut m)?;
         let table_size = bitmap::table_size(m.header.size, bits, cs);
