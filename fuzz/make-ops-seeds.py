@@ -9,7 +9,7 @@ import os
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regressions", "ops")
 
-V2, LAZY, EXTL2, ZSTD, BACKING, SECTOR = 1, 2, 4, 8, 0x10, 0x20
+V2, LAZY, EXTL2, ZSTD, BACKING, SECTOR, BITMAP, BITMAP512 = 1, 2, 4, 8, 0x10, 0x20, 0x40, 0x80
 
 
 def u16(v):
@@ -73,7 +73,52 @@ def crash(mode, cut, seed=0):
     return bytes([12, mode]) + u16(cut) + u16(seed)
 
 
+BITMAP_CLEAR = bytes([0xF0])
+
+
+def bitmap_enable(on):
+    return bytes([0xF1, int(on)])
+
+
+def bitmap_remove_or_add(shift=0):
+    return bytes([0xF2, shift])
+
+
 SEEDS = {
+    # A persistent bitmap marks every request at its granularity, survives reopens and power cuts
+    # (durable bits), stops marking while disabled, and is cleared, removed and added again.
+    "v3-c4k-bitmap": config(12, flags=BITMAP | BITMAP512, clusters=20, odd=700)
+    + write(1, 1000, 3000, 0x71)
+    + zero(0, 3, 1)
+    + discard(0, 5, 2)
+    + compressed(9)
+    + FLUSH
+    + write(2, 60, 9, 0x72)
+    + crash(1, 100, 4)
+    + crash(2, 40, 5)
+    + bitmap_enable(False)
+    + write(0, 12, 1, 0x73)
+    + bitmap_enable(True)
+    + REOPEN
+    + write(1, 50000, 10, 0x74)
+    + create(0)
+    + apply(0)
+    + BITMAP_CLEAR
+    + write(0, 1, 1, 0x75)
+    + resize(24)
+    + bitmap_remove_or_add()
+    + bitmap_remove_or_add(3)
+    + write(1, 7, 60000, 0x76)
+    + crash(2, 300, 6)
+    + FLUSH
+    + crash(4, 1),
+    # Without a bitmap, clear and enable are refused; v2 images never get one.
+    "v2-c64k-no-bitmap": config(16, flags=V2, clusters=4)
+    + BITMAP_CLEAR
+    + bitmap_enable(True)
+    + bitmap_remove_or_add(1)
+    + write(0, 1, 1, 0x77),
+
     # Writes, zero writes and discards of every grain on v3, with flushes and power cuts.
     "v3-c4k-write-zero-discard": config(12, clusters=20, odd=1000)
     + write(0, 2, 3, 0xAA)

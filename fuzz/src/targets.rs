@@ -247,6 +247,8 @@ const FULL_READ_MAX_CLUSTERS: u64 = 4096;
 const EDGE_CLUSTERS: u64 = 64;
 /// Snapshots whose contents are read; the rest are only opened (each open reads its L1 table).
 const MAX_SNAPSHOTS_READ: usize = 8;
+/// Bitmaps whose bits `open_read` reads.
+const MAX_BITMAPS_READ: usize = 8;
 /// Snapshots opened at all, so a table of thousands of entries sharing one huge L1 stays cheap.
 const MAX_SNAPSHOTS_OPENED: usize = 64;
 
@@ -276,6 +278,20 @@ pub fn open_read(data: &[u8]) {
     read_disk(size, cluster_size, extents.as_deref(), |buf, offset| {
         image.read_at(buf, offset).is_ok()
     });
+    // Bitmap tables and data clusters are read only when bits are asked for.
+    for bitmap in image.bitmaps().iter().take(MAX_BITMAPS_READ) {
+        if let Ok(dirty) = image.dirty_extents(&bitmap.name, 0, size) {
+            let mut end = 0;
+            for &(start, len) in &dirty {
+                assert!(
+                    start >= end && len > 0 && start + len <= size,
+                    "bitmap {}: extent ({start:#x}, {len:#x}) after {end:#x}, disk {size:#x}",
+                    bitmap.name
+                );
+                end = start + len;
+            }
+        }
+    }
 
     let ids: Vec<String> = image
         .snapshot_entries()
@@ -681,6 +697,9 @@ const OPS_MAX_CHECKPOINTS: usize = 8;
 /// Snapshot names: few, so apply and delete find them and duplicate names occur. None is numeric,
 /// so a name never matches an id.
 const OPS_SNAPSHOT_NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+/// The name of the one persistent bitmap an `ops` image may have.
+const OPS_BITMAP: &str = "dirty";
 /// The backing file name recorded in the header; the content is attached from memory.
 const OPS_BACKING_NAME: &str = "base";
 
@@ -696,8 +715,10 @@ const OPS_GROW_EXPOSES_BACKING: bool = false;
 /// Layout: `[cluster_bits][refcount_order][flags][size: u8 clusters, u16 odd bytes]` and, when
 /// flags bit 4 asks for a backing file, `[backing: u16 length, u8 seed]`; then steps, each an
 /// opcode byte and its fields (see [`OpsStep::read`]). Flags: bit 0 version 2 (else 3); bit 1
-/// lazy refcounts, bit 2 extended L2 (with clusters of 16 KiB or more), bit 3 zstd (all v3 only);
-/// bit 4 a raw backing file; bit 5 a sector-aligned size. Version 2 forces 16-bit refcounts.
+/// lazy refcounts, bit 2 extended L2 (with clusters of 16 KiB or more), bit 3 zstd, bit 6 a
+/// persistent bitmap from the start (all v3 only); bit 4 a raw backing file; bit 5 a
+/// sector-aligned size; bit 7 bitmap granules of 512 bytes (else the cluster size). Version 2
+/// forces 16-bit refcounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpsInput {
     pub config: OpsConfig,
@@ -716,6 +737,8 @@ pub struct OpsConfig {
     pub size: u64,
     /// The raw backing file's content, if any.
     pub backing: Option<Vec<u8>>,
+    /// The granularity of bitmap [`OPS_BITMAP`], when the image starts with one.
+    pub bitmap: Option<u64>,
 }
 
 /// A guest byte range, chosen relative to the disk's size when the step runs (sizes change).
@@ -777,6 +800,15 @@ pub enum OpsStep {
     DeleteSnapshot(SnapshotSel),
     /// Close the image and open its bytes again (in a fresh recording store).
     Reopen,
+    /// Clear every bit of bitmap [`OPS_BITMAP`].
+    BitmapClear,
+    /// Enable or disable bitmap [`OPS_BITMAP`].
+    BitmapEnable(bool),
+    /// Remove bitmap [`OPS_BITMAP`], or add it (granularity 512 << `granularity_shift` % 8)
+    /// when there is none.
+    BitmapRemoveOrAdd {
+        granularity_shift: u8,
+    },
     /// Materialise a power cut and check the crashed image (the live image carries on).
     Crash {
         /// Bit 2 set: cut at a durable checkpoint (`cut` picks which); else anywhere since the
@@ -888,7 +920,20 @@ fn compressed_data(len: usize, kind: u8, byte: u8) -> Vec<u8> {
 impl OpsStep {
     /// Decodes one step: an opcode byte, then the step's fields.
     fn read(r: &mut ByteReader<'_>) -> Self {
-        match r.u8() % 16 {
+        let op = r.u8();
+        // Bitmap commands take three of the 256 opcode values, leaving the older meaning of
+        // every other value (and of the committed regression inputs) as it was.
+        match op {
+            0xF0 => return OpsStep::BitmapClear,
+            0xF1 => return OpsStep::BitmapEnable(r.u8() & 1 != 0),
+            0xF2 => {
+                return OpsStep::BitmapRemoveOrAdd {
+                    granularity_shift: r.u8(),
+                }
+            }
+            _ => {}
+        }
+        match op % 16 {
             0..=2 | 13 => OpsStep::Write {
                 range: RangeSel::read(r),
                 byte: r.u8(),
@@ -960,6 +1005,11 @@ impl OpsInput {
             zstd: v3 && flags & 8 != 0,
             size,
             backing,
+            bitmap: (v3 && flags & 0x40 != 0).then_some(if flags & 0x80 != 0 {
+                512
+            } else {
+                1 << bits
+            }),
         };
         let mut steps = Vec::new();
         while r.remaining() > 0 && steps.len() < OPS_MAX_STEPS {
@@ -1003,6 +1053,53 @@ struct Checkpoint {
     at: usize,
     disk: Rc<Vec<u8>>,
     snapshots: Vec<ModelSnapshot>,
+    bitmap: Option<ModelBitmap>,
+}
+
+/// What bitmap [`OPS_BITMAP`] must mark: every granule a successful guest request touched since
+/// it was added or cleared (exactly, while the image is open; at least, after a power cut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ModelBitmap {
+    granularity: u64,
+    enabled: bool,
+    /// One per granule of the disk.
+    dirty: Vec<bool>,
+    /// Bumped by every add, remove and clear: a crash check compares bits only within one
+    /// generation, because those steps may lose bits legitimately.
+    generation: u32,
+}
+
+impl ModelBitmap {
+    fn mark(&mut self, start: u64, end: u64) {
+        if !self.enabled || start >= end {
+            return;
+        }
+        let g = self.granularity;
+        let last = (end.div_ceil(g) as usize).min(self.dirty.len());
+        for d in &mut self.dirty[(start / g) as usize..last] {
+            *d = true;
+        }
+    }
+
+    fn resize(&mut self, size: u64) {
+        self.dirty
+            .resize(size.div_ceil(self.granularity) as usize, false);
+    }
+
+    /// The marked ranges as `Image::dirty_extents` reports them: merged, clipped to the disk.
+    fn extents(&self, size: u64) -> Vec<(u64, u64)> {
+        let g = self.granularity;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, _) in self.dirty.iter().enumerate().filter(|(_, d)| **d) {
+            let start = i as u64 * g;
+            let stop = (start + g).min(size);
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == start => *l += stop - start,
+                _ => out.push((start, stop - start)),
+            }
+        }
+        out
+    }
 }
 
 /// Arbitrary bytes → a bounded image configuration and up to 64 steps (writes, zero writes,
@@ -1049,6 +1146,9 @@ struct OpsRun {
     image: Option<Image>,
     disk: Vec<u8>,
     snapshots: Vec<ModelSnapshot>,
+    bitmap: Option<ModelBitmap>,
+    /// Generations of bitmap [`OPS_BITMAP`] so far.
+    bitmap_generations: u32,
     /// Durable states of the current store, oldest first (at most [`OPS_MAX_CHECKPOINTS`]).
     checkpoints: Vec<Checkpoint>,
     /// Guest requests since the oldest checkpoint: (recorded operations when it started, start,
@@ -1092,10 +1192,15 @@ impl OpsRun {
             image: Some(image),
             disk,
             snapshots: Vec::new(),
+            bitmap: None,
+            bitmap_generations: 0,
             checkpoints: Vec::new(),
             requests: Vec::new(),
             step: 0,
         };
+        if let Some(granularity) = config.bitmap {
+            run.add_bitmap(granularity, "at create");
+        }
         run.checkpoint();
         run.compare_disk("after create");
         run.check_clean("after create");
@@ -1137,7 +1242,63 @@ impl OpsRun {
             at: self.store.op_count(),
             disk: Rc::new(self.disk.clone()),
             snapshots: self.snapshots.clone(),
+            bitmap: self.bitmap.clone(),
         });
+    }
+
+    /// Adds bitmap [`OPS_BITMAP`] (enabled, empty), which must succeed on a v3 image unless the
+    /// disk is empty or the bitmap would be too large (as QEMU refuses them).
+    fn add_bitmap(&mut self, granularity: u64, what: &str) {
+        let result = self.image().add_bitmap(OPS_BITMAP, granularity, false);
+        let size = self.size();
+        let refusable = size == 0 || size / granularity > 1 << 30;
+        if !self.outcome(result, what, |e| {
+            refusable && matches!(e, Error::InvalidArgument { .. })
+        }) {
+            return;
+        }
+        self.bitmap_generations += 1;
+        let mut bitmap = ModelBitmap {
+            granularity,
+            enabled: true,
+            dirty: Vec::new(),
+            generation: self.bitmap_generations,
+        };
+        bitmap.resize(self.size());
+        self.bitmap = Some(bitmap);
+    }
+
+    /// A successful guest request marks `[start, end)` in an enabled bitmap.
+    fn mark(&mut self, start: u64, end: u64) {
+        if let Some(b) = &mut self.bitmap {
+            b.mark(start, end);
+        }
+    }
+
+    /// The bitmap list and the bits match the model exactly.
+    fn compare_bitmap(&self, what: &str) {
+        let image = self.image();
+        let listed: Vec<_> = image.bitmaps();
+        match &self.bitmap {
+            None => assert!(
+                listed.is_empty(),
+                "{what}: bitmaps {listed:?}, none expected"
+            ),
+            Some(b) => {
+                assert!(
+                    listed.len() == 1
+                        && listed[0].name == OPS_BITMAP
+                        && listed[0].granularity == b.granularity
+                        && listed[0].enabled == b.enabled
+                        && !listed[0].in_use,
+                    "{what}: bitmaps {listed:?}, expected {b:?}"
+                );
+                let extents = image
+                    .dirty_extents(OPS_BITMAP, 0, self.size())
+                    .unwrap_or_else(|e| panic!("{what}: dirty extents: {e}"));
+                assert_eq!(extents, b.extents(self.size()), "{what}: dirty extents");
+            }
+        }
     }
 
     /// Panics unless `result` is `Ok` or a refusal that `expected` accepts. Returns whether it
@@ -1177,6 +1338,7 @@ impl OpsRun {
                         "{what}: accepted past the end {size:#x}"
                     );
                     self.disk[offset as usize..(offset + len) as usize].fill(byte);
+                    self.mark(offset, offset + len);
                 }
             }
             OpsStep::WriteZeroes { range, unmap } => {
@@ -1190,6 +1352,7 @@ impl OpsRun {
                         "{what}: accepted past the end {size:#x}"
                     );
                     self.disk[offset as usize..(offset + len) as usize].fill(0);
+                    self.mark(offset, offset + len);
                 }
             }
             OpsStep::Discard { range } => {
@@ -1203,6 +1366,7 @@ impl OpsRun {
                         "{what}: accepted past the end {size:#x}"
                     );
                     self.model_discard(offset, len);
+                    self.mark(offset, offset + len);
                 }
             }
             OpsStep::WriteCompressed {
@@ -1234,6 +1398,7 @@ impl OpsRun {
                 }) {
                     assert!(!refusable, "{what}: accepted (disk size {size:#x})");
                     self.disk[offset as usize..end as usize].copy_from_slice(&data);
+                    self.mark(offset, end);
                 }
             }
             OpsStep::Resize {
@@ -1264,10 +1429,17 @@ impl OpsRun {
                             .backing
                             .as_ref()
                             .is_some_and(|b| b.len() as u64 > size));
+                // An engine may refuse to resize bitmaps; one that resizes them keeps their bits
+                // and leaves the new area clean, as QEMU does.
+                let bitmap = self.bitmap.is_some() && new_size != size;
                 if self.outcome(result, &what, |e| {
                     refusable && matches!(e, Error::InvalidArgument { .. })
+                        || bitmap && matches!(e, Error::Unsupported { .. })
                 }) {
                     self.model_resize(new_size);
+                    if let Some(b) = &mut self.bitmap {
+                        b.resize(new_size);
+                    }
                 }
             }
             OpsStep::Flush => {
@@ -1313,13 +1485,25 @@ impl OpsRun {
                 self.request(0, u64::MAX);
                 let result = self.image().apply_snapshot(&key);
                 let found = target.is_some();
+                let other_size = target
+                    .as_ref()
+                    .is_some_and(|t| t.bytes.len() as u64 != size);
+                let bitmap = self.bitmap.is_some();
                 if self.outcome(result, &what, |e| {
                     !found && matches!(e, Error::SnapshotNotFound { .. })
                         || self.refcount_overflow(e)
+                        || (bitmap
+                            && other_size
+                            && matches!(
+                                e,
+                                Error::InvalidArgument { .. } | Error::Unsupported { .. }
+                            ))
                 }) {
                     let target = target.unwrap_or_else(|| {
                         panic!("{what}: applied a snapshot the model does not have")
                     });
+                    // Every guest byte may change: the whole disk is marked.
+                    self.mark(0, size);
                     self.disk = target.bytes.to_vec();
                     self.after_snapshot_change(&what);
                 } else {
@@ -1346,6 +1530,53 @@ impl OpsRun {
             }
             OpsStep::Reopen => self.reopen(),
             OpsStep::Crash { mode, cut, seed } => self.crash(mode, cut, seed),
+            OpsStep::BitmapClear | OpsStep::BitmapEnable(_) | OpsStep::BitmapRemoveOrAdd { .. } => {
+                self.bitmap_step(step)
+            }
+        }
+        self.compare_bitmap(&format!("step {} {step:?}", self.step));
+    }
+
+    /// A bitmap command; without a bitmap, clear and enable are refused.
+    fn bitmap_step(&mut self, step: OpsStep) {
+        let what = format!("step {} {step:?}", self.step);
+        let missing = |e: &Error| matches!(e, Error::InvalidArgument { reason, .. } if reason.contains("not found"));
+        match step {
+            OpsStep::BitmapClear => {
+                let result = self.image().clear_bitmap(OPS_BITMAP);
+                if self.outcome(result, &what, |e| missing(e)) {
+                    self.bitmap_generations += 1;
+                    let generation = self.bitmap_generations;
+                    let b = self
+                        .bitmap
+                        .as_mut()
+                        .expect("cleared a bitmap the model lacks");
+                    b.dirty.fill(false);
+                    b.generation = generation;
+                }
+            }
+            OpsStep::BitmapEnable(on) => {
+                let result = self.image().set_bitmap_enabled(OPS_BITMAP, on);
+                if self.outcome(result, &what, |e| missing(e)) {
+                    let b = self
+                        .bitmap
+                        .as_mut()
+                        .expect("enabled a bitmap the model lacks");
+                    b.enabled = on;
+                }
+            }
+            OpsStep::BitmapRemoveOrAdd { granularity_shift } => {
+                if self.bitmap.is_some() {
+                    self.image()
+                        .remove_bitmap(OPS_BITMAP)
+                        .unwrap_or_else(|e| panic!("{what}: remove: {e}"));
+                    self.bitmap = None;
+                    self.bitmap_generations += 1;
+                } else if self.config.version >= 3 {
+                    self.add_bitmap(512 << (granularity_shift % 8), &what);
+                }
+            }
+            _ => unreachable!("bitmap_step runs bitmap steps"),
         }
     }
 
@@ -1487,6 +1718,7 @@ impl OpsRun {
             // A read-write open repairs a dirty image.
             let image = open_crashed(&bytes, true, &self.config.backing)
                 .unwrap_or_else(|e| panic!("{what}: repairing open: {e}"));
+            self.check_recovered_bitmap(&image, durable, &what);
             let report = image
                 .check()
                 .unwrap_or_else(|e| panic!("{what}: check: {e}"));
@@ -1569,6 +1801,7 @@ impl OpsRun {
         if !dirty {
             let image = open_crashed(&bytes, true, &self.config.backing)
                 .unwrap_or_else(|e| panic!("{what}: read-write open: {e}"));
+            self.check_recovered_bitmap(&image, durable, &what);
             let report = image
                 .check_and_repair(Repair::Leaks)
                 .unwrap_or_else(|e| panic!("{what}: check -r leaks: {e}"));
@@ -1576,6 +1809,39 @@ impl OpsRun {
                 report.is_clean(),
                 "{what}: after fixing leaks: {:?}",
                 report.messages
+            );
+        }
+    }
+
+    /// After a power cut, this engine's read-write open gives the bitmap back consistent, marking
+    /// at least what it marked at the last durable point, when no add, remove or clear came
+    /// between that point and now (those may lose bits legitimately).
+    fn check_recovered_bitmap(&self, image: &Image, durable: &Checkpoint, what: &str) {
+        let (Some(then), Some(now)) = (&durable.bitmap, &self.bitmap) else {
+            return;
+        };
+        if then.generation != now.generation {
+            return;
+        }
+        let listed = image.bitmaps();
+        assert!(
+            listed.len() == 1 && listed[0].name == OPS_BITMAP && !listed[0].in_use,
+            "{what}: recovered bitmaps {listed:?}"
+        );
+        let size = image.size();
+        let extents = image
+            .dirty_extents(OPS_BITMAP, 0, size)
+            .unwrap_or_else(|e| panic!("{what}: recovered dirty extents: {e}"));
+        let g = then.granularity;
+        for (i, _) in then.dirty.iter().enumerate().filter(|(_, d)| **d) {
+            let start = i as u64 * g;
+            if start >= size {
+                break;
+            }
+            assert!(
+                extents.iter().any(|&(s, l)| s <= start && start < s + l),
+                "{what}: granule at {start:#x} was durable and dirty, the recovered bitmap \
+                 misses it: {extents:?}"
             );
         }
     }

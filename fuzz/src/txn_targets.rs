@@ -115,7 +115,8 @@ impl<'a> Bytes<'a> {
 }
 
 /// One image: `[shape][writes × (phase, offset, length, fill)]`. The shape byte picks the
-/// virtual size (1–4 MiB), the cluster size (512, 4 KiB, 64 KiB), 0–2 snapshots and 0–3 writes.
+/// virtual size (1–4 MiB), the cluster size (512, 4 KiB, 64 KiB), 0–2 snapshots, 0–3 writes and
+/// whether the image has a bitmap (see [`ImageConfig::bitmap`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageConfig {
     pub shape: u8,
@@ -157,9 +158,17 @@ impl ImageConfig {
     fn snapshots(&self) -> usize {
         (self.shape >> 4) as usize % 3
     }
+
+    /// The spare value 3 of the cluster size or the snapshot count field (which read as 512
+    /// bytes and no snapshots): the image starts with an enabled bitmap `b0` that marks a write.
+    fn bitmap(&self) -> bool {
+        (self.shape >> 2) & 3 == 3 || (self.shape >> 4) & 3 == 3
+    }
 }
 
-/// One action: `[kind:2 | image:3 | name:3]`; image 7 is a missing file.
+/// One action: `[kind:2 | image:3 | name:3]`; image 7 is a missing file. Kind 3 is an external
+/// snapshot onto `OVERLAYS[name]` for names 0–5, and a bitmap action for names 6 (add `b1`) and
+/// 7 (clear `b0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActionSel(pub u8);
 
@@ -177,11 +186,37 @@ impl ActionSel {
         OVERLAYS[(self.0 >> 5) as usize % OVERLAYS.len()]
     }
 
+    /// The bitmap action of a kind-3 selector, if it is one.
+    fn bitmap(self) -> Option<BitmapSel> {
+        match (self.0 & 3, self.0 >> 5) {
+            (3, 6) => Some(BitmapSel::AddB1),
+            (3, 7) => Some(BitmapSel::ClearB0),
+            _ => None,
+        }
+    }
+
     fn action(self, n_images: usize) -> Action {
         let image = self
             .image(n_images)
             .map_or_else(|| PathBuf::from(MISSING_IMAGE), image_path);
         let name = self.name().to_string();
+        match self.bitmap() {
+            Some(BitmapSel::AddB1) => {
+                return Action::BitmapAdd {
+                    image,
+                    name: "b1".into(),
+                    granularity: None,
+                    disabled: false,
+                }
+            }
+            Some(BitmapSel::ClearB0) => {
+                return Action::BitmapClear {
+                    image,
+                    name: "b0".into(),
+                }
+            }
+            None => {}
+        }
         match self.0 & 3 {
             0 => Action::InternalCreate { image, name },
             1 => Action::InternalDelete { image, name },
@@ -193,6 +228,13 @@ impl ActionSel {
             },
         }
     }
+}
+
+/// The bitmap actions plans draw from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BitmapSel {
+    AddB1,
+    ClearB0,
 }
 
 fn image_path(i: usize) -> PathBuf {
@@ -242,6 +284,10 @@ fn build(configs: &[ImageConfig]) -> SimFs {
         };
         let img = Image::create_in(storage, &p.display().to_string(), &options)
             .expect("creating an image");
+        if c.bitmap() {
+            img.add_bitmap("b0", 65536, false).expect("adding a bitmap");
+            img.write_at(&[0xB0; 512], 0).expect("writing image data");
+        }
         let phases = c.snapshots() + 1;
         for phase in 0..phases {
             for w in c.writes.iter().filter(|w| w[0] as usize % phases == phase) {
@@ -300,7 +346,12 @@ fn hash_content(
 }
 
 /// Per image: (snapshot name, content hash) in table order, and the active content hash.
-type ImageView = (Vec<(String, u64)>, u64);
+type ImageView = (Vec<(String, u64)>, u64, Vec<BitmapView>);
+
+/// A bitmap as a reader sees it: name, enabled, and whether it marks nothing (`None` when it is
+/// in use). Its exact bits are not compared: a revert marks the whole disk while it stages, so a
+/// rolled-back plan may leave more bits than before (a superset is the durable-bits promise).
+type BitmapView = (String, bool, Option<bool>);
 
 /// What a reader sees: every image, every overlay that exists (with its backing name), the
 /// manifest.
@@ -336,7 +387,19 @@ fn view(fs: &SimFs, n_images: usize, ctx: &str) -> View {
             img.size(),
             ctx,
         );
-        images.insert(p, (snaps, active));
+        let bitmaps = img
+            .bitmaps()
+            .into_iter()
+            .map(|b| {
+                let empty = (!b.in_use).then(|| {
+                    img.dirty_extents(&b.name, 0, img.size())
+                        .unwrap_or_else(|e| panic!("{ctx}: bitmap {}: {e}", b.name))
+                        .is_empty()
+                });
+                (b.name, b.enabled, empty)
+            })
+            .collect();
+        images.insert(p, (snaps, active, bitmaps));
     }
     let mut overlays = BTreeMap::new();
     for o in OVERLAYS[..2].iter().map(PathBuf::from) {
@@ -423,6 +486,7 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
         internal: bool,
         reverted: bool,
         overlay: Option<&'static str>,
+        b1: bool,
     }
     let mut per: Vec<Changes> = images.iter().map(|_| Changes::default()).collect();
     for &a in actions {
@@ -441,6 +505,22 @@ fn expect_valid(images: &[ImageConfig], actions: &[u8]) -> bool {
         };
         let c = &mut per[i];
         let name = a.name();
+        match a.bitmap() {
+            Some(BitmapSel::AddB1) => {
+                if c.b1 {
+                    return false;
+                }
+                c.b1 = true;
+                continue;
+            }
+            Some(BitmapSel::ClearB0) => {
+                if !images[i].bitmap() {
+                    return false;
+                }
+                continue;
+            }
+            None => {}
+        }
         // The engine stages a revert only as an image's last change.
         if c.reverted && a.0 & 3 != 3 {
             return false;
@@ -675,7 +755,19 @@ fn check_post(configs: &[ImageConfig], actions: &[u8], pre: &View, post: &View) 
             continue;
         }
         let mut names: Vec<String> = old.0.iter().map(|(n, _)| n.clone()).collect();
+        let mut bitmaps = old.2.clone();
         for a in &sels {
+            match a.bitmap() {
+                Some(BitmapSel::AddB1) => {
+                    bitmaps.push(("b1".into(), true, Some(true)));
+                    continue;
+                }
+                Some(BitmapSel::ClearB0) => {
+                    bitmaps[0].2 = Some(true);
+                    continue;
+                }
+                None => {}
+            }
             match a.0 & 3 {
                 0 => names.push(a.name().to_string()),
                 1 => {
@@ -697,6 +789,9 @@ fn check_post(configs: &[ImageConfig], actions: &[u8], pre: &View, post: &View) 
         names.sort();
         got.sort();
         assert_eq!(got, names, "{}: snapshot names after commit", p.display());
+        // Bitmap changes follow the snapshot switch, so a clear wins over a revert's marks
+        // whatever the plan's order.
+        assert_eq!(new.2, bitmaps, "{}: bitmaps after commit", p.display());
         for (name, hash) in &old.0 {
             if new.0.iter().any(|(n, _)| n == name) {
                 assert!(
@@ -1116,6 +1211,13 @@ pub fn transaction_seeds() -> Vec<(String, Vec<u8>)> {
     let delete = |i: u8, name: u8| 1 | (i << 2) | (name << 5);
     let revert = |i: u8, name: u8| 2 | (i << 2) | (name << 5);
     let external = |i: u8, overlay: u8| 3 | (i << 2) | (overlay << 5);
+    let add_b1 = |i: u8| 3 | (i << 2) | (6 << 5);
+    let clear_b0 = |i: u8| 3 | (i << 2) | (7 << 5);
+    // 512-byte clusters (the spare cluster value 3 gives a bitmap `b0`), one snapshot.
+    let d = ImageConfig {
+        shape: 0b0101_1100,
+        writes: vec![[0, 0x20, 0, 3, 0x33]],
+    };
     let trouble = |flags: u8, fault_at: u16, cut: u32, survivors: u8, seed: u32| {
         let mut t = vec![flags];
         t.extend_from_slice(&fault_at.to_be_bytes());
@@ -1167,6 +1269,24 @@ pub fn transaction_seeds() -> Vec<(String, Vec<u8>)> {
             "refused-duplicate-name",
             vec![a.clone()],
             vec![create(0, 0)],
+            trouble(0, 0, 0, 0, 0),
+        ),
+        (
+            "bitmaps-snapshot-new-bitmap-cut",
+            vec![d.clone(), a.clone()],
+            vec![create(0, 2), add_b1(0), clear_b0(0), external(1, 0)],
+            trouble(0, 0, 120, 2, 5),
+        ),
+        (
+            "bitmaps-revert-clear-eio-once",
+            vec![d.clone()],
+            vec![revert(0, 0), clear_b0(0), add_b1(0)],
+            trouble(0b001, 20, 60, 1, 9),
+        ),
+        (
+            "bitmaps-refused-clear-without-bitmap",
+            vec![a.clone(), d],
+            vec![add_b1(1), clear_b0(0)],
             trouble(0, 0, 0, 0, 0),
         ),
     ];

@@ -242,6 +242,12 @@ impl Image {
     /// Allocates `n` contiguous clusters and keeps the header and overlap areas in step when
     /// the refcount table moves.
     pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "an allocation of no clusters".into(),
+            });
+        }
         // Freed host space may be reused now, so a cached decompressed cluster keyed by its
         // descriptor could describe old bytes.
         *self

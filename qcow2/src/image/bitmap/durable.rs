@@ -94,9 +94,9 @@ impl Image {
                     let mut buf = chunk.to_vec();
                     buf.resize(cs, 0);
                     self.host().write(&buf, off, "bitmap data cluster")?;
-                    if !m.ws()?.lazy {
-                        self.flush_refblocks(m)?;
-                    }
+                    // The refcount is durable before the table names the cluster, also with
+                    // lazy refcounts (an overwrite in place does not mark the image dirty).
+                    self.flush_refblocks(m)?;
                     self.host().sync()?;
                     self.host().write(
                         &off.to_be_bytes(),

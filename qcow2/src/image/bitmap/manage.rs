@@ -68,6 +68,12 @@ impl Image {
                 1u64 << MAX_GRANULARITY_BITS
             )));
         }
+        if m.header.size == 0 {
+            // QEMU cannot store one either (its table would have no entries).
+            return Err(
+                self.bitmap_error("a disk of size 0 cannot hold a persistent bitmap".into())
+            );
+        }
         let cs = m.header.cluster_size();
         let data = bitmap::data_bytes(m.header.size, bits);
         if data > MAX_PHYS_SIZE || data > MAX_TABLE_SIZE as u64 * cs {
@@ -231,8 +237,10 @@ impl Image {
             self.host().write(&bytes, at, "new bitmap directory")?;
             Some((at, bytes.len() as u64))
         };
-        // The new directory, its tables and their refcounts are durable before the switch.
+        // The new directory, its tables and their refcounts are durable before the switch,
+        // also with lazy refcounts: the image need not be marked dirty now.
         self.flush_all(m)?;
+        self.flush_refblocks(m)?;
         let nb = entries.len() as u32;
         self.rewrite_header(m, |h| match new_dir {
             Some((offset, size)) => {
