@@ -1,0 +1,209 @@
+//! Images with persistent bitmaps through `convert --bitmaps`, `resize` and `snapshot -a`,
+//! against qemu-img doing the same to a copy: the same exit codes and messages, the same
+//! `qemu-img info` bitmap lists, the same dirty ranges over NBD, and `qemu-img check` clean.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{stderr, tool_in};
+use qcow2_testdata::{qemu_check, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
+
+fn bitmaps(path: &Path) -> serde_json::Value {
+    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// The dirty map QEMU exports for bitmap `name`, as nbdinfo prints it.
+fn dirty(path: &Path, name: &str) -> String {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(path)
+        .arg("]")
+        .output()
+        .expect("nbdinfo (libnbd-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// A 10 MiB image with an enabled, a disabled and a 512-byte-granularity bitmap, each with
+/// dirty granules (the disabled one from before it was disabled).
+fn source(dir: &Path) -> PathBuf {
+    let src = dir.join("src.qcow2");
+    let s = src.to_str().unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s, "10M"]);
+    qemu_img_ok(&["bitmap", "--add", s, "en"]);
+    qemu_img_ok(&["bitmap", "--add", s, "dis"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "512", s, "small"]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 7 100k 3k", s]);
+    qemu_img_ok(&["bitmap", "--disable", s, "dis"]);
+    qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 8 9M 1M",
+        "-c",
+        "write 0 512",
+        s,
+    ]);
+    src
+}
+
+/// Leaves every bitmap of `path` in use, as a crashed QEMU does.
+fn crash_qemu_io(path: &Path) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 512", "-c", "abort"])
+        .arg(path)
+        .current_dir(path.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// Runs `args` with qemu-img and with ours in `dir` (file names relative to it), and asserts
+/// the same exit code and the same messages.
+fn same_outcome(dir: &Path, args: &[&str]) -> i32 {
+    let qemu = qemu_in(dir, args);
+    let ours = tool_in(Some(dir), args);
+    assert_eq!(ours.status.code(), qemu.status.code(), "{args:?}");
+    assert_eq!(
+        stderr(&ours).replace("qcow2-tool:", "qemu-img:"),
+        String::from_utf8_lossy(&qemu.stderr),
+        "{args:?}"
+    );
+    qemu.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn convert_bitmaps_copies_state_granularity_and_bits_as_qemu_img() {
+    let dir = scratch_dir("convert_bitmaps");
+    let src = source(&dir);
+    for extra in [&[][..], &["-c"][..]] {
+        let mut args = vec!["convert", "--bitmaps", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+        let mut o = args.clone();
+        o.extend([src.to_str().unwrap(), ours.to_str().unwrap()]);
+        let mut t = args.clone();
+        t.extend([src.to_str().unwrap(), theirs.to_str().unwrap()]);
+        let out = tool_in(None, &o);
+        assert!(out.status.success(), "{}", stderr(&out));
+        qemu_img_ok(&t);
+        assert_eq!(bitmaps(&ours), bitmaps(&theirs), "{extra:?}");
+        assert_eq!(bitmaps(&ours), bitmaps(&src));
+        for name in ["en", "dis", "small"] {
+            let d = dirty(&ours, name);
+            assert_eq!(d, dirty(&theirs, name), "bitmap {name} {extra:?}");
+            assert_eq!(d, dirty(&src, name), "bitmap {name} {extra:?}");
+        }
+        assert_eq!(qemu_check(&ours).0, 0);
+        qemu_img_ok(&[
+            "compare",
+            "-q",
+            src.to_str().unwrap(),
+            ours.to_str().unwrap(),
+        ]);
+    }
+}
+
+#[test]
+fn convert_bitmaps_refuses_and_skips_as_qemu_img() {
+    let dir = scratch_dir("convert_bitmaps_refusals");
+    source(&dir);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        dir.join("raw.img").to_str().unwrap(),
+        "1M",
+    ]);
+    let cases: &[&[&str]] = &[
+        &[
+            "convert",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "a.qcow2",
+        ],
+        &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "a.img"],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "src.qcow2",
+            "a.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "raw.img",
+            "a.qcow2",
+        ],
+    ];
+    for args in cases {
+        assert_eq!(same_outcome(&dir, args), 1, "{args:?}");
+    }
+    // In-use bitmaps: refused before the output exists, or skipped with a warning each.
+    crash_qemu_io(&dir.join("src.qcow2"));
+    let refused = [
+        "convert",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "none.qcow2",
+    ];
+    assert_eq!(same_outcome(&dir, &refused), 1);
+    assert!(!dir.join("none.qcow2").exists());
+    qemu_img_ok(&[
+        "bitmap",
+        "--add",
+        dir.join("src.qcow2").to_str().unwrap(),
+        "fresh",
+    ]);
+    let skip = [
+        "convert",
+        "--bitmaps",
+        "--skip-broken-bitmaps",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+    ];
+    let qemu = qemu_in(&dir, &[&skip[..], &["theirs.qcow2"]].concat());
+    let ours = tool_in(Some(&dir), &[&skip[..], &["ours.qcow2"]].concat());
+    assert!(
+        qemu.status.success() && ours.status.success(),
+        "{}",
+        stderr(&ours)
+    );
+    assert_eq!(
+        stderr(&ours).replace("qcow2-tool:", "qemu-img:"),
+        String::from_utf8_lossy(&qemu.stderr)
+    );
+    let ours = dir.join("ours.qcow2");
+    assert_eq!(bitmaps(&ours), bitmaps(&dir.join("theirs.qcow2")));
+    assert_eq!(bitmaps(&ours).as_array().map(Vec::len), Some(1));
+    assert_eq!(qemu_check(&ours).0, 0);
+}
