@@ -207,3 +207,80 @@ fn convert_bitmaps_refuses_and_skips_as_qemu_img() {
     assert_eq!(bitmaps(&ours).as_array().map(Vec::len), Some(1));
     assert_eq!(qemu_check(&ours).0, 0);
 }
+
+#[test]
+fn resize_keeps_bitmaps_as_qemu_img() {
+    let dir = scratch_dir("resize_bitmaps");
+    let src = source(&dir);
+    // Growing and shrinking, within one table cluster and across (512-byte granules: 1 GiB
+    // needs four table entries), not on a granule boundary.
+    for size in ["20M", "+1G", "5M", "3000k", "9437696"] {
+        let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+        std::fs::copy(&src, &ours).unwrap();
+        std::fs::copy(&src, &theirs).unwrap();
+        let args = |p: &Path| {
+            vec![
+                "resize".to_string(),
+                "--shrink".into(),
+                p.to_str().unwrap().into(),
+                size.into(),
+            ]
+        };
+        let a = args(&ours);
+        let out = tool_in(None, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{size}: {}", stderr(&out));
+        let a = args(&theirs);
+        qemu_img_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            qemu_info(&ours)["virtual-size"],
+            qemu_info(&theirs)["virtual-size"]
+        );
+        assert_eq!(bitmaps(&ours), bitmaps(&theirs), "{size}");
+        for name in ["en", "dis", "small"] {
+            assert_eq!(
+                dirty(&ours, name),
+                dirty(&theirs, name),
+                "{size}: bitmap {name}"
+            );
+        }
+        assert_eq!(qemu_check(&ours).0, 0, "{size}");
+        // Tracking goes on at the new size, in QEMU too.
+        qemu_io(&["-f", "qcow2", "-c", "write 4M 4k", ours.to_str().unwrap()]);
+        qemu_io(&["-f", "qcow2", "-c", "write 4M 4k", theirs.to_str().unwrap()]);
+        assert_eq!(dirty(&ours, "small"), dirty(&theirs, "small"), "{size}");
+    }
+}
+
+#[test]
+fn resize_and_revert_refuse_as_qemu_img() {
+    let dir = scratch_dir("resize_bitmaps_refusals");
+    let src = source(&dir);
+    let s = src.to_str().unwrap();
+    // A snapshot of another size: QEMU refuses to revert while the image has bitmaps.
+    qemu_img_ok(&["snapshot", "-c", "small", s]);
+    qemu_img_ok(&["resize", "-q", s, "12M"]);
+    let pristine = std::fs::read(&src).unwrap();
+    assert_eq!(
+        same_outcome(&dir, &["snapshot", "-a", "small", "src.qcow2"]),
+        1
+    );
+    std::fs::write(&src, &pristine).unwrap();
+    let before = bitmaps(&src);
+    let out = tool_in(Some(&dir), &["snapshot", "-a", "small", "src.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(bitmaps(&src), before);
+    assert_eq!(qemu_info(&src)["virtual-size"], 12 << 20);
+    // An inconsistent bitmap refuses a resize, growing or shrinking.
+    crash_qemu_io(&src);
+    let crashed = std::fs::read(&src).unwrap();
+    for args in [
+        &["resize", "src.qcow2", "20M"][..],
+        &["resize", "--shrink", "src.qcow2", "5M"][..],
+    ] {
+        assert_eq!(same_outcome(&dir, args), 1, "{args:?}");
+        std::fs::write(&src, &crashed).unwrap();
+        let out = tool_in(Some(&dir), args);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(qemu_info(&src)["virtual-size"], 12 << 20);
+    }
+}

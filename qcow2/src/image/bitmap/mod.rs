@@ -20,6 +20,7 @@
 
 mod durable;
 mod manage;
+mod resize;
 
 use super::{Image, Meta};
 use crate::error::{Error, Result};
@@ -527,19 +528,6 @@ impl Image {
         }
         if durable {
             self.set_durable_bit(m, false)?;
-        }
-        Ok(())
-    }
-
-    /// Refuses a change the bitmaps cannot follow yet.
-    pub(crate) fn refuse_with_bitmaps(&self, m: &Meta, what: &str) -> Result<()> {
-        if m.bitmaps.as_ref().is_some_and(|b| !b.entries.is_empty()) {
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                structure: "bitmaps extension".into(),
-                offset: 0,
-                what: format!("{what} of an image with persistent dirty bitmaps is not supported"),
-            });
         }
         Ok(())
     }
