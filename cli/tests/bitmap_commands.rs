@@ -1,5 +1,5 @@
-//! Images with persistent bitmaps through `convert --bitmaps`, `resize` and `snapshot -a`,
-//! against qemu-img doing the same to a copy: the same exit codes and messages, the same
+//! Images with persistent bitmaps through `convert --bitmaps`, `resize`, `snapshot -a` and
+//! `check`, against qemu-img doing the same to a copy: the same exit codes and messages, the same
 //! `qemu-img info` bitmap lists, the same dirty ranges over NBD, and `qemu-img check` clean.
 
 mod common;
@@ -283,4 +283,88 @@ fn resize_and_revert_refuse_as_qemu_img() {
         assert_eq!(out.status.code(), Some(1));
         assert_eq!(qemu_info(&src)["virtual-size"], 12 << 20);
     }
+}
+
+/// The offset of the bitmaps extension's payload in the header of `path`.
+fn bitmaps_extension(path: &Path) -> usize {
+    let header = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap()) as usize;
+    let mut at = be32(100);
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return at + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// Overwrites bytes of `path` at `at`.
+fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// The table offset of the first bitmap of `path`.
+fn first_table(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let ext = bitmaps_extension(path);
+    let dir = u64::from_be_bytes(bytes[ext + 16..ext + 24].try_into().unwrap()) as usize;
+    u64::from_be_bytes(bytes[dir..dir + 8].try_into().unwrap())
+}
+
+/// `check` with each repair mode, ours and qemu-img's on copies of `image`: the same exit code,
+/// report and messages, and the same bitmaps afterwards.
+fn same_checks(dir: &Path, image: &Path, modes: &[&[&str]]) {
+    for mode in modes {
+        let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+        std::fs::copy(image, &ours).unwrap();
+        std::fs::copy(image, &theirs).unwrap();
+        let args = |file: &'static str| [&["check"], *mode, &[file]].concat();
+        let qemu = qemu_in(dir, &args("theirs.qcow2"));
+        let out = tool_in(Some(dir), &args("ours.qcow2"));
+        assert_eq!(out.status.code(), qemu.status.code(), "{mode:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).replace("ours.qcow2", "theirs.qcow2"),
+            String::from_utf8_lossy(&qemu.stdout),
+            "{mode:?}"
+        );
+        if qemu.status.code() != Some(1) {
+            assert_eq!(bitmaps(&ours), bitmaps(&theirs), "{mode:?}");
+            assert_eq!(qemu_check(&ours).0, qemu_check(&theirs).0, "{mode:?}");
+        }
+    }
+}
+
+const CHECK_MODES: &[&[&str]] = &[&[], &["--output=json"], &["-r", "leaks"], &["-r", "all"]];
+
+#[test]
+fn check_counts_bitmaps_in_use_or_not_as_qemu_img() {
+    let dir = scratch_dir("check_bitmaps");
+    let src = source(&dir);
+    same_checks(&dir, &src, CHECK_MODES);
+    crash_qemu_io(&src);
+    same_checks(&dir, &src, CHECK_MODES);
+    // A table entry with reserved bits: QEMU's check fails, in use or not (not: already at open).
+    let table = first_table(&src);
+    patch(&src, table + 6, &[1]);
+    same_checks(&dir, &src, CHECK_MODES);
+    let src = source(&dir);
+    patch(&src, first_table(&src) + 6, &[1]);
+    same_checks(&dir, &src, CHECK_MODES);
+    let info = tool_in(Some(&dir), &["info", "src.qcow2"]);
+    assert_eq!(info.status.code(), Some(1));
+    assert_eq!(qemu_in(&dir, &["info", "src.qcow2"]).status.code(), Some(1));
+}
+
+#[test]
+fn check_counts_stale_bitmaps_as_leaks_as_qemu_img() {
+    let dir = scratch_dir("check_stale_bitmaps");
+    let src = source(&dir);
+    // A program without bitmap support cleared the autoclear bit: the bitmaps are stale.
+    let header = std::fs::read(&src).unwrap();
+    patch(&src, 95, &[header[95] & !1]);
+    same_checks(&dir, &src, &[&[], &["--output=json"], &["-r", "leaks"]]);
 }
