@@ -17,6 +17,22 @@
 //! shared with snapshots), and a directory rewrite changes only flag bits, so a torn write
 //! leaves either the old or the new flags; a power cut at any point leaves at worst `in_use`
 //! set and leaked clusters. The autoclear bit stays set: the bitmaps are understood here.
+//!
+//! As in QEMU: every consistent bitmap's table is read and validated at open; a resize keeps
+//! every bitmap (the grown area clean, bits past a shrunk end dropped) and an inconsistent
+//! bitmap refuses it (`resize`); reverting to a snapshot of another size is refused while the
+//! image has bitmaps; `check` counts the clusters of every bitmap, in use or not.
+//!
+//! Where this engine differs from QEMU, on purpose:
+//! - `in_use` is set at the first change after open, not at open: a read-write open that changes
+//!   nothing leaves the bitmaps as they were;
+//! - while this engine's autoclear bit is set, bits reach the disk before the data they cover
+//!   (`durable`), so after a power cut our next read-write open gives the bitmaps back
+//!   consistent (QEMU leaves them `in_use` for good); that includes a resize cut short;
+//! - reverting to a snapshot of the same size is allowed and marks the whole disk in every
+//!   enabled bitmap (QEMU refuses any revert while the image has bitmaps);
+//! - a stale bitmaps extension (the autoclear bit cleared by a program without bitmap support)
+//!   is ignored without QEMU's warning at open; `check` counts its clusters as leaks in both.
 
 mod durable;
 mod manage;
@@ -120,7 +136,7 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         .map_err(|e| Error::from_format(name, e))?;
     for e in &entries {
         let bytes = e.table_size as u64 * 8;
-        if e.table_offset + bytes > m.file_len {
+        if e.table_offset.checked_add(bytes).is_none_or(|end| end > m.file_len) {
             return Err(Error::corrupt(
                 name,
                 format!("table of bitmap '{}'", e.name),
