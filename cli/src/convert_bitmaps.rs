@@ -1,7 +1,8 @@
 //! `convert --bitmaps [--skip-broken-bitmaps]`: copies the source's persistent bitmaps into the
 //! new qcow2 image once its data is written (so the copy itself marks nothing), with qemu-img's
 //! refusals and warnings. Inconsistent bitmaps stop the conversion before anything is created,
-//! unless they are skipped.
+//! unless they are skipped; so does an output that cannot hold bitmaps (raw, v2), which
+//! qemu-img refuses only after creating it.
 
 use std::path::Path;
 

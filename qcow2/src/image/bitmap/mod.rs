@@ -136,7 +136,10 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         .map_err(|e| Error::from_format(name, e))?;
     for e in &entries {
         let bytes = e.table_size as u64 * 8;
-        if e.table_offset.checked_add(bytes).is_none_or(|end| end > m.file_len) {
+        if e.table_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > m.file_len)
+        {
             return Err(Error::corrupt(
                 name,
                 format!("table of bitmap '{}'", e.name),
