@@ -4,31 +4,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use common::{stderr, tool_in};
-use qcow2_testdata::{qemu_check, qemu_img, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
-
-fn bitmaps(path: &Path) -> serde_json::Value {
-    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
-}
-
-fn dirty(path: &Path, name: &str) -> String {
-    let out = Command::new("nbdinfo")
-        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-        .arg(path)
-        .arg("]")
-        .output()
-        .expect("nbdinfo (libnbd-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{bitmaps, stderr, tool_in};
+use qcow2_testdata::{
+    qemu_check, qemu_dirty_map as dirty, qemu_img, qemu_img_ok, qemu_io, scratch_dir,
+};
 
 #[test]
 fn bitmap_operations_match_qemu_img() {

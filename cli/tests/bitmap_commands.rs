@@ -5,39 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{stderr, tool_in};
-use qcow2_testdata::{qemu_check, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
-
-fn bitmaps(path: &Path) -> serde_json::Value {
-    qemu_info(path)["format-specific"]["data"]["bitmaps"].clone()
-}
-
-/// The dirty map QEMU exports for bitmap `name`, as nbdinfo prints it.
-fn dirty(path: &Path, name: &str) -> String {
-    let out = Command::new("nbdinfo")
-        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-        .arg(path)
-        .arg("]")
-        .output()
-        .expect("nbdinfo (libnbd-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
+use common::{bitmaps, qemu_in, stderr, tool_in};
+use qcow2_testdata::{
+    qemu_check, qemu_dirty_map as dirty, qemu_img_ok, qemu_info, qemu_io, scratch_dir,
+};
 
 /// A 10 MiB image with an enabled, a disabled and a 512-byte-granularity bitmap, each with
 /// dirty granules (the disabled one from before it was disabled).

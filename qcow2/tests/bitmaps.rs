@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use qcow2::{Image, OpenOptions};
 use qcow2_testdata::{qemu_check, qemu_img_ok, qemu_info, qemu_io, scratch_dir};
@@ -55,19 +54,7 @@ impl Expect {
 
 /// The dirty ranges QEMU itself exports for bitmap `name` of `image`.
 fn qemu_dirty_ranges(image: &Path, name: &str) -> Vec<(u64, u64)> {
-    let out = Command::new("nbdinfo")
-        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-        .arg(image)
-        .arg("]")
-        .output()
-        .expect("nbdinfo (libnbd-bin) must be installed");
-    assert!(
-        out.status.success(),
-        "nbdinfo on {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    qcow2_testdata::qemu_dirty_map(image, name)
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();

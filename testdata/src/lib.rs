@@ -325,6 +325,24 @@ pub fn qemu_map(path: &Path) -> serde_json::Value {
     qemu_json_status(Some(&image_dir(path)), &args).1
 }
 
+/// The dirty map QEMU exports for bitmap `name` of a qcow2 image (`qemu-nbd -B`), as
+/// `nbdinfo --map` prints it: `start length value description` lines.
+pub fn qemu_dirty_map(path: &Path, name: &str) -> String {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(path)
+        .arg("]")
+        .output()
+        .expect("nbdinfo (libnbd-bin) must be installed");
+    assert!(
+        out.status.success(),
+        "nbdinfo on {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn unique_tmp(prefix: &str) -> PathBuf {

@@ -477,6 +477,18 @@ impl Image {
         Ok(())
     }
 
+    /// Writes one cluster of bits (zero padded) to a fresh cluster and returns its offset. The
+    /// caller makes the refcount durable before a table names the cluster.
+    fn write_new_data_cluster(&self, m: &mut Meta, chunk: &[u8]) -> Result<u64> {
+        let cs = m.header.cluster_size();
+        let off = self.alloc(m, 1)?;
+        self.guard(m, off, cs, None)?;
+        let mut buf = chunk.to_vec();
+        buf.resize(cs as usize, 0);
+        self.host().write(&buf, off, "bitmap data cluster")?;
+        Ok(off)
+    }
+
     /// Writes a directory whose entries differ from the one on disk in flags only.
     fn write_directory_in_place(&self, m: &Meta, entries: &[BitmapEntry]) -> Result<()> {
         let Some(b) = &m.bitmaps else {
@@ -526,14 +538,7 @@ impl Image {
                     }
                     _ if all(0) => TableEntry::Zeros,
                     _ if all(0xFF) && chunk.len() == cs as usize => TableEntry::Ones,
-                    _ => {
-                        let off = self.alloc(m, 1)?;
-                        self.guard(m, off, cs, None)?;
-                        let mut buf = chunk.to_vec();
-                        buf.resize(cs as usize, 0);
-                        self.host().write(&buf, off, "bitmap data cluster")?;
-                        TableEntry::Data(off)
-                    }
+                    _ => TableEntry::Data(self.write_new_data_cluster(m, chunk)?),
                 };
                 if new != t.table[k] {
                     t.table[k] = new;

@@ -97,12 +97,7 @@ impl Image {
                 } else if chunk.len() == cs as usize && chunk.iter().all(|&x| x == 0xFF) {
                     TableEntry::Ones
                 } else {
-                    let at = self.alloc(m, 1)?;
-                    self.guard(m, at, cs, None)?;
-                    let mut buf = chunk.to_vec();
-                    buf.resize(cs as usize, 0);
-                    self.host().write(&buf, at, "bitmap data cluster")?;
-                    TableEntry::Data(at)
+                    TableEntry::Data(self.write_new_data_cluster(m, chunk)?)
                 };
                 table.push(entry.encode());
             }
