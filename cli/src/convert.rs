@@ -53,6 +53,12 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2).
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps instead of failing.
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     src: PathBuf,
     dst: PathBuf,
 }
@@ -146,6 +152,17 @@ pub fn run(args: Args) -> CmdResult {
         (None, None) => None,
     };
     let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
+    let version = qcow2_opts.as_ref().and_then(|o| match o.compat.as_deref() {
+        Some("0.10") | Some("v2") => Some(2),
+        _ => None,
+    });
+    let bitmaps = crate::convert_bitmaps::plan(
+        args.bitmaps,
+        args.skip_broken_bitmaps,
+        &args.output_format,
+        version,
+        &input,
+    )?;
     // The output may not be any file the input reads, under whatever name.
     let inputs = input.files();
     // The output options are checked against the source size before anything is written.
@@ -163,7 +180,7 @@ pub fn run(args: Args) -> CmdResult {
                 }),
         }
     };
-    match (&input, selector) {
+    let code = match (&input, selector) {
         (_, None) => copy(input.guest(), &args, output(input.guest())?, &inputs),
         (Input::Qcow2(image), Some(selector)) => {
             let id = snapshot_id(image, &selector).map_err(fail)?;
@@ -175,7 +192,11 @@ pub fn run(args: Args) -> CmdResult {
         (Input::Raw(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
         )),
+    }?;
+    if let Some(names) = bitmaps {
+        crate::convert_bitmaps::copy(&input, &names, &args.dst)?;
     }
+    Ok(code)
 }
 
 fn copy(guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]) -> CmdResult {

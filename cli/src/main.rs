@@ -11,6 +11,7 @@ mod check;
 mod commit;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod create;
 mod info;
 mod io;

@@ -98,9 +98,11 @@ pub fn run(args: Args) -> CmdResult {
             if total % 512 != 0 {
                 return Err(fail("The new size must be a multiple of 512".into()));
             }
-            image
-                .resize(total, args.shrink)
-                .map_err(|e| fail(e.to_string()))?;
+            image.resize(total, args.shrink).map_err(|e| match e {
+                // The library's invalid-argument text is QEMU's wording.
+                qcow2::Error::InvalidArgument { reason, .. } => fail(reason),
+                e => fail(e.to_string()),
+            })?;
             image.close().map_err(|e| fail(e.to_string()))?;
             resized()
         }

@@ -65,9 +65,14 @@ pub fn run(args: Args) -> CmdResult {
     if let Some(name) = &args.apply {
         let image =
             open_image(&args.file, &OpenOptions::read_write()).map_err(|m| Failure::new(1, m))?;
-        image
-            .apply_snapshot(name)
-            .map_err(|e| Failure::new(1, format!("Could not apply snapshot '{name}': {e}")))?;
+        image.apply_snapshot(name).map_err(|e| {
+            // The library's invalid-argument text is QEMU's wording.
+            let text = match e {
+                qcow2::Error::InvalidArgument { reason, .. } => reason,
+                e => e.to_string(),
+            };
+            Failure::new(1, format!("Could not apply snapshot '{name}': {text}"))
+        })?;
         image.close().map_err(|e| Failure::new(1, e.to_string()))?;
         return Ok(0);
     }

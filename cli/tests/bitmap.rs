@@ -4,21 +4,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use common::{stderr, tool_in};
+use common::{bitmaps, stderr, tool_in};
 use qcow2_testdata::{
-    qemu_bitmaps, qemu_check, qemu_dirty_map, qemu_img, qemu_img_ok, qemu_io, scratch_dir,
+    qemu_check, qemu_dirty_map as dirty, qemu_img, qemu_img_ok, qemu_io, scratch_dir,
 };
-
-fn bitmaps(path: &Path) -> serde_json::Value {
-    qemu_bitmaps(path)
-}
-
-fn dirty(path: &Path, name: &str) -> String {
-    qemu_dirty_map(path, name)
-}
 
 #[test]
 fn bitmap_operations_match_qemu_img() {

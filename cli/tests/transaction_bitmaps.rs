@@ -6,19 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{code, stderr, tool_in};
-use qcow2_testdata::{qemu_bitmaps, qemu_check, qemu_dirty_map, qemu_img_ok, qemu_io, scratch_dir};
+use common::{bitmaps, code, stderr, tool_in};
+use qcow2_testdata::{qemu_check, qemu_dirty_map as dirty, qemu_img_ok, qemu_io, scratch_dir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn bitmaps(path: &Path) -> serde_json::Value {
-    qemu_bitmaps(path)
-}
-
-fn dirty(path: &Path, name: &str) -> String {
-    qemu_dirty_map(path, name)
 }
 
 /// A 64 MiB image made by qemu-img with an enabled bitmap `b0` that marks two writes.

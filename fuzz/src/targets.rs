@@ -1429,12 +1429,11 @@ impl OpsRun {
                             .backing
                             .as_ref()
                             .is_some_and(|b| b.len() as u64 > size));
-                // An engine may refuse to resize bitmaps; one that resizes them keeps their bits
-                // and leaves the new area clean, as QEMU does.
-                let bitmap = self.bitmap.is_some() && new_size != size;
+                // Bitmaps keep their bits and the new area is clean, as in QEMU.
+                // A disk of size 0 holds no bitmap.
+                let refusable = refusable || (self.bitmap.is_some() && new_size == 0);
                 if self.outcome(result, &what, |e| {
                     refusable && matches!(e, Error::InvalidArgument { .. })
-                        || bitmap && matches!(e, Error::Unsupported { .. })
                 }) {
                     self.model_resize(new_size);
                     if let Some(b) = &mut self.bitmap {

@@ -301,23 +301,48 @@ fn a_crash_leaves_bitmaps_in_use_for_qemu_and_complete_for_us() {
 }
 
 #[test]
-fn changes_the_bitmaps_cannot_follow_are_refused_and_change_nothing() {
-    let dir = scratch_dir("bitmaps_refuse");
+fn resize_keeps_the_bits_tracked_in_the_same_session() {
+    let dir = scratch_dir("bitmaps_resize_session");
     let path = dir.join("d.qcow2");
     let p = path.to_str().unwrap();
     qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "8M"]);
     qemu_img_ok(&["bitmap", "--add", p, "b0"]);
-    let before = std::fs::read(&path).unwrap();
-    {
-        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
-        let err = image.resize(16 << 20, false).unwrap_err();
-        assert!(
-            err.to_string().contains("persistent dirty bitmaps"),
-            "{err}"
-        );
-        image.close().unwrap();
+    qemu_img_ok(&["bitmap", "--add", "-g", "512", p, "b1"]);
+    let mut expect = [Expect::new("b0", 65536, true), Expect::new("b1", 512, true)];
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let write = |image: &Image, expect: &mut [Expect], offset: u64, len: u64| {
+        image.write_at(&vec![0x33; len as usize], offset).unwrap();
+        for e in expect.iter_mut() {
+            e.note(offset, len);
+        }
+    };
+    write(&image, &mut expect, 100_000, 3000);
+    write(&image, &mut expect, 7 << 20, 5000);
+    // Shrinking to a size inside a granule keeps that granule's bit and drops the rest.
+    let shrunk = (3 << 20) + 512;
+    image.resize(shrunk, true).unwrap();
+    for e in expect.iter_mut() {
+        e.dirty.retain(|&g| g * e.granularity < shrunk);
     }
-    assert_eq!(std::fs::read(&path).unwrap(), before);
+    write(&image, &mut expect, 2 << 20, 512);
+    image.resize(20 << 20, false).unwrap();
+    write(&image, &mut expect, 19 << 20, 70_000);
+    image.close().unwrap();
+    assert_eq!(qemu_check(&path).0, 0);
+    let listed = qemu_bitmaps(&path);
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|(_, flags)| flags == &["auto"]),
+        "{listed:?}"
+    );
+    for e in &expect {
+        assert_eq!(
+            qemu_dirty_ranges(&path, &e.name),
+            e.ranges(20 << 20),
+            "{}",
+            e.name
+        );
+    }
 }
 
 /// Bytes of the first directory entry, for the hostile cases.

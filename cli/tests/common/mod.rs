@@ -68,3 +68,8 @@ pub fn fmt(f: &qcow2_testdata::Fixture) -> &'static str {
         "raw"
     }
 }
+
+/// `qemu-img info`'s bitmap list of `path`.
+pub fn bitmaps(path: &Path) -> serde_json::Value {
+    qcow2_testdata::qemu_bitmaps(path)
+}

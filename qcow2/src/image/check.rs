@@ -439,6 +439,7 @@ impl Image {
         report: &mut CheckReport,
         refs: &mut References<'_>,
     ) -> Result<()> {
+        use crate::format::bitmap::TableEntry;
         use crate::format::features::Autoclear;
         let h = &m.header;
         let Some(ext) = h.extensions.bitmaps else {
@@ -471,9 +472,14 @@ impl Image {
             refs.add(report, table_offset, table_size * 8);
             if table_size <= 0x800_0000 && table_offset % cs == 0 {
                 if let Ok(table) = self.read_table(table_offset, table_size, "bitmap table") {
-                    for e in table {
-                        let data = e & 0x00FF_FFFF_FFFF_FE00;
-                        if data != 0 {
+                    for (i, e) in table.into_iter().enumerate() {
+                        // An invalid entry, even of a bitmap in use, fails the whole check
+                        // (QEMU: "Check failed: Invalid argument").
+                        let at = table_offset + i as u64 * 8;
+                        let entry = TableEntry::decode(e, cs, at).map_err(|err| {
+                            Error::corrupt(&self.name, "bitmap table", at, err.reason().to_string())
+                        })?;
+                        if let TableEntry::Data(data) = entry {
                             refs.add(report, data, cs);
                         }
                     }

@@ -19,7 +19,7 @@ impl Image {
         }
         let old_size = self.size();
         if new_size != old_size {
-            self.refuse_with_bitmaps(&self.meta(), "resizing")?;
+            self.bitmaps_resizable(&self.meta(), new_size)?;
         }
         if new_size >= old_size {
             let mut m = self.meta_mut();
@@ -108,12 +108,20 @@ impl Image {
         self.flush_all(&mut m)
     }
 
-    /// Writes the new virtual size into the header (a synced 8-byte write).
+    /// Writes the new virtual size into the header (a synced 8-byte write); bitmaps follow the
+    /// size (`bitmap::resize`).
     fn publish_size(&self, m: &mut Meta, new_size: u64) -> Result<()> {
         self.flush_all(m)?;
+        let changed = new_size != m.header.size;
+        if changed {
+            self.bitmaps_before_resize(m)?;
+        }
         self.host()
             .write_sync(&new_size.to_be_bytes(), 24, "header size")?;
         m.header.size = new_size;
+        if changed {
+            self.bitmaps_after_resize(m)?;
+        }
         Ok(())
     }
 

@@ -472,8 +472,9 @@ impl Image {
                     let mut l1 = self.snapshot_l1(m, &entry)?;
                     let refs = self.layer_refs(m, &l1, entry.l1_table_offset)?;
                     size = entry.disk_size().unwrap_or(m.header.size);
-                    if size != m.header.size {
-                        self.refuse_with_bitmaps(m, "reverting to a snapshot of another size")?;
+                    if size != m.header.size && m.bitmaps.is_some() {
+                        // QEMU's refusal: the bitmaps would describe another disk.
+                        return Err(self.refused("Device has active dirty bitmaps".into()));
                     }
                     // Every guest byte may change: enabled bitmaps mark the whole disk.
                     self.bitmaps_mark(m, 0, m.header.size)?;

@@ -126,7 +126,10 @@ impl Image {
             return Ok(());
         }
         if let Some(b) = m.bitmaps.as_ref() {
-            if b.entries.iter().any(|e| e.in_use()) {
+            if b.entries.iter().any(|e| e.in_use()) && Self::bitmap_tables_mismatch(m) {
+                // A resize cut short: the tables are saved again for the disk's size.
+                self.resave_bitmaps_for_size(m)?;
+            } else if b.entries.iter().any(|e| e.in_use()) {
                 let mut entries = b.entries.clone();
                 for e in &mut entries {
                     e.flags &= !FLAG_IN_USE;

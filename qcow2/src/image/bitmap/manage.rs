@@ -219,7 +219,7 @@ impl Image {
     /// Publishes `entries` as the new directory: written to fresh clusters, made durable, then
     /// switched in by the crash-safe header rewrite; the old directory and the clusters of
     /// `removed` bitmaps are freed after the switch.
-    fn switch_directory(
+    pub(super) fn switch_directory(
         &self,
         m: &mut Meta,
         entries: Vec<BitmapEntry>,

@@ -17,9 +17,26 @@
 //! shared with snapshots), and a directory rewrite changes only flag bits, so a torn write
 //! leaves either the old or the new flags; a power cut at any point leaves at worst `in_use`
 //! set and leaked clusters. The autoclear bit stays set: the bitmaps are understood here.
+//!
+//! As in QEMU: every consistent bitmap's table is read and validated at open; a resize keeps
+//! every bitmap (the grown area clean, bits past a shrunk end dropped) and an inconsistent
+//! bitmap refuses it (`resize`); reverting to a snapshot of another size is refused while the
+//! image has bitmaps; `check` counts the clusters of every bitmap, in use or not.
+//!
+//! Where this engine differs from QEMU, on purpose:
+//! - `in_use` is set at the first change after open, not at open: a read-write open that changes
+//!   nothing leaves the bitmaps as they were;
+//! - while this engine's autoclear bit is set, bits reach the disk before the data they cover
+//!   (`durable`), so after a power cut our next read-write open gives the bitmaps back
+//!   consistent (QEMU leaves them `in_use` for good); that includes a resize cut short;
+//! - reverting to a snapshot of the same size is allowed and marks the whole disk in every
+//!   enabled bitmap (QEMU refuses any revert while the image has bitmaps);
+//! - a stale bitmaps extension (the autoclear bit cleared by a program without bitmap support)
+//!   is ignored without QEMU's warning at open; `check` counts its clusters as leaks in both.
 
 mod durable;
 mod manage;
+mod resize;
 
 use super::{Image, Meta};
 use crate::error::{Error, Result};
@@ -119,13 +136,19 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         .map_err(|e| Error::from_format(name, e))?;
     for e in &entries {
         let bytes = e.table_size as u64 * 8;
-        if e.table_offset + bytes > m.file_len {
+        if e.table_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > m.file_len)
+        {
             return Err(Error::corrupt(
                 name,
                 format!("table of bitmap '{}'", e.name),
                 e.table_offset,
                 format!("{bytes} bytes run past the end of the file"),
             ));
+        }
+        if !e.in_use() {
+            check_table(storage, name, e, cs)?;
         }
     }
     Ok(Some(Bitmaps {
@@ -137,6 +160,29 @@ pub(crate) fn load(storage: &dyn Storage, name: &str, m: &Meta) -> Result<Option
         unsynced: false,
         pending: Vec::new(),
     }))
+}
+
+/// Refuses a consistent bitmap whose table holds an invalid entry, as QEMU's open does (it loads
+/// every consistent bitmap). The table lies inside the file (checked by the caller).
+fn check_table(storage: &dyn Storage, name: &str, e: &BitmapEntry, cs: u64) -> Result<()> {
+    let mut raw = vec![0u8; e.table_size as usize * 8];
+    storage
+        .read_exact_at(&mut raw, e.table_offset)
+        .map_err(|err| Error::io(name, "reading a bitmap table", err))?;
+    for (i, chunk) in raw.chunks_exact(8).enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let at = e.table_offset + i as u64 * 8;
+        TableEntry::decode(u64::from_be_bytes(word), cs, at).map_err(|err| {
+            Error::corrupt(
+                name,
+                format!("table of bitmap '{}'", e.name),
+                at,
+                err.reason().to_string(),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The bytes of a bitmap of `bytes` bytes that hold the bits of `[offset, offset + len)`.
@@ -431,6 +477,18 @@ impl Image {
         Ok(())
     }
 
+    /// Writes one cluster of bits (zero padded) to a fresh cluster and returns its offset. The
+    /// caller makes the refcount durable before a table names the cluster.
+    fn write_new_data_cluster(&self, m: &mut Meta, chunk: &[u8]) -> Result<u64> {
+        let cs = m.header.cluster_size();
+        let off = self.alloc(m, 1)?;
+        self.guard(m, off, cs, None)?;
+        let mut buf = chunk.to_vec();
+        buf.resize(cs as usize, 0);
+        self.host().write(&buf, off, "bitmap data cluster")?;
+        Ok(off)
+    }
+
     /// Writes a directory whose entries differ from the one on disk in flags only.
     fn write_directory_in_place(&self, m: &Meta, entries: &[BitmapEntry]) -> Result<()> {
         let Some(b) = &m.bitmaps else {
@@ -480,14 +538,7 @@ impl Image {
                     }
                     _ if all(0) => TableEntry::Zeros,
                     _ if all(0xFF) && chunk.len() == cs as usize => TableEntry::Ones,
-                    _ => {
-                        let off = self.alloc(m, 1)?;
-                        self.guard(m, off, cs, None)?;
-                        let mut buf = chunk.to_vec();
-                        buf.resize(cs as usize, 0);
-                        self.host().write(&buf, off, "bitmap data cluster")?;
-                        TableEntry::Data(off)
-                    }
+                    _ => TableEntry::Data(self.write_new_data_cluster(m, chunk)?),
                 };
                 if new != t.table[k] {
                     t.table[k] = new;
@@ -527,19 +578,6 @@ impl Image {
         }
         if durable {
             self.set_durable_bit(m, false)?;
-        }
-        Ok(())
-    }
-
-    /// Refuses a change the bitmaps cannot follow yet.
-    pub(crate) fn refuse_with_bitmaps(&self, m: &Meta, what: &str) -> Result<()> {
-        if m.bitmaps.as_ref().is_some_and(|b| !b.entries.is_empty()) {
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                structure: "bitmaps extension".into(),
-                offset: 0,
-                what: format!("{what} of an image with persistent dirty bitmaps is not supported"),
-            });
         }
         Ok(())
     }
