@@ -17,6 +17,7 @@ mod output;
 mod progress;
 mod rebase;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 mod source;
@@ -65,6 +66,8 @@ enum Command {
     Io(io::Args),
     /// Time a read or write workload, as qemu-img bench.
     Bench(bench::Args),
+    /// Export images over NBD, as qemu-nbd.
+    Serve(serve::Args),
 }
 
 fn main() {
@@ -98,6 +101,7 @@ fn main() {
         Command::Recover(args) => transaction::recover(args),
         Command::Io(args) => io::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     let code = match result {
         Ok(code) => code,

@@ -1,0 +1,201 @@
+//! `serve`: exports images over NBD with qemu-nbd's option spelling (`-k`, `-b`, `-p`, `-x`,
+//! `-r`, `-f`, `-t`, `-e`, `-A`, `-D`, `--pid-file`), several at once as `NAME=PATH`. A thin
+//! shell over the `qcow2-nbd` library: it opens the images, listens, and on SIGINT/SIGTERM/
+//! SIGHUP (or, without `-t`, when the last client leaves) stops the server, flushes and closes
+//! every image, and removes the socket and the pid file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+use qcow2::{Image, OpenOptions};
+use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
+
+use crate::source::{open_image, CmdResult, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Listen on this unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on (loopback unless given).
+    #[arg(
+        short = 'b',
+        long = "bind",
+        value_name = "ADDR",
+        default_value = "127.0.0.1"
+    )]
+    bind: String,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    port: u16,
+    /// Export name of a single image (default "").
+    #[arg(short = 'x', long = "export-name", value_name = "NAME")]
+    export_name: Option<String>,
+    /// Export description (INFO_DESCRIPTION and LIST).
+    #[arg(short = 'D', long = "description", value_name = "TEXT")]
+    description: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Image format; only qcow2.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Clients served at once (0 = unlimited); any value but 1 advertises multi-conn.
+    #[arg(short = 'e', long = "shared", default_value_t = 1, value_name = "NUM")]
+    shared: usize,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Export a dirty bitmap (not supported yet).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmap: Vec<String>,
+    /// What TRIM and hole-punching zero writes do: `unmap` frees clusters, `ignore` keeps them.
+    #[arg(long = "discard", default_value = "unmap", value_name = "MODE")]
+    discard: String,
+    /// Write the process id here once the server listens (removed on exit).
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Worker threads per connection (0: one request at a time).
+    #[arg(long = "workers", default_value_t = 4)]
+    workers: usize,
+    /// `PATH`, or `NAME=PATH` for each of several exports.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<String>,
+}
+
+/// Splits the positional arguments into (export name, path) pairs.
+fn exports_of(args: &Args) -> Result<Vec<(String, PathBuf)>, String> {
+    if args.images.len() == 1 {
+        let arg = &args.images[0];
+        if let Some(name) = &args.export_name {
+            return Ok(vec![(name.clone(), PathBuf::from(arg))]);
+        }
+        return Ok(vec![match arg.split_once('=') {
+            Some((name, path)) if !Path::new(arg).exists() => (name.to_string(), path.into()),
+            _ => (String::new(), PathBuf::from(arg)),
+        }]);
+    }
+    if args.export_name.is_some() {
+        return Err("-x names a single export; give several images as NAME=PATH".into());
+    }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for arg in &args.images {
+        let Some((name, path)) = arg.split_once('=') else {
+            return Err(format!(
+                "'{arg}': several images must be given as NAME=PATH"
+            ));
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("export name '{name}' is given twice"));
+        }
+        out.push((name.to_string(), path.into()));
+    }
+    Ok(out)
+}
+
+/// Writes the pid file whole (via a rename), so a reader never sees a partial one.
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let fail = |m: String| Failure::new(1, m);
+    if let Some(f) = &args.format {
+        if f != "qcow2" {
+            return Err(fail(format!(
+                "serve: format '{f}' is not supported (qcow2 only)"
+            )));
+        }
+    }
+    if !args.bitmap.is_empty() {
+        return Err(fail(
+            "serve: exporting dirty bitmaps (-B) is not supported yet".into(),
+        ));
+    }
+    let unmap = match args.discard.as_str() {
+        "unmap" | "on" => true,
+        "ignore" | "off" => false,
+        other => return Err(fail(format!("Invalid discard mode '{other}'"))),
+    };
+    let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
+    // Block the stop signals before any thread exists, so every thread inherits the mask and
+    // the one thread waiting in sigwait receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| fail(format!("serve: blocking signals: {e}")))?;
+    let options = OpenOptions {
+        writable: !args.read_only,
+        ..OpenOptions::default()
+    };
+    let mut exports = Vec::new();
+    for (name, path) in &list {
+        let image = open_image(path, &options).map_err(fail)?;
+        exports.push(Export {
+            name: name.clone(),
+            description: args.description.clone(),
+            image: Arc::new(image),
+            read_only: args.read_only,
+            allocation_depth: args.allocation_depth,
+            unmap,
+        });
+    }
+    let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();
+    let listener = match &args.socket {
+        Some(path) => Listener::unix(path),
+        None => Listener::tcp((args.bind.as_str(), args.port)),
+    }
+    .map_err(|e| fail(format!("Failed to listen: {e}")))?;
+    let server = Server::new(
+        exports,
+        ServerOptions {
+            max_connections: args.shared,
+            persistent: args.persistent,
+            connection: ConnectionOptions {
+                workers: args.workers,
+            },
+            ..ServerOptions::default()
+        },
+    );
+    let handle = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                handle.shutdown();
+            }
+        })
+        .map_err(|e| fail(format!("serve: {e}")))?;
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p).map_err(|e| fail(format!("Failed to write pid file: {e}")))?;
+    }
+    let served = server.run(listener);
+    drop(server);
+    let mut failure = served.err().map(|e| format!("serve: {e}"));
+    for image in images {
+        let closed = match Arc::try_unwrap(image) {
+            Ok(image) => image.close(),
+            // Unreachable once `run` has joined every connection; flush at least.
+            Err(shared) => shared.flush(),
+        };
+        if let Err(e) = closed {
+            failure.get_or_insert(format!("serve: closing the image: {e}"));
+        }
+    }
+    if let Some(p) = &args.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    match failure {
+        Some(m) => Err(fail(m)),
+        None => Ok(0),
+    }
+}
