@@ -207,8 +207,16 @@ fn read_loop<'scope, 'env, R: Read, W: Write + Send>(
         }
         let mut payload = Vec::new();
         if payload_len > 0 {
-            payload.resize(payload_len as usize, 0);
-            reader.read_exact(&mut payload)?;
+            // Grow with what arrives, so a client that announces 32 MiB and sends nothing
+            // costs nothing.
+            payload.reserve(payload_len.min(READ_BUFFER as u64) as usize);
+            reader
+                .by_ref()
+                .take(payload_len)
+                .read_to_end(&mut payload)?;
+            if payload.len() as u64 != payload_len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
         if req.kind == CMD_DISC {
             // Outstanding requests finish (the scope joins the workers); nothing more is read.
