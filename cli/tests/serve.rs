@@ -391,6 +391,8 @@ fn fio_random_writes_verify_with_four_clients() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would leave its verify state files in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
         ],
     );

@@ -11,8 +11,11 @@ use qcow2::{CreateOptions, Image, MemoryStorage};
 use qcow2_nbd::wire::*;
 use qcow2_nbd::{serve_stream, ConnectionOptions, Export, ServerOptions};
 
+/// A target's entry point.
+pub type Target = fn(&[u8]);
+
 /// The targets of this file, by name.
-pub const NBD_TARGETS: &[(&str, fn(&[u8]))] = &[("nbd_server", nbd_server), ("nbd_wire", nbd_wire)];
+pub const NBD_TARGETS: &[(&str, Target)] = &[("nbd_server", nbd_server), ("nbd_wire", nbd_wire)];
 
 /// Virtual size of the fuzzed export: small, so every request range is cheap.
 const SIZE: u64 = 1 << 20;
