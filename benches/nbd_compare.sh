@@ -93,7 +93,9 @@ fio_one() {
         --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json)
     value=$(python3 -c '
 import json, sys
-j = json.loads(sys.stdin.read())["jobs"][0]
+text = sys.stdin.read()
+# fio's nbd engine prints a line before the JSON document.
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 print(round(side["iops"]) if sys.argv[1] == "iops" else round(side["bw_bytes"] / 1e6, 1))
 ' "$3" <<<"$json")
