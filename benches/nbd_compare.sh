@@ -94,7 +94,7 @@ fio_one() {
     value=$(python3 -c '
 import json, sys
 text = sys.stdin.read()
-# fio's nbd engine prints a line before the JSON document.
+# the nbd engine prints a line before the JSON document
 j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 print(round(side["iops"]) if sys.argv[1] == "iops" else round(side["bw_bytes"] / 1e6, 1))

@@ -315,13 +315,20 @@ impl Server {
             }
             let stream = match listener.accept() {
                 Ok(s) => s,
+                Err(e) if out_of_resources(&e) => {
+                    // Out of descriptors or memory: retrying at once would spin; a moment
+                    // lets finishing connections give some back.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
                 Err(e) if transient(&e) => continue,
                 Err(e) => return Err(e),
             };
             if self.stopping() {
                 return Ok(());
             }
-            self.start(stream)?;
+            // A connection that cannot get a thread is dropped; the server goes on.
+            let _ = self.start(stream);
         }
     }
 
@@ -334,9 +341,6 @@ impl Server {
         let mut c = lock(&self.state.conns);
         let id = c.next_id;
         c.next_id += 1;
-        c.active += 1;
-        c.served = true;
-        c.open.insert(id, registry);
         c.threads.retain(|t| !t.is_finished());
         let exports = self.exports.clone();
         let options = self.options.clone();
@@ -355,6 +359,9 @@ impl Server {
                     state.request_stop();
                 }
             })?;
+        c.active += 1;
+        c.served = true;
+        c.open.insert(id, registry);
         c.threads.push(thread);
         Ok(())
     }
@@ -368,7 +375,12 @@ fn transient(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
-    ) || matches!(e.raw_os_error(), Some(23) | Some(24) | Some(105) | Some(12))
+    )
+}
+
+/// ENFILE, EMFILE, ENOBUFS, ENOMEM: the process or system is short of something for a while.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23) | Some(24) | Some(105) | Some(12))
 }
 
 /// Runs one accepted connection: the handshake under the time limit, then transmission.
