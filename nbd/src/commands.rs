@@ -55,22 +55,17 @@ fn engine_failure(e: Error) -> Failure {
 /// The reply to a request: its bytes, ready to send.
 pub struct Reply(pub Vec<u8>);
 
-/// A success reply without payload.
+/// A success reply without payload: a NONE chunk with extended headers (which have no simple
+/// replies), a simple reply otherwise.
 fn ok_reply(mode: Replies, req: &Request) -> Reply {
-    let mut out = Vec::with_capacity(EXTENDED_HEADER_LEN);
     match mode {
-        Replies::Extended => chunk_header(
-            &mut out,
-            mode,
-            REPLY_FLAG_DONE,
-            CHUNK_NONE,
-            req.cookie,
-            req.offset,
-            0,
-        ),
-        _ => simple_reply(&mut out, 0, req.cookie),
+        Replies::Extended => ok_none(mode, req),
+        _ => {
+            let mut out = Vec::with_capacity(SIMPLE_REPLY_LEN);
+            simple_reply(&mut out, 0, req.cookie);
+            Reply(out)
+        }
     }
-    Reply(out)
 }
 
 /// An error reply: an ERROR chunk once structured replies are on, a simple reply otherwise.
@@ -171,8 +166,8 @@ fn trim(export: &Export, req: &Request) -> Result<(), Failure> {
     fua(export, req)
 }
 
-fn cache(export: &Export, req: &Request) -> Result<(), Failure> {
-    flags_ok(req, CMD_FLAG_FUA)?;
+/// Refuses a READ or CACHE longer than the largest payload, with qemu's message.
+fn within_max_len(req: &Request) -> Result<(), Failure> {
     if req.length > MAX_PAYLOAD as u64 {
         return Err(Failure::new(
             EINVAL,
@@ -182,6 +177,12 @@ fn cache(export: &Export, req: &Request) -> Result<(), Failure> {
             ),
         ));
     }
+    Ok(())
+}
+
+fn cache(export: &Export, req: &Request) -> Result<(), Failure> {
+    flags_ok(req, CMD_FLAG_FUA)?;
+    within_max_len(req)?;
     // A prefetch hint: the engine keeps no data cache to warm, so bounds are all there is.
     in_bounds(export, req, req.length, EINVAL)
 }
@@ -239,15 +240,7 @@ fn read(export: &Export, mode: Replies, req: &Request) -> Result<Reply, Failure>
         CMD_FLAG_FUA | CMD_FLAG_DF
     };
     flags_ok(req, allowed)?;
-    if req.length > MAX_PAYLOAD as u64 {
-        return Err(Failure::new(
-            EINVAL,
-            format!(
-                "len ({}) is larger than max len ({MAX_PAYLOAD})",
-                req.length
-            ),
-        ));
-    }
+    within_max_len(req)?;
     in_bounds(export, req, req.length, EINVAL)?;
     // qemu flushes before a READ with FUA.
     fua(export, req)?;
@@ -316,7 +309,7 @@ fn read(export: &Export, mode: Replies, req: &Request) -> Result<Reply, Failure>
     Ok(Reply(out))
 }
 
-/// A NONE chunk with DONE (a zero-length READ in structured mode).
+/// A NONE chunk with DONE (a zero-length READ in structured mode, any success in extended).
 fn ok_none(mode: Replies, req: &Request) -> Reply {
     let mut out = Vec::new();
     chunk_header(

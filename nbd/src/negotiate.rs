@@ -171,48 +171,13 @@ pub fn negotiate<R: Read, W: Write>(
                     }
                 },
             },
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    err(
-                        &mut out,
-                        REP_ERR_INVALID,
-                        "option 'structured reply' has unexpected length",
-                    );
-                } else if mode == Replies::Extended {
-                    err(
-                        &mut out,
-                        REP_ERR_EXT_HEADER_REQD,
-                        "extended headers already negotiated",
-                    );
-                } else if mode == Replies::Structured {
-                    err(
-                        &mut out,
-                        REP_ERR_INVALID,
-                        "structured reply already negotiated",
-                    );
-                } else {
-                    mode = Replies::Structured;
+            OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => match switch_mode(option, &data, mode) {
+                Ok(next) => {
+                    mode = next;
                     err(&mut out, REP_ACK, "");
                 }
-            }
-            OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
-                    err(
-                        &mut out,
-                        REP_ERR_INVALID,
-                        "option 'extended headers' has unexpected length",
-                    );
-                } else if mode == Replies::Extended {
-                    err(
-                        &mut out,
-                        REP_ERR_INVALID,
-                        "extended headers already negotiated",
-                    );
-                } else {
-                    mode = Replies::Extended;
-                    err(&mut out, REP_ACK, "");
-                }
-            }
+                Err((kind, msg)) => err(&mut out, kind, &msg),
+            },
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = option == OPT_SET_META_CONTEXT;
                 if set {
@@ -266,6 +231,31 @@ pub fn negotiate<R: Read, W: Write>(
         }
         w.write_all(&out)?;
         w.flush()?;
+    }
+}
+
+/// STRUCTURED_REPLY or EXTENDED_HEADERS: the reply mode it switches to, or the error reply
+/// qemu sends (no data allowed, each once, and no going back from extended headers).
+fn switch_mode(option: u32, data: &[u8], mode: Replies) -> Result<Replies, (u32, String)> {
+    let (wanted, name) = if option == OPT_EXTENDED_HEADERS {
+        (Replies::Extended, "extended headers")
+    } else {
+        (Replies::Structured, "structured reply")
+    };
+    if !data.is_empty() {
+        Err((
+            REP_ERR_INVALID,
+            format!("option '{name}' has unexpected length"),
+        ))
+    } else if mode == wanted {
+        Err((REP_ERR_INVALID, format!("{name} already negotiated")))
+    } else if mode == Replies::Extended {
+        Err((
+            REP_ERR_EXT_HEADER_REQD,
+            "extended headers already negotiated".into(),
+        ))
+    } else {
+        Ok(wanted)
     }
 }
 

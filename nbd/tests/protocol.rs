@@ -134,6 +134,15 @@ impl Client {
         self.haggle(OPT_SET_META_CONTEXT, &encode_meta_request(name, queries))
     }
 
+    /// Negotiates the reply mode of `mode` (structured or extended).
+    fn reply_mode(&mut self, mode: Replies) {
+        self.ack(if mode == Replies::Extended {
+            OPT_EXTENDED_HEADERS
+        } else {
+            OPT_STRUCTURED_REPLY
+        });
+    }
+
     /// GO; returns (size, flags).
     fn go(&mut self, name: &str) -> (u64, u16) {
         let r = self.haggle(OPT_GO, &encode_info_request(name, &[INFO_BLOCK_SIZE]));
@@ -255,6 +264,15 @@ impl Client {
     }
 }
 
+/// The (id, name) of each META_CONTEXT reply.
+fn contexts_of(replies: &[OptReply]) -> Vec<(u32, Vec<u8>)> {
+    replies
+        .iter()
+        .filter(|r| r.kind == REP_META_CONTEXT)
+        .map(|r| (be32(&r.data), r.data[4..].to_vec()))
+        .collect()
+}
+
 fn connect_structured(exports: Vec<Export>) -> (Client, JoinHandle<()>) {
     let (s, t) = serve(exports, 4);
     let mut c = Client::new(s);
@@ -371,13 +389,8 @@ fn handshake_lists_exports_and_answers_options_as_qemu() {
             "base:allocation",
         ],
     );
-    let ids: Vec<(u32, Vec<u8>)> = r
-        .iter()
-        .filter(|r| r.kind == REP_META_CONTEXT)
-        .map(|r| (be32(&r.data), r.data[4..].to_vec()))
-        .collect();
     assert_eq!(
-        ids,
+        contexts_of(&r),
         vec![
             (1, b"qemu:allocation-depth".to_vec()),
             (0, b"base:allocation".to_vec())
@@ -569,11 +582,7 @@ fn block_status_reports_allocation_and_depth() {
     for mode in [Replies::Structured, Replies::Extended] {
         let (s, t) = serve(exports(), 4);
         let mut c = Client::new(s);
-        c.ack(if mode == Replies::Extended {
-            OPT_EXTENDED_HEADERS
-        } else {
-            OPT_STRUCTURED_REPLY
-        });
+        c.reply_mode(mode);
         // No context selected yet: EINVAL after GO.
         c.set_meta("", &["base:allocation", "qemu:allocation-depth"]);
         let (_, flags) = c.go("");
@@ -639,11 +648,7 @@ fn dirty_bitmap_context_reports_dirty_granules_and_tracks_new_writes() {
     for mode in [Replies::Structured, Replies::Extended] {
         let (s, t) = serve(bitmap_export(), 4);
         let mut c = Client::new(s);
-        c.ack(if mode == Replies::Extended {
-            OPT_EXTENDED_HEADERS
-        } else {
-            OPT_STRUCTURED_REPLY
-        });
+        c.reply_mode(mode);
         // LIST finds the bitmap under its namespace; a namespace selects nothing in SET.
         let r = c.haggle(
             OPT_LIST_META_CONTEXT,
@@ -655,13 +660,8 @@ fn dirty_bitmap_context_reports_dirty_granules_and_tracks_new_writes() {
         let r = c.set_meta("", &["qemu:dirty-bitmap:", "qemu:allocation-depth"]);
         assert_eq!(r.len(), 1, "nothing selected: {r:?}");
         let r = c.set_meta("", &["qemu:dirty-bitmap:b0", "base:allocation"]);
-        let ids: Vec<(u32, Vec<u8>)> = r
-            .iter()
-            .filter(|r| r.kind == REP_META_CONTEXT)
-            .map(|r| (be32(&r.data), r.data[4..].to_vec()))
-            .collect();
         assert_eq!(
-            ids,
+            contexts_of(&r),
             vec![
                 (2, b"qemu:dirty-bitmap:b0".to_vec()),
                 (0, b"base:allocation".to_vec())
@@ -750,10 +750,17 @@ fn pipelined_requests_are_all_answered() {
 fn extended_writes_without_payload_len_are_read_as_qemu_sends_them() {
     let (s, t) = serve(exports(), 4);
     let mut c = Client::new(s);
+    // Each mode once, without data; extended headers may follow structured replies.
+    let kind = |c: &mut Client, option: u32, data: &[u8]| c.haggle(option, data)[0].kind;
+    assert_eq!(kind(&mut c, OPT_STRUCTURED_REPLY, &[1]), REP_ERR_INVALID);
+    c.ack(OPT_STRUCTURED_REPLY);
+    assert_eq!(kind(&mut c, OPT_STRUCTURED_REPLY, &[]), REP_ERR_INVALID);
+    assert_eq!(kind(&mut c, OPT_EXTENDED_HEADERS, &[1]), REP_ERR_INVALID);
     c.ack(OPT_EXTENDED_HEADERS);
+    assert_eq!(kind(&mut c, OPT_EXTENDED_HEADERS, &[]), REP_ERR_INVALID);
     // After extended headers, structured replies are refused as qemu refuses them.
     assert_eq!(
-        c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind,
+        kind(&mut c, OPT_STRUCTURED_REPLY, &[]),
         REP_ERR_EXT_HEADER_REQD
     );
     c.go("");
