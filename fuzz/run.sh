@@ -16,7 +16,7 @@ SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
 if [[ ${#TARGETS[@]} -eq 0 ]]; then
-    TARGETS=(header open_read snapshot_table tables ops transaction journal nbd)
+    TARGETS=(header open_read snapshot_table tables ops transaction journal nbd_server nbd_wire)
 fi
 
 # Largest input per target: open_read takes whole images (the seed images are under 256 KiB);
@@ -32,6 +32,8 @@ max_len() {
         ops) echo 1024 ;;
         transaction) echo 256 ;;
         journal) echo 16384 ;;
+        nbd_server) echo 4096 ;;
+        nbd_wire) echo 512 ;;
         *) echo 65536 ;;
     esac
 }

@@ -1,158 +1,215 @@
-//! `serve`: images as NBD exports, with `qemu-nbd`'s spelling (`-k SOCKET` or `-b ADDR -p PORT`,
-//! `-x NAME`, `-r`, `-t`, `-f`, `-e`, `--pid-file`), several images as `NAME=PATH`. SIGINT and
-//! SIGTERM stop accepting, let connections end, then flush and close every image cleanly and
-//! remove the socket. The server itself is the `qcow2-nbd` library.
+//! `serve`: exports images over NBD with qemu-nbd's option spelling (`-k`, `-b`, `-p`, `-x`,
+//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `--pid-file`), several at once as `NAME=PATH`. A thin
+//! shell over the `qcow2-nbd` library: it opens the images, listens, and on SIGINT/SIGTERM/
+//! SIGHUP (or, without `-t`, when the last client leaves) stops the server, flushes and closes
+//! every image, and removes the socket and the pid file.
 
-use std::net::TcpListener;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
-use qcow2::OpenOptions;
-use qcow2_nbd::{Export, Listener, Server};
+use qcow2::{Image, OpenOptions};
+use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
 
-use crate::source::{format_of, open_image, CmdResult, Failure, Format};
+use crate::source::{open_image, CmdResult, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Serve on this Unix socket.
-    #[arg(short = 'k', long = "socket")]
+    /// Listen on this unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Serve on TCP at this address (loopback by default).
-    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
+    /// TCP address to listen on (loopback unless given).
+    #[arg(
+        short = 'b',
+        long = "bind",
+        value_name = "ADDR",
+        default_value = "127.0.0.1"
+    )]
     bind: String,
-    /// TCP port.
+    /// TCP port to listen on.
     #[arg(short = 'p', long = "port", default_value_t = 10809)]
     port: u16,
-    /// Export name (for a single image given without NAME=).
-    #[arg(short = 'x', long = "export-name", default_value = "")]
-    name: String,
-    /// Export description.
-    #[arg(short = 'D', long = "description")]
+    /// Export name of a single image (default "").
+    #[arg(short = 'x', long = "export-name", value_name = "NAME")]
+    export_name: Option<String>,
+    /// Export description (INFO_DESCRIPTION and LIST).
+    #[arg(short = 'D', long = "description", value_name = "TEXT")]
     description: Option<String>,
-    /// Read-only exports.
+    /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Keep serving after the last client leaves.
+    /// Image format; only qcow2.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Keep serving after the last client disconnects.
     #[arg(short = 't', long = "persistent")]
     persistent: bool,
-    /// Image format (qcow2 only).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Accepted for qemu-nbd compatibility: any number of clients may connect.
-    #[arg(short = 'e', long = "shared")]
-    shared: Option<u32>,
-    /// Offer this persistent bitmap as the context `qemu:dirty-bitmap:NAME` (repeatable).
-    #[arg(short = 'B', long = "bitmap")]
-    bitmaps: Vec<String>,
-    /// Write the process id here once the server listens.
-    #[arg(long = "pid-file")]
+    /// Clients served at once (0 = unlimited); any value but 1 advertises multi-conn.
+    #[arg(short = 'e', long = "shared", default_value_t = 1, value_name = "NUM")]
+    shared: usize,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Offer this persistent bitmap as the context `qemu:dirty-bitmap:NAME` (repeatable; every
+    /// image served must have it).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmap: Vec<String>,
+    /// What TRIM and hole-punching zero writes do: `unmap` frees clusters, `ignore` keeps them.
+    #[arg(long = "discard", default_value = "unmap", value_name = "MODE")]
+    discard: String,
+    /// Write the process id here once the server listens (removed on exit).
+    #[arg(long = "pid-file", value_name = "PATH")]
     pid_file: Option<PathBuf>,
-    /// Images: PATH, or NAME=PATH for several exports.
-    #[arg(required = true)]
+    /// Worker threads per connection (0: one request at a time).
+    #[arg(long = "workers", default_value_t = 4)]
+    workers: usize,
+    /// `PATH`, or `NAME=PATH` for each of several exports.
+    #[arg(required = true, value_name = "IMAGE")]
     images: Vec<String>,
+}
+
+/// Splits the positional arguments into (export name, path) pairs.
+fn exports_of(args: &Args) -> Result<Vec<(String, PathBuf)>, String> {
+    if args.images.len() == 1 {
+        let arg = &args.images[0];
+        if let Some(name) = &args.export_name {
+            return Ok(vec![(name.clone(), PathBuf::from(arg))]);
+        }
+        return Ok(vec![match arg.split_once('=') {
+            Some((name, path)) if !Path::new(arg).exists() => (name.to_string(), path.into()),
+            _ => (String::new(), PathBuf::from(arg)),
+        }]);
+    }
+    if args.export_name.is_some() {
+        return Err("-x names a single export; give several images as NAME=PATH".into());
+    }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for arg in &args.images {
+        let Some((name, path)) = arg.split_once('=') else {
+            return Err(format!(
+                "'{arg}': several images must be given as NAME=PATH"
+            ));
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("export name '{name}' is given twice"));
+        }
+        out.push((name.to_string(), path.into()));
+    }
+    Ok(out)
+}
+
+/// Refuses bitmaps the image lacks or cannot vouch for, with qemu-nbd's messages.
+fn check_bitmaps(image: &Image, names: &[String]) -> Result<(), String> {
+    let present = image.bitmaps();
+    for name in names {
+        match present.iter().find(|b| &b.name == name) {
+            None => return Err(format!("Bitmap '{name}' is not found")),
+            Some(b) if !b.consistent() => {
+                return Err(format!(
+                    "Bitmap '{name}' is inconsistent and cannot be used"
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes the pid file whole (via a rename), so a reader never sees a partial one.
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
 }
 
 pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
-    if args.format.as_deref().is_some_and(|f| f != "qcow2") {
-        return Err(fail("only qcow2 images can be served".into()));
-    }
-    let _ = args.shared;
-    // SIGINT and SIGTERM are taken by a thread of ours (sigwait), blocked everywhere else: every
-    // thread started from here on inherits the mask.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals
-        .thread_block()
-        .map_err(|e| fail(format!("blocking signals: {e}")))?;
-
-    let mut exports = Vec::new();
-    for spec in &args.images {
-        let (name, path) = match spec.split_once('=') {
-            Some((n, p)) if args.images.len() > 1 || !n.is_empty() => (n.to_string(), p),
-            _ => (args.name.clone(), spec.as_str()),
-        };
-        let path = PathBuf::from(path);
-        if format_of(&path, args.format.as_deref()).map_err(fail)? != Format::Qcow2 {
+    if let Some(f) = &args.format {
+        if f != "qcow2" {
             return Err(fail(format!(
-                "{}: only qcow2 images can be served",
-                path.display()
+                "serve: format '{f}' is not supported (qcow2 only)"
             )));
         }
-        let options = if args.read_only {
-            OpenOptions::default()
-        } else {
-            OpenOptions::read_write()
-        };
-        let image = open_image(&path, &options).map_err(fail)?;
-        for b in &args.bitmaps {
-            if !image.bitmaps().iter().any(|i| &i.name == b) {
-                return Err(fail(format!("Bitmap '{b}' is not found")));
-            }
-        }
+    }
+    let unmap = match args.discard.as_str() {
+        "unmap" | "on" => true,
+        "ignore" | "off" => false,
+        other => return Err(fail(format!("Invalid discard mode '{other}'"))),
+    };
+    let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
+    // Block the stop signals before any thread exists, so every thread inherits the mask and
+    // the one thread waiting in sigwait receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| fail(format!("serve: blocking signals: {e}")))?;
+    let options = OpenOptions {
+        writable: !args.read_only,
+        ..OpenOptions::default()
+    };
+    let mut exports = Vec::new();
+    for (name, path) in &list {
+        let image = open_image(path, &options).map_err(fail)?;
+        check_bitmaps(&image, &args.bitmap).map_err(fail)?;
         exports.push(Export {
-            bitmaps: args.bitmaps.clone(),
-            name,
+            name: name.clone(),
+            description: args.description.clone(),
             image: Arc::new(image),
             read_only: args.read_only,
-            description: args.description.clone(),
+            allocation_depth: args.allocation_depth,
+            bitmaps: args.bitmap.clone(),
+            unmap,
         });
     }
-    let server = Server::new(exports).map_err(|e| fail(e.to_string()))?;
+    let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();
     let listener = match &args.socket {
-        Some(path) => Listener::Unix(
-            UnixListener::bind(path)
-                .map_err(|e| fail(format!("Failed to bind socket to {}: {e}", path.display())))?,
-        ),
-        None => Listener::Tcp(
-            TcpListener::bind((args.bind.as_str(), args.port))
-                .map_err(|e| fail(format!("Failed to bind {}:{}: {e}", args.bind, args.port)))?,
-        ),
-    };
-    let wake_addr = match &listener {
-        Listener::Unix(_) => None,
-        Listener::Tcp(l) => l.local_addr().ok(),
-    };
-    if let Some(pid_file) = &args.pid_file {
-        std::fs::write(pid_file, format!("{}\n", std::process::id()))
-            .map_err(|e| fail(format!("{}: {e}", pid_file.display())))?;
+        Some(path) => Listener::unix(path),
+        None => Listener::tcp((args.bind.as_str(), args.port)),
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        let socket = args.socket.clone();
-        std::thread::spawn(move || {
+    .map_err(|e| fail(format!("Failed to listen: {e}")))?;
+    let server = Server::new(
+        exports,
+        ServerOptions {
+            max_connections: args.shared,
+            persistent: args.persistent,
+            connection: ConnectionOptions {
+                workers: args.workers,
+            },
+            ..ServerOptions::default()
+        },
+    );
+    let handle = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
             if signals.wait().is_ok() {
-                stop.store(true, Ordering::SeqCst);
-                // Wake the accept so the server sees the flag.
-                match (&socket, wake_addr) {
-                    (Some(path), _) => drop(UnixStream::connect(path)),
-                    (None, Some(addr)) => drop(std::net::TcpStream::connect(addr)),
-                    _ => {}
-                }
+                handle.shutdown();
             }
-        });
+        })
+        .map_err(|e| fail(format!("serve: {e}")))?;
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p).map_err(|e| fail(format!("Failed to write pid file: {e}")))?;
     }
-    let served = server.run(&listener, args.persistent, &stop);
-    if let Some(path) = &args.socket {
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(pid_file) = &args.pid_file {
-        let _ = std::fs::remove_file(pid_file);
-    }
-    let mut failed = served.err().map(|e| e.to_string());
-    // Every connection has ended: each image is ours alone again, and closes cleanly.
-    for export in server.exports() {
-        if let Err(e) = export.image.flush() {
-            failed.get_or_insert(e.to_string());
+    let served = server.run(listener);
+    drop(server);
+    let mut failure = served.err().map(|e| format!("serve: {e}"));
+    for image in images {
+        let closed = match Arc::try_unwrap(image) {
+            Ok(image) => image.close(),
+            // Unreachable once `run` has joined every connection; flush at least.
+            Err(shared) => shared.flush(),
+        };
+        if let Err(e) = closed {
+            failure.get_or_insert(format!("serve: closing the image: {e}"));
         }
     }
-    drop(server);
-    match failed {
+    if let Some(p) = &args.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    match failure {
         Some(m) => Err(fail(m)),
         None => Ok(0),
     }

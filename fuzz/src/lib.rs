@@ -10,10 +10,10 @@
 //! `arbitrary_take_rest` (what `fuzz_target!` calls for the whole input) uses exactly that
 //! decoding: a corpus file means the same thing to the fuzzer and to the replay test.
 
-mod nbd_target;
+mod nbd_targets;
 mod targets;
 mod txn_targets;
-pub use nbd_target::{nbd, nbd_seeds};
+pub use nbd_targets::{nbd_seeds, nbd_server, nbd_wire, NBD_TARGETS};
 pub use targets::*;
 pub use txn_targets::{
     journal, journal_input, journal_seeds, stats_line, transaction, transaction_seeds, txn_target,

@@ -1,654 +1,434 @@
-//! One NBD connection: the fixed-newstyle handshake, then transmission against the export's
-//! shared [`Image`]. A malformed or hostile byte stream ends the connection (or gets the
-//! protocol's error reply); it never panics and never sizes a buffer beyond the wire limits.
+//! The server: listens on a unix socket or TCP, limits concurrent connections as qemu-nbd's
+//! `--shared` does, runs each connection on its own thread (handshake under a time limit, then
+//! transmission), and shuts down on request: every socket is closed and every thread joined
+//! before `run` returns, so the caller can then flush and close the images.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use qcow2::{Extent, Image};
+use crate::export::Export;
+use crate::negotiate::negotiate;
+use crate::transmit::{transmit, ConnectionOptions};
 
-use crate::wire::*;
-
-/// One export: a name and the image behind it, shared by every connection.
-#[derive(Clone)]
-pub struct Export {
-    pub name: String,
-    pub image: Arc<Image>,
-    pub read_only: bool,
-    pub description: Option<String>,
-    /// Persistent bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (qemu-nbd's `-B`).
-    pub bitmaps: Vec<String>,
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    Tcp(TcpListener),
 }
 
-impl std::fmt::Debug for Export {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Export")
-            .field("name", &self.name)
-            .field("read_only", &self.read_only)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The meta contexts an export offers, by id (qemu's numbering): 0 `base:allocation`,
-/// 1 `qemu:allocation-depth`, 2 + i the i-th exported bitmap.
-fn contexts(export: &Export) -> Vec<String> {
-    let mut names = vec![
-        "base:allocation".to_string(),
-        "qemu:allocation-depth".to_string(),
-    ];
-    names.extend(
-        export
-            .bitmaps
-            .iter()
-            .map(|b| format!("qemu:dirty-bitmap:{b}")),
-    );
-    names
-}
-
-/// Serves one connection until the client disconnects or breaks the protocol.
-pub fn serve_connection<S: Read + Write>(exports: &[Export], stream: S) -> io::Result<()> {
-    let mut conn = Connection {
-        stream,
-        structured: false,
-        contexts: None,
-    };
-    let Some(export) = conn.handshake(exports)? else {
-        return Ok(());
-    };
-    conn.transmission(&export)
-}
-
-struct Connection<S> {
-    stream: S,
-    structured: bool,
-    /// Contexts chosen by SET_META_CONTEXT: the export they were chosen for, and their ids.
-    contexts: Option<(String, Vec<u32>)>,
-}
-
-impl<S: Read + Write> Connection<S> {
-    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.stream.read_exact(buf)
-    }
-
-    fn u32(&mut self) -> io::Result<u32> {
-        let mut b = [0u8; 4];
-        self.read_exact(&mut b)?;
-        Ok(u32::from_be_bytes(b))
-    }
-
-    fn u64(&mut self) -> io::Result<u64> {
-        let mut b = [0u8; 8];
-        self.read_exact(&mut b)?;
-        Ok(u64::from_be_bytes(b))
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
-    }
-
-    fn reply(&mut self, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
-        self.send(&option_reply(option, kind, payload))
-    }
-
-    fn error(&mut self, option: u32, kind: u32, message: &str) -> io::Result<()> {
-        self.reply(option, kind, message.as_bytes())
-    }
-
-    fn tx_flags(&self, export: &Export) -> u16 {
-        let mut f = TX_HAS_FLAGS
-            | TX_SEND_FLUSH
-            | TX_SEND_FUA
-            | TX_SEND_TRIM
-            | TX_SEND_WRITE_ZEROES
-            | TX_SEND_CACHE
-            | TX_SEND_FAST_ZERO
-            // Every connection writes through the one shared image, and a flush makes every
-            // acknowledged write of every connection durable.
-            | TX_CAN_MULTI_CONN;
-        if export.read_only {
-            // As qemu-nbd: nothing to trim or zero on a read-only export.
-            f |= TX_READ_ONLY;
-            f &= !(TX_SEND_TRIM | TX_SEND_WRITE_ZEROES | TX_SEND_FAST_ZERO);
+impl Listener {
+    /// Listens on a unix socket at `path`, replacing a stale socket file left there (never any
+    /// other kind of file).
+    pub fn unix(path: impl AsRef<Path>) -> io::Result<Listener> {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
         }
-        if self.structured {
-            f |= TX_SEND_DF;
-        }
-        f
+        let listener = UnixListener::bind(path)?;
+        Ok(Listener::Unix {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
 
-    /// Option haggling; the export chosen by GO or EXPORT_NAME, or `None` when the client left.
-    fn handshake(&mut self, exports: &[Export]) -> io::Result<Option<Export>> {
-        let mut greeting = Vec::with_capacity(18);
-        greeting.extend_from_slice(&INIT_MAGIC.to_be_bytes());
-        greeting.extend_from_slice(&OPT_MAGIC.to_be_bytes());
-        greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        self.send(&greeting)?;
-        let client = self.u32()?;
-        if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-            return Ok(None);
+    /// Listens on TCP.
+    pub fn tcp(addr: impl ToSocketAddrs) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// The TCP address bound (None for a unix socket).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix { .. } => None,
         }
-        let no_zeroes = client & CLIENT_NO_ZEROES != 0;
-        let find = |name: &str| -> Option<Export> {
-            exports
-                .iter()
-                .find(|e| e.name == name)
-                .or_else(|| (name.is_empty() && exports.len() == 1).then(|| &exports[0]))
-                .cloned()
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix { listener, .. } => listener.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are written whole; waiting to coalesce them only adds latency.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        }
+    }
+
+    /// Where to connect to wake a blocked `accept`.
+    fn wake_address(&self) -> Option<Wake> {
+        match self {
+            Listener::Unix { path, .. } => Some(Wake::Unix(path.clone())),
+            Listener::Tcp(l) => {
+                let mut a = l.local_addr().ok()?;
+                if a.ip().is_unspecified() {
+                    a.set_ip(match a {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                Some(Wake::Tcp(a))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+enum Wake {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// An accepted connection.
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
-        loop {
-            if self.u64()? != OPT_MAGIC {
-                return Ok(None);
-            }
-            let option = self.u32()?;
-            let len = self.u32()?;
-            if len > MAX_OPTION_DATA {
-                return Ok(None);
-            }
-            let mut data = vec![0u8; len as usize];
-            self.read_exact(&mut data)?;
-            match option {
-                OPT_EXPORT_NAME => {
-                    let Some(export) = std::str::from_utf8(&data).ok().and_then(find) else {
-                        return Ok(None);
-                    };
-                    let mut out = export.image.size().to_be_bytes().to_vec();
-                    out.extend_from_slice(&self.tx_flags(&export).to_be_bytes());
-                    if !no_zeroes {
-                        out.extend_from_slice(&[0u8; 124]);
-                    }
-                    self.send(&out)?;
-                    self.select_for(&export.name);
-                    return Ok(Some(export));
-                }
-                OPT_ABORT => {
-                    // The client may hang up without reading the ACK.
-                    let _ = self.reply(option, REP_ACK, &[]);
-                    return Ok(None);
-                }
-                OPT_LIST => {
-                    if !data.is_empty() {
-                        self.error(
-                            option,
-                            REP_ERR_INVALID,
-                            "option 'list' has unexpected length",
-                        )?;
-                        continue;
-                    }
-                    for e in exports {
-                        let mut p = (e.name.len() as u32).to_be_bytes().to_vec();
-                        p.extend_from_slice(e.name.as_bytes());
-                        if let Some(d) = &e.description {
-                            p.extend_from_slice(d.as_bytes());
-                        }
-                        self.reply(option, REP_SERVER, &p)?;
-                    }
-                    self.reply(option, REP_ACK, &[])?;
-                }
-                OPT_INFO | OPT_GO => {
-                    let Some(req) = InfoRequest::decode(&data) else {
-                        self.error(option, REP_ERR_INVALID, "malformed INFO/GO request")?;
-                        continue;
-                    };
-                    let Some(export) = find(&req.name) else {
-                        let shown: String = req.name.chars().take(80).collect();
-                        self.error(
-                            option,
-                            REP_ERR_UNKNOWN,
-                            &format!("export '{shown}' not present"),
-                        )?;
-                        continue;
-                    };
-                    if req.infos.contains(&INFO_NAME) {
-                        let mut p = INFO_NAME.to_be_bytes().to_vec();
-                        p.extend_from_slice(export.name.as_bytes());
-                        self.reply(option, REP_INFO, &p)?;
-                    }
-                    if let Some(d) = &export.description {
-                        let mut p = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                        p.extend_from_slice(d.as_bytes());
-                        self.reply(option, REP_INFO, &p)?;
-                    }
-                    let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    p.extend_from_slice(&1u32.to_be_bytes());
-                    p.extend_from_slice(&4096u32.to_be_bytes());
-                    p.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                    self.reply(option, REP_INFO, &p)?;
-                    let mut p = INFO_EXPORT.to_be_bytes().to_vec();
-                    p.extend_from_slice(&export.image.size().to_be_bytes());
-                    p.extend_from_slice(&self.tx_flags(&export).to_be_bytes());
-                    self.reply(option, REP_INFO, &p)?;
-                    self.reply(option, REP_ACK, &[])?;
-                    if option == OPT_GO {
-                        self.select_for(&export.name);
-                        return Ok(Some(export));
-                    }
-                }
-                OPT_STRUCTURED_REPLY => {
-                    if !data.is_empty() {
-                        self.error(option, REP_ERR_INVALID, "unexpected data")?;
-                    } else if self.structured {
-                        self.error(
-                            option,
-                            REP_ERR_INVALID,
-                            "structured reply already negotiated",
-                        )?;
-                    } else {
-                        self.structured = true;
-                        self.reply(option, REP_ACK, &[])?;
-                    }
-                }
-                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    let set = option == OPT_SET_META_CONTEXT;
-                    if set {
-                        // Every SET replaces the selection, even a failing one.
-                        self.contexts = None;
-                    }
-                    if set && !self.structured {
-                        self.error(
-                            option,
-                            REP_ERR_INVALID,
-                            "request option 'set meta context' when structured reply is not negotiated",
-                        )?;
-                        continue;
-                    }
-                    let Some(req) = MetaRequest::decode(&data) else {
-                        self.error(option, REP_ERR_INVALID, "malformed meta context request")?;
-                        continue;
-                    };
-                    let Some(export) = find(&req.export) else {
-                        self.error(option, REP_ERR_UNKNOWN, "export not present")?;
-                        continue;
-                    };
-                    let names = contexts(&export);
-                    let ids = matching_contexts(&names, &req.queries, set);
-                    for &id in &ids {
-                        let mut p = if set { id } else { 0 }.to_be_bytes().to_vec();
-                        p.extend_from_slice(names[id as usize].as_bytes());
-                        self.reply(option, REP_META_CONTEXT, &p)?;
-                    }
-                    if set {
-                        self.contexts = Some((export.name.clone(), ids));
-                    }
-                    self.reply(option, REP_ACK, &[])?;
-                }
-                OPT_STARTTLS => self.error(option, REP_ERR_POLICY, "TLS not configured")?,
-                other => self.error(
-                    option,
-                    REP_ERR_UNSUP,
-                    &format!("Unsupported option {other}"),
-                )?,
-            }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
         }
     }
 
-    /// Contexts chosen for another export do not apply to the one finally picked.
-    fn select_for(&mut self, export: &str) {
-        if self.contexts.as_ref().is_some_and(|(e, _)| e != export) {
-            self.contexts = None;
-        }
-    }
-
-    fn transmission(&mut self, export: &Export) -> io::Result<()> {
-        let image = &*export.image;
-        let size = image.size();
-        loop {
-            let mut header = [0u8; 28];
-            match self.stream.read_exact(&mut header) {
-                Ok(()) => {}
-                // A client may just close at a request boundary.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let Some(r) = Request::decode(&header) else {
-                return Ok(());
-            };
-            let end = r.offset.checked_add(r.length as u64);
-            let in_bounds = end.is_some_and(|e| e <= size);
-            match r.kind {
-                CMD_DISC => return Ok(()),
-                CMD_WRITE => {
-                    if r.length > MAX_PAYLOAD {
-                        // The payload is not read: the stream cannot go on (as qemu-nbd).
-                        let _ = self.fail(r, EINVAL, "write payload too large");
-                        return Ok(());
-                    }
-                    let mut data = vec![0u8; r.length as usize];
-                    self.read_exact(&mut data)?;
-                    if export.read_only {
-                        self.fail(r, EPERM, "Export is read-only")?;
-                    } else if !in_bounds {
-                        self.fail(r, EINVAL, "operation past EOF")?;
-                    } else {
-                        let done = image
-                            .write_at(&data, r.offset)
-                            .and_then(|_| fua(image, r.flags));
-                        self.finish(r, done)?;
-                    }
-                }
-                CMD_READ => {
-                    if r.length > MAX_PAYLOAD {
-                        self.fail(r, EINVAL, "read length larger than the maximum")?;
-                    } else if !in_bounds {
-                        self.fail(r, EINVAL, "operation past EOF")?;
-                    } else if r.flags & CMD_FLAG_DF != 0 && !self.structured {
-                        self.fail(r, EINVAL, "DF without structured replies")?;
-                    } else {
-                        self.read(image, r)?;
-                    }
-                }
-                CMD_FLUSH => {
-                    let done = image.flush();
-                    self.finish(r, done)?;
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => {
-                    if export.read_only {
-                        self.fail(r, EPERM, "Export is read-only")?;
-                    } else if !in_bounds {
-                        self.fail(r, EINVAL, "operation past EOF")?;
-                    } else if r.kind == CMD_TRIM {
-                        // A hint: only whole clusters are freed.
-                        let done = image
-                            .discard(r.offset, r.length as u64)
-                            .and_then(|_| fua(image, r.flags));
-                        self.finish(r, done)?;
-                    } else if r.flags & CMD_FLAG_FAST_ZERO != 0 && !fast_zero_possible(image, r) {
-                        self.fail(r, ENOTSUP, "zeroing this range would write zeros")?;
-                    } else {
-                        let unmap = r.flags & CMD_FLAG_NO_HOLE == 0;
-                        let done = image
-                            .write_zeroes(r.offset, r.length as u64, unmap)
-                            .and_then(|_| fua(image, r.flags));
-                        self.finish(r, done)?;
-                    }
-                }
-                CMD_CACHE => {
-                    if in_bounds {
-                        self.finish(r, Ok(()))?;
-                    } else {
-                        self.fail(r, EINVAL, "operation past EOF")?;
-                    }
-                }
-                CMD_BLOCK_STATUS => {
-                    let ids = match &self.contexts {
-                        Some((e, ids)) if e == &export.name && !ids.is_empty() => ids.clone(),
-                        _ => {
-                            self.fail(r, EINVAL, "CMD_BLOCK_STATUS not negotiated")?;
-                            continue;
-                        }
-                    };
-                    if r.length == 0 {
-                        self.fail(r, EINVAL, "need non-zero length")?;
-                    } else if !in_bounds {
-                        self.fail(r, EINVAL, "operation past EOF")?;
-                    } else {
-                        self.block_status(export, r, &ids)?;
-                    }
-                }
-                other => self.fail(
-                    r,
-                    EINVAL,
-                    &format!("invalid request type ({other}) received"),
-                )?,
-            }
-        }
-    }
-
-    /// Answers a request that carries no data: success or the engine's error.
-    fn finish(&mut self, r: Request, done: qcow2::Result<()>) -> io::Result<()> {
-        match done {
-            Ok(()) => self.send(&simple_reply(0, r.cookie)),
-            Err(e) => self.fail(r, errno(&e), &e.to_string()),
-        }
-    }
-
-    fn fail(&mut self, r: Request, error: u32, message: &str) -> io::Result<()> {
-        if self.structured {
-            self.send(&error_chunk(r.cookie, error, message))
-        } else {
-            self.send(&simple_reply(error, r.cookie))
-        }
-    }
-
-    /// READ: with structured replies, ranges that read as zeros go out as holes, the rest as
-    /// data chunks (one data chunk with DF); otherwise one simple reply and the bytes.
-    fn read(&mut self, image: &Image, r: Request) -> io::Result<()> {
-        let len = r.length as u64;
-        if !self.structured || r.flags & CMD_FLAG_DF != 0 || len == 0 {
-            let mut data = vec![0u8; r.length as usize];
-            if let Err(e) = image.read_at(&mut data, r.offset) {
-                return self.fail(r, errno(&e), &e.to_string());
-            }
-            if !self.structured {
-                self.send(&simple_reply(0, r.cookie))?;
-                return self.send(&data);
-            }
-            if len == 0 {
-                return self.send(&chunk_header(CHUNK_DONE, CHUNK_NONE, r.cookie, 0));
-            }
-            let mut out =
-                chunk_header(CHUNK_DONE, CHUNK_OFFSET_DATA, r.cookie, 8 + r.length).to_vec();
-            out.extend_from_slice(&r.offset.to_be_bytes());
-            out.extend_from_slice(&data);
-            return self.send(&out);
-        }
-        let runs = match image.map(r.offset, len) {
-            Ok(extents) => runs(&extents, r.offset, len, |e| !e.zero()),
-            Err(e) => return self.fail(r, errno(&e), &e.to_string()),
-        };
-        // Data is read before any chunk goes out, so a failing read gets a clean error reply.
-        let mut chunks: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::with_capacity(runs.len());
-        for (start, length, data) in runs {
-            if data {
-                let mut buf = vec![0u8; length as usize];
-                if let Err(e) = image.read_at(&mut buf, start) {
-                    return self.fail(r, errno(&e), &e.to_string());
-                }
-                chunks.push((start, length, Some(buf)));
-            } else {
-                chunks.push((start, length, None));
-            }
-        }
-        let last = chunks.len() - 1;
-        for (i, (start, length, data)) in chunks.into_iter().enumerate() {
-            let flags = if i == last { CHUNK_DONE } else { 0 };
-            match data {
-                Some(bytes) => {
-                    let mut out =
-                        chunk_header(flags, CHUNK_OFFSET_DATA, r.cookie, 8 + length as u32)
-                            .to_vec();
-                    out.extend_from_slice(&start.to_be_bytes());
-                    out.extend_from_slice(&bytes);
-                    self.send(&out)?;
-                }
-                None => {
-                    let mut out = chunk_header(flags, CHUNK_OFFSET_HOLE, r.cookie, 12).to_vec();
-                    out.extend_from_slice(&start.to_be_bytes());
-                    out.extend_from_slice(&(length as u32).to_be_bytes());
-                    self.send(&out)?;
-                }
-            }
-        }
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
 
-    /// BLOCK_STATUS: one chunk per selected context, extents merged by equal flags.
-    fn block_status(&mut self, export: &Export, r: Request, ids: &[u32]) -> io::Result<()> {
-        let image = &*export.image;
-        let end = r.offset + r.length as u64;
-        let extents = match image.map(r.offset, r.length as u64) {
-            Ok(e) => e,
-            Err(e) => return self.fail(r, errno(&e), &e.to_string()),
-        };
-        // Dirty bitmaps: (start, length, dirty) runs covering the request, per exported bitmap.
-        let mut dirty_runs: Vec<Vec<(u64, u64, bool)>> = Vec::new();
-        for name in &export.bitmaps {
-            let dirty = match image.dirty_extents(name, r.offset, r.length as u64) {
-                Ok(d) => d,
-                Err(e) => return self.fail(r, errno(&e), &e.to_string()),
-            };
-            let mut runs = Vec::new();
-            let mut pos = r.offset;
-            for (start, len) in dirty {
-                if start > pos {
-                    runs.push((pos, start - pos, false));
-                }
-                runs.push((start, len, true));
-                pos = start + len;
-            }
-            if pos < end {
-                runs.push((pos, end - pos, false));
-            }
-            dirty_runs.push(runs);
+/// Reads with a deadline for the whole handshake (a slow client cannot hold a connection slot).
+struct DeadlineReader<'a> {
+    stream: &'a mut Stream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake time limit reached",
+            ));
         }
-        for (n, &id) in ids.iter().enumerate() {
-            if id >= 2 {
-                let runs = &dirty_runs[(id - 2) as usize];
-                let mut list: Vec<(u64, u32)> = Vec::new();
-                for &(_, len, dirty) in runs {
-                    let f = u32::from(dirty);
-                    match list.last_mut() {
-                        Some((l, lf)) if *lf == f && *l + len <= u32::MAX as u64 => *l += len,
-                        _ => list.push((len, f)),
-                    }
-                }
-                self.send_status(r, id, list, n == ids.len() - 1)?;
-                continue;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Connections served at once; more wait to be accepted (qemu-nbd `-e`). 0 = no limit.
+    /// Any value but 1 advertises multi-conn: all connections share one `Image` per export, so
+    /// a flush on one covers writes finished on every other.
+    pub max_connections: usize,
+    /// Keep serving after the last client leaves (qemu-nbd `-t`); otherwise `run` returns once
+    /// a client has come and every client has gone.
+    pub persistent: bool,
+    /// Time allowed for a client's handshake (qemu's default is 10 s).
+    pub handshake_limit: Duration,
+    pub connection: ConnectionOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_connections: 1,
+            persistent: false,
+            handshake_limit: Duration::from_secs(10),
+            connection: ConnectionOptions::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    active: usize,
+    /// A client has connected at least once.
+    served: bool,
+    open: HashMap<u64, Stream>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct State {
+    stop: AtomicBool,
+    conns: Mutex<Conns>,
+    changed: Condvar,
+    wake: Mutex<Option<Wake>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded bookkeeping stays usable after a panicking connection thread.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+        // Wake the accept loop with a connection of our own; it sees the flag and stops.
+        match &*lock(&self.wake) {
+            Some(Wake::Unix(p)) => drop(UnixStream::connect(p)),
+            Some(Wake::Tcp(a)) => drop(TcpStream::connect_timeout(a, Duration::from_secs(1))),
+            None => {}
+        }
+    }
+}
+
+/// Stops a running server from another thread (a signal handler thread, a test).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<State>);
+
+impl ShutdownHandle {
+    /// Makes `run` close every connection and return.
+    pub fn shutdown(&self) {
+        self.0.request_stop();
+    }
+}
+
+/// A server over a fixed set of exports.
+pub struct Server {
+    exports: Arc<Vec<Export>>,
+    options: ServerOptions,
+    state: Arc<State>,
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
+        Server {
+            exports: Arc::new(exports),
+            options,
+            state: Arc::new(State {
+                stop: AtomicBool::new(false),
+                conns: Mutex::new(Conns::default()),
+                changed: Condvar::new(),
+                wake: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.state.clone())
+    }
+
+    /// Accepts and serves connections until shut down (or, unless persistent, until the last
+    /// client leaves). Every connection is closed and joined before it returns; the listener
+    /// (and its socket file) is dropped.
+    pub fn run(&self, listener: Listener) -> io::Result<()> {
+        *lock(&self.state.wake) = listener.wake_address();
+        let result = self.accept_loop(&listener);
+        let threads = {
+            let mut c = lock(&self.state.conns);
+            for s in c.open.values() {
+                s.shutdown();
             }
-            let flags_of = |e: &Extent| -> u32 {
-                if id == 0 {
-                    (if e.data() { 0 } else { 1 }) | (if e.zero() { 2 } else { 0 })
-                } else if e.present() {
-                    e.depth + 1
-                } else {
-                    0
+            std::mem::take(&mut c.threads)
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+        // Connections that were accepted while the last threads were being collected.
+        let rest = std::mem::take(&mut lock(&self.state.conns).threads);
+        for t in rest {
+            let _ = t.join();
+        }
+        result
+    }
+
+    fn accept_loop(&self, listener: &Listener) -> io::Result<()> {
+        let limit = self.options.max_connections;
+        loop {
+            {
+                let mut c = lock(&self.state.conns);
+                while !self.stopping() && limit > 0 && c.active >= limit {
+                    c = self
+                        .state
+                        .changed
+                        .wait(c)
+                        .unwrap_or_else(|e| e.into_inner());
                 }
-            };
-            let mut list: Vec<(u64, u32)> = Vec::new();
-            for e in &extents {
-                let start = e.start.max(r.offset);
-                let end = (e.start + e.length).min(r.offset + r.length as u64);
-                if end <= start {
+            }
+            if self.stopping() {
+                return Ok(());
+            }
+            let stream = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if out_of_resources(&e) => {
+                    // Out of descriptors or memory: retrying at once would spin; a moment
+                    // lets finishing connections give some back.
+                    std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
-                let f = flags_of(e);
-                match list.last_mut() {
-                    Some((len, lf)) if *lf == f && *len + (end - start) <= u32::MAX as u64 => {
-                        *len += end - start
-                    }
-                    _ => list.push((end - start, f)),
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if self.stopping() {
+                return Ok(());
+            }
+            // A connection that cannot get a thread is dropped; the server goes on.
+            let _ = self.start(stream);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.state.stop.load(Ordering::SeqCst)
+    }
+
+    fn start(&self, stream: Stream) -> io::Result<()> {
+        let registry = stream.try_clone()?;
+        let mut c = lock(&self.state.conns);
+        let id = c.next_id;
+        c.next_id += 1;
+        c.threads.retain(|t| !t.is_finished());
+        let exports = self.exports.clone();
+        let options = self.options.clone();
+        let state = self.state.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                let _ = serve_connection(stream, &exports, &options);
+                let mut c = lock(&state.conns);
+                c.open.remove(&id);
+                c.active -= 1;
+                let last = c.active == 0 && c.served;
+                drop(c);
+                state.changed.notify_all();
+                if last && !options.persistent {
+                    state.request_stop();
                 }
-            }
-            self.send_status(r, id, list, n == ids.len() - 1)?;
-        }
+            })?;
+        c.active += 1;
+        c.served = true;
+        c.open.insert(id, registry);
+        c.threads.push(thread);
         Ok(())
-    }
-
-    /// One BLOCK_STATUS chunk: `(length, flags)` extents for context `id`.
-    fn send_status(
-        &mut self,
-        r: Request,
-        id: u32,
-        mut list: Vec<(u64, u32)>,
-        last: bool,
-    ) -> io::Result<()> {
-        if r.flags & CMD_FLAG_REQ_ONE != 0 {
-            list.truncate(1);
-        }
-        list.truncate(MAX_EXTENTS);
-        let flags = if last { CHUNK_DONE } else { 0 };
-        let mut out = chunk_header(
-            flags,
-            CHUNK_BLOCK_STATUS,
-            r.cookie,
-            4 + 8 * list.len() as u32,
-        )
-        .to_vec();
-        out.extend_from_slice(&id.to_be_bytes());
-        for (len, f) in list {
-            out.extend_from_slice(&(len as u32).to_be_bytes());
-            out.extend_from_slice(&f.to_be_bytes());
-        }
-        self.send(&out)
     }
 }
 
-/// The ids of the contexts `queries` select: exact names for SET; for LIST also the namespace
-/// wildcards, and everything when there is no query.
-fn matching_contexts(names: &[String], queries: &[String], set: bool) -> Vec<u32> {
-    let mut ids = Vec::new();
-    let mut add = |id: u32| {
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
+/// Accept errors that concern one connection, not the listener.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// ENFILE, EMFILE, ENOBUFS, ENOMEM: the process or system is short of something for a while.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23) | Some(24) | Some(105) | Some(12))
+}
+
+/// Runs one accepted connection: the handshake under the time limit, then transmission.
+fn serve_connection(
+    mut stream: Stream,
+    exports: &[Export],
+    options: &ServerOptions,
+) -> io::Result<()> {
+    let multi_conn = options.max_connections != 1;
+    let mut writer = stream.try_clone()?;
+    let deadline = Instant::now() + options.handshake_limit;
+    let neg = {
+        let mut r = DeadlineReader {
+            stream: &mut stream,
+            deadline,
+        };
+        negotiate(&mut r, &mut writer, exports, multi_conn)?
     };
-    if queries.is_empty() && !set {
-        for id in 0..names.len() {
-            add(id as u32);
-        }
-    }
-    for q in queries {
-        for (id, name) in names.iter().enumerate() {
-            let wildcard = !set && name.starts_with(q.as_str()) && q.ends_with(':');
-            if q == name || wildcard {
-                add(id as u32);
-            }
-        }
-    }
-    ids.sort_unstable();
-    ids
+    let Some(neg) = neg else {
+        return Ok(());
+    };
+    stream.set_read_timeout(None)?;
+    transmit(
+        stream,
+        writer,
+        &exports[neg.export],
+        &neg,
+        options.connection,
+    )
 }
 
-/// Merges extents into runs of `[start, start + len)` clipped to the request, by `keep`.
-fn runs(
-    extents: &[Extent],
-    offset: u64,
-    len: u64,
-    keep: impl Fn(&Extent) -> bool,
-) -> Vec<(u64, u64, bool)> {
-    let mut out: Vec<(u64, u64, bool)> = Vec::new();
-    for e in extents {
-        let start = e.start.max(offset);
-        let end = (e.start + e.length).min(offset + len);
-        if end <= start {
-            continue;
-        }
-        let k = keep(e);
-        match out.last_mut() {
-            Some((s, l, d))
-                if *d == k && *s + *l == start && *l + (end - start) <= MAX_PAYLOAD as u64 =>
-            {
-                *l += end - start
-            }
-            _ => out.push((start, end - start, k)),
-        }
-    }
-    if out.is_empty() {
-        out.push((offset, len, true));
-    }
-    out
-}
-
-/// Whether zeroing the range needs no data written: whole clusters, or the tail of the disk.
-fn fast_zero_possible(image: &Image, r: Request) -> bool {
-    let cs = image.cluster_size();
-    let end = r.offset + r.length as u64;
-    image.header().version >= 3 && r.offset % cs == 0 && (end % cs == 0 || end == image.size())
-}
-
-fn fua(image: &Image, flags: u16) -> qcow2::Result<()> {
-    if flags & CMD_FLAG_FUA != 0 {
-        image.flush()
-    } else {
-        Ok(())
-    }
-}
-
-/// The NBD error for an engine error.
-fn errno(e: &qcow2::Error) -> u32 {
-    match e {
-        qcow2::Error::OutOfBounds { .. } | qcow2::Error::InvalidArgument { .. } => EINVAL,
-        qcow2::Error::ReadOnly { .. } => EPERM,
-        qcow2::Error::Io { source, .. } if source.raw_os_error() == Some(28) => ENOSPC,
-        _ => EIO,
-    }
+/// Serves one client over any byte stream, without time limits: the handshake, then
+/// transmission until the client leaves. For embedding and for fuzzing.
+pub fn serve_stream<R: Read, W: Write + Send>(
+    mut reader: R,
+    mut writer: W,
+    exports: &[Export],
+    options: &ServerOptions,
+) -> io::Result<()> {
+    let multi_conn = options.max_connections != 1;
+    let Some(neg) = negotiate(&mut reader, &mut writer, exports, multi_conn)? else {
+        return Ok(());
+    };
+    transmit(
+        reader,
+        writer,
+        &exports[neg.export],
+        &neg,
+        options.connection,
+    )
 }

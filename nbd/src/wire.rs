@@ -1,22 +1,32 @@
-//! The NBD wire format, as pure codecs: constants, option and request parsing with every length
-//! bounded before it sizes a buffer, and reply encoders. Nothing here does I/O, so a fuzz target
-//! can drive it directly.
+//! The NBD wire format: constants, and pure encoders and decoders for handshake options, option
+//! replies, transmission requests and replies. Nothing here does I/O, so a fuzz target can drive
+//! every decoder with arbitrary bytes; all integers are big-endian.
 
-/// "NBDMAGIC", the first 8 bytes a server sends.
-pub const INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
-/// "IHAVEOPT": the greeting's second word and the prefix of every client option.
-pub const OPT_MAGIC: u64 = 0x4948_4156_454F_5054;
+/// "NBDMAGIC": the first 8 bytes the server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// "IHAVEOPT": the second 8 bytes of the greeting and the prefix of every client option.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// Prefix of every option reply.
-pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Compact (28-byte) request header.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Extended (32-byte) request header.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Simple (16-byte) reply header.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Structured reply chunk (20-byte header).
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Extended reply chunk (32-byte header).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
-pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
-pub const FLAG_NO_ZEROES: u16 = 2;
-pub const CLIENT_FIXED_NEWSTYLE: u32 = 1;
-pub const CLIENT_NO_ZEROES: u32 = 2;
+/// Handshake flags the server sends.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flags.
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
+/// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
@@ -26,7 +36,9 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
+/// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
@@ -35,23 +47,29 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
+/// Info types (in INFO/GO requests and replies).
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_NAME: u16 = 1;
 pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-pub const TX_HAS_FLAGS: u16 = 1 << 0;
-pub const TX_READ_ONLY: u16 = 1 << 1;
-pub const TX_SEND_FLUSH: u16 = 1 << 2;
-pub const TX_SEND_FUA: u16 = 1 << 3;
-pub const TX_SEND_TRIM: u16 = 1 << 5;
-pub const TX_SEND_WRITE_ZEROES: u16 = 1 << 6;
-pub const TX_SEND_DF: u16 = 1 << 7;
-pub const TX_CAN_MULTI_CONN: u16 = 1 << 8;
-pub const TX_SEND_CACHE: u16 = 1 << 10;
-pub const TX_SEND_FAST_ZERO: u16 = 1 << 11;
+/// Transmission flags.
+pub const TF_HAS_FLAGS: u16 = 1 << 0;
+pub const TF_READ_ONLY: u16 = 1 << 1;
+pub const TF_SEND_FLUSH: u16 = 1 << 2;
+pub const TF_SEND_FUA: u16 = 1 << 3;
+pub const TF_SEND_TRIM: u16 = 1 << 5;
+pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TF_SEND_DF: u16 = 1 << 7;
+pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TF_SEND_CACHE: u16 = 1 << 10;
+pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+pub const TF_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
+/// Commands.
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
@@ -61,171 +79,546 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+/// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
-pub const CHUNK_DONE: u16 = 1;
+/// Reply chunk flag: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+
+/// Chunk types.
 pub const CHUNK_NONE: u16 = 0;
 pub const CHUNK_OFFSET_DATA: u16 = 1;
 pub const CHUNK_OFFSET_HOLE: u16 = 2;
 pub const CHUNK_BLOCK_STATUS: u16 = 5;
+pub const CHUNK_BLOCK_STATUS_EXT: u16 = 6;
 pub const CHUNK_ERROR: u16 = 0x8001;
 
+/// Error values.
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
 
-/// The largest READ or WRITE payload (qemu-nbd's limit); larger READs fail, larger WRITEs end
-/// the connection, as with qemu-nbd.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
-/// The largest option payload accepted (qemu disconnects past 32 MiB; the options served here
-/// need a few KiB).
-pub const MAX_OPTION_DATA: u32 = 1 << 20;
-/// The longest export or context name (the spec's limit).
+/// Names, descriptions and context queries longer than this are refused (the spec's hard limit).
 pub const MAX_STRING: usize = 4096;
-/// At most this many extents per block-status chunk (qemu's cap).
-pub const MAX_EXTENTS: usize = 131_072;
+/// The largest READ/WRITE/CACHE length and BLOCK_STATUS payload (qemu's NBD_MAX_BUFFER_SIZE).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Error messages in ERROR chunks are cut to this many bytes.
+pub const MAX_MESSAGE: usize = 4096;
 
-/// A transmission request header (28 bytes, compact form).
+/// Length of the server's greeting.
+pub const GREETING_LEN: usize = 18;
+/// Length of a client option header (magic, option, data length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Length of a compact request header.
+pub const COMPACT_REQUEST_LEN: usize = 28;
+/// Length of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Header lengths of the three reply forms.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const STRUCTURED_HEADER_LEN: usize = 20;
+pub const EXTENDED_HEADER_LEN: usize = 32;
+
+/// A decoding failure that leaves the stream unusable (the server disconnects).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad option magic {0:#018x}")]
+    BadOptionMagic(u64),
+    #[error("bad request magic {0:#010x}")]
+    BadRequestMagic(u32),
+    #[error("short {what}: {got} of {need} bytes")]
+    Short {
+        what: &'static str,
+        got: usize,
+        need: usize,
+    },
+}
+
+/// Why an option's data was refused; answered with `REP_ERR_INVALID` and this text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// The 18-byte greeting: magic, IHAVEOPT and the handshake flags.
+pub fn greeting() -> [u8; GREETING_LEN] {
+    let mut g = [0u8; GREETING_LEN];
+    g[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    g[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    g[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    g
+}
+
+/// A client option header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    pub flags: u16,
-    pub kind: u16,
-    pub cookie: u64,
-    pub offset: u64,
-    pub length: u32,
+pub struct OptionHeader {
+    pub option: u32,
+    pub len: u32,
 }
 
-impl Request {
-    /// Decodes a request header; `None` when the magic is wrong (the connection must end).
-    pub fn decode(b: &[u8; 28]) -> Option<Request> {
-        if u32::from_be_bytes([b[0], b[1], b[2], b[3]]) != REQUEST_MAGIC {
-            return None;
-        }
-        Some(Request {
-            flags: u16::from_be_bytes([b[4], b[5]]),
-            kind: u16::from_be_bytes([b[6], b[7]]),
-            cookie: u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
-            offset: u64::from_be_bytes(b[16..24].try_into().unwrap_or_default()),
-            length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
-        })
+/// Decodes a 16-byte option header.
+pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, WireError> {
+    if b.len() < OPTION_HEADER_LEN {
+        return Err(WireError::Short {
+            what: "option header",
+            got: b.len(),
+            need: OPTION_HEADER_LEN,
+        });
     }
+    let magic = be64(b, 0);
+    if magic != IHAVEOPT {
+        return Err(WireError::BadOptionMagic(magic));
+    }
+    Ok(OptionHeader {
+        option: be32(b, 8),
+        len: be32(b, 12),
+    })
 }
 
-/// A cursor over option data that never reads past the end.
-pub struct Cursor<'a>(pub &'a [u8]);
-
-impl Cursor<'_> {
-    pub fn u16(&mut self) -> Option<u16> {
-        let (head, rest) = self.0.split_at_checked(2)?;
-        self.0 = rest;
-        Some(u16::from_be_bytes([head[0], head[1]]))
-    }
-
-    pub fn u32(&mut self) -> Option<u32> {
-        let (head, rest) = self.0.split_at_checked(4)?;
-        self.0 = rest;
-        Some(u32::from_be_bytes([head[0], head[1], head[2], head[3]]))
-    }
-
-    /// A length-prefixed (u32) string of at most [`MAX_STRING`] bytes.
-    pub fn string(&mut self) -> Option<String> {
-        let len = self.u32()? as usize;
-        if len > MAX_STRING {
-            return None;
-        }
-        let (head, rest) = self.0.split_at_checked(len)?;
-        self.0 = rest;
-        let s = String::from_utf8(head.to_vec()).ok()?;
-        (!s.contains('\0')).then_some(s)
-    }
+/// Encodes a client option (for tests and fuzz seeds).
+pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(OPTION_HEADER_LEN + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
 }
 
-/// What INFO and GO ask: the export's name and the info types requested.
+/// Appends an option reply.
+pub fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Reads a length-prefixed (u32) string at `*at`, advancing it.
+fn take_string<'a>(data: &'a [u8], at: &mut usize, what: &str) -> Result<&'a [u8], Invalid> {
+    let bad = || Invalid(format!("option data too short for the {what}"));
+    if data.len() < *at + 4 {
+        return Err(bad());
+    }
+    let len = be32(data, *at) as usize;
+    *at += 4;
+    if data.len() - *at < len {
+        return Err(bad());
+    }
+    let s = &data[*at..*at + len];
+    *at += len;
+    Ok(s)
+}
+
+/// Checks an export name as qemu does: at most 4096 bytes, no NUL, UTF-8.
+fn export_name(raw: &[u8]) -> Result<String, Invalid> {
+    if raw.len() > MAX_STRING {
+        return Err(Invalid(format!(
+            "export name of {} bytes is longer than {MAX_STRING}",
+            raw.len()
+        )));
+    }
+    if raw.contains(&0) {
+        return Err(Invalid("export name contains a NUL byte".into()));
+    }
+    String::from_utf8(raw.to_vec()).map_err(|_| Invalid("export name is not UTF-8".into()))
+}
+
+/// The data of an INFO or GO option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfoRequest {
     pub name: String,
     pub infos: Vec<u16>,
 }
 
-impl InfoRequest {
-    /// Parses INFO/GO data; `None` for malformed data (answered with ERR_INVALID).
-    pub fn decode(data: &[u8]) -> Option<InfoRequest> {
-        let mut c = Cursor(data);
-        let name = c.string()?;
-        let n = c.u16()? as usize;
-        let mut infos = Vec::with_capacity(n.min(64));
-        for _ in 0..n {
-            infos.push(c.u16()?);
-        }
-        c.0.is_empty().then_some(InfoRequest { name, infos })
+/// Decodes INFO/GO data: u32 name length, name, u16 count, count × u16 info types.
+pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, Invalid> {
+    let mut at = 0;
+    let name = export_name(take_string(data, &mut at, "export name")?)?;
+    if data.len() < at + 2 {
+        return Err(Invalid("option data too short for the info count".into()));
     }
+    let count = be16(data, at) as usize;
+    at += 2;
+    if data.len() - at != count * 2 {
+        return Err(Invalid(format!(
+            "{count} info requests need {} bytes, got {}",
+            count * 2,
+            data.len() - at
+        )));
+    }
+    let infos = (0..count).map(|i| be16(data, at + 2 * i)).collect();
+    Ok(InfoRequest { name, infos })
 }
 
-/// What LIST_META_CONTEXT and SET_META_CONTEXT ask.
+/// Encodes INFO/GO data (for tests and fuzz seeds).
+pub fn encode_info_request(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        v.extend_from_slice(&i.to_be_bytes());
+    }
+    v
+}
+
+/// The data of a LIST_META_CONTEXT or SET_META_CONTEXT option. Queries longer than the string
+/// limit are dropped (they can match nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaRequest {
-    pub export: String,
+    pub name: String,
     pub queries: Vec<String>,
 }
 
-impl MetaRequest {
-    pub fn decode(data: &[u8]) -> Option<MetaRequest> {
-        let mut c = Cursor(data);
-        let export = c.string()?;
-        let n = c.u32()? as usize;
-        let mut queries = Vec::with_capacity(n.min(64));
-        for _ in 0..n {
-            queries.push(c.string()?);
+/// Decodes META_CONTEXT data: u32 name length, name, u32 count, count × (u32 length, query).
+pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest, Invalid> {
+    let mut at = 0;
+    let name = export_name(take_string(data, &mut at, "export name")?)?;
+    if data.len() < at + 4 {
+        return Err(Invalid("option data too short for the query count".into()));
+    }
+    let count = be32(data, at);
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let q = take_string(data, &mut at, "query")?;
+        if q.len() <= MAX_STRING {
+            if let Ok(q) = std::str::from_utf8(q) {
+                queries.push(q.to_string());
+            }
         }
-        c.0.is_empty().then_some(MetaRequest { export, queries })
+    }
+    if at != data.len() {
+        return Err(Invalid(format!(
+            "{} bytes after the last query",
+            data.len() - at
+        )));
+    }
+    Ok(MetaRequest { name, queries })
+}
+
+/// Encodes META_CONTEXT data (for tests and fuzz seeds).
+pub fn encode_meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
+/// Payload of an INFO_EXPORT reply.
+pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v
+}
+
+/// Payload of an INFO_BLOCK_SIZE reply.
+pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14);
+    v.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    v.extend_from_slice(&min.to_be_bytes());
+    v.extend_from_slice(&preferred.to_be_bytes());
+    v.extend_from_slice(&max.to_be_bytes());
+    v
+}
+
+/// Payload of an INFO_NAME or INFO_DESCRIPTION reply.
+pub fn info_string(kind: u16, s: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + s.len());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// Payload of a META_CONTEXT reply.
+pub fn meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// Payload of a SERVER reply to LIST: name length, name, then the description.
+pub fn list_server(name: &str, description: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len() + description.len());
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(description.as_bytes());
+    v
+}
+
+/// Which request and reply headers a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replies {
+    /// Nothing negotiated: compact requests, simple replies.
+    Simple,
+    /// STRUCTURED_REPLY: compact requests, structured chunks (simple replies allowed for
+    /// commands without payload).
+    Structured,
+    /// EXTENDED_HEADERS: 32-byte requests and 32-byte reply chunks only.
+    Extended,
+}
+
+impl Replies {
+    /// Length of a request header in this mode.
+    pub fn request_len(self) -> usize {
+        match self {
+            Replies::Extended => EXTENDED_REQUEST_LEN,
+            _ => COMPACT_REQUEST_LEN,
+        }
+    }
+
+    /// Length of a chunk header in this mode (the simple reply's for `Simple`).
+    pub fn chunk_header_len(self) -> usize {
+        match self {
+            Replies::Simple => SIMPLE_REPLY_LEN,
+            Replies::Structured => STRUCTURED_HEADER_LEN,
+            Replies::Extended => EXTENDED_HEADER_LEN,
+        }
     }
 }
 
-/// An option reply: magic, option, type, then the payload.
-pub fn option_reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + payload.len());
-    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
+/// A transmission request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    /// The effect length, or the payload length for WRITE (and with PAYLOAD_LEN).
+    pub length: u64,
 }
 
-/// A simple reply header.
-pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out[4..8].copy_from_slice(&error.to_be_bytes());
-    out[8..].copy_from_slice(&cookie.to_be_bytes());
-    out
+/// Decodes a request header of the mode's length.
+pub fn parse_request(b: &[u8], mode: Replies) -> Result<Request, WireError> {
+    let need = mode.request_len();
+    if b.len() < need {
+        return Err(WireError::Short {
+            what: "request header",
+            got: b.len(),
+            need,
+        });
+    }
+    let magic = be32(b, 0);
+    let expected = match mode {
+        Replies::Extended => EXTENDED_REQUEST_MAGIC,
+        _ => REQUEST_MAGIC,
+    };
+    if magic != expected {
+        return Err(WireError::BadRequestMagic(magic));
+    }
+    let length = match mode {
+        Replies::Extended => be64(b, 24),
+        _ => be32(b, 24) as u64,
+    };
+    Ok(Request {
+        flags: be16(b, 4),
+        kind: be16(b, 6),
+        cookie: be64(b, 8),
+        offset: be64(b, 16),
+        length,
+    })
 }
 
-/// A structured reply chunk header for a payload of `len` bytes.
-pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20] {
-    let mut out = [0u8; 20];
-    out[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&flags.to_be_bytes());
-    out[6..8].copy_from_slice(&kind.to_be_bytes());
-    out[8..16].copy_from_slice(&cookie.to_be_bytes());
-    out[16..].copy_from_slice(&len.to_be_bytes());
-    out
+/// Encodes a request header (for tests and fuzz seeds); compact mode keeps the low 32 bits of
+/// the length.
+pub fn encode_request(r: &Request, mode: Replies) -> Vec<u8> {
+    let mut v = Vec::with_capacity(EXTENDED_REQUEST_LEN);
+    let magic = match mode {
+        Replies::Extended => EXTENDED_REQUEST_MAGIC,
+        _ => REQUEST_MAGIC,
+    };
+    v.extend_from_slice(&magic.to_be_bytes());
+    v.extend_from_slice(&r.flags.to_be_bytes());
+    v.extend_from_slice(&r.kind.to_be_bytes());
+    v.extend_from_slice(&r.cookie.to_be_bytes());
+    v.extend_from_slice(&r.offset.to_be_bytes());
+    match mode {
+        Replies::Extended => v.extend_from_slice(&r.length.to_be_bytes()),
+        _ => v.extend_from_slice(&(r.length as u32).to_be_bytes()),
+    }
+    v
 }
 
-/// An ERROR chunk (always the last of its reply).
-pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(MAX_STRING)];
-    let mut out = chunk_header(CHUNK_DONE, CHUNK_ERROR, cookie, 6 + msg.len() as u32).to_vec();
+/// Appends a simple reply header.
+pub fn simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+}
+
+/// Appends a structured or extended chunk header (`mode` must not be `Simple`); `offset` is the
+/// request's offset, echoed by extended headers.
+pub fn chunk_header(
+    out: &mut Vec<u8>,
+    mode: Replies,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    payload_len: u64,
+) {
+    if mode == Replies::Extended {
+        out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&payload_len.to_be_bytes());
+    } else {
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        // Callers keep compact payloads under 4 GiB (chunks are split below that).
+        out.extend_from_slice(&(payload_len as u32).to_be_bytes());
+    }
+}
+
+/// Appends an ERROR chunk (flagged DONE) carrying `error` and a message cut to the limit.
+pub fn error_chunk(
+    out: &mut Vec<u8>,
+    mode: Replies,
+    cookie: u64,
+    offset: u64,
+    error: u32,
+    msg: &str,
+) {
+    let mut end = msg.len().min(MAX_MESSAGE);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &msg.as_bytes()[..end];
+    chunk_header(
+        out,
+        mode,
+        REPLY_FLAG_DONE,
+        CHUNK_ERROR,
+        cookie,
+        offset,
+        6 + msg.len() as u64,
+    );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
-    out
+}
+
+/// Appends an OFFSET_HOLE chunk. Compact holes are at most u32::MAX bytes (callers split).
+pub fn hole_chunk(
+    out: &mut Vec<u8>,
+    mode: Replies,
+    flags: u16,
+    cookie: u64,
+    req_offset: u64,
+    offset: u64,
+    len: u32,
+) {
+    chunk_header(out, mode, flags, CHUNK_OFFSET_HOLE, cookie, req_offset, 12);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// One extent of a block-status answer: a length and the context's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    pub len: u64,
+    pub flags: u32,
+}
+
+/// Appends a BLOCK_STATUS (compact) or BLOCK_STATUS_EXT (extended) chunk for one context.
+/// Compact extents must each fit 32 bits (callers cap them).
+pub fn block_status_chunk(
+    out: &mut Vec<u8>,
+    mode: Replies,
+    flags: u16,
+    cookie: u64,
+    req_offset: u64,
+    context: u32,
+    extents: &[StatusExtent],
+) {
+    if mode == Replies::Extended {
+        let len = 8 + 16 * extents.len() as u64;
+        chunk_header(
+            out,
+            mode,
+            flags,
+            CHUNK_BLOCK_STATUS_EXT,
+            cookie,
+            req_offset,
+            len,
+        );
+        out.extend_from_slice(&context.to_be_bytes());
+        out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        for e in extents {
+            out.extend_from_slice(&e.len.to_be_bytes());
+            out.extend_from_slice(&(e.flags as u64).to_be_bytes());
+        }
+    } else {
+        let len = 4 + 8 * extents.len() as u64;
+        chunk_header(
+            out,
+            mode,
+            flags,
+            CHUNK_BLOCK_STATUS,
+            cookie,
+            req_offset,
+            len,
+        );
+        out.extend_from_slice(&context.to_be_bytes());
+        for e in extents {
+            out.extend_from_slice(&(e.len as u32).to_be_bytes());
+            out.extend_from_slice(&e.flags.to_be_bytes());
+        }
+    }
+}
+
+/// A BLOCK_STATUS payload (extended headers with PAYLOAD_LEN): an effect length and the context
+/// ids to answer for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPayload {
+    pub length: u64,
+    pub ids: Vec<u32>,
+}
+
+/// Decodes a BLOCK_STATUS payload: u64 effect length, then n × u32 ids (n ≥ 1).
+pub fn parse_status_payload(b: &[u8]) -> Option<StatusPayload> {
+    if b.len() < 12 || (b.len() - 8) % 4 != 0 {
+        return None;
+    }
+    let length = be64(b, 0);
+    let ids = b[8..]
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Some(StatusPayload { length, ids })
 }
 
 #[cfg(test)]
@@ -233,27 +626,85 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_and_options_decode_within_bounds() {
-        let mut b = [0u8; 28];
-        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[7] = 1;
-        b[27] = 9;
-        let r = Request::decode(&b).unwrap();
-        assert_eq!((r.kind, r.length), (CMD_WRITE, 9));
-        b[0] = 0;
-        assert!(Request::decode(&b).is_none());
-        let mut go = Vec::new();
-        go.extend_from_slice(&3u32.to_be_bytes());
-        go.extend_from_slice(b"exp");
-        go.extend_from_slice(&1u16.to_be_bytes());
-        go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        let info = InfoRequest::decode(&go).unwrap();
-        assert_eq!(info.name, "exp");
-        assert_eq!(info.infos, vec![INFO_BLOCK_SIZE]);
-        assert!(InfoRequest::decode(&go[..go.len() - 1]).is_none());
-        let mut huge = u32::MAX.to_be_bytes().to_vec();
-        huge.extend_from_slice(&[0; 8]);
-        assert!(InfoRequest::decode(&huge).is_none());
-        assert!(MetaRequest::decode(&huge).is_none());
+    fn option_header_round_trips_and_rejects_bad_magic() {
+        let o = encode_option(OPT_GO, b"abc");
+        assert_eq!(
+            parse_option_header(&o).unwrap(),
+            OptionHeader {
+                option: OPT_GO,
+                len: 3
+            }
+        );
+        let mut bad = o.clone();
+        bad[0] ^= 1;
+        assert!(matches!(
+            parse_option_header(&bad),
+            Err(WireError::BadOptionMagic(_))
+        ));
+        assert!(parse_option_header(&o[..10]).is_err());
+    }
+
+    #[test]
+    fn info_request_round_trips_and_checks_lengths() {
+        let d = encode_info_request("exp", &[INFO_BLOCK_SIZE, INFO_NAME]);
+        let r = parse_info_request(&d).unwrap();
+        assert_eq!(r.name, "exp");
+        assert_eq!(r.infos, vec![INFO_BLOCK_SIZE, INFO_NAME]);
+        assert!(parse_info_request(&d[..d.len() - 1]).is_err());
+        let mut long = d.clone();
+        long.push(0);
+        assert!(parse_info_request(&long).is_err());
+        // A name length beyond the data.
+        assert!(parse_info_request(&[0xff, 0xff, 0xff, 0xff, 0, 0]).is_err());
+        // NUL in the name.
+        assert!(parse_info_request(&encode_info_request("a\0b", &[])).is_err());
+    }
+
+    #[test]
+    fn meta_request_round_trips() {
+        let d = encode_meta_request("", &["base:allocation", "qemu:"]);
+        let r = parse_meta_request(&d).unwrap();
+        assert_eq!(r.queries, vec!["base:allocation", "qemu:"]);
+        assert!(parse_meta_request(&d[..d.len() - 2]).is_err());
+        // A huge query count with no data for it fails without allocating.
+        let mut d = encode_meta_request("", &[]);
+        let n = d.len();
+        d[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_meta_request(&d).is_err());
+    }
+
+    #[test]
+    fn requests_round_trip_in_both_header_modes() {
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 0x1122334455667788,
+            offset: 4096,
+            length: 512,
+        };
+        for mode in [Replies::Structured, Replies::Extended] {
+            let b = encode_request(&r, mode);
+            assert_eq!(b.len(), mode.request_len());
+            assert_eq!(parse_request(&b, mode).unwrap(), r);
+        }
+        let b = encode_request(&r, Replies::Simple);
+        assert!(parse_request(&b, Replies::Extended).is_err());
+    }
+
+    #[test]
+    fn greeting_matches_qemu_bytes() {
+        let g = greeting();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(&g[16..], &[0, 3]);
+    }
+
+    #[test]
+    fn status_payload_needs_at_least_one_id() {
+        assert!(parse_status_payload(&[0; 8]).is_none());
+        assert!(parse_status_payload(&[0; 13]).is_none());
+        let p = parse_status_payload(&[0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 1]).unwrap();
+        assert_eq!(p.length, 4096);
+        assert_eq!(p.ids, vec![1]);
     }
 }
