@@ -237,6 +237,25 @@ fn nbdinfo_and_qemu_img_see_what_qemu_nbd_serves() {
     );
     let want = engine_bytes(&top);
     assert_eq!(std::fs::read(&raw).unwrap(), want);
+    // A qcow2 copy made from the export holds the same bytes and checks clean.
+    let copy = dir.join("out.qcow2");
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", &o, path_str(&copy)],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path_str(&copy),
+            path_str(&raw),
+        ],
+    );
+    run_ok("qemu-img", &["check", "-f", "qcow2", path_str(&copy)]);
     let out = run_ok(
         "qemu-io",
         &[
