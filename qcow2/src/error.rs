@@ -163,5 +163,25 @@ impl Error {
     }
 }
 
+/// For `std::io` callers (`DiskCursor`, and code that returns `io::Result`): an I/O error keeps
+/// its kind; the others map to the nearest kind and keep the engine's error as the source.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } => source.kind(),
+            Error::Corrupt { .. } | Error::MarkedCorrupt { .. } => io::ErrorKind::InvalidData,
+            Error::Unsupported { .. } => io::ErrorKind::Unsupported,
+            Error::Chain { .. } => io::ErrorKind::NotFound,
+            Error::OutOfBounds { .. } | Error::InvalidArgument { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            Error::SnapshotNotFound { .. } => io::ErrorKind::NotFound,
+            Error::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
+            Error::Locked { .. } => io::ErrorKind::WouldBlock,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
 /// Shorthand for engine results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

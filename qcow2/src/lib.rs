@@ -9,15 +9,58 @@
 //!   discard, resize and compressed writes; internal snapshots; `map`, `info`, `check` and repair;
 //!   commit and rebase of backing chains.
 //!
+//! The common jobs, in memory here (`Image::create` and `Image::open` take paths):
+//!
+//! ```
+//! use qcow2::{CreateOptions, Image, MemoryStorage, OpenOptions, SnapshotTime};
+//!
+//! // Create a 1 GiB image, write, snapshot, write again.
+//! let options = CreateOptions { size: 1 << 30, ..CreateOptions::default() };
+//! let image = Image::create_in(Box::new(MemoryStorage::new()), "disk", &options)?;
+//! image.write_at(&[0xab; 4096], 1 << 20)?;
+//! image.create_snapshot("before-upgrade", SnapshotTime::now())?;
+//! image.write_at(&[0xcd; 4096], 1 << 20)?;
+//!
+//! // Read the disk and one snapshot of it.
+//! let mut now = [0u8; 4096];
+//! image.read_at(&mut now, 1 << 20)?;
+//! assert_eq!(now[0], 0xcd);
+//! let mut then = [0u8; 4096];
+//! image.open_snapshot("before-upgrade")?.read_at(&mut then, 1 << 20)?;
+//! assert_eq!(then[0], 0xab);
+//!
+//! // Which ranges hold data (qemu-img map), asked in windows for large disks.
+//! let data: Vec<_> = image.map(0, image.size())?.into_iter().filter(|e| e.data()).collect();
+//! assert_eq!((data[0].start, data[0].length), (1 << 20, 65536));
+//!
+//! // A persistent dirty bitmap marks what changes from now on (incremental backups).
+//! image.add_bitmap("since-now", 65536, false)?;
+//! image.write_at(&[1; 512], 7 << 20)?;
+//! assert_eq!(image.dirty_extents("since-now", 0, image.size())?, [(7 << 20, 65536)]);
+//!
+//! // Consistency (qemu-img check).
+//! assert!(image.check()?.is_clean());
+//! image.close()?;
+//! # let _ = OpenOptions::default();
+//! # Ok::<(), qcow2::Error>(())
+//! ```
+//!
+//! Backing files are opened only as [`OpenOptions::backing`] says (follow, refuse, ignore);
+//! [`DiskCursor`] gives `std::io` access; `examples/` has whole programs. Linux only: image
+//! locks are QEMU's open file description locks.
+//!
 //! The only `unsafe` the project allows would be file mapping; none is used.
 #![forbid(unsafe_code)]
 
+pub mod cursor;
 pub mod error;
 pub mod format;
 pub mod image;
 pub mod storage;
 
+pub use cursor::{Disk, DiskCursor};
 pub use error::{ChainProblem, Error, Result};
+pub use format::SnapshotTime;
 pub use image::{
     BackingPolicy, CheckReport, CommitOptions, CreateOptions, Extent, ExtentKind, Image, ImageInfo,
     NewBacking, OpenOptions, Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,

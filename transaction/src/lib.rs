@@ -13,6 +13,31 @@
 //!    manifest records the new tops; bitmap changes follow, each journaled once applied, so
 //!    recovery goes on from the first one not applied (`bitmaps.rs`).
 //!
+//! ```
+//! use qcow2::{CreateOptions, Image};
+//! use qcow2_transaction::{Action, Group};
+//!
+//! let dir = std::env::temp_dir().join(format!("txn-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let disks = [dir.join("a.qcow2"), dir.join("b.qcow2")];
+//! for d in &disks {
+//!     Image::create(d, &CreateOptions { size: 1 << 20, ..CreateOptions::default() })?.close()?;
+//! }
+//! // Opening the group first finishes or rolls back whatever a crash interrupted.
+//! let mut group = Group::open(dir.join("group"))?;
+//! let snapshot = |image: &std::path::PathBuf| Action::InternalCreate {
+//!     image: image.clone(),
+//!     name: "nightly".into(),
+//! };
+//! group.run(&[snapshot(&disks[0]), snapshot(&disks[1])])?;
+//! // A plan with one bad action changes nothing at all.
+//! let again = group.run(&[snapshot(&disks[0])]);
+//! assert!(again.is_err());
+//! assert_eq!(Image::open(&disks[1], &Default::default())?.snapshots().len(), 1);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! [`Group::recover`] (run by [`Group::open`]) rolls back a group without a decision and finishes
 //! one with it, then reconciles refcounts from the published metadata, so it is idempotent and
 //! never replays a decrement.
@@ -21,7 +46,7 @@
 //! on one image merge into one step. Every file goes through a [`fs::GroupFs`], so the recording
 //! [`sim::SimFs`] orders all files' operations in one log for crash tests.
 //!
-//! Where this departs from `shared/TRANSACTIONS.md`:
+//! Where this departs from the project's design notes (`TRANSACTIONS.md` in its repository):
 //! - the API is one call, [`Group::run`], rather than `begin`/`prepare`/`commit`/`abort`: a
 //!   caller has nothing to do between the phases, and one call cannot leave a half-used handle;
 //! - an abort writes a `Decision(0)` record and `End`; an abort that cannot finish returns

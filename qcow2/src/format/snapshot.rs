@@ -42,6 +42,48 @@ pub struct SnapshotTime {
     pub nanos: u32,
 }
 
+impl SnapshotTime {
+    /// The current wall-clock time (what `qemu-img snapshot -c` records).
+    pub fn now() -> SnapshotTime {
+        SnapshotTime::from(std::time::SystemTime::now())
+    }
+}
+
+impl From<std::time::SystemTime> for SnapshotTime {
+    fn from(t: std::time::SystemTime) -> SnapshotTime {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => SnapshotTime {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            // Before 1970: whole seconds round down, nanoseconds count up from there.
+            Err(before) => {
+                let d = before.duration();
+                let (secs, nanos) = (d.as_secs() as i64, d.subsec_nanos());
+                if nanos == 0 {
+                    SnapshotTime { secs: -secs, nanos }
+                } else {
+                    SnapshotTime {
+                        secs: -secs - 1,
+                        nanos: 1_000_000_000 - nanos,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl From<SnapshotTime> for std::time::SystemTime {
+    fn from(t: SnapshotTime) -> std::time::SystemTime {
+        let nanos = std::time::Duration::from_nanos(u64::from(t.nanos));
+        if t.secs >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.secs as u64) + nanos
+        } else {
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(t.secs.unsigned_abs()) + nanos
+        }
+    }
+}
+
 /// One decoded snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotEntry {
@@ -244,6 +286,29 @@ pub fn decode_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_convert_to_and_from_system_time_both_sides_of_1970() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        for t in [
+            UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            UNIX_EPOCH - Duration::new(5, 250_000_000),
+            UNIX_EPOCH - Duration::from_secs(7),
+            UNIX_EPOCH,
+        ] {
+            let s = SnapshotTime::from(t);
+            assert!(s.nanos < 1_000_000_000, "{s:?}");
+            assert_eq!(SystemTime::from(s), t);
+        }
+        assert_eq!(
+            SnapshotTime::from(UNIX_EPOCH - Duration::new(5, 250_000_000)),
+            SnapshotTime {
+                secs: -6,
+                nanos: 750_000_000
+            }
+        );
+        assert!(SnapshotTime::now().secs > 1_700_000_000);
+    }
 
     fn entry(name: &str, extra: Vec<u8>) -> SnapshotEntry {
         SnapshotEntry {

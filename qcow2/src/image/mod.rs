@@ -222,7 +222,8 @@ impl std::fmt::Debug for Image {
 }
 
 impl Image {
-    /// Opens the image at `path` read-only, with its backing chain as `options` allow.
+    /// Opens the image at `path` as `options` say: read-only unless `options.writable`, with its
+    /// backing chain as `options.backing` allows, locked as QEMU locks it.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
         backing::open_chain(path.as_ref(), options, &mut Vec::new())
     }
