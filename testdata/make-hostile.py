@@ -389,7 +389,7 @@ def build(tmp):
                  "backing file is backing-loop-b.qcow2, whose backing file is this image")
     backing_case("backing-loop-b.qcow2", "backing-loop-a.qcow2", "Chain:Loop",
                  "backing file is backing-loop-a.qcow2, whose backing file is this image")
-    backing_case("backing-missing.qcow2", "no-such-backing-file.qcow2", "Io",
+    backing_case("backing-missing.qcow2", "no-such-backing-file.qcow2", "Chain:Missing",
                  "backing file no-such-backing-file.qcow2 does not exist")
 
 

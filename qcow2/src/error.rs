@@ -23,6 +23,8 @@ pub enum ChainProblem {
     /// would hang the reader, or a character device such as `/dev/zero`, which would acknowledge
     /// writes and read back something else).
     NotAFile { kind: &'static str },
+    /// The named file does not exist.
+    Missing,
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -46,6 +48,7 @@ impl std::fmt::Display for ChainProblem {
             ChainProblem::NotAFile { kind } => {
                 write!(f, "it is a {kind}, not a regular file or block device")
             }
+            ChainProblem::Missing => write!(f, "No such file or directory"),
             ChainProblem::NoDirectory => {
                 write!(
                     f,

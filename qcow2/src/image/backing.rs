@@ -115,6 +115,9 @@ fn attach_files(
         ));
     }
     let backing_canonical = std::fs::canonicalize(&backing_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return chain_error(image, ChainProblem::Missing);
+        }
         Error::io(
             &image.name,
             format!("opening the backing file {backing_name:?}"),

@@ -231,6 +231,8 @@ impl Image {
         let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, &name))?;
         let mut storage =
             FileStorage::create_new(path).map_err(|e| Error::io(&name, "creating the image", e))?;
+        // A create that fails leaves nothing behind, as qemu-img's does.
+        let mut made = RemoveUnlessKept(Some(path));
         // Locked before the first byte is written, like every other write path.
         if let Err(detail) = storage
             .lock_image(true)
@@ -256,6 +258,7 @@ impl Image {
         if options.preallocation == Preallocation::Metadata {
             image.preallocate_metadata()?;
         }
+        made.0 = None;
         Ok(image)
     }
 
@@ -322,5 +325,16 @@ fn rename(e: Error, name: &str) -> Error {
             reason,
         },
         other => other,
+    }
+}
+
+/// Removes the file it names when dropped, unless its name is taken back first.
+struct RemoveUnlessKept<'a>(Option<&'a Path>);
+
+impl Drop for RemoveUnlessKept<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
