@@ -25,23 +25,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     out.set_len(image.size())?;
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0;
-    // The map is asked for in windows, so a huge sparse disk never needs one huge extent list.
-    let window = 1u64 << 30;
-    let mut at = 0;
-    while at < image.size() {
-        let len = window.min(image.size() - at);
-        for extent in image.map(at, len)?.iter().filter(|e| e.data()) {
-            let mut pos = extent.start;
-            let end = extent.start + extent.length;
-            while pos < end {
-                let n = (end - pos).min(buf.len() as u64) as usize;
-                image.read_at(&mut buf[..n], pos)?;
-                out.write_all_at(&buf[..n], pos)?;
-                pos += n as u64;
-                copied += n as u64;
-            }
+    // `extents` maps a window at a time, so a huge sparse disk never needs one huge list.
+    for extent in image.extents(0, image.size()) {
+        let extent = extent?;
+        if !extent.data() {
+            continue;
         }
-        at += len;
+        let mut pos = extent.start;
+        let end = extent.start + extent.length;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            image.read_at(&mut buf[..n], pos)?;
+            out.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+            copied += n as u64;
+        }
     }
     out.sync_all()?;
     println!(

@@ -63,7 +63,7 @@ impl Extent {
     }
 
     /// Whether `next` directly continues this extent with the same meaning.
-    fn merges_with(&self, next: &Extent) -> bool {
+    pub(crate) fn merges_with(&self, next: &Extent) -> bool {
         self.start + self.length == next.start
             && self.depth == next.depth
             && match (self.kind, next.kind) {
