@@ -587,6 +587,34 @@ impl Image {
 mod tests {
     use super::{all_set, set_range};
 
+    /// Once a granule is dirty, overwriting data inside it costs the data write alone: no bitmap
+    /// byte and no sync reach the storage.
+    #[test]
+    fn a_write_into_a_dirty_granule_writes_only_the_data() {
+        use crate::storage::recording::Op;
+        let store = std::sync::Arc::new(crate::storage::RecordingStorage::new(Vec::new()));
+        let options = crate::CreateOptions {
+            size: 1 << 30,
+            ..crate::CreateOptions::default()
+        };
+        let img = crate::Image::create_in(Box::new(store.clone()), "t", &options).unwrap();
+        img.add_bitmap("b", 65536, false).unwrap();
+        img.write_at(&[1u8; 4096], 1 << 20).unwrap();
+        img.flush().unwrap();
+        img.write_at(&[2u8; 4096], 1 << 20).unwrap();
+        let before = store.op_count();
+        for k in 0..4u64 {
+            img.write_at(&[3u8; 4096], (1 << 20) + k * 4096).unwrap();
+        }
+        let ops = store.ops()[before..].to_vec();
+        assert_eq!(ops.len(), 4, "{ops:?}");
+        assert!(
+            ops.iter()
+                .all(|op| matches!(op, Op::Write { data, .. } if data.len() == 4096)),
+            "{ops:?}"
+        );
+    }
+
     #[test]
     fn ranges_set_every_granule_they_touch() {
         let mut bits = vec![0u8; 4];
