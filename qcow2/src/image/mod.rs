@@ -1,51 +1,35 @@
 //! The engine: an open qcow2 image, validated against QEMU's limits before any size or offset
-//! from disk is used.
+//! from disk is used. Open validation lives here; the rest is grouped by concept:
 //!
-//! Submodules, one concept each:
-//! - reading: `layer` maps guest offsets through L1/L2; `l2_cache` bounds memory (whole tables
-//!   for a writer, 4 KiB slices while read-only); `codec`
-//!   (de)compresses; `backing` opens chains through the caller's policy; `map`, `info`, `check`
-//!   and `snapshot` (read-only views) build on `layer`;
-//! - writing: `write` (in-place, copy-on-write, zero, discard), `compress`, `resize`, `create`;
-//!   `refcounts` allocates and grows refcount structures; `writeback` orders cached metadata on
-//!   its way to disk; `guard` refuses writes onto metadata; `host` wraps positioned I/O;
-//! - `repair` (check -r) and `snapshot_ops` (create, delete, apply; staged and published by one
-//!   header write);
-//! - chains: `commit` (merge into a base, then empty the top), `rebase` (new backing file, copying
-//!   what would change), `backing_header` (crash-safe rewrites of cluster 0: the backing name and
-//!   format, the bitmaps extension);
+//! - `data/`: guest data: the read path through L1/L2 (`layer`), writes in place, copy-on-write,
+//!   zero writes and discards (`write`), compressed clusters (`compress`, `codec`), the extent
+//!   map (`map`, `extents`);
+//! - `meta/`: metadata in memory and on its way to disk: positioned I/O (`host`), the bounded L2
+//!   cache (`l2_cache`: whole tables for a writer, 4 KiB slices while read-only), refcounts and
+//!   their growth (`refcounts`, `refcount_deltas`), write-back order (`writeback`);
+//! - `snapshots/`: read-only views (`view`) and create, delete and revert staged in fresh
+//!   clusters and published by one header write (`ops`);
+//! - `chain/`: backing chains through the caller's policy (`backing`), crash-safe rewrites of
+//!   cluster 0 (`backing_header`), `commit` and `rebase`;
+//! - `maintenance/`: `create`, `info`, `check`, `repair` (check -r), `resize`, and `guard`
+//!   (writes never land on metadata; the layout is checked before the first write);
 //! - `bitmap/`: persistent dirty bitmaps (validated at open, marked by every change, saved on
-//!   close, kept durable across power cuts, added/removed/merged as `qemu-img bitmap` does);
-//! - `guard` also checks the layout before the first write (`check_layout`): no refcount block or
-//!   L2 table on other metadata, no metadata counted free.
+//!   close, kept durable across power cuts, added/removed/merged as `qemu-img bitmap` does).
 //!
-//! Open validation lives here.
 
-mod backing;
-mod backing_header;
 mod bitmap;
-mod check;
-mod cluster_map;
-mod codec;
-mod commit;
-mod compress;
-mod create;
-mod extents;
-mod guard;
-mod host;
-mod info;
-mod l2_cache;
-mod layer;
-mod map;
-mod rebase;
-mod refcount_deltas;
-mod refcounts;
-mod repair;
-mod resize;
-mod snapshot;
-mod snapshot_ops;
-mod write;
-mod writeback;
+mod chain;
+mod data;
+mod maintenance;
+mod meta;
+mod snapshots;
+
+// Every submodule by its own name, wherever its folder puts it.
+use chain::{backing, commit, rebase};
+use data::{codec, extents, layer, map};
+use maintenance::{check, create, info, repair};
+use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
+use snapshots::{ops as snapshot_ops, view as snapshot};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -1,12 +1,12 @@
 //! Read-only views of internal snapshots, found by id first and then by name (as qemu-img looks
 //! them up). A view reads through the snapshot's own L1 table and the image's backing chain.
 
-use super::layer::Layer;
-use super::map::Extent;
-use super::Image;
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_L1_ENTRIES;
 use crate::format::SnapshotEntry;
+use crate::image::layer::Layer;
+use crate::image::map::Extent;
+use crate::image::Image;
 
 /// A read-only view of one internal snapshot.
 pub struct SnapshotView<'a> {

@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use super::cluster_map::{ClusterMap, ClusterSet};
+use crate::image::cluster_map::{ClusterMap, ClusterSet};
 
-use super::host::Host;
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_REFTABLE_SIZE_BYTES;
 use crate::format::refcount;
 use crate::format::table::REFTABLE_OFFSET_MASK;
+use crate::image::host::Host;
 
 const SECTOR: usize = 512;
 

@@ -4,14 +4,14 @@
 //! tables go to fresh clusters and are published by an L1 entry write when the L2 tables are
 //! written back (see `writeback`).
 
-use super::layer::Layer;
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::CompressedDescriptor;
+use crate::image::layer::Layer;
+use crate::image::{Image, Meta};
 
 /// Subcluster bitmap with every subcluster reading as zeros.
 const ALL_ZEROES: u64 = 0xFFFF_FFFF_0000_0000;
@@ -605,7 +605,7 @@ impl Image {
                 // v2 with nothing below: a part of a cluster that is not allocated reads as zeros
                 // already; writing zeros there would only allocate it (QEMU leaves it too).
                 let (run, n) = self.lookup(m, m.active(), pos, chunk_end - pos)?;
-                if matches!(run, super::layer::Run::Unallocated) && n >= chunk_end - pos {
+                if matches!(run, crate::image::layer::Run::Unallocated) && n >= chunk_end - pos {
                     pos = chunk_end;
                     continue;
                 }

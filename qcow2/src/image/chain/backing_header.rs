@@ -15,11 +15,11 @@
 //! Before writing anything, every state a crash could leave (each prefix of the sector writes) is
 //! decoded and must mean the old or the new backing file; otherwise the rewrite is refused.
 
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::features::Autoclear;
 use crate::format::limits::{MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME};
 use crate::format::Header;
+use crate::image::{Image, Meta};
 use crate::storage::recording::SECTOR;
 
 /// What a header says, ignoring where the name sits and the feature name table (which only

@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::cluster_map::ClusterMap;
 use crate::error::Result;
+use crate::image::cluster_map::ClusterMap;
 
 struct Slot {
     table: Arc<[u8]>,

@@ -3,10 +3,10 @@
 //! so several compressed clusters share host clusters (each adds one to the refcount of every host
 //! cluster it touches). Data that does not compress is written as a normal cluster.
 
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::table::COMPRESSED;
 use crate::format::CompressedDescriptor;
+use crate::image::{Image, Meta};
 
 impl Image {
     /// Writes whole clusters compressed, starting at a cluster boundary. The last cluster of the
@@ -38,7 +38,7 @@ impl Image {
             let mut cluster = vec![0u8; cs as usize];
             cluster[..chunk.len()].copy_from_slice(chunk);
             let kind = self.meta().header.compression_type;
-            match super::codec::compress(kind, &cluster, cs as usize - 1) {
+            match crate::image::codec::compress(kind, &cluster, cs as usize - 1) {
                 Some(data) => {
                     let mut m = self.meta_mut();
                     self.write_one_compressed(&mut m, guest, &data)?;

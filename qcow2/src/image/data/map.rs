@@ -1,10 +1,10 @@
 //! The block-status API: which guest ranges hold data, zeros or nothing, and at which depth of the
 //! backing chain. Adjacent ranges with the same meaning merge as `qemu-img map` merges them.
 
-use super::backing::Backing;
-use super::layer::{Layer, Run};
-use super::{Image, Meta};
 use crate::error::Result;
+use crate::image::backing::Backing;
+use crate::image::layer::{Layer, Run};
+use crate::image::{Image, Meta};
 
 /// What a guest range holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

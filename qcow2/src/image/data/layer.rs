@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{
@@ -12,6 +11,7 @@ use crate::format::table::{
     L2_STD_RESERVED_MASK, OFFSET_MASK,
 };
 use crate::format::CompressedDescriptor;
+use crate::image::{Image, Meta};
 use crate::storage::StorageExt;
 
 /// What a run of guest bytes maps to in one layer.
@@ -556,7 +556,7 @@ impl Image {
                 )
             })?;
         let mut out = vec![0u8; cluster_size].into_boxed_slice();
-        super::codec::decompress(m.header.compression_type, &input, &mut out).map_err(
+        crate::image::codec::decompress(m.header.compression_type, &input, &mut out).map_err(
             |reason| {
                 Error::corrupt(
                     &self.name,

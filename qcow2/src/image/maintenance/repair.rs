@@ -3,13 +3,13 @@
 //! of the image, published by the 12-byte header switch at offset 48) and then fixes COPIED flags.
 //! A dirty image (lazy refcounts) opened for writing is repaired the same way.
 
-use super::check::CheckReport;
-use super::refcounts::Refcounts;
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::refcount;
 use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
+use crate::image::check::CheckReport;
+use crate::image::refcounts::Refcounts;
+use crate::image::{Image, Meta};
 
 /// What `check -r` may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

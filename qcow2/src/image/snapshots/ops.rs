@@ -12,15 +12,15 @@
 //! was. QEMU instead clears COPIED in place and rewrites the active L1 in place on apply, which
 //! leaves windows where a crash marks a shared table unshared.
 
-use super::refcount_deltas::{RefcountDeltas, Segment, SegmentCursor};
-use super::refcounts::Refcounts;
-use super::snapshot::find_snapshot;
-use super::{Image, Meta, SnapshotInfo};
 use crate::error::{Error, Result};
 use crate::format::limits::*;
 use crate::format::snapshot::{encode_table, TIME64_TAG};
 use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
 use crate::format::{CompressedDescriptor, SnapshotEntry, SnapshotTime};
+use crate::image::refcount_deltas::{RefcountDeltas, Segment, SegmentCursor};
+use crate::image::refcounts::Refcounts;
+use crate::image::snapshot::find_snapshot;
+use crate::image::{Image, Meta, SnapshotInfo};
 
 /// A layer's references: its L2 tables and the host ranges its entries hold.
 struct LayerRefs {
@@ -310,7 +310,7 @@ impl Image {
         }
         m.metadata_areas.retain(|a| a.what != "the snapshot table");
         if staged.table_at != 0 {
-            m.metadata_areas.push(super::MetadataArea {
+            m.metadata_areas.push(crate::image::MetadataArea {
                 start: staged.table_at,
                 end: staged.table_at + staged.table_len.next_multiple_of(cs),
                 what: "the snapshot table",

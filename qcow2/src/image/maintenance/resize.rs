@@ -2,10 +2,10 @@
 //! new table is published by the 12-byte header write at offset 36) and then publishes the new
 //! size; shrinking refuses to drop allocated data unless asked, and frees what it drops.
 
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_L1_ENTRIES;
 use crate::format::table::{put_be_u64_at, OFFSET_MASK};
+use crate::image::{Image, Meta};
 
 impl Image {
     /// Changes the virtual size. Shrinking fails when data would be lost, unless `allow_data_loss`.
@@ -81,7 +81,8 @@ impl Image {
             let (run, n) = self.lookup(&m, m.active(), pos, end - pos)?;
             if !matches!(
                 run,
-                super::layer::Run::Unallocated | super::layer::Run::UnallocatedAlloc { .. }
+                crate::image::layer::Run::Unallocated
+                    | crate::image::layer::Run::UnallocatedAlloc { .. }
             ) {
                 return Ok(true);
             }

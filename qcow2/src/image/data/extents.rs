@@ -5,9 +5,9 @@
 
 use std::collections::VecDeque;
 
-use super::map::Extent;
-use super::Image;
 use crate::error::{Error, Result};
+use crate::image::map::Extent;
+use crate::image::Image;
 
 /// Guest bytes mapped per window: 16384 clusters of 64 KiB, so a window's list stays small.
 const WINDOW: u64 = 1 << 30;

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use super::backing::{open_chain, Backing};
-use super::{open_locked, resolve_relative, Image, OpenOptions};
 use crate::error::{Error, Result};
+use crate::image::backing::{open_chain, Backing};
+use crate::image::{open_locked, resolve_relative, Image, OpenOptions};
 use crate::storage::Storage;
 
 /// Largest piece compared or copied at once (bounds memory).

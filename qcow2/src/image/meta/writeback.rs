@@ -13,11 +13,11 @@
 
 use std::collections::BTreeSet;
 
-use super::host::Host;
-use super::refcounts::Refcounts;
-use super::{Image, Meta};
 use crate::error::Result;
 use crate::format::features::Incompatible;
+use crate::image::host::Host;
+use crate::image::refcounts::Refcounts;
+use crate::image::{Image, Meta};
 
 /// The writer's state: refcounts and the order in which cached metadata must reach the disk.
 pub(crate) struct WriteState {

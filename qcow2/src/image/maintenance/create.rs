@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::extension::Extensions;
 use crate::format::features::{Compatible, Incompatible};
 use crate::format::header::CompressionType;
 use crate::format::limits::*;
 use crate::format::{refcount, Header};
+use crate::image::{Image, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 
 /// How much to allocate up front (`preallocation=`).
@@ -280,7 +280,7 @@ impl Image {
             name,
             &OpenOptions {
                 writable: true,
-                backing: super::BackingPolicy::Ignore,
+                backing: crate::image::BackingPolicy::Ignore,
                 ..OpenOptions::default()
             },
         )?;

@@ -9,10 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::backing::{open_chain_writable_at, Backing};
-use super::{resolve_relative, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::table::{be_u64_at, OFFSET_MASK};
+use crate::image::backing::{open_chain_writable_at, Backing};
+use crate::image::{resolve_relative, Image, OpenOptions};
 
 /// Largest piece copied at once (bounds memory).
 const COPY_CHUNK: u64 = 1 << 20;

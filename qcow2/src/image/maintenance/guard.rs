@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use super::refcounts::Refcounts;
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::table::OFFSET_MASK;
+use crate::image::refcounts::Refcounts;
+use crate::image::{Image, Meta};
 
 impl Image {
     /// Fails (and marks the image corrupt) when `[offset, offset + len)` overlaps metadata.

@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{open_file, open_locked, resolve_relative, Image, OpenOptions};
 use crate::error::{ChainProblem, Error, Result};
 use crate::format::limits::QCOW_MAGIC;
+use crate::image::{open_file, open_locked, resolve_relative, Image, OpenOptions};
 use crate::storage::Storage;
 
 /// Which backing and data files an image may make the library open.

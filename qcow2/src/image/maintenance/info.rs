@@ -1,8 +1,8 @@
 //! What `qemu-img info` shows about an image, as plain data (the CLI turns it into qemu-img's
 //! JSON keys).
 
-use super::Image;
 use crate::format::SnapshotTime;
+use crate::image::Image;
 
 /// One internal snapshot, as `qemu-img info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

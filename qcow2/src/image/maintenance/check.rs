@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use super::{Image, Meta};
 use crate::error::{Error, Result};
 use crate::format::limits::{MAX_L1_ENTRIES, SNAPSHOT_EXTRA_V3_MIN_SIZE};
 use crate::format::table::{
@@ -14,6 +13,7 @@ use crate::format::table::{
     OFFSET_MASK, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
 };
 use crate::format::{refcount, CompressedDescriptor};
+use crate::image::{Image, Meta};
 use crate::storage::StorageExt;
 
 /// What a check found, with `qemu-img check`'s counters.

@@ -1,0 +1,10 @@
+//! Guest data: the read path through L1/L2 (`layer`), writes in place, copy-on-write, zero writes
+//! and discards (`write`), compressed clusters (`compress`, `codec`), and the extent map (`map`,
+//! and `extents`, which walks it a window at a time).
+
+pub(crate) mod codec;
+pub(crate) mod compress;
+pub(crate) mod extents;
+pub(crate) mod layer;
+pub(crate) mod map;
+pub(crate) mod write;
