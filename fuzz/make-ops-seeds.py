@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the hand-made seeds of the `ops` fuzz target to fuzz/regressions/ops/.
 
-The encoding is `OpsInput::from_bytes` in fuzz/src/targets.rs: a config, then steps, each an
+The encoding is `OpsInput::from_bytes` in fuzz/src/targets/ops/input.rs: a config, then steps, each an
 opcode byte and its fields. Rerun after changing that decoding (and keep the crash-* files, which
 are found inputs, not seeds).
 """

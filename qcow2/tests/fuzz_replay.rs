@@ -2,7 +2,7 @@
 //! corpus exists, `fuzz/corpus/TARGET/`, through the same entry point libFuzzer drives.
 //!
 //! The fuzz crate lives outside the workspace (it needs nightly), so the target logic is shared as
-//! a file: `fuzz/src/targets.rs` depends only on `qcow2` and `std`.
+//! files: `fuzz/src/targets/` depends only on `qcow2` and `std`.
 //!
 //! Inputs named in `fuzz/regressions/KNOWN_FAILING` (one file name per line, `#` comments) are
 //! crashes or hangs found but not fixed yet: they are skipped with a note, so the suite stays green and the
@@ -11,7 +11,7 @@
 #[path = "../../fuzz/src/replay.rs"]
 mod replay_common;
 
-#[path = "../../fuzz/src/targets.rs"]
+#[path = "../../fuzz/src/targets/mod.rs"]
 #[allow(dead_code)]
 mod targets;
 

@@ -3,13 +3,13 @@
 //! `fuzz/corpus/{transaction,journal}/`, through the entry points libFuzzer drives.
 //!
 //! The fuzz crate lives outside the workspace (it needs nightly), so the target logic is shared as
-//! a file: `fuzz/src/txn_targets.rs` depends only on `qcow2`, this crate and `std`. Inputs named
+//! files: `fuzz/src/txn_targets/` depends only on `qcow2`, this crate and `std`. Inputs named
 //! in `fuzz/regressions/KNOWN_FAILING` are skipped with a note until their fix lands.
 
 #[path = "../../fuzz/src/replay.rs"]
 mod replay_common;
 
-#[path = "../../fuzz/src/txn_targets.rs"]
+#[path = "../../fuzz/src/txn_targets/mod.rs"]
 #[allow(dead_code)]
 mod txn_targets;
 
