@@ -801,7 +801,6 @@ impl OpsRun {
     }
 }
 
-/// (id, name) of each snapshot, in table order.
 /// (id, name) of each snapshot the image lists, in table order.
 pub(crate) fn listed_snapshots(image: &Image) -> Vec<(String, String)> {
     image
