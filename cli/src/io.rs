@@ -1,8 +1,11 @@
 //! `io`: a subset of qemu-io. Commands run in order on one open image (read-write unless
 //! `-r`), which is closed cleanly at the end: `read [-pqrv] [-P PAT] OFF LEN`,
-//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush` and `map`. Output
-//! lines, messages (stdout or stderr, as qemu-io) and the exit code (1 when any command failed)
-//! follow qemu-io.
+//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush` and `map`. Commands come
+//! from `-c` or, without it, from standard input one per line after a `qemu-io> ` prompt, as
+//! qemu-io reads them. Output lines, messages (stdout or stderr, as qemu-io) and the exit code
+//! (1 when any command failed) follow qemu-io. The options scripts pass (`-t`/`--cache`,
+//! `-n`, `--aio`, `-U`, a repeated `-f`) are accepted as qemu-io accepts them; cache and aio
+//! modes do not change how this engine writes.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,11 +32,26 @@ pub struct Args {
     /// Open read-only.
     #[arg(short = 'r')]
     read_only: bool,
-    /// Image format (qcow2 or raw); probed when absent.
+    /// Image format (qcow2 or raw); probed when absent. The last one given wins, as in qemu-io.
     #[arg(short = 'f')]
-    format: Option<String>,
+    format: Vec<String>,
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe), checked and accepted.
+    #[arg(short = 't', long = "cache")]
+    cache: Option<String>,
+    /// qemu-io's `-n` (cache=none), accepted.
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// AIO mode (threads, native, io_uring), checked and accepted.
+    #[arg(long = "aio", short = 'i')]
+    aio: Option<String>,
+    /// Open without taking the write-sharing lock (read-only images only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     file: PathBuf,
 }
+
+/// qemu-io's prompt before each command read from standard input.
+const PROMPT: &str = "qemu-io> ";
 
 /// The opened file.
 enum Target {
@@ -51,17 +69,35 @@ impl Target {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    if args.commands.is_empty() {
-        return Err(Failure::new(
-            1,
-            "io: interactive mode is not supported; pass -c CMD",
-        ));
-    }
     let fail = |m: String| Failure::new(1, m);
-    let target = match format_of(&args.file, args.format.as_deref()).map_err(fail)? {
+    if let Some(mode) = args.cache.as_deref() {
+        if !matches!(
+            mode,
+            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+        ) {
+            return Err(fail(format!("Invalid cache option: {mode}")));
+        }
+    }
+    if let Some(mode) = args.aio.as_deref() {
+        if !matches!(mode, "threads" | "native" | "io_uring") {
+            return Err(fail(format!("Invalid aio option: {mode}")));
+        }
+    }
+    let _ = args.nocache;
+    if args.force_share && !args.read_only {
+        return Err(fail(format!(
+            "can't open device {}: force-share=on can only be used with read-only images",
+            args.file.display()
+        )));
+    }
+    let format = args.format.last().map(String::as_str);
+    let target = match format_of(&args.file, format).map_err(fail)? {
         Format::Qcow2 => {
             let options = if args.read_only {
-                OpenOptions::default()
+                OpenOptions {
+                    force_share: args.force_share,
+                    ..OpenOptions::default()
+                }
             } else {
                 OpenOptions::read_write()
             };
@@ -71,11 +107,30 @@ pub fn run(args: Args) -> CmdResult {
     };
     let writable = !args.read_only;
     let mut ok = true;
-    for line in &args.commands {
+    let from_stdin = args.commands.is_empty();
+    let mut stdin_lines = std::io::stdin().lines();
+    let mut given = args.commands.iter();
+    loop {
+        let line = if from_stdin {
+            out!("{PROMPT}");
+            match stdin_lines.next() {
+                Some(Ok(line)) => line,
+                _ => break,
+            }
+        } else {
+            match given.next() {
+                Some(line) => line.clone(),
+                None => break,
+            }
+        };
+        let line = &line;
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some((&name, rest)) = words.split_first() else {
             continue;
         };
+        if matches!(name, "quit" | "q") {
+            break;
+        }
         let (min, max) = match name {
             "read" | "r" | "write" | "w" | "discard" | "d" => (2, None),
             "flush" | "f" | "map" => (0, Some(0)),

@@ -1,0 +1,100 @@
+//! `io` called as scripts call qemu-io (the qemu-iotests harness among them): commands from
+//! standard input after a prompt, and the cache, aio, force-share and repeated format options.
+//! Each case runs both tools on copies of one image and compares exit codes and output lines
+//! (timing lines aside).
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{code, path_str, stderr, stdout};
+use qcow2_testdata::{qemu_img_ok, scratch_dir};
+
+/// Runs `program` with `args`, feeding `input` on standard input.
+fn run(program: &str, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("wait")
+}
+
+/// Output without the throughput lines, whose figures differ run to run.
+fn steady(text: &str) -> String {
+    text.split('\n')
+        .map(|l| match l.find(" ops; ") {
+            Some(_) => "<timing>",
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `io ARGS` and `qemu-io ARGS` on two copies of `base`, with `input` on standard input.
+fn both(dir: &Path, base: &Path, args: &[&str], input: &str) -> (Output, Output) {
+    let mut out = Vec::new();
+    for (i, program) in [env!("CARGO_BIN_EXE_qcow2-tool"), "qemu-io"]
+        .into_iter()
+        .enumerate()
+    {
+        let copy = dir.join(format!("copy{i}.qcow2"));
+        std::fs::copy(base, &copy).unwrap();
+        let mut full: Vec<&str> = if i == 0 { vec!["io"] } else { vec![] };
+        full.extend_from_slice(args);
+        full.push(path_str(&copy));
+        out.push(run(program, &full, input));
+    }
+    let theirs = out.pop().unwrap();
+    (out.pop().unwrap(), theirs)
+}
+
+#[test]
+fn commands_from_standard_input_print_qemu_io_prompts() {
+    let dir = scratch_dir("io_stdin");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
+    let input = "write -P 0x5a 0 4k\nread -P 0x5a 0 4k\n\nread -P 0x11 0 512\nquit\nread 0 1\n";
+    let (ours, theirs) = both(&dir, &base, &["-f", "qcow2"], input);
+    assert_eq!(code(&ours), code(&theirs), "{}", stderr(&ours));
+    assert_eq!(steady(&stdout(&ours)), steady(&stdout(&theirs)));
+    assert!(stdout(&ours).starts_with("qemu-io> wrote 4096/4096"));
+}
+
+#[test]
+fn cache_aio_force_share_and_repeated_formats_are_taken_as_qemu_io_takes_them() {
+    let dir = scratch_dir("io_options");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
+    let cases: &[&[&str]] = &[
+        &["--cache", "writeback", "--aio", "threads", "-f", "qcow2"],
+        &["-t", "none", "-f", "raw", "-f", "qcow2"],
+        &["-n", "-f", "qcow2"],
+        &["-r", "-U", "-f", "qcow2"],
+        &["-U", "-f", "qcow2"],
+        &["-t", "bogus", "-f", "qcow2"],
+        &["--aio", "bogus", "-f", "qcow2"],
+    ];
+    for case in cases {
+        let mut args = case.to_vec();
+        args.extend(["-c", "read -P 0 0 4k"]);
+        let (ours, theirs) = both(&dir, &base, &args, "");
+        assert_eq!(code(&ours), code(&theirs), "{case:?}: {}", stderr(&ours));
+        assert_eq!(steady(&stdout(&ours)), steady(&stdout(&theirs)), "{case:?}");
+        if code(&theirs) != 0 {
+            let why = |o: &Output| {
+                let e = stderr(o);
+                e.rsplit(": ").next().unwrap_or_default().trim().to_string()
+            };
+            assert_eq!(why(&ours), why(&theirs), "{case:?}");
+        }
+    }
+}
