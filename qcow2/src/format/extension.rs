@@ -81,7 +81,12 @@ pub fn decode(bytes: &[u8], start: u64, end: u64) -> FormatResult<Extensions> {
             ));
         }
         let data = &bytes[data_start as usize..(data_start + len) as usize];
-        if kind != kind::END && seen.contains(&kind) && is_known(kind) {
+        // A repeated backing format is read as QEMU reads it: the later one wins.
+        if kind != kind::END
+            && kind != kind::BACKING_FORMAT
+            && seen.contains(&kind)
+            && is_known(kind)
+        {
             return Err(FormatError::invalid(
                 format!("header extension {kind:#010x}"),
                 pos,

@@ -342,7 +342,8 @@ impl Header {
                     "runs past the end of the file",
                 ));
             }
-            Some(bytes[backing_file_offset as usize..end].to_vec())
+            // An empty name means no backing file, as QEMU reads it.
+            (backing_file_size > 0).then(|| bytes[backing_file_offset as usize..end].to_vec())
         } else {
             None
         };

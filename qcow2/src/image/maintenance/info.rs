@@ -58,10 +58,12 @@ impl Image {
             extended_l2: h.extended_l2(),
             compression_type: h.compression_type.name(),
             backing_file: self.backing_file_name(),
+            // A format without a backing file means nothing (QEMU does not show it).
             backing_format: h
                 .extensions
                 .backing_format
                 .as_ref()
+                .filter(|_| h.backing_file.is_some())
                 .map(|f| String::from_utf8_lossy(f).into_owned()),
             data_file: self.data_file_name.clone(),
             data_file_raw: h.autoclear_features & Autoclear::RAW_EXTERNAL_DATA != 0,
