@@ -69,7 +69,30 @@ impl Image {
             self.discard_for_shrink(first_whole, old_size)?;
         }
         let mut m = self.meta_mut();
-        self.publish_size(&mut m, new_size)
+        self.publish_size(&mut m, new_size)?;
+        self.truncate_after_last_cluster(&mut m)
+    }
+
+    /// After a shrink, the file ends after its last cluster in use, as QEMU leaves it. The
+    /// clusters cut off have refcount 0 and nothing durable maps them (the shrink flushed its
+    /// unmapping), so a cut before or after the truncation is sound.
+    fn truncate_after_last_cluster(&self, m: &mut Meta) -> Result<()> {
+        self.flush_all(m)?;
+        let cs = m.header.cluster_size();
+        let host = self.host();
+        let mut end = m.ws()?.alloc_end.min(m.file_len.div_ceil(cs));
+        while end > 0 && m.ws_mut()?.refcounts.get(host, end - 1)? == 0 {
+            end -= 1;
+        }
+        let len = end * cs;
+        if len < m.file_len {
+            self.storage
+                .set_len(len)
+                .map_err(|e| Error::io(&self.name, "truncating the file after a shrink", e))?;
+            m.file_len = len;
+            m.ws_mut()?.alloc_end = end;
+        }
+        Ok(())
     }
 
     /// Whether any part of a range is allocated in this image itself (data or zero flags).
@@ -105,6 +128,23 @@ impl Image {
             }
             self.unmap_cluster(&mut m, pos)?;
             pos += cs;
+        }
+        // L2 tables that map nothing but the dropped area go too (QEMU frees them as well): the
+        // zeroed L1 entries are written before the tables' refcounts drop (`free`'s ordering).
+        let l1_span = 1u64 << m.header.l1_shift();
+        let first_unused = start.div_ceil(l1_span) as usize;
+        for l1_index in first_unused..m.l1.len() {
+            let table = m.l1[l1_index] & OFFSET_MASK;
+            if table == 0 {
+                continue;
+            }
+            m.l1[l1_index] = 0;
+            m.ws_mut()?.dirty_l1.insert(l1_index);
+            self.free(&mut m, table, cs)?;
+            let host = self.host();
+            if m.ws_mut()?.refcounts.get(host, table / cs)? == 0 {
+                self.l2_cache.remove(table);
+            }
         }
         self.flush_all(&mut m)
     }
