@@ -70,6 +70,7 @@ impl Image {
         let host = self.host();
         if !dirty.is_empty() {
             if m.ws()?.l2_after_data_sync {
+                self.cover_allocated_clusters(m)?;
                 host.sync()?;
             }
             for (offset, table) in &dirty {
@@ -85,6 +86,23 @@ impl Image {
         let ws = m.ws_mut()?;
         ws.refblocks_after_l2 = false;
         ws.l2_after_data_sync = false;
+        Ok(())
+    }
+
+    /// Extends the file (sparsely) over every allocated cluster before tables publish them: a
+    /// partial write into a new cluster past the end of the file writes only its bytes, and a
+    /// reader other than QEMU must still find the whole cluster in the file, reading zeros.
+    fn cover_allocated_clusters(&self, m: &mut Meta) -> Result<()> {
+        let end = m.ws()?.alloc_end * m.header.cluster_size();
+        let len = self.storage.len().map_err(|e| {
+            crate::error::Error::io(&self.name, "reading the image file's length", e)
+        })?;
+        if len < end {
+            self.storage.set_len(end).map_err(|e| {
+                crate::error::Error::io(&self.name, "extending the file over new clusters", e)
+            })?;
+            m.file_len = m.file_len.max(end);
+        }
         Ok(())
     }
 
