@@ -1,6 +1,8 @@
 //! `io`: a subset of qemu-io. Commands run in order on one open image (read-write unless
 //! `-r`), which is closed cleanly at the end: `read [-pqrv] [-P PAT] OFF LEN`,
-//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush` and `map`. Commands come
+//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush`, `map`, `alloc`,
+//! `length`, `truncate`, `readv`/`writev` and the `aio_` forms (which complete in order here, with
+//! the same output). Commands come
 //! from `-c` or, without it, from standard input one per line after a `qemu-io> ` prompt, as
 //! qemu-io reads them. Output lines, messages (stdout or stderr, as qemu-io) and the exit code
 //! (1 when any command failed) follow qemu-io. The options scripts pass (`-t`/`--cache`,
@@ -21,6 +23,10 @@ const MAX_REQUEST: u64 = 2_147_483_136;
 const READ_USAGE: &str =
     "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset";
 const WRITE_USAGE: &str = "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset";
+const READV_USAGE: &str =
+    "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset";
+const WRITEV_USAGE: &str =
+    "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset";
 const DISCARD_USAGE: &str =
     "discard [-Cq] off len -- discards a number of bytes at a specified offset";
 
@@ -131,9 +137,18 @@ pub fn run(args: Args) -> CmdResult {
         if matches!(name, "quit" | "q") {
             break;
         }
+        // The aio forms complete before the next command here: their output is the same.
+        let name = match name {
+            "aio_read" => "read",
+            "aio_write" => "write",
+            "aio_flush" => "flush",
+            other => other,
+        };
         let (min, max) = match name {
-            "read" | "r" | "write" | "w" | "discard" | "d" => (2, None),
-            "flush" | "f" | "map" => (0, Some(0)),
+            "read" | "r" | "write" | "w" | "discard" | "d" | "readv" | "writev" => (2, None),
+            "flush" | "f" | "map" | "length" | "l" => (0, Some(0)),
+            "alloc" => (1, Some(2)),
+            "truncate" | "t" => (1, Some(3)),
             _ => {
                 errln!("command \"{name}\" not found");
                 ok = false;
@@ -144,7 +159,10 @@ pub fn run(args: Args) -> CmdResult {
             ok = false;
             continue;
         }
-        let writes = matches!(name, "write" | "w" | "discard" | "d");
+        let writes = matches!(
+            name,
+            "write" | "w" | "discard" | "d" | "writev" | "truncate" | "t"
+        );
         if writes && !writable {
             errln!("qcow2-tool: Block node is read-only");
             ok = false;
@@ -152,7 +170,15 @@ pub fn run(args: Args) -> CmdResult {
         }
         let succeeded = match (name, &target) {
             ("read" | "r", t) => read(t.guest(), rest),
+            ("readv", t) => vectored(rest, READV_USAGE, |words| read(t.guest(), words)),
+            ("length" | "l", t) => {
+                outln!("{}", cvtstr(t.guest().size() as f64));
+                true
+            }
             ("map", t) => map(t),
+            ("alloc", Target::Qcow2(image)) => alloc(image, rest),
+            ("writev", Target::Qcow2(image)) => vectored(rest, WRITEV_USAGE, |w| write(image, w)),
+            ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
             ("flush" | "f", Target::Qcow2(image)) => flush(image),
             ("flush" | "f", Target::Raw(_)) => true,
             ("write" | "w", Target::Qcow2(image)) => write(image, rest),
@@ -182,6 +208,83 @@ pub fn run(args: Args) -> CmdResult {
         }
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// `readv`/`writev`: options and an offset, then several lengths, run as one request of their
+/// total (the engine takes one buffer; the output is the same).
+fn vectored(words: &[&str], usage: &str, run: impl FnOnce(&[&str]) -> bool) -> bool {
+    let cmd = usage.split(' ').next().unwrap_or_default();
+    let Ok((_, first)) = getopt(cmd, words, "CfP:qrv", usage) else {
+        return false;
+    };
+    let rest = &words[first..];
+    if rest.len() < 2 {
+        outln!("{usage}");
+        return false;
+    }
+    let mut total = 0u64;
+    for len in &rest[1..] {
+        let Ok(n) = number_arg(len) else {
+            return false;
+        };
+        total = total.saturating_add(n);
+    }
+    let total = total.to_string();
+    let mut words: Vec<&str> = words[..first].to_vec();
+    words.extend([rest[0], total.as_str()]);
+    run(&words)
+}
+
+/// `alloc OFF [COUNT]`: how many bytes of the range this image itself allocates (data or zero
+/// clusters, not the backing chain), in qemu-io's words.
+fn alloc(image: &Image, words: &[&str]) -> bool {
+    let Ok(offset) = number_arg(words[0]) else {
+        return false;
+    };
+    let count = match words.get(1) {
+        Some(c) => match number_arg(c) {
+            Ok(c) => c,
+            Err(()) => return false,
+        },
+        None => 512,
+    };
+    let end = offset.saturating_add(count).min(image.size());
+    let mut allocated = 0;
+    if offset < end {
+        match image.map(offset, end - offset) {
+            Ok(extents) => {
+                for e in extents.iter().filter(|e| e.depth == 0) {
+                    if !matches!(e.kind, qcow2::ExtentKind::Unallocated { .. }) {
+                        allocated += e.length;
+                    }
+                }
+            }
+            Err(e) => {
+                outln!("alloc failed: {}", errno_text(&e));
+                return false;
+            }
+        }
+    }
+    outln!(
+        "{allocated}/{count} bytes allocated at offset {}",
+        cvtstr(offset as f64)
+    );
+    true
+}
+
+/// `truncate SIZE`: the new virtual size, growing or shrinking (qemu-io lets a shrink drop
+/// data).
+fn truncate(image: &Image, words: &[&str]) -> bool {
+    let Ok(size) = number_arg(words[words.len() - 1]) else {
+        return false;
+    };
+    match image.resize(size, true) {
+        Ok(()) => true,
+        Err(e) => {
+            outln!("truncate: {}", errno_text(&e));
+            false
+        }
+    }
 }
 
 /// qemu-io's argument count check (on stderr).

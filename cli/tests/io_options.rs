@@ -98,3 +98,37 @@ fn cache_aio_force_share_and_repeated_formats_are_taken_as_qemu_io_takes_them() 
         }
     }
 }
+
+#[test]
+fn alloc_length_truncate_vectored_and_aio_commands_print_what_qemu_io_prints() {
+    let dir = scratch_dir("io_commands");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
+    let commands = [
+        "write 0 4k",
+        "alloc 0 4k",
+        "alloc 4k 8k",
+        "alloc 0 128k",
+        "alloc 100 512",
+        "aio_write -P 3 64k 4k",
+        "aio_flush",
+        "aio_read -P 3 64k 4k",
+        "readv -P 3 64k 2k 2k",
+        "readv -P 9 64k 1k",
+        "writev -P 4 128k 1k 1k",
+        "read -P 4 128k 2k",
+        "truncate 2M",
+        "length",
+        "alloc 0 2M",
+        "truncate 512k",
+        "length",
+        "alloc 0",
+    ];
+    let mut args = vec!["-f", "qcow2"];
+    for c in &commands {
+        args.extend(["-c", c]);
+    }
+    let (ours, theirs) = both(&dir, &base, &args, "");
+    assert_eq!(code(&ours), code(&theirs), "{}", stderr(&ours));
+    assert_eq!(steady(&stdout(&ours)), steady(&stdout(&theirs)));
+}
