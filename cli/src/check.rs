@@ -11,6 +11,9 @@ use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Repair mode: `leaks` lowers leaked refcounts, `all` also fixes corruptions.
     #[arg(short = 'r', value_parser = ["leaks", "all"])]
     repair: Option<String>,
@@ -23,6 +26,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let format = format_of(&args.file, args.format.as_deref()).map_err(|m| Failure::new(1, m))?;
     if format == Format::Raw {
         return Err(Failure::new(

@@ -16,6 +16,9 @@ const SECTOR: u64 = 512;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Format of the first image; probed when absent.
     #[arg(short = 'f')]
     format_a: Option<String>,
@@ -39,6 +42,7 @@ enum Verdict {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(2, m);
     let a = Input::open(&args.a, args.format_a.as_deref()).map_err(fail)?;
     let b = Input::open(&args.b, args.format_b.as_deref()).map_err(fail)?;

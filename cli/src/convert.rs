@@ -29,6 +29,9 @@ const SPARSE_BLOCK: usize = 4096;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Source format (qcow2 or raw); probed when absent.
     #[arg(short = 'f')]
     format: Option<String>,
@@ -122,6 +125,7 @@ enum Output {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(1, m);
     let _ = args.quiet;
     let qcow2_opts = match args.output_format.as_str() {

@@ -15,6 +15,9 @@ const MAX_CHAIN: usize = 64;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Show every image of the backing chain.
@@ -45,6 +48,7 @@ struct Facts {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let mut chain = Vec::new();
     let mut path = args.file.clone();
     let mut forced = args.format.clone();

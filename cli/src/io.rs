@@ -630,7 +630,7 @@ fn allocated_in_top(image: &Image, offset: u64, len: u64) -> qcow2::Result<bool>
 fn has_host_cluster(kind: qcow2::ExtentKind) -> bool {
     use qcow2::ExtentKind;
     match kind {
-        ExtentKind::Data { .. } | ExtentKind::Compressed => true,
+        ExtentKind::Data { .. } | ExtentKind::DataHole { .. } | ExtentKind::Compressed => true,
         ExtentKind::Zero { host_offset } | ExtentKind::Unallocated { host_offset } => {
             host_offset.is_some()
         }

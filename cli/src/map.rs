@@ -13,6 +13,9 @@ use crate::source::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Image format (only qcow2 is mapped).
@@ -28,6 +31,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(1, m);
     if format_of(&args.file, args.format.as_deref()).map_err(fail)? == Format::Raw {
         return raw(&args);

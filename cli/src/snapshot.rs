@@ -12,6 +12,9 @@ use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Open without waiting for other writers to let go (read-only opens only), as `qemu-img -U`.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// List the snapshots.
     #[arg(short = 'l')]
     list: bool,
@@ -31,6 +34,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    crate::source::set_force_share(args.force_share);
     let actions = [
         args.list,
         args.create.is_some(),

@@ -75,9 +75,21 @@ pub fn set_backing_files(policy: BackingFiles) {
     let _ = BACKING_FILES.set(policy);
 }
 
-/// `options` with the run's backing-file policy applied to a chain opened from `path`.
+static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `-U`/`--force-share` for this run: read-only opens skip the check for other writers, as
+/// qemu-img's do (the write lock of a running VM no longer refuses `info` or `map`).
+pub fn set_force_share(on: bool) {
+    FORCE_SHARE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `options` with the run's backing-file policy (and `-U`, for read-only opens) applied to a
+/// chain opened from `path`.
 pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     let mut options = options.clone();
+    if !options.writable && FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
+        options.force_share = true;
+    }
     if options.backing == qcow2::BackingPolicy::Follow {
         options.backing = match BACKING_FILES.get().copied().unwrap_or(BackingFiles::Follow) {
             BackingFiles::Follow => qcow2::BackingPolicy::Follow,

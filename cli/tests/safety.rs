@@ -536,3 +536,51 @@ fn an_external_data_mapping_away_from_the_guest_offset_is_refused_like_qemu_does
         assert_eq!(info["format-specific"]["data"]["corrupt"], true);
     }
 }
+
+/// `-U` on the commands that only read: with a qemu-io writer holding the image, every command
+/// is refused without `-U` and runs with it, exactly as qemu-img's (exit codes and output).
+#[test]
+fn force_share_reads_an_image_a_writer_holds_as_qemu_img_does() {
+    let dir = scratch_dir("safety_force_share");
+    chain(&dir);
+    let _holder = Holder::start(&dir.join("top.qcow2"));
+    let commands: [&[&str]; 6] = [
+        &["info", "top.qcow2"],
+        &["map", "--output=json", "top.qcow2"],
+        &["check", "top.qcow2"],
+        &["compare", "top.qcow2", "top.qcow2"],
+        &["convert", "-O", "raw", "top.qcow2", "out.raw"],
+        &["snapshot", "-l", "top.qcow2"],
+    ];
+    for command in commands {
+        for shared in [false, true] {
+            let mut args = vec![command[0]];
+            if shared {
+                args.push("-U");
+            }
+            args.extend_from_slice(&command[1..]);
+            let ours = tool_in(Some(&dir), &args);
+            let theirs = Command::new("qemu-img")
+                .args(&args)
+                .current_dir(&dir)
+                .output()
+                .expect("qemu-img");
+            assert_eq!(
+                ours.status.code(),
+                theirs.status.code(),
+                "{args:?}: ours {}, qemu-img {}",
+                stderr(&ours),
+                String::from_utf8_lossy(&theirs.stderr)
+            );
+            assert_eq!(ours.status.success(), shared, "{args:?}: {}", stderr(&ours));
+            if shared && command[0] != "check" {
+                assert_eq!(
+                    String::from_utf8_lossy(&ours.stdout),
+                    String::from_utf8_lossy(&theirs.stdout),
+                    "{args:?}"
+                );
+            }
+            let _ = std::fs::remove_file(dir.join("out.raw"));
+        }
+    }
+}

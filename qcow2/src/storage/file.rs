@@ -135,6 +135,31 @@ impl Storage for FileStorage {
         Ok(self.file.metadata()?.len())
     }
 
+    fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        use nix::unistd::{lseek, Whence};
+        let Ok(at) = i64::try_from(offset) else {
+            return Ok(None);
+        };
+        let data = match lseek(&self.file, at, Whence::SeekData) {
+            Ok(d) => d as u64,
+            // No data at or after `offset`: the rest of the file, and past it, is a hole.
+            Err(nix::errno::Errno::ENXIO) => return Ok(Some((true, len))),
+            // A file system that cannot tell: everything is data.
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if data > offset {
+            return Ok(Some((true, (data - offset).min(len))));
+        }
+        let hole = match lseek(&self.file, at, Whence::SeekHole) {
+            Ok(h) => h as u64,
+            Err(nix::errno::Errno::ENXIO) => return Ok(Some((true, len))),
+            Err(e) => return Err(e.into()),
+        };
+        // Data at `offset` means the hole starts later: at least one byte of data.
+        Ok(Some((false, hole.saturating_sub(offset).max(1).min(len))))
+    }
+
     fn identity(&self) -> Option<super::FileIdentity> {
         super::FileIdentity::of(&self.file).ok()
     }

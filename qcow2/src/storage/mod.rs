@@ -45,6 +45,13 @@ pub trait Storage: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// Whether the bytes at `offset` lie in a hole of the host file: `Some((true, n))` when the
+    /// first `n` bytes (at most `len`) are a hole and read as zeros, `Some((false, n))` when they
+    /// hold data, `None` when the store cannot tell (then everything counts as data). A file
+    /// answers with `SEEK_DATA`/`SEEK_HOLE`, as QEMU asks it.
+    fn hole_at(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
     /// The host file behind the store, if it is one: what tells two names of one file apart
     /// from two files (symlinks, hard links, `..`).
     fn identity(&self) -> Option<FileIdentity> {

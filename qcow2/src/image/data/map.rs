@@ -11,6 +11,9 @@ use crate::image::{Image, Meta};
 pub enum ExtentKind {
     /// Guest data stored at `host_offset` (of the image file, its data file, or a raw backing file).
     Data { host_offset: u64 },
+    /// Guest data mapped to `host_offset`, where the host file has a hole: it reads as zeros
+    /// (qemu-img: `data` and `zero`; a metadata-preallocated cluster, or a raw file's hole).
+    DataHole { host_offset: u64 },
     /// Compressed data.
     Compressed,
     /// Explicitly zero (a zero flag or zero subclusters); `host_offset` when a cluster stays
@@ -40,12 +43,15 @@ impl Extent {
     pub fn zero(&self) -> bool {
         matches!(
             self.kind,
-            ExtentKind::Zero { .. } | ExtentKind::Unallocated { .. }
+            ExtentKind::Zero { .. } | ExtentKind::Unallocated { .. } | ExtentKind::DataHole { .. }
         )
     }
     /// Holds data (qemu-img's `data`).
     pub fn data(&self) -> bool {
-        matches!(self.kind, ExtentKind::Data { .. } | ExtentKind::Compressed)
+        matches!(
+            self.kind,
+            ExtentKind::Data { .. } | ExtentKind::Compressed | ExtentKind::DataHole { .. }
+        )
     }
     /// Compressed (qemu-img's `compressed`).
     pub fn compressed(&self) -> bool {
@@ -54,7 +60,9 @@ impl Extent {
     /// The host offset of the first byte, when the range maps to one place.
     pub fn offset(&self) -> Option<u64> {
         match self.kind {
-            ExtentKind::Data { host_offset } => Some(host_offset),
+            ExtentKind::Data { host_offset } | ExtentKind::DataHole { host_offset } => {
+                Some(host_offset)
+            }
             ExtentKind::Zero { host_offset } | ExtentKind::Unallocated { host_offset } => {
                 host_offset
             }
@@ -67,9 +75,11 @@ impl Extent {
         self.start + self.length == next.start
             && self.depth == next.depth
             && match (self.kind, next.kind) {
-                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
-                    a + self.length == b
-                }
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b })
+                | (
+                    ExtentKind::DataHole { host_offset: a },
+                    ExtentKind::DataHole { host_offset: b },
+                ) => a + self.length == b,
                 (
                     ExtentKind::Zero {
                         host_offset: Some(a),
@@ -102,6 +112,46 @@ fn push(out: &mut Vec<Extent>, extent: Extent) {
     out.push(extent);
 }
 
+/// Pushes guest range `[start, start + len)` mapped to `host_offset` of `storage`, split where
+/// the host file has holes (they read as zeros), as QEMU asks the file system. A hole becomes
+/// `hole_kind` at its host offset: allocated data reading zeros in a qcow2 file, plain zeros in a
+/// raw one.
+fn push_data(
+    out: &mut Vec<Extent>,
+    (name, storage): (&str, &dyn crate::storage::Storage),
+    hole_kind: fn(u64) -> ExtentKind,
+    start: u64,
+    len: u64,
+    depth: u32,
+    host_offset: u64,
+) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let host = host_offset + done;
+        let (hole, n) = storage
+            .hole_at(host, len - done)
+            .map_err(|e| crate::error::Error::io(name, "asking the file system for holes", e))?
+            .unwrap_or((false, len - done));
+        let n = n.clamp(1, len - done);
+        let kind = if hole {
+            hole_kind(host)
+        } else {
+            ExtentKind::Data { host_offset: host }
+        };
+        push(
+            out,
+            Extent {
+                start: start + done,
+                length: n,
+                depth,
+                kind,
+            },
+        );
+        done += n;
+    }
+    Ok(())
+}
+
 impl Image {
     /// The extents of guest range `[offset, offset + len)` through the whole opened chain.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -126,7 +176,17 @@ impl Image {
         while pos < end {
             let (run, run_len) = self.lookup(m, layer, pos, end - pos)?;
             let kind = match run {
-                Run::Data { host_offset } => ExtentKind::Data { host_offset },
+                // An external data file is not asked for holes (QEMU does not either).
+                Run::Data { host_offset } if self.data_file.is_some() => {
+                    ExtentKind::Data { host_offset }
+                }
+                Run::Data { host_offset } => {
+                    let image_file = (self.name.as_str(), &*self.storage);
+                    let hole = |host_offset| ExtentKind::DataHole { host_offset };
+                    push_data(out, image_file, hole, pos, run_len, depth, host_offset)?;
+                    pos += run_len;
+                    continue;
+                }
                 Run::Compressed { .. } => ExtentKind::Compressed,
                 Run::Zero { host_offset } => ExtentKind::Zero { host_offset },
                 Run::Unallocated => {
@@ -184,17 +244,13 @@ impl Image {
                     let bm = image.meta();
                     image.map_layer(&bm, bm.active(), offset, inside, depth + 1, out)?
                 }
-                Backing::Raw { .. } => push(
-                    out,
-                    Extent {
-                        start: offset,
-                        length: inside,
-                        depth: depth + 1,
-                        kind: ExtentKind::Data {
-                            host_offset: offset,
-                        },
-                    },
-                ),
+                Backing::Raw { storage, .. } => {
+                    let hole = |h| ExtentKind::Zero {
+                        host_offset: Some(h),
+                    };
+                    let raw = (self.name.as_str(), &**storage);
+                    push_data(out, raw, hole, offset, inside, depth + 1, offset)?
+                }
             }
         }
         if inside < len {
