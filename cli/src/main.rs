@@ -16,6 +16,7 @@ mod create;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod opts;
 mod output;
 mod progress;
@@ -65,6 +66,8 @@ enum Command {
     Convert(convert::Args),
     /// Change the virtual size, as qemu-img resize.
     Resize(resize::Args),
+    /// How large a new image would be, as qemu-img measure.
+    Measure(measure::Args),
     /// Merge an image into its backing file (or a deeper base), as qemu-img commit.
     Commit(commit::Args),
     /// Change the backing file (copying what would change unless -u), as qemu-img rebase.
@@ -120,6 +123,7 @@ fn main() {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Measure(args) => measure::run(args),
         Command::Commit(args) => commit::run(args),
         Command::Rebase(args) => rebase::run(args),
         Command::Compare(args) => compare::run(args),

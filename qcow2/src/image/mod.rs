@@ -41,6 +41,10 @@ pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
+pub use maintenance::measure::{
+    data_clusters_size, fully_allocated_size, measure, refcount_metadata_size, Measure,
+    MeasureTarget,
+};
 pub use map::{Extent, ExtentKind};
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
