@@ -13,6 +13,7 @@ mod compare;
 mod convert;
 mod convert_bitmaps;
 mod create;
+mod dd;
 mod info;
 mod io;
 mod map;
@@ -68,6 +69,8 @@ enum Command {
     Resize(resize::Args),
     /// How large a new image would be, as qemu-img measure.
     Measure(measure::Args),
+    /// Copy a range of a disk into a new image, as qemu-img dd.
+    Dd(dd::Args),
     /// Merge an image into its backing file (or a deeper base), as qemu-img commit.
     Commit(commit::Args),
     /// Change the backing file (copying what would change unless -u), as qemu-img rebase.
@@ -124,6 +127,7 @@ fn main() {
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Measure(args) => measure::run(args),
+        Command::Dd(args) => dd::run(args),
         Command::Commit(args) => commit::run(args),
         Command::Rebase(args) => rebase::run(args),
         Command::Compare(args) => compare::run(args),
