@@ -62,6 +62,25 @@ pub struct Args {
     /// With --bitmaps, skip inconsistent bitmaps instead of failing.
     #[arg(long)]
     skip_broken_bitmaps: bool,
+    /// Write into the existing target instead of creating it.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// With -n: the target reads as zeros already, so zero ranges are not written.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Target cache mode (none, writeback, writethrough, directsync, unsafe); checked and
+    /// accepted: the engine's own write-back order applies.
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Source cache mode, checked and accepted.
+    #[arg(short = 'T')]
+    source_cache: Option<String>,
+    /// Out-of-order writes (accepted: workers already write in any order).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Parallel requests (1 to 16, qemu-img's limits), accepted.
+    #[arg(short = 'm')]
+    parallel: Option<u32>,
     src: PathBuf,
     dst: PathBuf,
 }
@@ -127,7 +146,48 @@ enum Output {
 pub fn run(args: Args) -> CmdResult {
     crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(1, m);
-    let _ = args.quiet;
+    let _ = (args.quiet, args.out_of_order);
+    for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
+        if !matches!(
+            mode.as_str(),
+            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+        ) {
+            return Err(fail(format!("Invalid cache option: {mode}")));
+        }
+    }
+    if args.parallel.is_some_and(|m| !(1..=16).contains(&m)) {
+        return Err(fail(
+            "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+        ));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(fail("--target-is-zero requires use of -n flag".into()));
+    }
+    if args.no_create {
+        if args.snapshot.is_some() || args.snapshot_param.is_some() || args.bitmaps {
+            return Err(fail(
+                "-n with a snapshot or --bitmaps is not supported by qcow2-tool".into(),
+            ));
+        }
+        if !args.options.is_empty() {
+            return Err(fail("-o has no effect when skipping image creation".into()));
+        }
+        if !matches!(args.output_format.as_str(), "raw" | "qcow2") {
+            return Err(fail(format!(
+                "Unknown file format '{}'",
+                args.output_format
+            )));
+        }
+        let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
+        let inputs = input.files();
+        return crate::convert_existing::copy(
+            input.guest(),
+            &args.dst,
+            &args.output_format,
+            args.target_is_zero,
+            &inputs,
+        );
+    }
     let qcow2_opts = match args.output_format.as_str() {
         "raw" => {
             if args.compress {

@@ -12,6 +12,7 @@ mod commit;
 mod compare;
 mod convert;
 mod convert_bitmaps;
+mod convert_existing;
 mod create;
 mod dd;
 mod info;
