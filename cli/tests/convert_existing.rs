@@ -7,6 +7,10 @@ mod common;
 use common::{code, path_str, tool_in};
 use qcow2_testdata::{qemu_img, qemu_img_ok, qemu_io, scratch_dir};
 
+/// Arguments, target format, and how the target is made first: not at all, or filled with a
+/// byte at a size.
+type Case<'a> = (&'a [&'a str], &'a str, Option<(u8, &'a str)>);
+
 #[test]
 fn converting_into_existing_targets_matches_qemu_img() {
     let dir = scratch_dir("convert_existing");
@@ -21,8 +25,7 @@ fn converting_into_existing_targets_matches_qemu_img() {
         "write -P 3 7M 3",
         path_str(&src),
     ]);
-    // (arguments, target format, how the target is made before: None, or a fill byte and size)
-    let cases: &[(&[&str], &str, Option<(u8, &str)>)] = &[
+    let cases: &[Case] = &[
         (&["-n"], "raw", Some((9, "16M"))),
         (&["-n"], "qcow2", Some((9, "8M"))),
         (&["-n", "--target-is-zero"], "raw", Some((0, "8M"))),
