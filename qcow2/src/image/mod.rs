@@ -14,6 +14,8 @@
 //! - chains: `commit` (merge into a base, then empty the top), `rebase` (new backing file, copying
 //!   what would change), `backing_header` (crash-safe rewrites of cluster 0: the backing name and
 //!   format, the bitmaps extension);
+//! - `quiesce`: the write gate a live snapshot pauses (in-flight guest writes finish, new ones
+//!   wait, reads go on);
 //! - `bitmap/`: persistent dirty bitmaps (validated at open, marked by every change, saved on
 //!   close, kept durable across power cuts, added/removed/merged as `qemu-img bitmap` does);
 //! - `guard` also checks the layout before the first write (`check_layout`): no refcount block or
@@ -36,6 +38,7 @@ mod info;
 mod l2_cache;
 mod layer;
 mod map;
+mod quiesce;
 mod rebase;
 mod refcount_deltas;
 mod refcounts;
@@ -56,6 +59,7 @@ pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use info::{ImageInfo, SnapshotInfo};
 pub use map::{Extent, ExtentKind};
+pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
@@ -208,6 +212,8 @@ pub struct Image {
     /// The most recently decompressed cluster: descriptor bits and bytes. Sequential small reads
     /// of one compressed cluster then decompress it once.
     last_compressed: Mutex<Option<(u64, Box<[u8]>)>>,
+    /// Admits guest writes; a live snapshot pauses it (`quiesce`).
+    gate: quiesce::WriteGate,
 }
 
 impl std::fmt::Debug for Image {
@@ -460,6 +466,7 @@ impl Image {
                 (options.l2_cache_bytes / layer::l2_slice_len(cluster_size)) as usize,
             ),
             last_compressed: Mutex::new(None),
+            gate: quiesce::WriteGate::default(),
         })
     }
 
