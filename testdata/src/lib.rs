@@ -17,6 +17,8 @@
 //! JSON output, and [`qemu_check`] returns `qemu-img check`'s exit code and
 //! report. Missing QEMU is a test failure, never a skip ([`require_qemu`]).
 
+pub mod cut;
+
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};

@@ -508,6 +508,11 @@ impl Image {
         out
     }
 
+    /// Whether the image is open for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     /// The path the image was opened from, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

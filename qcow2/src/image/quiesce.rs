@@ -18,6 +18,9 @@ struct GateState {
     active: u32,
     /// Writes waiting at the gate.
     waiting: u32,
+    /// Guest writes fail instead of waiting: a live transaction left the image in a state only
+    /// recovery may finish.
+    fenced: bool,
 }
 
 /// Admission of guest writes, with pauses.
@@ -61,30 +64,58 @@ impl Drop for Quiesced<'_> {
 
 impl Image {
     /// Waits until guest writes may go on, and counts this one in.
-    pub(crate) fn write_pass(&self) -> Pass<'_> {
+    pub(crate) fn write_pass(&self) -> crate::Result<Pass<'_>> {
         let gate = &self.gate;
         let mut g = gate.lock();
-        if g.pauses > 0 {
+        if g.pauses > 0 && !g.fenced {
             g.waiting += 1;
-            while g.pauses > 0 {
+            while g.pauses > 0 && !g.fenced {
                 g = gate.wait(g);
             }
             g.waiting -= 1;
         }
+        if g.fenced {
+            return Err(crate::Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "writes are fenced: a live group transaction did not finish; close the \
+                         image and run recover on its group"
+                    .into(),
+            });
+        }
         g.active += 1;
-        Pass(gate)
+        Ok(Pass(gate))
     }
 
-    /// Stops admitting guest writes (`write_at`, `write_zeroes`, `discard`) and waits until those
-    /// already admitted have finished. Every call must be matched by one [`Image::resume_writes`];
-    /// [`Image::quiesce`] pairs them for a scope.
+    /// Stops admitting guest writes (`write_at`, `write_zeroes`, `discard`, `write_compressed`)
+    /// and waits until those already admitted have finished. Every call must be matched by one
+    /// [`Image::resume_writes`]; [`Image::quiesce`] pairs them for a scope.
     pub fn pause_writes(&self) {
+        self.hold_writes();
+        self.wait_writes_drained();
+    }
+
+    /// The first half of [`Image::pause_writes`]: new writes wait from now on, without waiting
+    /// for those in flight. Pausing several images at one instant holds them all first, then
+    /// waits for each to drain.
+    pub fn hold_writes(&self) {
+        self.gate.lock().pauses += 1;
+    }
+
+    /// The second half of [`Image::pause_writes`]: waits until no admitted write is in flight.
+    pub fn wait_writes_drained(&self) {
         let gate = &self.gate;
         let mut g = gate.lock();
-        g.pauses += 1;
         while g.active > 0 {
             g = gate.wait(g);
         }
+    }
+
+    /// Makes every waiting and every later guest write fail: for an image whose live
+    /// transaction is decided but not published, where a write could change data a staged
+    /// snapshot shares. Only closing the image (and recovering its group) ends it.
+    pub fn fence_writes(&self) {
+        self.gate.lock().fenced = true;
+        self.gate.changed.notify_all();
     }
 
     /// Ends one pause; writes go on once no pause is left.
@@ -156,5 +187,23 @@ mod tests {
             img.resume_writes();
             writer.join().unwrap();
         });
+    }
+
+    #[test]
+    fn a_fenced_image_fails_waiting_and_new_writes() {
+        let img = image();
+        std::thread::scope(|s| {
+            img.pause_writes();
+            let writer = s.spawn(|| img.write_at(&[2; 512], 0));
+            while img.writes_waiting() == 0 {
+                std::thread::yield_now();
+            }
+            img.fence_writes();
+            assert!(writer.join().unwrap().is_err());
+        });
+        assert!(img.write_at(&[3; 512], 0).is_err());
+        let mut buf = [1; 512];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 512]);
     }
 }
