@@ -18,6 +18,7 @@
 //! report. Missing QEMU is a test failure, never a skip ([`require_qemu`]).
 
 pub mod cut;
+pub mod qmp;
 
 use std::fs;
 use std::io::ErrorKind;
