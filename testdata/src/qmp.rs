@@ -106,6 +106,20 @@ impl QmpClient {
             .unwrap_or_else(|e| panic!("the qemu.qmp driver said {line:?} ({e})"))
     }
 
+    /// Sends a command without waiting for its reply (a test then cuts the server off).
+    pub fn send(&mut self, name: &str, arguments: serde_json::Value) {
+        let cmd = serde_json::json!({"execute": name, "arguments": arguments});
+        let stdin = self.stdin.as_mut().expect("the client is open");
+        writeln!(stdin, "{cmd}").expect("send to the qemu.qmp driver");
+        stdin.flush().expect("send to the qemu.qmp driver");
+    }
+
+    /// Ends the driver whatever state it is in (after the server was killed).
+    pub fn abandon(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Executes a command that must succeed; returns its result.
     pub fn ok(&mut self, name: &str, arguments: serde_json::Value) -> serde_json::Value {
         let reply = self.execute(name, arguments);
