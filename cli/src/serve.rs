@@ -1,5 +1,6 @@
 //! `serve`: exports images over NBD with qemu-nbd's option spelling (`-k`, `-b`, `-p`, `-x`,
-//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `--pid-file`), several at once as `NAME=PATH`. A thin
+//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `--pid-file`), several at once as `NAME=PATH`;
+//! with `--qmp SOCKET --group DIR`, a QMP monitor takes live group snapshots of them. A thin
 //! shell over the `qcow2-nbd` library: it opens the images, listens, and on SIGINT/SIGTERM/
 //! SIGHUP (or, without `-t`, when the last client leaves) stops the server, flushes and closes
 //! every image, and removes the socket and the pid file.
@@ -10,6 +11,8 @@ use std::sync::Arc;
 use nix::sys::signal::{SigSet, Signal};
 use qcow2::{Image, OpenOptions};
 use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
+use qcow2_qmp::{Disk, Monitor};
+use qcow2_transaction::Group;
 
 use crate::source::{open_image, CmdResult, Failure};
 
@@ -63,6 +66,14 @@ pub struct Args {
     /// Worker threads per connection (0: one request at a time).
     #[arg(long = "workers", default_value_t = 4)]
     workers: usize,
+    /// Listen for QMP clients on this unix socket (qemu-storage-daemon's monitor): live group
+    /// snapshots and bitmap changes of the served disks. Needs `--group`.
+    #[arg(long = "qmp", value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
+    /// The group directory whose journal every QMP transaction goes through (recovered before
+    /// the images open; `qcow2-tool recover DIR` after a crash).
+    #[arg(long = "group", value_name = "DIR")]
+    group: Option<PathBuf>,
     /// `PATH`, or `NAME=PATH` for each of several exports.
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<String>,
@@ -115,6 +126,45 @@ fn check_bitmaps(image: &Image, names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Listens for QMP clients on `socket`, over the served disks (by export name).
+fn start_monitor(
+    socket: &Path,
+    group: Group,
+    list: &[(String, PathBuf)],
+    exports: &[Export],
+    handle: qcow2_nbd::ShutdownHandle,
+) -> Result<Arc<Monitor>, String> {
+    let mut disks = Vec::new();
+    for ((name, path), export) in list.iter().zip(exports) {
+        let path =
+            std::fs::canonicalize(path).map_err(|e| format!("serve: {}: {e}", path.display()))?;
+        disks.push(Disk {
+            name: name.clone(),
+            image: export.image.clone(),
+            path,
+        });
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(socket)
+        .map_err(|e| format!("serve: QMP socket {}: {e}", socket.display()))?;
+    let monitor = Arc::new(Monitor::new(
+        group,
+        disks,
+        Box::new(move || handle.shutdown()),
+    ));
+    let serving = monitor.clone();
+    std::thread::Builder::new()
+        .name("qmp".into())
+        .spawn(move || serving.listen(listener))
+        .map_err(|e| format!("serve: {e}"))?;
+    Ok(monitor)
+}
+
 /// Writes the pid file whole (via a rename), so a reader never sees a partial one.
 fn write_pid_file(path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp~");
@@ -137,6 +187,22 @@ pub fn run(args: Args) -> CmdResult {
         other => return Err(fail(format!("Invalid discard mode '{other}'"))),
     };
     let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
+    if args.qmp.is_some() && args.group.is_none() {
+        return Err(fail(
+            "serve: --qmp needs --group DIR: every live transaction goes through a group journal"
+                .into(),
+        ));
+    }
+    if args.qmp.is_some() && args.read_only {
+        return Err(fail(
+            "serve: --qmp changes the disks, which -r serves read-only".into(),
+        ));
+    }
+    // The group first: its recovery finishes an interrupted transaction before any image opens.
+    let group = match &args.group {
+        Some(dir) => Some(Group::open(dir).map_err(|e| fail(format!("serve: {e}")))?),
+        None => None,
+    };
     // Block the stop signals before any thread exists, so every thread inherits the mask and
     // the one thread waiting in sigwait receives them.
     let mut signals = SigSet::empty();
@@ -182,6 +248,12 @@ pub fn run(args: Args) -> CmdResult {
         },
     );
     let handle = server.shutdown_handle();
+    let monitor = match (&args.qmp, group) {
+        (Some(socket), Some(group)) => Some(
+            start_monitor(socket, group, &list, server.exports(), handle.clone()).map_err(fail)?,
+        ),
+        _ => None,
+    };
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -195,6 +267,13 @@ pub fn run(args: Args) -> CmdResult {
     }
     let served = server.run(listener);
     drop(server);
+    if let Some(monitor) = &monitor {
+        // Waits for a running command, and gives back the monitor's handles of the images.
+        drop(monitor.close());
+    }
+    if let Some(socket) = &args.qmp {
+        let _ = std::fs::remove_file(socket);
+    }
     let mut failure = served.err().map(|e| format!("serve: {e}"));
     for image in images {
         let closed = match Arc::try_unwrap(image) {

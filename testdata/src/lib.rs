@@ -17,6 +17,9 @@
 //! JSON output, and [`qemu_check`] returns `qemu-img check`'s exit code and
 //! report. Missing QEMU is a test failure, never a skip ([`require_qemu`]).
 
+pub mod cut;
+pub mod qmp;
+
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};

@@ -10,6 +10,26 @@ pub enum TxnError {
     /// An action was refused before anything was written.
     #[error("{image}: {reason}")]
     Invalid { image: PathBuf, reason: String },
+    /// `Transaction::add` refused an action (the transaction goes on without it).
+    #[error("action {index} ({action}) refused: {reason}")]
+    Refused {
+        /// The action's position in the transaction.
+        index: usize,
+        /// What the action is and which image it names.
+        action: String,
+        reason: Box<TxnError>,
+    },
+    /// The action cannot act on an image in use: its handle stays the caller's, and what the
+    /// action needs (a new top for the handle, a changed active state) the engine cannot swap
+    /// under the caller's I/O.
+    #[error(
+        "{image}: {action} is not supported on an image in use (a live handle); close it, or \
+         act on it by path when nothing has it open"
+    )]
+    LiveUnsupported {
+        image: PathBuf,
+        action: &'static str,
+    },
     /// Preparing failed; the transaction was rolled back and nothing changed.
     #[error("aborted, nothing changed: {0}")]
     Aborted(Box<TxnError>),

@@ -17,7 +17,7 @@ use crate::fs::{parent, GroupFs, LockGuard, RealFs};
 use crate::identity::GroupId;
 use crate::journal::{Journal, Kind};
 use crate::manifest::Manifest;
-use crate::step::{reclaim_leaks, OverlayStep, RetireStep, SnapshotStep, Step};
+use crate::step::{reclaim_leaks, Held, OverlayStep, RetireStep, SnapshotStep, Step};
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +90,24 @@ impl Action {
         }
     }
 
+    /// QMP's name for the action and the image it names, for messages.
+    pub fn describe(&self) -> String {
+        let kind = match self {
+            Action::InternalCreate { .. } => "blockdev-snapshot-internal-sync",
+            Action::InternalDelete { .. } => "blockdev-snapshot-delete-internal-sync",
+            Action::InternalRevert { .. } => "snapshot-revert-internal",
+            Action::ExternalCreate { .. } => "blockdev-snapshot-sync",
+            Action::ExternalDelete { .. } => "blockdev-snapshot-delete-external",
+            Action::BitmapAdd { .. } => "block-dirty-bitmap-add",
+            Action::BitmapRemove { .. } => "block-dirty-bitmap-remove",
+            Action::BitmapClear { .. } => "block-dirty-bitmap-clear",
+            Action::BitmapEnable { .. } => "block-dirty-bitmap-enable",
+            Action::BitmapDisable { .. } => "block-dirty-bitmap-disable",
+            Action::BitmapMerge { .. } => "block-dirty-bitmap-merge",
+        };
+        format!("{kind} on {}", self.image().display())
+    }
+
     fn is_bitmap(&self) -> bool {
         matches!(
             self,
@@ -110,6 +128,8 @@ pub struct Outcome {
     pub images: Vec<PathBuf>,
     /// Overlays created (final paths).
     pub overlays: Vec<PathBuf>,
+    /// How long guest writes on the live images waited (`None` without live images).
+    pub paused: Option<std::time::Duration>,
 }
 
 /// What recovery found and did.
@@ -124,15 +144,15 @@ pub enum Recovery {
 }
 
 /// The images one transaction touches on one file.
-struct Member {
-    path: PathBuf,
+pub(crate) struct Member {
+    pub path: PathBuf,
     /// The path as the plan spells it (the same file under two spellings is refused).
     given: PathBuf,
     dev: u64,
     ino: u64,
-    image: Option<Image>,
+    pub image: Option<Held>,
     changes: Vec<SnapshotChange>,
-    overlay: Option<PathBuf>,
+    pub overlay: Option<PathBuf>,
     overlay_mode: OverlayMode,
     /// For `ExternalDelete`: this image is an overlay to merge into its backing file, and go.
     retire: bool,
@@ -142,15 +162,21 @@ struct Member {
     overlay_bitmaps: Vec<BitmapChange>,
 }
 
+impl Member {
+    pub fn is_live(&self) -> bool {
+        self.image.as_ref().is_some_and(|h| h.live().is_some())
+    }
+}
+
 /// Named points in a transaction, where tests can simulate a power cut.
 pub type Hook = Box<dyn FnMut(&str) -> bool + Send>;
 
 /// A group directory (journal, lock, manifest) held by this process.
 pub struct Group {
-    dir: PathBuf,
-    fs: Arc<dyn GroupFs>,
+    pub(crate) dir: PathBuf,
+    pub(crate) fs: Arc<dyn GroupFs>,
     _lock: LockGuard,
-    id: GroupId,
+    pub(crate) id: GroupId,
     hook: Option<Hook>,
     opened_with: Recovery,
 }
@@ -227,6 +253,11 @@ impl Group {
         Self::open(dir)
     }
 
+    /// The file system the group works on (tests open live handles through it).
+    pub fn fs(&self) -> Arc<dyn GroupFs> {
+        self.fs.clone()
+    }
+
     /// What the recovery run by [`Group::open`] did.
     pub fn opened_with(&self) -> Recovery {
         self.opened_with
@@ -238,7 +269,7 @@ impl Group {
         self.hook = hook;
     }
 
-    fn event(&mut self, name: &str) -> Result<(), TxnError> {
+    pub(crate) fn event(&mut self, name: &str) -> Result<(), TxnError> {
         self.fs.event(name);
         let go_on = match &mut self.hook {
             Some(hook) => hook(name),
@@ -251,11 +282,11 @@ impl Group {
         }
     }
 
-    fn journal_path(&self) -> PathBuf {
+    pub(crate) fn journal_path(&self) -> PathBuf {
         self.dir.join("txn.journal")
     }
 
-    fn manifest_path(&self) -> PathBuf {
+    pub(crate) fn manifest_path(&self) -> PathBuf {
         self.dir.join("group.manifest")
     }
 
@@ -265,102 +296,8 @@ impl Group {
             .map_err(|e| TxnError::io(self.manifest_path(), e))
     }
 
-    /// Runs `actions` atomically: every one takes effect, or none does, also across a crash
-    /// (after `recover`).
-    ///
-    /// Errors: `Invalid` (refused, nothing written), `Aborted` (rolled back, nothing changed),
-    /// `AbortIncomplete` and `InDoubt` (nothing published; `recover` finishes the cleanup or
-    /// decides from the journal), `CommittedIncomplete` (committed; `recover` finishes it).
-    pub fn run(&mut self, actions: &[Action]) -> Result<Outcome, TxnError> {
-        self.recover()?;
-        let group_dir = self
-            .fs
-            .canonicalize(&self.dir)
-            .map_err(|e| TxnError::io(&self.dir, e))?;
-        let members = validate(&*self.fs, actions, &self.manifest()?, &group_dir)?;
-        let nonce: [u8; 8] = crate::fs::random_bytes()[..8]
-            .try_into()
-            .unwrap_or_default();
-        let txn = self.id.bind(nonce);
-        let journal_path = self.journal_path();
-        let mut journal = self
-            .start_journal(txn)
-            .map_err(|e| TxnError::Aborted(Box::new(e)))?;
-        let images: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
-        let overlays: Vec<PathBuf> = members.iter().filter_map(|m| m.overlay.clone()).collect();
-        let (records, mut steps) = plan_steps(&*self.fs, members, &txn);
-        let staged = match self.prepare(&mut journal, &records, &mut steps) {
-            Ok(staged) => staged,
-            Err(e @ TxnError::Interrupted(_)) => return Err(e),
-            Err(e) => return Err(self.abort(&mut journal, &mut steps, e)),
-        };
-
-        // The commit point: what recovery needs to publish, and the decision, under one checksum
-        // and one sync. When the record may be half-written, an abort record written over it
-        // settles the question; if even that fails, recovery decides from what is on disk.
-        let mut decision: Vec<NewRecord> = staged.into_iter().map(|p| (Kind::Staged, p)).collect();
-        decision.push((Kind::Prepared, Vec::new()));
-        decision.push((Kind::Decision, vec![1]));
-        self.fs.event("decision_write");
-        if let Err(e) = journal.append_all(decision) {
-            let e = TxnError::io(&journal_path, e);
-            return Err(match journal.append(Kind::Decision, vec![0]) {
-                Ok(()) => self.abort(&mut journal, &mut steps, e),
-                Err(_) => TxnError::InDoubt(Box::new(e)),
-            });
-        }
-        self.event("prepared")?;
-        self.event("decided")?;
-
-        // Roll forward; failures from here on are finished by recover.
-        let incomplete = |e| TxnError::CommittedIncomplete(Box::new(e));
-        let original = self.manifest().map_err(incomplete)?;
-        let mut manifest = original.clone();
-        let published = each_step(&*self.fs, &mut steps, |step, fs| step.commit(fs));
-        for (i, pivot) in published.into_iter().enumerate() {
-            if let Some((old_top, new_top)) = pivot.map_err(incomplete)? {
-                manifest.pivot(&old_top, &new_top);
-            }
-            self.event(&format!("published {i}"))?;
-        }
-        // Bitmap changes, one at a time, each journaled once done: recovery goes on from the
-        // first one not done, and one change applied twice is the same change.
-        for (i, step) in steps.iter().enumerate() {
-            let Some((image, path, changes)) = step.bitmaps() else {
-                continue;
-            };
-            for (k, change) in changes.iter().enumerate() {
-                self.fs.event("bitmap_apply");
-                let fs = &*self.fs;
-                crate::bitmaps::apply(image, path, std::slice::from_ref(change), &|p| {
-                    fs.open_read_only(p)
-                })
-                .map_err(incomplete)?;
-                let done = Writer::default().u64(i as u64).u64(k as u64);
-                journal
-                    .append(Kind::BitmapDone, done.0)
-                    .map_err(|e| incomplete(TxnError::io(&journal_path, e)))?;
-                self.event(&format!("bitmap {i}.{k} applied"))?;
-            }
-        }
-        if manifest != original {
-            manifest.generation += 1;
-            manifest
-                .store(&*self.fs, &self.manifest_path())
-                .map_err(|e| incomplete(TxnError::io(self.manifest_path(), e)))?;
-        }
-        for cleaned in each_step(&*self.fs, &mut steps, |step, fs| step.clean(fs)) {
-            cleaned.map_err(incomplete)?;
-        }
-        self.event("closed")?;
-        journal
-            .finish()
-            .map_err(|e| incomplete(TxnError::io(&journal_path, e)))?;
-        Ok(Outcome { images, overlays })
-    }
-
     /// Opens the journal (creating it durably) and starts a transaction in it.
-    fn start_journal(&mut self, txn: [u8; 16]) -> Result<Journal, TxnError> {
+    pub(crate) fn start_journal(&mut self, txn: [u8; 16]) -> Result<Journal, TxnError> {
         let path = self.journal_path();
         let created = !self.fs.exists(&path);
         let storage = self
@@ -373,59 +310,6 @@ impl Group {
                 .map_err(|e| TxnError::io(&self.dir, e))?;
         }
         Journal::start(storage, txn).map_err(|e| TxnError::io(&path, e))
-    }
-
-    /// Journals every member and intent, then prepares every step (in parallel where the file
-    /// system allows: each image is its own file). Returns the `Staged` payloads recovery needs,
-    /// which go into the journal with the decision.
-    fn prepare(
-        &mut self,
-        journal: &mut Journal,
-        records: &[NewRecord],
-        steps: &mut [Box<dyn Step>],
-    ) -> Result<Vec<Vec<u8>>, TxnError> {
-        let journal_path = self.journal_path();
-        let jio = |e| TxnError::io(&journal_path, e);
-        // Members and intents (overlays that may exist, overlays to merge) in one sync, so
-        // recovery knows every file the transaction may touch before anything is touched.
-        let mut first = vec![(Kind::Begin, Vec::new())];
-        first.extend(records.iter().cloned());
-        journal.append_all(first).map_err(jio)?;
-        self.event("begin")?;
-        let results = each_step(&*self.fs, steps, |step, fs| step.prepare(fs));
-        let mut staged = Vec::new();
-        for r in results {
-            staged.extend(r?);
-        }
-        for i in 0..steps.len() {
-            self.event(&format!("prepared {i}"))?;
-        }
-        Ok(staged)
-    }
-
-    /// Takes back what preparing built, newest first, and closes the journal. Returns the error
-    /// to report: `Aborted` when everything is undone, `AbortIncomplete` when `recover` must
-    /// finish (the journal then stays open and recovery rolls back).
-    fn abort(
-        &mut self,
-        journal: &mut Journal,
-        steps: &mut [Box<dyn Step>],
-        cause: TxnError,
-    ) -> TxnError {
-        self.fs.event("abort");
-        let mut undone = true;
-        for step in steps.iter_mut().rev() {
-            undone &= step.abort(&*self.fs).is_ok();
-        }
-        for step in steps.iter_mut() {
-            undone &= step.clean(&*self.fs).is_ok();
-        }
-        undone = undone && journal.finish().is_ok();
-        if undone {
-            TxnError::Aborted(Box::new(cause))
-        } else {
-            TxnError::AbortIncomplete(Box::new(cause))
-        }
     }
 
     /// Finishes or rolls back an interrupted transaction; a second call changes nothing.
@@ -735,11 +619,12 @@ fn temp_name(fin: &Path, txn: &[u8; 16], i: usize) -> PathBuf {
 }
 
 /// Checks every action before anything is written, and opens every image in a canonical order.
-fn validate(
+pub(crate) fn validate(
     fs: &dyn GroupFs,
     actions: &[Action],
     manifest: &Manifest,
     group_dir: &Path,
+    live: &[(PathBuf, Arc<Image>)],
 ) -> Result<Vec<Member>, TxnError> {
     let invalid = |image: &Path, reason: String| TxnError::Invalid {
         image: image.to_path_buf(),
@@ -1001,16 +886,24 @@ fn validate(
     // Open in a canonical order (device, inode) so two groups never deadlock on image locks.
     members.sort_by_key(|m| (m.dev, m.ino));
     for m in members.iter_mut() {
-        let img = if m.retire {
-            fs.open_for_commit(&m.path)
-        } else {
-            fs.open_image(&m.path)
-        }
-        .map_err(|e| TxnError::image(&m.path, e))?;
+        let img = match live.iter().find(|(p, _)| *p == m.path) {
+            Some((_, handle)) => {
+                refuse_on_live(m)?;
+                Held::Live(handle.clone())
+            }
+            None => Held::Own(Box::new(
+                if m.retire {
+                    fs.open_for_commit(&m.path)
+                } else {
+                    fs.open_image(&m.path)
+                }
+                .map_err(|e| TxnError::image(&m.path, e))?,
+            )),
+        };
         check_member(&img, m)?;
         check_bitmaps(fs, &img, m)?;
         m.image = Some(img);
-        let img = m.image.as_ref().expect("just opened");
+        let img = m.image.as_deref().expect("just opened");
         if let (Some(overlay), OverlayMode::Existing) = (&m.overlay, m.overlay_mode) {
             check_existing_overlay(fs, overlay, &m.path, img.size())?;
         }
@@ -1020,6 +913,30 @@ fn validate(
         check_retire(fs, m, &members, manifest)?;
     }
     Ok(members)
+}
+
+/// What a live handle cannot take: a new top (the caller's handle would go on writing into the
+/// old one) or a new active state under its I/O (a revert), or being merged away.
+fn refuse_on_live(m: &Member) -> Result<(), TxnError> {
+    let refused = |action| {
+        Err(TxnError::LiveUnsupported {
+            image: m.path.clone(),
+            action,
+        })
+    };
+    if m.overlay.is_some() {
+        return refused("an external snapshot (blockdev-snapshot-sync)");
+    }
+    if m.retire {
+        return refused("deleting an external snapshot");
+    }
+    if m.changes
+        .iter()
+        .any(|c| matches!(c, SnapshotChange::Revert { .. }))
+    {
+        return refused("reverting to an internal snapshot");
+    }
+    Ok(())
 }
 
 /// Every image below a disk's current top in the manifest, with that top: the backing chain read
@@ -1165,7 +1082,7 @@ fn check_retire(
         image: m.path.clone(),
         reason,
     };
-    let img = m.image.as_ref().expect("members are opened");
+    let img = m.image.as_deref().expect("members are opened");
     let base = backing_path(fs, &m.path, img)
         .ok_or_else(|| invalid("has no backing file to merge into".into()))?;
     if members.iter().any(|o| o.path == base) {
@@ -1220,24 +1137,27 @@ fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
         .is_ok_and(|n| n == 4 && u32::from_be_bytes(magic) == qcow2::format::limits::QCOW_MAGIC)
 }
 
-/// Runs `work` on every step: on threads of their own where the file system allows (each image
-/// is its own file), else one after another so a recording file system logs the same order on
-/// every run. Results come back in step order.
-fn each_step<T: Send>(
+/// Runs `work` on the selected steps: on threads of their own where the file system allows
+/// (each image is its own file), else one after another so a recording file system logs the
+/// same order on every run. Results come back in step order.
+pub(crate) fn each_selected<T: Send>(
     fs: &dyn GroupFs,
-    steps: &mut [Box<dyn Step>],
+    mut steps: Vec<&mut Box<dyn Step>>,
     work: impl Fn(&mut dyn Step, &dyn GroupFs) -> Result<T, TxnError> + Sync,
 ) -> Vec<Result<T, TxnError>> {
     if !fs.parallel() || steps.len() < 2 {
-        return steps.iter_mut().map(|step| work(&mut **step, fs)).collect();
+        return steps
+            .into_iter()
+            .map(|step| work(&mut **step, fs))
+            .collect();
     }
     let work = &work;
     let panicked = || Err(TxnError::Interrupted("a step's thread panicked".into()));
     std::thread::scope(|scope| {
         // The calling thread takes the last step itself: one thread fewer to start per phase.
-        let (last, rest) = steps.split_last_mut().expect("two or more steps");
-        let handles: Vec<_> = rest
-            .iter_mut()
+        let last = steps.pop().expect("two or more steps");
+        let handles: Vec<_> = steps
+            .into_iter()
             .map(|step| scope.spawn(move || work(&mut **step, fs)))
             .collect();
         let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut **last, fs)))
@@ -1252,11 +1172,11 @@ fn each_step<T: Send>(
 }
 
 /// A journal record to write: its kind and payload.
-type NewRecord = (Kind, Vec<u8>);
+pub(crate) type NewRecord = (Kind, Vec<u8>);
 
 /// Turns validated members into their journal records (`Image` for each, `Overlay` intents) and
 /// their steps, in lock order.
-fn plan_steps(
+pub(crate) fn plan_steps(
     fs: &dyn GroupFs,
     members: Vec<Member>,
     txn: &[u8; 16],

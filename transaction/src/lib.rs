@@ -47,8 +47,14 @@
 //! [`sim::SimFs`] orders all files' operations in one log for crash tests.
 //!
 //! Where this departs from the project's design notes (`TRANSACTIONS.md` in its repository):
-//! - the API is one call, [`Group::run`], rather than `begin`/`prepare`/`commit`/`abort`: a
-//!   caller has nothing to do between the phases, and one call cannot leave a half-used handle;
+//! - the phases are [`Group::begin`], [`Transaction::add`] (validates at once, names the refused
+//!   action), [`Transaction::prepare`], [`Prepared::commit`] and [`Prepared::abort`] (also on
+//!   drop); [`Group::run`] is the one-call form. Actions name images by path; an image the
+//!   caller holds open is [`Transaction::attach`]ed, and its guest writes are paused from its
+//!   staging to its publish (`phases.rs`), so the group is a crash-consistent cut while the
+//!   caller keeps serving I/O. External snapshots, their deletion and reverts are refused on
+//!   attached images ([`TxnError::LiveUnsupported`]): the caller's handle cannot be swapped to
+//!   a new top by the transaction;
 //! - an abort writes a `Decision(0)` record and `End`; an abort that cannot finish returns
 //!   `AbortIncomplete` and leaves the rollback to `recover`;
 //! - a failed decision write is overwritten with `Decision(0)`; if that fails too, the result is
@@ -74,6 +80,7 @@ pub mod identity;
 pub mod journal;
 mod lock;
 pub mod manifest;
+mod phases;
 pub mod sim;
 mod step;
 
@@ -81,3 +88,4 @@ pub use bitmaps::BitmapSource;
 pub use error::TxnError;
 pub use group::{Action, Group, Hook, Outcome, OverlayMode, Recovery};
 pub use manifest::Manifest;
+pub use phases::{Prepared, Transaction};

@@ -11,6 +11,7 @@
 //! header switch.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use qcow2::image::{SnapshotChange, StagedChange};
 use qcow2::{CreateOptions, Image};
@@ -39,10 +40,51 @@ pub(crate) trait Step: Send {
     fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
         None
     }
+    /// Whether the step acts on a live handle (prepared while its writes are paused).
+    fn live(&self) -> bool {
+        false
+    }
+}
+
+/// An image a transaction acts on: opened (and locked) by the transaction itself, or a live
+/// handle its caller holds open and keeps serving I/O through.
+pub(crate) enum Held {
+    Own(Box<Image>),
+    Live(Arc<Image>),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Image;
+
+    fn deref(&self) -> &Image {
+        match self {
+            Held::Own(img) => img,
+            Held::Live(img) => img,
+        }
+    }
+}
+
+impl Held {
+    /// The caller's handle, when the image is live.
+    pub fn live(&self) -> Option<&Arc<Image>> {
+        match self {
+            Held::Live(img) => Some(img),
+            Held::Own(_) => None,
+        }
+    }
+
+    /// Closes an image the transaction opened; a live one stays open for its caller, with what
+    /// it cached written back.
+    fn close(self) -> qcow2::Result<()> {
+        match self {
+            Held::Own(img) => img.close(),
+            Held::Live(img) => img.flush(),
+        }
+    }
 }
 
 /// Closes the image a step holds (writing back what it cached), if it still holds one.
-fn close_held(image: &mut Option<Image>, path: &Path) -> Result<(), TxnError> {
+fn close_held(image: &mut Option<Held>, path: &Path) -> Result<(), TxnError> {
     match image.take() {
         Some(img) => img.close().map_err(|e| TxnError::image(path, e)),
         None => Ok(()),
@@ -54,7 +96,7 @@ fn close_held(image: &mut Option<Image>, path: &Path) -> Result<(), TxnError> {
 pub(crate) struct SnapshotStep {
     pub index: usize,
     pub path: PathBuf,
-    pub image: Option<Image>,
+    pub image: Option<Held>,
     pub changes: Vec<SnapshotChange>,
     pub bitmaps: Vec<BitmapChange>,
     pub staged: Option<StagedChange>,
@@ -63,7 +105,7 @@ pub(crate) struct SnapshotStep {
 impl SnapshotStep {
     fn image(&self) -> &Image {
         self.image
-            .as_ref()
+            .as_deref()
             .expect("the image stays open until clean")
     }
 }
@@ -111,7 +153,11 @@ impl Step for SnapshotStep {
     }
 
     fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
-        Some((self.image.as_ref()?, &self.path, &self.bitmaps))
+        Some((self.image.as_deref()?, &self.path, &self.bitmaps))
+    }
+
+    fn live(&self) -> bool {
+        self.image.as_ref().is_some_and(|h| h.live().is_some())
     }
 }
 
@@ -121,7 +167,7 @@ impl Step for SnapshotStep {
 pub(crate) struct OverlayStep {
     pub path: PathBuf,
     /// Held open (locked) so nobody writes the image while it gets its overlay.
-    pub image: Option<Image>,
+    pub image: Option<Held>,
     pub tmp: PathBuf,
     pub fin: PathBuf,
     /// Bitmap changes of the image, after the decision.
@@ -139,7 +185,7 @@ impl OverlayStep {
 impl Step for OverlayStep {
     fn prepare(&mut self, fs: &dyn GroupFs) -> Result<Option<Vec<u8>>, TxnError> {
         if self.creates() {
-            let size = self.image.as_ref().map_or(0, Image::size);
+            let size = self.image.as_deref().map_or(0, Image::size);
             create_overlay(
                 fs,
                 &self.path,
@@ -177,7 +223,7 @@ impl Step for OverlayStep {
     }
 
     fn bitmaps(&self) -> Option<(&Image, &Path, &[BitmapChange])> {
-        Some((self.image.as_ref()?, &self.path, &self.bitmaps))
+        Some((self.image.as_deref()?, &self.path, &self.bitmaps))
     }
 }
 
@@ -189,7 +235,7 @@ pub(crate) struct RetireStep {
     pub path: PathBuf,
     pub base: PathBuf,
     /// The overlay, read-only, over its backing file opened writable.
-    pub image: Option<Image>,
+    pub image: Option<Held>,
     pub committed: bool,
 }
 
@@ -198,7 +244,7 @@ impl Step for RetireStep {
         fs.event("overlay_merge");
         let image = self
             .image
-            .as_ref()
+            .as_deref()
             .expect("the image stays open until clean");
         let options = qcow2::image::CommitOptions {
             base_depth: 1,
@@ -221,7 +267,7 @@ impl Step for RetireStep {
         // taking back.
         let image = self
             .image
-            .as_ref()
+            .as_deref()
             .expect("the image stays open until clean");
         match image.backing_image() {
             Some(base) => reclaim_leaks(base, &self.base),

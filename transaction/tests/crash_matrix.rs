@@ -262,10 +262,17 @@ struct Recorded {
 }
 
 fn record(base: &SimFs, plan: &[Action]) -> Recorded {
+    record_with(base, |group| {
+        group.run(plan).unwrap();
+    })
+}
+
+/// Like [`record`], with the transaction driven by `drive` (the phased API, live handles).
+fn record_with(base: &SimFs, drive: impl FnOnce(&mut Group)) -> Recorded {
     let pre = view(base);
     let run = base.settled();
     let mut group = open_group(&run).unwrap();
-    group.run(plan).unwrap();
+    drive(&mut group);
     drop(group);
     let post = view(&run);
     assert_ne!(pre, post);
@@ -316,7 +323,14 @@ fn crash_everywhere(plan: &[Action], label: &str) {
 }
 
 fn crash_everywhere_from(base: &SimFs, plan: &[Action], label: &str) {
-    let r = record(base, plan);
+    crash_recorded(record(base, plan), label, false)
+}
+
+/// Cuts the recorded run at sampled operations and checks each recovery. With `restart`, a
+/// server restart follows recovery: each disk is opened for writing and closed again, which is
+/// what makes the bitmaps of a handle that was still open at the cut consistent again (an image
+/// open for writing keeps its bitmaps marked in use, whatever any transaction did).
+fn crash_recorded(r: Recorded, label: &str, restart: bool) {
     let len = r.run.log_len();
     let cuts = sample(len, 120, r.decision_write..=r.decided);
     for &cut in &cuts {
@@ -333,6 +347,12 @@ fn crash_everywhere_from(base: &SimFs, plan: &[Action], label: &str) {
             let ctx = format!("{label}: cut {cut}/{len} {survivors:?}");
             let crashed = r.run.crash(cut, survivors);
             assert_no_dangling_references(&crashed, &ctx);
+            if restart {
+                drop(open_group(&crashed).unwrap_or_else(|e| panic!("{ctx}: {e}")));
+                for p in disks() {
+                    crashed.open_image(&p).unwrap().close().unwrap();
+                }
+            }
             recover_and_check(&crashed, &expected(&r, cut), &ctx);
         }
     }
@@ -467,6 +487,46 @@ fn a_power_cut_anywhere_in_a_plan_with_bitmap_actions_recovers_all_or_nothing() 
     assert!(names(&d[2]).is_empty());
     assert_eq!(names(Path::new(OVERLAY)), [("b1".into(), true)]);
     crash_everywhere_from(&base, &bitmap_plan(), "bitmaps");
+}
+
+/// The phased API on live handles (images the caller holds open, as a server does): each action
+/// added on its own, then prepare and commit; the handles are closed after the commit, so their
+/// own writes are in the log too. Every cut recovers all or nothing, as with `Group::run`.
+#[test]
+fn a_power_cut_anywhere_in_a_live_phased_transaction_recovers_all_or_nothing() {
+    let base = setup_with_bitmaps();
+    let live_plan: Vec<Action> = bitmap_plan()
+        .into_iter()
+        .filter(|a| {
+            !matches!(a, Action::ExternalCreate { .. })
+                && !matches!(a, Action::BitmapAdd { image, .. } if image == Path::new(OVERLAY))
+        })
+        .collect();
+    let r = record_with(&base, |group| {
+        let fs = group.fs();
+        let handles: Vec<Arc<Image>> = disks()
+            .iter()
+            .map(|p| Arc::new(fs.open_image(p).unwrap()))
+            .collect();
+        let mut txn = group.begin().unwrap();
+        for h in &handles {
+            txn.attach(h.clone()).unwrap();
+        }
+        for action in live_plan.clone() {
+            txn.add(action).unwrap();
+        }
+        let outcome = txn.prepare().unwrap().commit().unwrap();
+        assert!(outcome.paused.is_some());
+        for h in handles {
+            Arc::into_inner(h).unwrap().close().unwrap();
+        }
+    });
+    assert_eq!(
+        r.post.bitmaps[&disks()[2]].len(),
+        0,
+        "b0 is removed from d2"
+    );
+    crash_recorded(r, "live phased", true);
 }
 
 /// T10: every write the engine makes to bytes 0..512 of an existing image stays inside that

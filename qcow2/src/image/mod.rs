@@ -3,7 +3,8 @@
 //!
 //! - `data/`: guest data: the read path through L1/L2 (`layer`), writes in place, copy-on-write,
 //!   zero writes and discards (`write`), compressed clusters (`compress`, `codec`), the extent
-//!   map (`map`, `extents`);
+//!   map (`map`, `extents`), and the write gate a live snapshot pauses (`quiesce`: in-flight
+//!   guest writes finish, new ones wait, reads go on);
 //! - `meta/`: metadata in memory and on its way to disk: positioned I/O (`host`), the bounded L2
 //!   cache (`l2_cache`: whole tables for a writer, 4 KiB slices while read-only), refcounts and
 //!   their growth (`refcounts`, `refcount_deltas`), write-back order (`writeback`);
@@ -26,7 +27,7 @@ mod snapshots;
 
 // Every submodule by its own name, wherever its folder puts it.
 use chain::{backing, commit, rebase};
-use data::{codec, extents, layer, map};
+use data::{codec, extents, layer, map, quiesce};
 use maintenance::{check, create, info, repair};
 use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
 use snapshots::{ops as snapshot_ops, view as snapshot};
@@ -46,6 +47,7 @@ pub use maintenance::measure::{
     MeasureTarget,
 };
 pub use map::{Extent, ExtentKind};
+pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
@@ -198,6 +200,8 @@ pub struct Image {
     /// The most recently decompressed cluster: descriptor bits and bytes. Sequential small reads
     /// of one compressed cluster then decompress it once.
     last_compressed: Mutex<Option<(u64, Box<[u8]>)>>,
+    /// Admits guest writes; a live snapshot pauses it (`quiesce`).
+    gate: quiesce::WriteGate,
 }
 
 impl std::fmt::Debug for Image {
@@ -451,6 +455,7 @@ impl Image {
                 (options.l2_cache_bytes / layer::l2_slice_len(cluster_size)) as usize,
             ),
             last_compressed: Mutex::new(None),
+            gate: quiesce::WriteGate::default(),
         })
     }
 
@@ -490,6 +495,11 @@ impl Image {
             None => {}
         }
         out
+    }
+
+    /// Whether the image is open for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// The path the image was opened from, if any.

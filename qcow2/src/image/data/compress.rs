@@ -40,6 +40,8 @@ impl Image {
             let kind = self.meta().header.compression_type;
             match crate::image::codec::compress(kind, &cluster, cs as usize - 1) {
                 Some(data) => {
+                    // Admitted per cluster, as `write_at` admits the other branch.
+                    let _pass = self.write_pass()?;
                     let mut m = self.meta_mut();
                     self.write_one_compressed(&mut m, guest, &data)?;
                 }

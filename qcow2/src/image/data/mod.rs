@@ -1,10 +1,12 @@
 //! Guest data: the read path through L1/L2 (`layer`), writes in place, copy-on-write, zero writes
 //! and discards (`write`), compressed clusters (`compress`, `codec`), and the extent map (`map`,
-//! and `extents`, which walks it a window at a time).
+//! and `extents`, which walks it a window at a time); `quiesce` is the gate a live group snapshot
+//! closes on guest writes.
 
 pub(crate) mod codec;
 pub(crate) mod compress;
 pub(crate) mod extents;
 pub(crate) mod layer;
 pub(crate) mod map;
+pub(crate) mod quiesce;
 pub(crate) mod write;

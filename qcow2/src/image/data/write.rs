@@ -39,6 +39,7 @@ impl Image {
     /// Writes guest bytes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
+        let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, buf.len() as u64)?;
@@ -546,6 +547,7 @@ impl Image {
     /// host clusters with `unmap`), real zeros on v2 and for partial clusters.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.require_writable()?;
+        let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, len)?;
@@ -706,6 +708,7 @@ impl Image {
     /// they read as zeros on v3 (or from the backing file on v2, as in QEMU).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.require_writable()?;
+        let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, len)?;

@@ -57,7 +57,12 @@ impl Image {
             dirty: h.is_dirty(),
             extended_l2: h.extended_l2(),
             compression_type: h.compression_type.name(),
-            backing_file: self.backing_file_name(),
+            // From the guard held here: taking the lock again would wait behind a queued
+            // writer that waits for this guard.
+            backing_file: h
+                .backing_file
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n).into_owned()),
             // A format without a backing file means nothing (QEMU does not show it).
             backing_format: h
                 .extensions

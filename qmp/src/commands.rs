@@ -1,0 +1,417 @@
+//! The commands, with QEMU's arguments, results and messages. Every change (`transaction`,
+//! the standalone snapshot and bitmap commands) is one group transaction over the served disks'
+//! live handles: validated action by action, staged with the disks' writes paused, decided in
+//! the journal, published, resumed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use qcow2::Image;
+use qcow2_transaction::{Action, BitmapSource, Group, TxnError};
+use serde_json::{json, Value};
+
+use crate::args::Args;
+use crate::QmpError;
+
+/// A served disk: its export (and node) name, the handle the server writes through, its path.
+#[derive(Clone)]
+pub struct Disk {
+    pub name: String,
+    pub image: Arc<Image>,
+    pub path: PathBuf,
+}
+
+/// What the commands act on.
+pub struct Served {
+    pub group: Group,
+    pub disks: Vec<Disk>,
+}
+
+/// Commands `query-commands` lists.
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "quit",
+    "query-version",
+    "query-commands",
+    "query-block-exports",
+    "query-named-block-nodes",
+    "transaction",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+];
+
+/// Runs command `name` (after negotiation).
+pub fn execute(s: &mut Served, name: &str, arguments: Option<&Value>) -> Result<Value, QmpError> {
+    let mut args = Args::new(arguments, "")?;
+    match name {
+        "query-version" => {
+            args.done()?;
+            Ok(crate::monitor::version())
+        }
+        "query-commands" => {
+            args.done()?;
+            Ok(COMMANDS.iter().map(|c| json!({ "name": c })).collect())
+        }
+        "query-block-exports" => {
+            args.done()?;
+            Ok(s.disks
+                .iter()
+                .map(|d| {
+                    json!({"id": d.name, "type": "nbd", "node-name": d.name, "shutting-down": false})
+                })
+                .collect())
+        }
+        "query-named-block-nodes" => {
+            let _flat = args.opt_bool("flat")?;
+            args.done()?;
+            Ok(s.disks.iter().map(node_info).collect())
+        }
+        "transaction" => transaction(s, args),
+        "blockdev-snapshot-internal-sync" => {
+            let planned = snapshot_create(s, &mut args)?;
+            args.done()?;
+            run(s, vec![planned]).map(|()| json!({}))
+        }
+        "blockdev-snapshot-delete-internal-sync" => snapshot_delete(s, args),
+        _ if name.starts_with("block-dirty-bitmap-") => {
+            let planned = bitmap(s, &name["block-dirty-bitmap-".len()..], &mut args)
+                .ok_or_else(|| not_found(name))??;
+            args.done()?;
+            run(s, vec![planned]).map(|()| json!({}))
+        }
+        _ => Err(not_found(name)),
+    }
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::not_found(format!("The command {name} has not been found"))
+}
+
+/// An action and the disk it acts on; `None` for QMP's `abort` action.
+type Planned = Option<(usize, Action)>;
+
+fn disk(s: &Served, name: &str) -> Result<usize, QmpError> {
+    s.disks.iter().position(|d| d.name == name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })
+}
+
+fn snapshot_create(s: &Served, args: &mut Args) -> Result<Planned, QmpError> {
+    let device = args.str("device")?;
+    let name = args.str("name")?;
+    let i = disk(s, &device)?;
+    if name.is_empty() {
+        return Err(QmpError::generic("Name is empty"));
+    }
+    if s.disks[i].image.snapshots().iter().any(|x| x.name == name) {
+        return Err(QmpError::generic(format!(
+            "Snapshot with name '{name}' already exists on device '{device}'"
+        )));
+    }
+    Ok(Some((
+        i,
+        Action::InternalCreate {
+            image: s.disks[i].path.clone(),
+            name,
+        },
+    )))
+}
+
+/// `block-dirty-bitmap-<op>`; `None` for an unknown op.
+fn bitmap(s: &Served, op: &str, args: &mut Args) -> Option<Result<Planned, QmpError>> {
+    let known = ["add", "remove", "clear", "enable", "disable", "merge"];
+    if !known.contains(&op) {
+        return None;
+    }
+    Some((|| {
+        let node = args.str("node")?;
+        let i = disk(s, &node)?;
+        let image = s.disks[i].path.clone();
+        let action = match op {
+            "merge" => {
+                let target = args.str("target")?;
+                let list = args.array("bitmaps")?;
+                let mut sources = Vec::new();
+                for (k, v) in list.iter().enumerate() {
+                    let path = format!("{}[{k}]", args.path("bitmaps"));
+                    let name = match v {
+                        Value::String(n) => n.clone(),
+                        Value::Object(_) => {
+                            let mut a = Args::new(Some(v), &path)?;
+                            let other = a.str("node")?;
+                            let name = a.str("name")?;
+                            a.done()?;
+                            if disk(s, &other)? != i {
+                                return Err(QmpError::generic(
+                                    "merging a bitmap of another node is not supported",
+                                ));
+                            }
+                            name
+                        }
+                        _ => {
+                            return Err(QmpError::generic(format!(
+                                "Invalid parameter type for '{path}', expected: string or object"
+                            )))
+                        }
+                    };
+                    sources.push(BitmapSource { image: None, name });
+                }
+                Action::BitmapMerge {
+                    image,
+                    target,
+                    sources,
+                }
+            }
+            _ => {
+                let name = args.str("name")?;
+                match op {
+                    "add" => {
+                        let granularity = args.opt_u64("granularity")?;
+                        let persistent = args.opt_bool("persistent")?.unwrap_or(false);
+                        let disabled = args.opt_bool("disabled")?.unwrap_or(false);
+                        if let Some(g) = granularity {
+                            if g < 512 || !g.is_power_of_two() {
+                                return Err(QmpError::generic(
+                                    "Granularity must be power of 2 and at least 512",
+                                ));
+                            }
+                        }
+                        if !persistent {
+                            return Err(QmpError::generic(
+                                "only persistent bitmaps are supported: pass \"persistent\": true",
+                            ));
+                        }
+                        Action::BitmapAdd {
+                            image,
+                            name,
+                            granularity,
+                            disabled,
+                        }
+                    }
+                    "remove" => Action::BitmapRemove { image, name },
+                    "clear" => Action::BitmapClear { image, name },
+                    "enable" => Action::BitmapEnable { image, name },
+                    _ => Action::BitmapDisable { image, name },
+                }
+            }
+        };
+        Ok(Some((i, action)))
+    })())
+}
+
+/// QMP's `transaction`: every action checked, then one group transaction; the first failure is
+/// the one reported, and nothing is changed then.
+fn transaction(s: &mut Served, mut args: Args) -> Result<Value, QmpError> {
+    let actions = args.array("actions")?;
+    let grouped = match args.opt("properties") {
+        None => false,
+        Some(p) => {
+            let mut props = Args::new(Some(p), "properties")?;
+            let mode = props.opt_str("completion-mode")?;
+            props.done()?;
+            match mode.as_deref() {
+                None | Some("individual") => false,
+                Some("grouped") => true,
+                Some(other) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'properties.completion-mode' does not accept value '{other}'"
+                    )))
+                }
+            }
+        }
+    };
+    args.done()?;
+    let mut planned = Vec::new();
+    for (k, action) in actions.iter().enumerate() {
+        let path = format!("actions[{k}]");
+        let mut a = Args::new(Some(action), &path)?;
+        let kind = a.str("type")?;
+        let data = a.req("data")?;
+        a.done()?;
+        let mut d = Args::new(Some(data), &format!("{path}.data"))?;
+        if grouped {
+            return Err(QmpError::generic(format!(
+                "Action '{kind}' does not support transaction property completion-mode = grouped"
+            )));
+        }
+        let one = match kind.as_str() {
+            "abort" => None,
+            "blockdev-snapshot-internal-sync" => snapshot_create(s, &mut d)?,
+            "blockdev-snapshot-sync" | "blockdev-snapshot" => {
+                let field = if kind == "blockdev-snapshot" {
+                    "node"
+                } else {
+                    "device"
+                };
+                let name = d.opt_str(field)?.or(d.opt_str("node-name")?);
+                return Err(QmpError::generic(format!(
+                    "{kind}: external snapshots of a served disk{} are not supported (its export \
+                     cannot be switched to a new overlay); use blockdev-snapshot-internal-sync",
+                    name.map(|n| format!(" ('{n}')")).unwrap_or_default()
+                )));
+            }
+            "blockdev-backup" | "drive-backup" => {
+                return Err(QmpError::generic(format!(
+                    "Action type '{kind}' is not supported by this server"
+                )))
+            }
+            _ => match kind.strip_prefix("block-dirty-bitmap-") {
+                Some(op) => bitmap(s, op, &mut d).ok_or_else(|| bad_type(&path, &kind))??,
+                None => return Err(bad_type(&path, &kind)),
+            },
+        };
+        d.done()?;
+        planned.push(one);
+    }
+    if planned.is_empty() {
+        return Ok(json!({}));
+    }
+    run(s, planned).map(|()| json!({}))
+}
+
+fn bad_type(path: &str, kind: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Parameter '{path}.type' does not accept value '{kind}'"
+    ))
+}
+
+/// One group transaction over the disks' live handles.
+fn run(s: &mut Served, planned: Vec<Planned>) -> Result<(), QmpError> {
+    let Served { group, disks } = s;
+    let mut txn = group.begin().map_err(failure)?;
+    let mut actions = Vec::new();
+    for p in planned {
+        let Some((i, action)) = p else {
+            return Err(QmpError::generic("Transaction aborted using Abort action"));
+        };
+        let d = &disks[i];
+        if !actions.contains(&i) {
+            txn.attach(d.image.clone()).map_err(failure)?;
+            actions.push(i);
+        }
+        txn.add(action).map_err(failure)?;
+    }
+    txn.prepare().map_err(failure)?.commit().map_err(failure)?;
+    Ok(())
+}
+
+/// The message of a transaction error, as QEMU words what it words (bitmap refusals carry
+/// QEMU's text already).
+fn failure(e: TxnError) -> QmpError {
+    fn desc(e: &TxnError) -> String {
+        match e {
+            TxnError::Refused { reason, .. } | TxnError::Aborted(reason) => desc(reason),
+            TxnError::Invalid { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+    QmpError::generic(desc(&e))
+}
+
+fn snapshot_delete(s: &mut Served, mut args: Args) -> Result<Value, QmpError> {
+    let device = args.str("device")?;
+    let id = args.opt_str("id")?;
+    let name = args.opt_str("name")?;
+    args.done()?;
+    let i = disk(s, &device)?;
+    if id.is_none() && name.is_none() {
+        return Err(QmpError::generic("Please specify a snapshot id or name"));
+    }
+    let found = s.disks[i].image.snapshots().into_iter().find(|x| {
+        id.as_ref().is_none_or(|id| *id == x.id) && name.as_ref().is_none_or(|n| *n == x.name)
+    });
+    let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "null".into());
+    let Some(snap) = found else {
+        return Err(QmpError::generic(format!(
+            "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+            shown(&id),
+            shown(&name)
+        )));
+    };
+    let action = Action::InternalDelete {
+        image: s.disks[i].path.clone(),
+        name: snap.id.clone(),
+    };
+    run(s, vec![Some((i, action))])?;
+    Ok(snapshot_info(&snap))
+}
+
+fn snapshot_info(x: &qcow2::image::SnapshotInfo) -> Value {
+    let mut v = json!({
+        "id": x.id,
+        "name": x.name,
+        "vm-state-size": x.vm_state_size,
+        "date-sec": x.time.secs,
+        "date-nsec": x.date_nsec,
+        "vm-clock-sec": x.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": x.vm_clock_nsec % 1_000_000_000,
+    });
+    if let Some(icount) = x.icount {
+        v["icount"] = json!(icount);
+    }
+    v
+}
+
+/// A disk as `query-named-block-nodes` shows a qcow2 node (BlockDeviceInfo).
+fn node_info(d: &Disk) -> Value {
+    let img = &d.image;
+    let info = img.info();
+    let bitmaps: Vec<Value> = img
+        .bitmaps()
+        .into_iter()
+        .map(|b| {
+            let count: u64 = img
+                .dirty_extents(&b.name, 0, img.size())
+                .map(|e| e.iter().map(|(_, len)| len).sum())
+                .unwrap_or(0);
+            json!({
+                "name": b.name,
+                "count": count,
+                "granularity": b.granularity,
+                "recording": b.enabled,
+                "busy": false,
+                "persistent": true,
+                "inconsistent": b.in_use,
+            })
+        })
+        .collect();
+    let file = d.path.display().to_string();
+    json!({
+        "node-name": d.name,
+        "file": file,
+        "ro": !img.is_writable(),
+        "drv": "qcow2",
+        "backing_file_depth": img.chain_depth(),
+        "active": true,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "image": {
+            "filename": file,
+            "format": "qcow2",
+            "virtual-size": img.size(),
+            "actual-size": img.file_len(),
+            "cluster-size": info.cluster_size,
+            "dirty-flag": false,
+            "snapshots": img.snapshots().iter().map(snapshot_info).collect::<Vec<_>>(),
+            "format-specific": {"type": "qcow2", "data": {
+                "compat": info.compat,
+                "lazy-refcounts": info.lazy_refcounts,
+                "refcount-bits": info.refcount_bits,
+                "corrupt": false,
+                "extended-l2": false,
+            }},
+        },
+        "dirty-bitmaps": bitmaps,
+    })
+}

@@ -1,0 +1,48 @@
+//! A QMP control socket (QEMU's monitor protocol) over qcow2 group transactions, as
+//! `qcow2-tool serve --qmp` runs it beside the NBD exports: an unchanged QMP client (the
+//! `qemu.qmp` Python package, `qmp-shell`) takes live, atomic group snapshots of the served
+//! disks with QEMU's `transaction` command.
+//!
+//! - [`framing`]: object boundaries in the client's JSON stream (bounded);
+//! - [`args`]: strict argument checking with QEMU's messages;
+//! - [`monitor`]: a session: greeting, capabilities negotiation, `execute` with `id`, replies;
+//! - [`commands`]: the commands, each going through the group's journal, so a server killed
+//!   mid-transaction is all-or-nothing after `recover`.
+//!
+//! Every disk is a live handle the NBD server keeps writing through: a transaction pauses its
+//! guest writes from staging to publish (`qcow2_transaction::Transaction::attach`). External
+//! snapshots (`blockdev-snapshot-sync`, `blockdev-snapshot`) are refused on them: the server's
+//! handle cannot be swapped to a new top.
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod commands;
+pub mod framing;
+pub mod monitor;
+
+pub use commands::Disk;
+pub use monitor::Monitor;
+
+/// A QMP error: its class and description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    /// A `GenericError`, the class QEMU uses for nearly everything.
+    pub fn generic(desc: impl Into<String>) -> QmpError {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+
+    pub fn not_found(desc: impl Into<String>) -> QmpError {
+        QmpError {
+            class: "CommandNotFound",
+            desc: desc.into(),
+        }
+    }
+}
