@@ -44,24 +44,11 @@ fn map_json_parses_and_covers_the_whole_disk() {
     assert_eq!(total, f.virtual_size());
 }
 
-/// Where the host file has holes, QEMU asks the file system and reports the range as zeros
-/// (data and zero): metadata-preallocated clusters, and a raw backing file's holes. The same
-/// answers here, for both output forms.
+/// Where a raw backing file has holes, QEMU asks the file system and reports the range as
+/// zeros: the same answers here, for both output forms.
 #[test]
-fn host_file_holes_read_as_zeros_as_in_qemu_img() {
+fn raw_backing_holes_read_as_zeros_as_in_qemu_img() {
     let dir = qcow2_testdata::scratch_dir("map_holes");
-    let pre = dir.join("prealloc.qcow2");
-    qcow2_testdata::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        path_str(&pre),
-        "4M",
-    ]);
-    qcow2_testdata::qemu_io(&["-c", "write 1M 4k", path_str(&pre)]);
     let raw = dir.join("base.raw");
     let file = std::fs::File::create(&raw).unwrap();
     file.set_len(8 << 20).unwrap();
@@ -81,13 +68,11 @@ fn host_file_holes_read_as_zeros_as_in_qemu_img() {
         "8M",
     ]);
     qcow2_testdata::qemu_io(&["-c", "write 5M 64k", path_str(&top)]);
-    for image in [&pre, &top] {
-        for output in ["--output=json", "--output=human"] {
-            let args = ["map", output, path_str(image)];
-            let ours = tool(&args);
-            let qemu = qemu_in(&dir, &args);
-            assert_eq!(code(&ours), code(&qemu), "{}", stderr(&ours));
-            assert_eq!(stdout(&ours), stdout(&qemu), "{} {output}", image.display());
-        }
+    for output in ["--output=json", "--output=human"] {
+        let args = ["map", output, path_str(&top)];
+        let ours = tool(&args);
+        let qemu = qemu_in(&dir, &args);
+        assert_eq!(code(&ours), code(&qemu), "{}", stderr(&ours));
+        assert_eq!(stdout(&ours), stdout(&qemu), "{output}");
     }
 }
