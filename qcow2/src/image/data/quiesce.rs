@@ -48,8 +48,14 @@ impl Drop for Pass<'_> {
     fn drop(&mut self) {
         let mut g = self.0.lock();
         g.active -= 1;
+        // Only a pause waits for writes to drain; without one, a wake-up is a wasted syscall
+        // on every guest write. A pause that starts after this unlock sees `active` already
+        // lowered, so no wake-up is lost.
+        let draining = g.pauses > 0;
         drop(g);
-        self.0.changed.notify_all();
+        if draining {
+            self.0.changed.notify_all();
+        }
     }
 }
 
