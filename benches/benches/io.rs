@@ -7,6 +7,7 @@
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -110,19 +111,25 @@ fn read_rand_4k(c: &mut Criterion) {
 
 /// Overwrites of allocated clusters, against pwrite to a raw file of the same size.
 fn overwrites(c: &mut Criterion, group_name: &str, len: usize, random: bool) {
-    let image_path = writable_copy(&allocated(GIB), "overwrite-1G.qcow2");
+    // Every image starts as a new copy made the same way, and gets the same untimed pass over
+    // the offsets and the same write-back before its clock starts: the groups differ only in
+    // what they measure.
+    let image_path = fresh_copy(&allocated(GIB), "overwrite-1G.qcow2");
     let raw_path = writable_copy(&raw(GIB), "overwrite-1G.raw");
     let offsets = if random {
         random_offsets(RANDOM_COUNT, GIB, len as u64, 3)
     } else {
         sequential_offsets(GIB, len as u64)
     };
-    let image = open_rw(&image_path);
-    let raw_file = open_raw(&raw_path, true);
     let buf = AlignedBuf::new(len, 0x5a);
-    // Fresh copies leave dirty pages: written back before any clock starts.
-    image.flush().expect("flush");
+    let raw_file = open_raw(&raw_path, true);
+    for &at in &offsets {
+        raw_file
+            .write_all_at(buf.as_slice(), at)
+            .expect("raw write");
+    }
     raw_file.sync_all().expect("sync");
+    let image = warmed_up(&image_path, &offsets, &buf);
 
     let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Bytes(len as u64));
@@ -143,21 +150,13 @@ fn overwrites(c: &mut Criterion, group_name: &str, len: usize, random: bool) {
         })
     });
     image.close().expect("close");
-    // The same image with one enabled persistent bitmap (64 KiB granularity): once a granule's
-    // bit is set, a write costs what it costs without the bitmap.
-    let with_bitmap = writable_copy(&allocated(GIB), "overwrite-1G-bitmap.qcow2");
-    let image = open_rw(&with_bitmap);
-    if image.bitmaps().is_empty() {
-        image.add_bitmap("b0", 64 * KIB, false).expect("add a bitmap");
-    }
-    // Steady state: every granule the offsets touch is dirty already (first writes are the
-    // next function's subject).
-    for &at in &offsets {
-        image.write_at(buf.as_slice(), at).expect("qcow2 write");
-    }
-    // The copy just made leaves the file's pages dirty: written back now, not under the clock
-    // (writes into pages under writeback wait for it).
-    image.flush().expect("flush");
+    // The same image with one enabled persistent bitmap (64 KiB granularity) whose every bit is
+    // set: a write into a dirty granule costs what it costs without the bitmap.
+    let image = warmed_up(
+        &fresh_copy(&allocated_with_bitmap(GIB), "overwrite-1G-bitmap.qcow2"),
+        &offsets,
+        &buf,
+    );
     let mut cycle = Cycle::new(&offsets);
     group.bench_function("qcow2-bitmap", |b| {
         b.iter(|| {
@@ -166,7 +165,8 @@ fn overwrites(c: &mut Criterion, group_name: &str, len: usize, random: bool) {
         })
     });
     // The worst case of the durable-bits rule: every write sets a bit of a cleared bitmap and
-    // lands in place, so each waits for one sync of the bitmap's bytes.
+    // lands in place, so each waits for one sync of the bitmap's bytes. Last, on the image the
+    // previous function measured, since its syncs change the file's page-cache state.
     group.bench_function("qcow2-bitmap-first-write", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -186,6 +186,17 @@ fn overwrites(c: &mut Criterion, group_name: &str, len: usize, random: bool) {
     });
     group.finish();
     image.close().expect("close");
+}
+
+/// Opens `path` read-write, writes `buf` once at every offset and writes everything back: the
+/// state every overwrite group starts its clock in.
+fn warmed_up(path: &Path, offsets: &[u64], buf: &AlignedBuf) -> Image {
+    let image = open_rw(path);
+    for &at in offsets {
+        image.write_at(buf.as_slice(), at).expect("qcow2 write");
+    }
+    image.flush().expect("flush");
+    image
 }
 
 fn overwrite_64k(c: &mut Criterion) {
@@ -213,7 +224,9 @@ fn allocating_pass(
         target.reset();
         let image = target.open();
         if bitmap {
-            image.add_bitmap("b0", 64 * KIB, false).expect("add a bitmap");
+            image
+                .add_bitmap("b0", 64 * KIB, false)
+                .expect("add a bitmap");
         }
         let n = remaining.min(offsets.len() as u64) as usize;
         let started = Instant::now();

@@ -215,6 +215,21 @@ pub fn raw(size: u64) -> PathBuf {
     })
 }
 
+/// [`allocated`] with one enabled persistent bitmap (`b0`, 64 KiB granularity) added before the
+/// data was written, so every granule's bit is set: writes into it cost what a write into a dirty
+/// granule costs, with no first-touch syncs in the fixture's history.
+pub fn allocated_with_bitmap(size: u64) -> PathBuf {
+    make_once(
+        &format!("allocated-bitmap-{}.qcow2", size_name(size)),
+        |tmp| {
+            let image = Image::create(tmp, &create_options(size)).map_err(io_err)?;
+            image.add_bitmap("b0", 64 * KIB, false).map_err(io_err)?;
+            write_range(&image, 0, size, fill_random)?;
+            image.close().map_err(io_err)
+        },
+    )
+}
+
 /// A sparse raw file of `size` bytes (the raw analogue of an empty image).
 pub fn sparse_raw(size: u64) -> PathBuf {
     make_once(&format!("sparse-{}.raw", size_name(size)), |tmp| {
@@ -230,6 +245,16 @@ pub fn empty(size: u64) -> PathBuf {
             .close()
             .map_err(io_err)
     })
+}
+
+/// A new copy of the fixture at `source` under `name`, made on every call: benches that compare
+/// two images start both from a copy with the same history (a copy reused between runs keeps
+/// whatever the last run's syncs and writes did to its page cache and extents).
+pub fn fresh_copy(source: &Path, name: &str) -> PathBuf {
+    let path = fixture_dir().join(name);
+    let _ = fs::remove_file(&path);
+    fs::copy(source, &path).unwrap_or_else(|e| panic!("copy to {}: {e}", path.display()));
+    path
 }
 
 /// A copy of the fixture at `source` under `name`, for benches that write to it. It is reused

@@ -401,6 +401,29 @@ impl Image {
         Ok(())
     }
 
+    /// Whether a guest write of `[offset, offset + len)` leaves the bitmaps as they are: none
+    /// exist, or the session tracks them already, every enabled one marks the range, and no
+    /// bit waits to be written or synced (a write in place may then skip `bitmaps_mark` and
+    /// `bitmaps_durable_before_inplace`, and run under the shared lock).
+    pub(crate) fn bitmaps_unchanged_by(&self, m: &Meta, offset: u64, len: u64) -> bool {
+        let Some(b) = &m.bitmaps else {
+            return true;
+        };
+        let Some(tracked) = &b.tracked else {
+            return false;
+        };
+        if b.unsynced || !b.pending.is_empty() {
+            return false;
+        }
+        b.entries
+            .iter()
+            .zip(tracked)
+            .all(|(e, t)| match (e.auto(), &t.bits) {
+                (true, Some(bits)) => all_set(bits, e.granularity_bits, offset, len),
+                _ => true,
+            })
+    }
+
     /// Marks `[offset, offset + len)` dirty in every enabled, tracked bitmap.
     pub(crate) fn bitmaps_mark(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
         if m.bitmaps.is_none() {

@@ -5,6 +5,7 @@
 //! written back (see `writeback`).
 
 use crate::error::{Error, Result};
+use crate::format::features::Incompatible;
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
@@ -40,6 +41,9 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
         let _pass = self.write_pass()?;
+        if self.write_in_place_shared(buf, offset) {
+            return Ok(());
+        }
         let mut m = self.meta_mut();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, buf.len() as u64)?;
@@ -61,6 +65,93 @@ impl Image {
             pos += len;
         }
         self.keep_cache_bounded(&mut m)
+    }
+
+    /// Writes `buf` under the shared metadata lock when it changes nothing but data: every
+    /// cluster it touches is one this image owns alone (a standard L2 entry with COPIED, in an
+    /// owned L2 table), clear of metadata, and the bitmaps already mark it. Such writes run in
+    /// parallel with each other and with reads; every metadata change takes the exclusive lock,
+    /// which waits for them. Returns false, having written nothing, when the write needs the
+    /// exclusive path (which also reports any error a lookup here met).
+    fn write_in_place_shared(&self, buf: &[u8], offset: u64) -> bool {
+        const MAX_CLUSTERS: usize = 16;
+        let m = self.meta();
+        let h = &m.header;
+        let len = buf.len() as u64;
+        if len == 0
+            || h.extended_l2()
+            || h.has_external_data_file()
+            || m.ws.is_none()
+            || h.incompatible_features & Incompatible::CORRUPT != 0
+            || offset.checked_add(len).is_none_or(|end| end > h.size)
+            || !self.bitmaps_unchanged_by(&m, offset, len)
+        {
+            return false;
+        }
+        let cs = h.cluster_size();
+        let first = offset / cs;
+        let count = ((offset + len - 1) / cs - first + 1) as usize;
+        if count > MAX_CLUSTERS {
+            return false;
+        }
+        let mut hosts = [0u64; MAX_CLUSTERS];
+        for (i, host) in hosts[..count].iter_mut().enumerate() {
+            match self.owned_host(&m, (first + i as u64) * cs) {
+                Some(h) => *host = h,
+                None => return false,
+            }
+        }
+        // Host runs, back to back where the clusters are; each checked against the metadata.
+        let mut runs = [(0u64, 0usize, 0usize); MAX_CLUSTERS];
+        let mut n = 0;
+        let mut pos = 0usize;
+        for (i, &host) in hosts[..count].iter().enumerate() {
+            let in_cluster = if i == 0 { offset % cs } else { 0 };
+            let take = ((cs - in_cluster) as usize).min(buf.len() - pos);
+            let at = host + in_cluster;
+            if n > 0 && runs[n - 1].0 + runs[n - 1].2 as u64 == at {
+                runs[n - 1].2 += take;
+            } else {
+                runs[n] = (at, pos, take);
+                n += 1;
+            }
+            pos += take;
+        }
+        if runs[..n]
+            .iter()
+            .any(|&(at, _, l)| self.overlap(&m, at, l as u64, None).is_some())
+        {
+            return false;
+        }
+        for &(at, start, l) in &runs[..n] {
+            if self.write_data(&buf[start..start + l], at).is_err() {
+                // The exclusive path writes it again and reports the error.
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The host offset of the cluster at `guest` when this image owns it alone and its L2
+    /// table too (nothing but its data changes on a write); `None` otherwise, or when the
+    /// lookup fails.
+    fn owned_host(&self, m: &Meta, guest: u64) -> Option<u64> {
+        let h = &m.header;
+        let l1_index = guest >> h.l1_shift();
+        let l1_entry = *m.l1.get(l1_index as usize)?;
+        let l2_offset = l1_entry & OFFSET_MASK;
+        if l2_offset == 0 || l1_entry & COPIED == 0 {
+            return None;
+        }
+        let table = self
+            .l2_table(m, l2_offset, l1_index, h.l1_table_offset)
+            .ok()?;
+        let index = ((guest >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize;
+        let entry = be_u64_at(&table, index);
+        match classify_standard(entry, false) {
+            ClusterMapping::Normal { host_offset } if entry & COPIED != 0 => Some(host_offset),
+            _ => None,
+        }
     }
 
     /// Writes a run of whole clusters with one host write when they map to one contiguous host

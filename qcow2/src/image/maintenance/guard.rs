@@ -33,7 +33,13 @@ impl Image {
         Ok(())
     }
 
-    fn overlap(&self, m: &Meta, offset: u64, len: u64, own_l2: Option<u64>) -> Option<String> {
+    pub(crate) fn overlap(
+        &self,
+        m: &Meta,
+        offset: u64,
+        len: u64,
+        own_l2: Option<u64>,
+    ) -> Option<String> {
         let cs = m.header.cluster_size();
         let first = offset & !(cs - 1);
         let end = offset.saturating_add(len);

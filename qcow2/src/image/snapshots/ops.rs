@@ -236,6 +236,9 @@ impl Image {
 
     /// Stages and publishes one change.
     fn apply_change(&self, change: SnapshotChange) -> Result<()> {
+        // Staging and publishing take the metadata lock one after the other: a guest write in
+        // between would land in the old state and be dropped by the switch, so writes wait.
+        let _quiet = self.quiesce();
         let staged = self.stage(&[change])?;
         self.publish(staged)
     }
