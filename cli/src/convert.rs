@@ -139,7 +139,7 @@ fn snapshot_id(image: &Image, selector: &Selector) -> Result<String, String> {
 
 /// What to write.
 enum Output {
-    Raw,
+    Raw(opts::RawOpts),
     Qcow2(CreateOptions),
 }
 
@@ -188,6 +188,7 @@ pub fn run(args: Args) -> CmdResult {
             &inputs,
         );
     }
+    let mut raw_opts = opts::RawOpts::default();
     let qcow2_opts = match args.output_format.as_str() {
         "raw" => {
             if args.compress {
@@ -195,11 +196,16 @@ pub fn run(args: Args) -> CmdResult {
                     "Compression not supported for this file format".into(),
                 ));
             }
-            opts::parse_raw(&args.options).map_err(|(m, _)| fail(m))?;
+            raw_opts = opts::parse_raw(&args.options).map_err(|(m, _)| fail(m))?;
             None
         }
         "qcow2" => {
             let o = opts::parse(&args.options).map_err(|(m, _)| fail(m))?;
+            if args.compress && o.preallocation.as_deref().is_some_and(|p| p != "off") {
+                return Err(fail(
+                    "Compression and preallocation not supported at the same time".into(),
+                ));
+            }
             if o.backing_file.is_some() || o.backing_fmt.is_some() {
                 return Err(fail(
                     "convert: backing_file and backing_fmt are not supported by qcow2-tool".into(),
@@ -232,7 +238,7 @@ pub fn run(args: Args) -> CmdResult {
     // The output options are checked against the source size before anything is written.
     let output = |guest: &dyn Guest| -> Result<Output, Failure> {
         match &qcow2_opts {
-            None => Ok(Output::Raw),
+            None => Ok(Output::Raw(raw_opts.clone())),
             Some(o) => o
                 .to_create_options(guest.size())
                 .map(Output::Qcow2)
@@ -265,20 +271,32 @@ pub fn run(args: Args) -> CmdResult {
 
 fn copy(guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]) -> CmdResult {
     match output {
-        Output::Raw => copy_raw(guest, args, inputs),
+        Output::Raw(opts) => copy_raw(guest, args, opts, inputs),
         Output::Qcow2(options) => copy_qcow2(guest, args, &options, inputs),
     }
 }
 
-fn copy_raw(guest: &dyn Guest, args: &Args, inputs: &[FileIdentity]) -> CmdResult {
+fn copy_raw(
+    guest: &dyn Guest,
+    args: &Args,
+    opts: opts::RawOpts,
+    inputs: &[FileIdentity],
+) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let dst_name = args.dst.display();
     let storage = crate::target::replace_file(&args.dst, inputs)
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
+    // An unknown preallocation mode is refused once the file exists (empty), as QEMU does.
+    let mode = opts
+        .preallocation()
+        .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     let out = storage.file();
     let size = guest.size();
-    out.set_len(size)
-        .map_err(|e| fail(format!("Could not resize '{dst_name}': {e}")))?;
+    // QEMU's file driver makes whole sectors, and writes the first block.
+    let file_size = size.next_multiple_of(512);
+    crate::create::grow_raw(&storage, 0, file_size, mode)
+        .and_then(|()| crate::create::write_first_block(out, file_size))
+        .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     // Data ranges cut into chunks; zero ranges are holes already.
     let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
         let mut chunks = Vec::new();
@@ -321,6 +339,14 @@ fn copy_qcow2(
     // The output may be larger (qemu rounds it up to whole sectors): the tail reads as zeros.
     let size = image.size();
     let l2_span = cs * (cs / if options.extended_l2 { 16 } else { 8 });
+    // Zero blocks are skipped: whole clusters (they stay unallocated), or, where every cluster
+    // is preallocated already, each all-zero block (qemu-img's default `-S 4k`), which stays a
+    // hole in the file.
+    let granularity = if options.preallocation == qcow2::Preallocation::Off {
+        cs as usize
+    } else {
+        SPARSE_BLOCK
+    };
     let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for region in guest.regions(window, window_len)? {
@@ -372,7 +398,7 @@ fn copy_qcow2(
             .read_at(&mut chunk[..readable], pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
         chunk[readable..].fill(0);
-        write_clusters(&image, chunk, pos, cs as usize, args.compress)
+        write_clusters(&image, chunk, pos, granularity, args.compress)
             .map_err(|e| format!("error while writing at byte {pos}: {e}"))
     };
     run_chunks(size, args.progress, chunks, process).map_err(fail)?;
@@ -382,13 +408,13 @@ fn copy_qcow2(
     Ok(0)
 }
 
-/// Writes the clusters of `chunk` (starting at cluster-aligned `offset`) that are not all
-/// zeros, in runs of adjacent clusters.
+/// Writes the blocks of `granularity` bytes of `chunk` (starting at a block-aligned `offset`)
+/// that are not all zeros, in runs of adjacent blocks.
 fn write_clusters(
     image: &Image,
     chunk: &[u8],
     offset: u64,
-    cs: usize,
+    granularity: usize,
     compress: bool,
 ) -> qcow2::Result<()> {
     let mut run_start = None;
@@ -403,7 +429,7 @@ fn write_clusters(
         }
     };
     while pos < chunk.len() {
-        let end = (pos + cs).min(chunk.len());
+        let end = (pos + granularity).min(chunk.len());
         let zero = is_zero(&chunk[pos..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),

@@ -181,21 +181,59 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
     Ok(opts)
 }
 
-/// The `-o` lists for a raw image: only `size` is known.
-pub fn parse_raw(lists: &[String]) -> Result<Option<u64>, (String, bool)> {
+/// The `-o` options of a raw image.
+#[derive(Debug, Clone, Default)]
+pub struct RawOpts {
+    pub size: Option<u64>,
+    pub preallocation: Option<String>,
+}
+
+/// How a raw file is preallocated (file-posix's modes; `metadata` has no meaning there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawPreallocation {
+    Off,
+    Falloc,
+    Full,
+}
+
+impl RawOpts {
+    /// The preallocation mode, checked as QEMU's file driver checks it (after the
+    /// `Formatting` line; qemu-img puts the file name in front).
+    pub fn preallocation(&self) -> Result<RawPreallocation, String> {
+        match self.preallocation.as_deref() {
+            None | Some("off") => Ok(RawPreallocation::Off),
+            Some("falloc") => Ok(RawPreallocation::Falloc),
+            Some("full") => Ok(RawPreallocation::Full),
+            Some("metadata") => Err("Unsupported preallocation mode: metadata".into()),
+            Some(other) => Err(format!("invalid parameter value: {other}")),
+        }
+    }
+
+    /// The option part of the `Formatting '...', fmt=raw ...` line.
+    pub fn formatting_fields(&self, size: u64) -> String {
+        match &self.preallocation {
+            Some(p) => format!("size={size} preallocation={p}"),
+            None => format!("size={size}"),
+        }
+    }
+}
+
+/// The `-o` lists for a raw image: `size` and `preallocation` are known.
+pub fn parse_raw(lists: &[String]) -> Result<RawOpts, (String, bool)> {
     for list in lists {
         if !valid_option_list(list) {
             return Err((format!("Invalid option list: {list}"), false));
         }
     }
-    let mut size = None;
+    let mut opts = RawOpts::default();
     for (key, value) in split_pairs(&lists.join(",")) {
         match key.as_str() {
-            "size" => size = Some(parse_size_opt("size", &value).map_err(|m| (m, true))?),
+            "size" => opts.size = Some(parse_size_opt("size", &value).map_err(|m| (m, true))?),
+            "preallocation" => opts.preallocation = Some(value),
             _ => return Err((format!("Invalid parameter '{key}'"), true)),
         }
     }
-    Ok(size)
+    Ok(opts)
 }
 
 impl Qcow2Opts {
@@ -249,11 +287,8 @@ impl Qcow2Opts {
         let preallocation = match self.preallocation.as_deref() {
             None | Some("off") => Preallocation::Off,
             Some("metadata") => Preallocation::Metadata,
-            Some(mode @ ("falloc" | "full")) => {
-                return Err(format!(
-                "Preallocation mode '{mode}' is not supported by qcow2-tool (use off or metadata)"
-            ))
-            }
+            Some("falloc") => Preallocation::Falloc,
+            Some("full") => Preallocation::Full,
             Some(other) => {
                 return Err(format!(
                     "Parameter 'preallocation' does not accept value '{other}'"

@@ -21,6 +21,10 @@ pub enum Preallocation {
     Off,
     /// Every L2 table and data cluster is allocated (the data reads as zeros).
     Metadata,
+    /// As `Metadata`, and the host file's blocks for the data are reserved (`fallocate`).
+    Falloc,
+    /// As `Metadata`, and zeros are written over the data clusters.
+    Full,
 }
 
 /// qemu-img's create options for qcow2.
@@ -255,9 +259,7 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        if options.preallocation == Preallocation::Metadata {
-            image.preallocate_metadata()?;
-        }
+        image.preallocate(0, options.size, options.preallocation)?;
         made.0 = None;
         Ok(image)
     }
@@ -284,37 +286,8 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        if options.preallocation == Preallocation::Metadata {
-            image.preallocate_metadata()?;
-        }
+        image.preallocate(0, options.size, options.preallocation)?;
         Ok(image)
-    }
-
-    /// Allocates every L2 table and data cluster (preallocation=metadata).
-    fn preallocate_metadata(&self) -> Result<()> {
-        use crate::format::table::COPIED;
-        let mut m = self.meta_mut();
-        let cs = m.header.cluster_size();
-        let size = m.header.size;
-        let mut guest = 0;
-        while guest < size {
-            // Fill one L2 table's worth of clusters with one contiguous allocation.
-            let l2_span = 1u64 << m.header.l1_shift();
-            let span_end = ((guest / l2_span) + 1) * l2_span;
-            let n = (span_end.min(size) - guest).div_ceil(cs);
-            let first = self.alloc(&mut m, n)?;
-            for i in 0..n {
-                let slot_guest = guest + i * cs;
-                self.link_cluster(&mut m, slot_guest, (first + i * cs) | COPIED, 0)?;
-            }
-            guest = span_end;
-        }
-        let end = m.ws()?.alloc_end * cs;
-        self.storage
-            .set_len(end.max(m.file_len))
-            .map_err(|e| Error::io(&self.name, "extending the file", e))?;
-        m.file_len = end.max(m.file_len);
-        self.flush_all(&mut m)
     }
 }
 

@@ -7,5 +7,6 @@ pub(crate) mod create;
 pub(crate) mod guard;
 pub(crate) mod info;
 pub(crate) mod measure;
+pub(crate) mod preallocate;
 pub(crate) mod repair;
 pub(crate) mod resize;
