@@ -97,7 +97,8 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
     match format_of(path, forced)? {
         Format::Raw => Ok(Facts {
             filename,
-            virtual_size: meta.len(),
+            // QEMU sees a raw file in whole sectors.
+            virtual_size: meta.len().next_multiple_of(512),
             file_length: meta.len(),
             actual_size,
             qcow2: None,

@@ -161,7 +161,9 @@ impl RawFile {
         let size = file
             .metadata()
             .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?
-            .len();
+            .len()
+            // QEMU sees a raw file in whole sectors; the tail of the last one reads as zeros.
+            .next_multiple_of(512);
         Ok(RawFile { file, size })
     }
 }
