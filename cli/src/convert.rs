@@ -81,6 +81,16 @@ pub struct Args {
     /// Parallel requests (1 to 16, qemu-img's limits), accepted.
     #[arg(short = 'm')]
     parallel: Option<u32>,
+    /// Sparse detection: all-zero blocks of SIZE bytes are not written (default 4k; 0 writes
+    /// everything, fully allocating the output).
+    #[arg(short = 'S', value_name = "SIZE")]
+    sparse: Option<String>,
+    /// Copy offloading: refused where qemu-img refuses it; otherwise the copy runs as usual.
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Rate limit in bytes per second (k, M, G suffixes; 0 for none).
+    #[arg(short = 'r', value_name = "RATE")]
+    rate: Option<String>,
     src: PathBuf,
     dst: PathBuf,
 }
@@ -143,9 +153,77 @@ enum Output {
     Qcow2(CreateOptions),
 }
 
+/// qemu-img's largest `-S`: 32768 sectors.
+const MAX_SPARSE: u64 = 16 << 20;
+
+/// `-S`: the sparse detection block in bytes, `None` for `-S 0` (write everything).
+fn parse_sparse(text: Option<&str>) -> Result<Option<usize>, String> {
+    let Some(text) = text else {
+        return Ok(Some(SPARSE_BLOCK));
+    };
+    let bytes = crate::size::parse_size(text)
+        .map_err(|_| format!("Invalid buffer size for sparse output specified: '{text}'."))?;
+    if bytes % 512 != 0 || bytes > MAX_SPARSE {
+        return Err(format!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+        ));
+    }
+    Ok((bytes > 0).then_some(bytes as usize))
+}
+
+/// `-r`: bytes per second, `None` for no limit.
+fn parse_rate(text: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(text) = text else { return Ok(None) };
+    let rate = crate::size::parse_size(text)
+        .map_err(|_| format!("Invalid rate limit specified: '{text}'."))?;
+    Ok((rate > 0).then_some(rate))
+}
+
+/// Keeps the bytes copied at or below a rate: each worker waits until the bytes done so far
+/// are due.
+struct RateLimit {
+    rate: u64,
+    start: std::time::Instant,
+    done: Mutex<u64>,
+}
+
+impl RateLimit {
+    fn account(&self, bytes: u64) {
+        let due = {
+            let mut done = lock(&self.done);
+            *done += bytes;
+            std::time::Duration::from_secs_f64(*done as f64 / self.rate as f64)
+        };
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
 pub fn run(args: Args) -> CmdResult {
     crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(1, m);
+    let sparse = parse_sparse(args.sparse.as_deref()).map_err(fail)?;
+    let rate = parse_rate(args.rate.as_deref()).map_err(fail)?;
+    if args.copy_offload && args.compress {
+        return Err(fail("Cannot enable copy offloading when -c is used".into()));
+    }
+    if args.copy_offload && args.sparse.is_some() {
+        return Err(fail("Cannot enable copy offloading when -S is used".into()));
+    }
+    let limit = rate.map(|rate| RateLimit {
+        rate,
+        start: std::time::Instant::now(),
+        done: Mutex::new(0),
+    });
+    let copy_opts = CopyOpts {
+        sparse,
+        limit: limit.as_ref(),
+    };
+    let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
+        copy(guest, args, &copy_opts, output, inputs)
+    };
     let _ = (args.quiet, args.out_of_order);
     for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
         if !matches!(
@@ -269,16 +347,30 @@ pub fn run(args: Args) -> CmdResult {
     Ok(code)
 }
 
-fn copy(guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]) -> CmdResult {
+/// How the bytes are copied: `-S` and `-r`.
+struct CopyOpts<'a> {
+    /// Sparse detection block; `None` writes everything.
+    sparse: Option<usize>,
+    limit: Option<&'a RateLimit>,
+}
+
+fn copy(
+    guest: &dyn Guest,
+    args: &Args,
+    how: &CopyOpts<'_>,
+    output: Output,
+    inputs: &[FileIdentity],
+) -> CmdResult {
     match output {
-        Output::Raw(opts) => copy_raw(guest, args, opts, inputs),
-        Output::Qcow2(options) => copy_qcow2(guest, args, &options, inputs),
+        Output::Raw(opts) => copy_raw(guest, args, how, opts, inputs),
+        Output::Qcow2(options) => copy_qcow2(guest, args, how, &options, inputs),
     }
 }
 
 fn copy_raw(
     guest: &dyn Guest,
     args: &Args,
+    how: &CopyOpts<'_>,
     opts: opts::RawOpts,
     inputs: &[FileIdentity],
 ) -> CmdResult {
@@ -303,7 +395,8 @@ fn copy_raw(
         for region in guest.regions(window, window_len)? {
             let end = region.start + region.length;
             let mut pos = region.start;
-            while region.data && pos < end {
+            // Without sparse detection (-S 0) zero ranges are written too.
+            while (region.data || how.sparse.is_none()) && pos < end {
                 let n = (CHUNK as u64).min(end - pos);
                 chunks.push((pos, n as usize));
                 pos += n;
@@ -315,8 +408,12 @@ fn copy_raw(
         guest
             .read_at(chunk, pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
-        write_nonzero(out, chunk, pos)
-            .map_err(|e| format!("error while writing at byte {pos}: {e}"))
+        write_nonzero(out, chunk, pos, how.sparse)
+            .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
+        if let Some(limit) = how.limit {
+            limit.account(chunk.len() as u64);
+        }
+        Ok(())
     };
     run_chunks(size, args.progress, chunks, process).map_err(fail)?;
     Ok(0)
@@ -327,6 +424,7 @@ fn copy_raw(
 fn copy_qcow2(
     guest: &dyn Guest,
     args: &Args,
+    how: &CopyOpts<'_>,
     options: &CreateOptions,
     inputs: &[FileIdentity],
 ) -> CmdResult {
@@ -342,15 +440,18 @@ fn copy_qcow2(
     // Zero blocks are skipped: whole clusters (they stay unallocated), or, where every cluster
     // is preallocated already, each all-zero block (qemu-img's default `-S 4k`), which stays a
     // hole in the file.
-    let granularity = if options.preallocation == qcow2::Preallocation::Off {
-        cs as usize
-    } else {
-        SPARSE_BLOCK
-    };
+    // A larger -S block skips only zero runs that long.
+    let granularity = how.sparse.map(|block| {
+        if options.preallocation == qcow2::Preallocation::Off {
+            block.max(cs as usize)
+        } else {
+            block
+        }
+    });
     let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for region in guest.regions(window, window_len)? {
-            if !region.data {
+            if !region.data && how.sparse.is_some() {
                 continue;
             }
             let start = region.start & !(cs - 1);
@@ -399,7 +500,11 @@ fn copy_qcow2(
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
         chunk[readable..].fill(0);
         write_clusters(&image, chunk, pos, granularity, args.compress)
-            .map_err(|e| format!("error while writing at byte {pos}: {e}"))
+            .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
+        if let Some(limit) = how.limit {
+            limit.account(chunk.len() as u64);
+        }
+        Ok(())
     };
     run_chunks(size, args.progress, chunks, process).map_err(fail)?;
     image
@@ -409,12 +514,12 @@ fn copy_qcow2(
 }
 
 /// Writes the blocks of `granularity` bytes of `chunk` (starting at a block-aligned `offset`)
-/// that are not all zeros, in runs of adjacent blocks.
+/// that are not all zeros, in runs of adjacent blocks; everything without a granularity.
 fn write_clusters(
     image: &Image,
     chunk: &[u8],
     offset: u64,
-    granularity: usize,
+    granularity: Option<usize>,
     compress: bool,
 ) -> qcow2::Result<()> {
     let mut run_start = None;
@@ -427,6 +532,9 @@ fn write_clusters(
         } else {
             image.write_at(data, at)
         }
+    };
+    let Some(granularity) = granularity else {
+        return flush(0, chunk.len());
     };
     while pos < chunk.len() {
         let end = (pos + granularity).min(chunk.len());
@@ -498,12 +606,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes the blocks of `chunk` that are not all zeros (the file is already zero there).
-fn write_nonzero(out: &std::fs::File, chunk: &[u8], offset: u64) -> std::io::Result<()> {
+/// Writes the blocks of `chunk` that are not all zeros (the file is already zero there);
+/// everything without a block size.
+fn write_nonzero(
+    out: &std::fs::File,
+    chunk: &[u8],
+    offset: u64,
+    block: Option<usize>,
+) -> std::io::Result<()> {
+    let Some(block) = block else {
+        return out.write_all_at(chunk, offset);
+    };
     let mut run_start = None;
     let mut pos = 0;
     while pos < chunk.len() {
-        let end = (pos + SPARSE_BLOCK).min(chunk.len());
+        let end = (pos + block).min(chunk.len());
         let zero = is_zero(&chunk[pos..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
