@@ -88,10 +88,19 @@ pub struct Args {
     /// Copy offloading: refused where qemu-img refuses it; otherwise the copy runs as usual.
     #[arg(short = 'C')]
     copy_offload: bool,
+    /// Backing file of the output (qcow2): ranges the source's top image does not allocate are
+    /// left to it.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the `-B` backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
     /// Rate limit in bytes per second (k, M, G suffixes; 0 for none).
     #[arg(short = 'r', value_name = "RATE")]
     rate: Option<String>,
-    src: PathBuf,
+    /// Source images (several are read one after another as one disk), then the output.
+    #[arg(required = true, num_args = 1..)]
+    src: Vec<PathBuf>,
     dst: PathBuf,
 }
 
@@ -256,10 +265,10 @@ pub fn run(args: Args) -> CmdResult {
                 args.output_format
             )));
         }
-        let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
+        let input = open_sources(&args).map_err(fail)?;
         let inputs = input.files();
         return crate::convert_existing::copy(
-            input.guest(),
+            &input,
             &args.dst,
             &args.output_format,
             args.target_is_zero,
@@ -269,6 +278,11 @@ pub fn run(args: Args) -> CmdResult {
     let mut raw_opts = opts::RawOpts::default();
     let qcow2_opts = match args.output_format.as_str() {
         "raw" => {
+            if args.backing.is_some() {
+                return Err(fail(
+                    "Backing file not supported for file format 'raw'".into(),
+                ));
+            }
             if args.compress {
                 return Err(fail(
                     "Compression not supported for this file format".into(),
@@ -284,9 +298,16 @@ pub fn run(args: Args) -> CmdResult {
                     "Compression and preallocation not supported at the same time".into(),
                 ));
             }
-            if o.backing_file.is_some() || o.backing_fmt.is_some() {
+            let mut o = o;
+            if let Some(b) = &args.backing {
+                o.backing_file = Some(b.clone());
+            }
+            if let Some(f) = &args.backing_format {
+                o.backing_fmt = Some(f.clone());
+            }
+            if o.backing_file.is_some() && o.backing_fmt.is_none() {
                 return Err(fail(
-                    "convert: backing_file and backing_fmt are not supported by qcow2-tool".into(),
+                    "Use of backing file requires explicit backing format".into(),
                 ));
             }
             Some(o)
@@ -299,22 +320,8 @@ pub fn run(args: Args) -> CmdResult {
         (None, Some(l)) => Some(parse_snapshot_param(l).map_err(fail)?),
         (None, None) => None,
     };
-    let input = Input::open(&args.src, args.format.as_deref()).map_err(fail)?;
-    let version = qcow2_opts.as_ref().and_then(|o| match o.compat.as_deref() {
-        Some("0.10") | Some("v2") => Some(2),
-        _ => None,
-    });
-    let bitmaps = crate::convert_bitmaps::plan(
-        args.bitmaps,
-        args.skip_broken_bitmaps,
-        &args.output_format,
-        version,
-        &input,
-    )?;
-    // The output may not be any file the input reads, under whatever name.
-    let inputs = input.files();
     // The output options are checked against the source size before anything is written.
-    let output = |guest: &dyn Guest| -> Result<Output, Failure> {
+    let output_for = |guest: &dyn Guest| -> Result<Output, Failure> {
         match &qcow2_opts {
             None => Ok(Output::Raw(raw_opts.clone())),
             Some(o) => o
@@ -328,14 +335,43 @@ pub fn run(args: Args) -> CmdResult {
                 }),
         }
     };
+    if args.src.len() > 1 {
+        if args.bitmaps {
+            return Err(fail(
+                "Copying bitmaps only possible with single source".into(),
+            ));
+        }
+        if selector.is_some() {
+            return Err(fail(
+                "-l with several sources is not supported by qcow2-tool".into(),
+            ));
+        }
+        let input = open_sources(&args).map_err(fail)?;
+        let inputs = input.files();
+        return copy(&input, &args, output_for(&input)?, &inputs);
+    }
+    let input = Input::open(&args.src[0], args.format.as_deref()).map_err(fail)?;
+    let version = qcow2_opts.as_ref().and_then(|o| match o.compat.as_deref() {
+        Some("0.10") | Some("v2") => Some(2),
+        _ => None,
+    });
+    let bitmaps = crate::convert_bitmaps::plan(
+        args.bitmaps,
+        args.skip_broken_bitmaps,
+        &args.output_format,
+        version,
+        &input,
+    )?;
+    // The output may not be any file the input reads, under whatever name.
+    let inputs = input.files();
     let code = match (&input, selector) {
-        (_, None) => copy(input.guest(), &args, output(input.guest())?, &inputs),
+        (_, None) => copy(input.guest(), &args, output_for(input.guest())?, &inputs),
         (Input::Qcow2(image), Some(selector)) => {
             let id = snapshot_id(image, &selector).map_err(fail)?;
             let view = image
                 .open_snapshot(&id)
                 .map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
-            copy(&view, &args, output(&view)?, &inputs)
+            copy(&view, &args, output_for(&view)?, &inputs)
         }
         (Input::Raw(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
@@ -345,6 +381,16 @@ pub fn run(args: Args) -> CmdResult {
         crate::convert_bitmaps::copy(&input, &names, &args.dst)?;
     }
     Ok(code)
+}
+
+/// The sources as one disk (one source reads as itself).
+fn open_sources(args: &Args) -> Result<crate::source::Concat, String> {
+    let inputs = args
+        .src
+        .iter()
+        .map(|p| Input::open(p, args.format.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::source::Concat::new(inputs))
 }
 
 /// How the bytes are copied: `-S` and `-r`.
@@ -404,7 +450,7 @@ fn copy_raw(
         }
         Ok(chunks)
     };
-    let process = |chunk: &mut [u8], pos: u64| -> Result<(), String> {
+    let process = |chunk: &mut [u8], pos: u64, _: &dyn Fn()| -> Result<(), String> {
         guest
             .read_at(chunk, pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
@@ -415,7 +461,7 @@ fn copy_raw(
         }
         Ok(())
     };
-    run_chunks(size, args.progress, chunks, process).map_err(fail)?;
+    run_chunks(size, args.progress, chunks, process, false).map_err(fail)?;
     Ok(0)
 }
 
@@ -432,11 +478,24 @@ fn copy_qcow2(
     let fail = |m: String| Failure::new(1, m);
     let image = crate::create::open_new_qcow2(&dst, options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
+    // With a backing file, what the source's top image does not allocate is left to it, and
+    // zeros are written as zeros (the backing file may hold data there), as qemu-img does. The
+    // backing file must open (checked once the image exists, as qemu-img checks it).
+    let has_backing = options.backing_file.is_some();
+    if let Some(backing) = &options.backing_file {
+        let path = crate::source::resolve_relative(&args.dst, backing);
+        std::fs::File::open(&path).map_err(|e| {
+            fail(format!(
+                "Could not open '{dst}': Could not open backing file: Could not open '{}': {}",
+                path.display(),
+                crate::source::io_text(&e)
+            ))
+        })?;
+    }
     let cs = image.cluster_size();
     let src_size = guest.size();
     // The output may be larger (qemu rounds it up to whole sectors): the tail reads as zeros.
     let size = image.size();
-    let l2_span = cs * (cs / if options.extended_l2 { 16 } else { 8 });
     // Zero blocks are skipped: whole clusters (they stay unallocated), or, where every cluster
     // is preallocated already, each all-zero block (qemu-img's default `-S 4k`), which stays a
     // hole in the file.
@@ -451,7 +510,12 @@ fn copy_qcow2(
     let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for region in guest.regions(window, window_len)? {
-            if !region.data && how.sparse.is_some() {
+            let skip = if has_backing {
+                region.below
+            } else {
+                !region.data && how.sparse.is_some()
+            };
+            if skip {
                 continue;
             }
             let start = region.start & !(cs - 1);
@@ -467,46 +531,32 @@ fn copy_qcow2(
             }
         }
         let mut chunks = Vec::new();
-        // The first chunk of each L2 table's span goes first: the engine makes a new L2 table
-        // durable with a sync, which is cheap before much data is dirty.
-        let mut firsts = Vec::new();
         for (start, end) in ranges {
             let mut pos = start;
             while pos < end {
                 let n = (CHUNK as u64).min(end - pos);
-                let span = pos / l2_span;
-                if firsts.last().is_none_or(|&(s, _)| s != span) {
-                    firsts.push((span, chunks.len()));
-                }
                 chunks.push((pos, n as usize));
                 pos += n;
             }
         }
-        let mut ordered: Vec<(u64, usize)> = firsts.iter().map(|&(_, i)| chunks[i]).collect();
-        let mut first_indexes = firsts.iter().map(|&(_, i)| i).peekable();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            if first_indexes.peek() == Some(&i) {
-                first_indexes.next();
-            } else {
-                ordered.push(chunk);
-            }
-        }
-        Ok(ordered)
+        Ok(chunks)
     };
-    let process = |chunk: &mut [u8], pos: u64| -> Result<(), String> {
+    let process = |chunk: &mut [u8], pos: u64, my_turn: &dyn Fn()| -> Result<(), String> {
         let readable = src_size.saturating_sub(pos).min(chunk.len() as u64) as usize;
         guest
             .read_at(&mut chunk[..readable], pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
         chunk[readable..].fill(0);
-        write_clusters(&image, chunk, pos, granularity, args.compress)
+        // Reads overlap; writes allocate in guest order, so the host offsets are qemu-img's.
+        my_turn();
+        write_clusters(&image, chunk, pos, granularity, args.compress, has_backing)
             .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
         if let Some(limit) = how.limit {
             limit.account(chunk.len() as u64);
         }
         Ok(())
     };
-    run_chunks(size, args.progress, chunks, process).map_err(fail)?;
+    run_chunks(size, args.progress, chunks, process, true).map_err(fail)?;
     image
         .close()
         .map_err(|e| fail(format!("{dst}: error while converting qcow2: {e}")))?;
@@ -521,6 +571,7 @@ fn write_clusters(
     offset: u64,
     granularity: Option<usize>,
     compress: bool,
+    zero_fill: bool,
 ) -> qcow2::Result<()> {
     let mut run_start = None;
     let mut pos = 0;
@@ -536,32 +587,43 @@ fn write_clusters(
     let Some(granularity) = granularity else {
         return flush(0, chunk.len());
     };
+    // Runs of blocks alike: data is written, zeros skipped (or written as zeros).
+    let run = |start: usize, end: usize, zero: bool| match (zero, zero_fill) {
+        (false, _) => flush(start, end),
+        (true, true) => image.write_zeroes(offset + start as u64, (end - start) as u64, false),
+        (true, false) => Ok(()),
+    };
+    let mut current: Option<bool> = None;
     while pos < chunk.len() {
         let end = (pos + granularity).min(chunk.len());
         let zero = is_zero(&chunk[pos..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(start)) => {
-                flush(start, pos)?;
-                run_start = None;
+        match (current, run_start) {
+            (Some(kind), Some(start)) if kind != zero => {
+                run(start, pos, kind)?;
+                run_start = Some(pos);
             }
+            (None, _) => run_start = Some(pos),
             _ => {}
         }
+        current = Some(zero);
         pos = end;
     }
-    if let Some(start) = run_start {
-        flush(start, chunk.len())?;
+    if let (Some(kind), Some(start)) = (current, run_start) {
+        run(start, chunk.len(), kind)?;
     }
     Ok(())
 }
 
 /// Runs `process` over the chunks `chunks` lists for each window of the disk, on `WORKERS`
-/// threads with page-aligned buffers, reporting progress.
+/// threads with page-aligned buffers, reporting progress. `process` gets a function that waits
+/// until every earlier chunk is done, when `ordered` (what comes after it runs in chunk order);
+/// every chunk taken is marked done, failed or not, so no worker waits forever.
 fn run_chunks(
     size: u64,
     show_progress: bool,
     chunks: impl Fn(u64, u64) -> Result<Vec<(u64, usize)>, String>,
-    process: impl Fn(&mut [u8], u64) -> Result<(), String> + Sync,
+    process: impl Fn(&mut [u8], u64, &dyn Fn()) -> Result<(), String> + Sync,
+    ordered: bool,
 ) -> Result<(), String> {
     let progress = Mutex::new(Progress::new(show_progress));
     let mut window = 0;
@@ -570,6 +632,8 @@ fn run_chunks(
         let chunks = chunks(window, window_len)?;
         let next = AtomicUsize::new(0);
         let error = Mutex::new(None);
+        // Chunks done in order so far, and a wake-up for workers waiting their turn.
+        let turn = (Mutex::new(0usize), std::sync::Condvar::new());
         std::thread::scope(|scope| {
             for _ in 0..WORKERS {
                 scope.spawn(|| {
@@ -577,8 +641,27 @@ fn run_chunks(
                     let mut backing = vec![0u8; CHUNK + PAGE];
                     let skew = backing.as_ptr().align_offset(PAGE).min(PAGE);
                     let buf = &mut backing[skew..skew + CHUNK];
-                    while let Some(&(pos, n)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        if let Err(e) = process(&mut buf[..n], pos) {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(pos, n)) = chunks.get(i) else {
+                            break;
+                        };
+                        let wait = || {
+                            if ordered {
+                                let mut done = lock(&turn.0);
+                                while *done < i {
+                                    done = turn.1.wait(done).unwrap_or_else(|e| e.into_inner());
+                                }
+                            }
+                        };
+                        let result = process(&mut buf[..n], pos, &wait);
+                        if ordered {
+                            // Done in order: wait for the earlier ones if `process` did not.
+                            wait();
+                            *lock(&turn.0) = i + 1;
+                            turn.1.notify_all();
+                        }
+                        if let Err(e) = result {
                             lock(&error).get_or_insert(e);
                             // Stop every worker.
                             next.store(chunks.len(), Ordering::Relaxed);

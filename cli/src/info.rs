@@ -90,8 +90,13 @@ pub fn run(args: Args) -> CmdResult {
 }
 
 fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let shown = path.display();
+        format!(
+            "Could not open '{shown}': Could not open '{shown}': {}",
+            crate::source::io_text(&e)
+        )
+    })?;
     let actual_size = meta.blocks() * 512;
     let filename = path.display().to_string();
     match format_of(path, forced)? {

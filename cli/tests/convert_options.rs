@@ -147,3 +147,143 @@ fn rate_limit_holds_the_copy_to_its_rate() {
         assert_eq!(code(&cmp), 0);
     }
 }
+
+/// Runs `convert ARGS... OUT` with both tools (`OUT` ours.EXT / theirs.EXT) and asserts the
+/// same exit code and messages; returns both output paths.
+fn convert_both(dir: &Path, args: &[&str], ext: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ours = dir.join(format!("ours.{ext}"));
+    let theirs = dir.join(format!("theirs.{ext}"));
+    let run = |out: &Path, qemu: bool| {
+        let mut a = vec!["convert"];
+        a.extend(args);
+        a.push(path_str(out));
+        if qemu {
+            qemu_in(dir, &a)
+        } else {
+            tool_in(Some(dir), &a)
+        }
+    };
+    let (o, t) = (run(&ours, false), run(&theirs, true));
+    no_panic(&o);
+    assert_eq!(code(&o), code(&t), "{args:?}: {}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .replace("qcow2-tool:", "qemu-img:")
+            .replace("ours.", "theirs."),
+        stderr(&t),
+        "{args:?}"
+    );
+    (ours, theirs)
+}
+
+#[test]
+fn backing_output_leaves_what_the_top_does_not_allocate() {
+    let dir = scratch_dir("backing_output_leaves_what_the_top_does_not_allocate");
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let made = qemu_in(
+        &dir,
+        &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
+    );
+    assert_eq!(code(&made), 0);
+    assert_eq!(
+        code(&qemu_io(&["-c", "write -P 1 0 1M", path_str(&base)])),
+        0
+    );
+    let made = qemu_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ],
+    );
+    assert_eq!(code(&made), 0);
+    let fill = qemu_io(&[
+        "-c",
+        "write -P 2 2M 64k",
+        "-c",
+        "write -z 512k 64k",
+        path_str(&top),
+    ]);
+    assert_eq!(code(&fill), 0);
+    let flat = make_source(&dir);
+    for src in [path_str(&top), flat.as_str()] {
+        for extra in [&[][..], &["-c"]] {
+            let mut args = vec!["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"];
+            args.extend(extra);
+            args.push(src);
+            let (ours, theirs) = convert_both(&dir, &args, "qcow2");
+            let case = format!("{args:?}");
+            let map = |p: &Path| stdout(&qemu_in(&dir, &["map", "--output=json", path_str(p)]));
+            assert_eq!(map(&ours), map(&theirs), "{case}: map");
+            let info = |p: &Path| qcow2_testdata::qemu_info(p);
+            for key in [
+                "backing-filename",
+                "backing-filename-format",
+                "virtual-size",
+            ] {
+                assert_eq!(info(&ours)[key], info(&theirs)[key], "{case}: {key}");
+            }
+            let cmp = qemu_in(&dir, &["compare", path_str(&ours), path_str(&theirs)]);
+            assert_eq!(code(&cmp), 0, "{case}: {}", stdout(&cmp));
+            let (check, report) = qcow2_testdata::qemu_check(&ours);
+            assert_eq!(check, 0, "{case}: {report}");
+        }
+    }
+    for args in [
+        &["-O", "raw", "-B", "base.qcow2", flat.as_str()][..],
+        &["-O", "qcow2", "-B", "base.qcow2", flat.as_str()],
+        &[
+            "-O",
+            "qcow2",
+            "-B",
+            "missing.qcow2",
+            "-F",
+            "qcow2",
+            flat.as_str(),
+        ],
+    ] {
+        convert_both(&dir, args, "qcow2");
+    }
+}
+
+#[test]
+fn several_sources_are_concatenated() {
+    let dir = scratch_dir("several_sources_are_concatenated");
+    let a = make_source(&dir);
+    let b = dir.join("odd.raw");
+    std::fs::write(&b, vec![7u8; 1000]).unwrap();
+    let b = path_str(&b).to_string();
+    for format in ["raw", "qcow2"] {
+        let (ours, theirs) = convert_both(&dir, &["-O", format, &a, &b, &a], format);
+        let map = |p: &Path| {
+            stdout(&qemu_in(
+                &dir,
+                &["map", "--output=json", "-f", format, path_str(p)],
+            ))
+        };
+        assert_eq!(map(&ours), map(&theirs), "{format}: map");
+        let cmp = qemu_in(
+            &dir,
+            &[
+                "compare",
+                "-f",
+                format,
+                "-F",
+                format,
+                path_str(&ours),
+                path_str(&theirs),
+            ],
+        );
+        assert_eq!(code(&cmp), 0, "{format}: {}", stdout(&cmp));
+    }
+    convert_both(&dir, &["--bitmaps", "-O", "qcow2", &a, &a], "qcow2");
+    convert_both(&dir, &["-O", "raw", &a, "missing.raw"], "raw");
+}
