@@ -466,3 +466,56 @@ mod tests {
         );
     }
 }
+
+/// What `amend -o` asks for, parsed and checked with qemu-img's messages.
+#[derive(Debug, Clone, Default)]
+pub struct AmendOpts {
+    pub options: qcow2::AmendOptions,
+    pub size: Option<u64>,
+}
+
+/// Parses `amend -o` lists: only the options qcow2 can change in place.
+pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
+    for list in lists {
+        if !valid_option_list(list) {
+            return Err(format!("Invalid option list: {list}"));
+        }
+    }
+    let mut out = AmendOpts::default();
+    for (key, value) in split_pairs(&lists.join(",")) {
+        match key.as_str() {
+            "compat" => {
+                out.options.version = Some(match value.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    other => return Err(format!("Unknown compatibility level {other}")),
+                })
+            }
+            "lazy_refcounts" => {
+                out.options.lazy_refcounts = Some(parse_bool_opt("lazy_refcounts", &value)?.value)
+            }
+            "refcount_bits" => {
+                let bits = parse_number_opt("refcount_bits", &value)?;
+                out.options.refcount_bits = Some(u32::try_from(bits).unwrap_or(u32::MAX))
+            }
+            "size" => out.size = Some(parse_size_opt("size", &value)?),
+            "cluster_size" | "extended_l2" | "compression_type" | "preallocation" => {
+                return Err(format!(
+                    "Invalid parameter '{key}'\nThis option is only supported for image creation"
+                ))
+            }
+            "backing_file" | "backing_fmt" => {
+                return Err(
+                    "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+                )
+            }
+            "data_file" | "data_file_raw" | "encryption" | "encrypt.format" => {
+                return Err(format!(
+                    "Parameter '{key}' is not supported by qcow2-tool amend"
+                ))
+            }
+            _ => return Err(format!("Invalid parameter '{key}'")),
+        }
+    }
+    Ok(out)
+}

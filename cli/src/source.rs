@@ -47,7 +47,10 @@ pub fn format_of(path: &Path, forced: Option<&str>) -> Result<Format, String> {
             // QEMU names the file twice: the image open, then the protocol open under it.
             let mut file = File::open(path).map_err(|e| {
                 let shown = path.display();
-                format!("Could not open '{shown}': Could not open '{shown}': {}", io_text(&e))
+                format!(
+                    "Could not open '{shown}': Could not open '{shown}': {}",
+                    io_text(&e)
+                )
             })?;
             let mut magic = [0u8; 4];
             let n = file.read(&mut magic).unwrap_or(0);

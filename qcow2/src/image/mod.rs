@@ -42,6 +42,7 @@ pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
+pub use maintenance::amend::AmendOptions;
 pub use maintenance::measure::{
     data_clusters_size, fully_allocated_size, measure, refcount_metadata_size, Measure,
     MeasureTarget,

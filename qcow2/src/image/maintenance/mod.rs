@@ -2,6 +2,7 @@
 //! `repair` (check -r), `resize`, and `guard` (writes never land on metadata; the layout is
 //! checked before the first write).
 
+pub(crate) mod amend;
 pub(crate) mod check;
 pub(crate) mod create;
 pub(crate) mod guard;
