@@ -476,8 +476,13 @@ fn copy_qcow2(
 ) -> CmdResult {
     let dst = args.dst.display().to_string();
     let fail = |m: String| Failure::new(1, m);
-    let image = crate::create::open_new_qcow2(&dst, options, inputs)
+    let data_file = crate::create::create_data_file(options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
+    let mut image = crate::create::open_new_qcow2(&dst, options, inputs)
+        .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
+    if let Some(storage) = data_file {
+        image.attach_data_file(Box::new(storage));
+    }
     // With a backing file, what the source's top image does not allocate is left to it, and
     // zeros are written as zeros (the backing file may hold data there), as qemu-img does. The
     // backing file must open (checked once the image exists, as qemu-img checks it).
@@ -501,7 +506,7 @@ fn copy_qcow2(
     // hole in the file.
     // A larger -S block skips only zero runs that long.
     let granularity = how.sparse.map(|block| {
-        if options.preallocation == qcow2::Preallocation::Off {
+        if options.preallocation == qcow2::Preallocation::Off && !options.data_file_raw {
             block.max(cs as usize)
         } else {
             block

@@ -146,6 +146,7 @@ pub fn run(args: Args) -> CmdResult {
         Format::Raw => create_raw(&file, size, &raw_opts, &inputs).map_err(named),
         Format::Qcow2 => {
             let options = opts.to_create_options(size).map_err(named)?;
+            create_data_file(&options, &inputs).map_err(named)?;
             create_qcow2(&file, &options, &inputs).map_err(named)
         }
     }?;
@@ -248,6 +249,26 @@ pub fn grow_raw(
             Ok(())
         }
     }
+}
+
+/// Makes the external data file a new qcow2 image names (as QEMU does, relative to the working
+/// directory): a raw file of the virtual size, preallocated as the image asks.
+pub fn create_data_file(
+    options: &CreateOptions,
+    inputs: &[FileIdentity],
+) -> Result<Option<qcow2::FileStorage>, String> {
+    let Some(name) = &options.data_file else {
+        return Ok(None);
+    };
+    let storage = replace_file(Path::new(name), inputs)?;
+    let mode = match options.preallocation {
+        qcow2::Preallocation::Falloc => RawPreallocation::Falloc,
+        qcow2::Preallocation::Full => RawPreallocation::Full,
+        _ => RawPreallocation::Off,
+    };
+    grow_raw(&storage, 0, options.size, mode)?;
+    write_first_block(storage.file(), options.size)?;
+    Ok(Some(storage))
 }
 
 /// Writes a new qcow2 image at `file` (replacing what is there, unless it is one of `inputs`)

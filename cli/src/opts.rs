@@ -32,6 +32,8 @@ pub struct Qcow2Opts {
     pub preallocation: Option<String>,
     pub backing_file: Option<String>,
     pub backing_fmt: Option<String>,
+    pub data_file: Option<String>,
+    pub data_file_raw: Option<BoolOpt>,
 }
 
 /// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
@@ -158,9 +160,11 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
             "preallocation" => opts.preallocation = Some(value),
             "backing_file" => opts.backing_file = Some(value),
             "backing_fmt" => opts.backing_fmt = Some(value),
-            "data_file"
-            | "data_file_raw"
-            | "encryption"
+            "data_file" => opts.data_file = Some(value),
+            "data_file_raw" => {
+                opts.data_file_raw = Some(parse_bool_opt("data_file_raw", &value).map_err(err)?)
+            }
+            "encryption"
             | "encrypt.format"
             | "encrypt.key-secret"
             | "encrypt.cipher-alg"
@@ -264,6 +268,12 @@ impl Qcow2Opts {
         if let Some(b) = &self.backing_fmt {
             f.push(format!("backing_fmt={b}"));
         }
+        if let Some(d) = &self.data_file {
+            f.push(format!("data_file={d}"));
+        }
+        if let Some(r) = &self.data_file_raw {
+            f.push(format!("data_file_raw={}", r.text));
+        }
         f.push(format!("lazy_refcounts={}", text(&self.lazy_refcounts)));
         f.push(format!(
             "refcount_bits={}",
@@ -335,6 +345,16 @@ impl Qcow2Opts {
                 "Preallocation with a backing file is not supported by qcow2-tool yet".into(),
             );
         }
+        let data_file_raw = self.data_file_raw.as_ref().is_some_and(|b| b.value);
+        if self.data_file.is_some() && version < 3 {
+            return Err(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                    .into(),
+            );
+        }
+        if data_file_raw && self.data_file.is_none() {
+            return Err("data-file-raw requires data-file".into());
+        }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err("Backing format cannot be used without backing file".into());
         }
@@ -377,6 +397,8 @@ impl Qcow2Opts {
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_fmt.clone(),
             preallocation,
+            data_file: self.data_file.clone(),
+            data_file_raw,
         })
     }
 }

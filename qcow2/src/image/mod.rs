@@ -561,6 +561,11 @@ impl Image {
         self.backing = Some(Backing::Qcow2(Box::new(backing)));
     }
 
+    /// Gives an image opened from storage its external data file (the caller opens it).
+    pub fn attach_data_file(&mut self, storage: Box<dyn Storage>) {
+        self.data_file = Some(storage);
+    }
+
     /// Puts a raw store under this image as its backing file.
     pub fn attach_raw_backing(&mut self, storage: Box<dyn Storage>) -> Result<()> {
         let size = storage

@@ -41,6 +41,10 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub preallocation: Preallocation,
+    /// External data file name (guest data lives there at its guest offsets).
+    pub data_file: Option<String>,
+    /// The data file is a valid raw image by itself: every cluster is mapped up front.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -56,11 +60,23 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             preallocation: Preallocation::Off,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
 
 impl CreateOptions {
+    /// What the new image preallocates: a raw data file needs every cluster mapped (its
+    /// guest offset) up front, as QEMU maps it.
+    fn create_preallocation(&self) -> Preallocation {
+        if self.data_file_raw && self.preallocation == Preallocation::Off {
+            Preallocation::Metadata
+        } else {
+            self.preallocation
+        }
+    }
+
     /// Checks the options as qemu-img does, before anything is written.
     fn validate(&self, image: &str) -> Result<u32> {
         let invalid = |reason: String| Error::InvalidArgument {
@@ -118,6 +134,12 @@ impl CreateOptions {
                 ));
             }
         }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(invalid("data-file-raw requires data-file".into()));
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(invalid("external data files need compat=1.1".into()));
+        }
         if let Some(f) = &self.backing_format {
             if f != "qcow2" && f != "raw" {
                 return Err(invalid(format!("backing format {f:?} is not supported")));
@@ -136,6 +158,9 @@ impl CreateOptions {
         }
         if self.compression_type == CompressionType::Zstd {
             incompatible |= Incompatible::COMPRESSION_TYPE;
+        }
+        if self.data_file.is_some() {
+            incompatible |= Incompatible::EXTERNAL_DATA_FILE;
         }
         let mut header = Header {
             version: self.version,
@@ -156,7 +181,11 @@ impl CreateOptions {
             } else {
                 0
             },
-            autoclear_features: 0,
+            autoclear_features: if self.data_file_raw {
+                crate::format::features::Autoclear::RAW_EXTERNAL_DATA
+            } else {
+                0
+            },
             refcount_order: order,
             header_length: if self.version >= 3 {
                 V3_HEADER_LENGTH
@@ -167,6 +196,7 @@ impl CreateOptions {
             unknown_header_bytes: Vec::new(),
             extensions: Extensions {
                 backing_format: self.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
+                data_file: self.data_file.as_ref().map(|f| f.as_bytes().to_vec()),
                 ..Extensions::default()
             },
             backing_file: self.backing_file.as_ref().map(|b| b.as_bytes().to_vec()),
@@ -259,7 +289,7 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        image.preallocate(0, options.size, options.preallocation)?;
+        image.preallocate(0, options.size, options.create_preallocation())?;
         made.0 = None;
         Ok(image)
     }
@@ -286,7 +316,7 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        image.preallocate(0, options.size, options.preallocation)?;
+        image.preallocate(0, options.size, options.create_preallocation())?;
         Ok(image)
     }
 }

@@ -55,6 +55,11 @@ impl Image {
             return Ok(());
         }
         self.mark_dirty(m)?;
+        if m.header.has_external_data_file() {
+            // Data lives in the data file at its guest offset: only the L2 tables are
+            // allocated here (the caller reserves or writes the data file's space).
+            return self.preallocate_external(m, first, end);
+        }
         match mode {
             Preallocation::Metadata => self.preallocate_metadata(m, first, end),
             Preallocation::Falloc => self.preallocate_data(m, first, end, false),
@@ -80,6 +85,24 @@ impl Image {
             k = span_end;
         }
         self.extend_file_to_allocation(m)
+    }
+
+    /// Guest clusters `[first, end)` of an image with a data file: L2 tables, with every entry
+    /// the cluster's own guest offset.
+    fn preallocate_external(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let per_l2 = 1u64 << m.header.l2_bits();
+        let mut k = first;
+        while k < end {
+            let span_end = ((k / per_l2) + 1) * per_l2;
+            self.ensure_l2(m, k * cs)?;
+            for c in k..span_end.min(end) {
+                self.link_cluster(m, c * cs, (c * cs) | COPIED, 0)?;
+            }
+            self.keep_cache_bounded(m)?;
+            k = span_end;
+        }
+        Ok(())
     }
 
     /// Guest clusters `[first, end)`: new refcount structures, the data run, then the L2 tables.
