@@ -11,7 +11,7 @@ use qcow2::{CreateOptions, Image, OpenOptions};
 
 use crate::target::replace_file;
 
-use crate::opts::{self, Qcow2Opts, MAX_IMAGE_SIZE};
+use crate::opts::{self, Qcow2Opts, RawOpts, RawPreallocation, MAX_IMAGE_SIZE};
 use crate::source::{format_of, io_text, resolve_relative, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
@@ -70,12 +70,16 @@ pub fn run(args: Args) -> CmdResult {
         other => return Err(named(format!("Unknown file format '{other}'"))),
     };
     let mut opts = Qcow2Opts::default();
+    let mut raw_opts = RawOpts::default();
     let option_size = match format {
         Format::Qcow2 => {
             opts = opts::parse(&args.options).map_err(fail)?;
             opts.size
         }
-        Format::Raw => opts::parse_raw(&args.options).map_err(fail)?,
+        Format::Raw => {
+            raw_opts = opts::parse_raw(&args.options).map_err(fail)?;
+            raw_opts.size
+        }
     };
     let given_size = match &args.size {
         Some(text) => Some(parse_image_size(text).map_err(|m| Failure::new(1, m))?),
@@ -134,14 +138,15 @@ pub fn run(args: Args) -> CmdResult {
     if !args.quiet {
         let fields = match format {
             Format::Qcow2 => opts.formatting_fields(size),
-            Format::Raw => format!("size={size}"),
+            Format::Raw => raw_opts.formatting_fields(size),
         };
         outln!("Formatting '{file}', fmt={} {fields}", args.format);
     }
     match format {
-        Format::Raw => create_raw(&file, size, &inputs).map_err(named),
+        Format::Raw => create_raw(&file, size, &raw_opts, &inputs).map_err(named),
         Format::Qcow2 => {
             let options = opts.to_create_options(size).map_err(named)?;
+            create_data_file(&options, &inputs).map_err(named)?;
             create_qcow2(&file, &options, &inputs).map_err(named)
         }
     }?;
@@ -182,12 +187,88 @@ fn open_backing(path: &Path, format: Option<&str>) -> Result<(&'static str, u64)
     }
 }
 
-fn create_raw(file: &str, size: u64, inputs: &[FileIdentity]) -> Result<(), String> {
+/// A new raw file as QEMU's file driver makes it: whole sectors, the first block written (QEMU
+/// does so its alignment probe finds a block there), the rest a hole, reserved or zeros.
+/// An unknown preallocation mode is refused after the file was created (empty), as QEMU does.
+fn create_raw(
+    file: &str,
+    size: u64,
+    opts: &RawOpts,
+    inputs: &[FileIdentity],
+) -> Result<(), String> {
     let storage = replace_file(Path::new(file), inputs)?;
-    storage
-        .file()
-        .set_len(size)
-        .map_err(|e| format!("Could not resize file: {}", io_text(&e)))
+    let mode = opts.preallocation()?;
+    let size = size.next_multiple_of(512);
+    grow_raw(&storage, 0, size, mode)?;
+    write_first_block(storage.file(), size)
+}
+
+/// Zeros over the first 4 KiB (at most the file): what QEMU writes into a new raw file.
+pub fn write_first_block(file: &File, size: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let n = size.min(4096) as usize;
+    file.write_all_at(&vec![0u8; n], 0)
+        .map_err(|e| format!("Could not write to the new file: {}", io_text(&e)))
+}
+
+/// Grows a raw file from `old` to `new` bytes as preallocation `mode` asks: a hole, reserved
+/// blocks (`fallocate`) or written zeros over the new part.
+pub fn grow_raw(
+    storage: &qcow2::FileStorage,
+    old: u64,
+    new: u64,
+    mode: RawPreallocation,
+) -> Result<(), String> {
+    use qcow2::storage::Storage;
+    use std::os::unix::fs::FileExt;
+    let file = storage.file();
+    let resize = |e: std::io::Error| format!("Could not resize file: {}", io_text(&e));
+    match mode {
+        RawPreallocation::Off => file.set_len(new).map_err(resize),
+        RawPreallocation::Falloc => {
+            file.set_len(old.min(new)).map_err(resize)?;
+            if new > old {
+                storage
+                    .allocate(old, new - old)
+                    .map_err(|e| format!("Could not preallocate new data: {}", io_text(&e)))?;
+            }
+            Ok(())
+        }
+        RawPreallocation::Full => {
+            file.set_len(old.min(new)).map_err(resize)?;
+            const CHUNK: u64 = 1 << 20;
+            let zeros = vec![0u8; CHUNK as usize];
+            let mut pos = old;
+            while pos < new {
+                let n = (new - pos).min(CHUNK) as usize;
+                file.write_all_at(&zeros[..n], pos).map_err(|e| {
+                    format!("Could not write zeros for preallocation: {}", io_text(&e))
+                })?;
+                pos += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Makes the external data file a new qcow2 image names (as QEMU does, relative to the working
+/// directory): a raw file of the virtual size, preallocated as the image asks.
+pub fn create_data_file(
+    options: &CreateOptions,
+    inputs: &[FileIdentity],
+) -> Result<Option<qcow2::FileStorage>, String> {
+    let Some(name) = &options.data_file else {
+        return Ok(None);
+    };
+    let storage = replace_file(Path::new(name), inputs)?;
+    let mode = match options.preallocation {
+        qcow2::Preallocation::Falloc => RawPreallocation::Falloc,
+        qcow2::Preallocation::Full => RawPreallocation::Full,
+        _ => RawPreallocation::Off,
+    };
+    grow_raw(&storage, 0, options.size, mode)?;
+    write_first_block(storage.file(), options.size)?;
+    Ok(Some(storage))
 }
 
 /// Writes a new qcow2 image at `file` (replacing what is there, unless it is one of `inputs`)

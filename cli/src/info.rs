@@ -90,14 +90,20 @@ pub fn run(args: Args) -> CmdResult {
 }
 
 fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let shown = path.display();
+        format!(
+            "Could not open '{shown}': Could not open '{shown}': {}",
+            crate::source::io_text(&e)
+        )
+    })?;
     let actual_size = meta.blocks() * 512;
     let filename = path.display().to_string();
     match format_of(path, forced)? {
         Format::Raw => Ok(Facts {
             filename,
-            virtual_size: meta.len(),
+            // QEMU sees a raw file in whole sectors.
+            virtual_size: meta.len().next_multiple_of(512),
             file_length: meta.len(),
             actual_size,
             qcow2: None,

@@ -5,6 +5,7 @@
 
 #[macro_use]
 mod console;
+mod amend;
 mod bench;
 mod bitmap;
 mod check;
@@ -68,6 +69,8 @@ enum Command {
     Convert(convert::Args),
     /// Change the virtual size, as qemu-img resize.
     Resize(resize::Args),
+    /// Change format options of an image in place, as qemu-img amend.
+    Amend(amend::Args),
     /// How large a new image would be, as qemu-img measure.
     Measure(measure::Args),
     /// Copy a range of a disk into a new image, as qemu-img dd.
@@ -127,6 +130,7 @@ fn main() {
         Command::Check(args) => check::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Amend(args) => amend::run(args),
         Command::Measure(args) => measure::run(args),
         Command::Dd(args) => dd::run(args),
         Command::Commit(args) => commit::run(args),

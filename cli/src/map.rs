@@ -56,22 +56,47 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-/// A raw file maps to itself as one data range (holes of sparse files are not detected).
+/// A raw file maps to itself as one data range (holes of sparse files are not detected); the
+/// end of a last partial sector past the file's end reads as zeros, as QEMU reports it.
 fn raw(args: &Args) -> CmdResult {
     let file = RawFile::open(&args.file).map_err(|m| Failure::new(1, m))?;
     let size = file.size();
+    let file_len = std::fs::metadata(&args.file)
+        .map_err(|e| Failure::new(1, format!("Could not open '{}': {e}", args.file.display())))?
+        .len();
     let start = args.start_offset.min(size);
     let len = args.max_length.unwrap_or(u64::MAX).min(size - start);
+    let end = start + len;
+    let data_end = file_len.clamp(start, end);
     let name = args.file.display().to_string();
+    let entry = |s: u64, l: u64, data: bool| {
+        format!(
+            "{{ \"start\": {s}, \"length\": {l}, \"depth\": 0, \"present\": true, \"zero\": {}, \"data\": {data}, \"compressed\": false, \"offset\": {s}}}",
+            !data
+        )
+    };
     match args.output {
         OutputFormat::Json if len == 0 => outln!("[]"),
-        OutputFormat::Json => outln!(
-            "[{{ \"start\": {start}, \"length\": {len}, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": {start}}}]"
-        ),
+        OutputFormat::Json => {
+            let mut entries = Vec::new();
+            if data_end > start {
+                entries.push(entry(start, data_end - start, true));
+            }
+            if end > data_end {
+                entries.push(entry(data_end, end - data_end, false));
+            }
+            outln!("[{}]", entries.join(",\n"));
+        }
         OutputFormat::Human => {
             outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            if len > 0 {
-                outln!("{:<16}{:<16}{:<16}{name}", c_hex(start), c_hex(len), c_hex(start));
+            if data_end > start {
+                let n = data_end - start;
+                outln!(
+                    "{:<16}{:<16}{:<16}{name}",
+                    c_hex(start),
+                    c_hex(n),
+                    c_hex(start)
+                );
             }
         }
     }

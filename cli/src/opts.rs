@@ -32,6 +32,8 @@ pub struct Qcow2Opts {
     pub preallocation: Option<String>,
     pub backing_file: Option<String>,
     pub backing_fmt: Option<String>,
+    pub data_file: Option<String>,
+    pub data_file_raw: Option<BoolOpt>,
 }
 
 /// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
@@ -158,9 +160,11 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
             "preallocation" => opts.preallocation = Some(value),
             "backing_file" => opts.backing_file = Some(value),
             "backing_fmt" => opts.backing_fmt = Some(value),
-            "data_file"
-            | "data_file_raw"
-            | "encryption"
+            "data_file" => opts.data_file = Some(value),
+            "data_file_raw" => {
+                opts.data_file_raw = Some(parse_bool_opt("data_file_raw", &value).map_err(err)?)
+            }
+            "encryption"
             | "encrypt.format"
             | "encrypt.key-secret"
             | "encrypt.cipher-alg"
@@ -181,21 +185,59 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
     Ok(opts)
 }
 
-/// The `-o` lists for a raw image: only `size` is known.
-pub fn parse_raw(lists: &[String]) -> Result<Option<u64>, (String, bool)> {
+/// The `-o` options of a raw image.
+#[derive(Debug, Clone, Default)]
+pub struct RawOpts {
+    pub size: Option<u64>,
+    pub preallocation: Option<String>,
+}
+
+/// How a raw file is preallocated (file-posix's modes; `metadata` has no meaning there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawPreallocation {
+    Off,
+    Falloc,
+    Full,
+}
+
+impl RawOpts {
+    /// The preallocation mode, checked as QEMU's file driver checks it (after the
+    /// `Formatting` line; qemu-img puts the file name in front).
+    pub fn preallocation(&self) -> Result<RawPreallocation, String> {
+        match self.preallocation.as_deref() {
+            None | Some("off") => Ok(RawPreallocation::Off),
+            Some("falloc") => Ok(RawPreallocation::Falloc),
+            Some("full") => Ok(RawPreallocation::Full),
+            Some("metadata") => Err("Unsupported preallocation mode: metadata".into()),
+            Some(other) => Err(format!("invalid parameter value: {other}")),
+        }
+    }
+
+    /// The option part of the `Formatting '...', fmt=raw ...` line.
+    pub fn formatting_fields(&self, size: u64) -> String {
+        match &self.preallocation {
+            Some(p) => format!("size={size} preallocation={p}"),
+            None => format!("size={size}"),
+        }
+    }
+}
+
+/// The `-o` lists for a raw image: `size` and `preallocation` are known.
+pub fn parse_raw(lists: &[String]) -> Result<RawOpts, (String, bool)> {
     for list in lists {
         if !valid_option_list(list) {
             return Err((format!("Invalid option list: {list}"), false));
         }
     }
-    let mut size = None;
+    let mut opts = RawOpts::default();
     for (key, value) in split_pairs(&lists.join(",")) {
         match key.as_str() {
-            "size" => size = Some(parse_size_opt("size", &value).map_err(|m| (m, true))?),
+            "size" => opts.size = Some(parse_size_opt("size", &value).map_err(|m| (m, true))?),
+            "preallocation" => opts.preallocation = Some(value),
             _ => return Err((format!("Invalid parameter '{key}'"), true)),
         }
     }
-    Ok(size)
+    Ok(opts)
 }
 
 impl Qcow2Opts {
@@ -226,6 +268,12 @@ impl Qcow2Opts {
         if let Some(b) = &self.backing_fmt {
             f.push(format!("backing_fmt={b}"));
         }
+        if let Some(d) = &self.data_file {
+            f.push(format!("data_file={d}"));
+        }
+        if let Some(r) = &self.data_file_raw {
+            f.push(format!("data_file_raw={}", r.text));
+        }
         f.push(format!("lazy_refcounts={}", text(&self.lazy_refcounts)));
         f.push(format!(
             "refcount_bits={}",
@@ -249,11 +297,8 @@ impl Qcow2Opts {
         let preallocation = match self.preallocation.as_deref() {
             None | Some("off") => Preallocation::Off,
             Some("metadata") => Preallocation::Metadata,
-            Some(mode @ ("falloc" | "full")) => {
-                return Err(format!(
-                "Preallocation mode '{mode}' is not supported by qcow2-tool (use off or metadata)"
-            ))
-            }
+            Some("falloc") => Preallocation::Falloc,
+            Some("full") => Preallocation::Full,
             Some(other) => {
                 return Err(format!(
                     "Parameter 'preallocation' does not accept value '{other}'"
@@ -300,6 +345,16 @@ impl Qcow2Opts {
                 "Preallocation with a backing file is not supported by qcow2-tool yet".into(),
             );
         }
+        let data_file_raw = self.data_file_raw.as_ref().is_some_and(|b| b.value);
+        if self.data_file.is_some() && version < 3 {
+            return Err(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                    .into(),
+            );
+        }
+        if data_file_raw && self.data_file.is_none() {
+            return Err("data-file-raw requires data-file".into());
+        }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err("Backing format cannot be used without backing file".into());
         }
@@ -342,6 +397,8 @@ impl Qcow2Opts {
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_fmt.clone(),
             preallocation,
+            data_file: self.data_file.clone(),
+            data_file_raw,
         })
     }
 }
@@ -430,4 +487,57 @@ mod tests {
             512
         );
     }
+}
+
+/// What `amend -o` asks for, parsed and checked with qemu-img's messages.
+#[derive(Debug, Clone, Default)]
+pub struct AmendOpts {
+    pub options: qcow2::AmendOptions,
+    pub size: Option<u64>,
+}
+
+/// Parses `amend -o` lists: only the options qcow2 can change in place.
+pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
+    for list in lists {
+        if !valid_option_list(list) {
+            return Err(format!("Invalid option list: {list}"));
+        }
+    }
+    let mut out = AmendOpts::default();
+    for (key, value) in split_pairs(&lists.join(",")) {
+        match key.as_str() {
+            "compat" => {
+                out.options.version = Some(match value.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    other => return Err(format!("Unknown compatibility level {other}")),
+                })
+            }
+            "lazy_refcounts" => {
+                out.options.lazy_refcounts = Some(parse_bool_opt("lazy_refcounts", &value)?.value)
+            }
+            "refcount_bits" => {
+                let bits = parse_number_opt("refcount_bits", &value)?;
+                out.options.refcount_bits = Some(u32::try_from(bits).unwrap_or(u32::MAX))
+            }
+            "size" => out.size = Some(parse_size_opt("size", &value)?),
+            "cluster_size" | "extended_l2" | "compression_type" | "preallocation" => {
+                return Err(format!(
+                    "Invalid parameter '{key}'\nThis option is only supported for image creation"
+                ))
+            }
+            "backing_file" | "backing_fmt" => {
+                return Err(
+                    "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+                )
+            }
+            "data_file" | "data_file_raw" | "encryption" | "encrypt.format" => {
+                return Err(format!(
+                    "Parameter '{key}' is not supported by qcow2-tool amend"
+                ))
+            }
+            _ => return Err(format!("Invalid parameter '{key}'")),
+        }
+    }
+    Ok(out)
 }

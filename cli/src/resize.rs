@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use qcow2::OpenOptions;
+use qcow2::{OpenOptions, Preallocation};
+
+use crate::opts::RawPreallocation;
 
 use crate::opts::MAX_IMAGE_SIZE;
 use crate::source::{format_of, io_text, open_image, CmdResult, Failure, Format};
@@ -16,6 +18,9 @@ pub struct Args {
     /// Image format (qcow2 or raw); probed when absent.
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Preallocation of the new area: off, metadata (qcow2), falloc or full.
+    #[arg(long, value_name = "MODE")]
+    preallocation: Option<String>,
     /// Quiet: no `Image resized.` line.
     #[arg(short = 'q')]
     quiet: bool,
@@ -47,6 +52,13 @@ const SHRINK_WARNING: &str = "warning: Shrinking an image will delete all data b
 pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let (sign, bytes) = parse_resize_size(&args.size).map_err(fail)?;
+    let prealloc = match args.preallocation.as_deref() {
+        None | Some("off") => Preallocation::Off,
+        Some("metadata") => Preallocation::Metadata,
+        Some("falloc") => Preallocation::Falloc,
+        Some("full") => Preallocation::Full,
+        Some(other) => return Err(fail(format!("Invalid preallocation mode '{other}'"))),
+    };
     let format = format_of(&args.file, args.format.as_deref()).map_err(fail)?;
     let name = args.file.display().to_string();
     let resized = || {
@@ -64,6 +76,11 @@ pub fn run(args: Args) -> CmdResult {
             return Err(fail("New image size must be positive".into()));
         }
         let total = total as u64;
+        if prealloc != Preallocation::Off && total <= current {
+            return Err(fail(
+                "Preallocation can only be used for growing images".into(),
+            ));
+        }
         if total < current && !args.shrink {
             return Err(fail(format!(
                 "Use the --shrink option to perform a shrink operation.\nqcow2-tool: {SHRINK_WARNING}"
@@ -84,12 +101,17 @@ pub fn run(args: Args) -> CmdResult {
                 .map_err(|e| fail(format!("Could not open '{name}': {}", io_text(&e))))?
                 .len();
             let total = target(current)?;
+            let mode = match prealloc {
+                Preallocation::Off => RawPreallocation::Off,
+                Preallocation::Falloc => RawPreallocation::Falloc,
+                Preallocation::Full => RawPreallocation::Full,
+                Preallocation::Metadata => {
+                    return Err(fail("Unsupported preallocation mode: metadata".into()))
+                }
+            };
             let storage = crate::target::lock_for_write(file, &args.file)
                 .map_err(|m| fail(format!("{name}: {m}")))?;
-            storage
-                .file()
-                .set_len(total)
-                .map_err(|e| fail(format!("Could not resize file: {}", io_text(&e))))?;
+            crate::create::grow_raw(&storage, current, total, mode).map_err(fail)?;
             resized()
         }
         Format::Qcow2 => {
@@ -98,11 +120,13 @@ pub fn run(args: Args) -> CmdResult {
             if total % 512 != 0 {
                 return Err(fail("The new size must be a multiple of 512".into()));
             }
-            image.resize(total, args.shrink).map_err(|e| match e {
-                // The library's invalid-argument text is QEMU's wording.
-                qcow2::Error::InvalidArgument { reason, .. } => fail(reason),
-                e => fail(e.to_string()),
-            })?;
+            image
+                .resize_preallocated(total, args.shrink, prealloc)
+                .map_err(|e| match e {
+                    // The library's invalid-argument text is QEMU's wording.
+                    qcow2::Error::InvalidArgument { reason, .. } => fail(reason),
+                    e => fail(e.to_string()),
+                })?;
             image.close().map_err(|e| fail(e.to_string()))?;
             resized()
         }

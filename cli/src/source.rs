@@ -44,8 +44,14 @@ pub fn format_of(path: &Path, forced: Option<&str>) -> Result<Format, String> {
         Some("raw") => Ok(Format::Raw),
         Some(other) => Err(format!("Unknown file format '{other}'")),
         None => {
-            let mut file = File::open(path)
-                .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+            // QEMU names the file twice: the image open, then the protocol open under it.
+            let mut file = File::open(path).map_err(|e| {
+                let shown = path.display();
+                format!(
+                    "Could not open '{shown}': Could not open '{shown}': {}",
+                    io_text(&e)
+                )
+            })?;
             let mut magic = [0u8; 4];
             let n = file.read(&mut magic).unwrap_or(0);
             Ok(if n == 4 && magic == QCOW2_MAGIC {
@@ -161,7 +167,9 @@ impl RawFile {
         let size = file
             .metadata()
             .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?
-            .len();
+            .len()
+            // QEMU sees a raw file in whole sectors; the tail of the last one reads as zeros.
+            .next_multiple_of(512);
         Ok(RawFile { file, size })
     }
 }
@@ -172,6 +180,8 @@ pub struct Region {
     pub start: u64,
     pub length: u64,
     pub data: bool,
+    /// Not allocated in the top image: read from its backing chain (what `convert -B` skips).
+    pub below: bool,
 }
 
 /// A guest disk to read.
@@ -186,14 +196,20 @@ fn regions_of(extents: Vec<qcow2::Extent>) -> Vec<Region> {
     let mut out: Vec<Region> = Vec::with_capacity(extents.len());
     for e in extents {
         let data = e.data();
+        let below = e.depth > 0;
         match out.last_mut() {
-            Some(last) if last.data == data && last.start + last.length == e.start => {
+            Some(last)
+                if last.data == data
+                    && last.below == below
+                    && last.start + last.length == e.start =>
+            {
                 last.length += e.length
             }
             _ => out.push(Region {
                 start: e.start,
                 length: e.length,
                 data,
+                below,
             }),
         }
     }
@@ -252,6 +268,7 @@ impl Guest for RawFile {
             start: offset,
             length: len,
             data: true,
+            below: false,
         }])
     }
 }
@@ -308,5 +325,69 @@ pub fn io_text(e: &std::io::Error) -> String {
     match text.find(" (os error ") {
         Some(i) => text[..i].to_string(),
         None => text,
+    }
+}
+
+/// Several inputs read one after another as one disk, as `qemu-img convert a b c` reads them:
+/// each starts where the previous one ends.
+pub struct Concat {
+    /// Each input with the guest offset it starts at.
+    parts: Vec<(u64, Input)>,
+    size: u64,
+}
+
+impl Concat {
+    pub fn new(inputs: Vec<Input>) -> Concat {
+        let mut size = 0;
+        let mut parts = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let len = input.guest().size();
+            parts.push((size, input));
+            size += len;
+        }
+        Concat { parts, size }
+    }
+
+    /// Every host file any input reads from.
+    pub fn files(&self) -> Vec<qcow2::storage::FileIdentity> {
+        self.parts.iter().flat_map(|(_, i)| i.files()).collect()
+    }
+
+    /// The parts overlapping `[offset, offset + len)`: (part start, input, offset within the
+    /// part, length within the part).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, &Input, u64, u64)> {
+        let end = offset + len;
+        self.parts.iter().filter_map(move |(start, input)| {
+            let part_end = start + input.guest().size();
+            let (from, to) = (offset.max(*start), end.min(part_end));
+            (from < to).then(|| (*start, input, from - start, to - from))
+        })
+    }
+}
+
+impl Guest for Concat {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        for (start, input, within, len) in self.pieces(offset, buf.len() as u64) {
+            let at = (start + within - offset) as usize;
+            input
+                .guest()
+                .read_at(&mut buf[at..at + len as usize], within)?;
+        }
+        Ok(())
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
+        let mut out = Vec::new();
+        for (start, input, within, len) in self.pieces(offset, len) {
+            for r in input.guest().regions(within, len)? {
+                out.push(Region {
+                    start: r.start + start,
+                    ..r
+                });
+            }
+        }
+        Ok(out)
     }
 }

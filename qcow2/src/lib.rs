@@ -62,7 +62,8 @@ pub use cursor::{Disk, DiskCursor};
 pub use error::{ChainProblem, Error, Result};
 pub use format::SnapshotTime;
 pub use image::{
-    BackingPolicy, CheckReport, CommitOptions, CreateOptions, Extent, ExtentKind, Image, ImageInfo,
-    NewBacking, OpenOptions, Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,
+    AmendOptions, BackingPolicy, CheckReport, CommitOptions, CreateOptions, Extent, ExtentKind,
+    Image, ImageInfo, NewBacking, OpenOptions, Preallocation, RebaseOptions, Repair, SnapshotInfo,
+    SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};

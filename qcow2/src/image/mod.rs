@@ -42,6 +42,7 @@ pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
+pub use maintenance::amend::AmendOptions;
 pub use maintenance::measure::{
     data_clusters_size, fully_allocated_size, measure, refcount_metadata_size, Measure,
     MeasureTarget,
@@ -558,6 +559,11 @@ impl Image {
     /// caller opens itself). Unallocated clusters then read from it.
     pub fn attach_backing(&mut self, backing: Image) {
         self.backing = Some(Backing::Qcow2(Box::new(backing)));
+    }
+
+    /// Gives an image opened from storage its external data file (the caller opens it).
+    pub fn attach_data_file(&mut self, storage: Box<dyn Storage>) {
+        self.data_file = Some(storage);
     }
 
     /// Puts a raw store under this image as its backing file.

@@ -164,6 +164,18 @@ impl Storage for FileStorage {
         super::FileIdentity::of(&self.file).ok()
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.require_writable()?;
+        let (Ok(at), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // fallocate mode 0: blocks reserved (unwritten, reading as zeros), size grown to cover.
+        let result = nix::fcntl::fallocate(&self.file, nix::fcntl::FallocateFlags::empty(), at, n)
+            .map_err(io::Error::from);
+        self.unsynced.store(true, Ordering::Release);
+        result
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.require_writable()?;
         let result = self.file.set_len(len);

@@ -41,6 +41,15 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves host space for `[offset, offset + len)`, growing the store to its end if shorter,
+    /// as `preallocation=falloc` asks. A store that cannot reserve space only grows.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
     /// Whether the store is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -122,6 +131,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
+    }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()
     }
@@ -142,6 +154,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
     }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()

@@ -171,7 +171,9 @@ fn attach_files(
         )?;
         let size = storage
             .len()
-            .map_err(|e| Error::io(&image.name, "reading the backing file length", e))?;
+            .map_err(|e| Error::io(&image.name, "reading the backing file length", e))?
+            // QEMU sees a raw file in whole sectors; the tail of the last reads as zeros.
+            .next_multiple_of(512);
         Backing::Raw { storage, size }
     };
     image.backing = Some(backing);

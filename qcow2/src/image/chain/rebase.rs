@@ -73,7 +73,9 @@ impl NewBacking {
             NewBacking::Raw(storage) => {
                 let size = storage
                     .len()
-                    .map_err(|e| Error::io(image, "reading the new backing file length", e))?;
+                    .map_err(|e| Error::io(image, "reading the new backing file length", e))?
+                    // QEMU sees a raw file in whole sectors.
+                    .next_multiple_of(512);
                 Backing::Raw { storage, size }
             }
         })

@@ -216,7 +216,7 @@ impl Image {
     }
 
     /// Writes back L2 tables when too many are dirty, so memory stays bounded.
-    fn keep_cache_bounded(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn keep_cache_bounded(&self, m: &mut Meta) -> Result<()> {
         if self.l2_cache.dirty_count() > 64 {
             self.flush_l2(m)?;
         }
@@ -355,6 +355,15 @@ impl Image {
         // Allocated clusters count as part of the file from now on, written or not.
         m.file_len = m.file_len.max(end * cs);
         if moved.is_some() {
+            self.reftable_moved(m)?;
+        }
+        Ok(offset)
+    }
+
+    /// Keeps the header and the overlap areas in step after the refcount table moved.
+    pub(crate) fn reftable_moved(&self, m: &mut Meta) -> Result<()> {
+        let cs = m.header.cluster_size();
+        {
             let ws = m.ws()?;
             let (offset, clusters) = (ws.refcounts.reftable_offset, ws.refcounts.reftable_clusters);
             m.header.refcount_table_offset = offset;
@@ -368,7 +377,14 @@ impl Image {
                 area.end = offset + clusters as u64 * cs;
             }
         }
-        Ok(offset)
+        Ok(())
+    }
+
+    /// Makes sure the cluster at `guest` has an L2 table this image alone owns (allocating one
+    /// now, so it lands before clusters allocated next).
+    pub(crate) fn ensure_l2(&self, m: &mut Meta, guest: u64) -> Result<()> {
+        self.l2_needs_refblocks(m)?;
+        self.writable_slot(m, guest).map(|_| ())
     }
 
     /// Drops references whose removal is already in the cached L2 tables.

@@ -21,6 +21,10 @@ pub enum Preallocation {
     Off,
     /// Every L2 table and data cluster is allocated (the data reads as zeros).
     Metadata,
+    /// As `Metadata`, and the host file's blocks for the data are reserved (`fallocate`).
+    Falloc,
+    /// As `Metadata`, and zeros are written over the data clusters.
+    Full,
 }
 
 /// qemu-img's create options for qcow2.
@@ -37,6 +41,10 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub preallocation: Preallocation,
+    /// External data file name (guest data lives there at its guest offsets).
+    pub data_file: Option<String>,
+    /// The data file is a valid raw image by itself: every cluster is mapped up front.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -52,11 +60,23 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             preallocation: Preallocation::Off,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
 
 impl CreateOptions {
+    /// What the new image preallocates: a raw data file needs every cluster mapped (its
+    /// guest offset) up front, as QEMU maps it.
+    fn create_preallocation(&self) -> Preallocation {
+        if self.data_file_raw && self.preallocation == Preallocation::Off {
+            Preallocation::Metadata
+        } else {
+            self.preallocation
+        }
+    }
+
     /// Checks the options as qemu-img does, before anything is written.
     fn validate(&self, image: &str) -> Result<u32> {
         let invalid = |reason: String| Error::InvalidArgument {
@@ -114,6 +134,12 @@ impl CreateOptions {
                 ));
             }
         }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(invalid("data-file-raw requires data-file".into()));
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(invalid("external data files need compat=1.1".into()));
+        }
         if let Some(f) = &self.backing_format {
             if f != "qcow2" && f != "raw" {
                 return Err(invalid(format!("backing format {f:?} is not supported")));
@@ -132,6 +158,9 @@ impl CreateOptions {
         }
         if self.compression_type == CompressionType::Zstd {
             incompatible |= Incompatible::COMPRESSION_TYPE;
+        }
+        if self.data_file.is_some() {
+            incompatible |= Incompatible::EXTERNAL_DATA_FILE;
         }
         let mut header = Header {
             version: self.version,
@@ -152,7 +181,11 @@ impl CreateOptions {
             } else {
                 0
             },
-            autoclear_features: 0,
+            autoclear_features: if self.data_file_raw {
+                crate::format::features::Autoclear::RAW_EXTERNAL_DATA
+            } else {
+                0
+            },
             refcount_order: order,
             header_length: if self.version >= 3 {
                 V3_HEADER_LENGTH
@@ -163,6 +196,7 @@ impl CreateOptions {
             unknown_header_bytes: Vec::new(),
             extensions: Extensions {
                 backing_format: self.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
+                data_file: self.data_file.as_ref().map(|f| f.as_bytes().to_vec()),
                 ..Extensions::default()
             },
             backing_file: self.backing_file.as_ref().map(|b| b.as_bytes().to_vec()),
@@ -255,9 +289,7 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        if options.preallocation == Preallocation::Metadata {
-            image.preallocate_metadata()?;
-        }
+        image.preallocate(0, options.size, options.create_preallocation())?;
         made.0 = None;
         Ok(image)
     }
@@ -284,37 +316,8 @@ impl Image {
                 ..OpenOptions::default()
             },
         )?;
-        if options.preallocation == Preallocation::Metadata {
-            image.preallocate_metadata()?;
-        }
+        image.preallocate(0, options.size, options.create_preallocation())?;
         Ok(image)
-    }
-
-    /// Allocates every L2 table and data cluster (preallocation=metadata).
-    fn preallocate_metadata(&self) -> Result<()> {
-        use crate::format::table::COPIED;
-        let mut m = self.meta_mut();
-        let cs = m.header.cluster_size();
-        let size = m.header.size;
-        let mut guest = 0;
-        while guest < size {
-            // Fill one L2 table's worth of clusters with one contiguous allocation.
-            let l2_span = 1u64 << m.header.l1_shift();
-            let span_end = ((guest / l2_span) + 1) * l2_span;
-            let n = (span_end.min(size) - guest).div_ceil(cs);
-            let first = self.alloc(&mut m, n)?;
-            for i in 0..n {
-                let slot_guest = guest + i * cs;
-                self.link_cluster(&mut m, slot_guest, (first + i * cs) | COPIED, 0)?;
-            }
-            guest = span_end;
-        }
-        let end = m.ws()?.alloc_end * cs;
-        self.storage
-            .set_len(end.max(m.file_len))
-            .map_err(|e| Error::io(&self.name, "extending the file", e))?;
-        m.file_len = end.max(m.file_len);
-        self.flush_all(&mut m)
     }
 }
 

@@ -5,11 +5,22 @@
 use crate::error::{Error, Result};
 use crate::format::limits::MAX_L1_ENTRIES;
 use crate::format::table::{put_be_u64_at, OFFSET_MASK};
-use crate::image::{Image, Meta};
+use crate::image::{Image, Meta, Preallocation};
 
 impl Image {
     /// Changes the virtual size. Shrinking fails when data would be lost, unless `allow_data_loss`.
     pub fn resize(&self, new_size: u64, allow_data_loss: bool) -> Result<()> {
+        self.resize_preallocated(new_size, allow_data_loss, Preallocation::Off)
+    }
+
+    /// Changes the virtual size; growing preallocates the new area as `preallocation` asks
+    /// (`qemu-img resize --preallocation`), before the new size is published.
+    pub fn resize_preallocated(
+        &self,
+        new_size: u64,
+        allow_data_loss: bool,
+        preallocation: Preallocation,
+    ) -> Result<()> {
         self.require_writable()?;
         if new_size > crate::format::limits::MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidArgument {
@@ -51,6 +62,7 @@ impl Image {
                 m.header.size = old_size;
                 zeroed?;
             }
+            self.preallocate_locked(&mut m, old_size, new_size, preallocation)?;
             return self.publish_size(&mut m, new_size);
         }
         // Shrink: everything past the new end must be unallocated, or the caller accepts the loss.
@@ -189,7 +201,13 @@ impl Image {
         let new = self.alloc(m, clusters)?;
         self.flush_all(m)?;
         self.guard(m, new, clusters * cs, None)?;
-        self.write_new_l1(&m.l1, entries as usize, new)?;
+        // Exactly the entries, as QEMU's resize writes them: a file that ends in the new table
+        // ends where qemu-img's does.
+        let mut table = vec![0u8; bytes as usize];
+        for (i, &e) in m.l1.iter().enumerate() {
+            put_be_u64_at(&mut table, i, e);
+        }
+        self.host().write(&table, new, "new L1 table")?;
         self.host().sync()?;
         let mut switch = [0u8; 12];
         switch[..4].copy_from_slice(&(entries as u32).to_be_bytes());

@@ -621,6 +621,96 @@ impl Refcounts {
         }
     }
 
+    /// Builds new refcount structures at cluster `start` (the end of the image: only free space
+    /// lies beyond) as QEMU's preallocating resize does: the refcount blocks missing for
+    /// everything up to `start + additional` clusters plus the structures themselves go first,
+    /// the new refcount table (exactly as large as needed) after them. Existing blocks are kept.
+    /// The new blocks and table are synced before the 12-byte header switch at offset 48; the
+    /// old table is freed after it. Returns the first cluster past the new structures (where
+    /// the `additional` clusters may go) and the old table's place.
+    pub(crate) fn refcount_area(
+        &mut self,
+        host: Host<'_>,
+        start: u64,
+        additional: u64,
+        image_end: &mut u64,
+    ) -> Result<(u64, ReftableMove)> {
+        let cs = self.cluster_size();
+        let per_block = 1u64 << self.block_bits;
+        let per_table_cluster = cs / 8;
+        // Blocks and table clusters covering `start + additional` clusters and themselves.
+        let covered = start + additional;
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let b = (covered + blocks + table).div_ceil(per_block);
+            let t = b.div_ceil(per_table_cluster);
+            if (b, t) == (blocks, table) {
+                break;
+            }
+            (blocks, table) = (b, t);
+        }
+        let entries = table * per_table_cluster;
+        if table * cs > MAX_REFTABLE_SIZE_BYTES {
+            return Err(Error::InvalidArgument {
+                image: host.name.to_string(),
+                reason: "the refcount table would exceed its 8 MiB limit".into(),
+            });
+        }
+        let mut new_table = self.reftable.clone();
+        new_table.resize(entries as usize, 0);
+        let area_index = start / per_block;
+        let missing: Vec<u64> = (area_index..blocks)
+            .filter(|&i| new_table[i as usize] & REFTABLE_OFFSET_MASK == 0)
+            .collect();
+        let table_start = start + missing.len() as u64;
+        let end = table_start + table;
+        let mut new_blocks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for (j, &i) in missing.iter().enumerate() {
+            new_table[i as usize] = (start + j as u64) << self.cluster_bits;
+            new_blocks.insert(i, vec![0u8; cs as usize]);
+        }
+        for k in start..end {
+            let i = k / per_block;
+            let within = (k % per_block) as usize;
+            match new_blocks.get_mut(&i) {
+                Some(bytes) => refcount::set(bytes, within, self.order, 1),
+                None => self.set(host, k, 1)?,
+            }
+        }
+        // Existing blocks that changed, the new blocks and the table are durable before the
+        // header points at the table.
+        self.write_dirty(host)?;
+        for (i, bytes) in &new_blocks {
+            host.write(bytes, new_table[*i as usize], "new refcount block")?;
+        }
+        let mut table_bytes = Vec::with_capacity((entries * 8) as usize);
+        for e in &new_table {
+            table_bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        let table_offset = table_start << self.cluster_bits;
+        host.write(&table_bytes, table_offset, "new refcount table")?;
+        host.sync()?;
+        let mut switch = [0u8; 12];
+        switch[..8].copy_from_slice(&table_offset.to_be_bytes());
+        switch[8..].copy_from_slice(&(table as u32).to_be_bytes());
+        host.write_sync(&switch, 48, "header refcount table fields")?;
+        let old = ReftableMove {
+            old_offset: self.reftable_offset,
+            old_clusters: self.reftable_clusters,
+        };
+        for (i, bytes) in new_blocks {
+            let off = new_table[i as usize];
+            self.block_offsets.insert(off);
+            self.blocks.insert(off, Block::clean(bytes));
+        }
+        self.reftable = new_table;
+        self.reftable_offset = table_offset;
+        self.reftable_clusters = table as u32;
+        *image_end = (*image_end).max(end);
+        self.adjust(host, old.old_offset, old.old_clusters as u64 * cs, -1)?;
+        Ok((end, old))
+    }
+
     /// Whether any refblock holds changes not yet on disk.
     pub(crate) fn has_dirty(&self) -> bool {
         self.blocks.values().any(|b| b.dirty.is_some())

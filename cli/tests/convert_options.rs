@@ -1,0 +1,289 @@
+//! `convert -S`, `-C` and `-r` against qemu-img: the same sparse detection (`-S 0` writes
+//! everything), the same refusals and messages, and a rate limit that holds.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+use qcow2_testdata::{qemu_io, scratch_dir};
+
+/// A source with data, a zero block inside data, a zero cluster between data and data far on.
+fn make_source(dir: &Path) -> String {
+    let path = dir.join("src.qcow2");
+    let made = qemu_in(dir, &["create", "-q", "-f", "qcow2", path_str(&path), "4M"]);
+    assert_eq!(code(&made), 0);
+    let fill = qemu_io(&[
+        "-c",
+        "write -P 1 0 192k",
+        "-c",
+        "write -P 0 8k 4k",
+        "-c",
+        "write -P 0 64k 64k",
+        "-c",
+        "write -P 3 2M 4k",
+        path_str(&path),
+    ]);
+    assert_eq!(code(&fill), 0);
+    path_str(&path).to_string()
+}
+
+fn layout(dir: &Path, path: &Path, format: &str) -> (u64, u64, String) {
+    std::fs::File::open(path).unwrap().sync_all().unwrap();
+    let m = std::fs::metadata(path).unwrap();
+    let map = qemu_in(dir, &["map", "--output=json", "-f", format, path_str(path)]);
+    (m.len(), m.blocks(), stdout(&map))
+}
+
+#[test]
+fn sparse_detection_matches_qemu_img() {
+    let dir = scratch_dir("sparse_detection_matches_qemu_img");
+    let src = make_source(&dir);
+    for sparse in [
+        None,
+        Some("0"),
+        Some("512"),
+        Some("4k"),
+        Some("64k"),
+        Some("1M"),
+    ] {
+        for format in ["raw", "qcow2"] {
+            let ours = dir.join(format!("ours.{format}"));
+            let theirs = dir.join(format!("theirs.{format}"));
+            let args = |out: &Path| {
+                let mut a = vec!["convert".to_string(), "-O".into(), format.into()];
+                if let Some(s) = sparse {
+                    a.extend(["-S".to_string(), s.to_string()]);
+                }
+                a.extend([src.clone(), path_str(out).to_string()]);
+                a
+            };
+            let (oa, ta) = (args(&ours), args(&theirs));
+            let o = tool_in(
+                Some(&dir),
+                &oa.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            let t = qemu_in(&dir, &ta.iter().map(String::as_str).collect::<Vec<_>>());
+            let case = format!("convert -O {format} -S {sparse:?}");
+            assert_eq!((code(&o), code(&t)), (0, 0), "{case}: {}", stderr(&o));
+            let (ol, ob, om) = layout(&dir, &ours, format);
+            let (tl, tb, tm) = layout(&dir, &theirs, format);
+            assert_eq!(ol, tl, "{case}: length");
+            assert_eq!(om, tm, "{case}: map");
+            // One file system block of slack: ext4's extent-tree block (see preallocation.rs).
+            assert!(ob.abs_diff(tb) <= 8, "{case}: blocks {ob}, qemu-img's {tb}");
+            let cmp = qemu_in(&dir, &["compare", &src, path_str(&ours)]);
+            assert_eq!(code(&cmp), 0, "{case}: {}", stdout(&cmp));
+        }
+    }
+}
+
+#[test]
+fn refusals_match_qemu_img() {
+    let dir = scratch_dir("convert_refusals_match_qemu_img");
+    let src = make_source(&dir);
+    for flags in [
+        &["-C", "-c"][..],
+        &["-C", "-S", "4k"],
+        &["-C", "-S", "0"],
+        &["-S", "1000"],
+        &["-S", "x"],
+        &["-S", "32M"],
+        &["-r", "x"],
+        &["-c", "-o", "preallocation=full"],
+    ] {
+        let out = |name: &str, qemu: bool| {
+            let mut a: Vec<&str> = vec!["convert"];
+            a.extend(flags);
+            a.extend(["-O", "qcow2", &src, name]);
+            if qemu {
+                qemu_in(&dir, &a)
+            } else {
+                tool_in(Some(&dir), &a)
+            }
+        };
+        let (o, t) = (out("ours.qcow2", false), out("theirs.qcow2", true));
+        no_panic(&o);
+        assert_eq!(code(&o), code(&t), "{flags:?}");
+        assert_eq!(
+            stderr(&o).replace("qcow2-tool:", "qemu-img:"),
+            stderr(&t),
+            "{flags:?}"
+        );
+    }
+    // Where qemu-img allows copy offloading, the copy is the same.
+    let o = tool_in(
+        Some(&dir),
+        &["convert", "-C", "-O", "raw", &src, "ours.raw"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let cmp = qemu_in(&dir, &["compare", &src, "ours.raw"]);
+    assert_eq!(code(&cmp), 0);
+}
+
+#[test]
+fn rate_limit_holds_the_copy_to_its_rate() {
+    let dir = scratch_dir("rate_limit_holds_the_copy_to_its_rate");
+    let src = make_source(&dir);
+    // 196 KiB of data at 256 KiB/s: at least half a second (the bytes are due then).
+    let start = std::time::Instant::now();
+    let o = tool_in(
+        Some(&dir),
+        &["convert", "-r", "256k", "-O", "raw", &src, "ours.raw"],
+    );
+    let elapsed = start.elapsed();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(elapsed.as_secs_f64() >= 0.5, "took {elapsed:?}");
+    let cmp = qemu_in(&dir, &["compare", &src, "ours.raw"]);
+    assert_eq!(code(&cmp), 0);
+    for rate in ["0", "1G"] {
+        let o = tool_in(
+            Some(&dir),
+            &["convert", "-r", rate, "-O", "qcow2", &src, "ours.qcow2"],
+        );
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let cmp = qemu_in(&dir, &["compare", &src, "ours.qcow2"]);
+        assert_eq!(code(&cmp), 0);
+    }
+}
+
+/// Runs `convert ARGS... OUT` with both tools (`OUT` ours.EXT / theirs.EXT) and asserts the
+/// same exit code and messages; returns both output paths.
+fn convert_both(dir: &Path, args: &[&str], ext: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ours = dir.join(format!("ours.{ext}"));
+    let theirs = dir.join(format!("theirs.{ext}"));
+    let run = |out: &Path, qemu: bool| {
+        let mut a = vec!["convert"];
+        a.extend(args);
+        a.push(path_str(out));
+        if qemu {
+            qemu_in(dir, &a)
+        } else {
+            tool_in(Some(dir), &a)
+        }
+    };
+    let (o, t) = (run(&ours, false), run(&theirs, true));
+    no_panic(&o);
+    assert_eq!(code(&o), code(&t), "{args:?}: {}", stderr(&o));
+    assert_eq!(
+        stderr(&o)
+            .replace("qcow2-tool:", "qemu-img:")
+            .replace("ours.", "theirs."),
+        stderr(&t),
+        "{args:?}"
+    );
+    (ours, theirs)
+}
+
+#[test]
+fn backing_output_leaves_what_the_top_does_not_allocate() {
+    let dir = scratch_dir("backing_output_leaves_what_the_top_does_not_allocate");
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let made = qemu_in(
+        &dir,
+        &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
+    );
+    assert_eq!(code(&made), 0);
+    assert_eq!(
+        code(&qemu_io(&["-c", "write -P 1 0 1M", path_str(&base)])),
+        0
+    );
+    let made = qemu_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ],
+    );
+    assert_eq!(code(&made), 0);
+    let fill = qemu_io(&[
+        "-c",
+        "write -P 2 2M 64k",
+        "-c",
+        "write -z 512k 64k",
+        path_str(&top),
+    ]);
+    assert_eq!(code(&fill), 0);
+    let flat = make_source(&dir);
+    for src in [path_str(&top), flat.as_str()] {
+        for extra in [&[][..], &["-c"]] {
+            let mut args = vec!["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"];
+            args.extend(extra);
+            args.push(src);
+            let (ours, theirs) = convert_both(&dir, &args, "qcow2");
+            let case = format!("{args:?}");
+            let map = |p: &Path| stdout(&qemu_in(&dir, &["map", "--output=json", path_str(p)]));
+            assert_eq!(map(&ours), map(&theirs), "{case}: map");
+            let info = |p: &Path| qcow2_testdata::qemu_info(p);
+            for key in [
+                "backing-filename",
+                "backing-filename-format",
+                "virtual-size",
+            ] {
+                assert_eq!(info(&ours)[key], info(&theirs)[key], "{case}: {key}");
+            }
+            let cmp = qemu_in(&dir, &["compare", path_str(&ours), path_str(&theirs)]);
+            assert_eq!(code(&cmp), 0, "{case}: {}", stdout(&cmp));
+            let (check, report) = qcow2_testdata::qemu_check(&ours);
+            assert_eq!(check, 0, "{case}: {report}");
+        }
+    }
+    for args in [
+        &["-O", "raw", "-B", "base.qcow2", flat.as_str()][..],
+        &["-O", "qcow2", "-B", "base.qcow2", flat.as_str()],
+        &[
+            "-O",
+            "qcow2",
+            "-B",
+            "missing.qcow2",
+            "-F",
+            "qcow2",
+            flat.as_str(),
+        ],
+    ] {
+        convert_both(&dir, args, "qcow2");
+    }
+}
+
+#[test]
+fn several_sources_are_concatenated() {
+    let dir = scratch_dir("several_sources_are_concatenated");
+    let a = make_source(&dir);
+    let b = dir.join("odd.raw");
+    std::fs::write(&b, vec![7u8; 1000]).unwrap();
+    let b = path_str(&b).to_string();
+    for format in ["raw", "qcow2"] {
+        let (ours, theirs) = convert_both(&dir, &["-O", format, &a, &b, &a], format);
+        let map = |p: &Path| {
+            stdout(&qemu_in(
+                &dir,
+                &["map", "--output=json", "-f", format, path_str(p)],
+            ))
+        };
+        assert_eq!(map(&ours), map(&theirs), "{format}: map");
+        let cmp = qemu_in(
+            &dir,
+            &[
+                "compare",
+                "-f",
+                format,
+                "-F",
+                format,
+                path_str(&ours),
+                path_str(&theirs),
+            ],
+        );
+        assert_eq!(code(&cmp), 0, "{format}: {}", stdout(&cmp));
+    }
+    convert_both(&dir, &["--bitmaps", "-O", "qcow2", &a, &a], "qcow2");
+    convert_both(&dir, &["-O", "raw", &a, "missing.raw"], "raw");
+}
