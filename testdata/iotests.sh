@@ -86,8 +86,10 @@ make_wrappers() {
     mkdir -p "$cache/bin/qemu" "$cache/bin/ours"
     printf '#!/bin/sh\nexec %q "$@"\n' "$(command -v qemu-img)" >"$cache/bin/qemu/qemu-img"
     printf '#!/bin/sh\nexec %q "$@"\n' "$(command -v qemu-io)" >"$cache/bin/qemu/qemu-io"
-    printf '#!/bin/sh\nexec %q "$@"\n' "$tool" >"$cache/bin/ours/qemu-img"
-    printf '#!/bin/sh\nexec %q io "$@"\n' "$tool" >"$cache/bin/ours/qemu-io"
+    # Links named after QEMU's tools: invoked as `qemu-io`, qcow2-tool runs its `io` command, and
+    # under either name it starts its messages with that name, as QEMU's tools do.
+    ln -sfn "$tool" "$cache/bin/ours/qemu-img"
+    ln -sfn "$tool" "$cache/bin/ours/qemu-io"
     # The harness insists on a system emulator binary even when no selected test starts one.
     for side in qemu ours; do
         cat >"$cache/bin/$side/qemu-system" <<'EOF'
@@ -96,8 +98,9 @@ make_wrappers() {
 echo "qemu-system: not available in this run" >&2
 exit 1
 EOF
-        chmod +x "$cache/bin/$side/"*
+        chmod +x "$cache/bin/$side/qemu-system"
     done
+    chmod +x "$cache/bin/qemu/"*
 }
 
 # Runs ./check for one side; leaves `ok`/`not ok` lines in $cache/results/$side.tap and the diffs

@@ -164,7 +164,7 @@ pub fn run(args: Args) -> CmdResult {
             "write" | "w" | "discard" | "d" | "writev" | "truncate" | "t"
         );
         if writes && !writable {
-            errln!("qcow2-tool: Block node is read-only");
+            report!("Block node is read-only");
             ok = false;
             continue;
         }
@@ -194,7 +194,7 @@ pub fn run(args: Args) -> CmdResult {
         // writes would build on metadata already known to be wrong.
         if let Target::Qcow2(image) = &target {
             if !succeeded && image.header().is_corrupt() {
-                errln!("qcow2-tool: the image is now marked corrupt; the remaining commands are skipped");
+                report!("the image is now marked corrupt; the remaining commands are skipped");
                 break;
             }
         }
@@ -202,7 +202,7 @@ pub fn run(args: Args) -> CmdResult {
     if let Target::Qcow2(image) = target {
         if writable {
             if let Err(e) = image.close() {
-                errln!("qcow2-tool: {e}");
+                report!("{e}");
                 ok = false;
             }
         }
@@ -677,7 +677,7 @@ fn flush(image: &Image) -> bool {
     match image.flush() {
         Ok(()) => true,
         Err(e) => {
-            errln!("qcow2-tool: flush failed: {e}");
+            report!("flush failed: {e}");
             false
         }
     }
@@ -706,7 +706,7 @@ fn map(target: &Target) -> bool {
         let extents = match image.map(window, len) {
             Ok(e) => e,
             Err(e) => {
-                errln!("qcow2-tool: Failed to get allocation status: {e}");
+                report!("Failed to get allocation status: {e}");
                 return false;
             }
         };
