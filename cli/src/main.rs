@@ -17,6 +17,7 @@ mod create;
 mod dd;
 mod info;
 mod io;
+mod io_open;
 mod map;
 mod measure;
 mod opts;
