@@ -106,7 +106,10 @@ impl Session {
         match spec.open() {
             Ok(target) => {
                 self.writable = !spec.read_only
-                    && !spec.options.get("read-only").is_some_and(|v| v == "on" || v == "true");
+                    && !spec
+                        .options
+                        .get("read-only")
+                        .is_some_and(|v| v == "on" || v == "true");
                 if let Target::Raw(raw) = &target {
                     self.writable &= raw.writable;
                 }
@@ -424,7 +427,10 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("write" | "w", t) => write("write", t, rest),
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
-            Ok(size) => raw.truncate(size).map_err(|e| outln!("truncate: {}", io_text(&e))).is_ok(),
+            Ok(size) => raw
+                .truncate(size)
+                .map_err(|e| outln!("truncate: {}", io_text(&e)))
+                .is_ok(),
             Err(()) => false,
         },
         ("flush" | "f", Target::Qcow2(image)) => flush(image),
@@ -677,6 +683,9 @@ fn errno_text(e: &qcow2::Error) -> String {
         qcow2::Error::OutOfBounds { .. } => "Input/output error".into(),
         qcow2::Error::InvalidArgument { .. } => "Invalid argument".into(),
         qcow2::Error::ReadOnly { .. } => "Permission denied".into(),
+        qcow2::Error::Corrupt { .. } | qcow2::Error::MarkedCorrupt { .. } => {
+            "Input/output error".into()
+        }
         qcow2::Error::Io { source, .. } => io_text(source),
         other => other.to_string(),
     }
@@ -841,9 +850,9 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
             }
             let started = Instant::now();
             let buf = vec![if zero { 0 } else { pattern.unwrap_or(0xcd) }; len as usize];
-            let result = raw
-                .write_at(&buf, offset)
-                .and_then(|()| if fua { raw.flush() } else { Ok(()) });
+            let result =
+                raw.write_at(&buf, offset)
+                    .and_then(|()| if fua { raw.flush() } else { Ok(()) });
             if let Err(e) = result {
                 outln!("{cmd} failed: {}", io_text(&e));
                 return false;
@@ -868,7 +877,17 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
         }
     }
     let started = Instant::now();
-    let errno = |e: qcow2::Error| errno_text(&e);
+    let was_corrupt = image.header().is_corrupt();
+    let errno = |e: qcow2::Error| {
+        if let qcow2::Error::Corrupt { reason, .. } = &e {
+            if !was_corrupt && image.header().is_corrupt() {
+                errln!(
+                    "qcow2: Marking image as corrupt: {reason}; further corruption events will be suppressed"
+                );
+            }
+        }
+        errno_text(&e)
+    };
     let result = if zero {
         image.write_zeroes(offset, len, unmap).map_err(errno)
     } else {

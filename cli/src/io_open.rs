@@ -62,8 +62,8 @@ pub fn parse_option_string(text: &str, options: &mut Options) -> Result<(), Stri
 /// Flattens a `json:{...}` filename's object into dotted options (QEMU's `qdict_flatten`).
 pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), String> {
     let body = &text["json:".len()..];
-    let value: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("Invalid JSON object given".into());
     };
@@ -122,7 +122,10 @@ impl OpenSpec {
             // A protocol node alone reads as raw.
             driver = Some("raw".into());
         }
-        let file = if let Some(f) = o.get("filename").filter(|_| driver.as_deref() == Some("raw") && !o.contains_key("file.filename")) {
+        let file = if let Some(f) = o
+            .get("filename")
+            .filter(|_| driver.as_deref() == Some("raw") && !o.contains_key("file.filename"))
+        {
             f.clone()
         } else {
             match o.get("file.driver").map(String::as_str) {
@@ -146,7 +149,11 @@ impl OpenSpec {
         check_cache_options(&self.options)?;
         let (file, driver) = self.resolve()?;
         let path = Path::new(&file);
-        let read_only = self.read_only || self.options.get("read-only").is_some_and(|v| v == "on" || v == "true");
+        let read_only = self.read_only
+            || self
+                .options
+                .get("read-only")
+                .is_some_and(|v| v == "on" || v == "true");
         let format = match driver.as_deref() {
             Some("qcow2") => Format::Qcow2,
             Some("raw") => Format::Raw,
@@ -164,7 +171,11 @@ impl OpenSpec {
                     OpenOptions::read_write()
                 };
                 let mut options = with_policy(path, &options);
-                if self.options.get("backing").is_some_and(|b| b == "null" || b.is_empty()) {
+                if self
+                    .options
+                    .get("backing")
+                    .is_some_and(|b| b == "null" || b.is_empty())
+                {
                     options.backing = BackingPolicy::Ignore;
                 }
                 let image = Image::open(path, &options)
@@ -191,7 +202,11 @@ fn check_cache_options(o: &Options) -> Result<(), String> {
             .map(|v| parse_size(v).map_err(|_| format!("Parameter '{key}' expects a size")))
             .transpose()
     };
-    let (all, l2, rc) = (size("cache-size")?, size("l2-cache-size")?, size("refcount-cache-size")?);
+    let (all, l2, rc) = (
+        size("cache-size")?,
+        size("l2-cache-size")?,
+        size("refcount-cache-size")?,
+    );
     if all.is_some() && l2.is_some() && rc.is_some() {
         return Err(
             "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"

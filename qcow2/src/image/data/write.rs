@@ -43,6 +43,17 @@ impl Image {
         let mut m = self.meta_mut();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, buf.len() as u64)?;
+        let result = self.write_clusters_at(&mut m, buf, offset);
+        if let Err(e) = &result {
+            if e.marks_image_corrupt() {
+                self.mark_corrupt(&mut m);
+            }
+        }
+        result
+    }
+
+    /// The clusters of one `write_at`, under the writer's lock.
+    fn write_clusters_at(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
         let cs = m.header.cluster_size();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -50,17 +61,17 @@ impl Image {
             let whole = ((buf.len() - pos) as u64 / cs) as usize;
             if guest % cs == 0 && whole > 1 {
                 let done =
-                    self.write_whole_clusters(&mut m, guest, &buf[pos..pos + whole * cs as usize])?;
+                    self.write_whole_clusters(m, guest, &buf[pos..pos + whole * cs as usize])?;
                 if done > 0 {
                     pos += done;
                     continue;
                 }
             }
             let len = ((cs - (guest & (cs - 1))) as usize).min(buf.len() - pos);
-            self.write_cluster(&mut m, guest, &buf[pos..pos + len])?;
+            self.write_cluster(m, guest, &buf[pos..pos + len])?;
             pos += len;
         }
-        self.keep_cache_bounded(&mut m)
+        self.keep_cache_bounded(m)
     }
 
     /// Writes a run of whole clusters with one host write when they map to one contiguous host
