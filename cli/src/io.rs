@@ -60,9 +60,12 @@ pub struct Args {
     /// Open without taking the write-sharing lock (read-only images only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Writes go to a temporary copy and are dropped at exit (qemu-io's `-s`).
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
     /// FILE is an option string (`driver=qcow2,file.filename=...`), not a file name.
-    #[arg(long = "image-opts")]
-    image_opts: bool,
+    #[arg(long = "image-opts", action = clap::ArgAction::Count)]
+    image_opts: u8,
     /// QEMU objects (secrets); accepted, none are needed by qcow2 without encryption.
     #[arg(long = "object")]
     object: Vec<String>,
@@ -94,6 +97,8 @@ struct Session {
     writable: bool,
     spec: OpenSpec,
     image_opts: bool,
+    /// The temporary copy an `-s` open writes to, removed at close.
+    temp: Option<std::path::PathBuf>,
 }
 
 impl Session {
@@ -103,7 +108,12 @@ impl Session {
             report!("file open already, try 'help close'");
             return false;
         }
-        match spec.open() {
+        let opened = if spec.snapshot {
+            self.open_temporary_copy(&spec)
+        } else {
+            spec.open()
+        };
+        match opened {
             Ok(target) => {
                 self.writable = !spec.read_only
                     && !spec
@@ -127,8 +137,39 @@ impl Session {
         }
     }
 
+    /// `-s`: opens a copy of the file beside it (so relative backing names still resolve);
+    /// `close` removes it, so the writes never reach the file itself.
+    fn open_temporary_copy(&mut self, spec: &OpenSpec) -> Result<Target, String> {
+        let (file, _) = spec.resolve()?;
+        let path = std::path::Path::new(&file);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let copy = path.with_file_name(format!(".{name}.io-snapshot-{}", std::process::id()));
+        std::fs::copy(path, &copy)
+            .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;
+        self.temp = Some(copy.clone());
+        let mut on_copy = spec.clone();
+        on_copy.snapshot = false;
+        on_copy.options.remove("filename");
+        on_copy
+            .options
+            .insert("file.filename".into(), copy.to_string_lossy().into_owned());
+        on_copy.open().inspect_err(|_| self.remove_temp())
+    }
+
+    fn remove_temp(&mut self) {
+        if let Some(t) = self.temp.take() {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+
     /// Closes the open image cleanly (flushing what it holds).
     fn close(&mut self) -> bool {
+        let closed = self.close_target();
+        self.remove_temp();
+        closed
+    }
+
+    fn close_target(&mut self) -> bool {
         match self.target.take() {
             Some(Target::Qcow2(image)) if self.writable => match image.close() {
                 Ok(()) => true,
@@ -151,6 +192,7 @@ impl Session {
         for (c, value) in flags {
             match c {
                 'r' => spec.read_only = true,
+                's' => spec.snapshot = true,
                 'U' => spec.force_share = true,
                 't' if !valid_cache_mode(value) => {
                     report!("Invalid cache option: {value}");
@@ -178,7 +220,7 @@ impl Session {
             }
             rest.clear();
         }
-        let (read_only, force_share) = (spec.read_only, spec.force_share);
+        let (read_only, force_share, snapshot) = (spec.read_only, spec.force_share, spec.snapshot);
         let spec = match rest.as_slice() {
             [name] => match OpenSpec::from_filename(name, options) {
                 Ok(s) => s,
@@ -199,6 +241,7 @@ impl Session {
         self.open(OpenSpec {
             read_only,
             force_share,
+            snapshot,
             ..spec
         })
     }
@@ -283,7 +326,7 @@ pub fn run(args: Args) -> CmdResult {
     }
     let _ = (args.nocache, args.native_aio, &args.object, &args.trace);
     let format = args.format.last().cloned();
-    if format.is_some() && args.image_opts {
+    if format.is_some() && args.image_opts > 0 {
         return Err(fail(
             "--image-opts and --format are mutually exclusive".into(),
         ));
@@ -292,10 +335,11 @@ pub fn run(args: Args) -> CmdResult {
         target: None,
         writable: false,
         spec: OpenSpec::default(),
-        image_opts: args.image_opts,
+        image_opts: args.image_opts > 0,
+        temp: None,
     };
     if let Some(file) = &args.file {
-        let mut spec = if args.image_opts {
+        let mut spec = if args.image_opts > 0 {
             let mut options = Options::new();
             parse_option_string(file, &mut options).map_err(fail)?;
             OpenSpec {
@@ -310,6 +354,7 @@ pub fn run(args: Args) -> CmdResult {
         };
         spec.read_only = args.read_only;
         spec.force_share = args.force_share;
+        spec.snapshot = args.snapshot;
         spec.format = format;
         if args.force_share && !args.read_only {
             return Err(fail(format!(
@@ -1051,6 +1096,17 @@ fn info(target: &Target) -> bool {
 /// An open failure in qemu's words where they are known, else the engine's own message.
 pub fn qemu_open_error(file: &str, e: &qcow2::Error) -> String {
     let text = e.to_string();
+    if let qcow2::Error::Chain {
+        role: "backing",
+        file: backing,
+        problem: qcow2::ChainProblem::Missing,
+        ..
+    } = e
+    {
+        return format!(
+            "Could not open backing file: Could not open '{backing}': No such file or directory"
+        );
+    }
     if let qcow2::Error::Io { source, .. } = e {
         if source.kind() == std::io::ErrorKind::NotFound && !text.contains("backing") {
             return format!("Could not open '{file}': {}", io_text(source));
@@ -1166,14 +1222,14 @@ fn cvtstr(value: f64) -> String {
         ((1u64 << 20) as f64, "MiB"),
         (1024.0, "KiB"),
     ];
-    let (scaled, suffix) = UNITS
-        .iter()
-        .find(|(unit, _)| value >= *unit)
-        .map_or((value, "bytes"), |(unit, name)| (value / unit, *name));
-    let fixed = format!("{scaled:.6}");
+    let (fixed, suffix) = match UNITS.iter().find(|(unit, _)| value >= *unit) {
+        Some((unit, name)) => (format!("{:.3}", value / unit), *name),
+        None => (format!("{value:.6}"), "bytes"),
+    };
+    // qemu-io cuts the number at its first ".000" (so 2.0004 MiB prints as "2 MiB").
     match fixed.find(".000") {
         Some(i) => format!("{} {suffix}", &fixed[..i]),
-        None => format!("{scaled:.3} {suffix}"),
+        None => format!("{fixed} {suffix}"),
     }
 }
 
@@ -1200,6 +1256,9 @@ mod tests {
         assert_eq!(cvtstr(16.0), "16 bytes");
         assert_eq!(cvtstr(4096.0), "4 KiB");
         assert_eq!(cvtstr(2_000_000.0), "1.907 MiB");
+        assert_eq!(cvtstr(1_049_600.0), "1.001 MiB");
+        assert_eq!(cvtstr(2_097_151.0), "2 MiB");
+        assert_eq!(cvtstr(1536.0), "1.500 KiB");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct OpenSpec {
     pub force_share: bool,
     /// `-f`: the format driver, unless the options name one.
     pub format: Option<String>,
+    /// `-s`: writes go to a temporary copy, dropped at close (QEMU's temporary overlay).
+    pub snapshot: bool,
 }
 
 /// Splits a QemuOpts string (`a=1,b.c=x`, a doubled comma is a literal one) into options.
@@ -61,9 +63,9 @@ pub fn parse_option_string(text: &str, options: &mut Options) -> Result<(), Stri
 
 /// Flattens a `json:{...}` filename's object into dotted options (QEMU's `qdict_flatten`).
 pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), String> {
-    let body = &text["json:".len()..];
+    let body = double_quoted(&text["json:".len()..]);
     let value: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+        serde_json::from_str(&body).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("Invalid JSON object given".into());
     };
@@ -92,6 +94,50 @@ pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), Stri
     Ok(())
 }
 
+/// QEMU's JSON parser also takes single-quoted strings; rewrites them with double quotes.
+fn double_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            out.push(e);
+                        }
+                    } else if d == '"' {
+                        break;
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        '"' => out.push_str("\\\""),
+                        '\'' => break,
+                        other => out.push(other),
+                    }
+                }
+                out.push('"');
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 impl OpenSpec {
     /// The spec for a filename (plain or `json:`) with `-o`-style options on top.
     pub fn from_filename(name: &str, options: Options) -> Result<OpenSpec, String> {
@@ -100,6 +146,8 @@ impl OpenSpec {
             options,
             ..OpenSpec::default()
         };
+        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself.
+        let name = name.strip_prefix("blkdebug::").unwrap_or(name);
         if name.starts_with("json:") {
             let mut from_json = Options::new();
             parse_json_filename(name, &mut from_json)?;
@@ -115,7 +163,7 @@ impl OpenSpec {
     }
 
     /// The host file the format driver sits on, and the format named, from the options.
-    fn resolve(&self) -> Result<(String, Option<String>), String> {
+    pub fn resolve(&self) -> Result<(String, Option<String>), String> {
         let o = &self.options;
         let mut driver = o.get("driver").cloned().or_else(|| self.format.clone());
         if driver.as_deref() == Some("file") {
@@ -128,6 +176,18 @@ impl OpenSpec {
         {
             f.clone()
         } else {
+            let blkdebug_image = o.get("file.driver").is_some_and(|d| d == "blkdebug")
+                && !o.keys().any(|k| k.starts_with("file.inject-error") || k.starts_with("file.set-state") || k == "file.config");
+            // blkdebug without rules only passes requests on (its alignment options do not
+            // change what the guest reads).
+            if blkdebug_image {
+                if let Some(f) = o
+                    .get("file.image.filename")
+                    .or_else(|| o.get("file.filename"))
+                {
+                    return Ok((f.clone(), driver));
+                }
+            }
             match o.get("file.driver").map(String::as_str) {
                 None | Some("file" | "host_device") => o
                     .get("file.filename")

@@ -190,3 +190,22 @@ fn io_image_opts_open_raw_images_read_write() {
         std::fs::read(&theirs).unwrap()
     );
 }
+
+/// qemu-iotests 179: a zero write covering only part of a cluster whose other bytes already
+/// read as zeros makes the whole cluster a zero cluster, as QEMU does, instead of allocating it
+/// and writing zeros as data.
+#[test]
+fn partial_zero_writes_store_zero_clusters() {
+    let dir = scratch_dir("partial_zero_writes");
+    let (ours, theirs) = pair(&dir, &[], "32M");
+    for c in [
+        "write -z -u 10485761 2097150",
+        "write -z 14680065 2097150",
+        "write -z 100 1000",
+    ] {
+        let (out, qemu) = both(&dir, &ours, &theirs, &["-c", c, "{img}"]);
+        assert_same(&out, &qemu, &ours, &theirs, c);
+    }
+    let map = |p: &Path| qemu_img_ok(&["map", "--output=json", path_str(p)]);
+    assert_eq!(map(&ours), map(&theirs));
+}

@@ -623,6 +623,23 @@ impl Image {
                     continue;
                 }
             }
+            // A part of a grain whose other bytes already read as zeros becomes a zeroed grain,
+            // not zeros written as data (QEMU widens such requests the same way).
+            let (mut g_start, mut g_end) = (g_start, g_end);
+            if v3 && !external {
+                let head = in_cluster - in_cluster % grain;
+                if head < g_start
+                    && self.reads_zero_by_status(m, cluster_start + head, grain)?
+                {
+                    g_start = head;
+                }
+                let tail_end = (chunk_end - cluster_start).next_multiple_of(grain).min(cs);
+                if g_end < chunk_end - cluster_start
+                    && self.reads_zero_by_status(m, cluster_start + g_end, tail_end - g_end)?
+                {
+                    g_end = tail_end;
+                }
+            }
             if !v3 || external || g_start >= g_end {
                 let zeros = vec![0u8; (chunk_end - pos) as usize];
                 self.write_cluster(m, pos, &zeros)?;
@@ -642,6 +659,26 @@ impl Image {
             pos = chunk_end;
         }
         Ok(())
+    }
+
+    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone: zero flags, or
+    /// nothing allocated with no backing file below (data that happens to be zero does not count).
+    fn reads_zero_by_status(&self, m: &Meta, offset: u64, len: u64) -> Result<bool> {
+        let mut pos = offset;
+        let end = (offset + len).min(m.header.size);
+        while pos < end {
+            let (run, n) = self.lookup(m, m.active(), pos, end - pos)?;
+            let zero = match run {
+                crate::image::layer::Run::Zero { .. } => true,
+                crate::image::layer::Run::Unallocated => self.backing.is_none(),
+                _ => false,
+            };
+            if !zero || n == 0 {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        Ok(true)
     }
 
     /// Sets zero flags for whole grains `[start, end)` of one cluster.
