@@ -142,7 +142,10 @@ impl Session {
     fn open_temporary_copy(&mut self, spec: &OpenSpec) -> Result<Target, String> {
         let (file, _) = spec.resolve()?;
         let path = std::path::Path::new(&file);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let copy = path.with_file_name(format!(".{name}.io-snapshot-{}", std::process::id()));
         std::fs::copy(path, &copy)
             .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;

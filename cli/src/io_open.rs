@@ -64,8 +64,8 @@ pub fn parse_option_string(text: &str, options: &mut Options) -> Result<(), Stri
 /// Flattens a `json:{...}` filename's object into dotted options (QEMU's `qdict_flatten`).
 pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), String> {
     let body = double_quoted(&text["json:".len()..]);
-    let value: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("Invalid JSON object given".into());
     };
@@ -177,7 +177,11 @@ impl OpenSpec {
             f.clone()
         } else {
             let blkdebug_image = o.get("file.driver").is_some_and(|d| d == "blkdebug")
-                && !o.keys().any(|k| k.starts_with("file.inject-error") || k.starts_with("file.set-state") || k == "file.config");
+                && !o.keys().any(|k| {
+                    k.starts_with("file.inject-error")
+                        || k.starts_with("file.set-state")
+                        || k == "file.config"
+                });
             // blkdebug without rules only passes requests on (its alignment options do not
             // change what the guest reads).
             if blkdebug_image {

@@ -628,9 +628,7 @@ impl Image {
             let (mut g_start, mut g_end) = (g_start, g_end);
             if v3 && !external {
                 let head = in_cluster - in_cluster % grain;
-                if head < g_start
-                    && self.reads_zero_by_status(m, cluster_start + head, grain)?
-                {
+                if head < g_start && self.reads_zero_by_status(m, cluster_start + head, grain)? {
                     g_start = head;
                 }
                 let tail_end = (chunk_end - cluster_start).next_multiple_of(grain).min(cs);
