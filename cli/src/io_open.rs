@@ -94,6 +94,29 @@ pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), Stri
     Ok(())
 }
 
+/// `driver=blkdebug` without rules over an `image.*` node: the image node itself, with the
+/// file name given to blkdebug as its file.
+fn without_blkdebug_top(o: &Options) -> Option<Options> {
+    if o.get("driver").is_none_or(|d| d != "blkdebug")
+        || o.keys()
+            .any(|k| k.starts_with("inject-error") || k.starts_with("set-state") || k == "config")
+    {
+        return None;
+    }
+    let mut out = Options::new();
+    for (k, v) in o {
+        if let Some(inner) = k.strip_prefix("image.") {
+            out.insert(inner.to_owned(), v.clone());
+        }
+    }
+    if !out.contains_key("file.filename") {
+        if let Some(f) = o.get("file.filename").or_else(|| o.get("filename")) {
+            out.insert("file.filename".into(), f.clone());
+        }
+    }
+    Some(out)
+}
+
 /// QEMU's JSON parser also takes single-quoted strings; rewrites them with double quotes.
 fn double_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -164,7 +187,8 @@ impl OpenSpec {
 
     /// The host file the format driver sits on, and the format named, from the options.
     pub fn resolve(&self) -> Result<(String, Option<String>), String> {
-        let o = &self.options;
+        let unwrapped = without_blkdebug_top(&self.options);
+        let o = unwrapped.as_ref().unwrap_or(&self.options);
         let mut driver = o.get("driver").cloned().or_else(|| self.format.clone());
         if driver.as_deref() == Some("file") {
             // A protocol node alone reads as raw.
