@@ -7,7 +7,21 @@
 
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+
+/// The name messages start with: the name the tool was invoked by (`qemu-img`, `qemu-io` through
+/// a link of that name), as QEMU's tools name themselves after `argv[0]`.
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// Records the invoked name; the first call wins.
+pub fn set_program(name: &str) {
+    let _ = PROGRAM.set(name.to_owned());
+}
+
+/// The name to start messages with (`qcow2-tool` unless invoked under another name).
+pub fn program() -> &'static str {
+    PROGRAM.get().map_or("qcow2-tool", String::as_str)
+}
 
 /// The first error writing to stdout, if any.
 static FAILED: Mutex<Option<io::ErrorKind>> = Mutex::new(None);
@@ -69,4 +83,16 @@ macro_rules! errln {
 #[macro_export]
 macro_rules! err {
     ($($arg:tt)*) => { $crate::console::write_err(format_args!($($arg)*)) };
+}
+
+/// A message on stderr after the program's name, as QEMU's `error_report` prints it.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {
+        $crate::console::write_err(format_args!(
+            "{}: {}\n",
+            $crate::console::program(),
+            format_args!($($arg)*)
+        ))
+    };
 }

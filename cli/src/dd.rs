@@ -85,7 +85,7 @@ pub fn run(args: Args) -> CmdResult {
             file.set_len(out_size.next_multiple_of(512))
                 .map_err(|e| fail(format!("{output}: {e}")))?;
             if beyond {
-                errln!("qcow2-tool: {input}: cannot skip to specified offset");
+                report!("{input}: cannot skip to specified offset");
                 return Ok(0);
             }
             copy(guest, offset, out_size, &mut buf, |data, at| {
@@ -101,7 +101,7 @@ pub fn run(args: Args) -> CmdResult {
             };
             let image = crate::create::open_new_qcow2(&output, &options, &inputs).map_err(fail)?;
             if beyond {
-                errln!("qcow2-tool: {input}: cannot skip to specified offset");
+                report!("{input}: cannot skip to specified offset");
                 image.close().map_err(|e| fail(e.to_string()))?;
                 return Ok(0);
             }

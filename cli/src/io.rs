@@ -9,13 +9,13 @@
 //! `-n`, `--aio`, `-U`, a repeated `-f`) are accepted as qemu-io accepts them; cache and aio
 //! modes do not change how this engine writes.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qcow2::{Image, OpenOptions};
+use qcow2::Image;
 
+use crate::io_open::{parse_option_string, OpenSpec, Options, RawImage, Target};
 use crate::size::parse_size;
-use crate::source::{format_of, io_text, open_image, CmdResult, Failure, Format, Guest, RawFile};
+use crate::source::{io_text, CmdResult, Failure, Guest};
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
@@ -36,82 +36,338 @@ pub struct Args {
     #[arg(short = 'c', value_name = "CMD")]
     commands: Vec<String>,
     /// Open read-only.
-    #[arg(short = 'r')]
+    #[arg(short = 'r', long = "read-only")]
     read_only: bool,
     /// Image format (qcow2 or raw); probed when absent. The last one given wins, as in qemu-io.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Vec<String>,
-    /// Cache mode (none, writeback, writethrough, directsync, unsafe), checked and accepted.
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe), checked and accepted; the
+    /// last one given counts.
     #[arg(short = 't', long = "cache")]
-    cache: Option<String>,
+    cache: Vec<String>,
     /// qemu-io's `-n` (cache=none), accepted.
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
     /// AIO mode (threads, native, io_uring), checked and accepted.
     #[arg(long = "aio", short = 'i')]
-    aio: Option<String>,
+    aio: Vec<String>,
+    /// qemu-io's `-k` (native AIO), accepted.
+    #[arg(short = 'k', long = "native-aio")]
+    native_aio: bool,
+    /// Discard mode (ignore/off, unmap/on), checked and accepted.
+    #[arg(short = 'd', long = "discard")]
+    discard: Option<String>,
     /// Open without taking the write-sharing lock (read-only images only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    file: PathBuf,
+    /// Writes go to a temporary copy and are dropped at exit (qemu-io's `-s`).
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// FILE is an option string (`driver=qcow2,file.filename=...`), not a file name.
+    #[arg(long = "image-opts", action = clap::ArgAction::Count)]
+    image_opts: u8,
+    /// QEMU objects (secrets); accepted, none are needed by qcow2 without encryption.
+    #[arg(long = "object")]
+    object: Vec<String>,
+    /// Trace events; accepted and ignored.
+    #[arg(short = 'T', long = "trace")]
+    trace: Vec<String>,
+    /// The file to open; without it, commands start with no file (`open` opens one).
+    file: Option<String>,
 }
 
 /// qemu-io's prompt before each command read from standard input.
 const PROMPT: &str = "qemu-io> ";
 
-/// The opened file.
-enum Target {
-    Qcow2(Box<Image>),
-    Raw(RawFile),
+const OPEN_USAGE: &str =
+    "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
+const REOPEN_USAGE: &str =
+    "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options";
+
+fn valid_cache_mode(mode: &str) -> bool {
+    matches!(
+        mode,
+        "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+    )
 }
 
-impl Target {
-    fn guest(&self) -> &dyn Guest {
-        match self {
-            Target::Qcow2(image) => image.as_ref(),
-            Target::Raw(raw) => raw,
+/// The open image and how it was opened (for `reopen`).
+struct Session {
+    target: Option<Target>,
+    writable: bool,
+    spec: OpenSpec,
+    image_opts: bool,
+    /// The temporary copy an `-s` open writes to, removed at close.
+    temp: Option<std::path::PathBuf>,
+}
+
+impl Session {
+    /// qemu-io's `openfile`: refuses while a file is open; errors as qemu-io prints them.
+    fn open(&mut self, spec: OpenSpec) -> bool {
+        if self.target.is_some() {
+            report!("file open already, try 'help close'");
+            return false;
         }
+        let opened = if spec.snapshot {
+            self.open_temporary_copy(&spec)
+        } else {
+            spec.open()
+        };
+        match opened {
+            Ok(target) => {
+                self.writable = !spec.read_only
+                    && !spec
+                        .options
+                        .get("read-only")
+                        .is_some_and(|v| v == "on" || v == "true");
+                if let Target::Raw(raw) = &target {
+                    self.writable &= raw.writable;
+                }
+                self.target = Some(target);
+                self.spec = spec;
+                true
+            }
+            Err(e) => {
+                match &spec.name {
+                    Some(name) => report!("can't open device {name}: {e}"),
+                    None => report!("can't open: {e}"),
+                }
+                false
+            }
+        }
+    }
+
+    /// `-s`: opens a copy of the file beside it (so relative backing names still resolve);
+    /// `close` removes it, so the writes never reach the file itself.
+    fn open_temporary_copy(&mut self, spec: &OpenSpec) -> Result<Target, String> {
+        let (file, _) = spec.resolve()?;
+        let path = std::path::Path::new(&file);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let copy = path.with_file_name(format!(".{name}.io-snapshot-{}", std::process::id()));
+        std::fs::copy(path, &copy)
+            .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;
+        self.temp = Some(copy.clone());
+        let mut on_copy = spec.clone();
+        on_copy.snapshot = false;
+        on_copy.options.remove("filename");
+        on_copy
+            .options
+            .insert("file.filename".into(), copy.to_string_lossy().into_owned());
+        on_copy.open().inspect_err(|_| self.remove_temp())
+    }
+
+    fn remove_temp(&mut self) {
+        if let Some(t) = self.temp.take() {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+
+    /// Closes the open image cleanly (flushing what it holds).
+    fn close(&mut self) -> bool {
+        let closed = self.close_target();
+        self.remove_temp();
+        closed
+    }
+
+    fn close_target(&mut self) -> bool {
+        match self.target.take() {
+            Some(Target::Qcow2(image)) if self.writable => match image.close() {
+                Ok(()) => true,
+                Err(e) => {
+                    report!("{e}");
+                    false
+                }
+            },
+            _ => true,
+        }
+    }
+
+    /// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
+    fn open_command(&mut self, words: &[&str]) -> bool {
+        let Ok((flags, first)) = getopt("open", words, "snCro:ki:t:d:U", OPEN_USAGE) else {
+            return false;
+        };
+        let mut spec = OpenSpec::default();
+        let mut options = Options::new();
+        for (c, value) in flags {
+            match c {
+                'r' => spec.read_only = true,
+                's' => spec.snapshot = true,
+                'U' => spec.force_share = true,
+                't' if !valid_cache_mode(value) => {
+                    report!("Invalid cache option: {value}");
+                    return false;
+                }
+                'o' => {
+                    if self.image_opts {
+                        outln!("--image-opts and 'open -o' are mutually exclusive");
+                        return false;
+                    }
+                    if let Err(e) = parse_option_string(value, &mut options) {
+                        report!("{e}");
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let rest = &words[first..];
+        let mut rest = rest.to_vec();
+        if self.image_opts && rest.len() == 1 {
+            if let Err(e) = parse_option_string(rest[0], &mut options) {
+                report!("{e}");
+                return false;
+            }
+            rest.clear();
+        }
+        let (read_only, force_share, snapshot) = (spec.read_only, spec.force_share, spec.snapshot);
+        let spec = match rest.as_slice() {
+            [name] => match OpenSpec::from_filename(name, options) {
+                Ok(s) => s,
+                Err(e) => {
+                    report!("can't open device {name}: {e}");
+                    return false;
+                }
+            },
+            [] => OpenSpec {
+                options,
+                ..OpenSpec::default()
+            },
+            _ => {
+                outln!("{OPEN_USAGE}");
+                return false;
+            }
+        };
+        self.open(OpenSpec {
+            read_only,
+            force_share,
+            snapshot,
+            ..spec
+        })
+    }
+
+    /// `reopen [-r|-w] [-c cache] [-o options]`: the image closed and opened again with the new
+    /// mode and options on top of the old ones.
+    fn reopen_command(&mut self, words: &[&str]) -> bool {
+        let Ok((flags, first)) = getopt("reopen", words, "c:o:rw", REOPEN_USAGE) else {
+            return false;
+        };
+        if first != words.len() {
+            outln!("{REOPEN_USAGE}");
+            return false;
+        }
+        let mut spec = self.spec.clone();
+        let mut mode = None;
+        let mut options = Options::new();
+        for (c, value) in flags {
+            match c {
+                'r' | 'w' if mode.is_some() => {
+                    report!("Only one -r/-w option may be given");
+                    return false;
+                }
+                'r' => mode = Some(true),
+                'w' => mode = Some(false),
+                'c' if !valid_cache_mode(value) => {
+                    report!("Invalid cache option: {value}");
+                    return false;
+                }
+                'o' => {
+                    if let Err(e) = parse_option_string(value, &mut options) {
+                        report!("{e}");
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(ro) = options.remove("read-only") {
+            if mode.is_some() {
+                report!("Cannot set both -r/-w and 'read-only'");
+                return false;
+            }
+            mode = Some(ro == "on" || ro == "true");
+        }
+        if let Some(read_only) = mode {
+            spec.read_only = read_only;
+        }
+        spec.options.remove("read-only");
+        for (k, v) in options {
+            spec.options.insert(k, v);
+        }
+        let was_open = spec.clone();
+        if !self.close() {
+            return false;
+        }
+        if self.open(spec) {
+            return true;
+        }
+        // The old image stays open when the new options are refused, as in a failed bdrv_reopen.
+        let _ = self.open(was_open);
+        false
     }
 }
 
 pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
-    if let Some(mode) = args.cache.as_deref() {
-        if !matches!(
-            mode,
-            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
-        ) {
+    for mode in &args.cache {
+        if !valid_cache_mode(mode) {
             return Err(fail(format!("Invalid cache option: {mode}")));
         }
     }
-    if let Some(mode) = args.aio.as_deref() {
-        if !matches!(mode, "threads" | "native" | "io_uring") {
+    for mode in &args.aio {
+        if !matches!(mode.as_str(), "threads" | "native" | "io_uring") {
             return Err(fail(format!("Invalid aio option: {mode}")));
         }
     }
-    let _ = args.nocache;
-    if args.force_share && !args.read_only {
-        return Err(fail(format!(
-            "can't open device {}: force-share=on can only be used with read-only images",
-            args.file.display()
-        )));
-    }
-    let format = args.format.last().map(String::as_str);
-    let target = match format_of(&args.file, format).map_err(fail)? {
-        Format::Qcow2 => {
-            let options = if args.read_only {
-                OpenOptions {
-                    force_share: args.force_share,
-                    ..OpenOptions::default()
-                }
-            } else {
-                OpenOptions::read_write()
-            };
-            Target::Qcow2(Box::new(open_image(&args.file, &options).map_err(fail)?))
+    if let Some(mode) = args.discard.as_deref() {
+        if !matches!(mode, "ignore" | "off" | "unmap" | "on") {
+            return Err(fail(format!("Invalid discard option: {mode}")));
         }
-        Format::Raw => Target::Raw(RawFile::open(&args.file).map_err(fail)?),
+    }
+    let _ = (args.nocache, args.native_aio, &args.object, &args.trace);
+    let format = args.format.last().cloned();
+    if format.is_some() && args.image_opts > 0 {
+        return Err(fail(
+            "--image-opts and --format are mutually exclusive".into(),
+        ));
+    }
+    let mut session = Session {
+        target: None,
+        writable: false,
+        spec: OpenSpec::default(),
+        image_opts: args.image_opts > 0,
+        temp: None,
     };
-    let writable = !args.read_only;
+    if let Some(file) = &args.file {
+        let mut spec = if args.image_opts > 0 {
+            let mut options = Options::new();
+            parse_option_string(file, &mut options).map_err(fail)?;
+            OpenSpec {
+                options,
+                ..OpenSpec::default()
+            }
+        } else {
+            match OpenSpec::from_filename(file, Options::new()) {
+                Ok(spec) => spec,
+                Err(e) => return Err(fail(format!("can't open device {file}: {e}"))),
+            }
+        };
+        spec.read_only = args.read_only;
+        spec.force_share = args.force_share;
+        spec.snapshot = args.snapshot;
+        spec.format = format;
+        if args.force_share && !args.read_only {
+            return Err(fail(format!(
+                "can't open device {file}: force-share=on can only be used with read-only images"
+            )));
+        }
+        if !session.open(spec) {
+            return Ok(1);
+        }
+    }
     let mut ok = true;
     let from_stdin = args.commands.is_empty();
     let mut stdin_lines = std::io::stdin().lines();
@@ -129,7 +385,6 @@ pub fn run(args: Args) -> CmdResult {
                 None => break,
             }
         };
-        let line = &line;
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some((&name, rest)) = words.split_first() else {
             continue;
@@ -137,77 +392,127 @@ pub fn run(args: Args) -> CmdResult {
         if matches!(name, "quit" | "q") {
             break;
         }
-        // The aio forms complete before the next command here: their output is the same.
-        let name = match name {
-            "aio_read" => "read",
-            "aio_write" => "write",
-            "aio_flush" => "flush",
-            other => other,
-        };
-        let (min, max) = match name {
-            "read" | "r" | "write" | "w" | "discard" | "d" | "readv" | "writev" => (2, None),
-            "flush" | "f" | "map" | "length" | "l" => (0, Some(0)),
-            "alloc" => (1, Some(2)),
-            "truncate" | "t" => (1, Some(3)),
-            _ => {
-                errln!("command \"{name}\" not found");
-                ok = false;
-                continue;
-            }
-        };
-        if !arg_count_ok(name, rest.len(), min, max) {
-            ok = false;
-            continue;
-        }
-        let writes = matches!(
-            name,
-            "write" | "w" | "discard" | "d" | "writev" | "truncate" | "t"
-        );
-        if writes && !writable {
-            errln!("qcow2-tool: Block node is read-only");
-            ok = false;
-            continue;
-        }
-        let succeeded = match (name, &target) {
-            ("read" | "r", t) => read(t.guest(), rest),
-            ("readv", t) => vectored(rest, READV_USAGE, |words| read(t.guest(), words)),
-            ("length" | "l", t) => {
-                outln!("{}", cvtstr(t.guest().size() as f64));
-                true
-            }
-            ("map", t) => map(t),
-            ("alloc", Target::Qcow2(image)) => alloc(image, rest),
-            ("writev", Target::Qcow2(image)) => vectored(rest, WRITEV_USAGE, |w| write(image, w)),
-            ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
-            ("flush" | "f", Target::Qcow2(image)) => flush(image),
-            ("flush" | "f", Target::Raw(_)) => true,
-            ("write" | "w", Target::Qcow2(image)) => write(image, rest),
-            ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
-            (_, Target::Raw(_)) => {
-                outln!("{name} failed: Operation not supported");
-                false
-            }
-            _ => false,
-        };
-        ok &= succeeded;
-        // An image marked corrupt takes no further commands (qemu-io stops too): later
-        // writes would build on metadata already known to be wrong.
-        if let Target::Qcow2(image) = &target {
-            if !succeeded && image.header().is_corrupt() {
-                errln!("qcow2-tool: the image is now marked corrupt; the remaining commands are skipped");
-                break;
-            }
+        match run_command(&mut session, name, rest) {
+            Flow::Done(succeeded) => ok &= succeeded,
+            Flow::Stop => break,
         }
     }
-    if let Target::Qcow2(image) = target {
-        if writable {
-            if let Err(e) = image.close() {
-                errln!("qcow2-tool: {e}");
-                ok = false;
-            }
-        }
+    if !session.close() {
+        ok = false;
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// After a command: go on (with whether it succeeded) or stop reading commands.
+enum Flow {
+    Done(bool),
+    Stop,
+}
+
+fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
+    // The aio forms complete before the next command here: their output is the same.
+    let name = match name {
+        "aio_read" => "read",
+        "aio_write" => "write",
+        "aio_flush" => "flush",
+        "c" => "close",
+        "o" => "open",
+        other => other,
+    };
+    let (min, max) = match name {
+        "read" | "r" | "write" | "w" | "discard" | "d" => (2, None),
+        "readv" | "writev" => (2, None),
+        "flush" | "f" | "map" | "length" | "l" | "close" | "info" | "i" => (0, Some(0)),
+        "alloc" => (1, Some(2)),
+        "truncate" | "t" => (1, Some(3)),
+        "sigraise" => (1, Some(1)),
+        "open" | "reopen" => (0, None),
+        _ => {
+            errln!("command \"{name}\" not found");
+            return Flow::Done(false);
+        }
+    };
+    if !arg_count_ok(name, rest.len(), min, max) {
+        return Flow::Done(false);
+    }
+    match name {
+        "open" => return Flow::Done(session.open_command(rest)),
+        "sigraise" => return sigraise(rest[0]),
+        _ => {}
+    }
+    if session.target.is_none() {
+        errln!("no file open, try 'help open'");
+        return Flow::Done(false);
+    }
+    match name {
+        "close" => return Flow::Done(session.close()),
+        "reopen" => return Flow::Done(session.reopen_command(rest)),
+        _ => {}
+    }
+    let writes = matches!(
+        name,
+        "write" | "w" | "discard" | "d" | "writev" | "truncate" | "t"
+    );
+    if writes && !session.writable {
+        report!("Block node is read-only");
+        return Flow::Done(false);
+    }
+    let Some(target) = &session.target else {
+        return Flow::Done(false);
+    };
+    let succeeded = match (name, target) {
+        ("read" | "r", t) => read("read", t.guest(), rest),
+        ("readv", t) => vectored(rest, READV_USAGE, |words| read("readv", t.guest(), words)),
+        ("length" | "l", t) => {
+            outln!("{}", cvtstr(t.guest().size() as f64));
+            true
+        }
+        ("map", t) => map(t),
+        ("info" | "i", t) => info(t),
+        ("alloc", Target::Qcow2(image)) => alloc(image, rest),
+        ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
+        ("writev", t) => vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)),
+        ("write" | "w", t) => write("write", t, rest),
+        ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
+        ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
+            Ok(size) => raw
+                .truncate(size)
+                .map_err(|e| outln!("truncate: {}", io_text(&e)))
+                .is_ok(),
+            Err(()) => false,
+        },
+        ("flush" | "f", Target::Qcow2(image)) => flush(image),
+        ("flush" | "f", Target::Raw(raw)) => raw.flush().is_ok(),
+        ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
+        ("discard" | "d", Target::Raw(_)) => discard_raw(rest),
+        _ => false,
+    };
+    // An image marked corrupt takes no further commands (qemu-io stops too): later
+    // writes would build on metadata already known to be wrong.
+    if let Some(Target::Qcow2(image)) = &session.target {
+        if !succeeded && image.header().is_corrupt() {
+            return Flow::Done(false);
+        }
+    }
+    Flow::Done(succeeded)
+}
+
+/// `sigraise SIG`: the process raises the signal at once (no clean close), after flushing its
+/// output, as qemu-io does: scripts use it to leave an image as a crash would.
+fn sigraise(arg: &str) -> Flow {
+    let Ok(n) = number_arg(arg) else {
+        return Flow::Done(false);
+    };
+    let Some(signal) = i32::try_from(n)
+        .ok()
+        .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
+    else {
+        outln!("signal argument '{arg}' is too large to be a valid signal");
+        return Flow::Done(false);
+    };
+    let _ = crate::console::finish();
+    let _ = nix::sys::signal::raise(signal);
+    Flow::Stop
 }
 
 /// `readv`/`writev`: options and an offset, then several lengths, run as one request of their
@@ -426,45 +731,77 @@ fn errno_text(e: &qcow2::Error) -> String {
         qcow2::Error::OutOfBounds { .. } => "Input/output error".into(),
         qcow2::Error::InvalidArgument { .. } => "Invalid argument".into(),
         qcow2::Error::ReadOnly { .. } => "Permission denied".into(),
+        qcow2::Error::Corrupt { .. } | qcow2::Error::MarkedCorrupt { .. } => {
+            "Input/output error".into()
+        }
         qcow2::Error::Io { source, .. } => io_text(source),
         other => other.to_string(),
     }
 }
 
-fn read(guest: &dyn Guest, words: &[&str]) -> bool {
-    let Ok((flags, first)) = getopt("read", words, "pP:qrv", READ_USAGE) else {
+/// `read [-bCpqrv] [-P pattern [-s off] [-l len]] off len`; `-s`/`-l` limit the pattern check to
+/// part of the data read.
+fn read(cmd: &str, guest: &dyn Guest, words: &[&str]) -> bool {
+    let Ok((flags, first)) = getopt(cmd, words, "bCl:pP:qrs:v", READ_USAGE) else {
         return false;
     };
     let (mut pattern, mut verbose, mut quiet) = (None, false, false);
+    let (mut pattern_offset, mut pattern_count) = (None, None);
     for (c, value) in flags {
         match c {
             'P' => match pattern_arg(value) {
                 Ok(p) => pattern = Some(p),
                 Err(()) => return false,
             },
+            's' => match number_arg(value) {
+                Ok(n) => pattern_offset = Some(n),
+                Err(()) => return false,
+            },
+            'l' => match number_arg(value) {
+                Ok(n) => pattern_count = Some(n),
+                Err(()) => return false,
+            },
             'q' => quiet = true,
             'v' => verbose = true,
+            'b' => {
+                outln!("read: -b (vmstate) is not supported by qcow2-tool");
+                return false;
+            }
             _ => {}
         }
     }
     let Ok((offset, len)) = range_args(&words[first..], READ_USAGE, Some("")) else {
         return false;
     };
+    if pattern.is_none() && (pattern_offset.is_some() || pattern_count.is_some()) {
+        outln!("{READ_USAGE}");
+        return false;
+    }
+    let pattern_offset = pattern_offset.unwrap_or(0);
+    let pattern_count = pattern_count.unwrap_or(len.wrapping_sub(pattern_offset));
+    if pattern_offset > len || pattern_count > len - pattern_offset {
+        outln!("pattern verification range exceeds end of read data");
+        return false;
+    }
     if !in_bounds(offset, len, guest.size()) {
-        outln!("read failed: Input/output error");
+        outln!("{cmd} failed: Input/output error");
         return false;
     }
     let mut buf = vec![0u8; len as usize];
     let started = Instant::now();
     if let Err(e) = guest.read_at(&mut buf, offset) {
-        outln!("read failed: {e}");
+        outln!("{cmd} failed: {}", read_error_text(&e));
         return false;
     }
     let elapsed = started.elapsed();
     let mut ok = true;
     if let Some(p) = pattern {
-        if buf.iter().any(|&b| b != p) {
-            outln!("Pattern verification failed at offset {offset}, {len} bytes");
+        let checked = &buf[pattern_offset as usize..(pattern_offset + pattern_count) as usize];
+        if checked.iter().any(|&b| b != p) {
+            outln!(
+                "Pattern verification failed at offset {}, {pattern_count} bytes",
+                offset + pattern_offset
+            );
             ok = false;
         }
     }
@@ -478,8 +815,17 @@ fn read(guest: &dyn Guest, words: &[&str]) -> bool {
     ok
 }
 
-fn write(image: &Image, words: &[&str]) -> bool {
-    let Ok((flags, first)) = getopt("write", words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
+/// A read error as qemu-io prints it: the engine's detail is QEMU's EIO.
+fn read_error_text(e: &str) -> String {
+    if e.contains("Input/output error") || e.contains("compressed") || e.contains("corrupt") {
+        "Input/output error".into()
+    } else {
+        e.to_owned()
+    }
+}
+
+fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
+    let Ok((flags, first)) = getopt(cmd, words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
     let (mut compressed, mut fua, mut no_fallback, mut unmap, mut zero, mut quiet) =
@@ -539,25 +885,57 @@ fn write(image: &Image, words: &[&str]) -> bool {
             return false;
         }
     }
-    if !in_bounds(offset, len, image.size()) {
-        outln!("write failed: Input/output error");
+    if !in_bounds(offset, len, target.guest().size()) {
+        outln!("{cmd} failed: Input/output error");
         return false;
     }
+    let image = match target {
+        Target::Qcow2(image) => image,
+        Target::Raw(raw) => {
+            if compressed {
+                outln!("{cmd} failed: Operation not supported");
+                return false;
+            }
+            let started = Instant::now();
+            let buf = vec![if zero { 0 } else { pattern.unwrap_or(0xcd) }; len as usize];
+            let result =
+                raw.write_at(&buf, offset)
+                    .and_then(|()| if fua { raw.flush() } else { Ok(()) });
+            if let Err(e) = result {
+                outln!("{cmd} failed: {}", io_text(&e));
+                return false;
+            }
+            if !quiet {
+                print_report("wrote", offset, len, started.elapsed());
+            }
+            return true;
+        }
+    };
     if compressed && !zero {
         if image.header().has_external_data_file() {
-            outln!("write failed: Operation not supported");
+            outln!("{cmd} failed: Operation not supported");
             return false;
         }
         // qemu's qcow2 refuses misaligned compressed writes.
         let (cs, size) = (image.cluster_size(), image.size());
         let end = offset + len;
         if offset % cs != 0 || (end % cs != 0 && end != size) {
-            outln!("write failed: Invalid argument");
+            outln!("{cmd} failed: Invalid argument");
             return false;
         }
     }
     let started = Instant::now();
-    let errno = |e: qcow2::Error| errno_text(&e);
+    let was_corrupt = image.header().is_corrupt();
+    let errno = |e: qcow2::Error| {
+        if let qcow2::Error::Corrupt { reason, .. } = &e {
+            if !was_corrupt && image.header().is_corrupt() {
+                errln!(
+                    "qcow2: Marking image as corrupt: {reason}; further corruption events will be suppressed"
+                );
+            }
+        }
+        errno_text(&e)
+    };
     let result = if zero {
         image.write_zeroes(offset, len, unmap).map_err(errno)
     } else {
@@ -573,7 +951,7 @@ fn write(image: &Image, words: &[&str]) -> bool {
     };
     let elapsed = started.elapsed();
     if let Err(e) = result {
-        outln!("write failed: {e}");
+        outln!("{cmd} failed: {e}");
         return false;
     }
     if !quiet {
@@ -673,11 +1051,78 @@ fn discard(image: &Image, words: &[&str]) -> bool {
     true
 }
 
+/// `alloc` on a raw image: everything is allocated.
+fn alloc_raw(raw: &RawImage, words: &[&str]) -> bool {
+    let Ok(offset) = number_arg(words[0]) else {
+        return false;
+    };
+    let count = match words.get(1).map(|c| number_arg(c)) {
+        Some(Ok(c)) => c,
+        Some(Err(())) => return false,
+        None => 512,
+    };
+    let end = offset.saturating_add(count).min(raw.size_now());
+    outln!(
+        "{}/{count} bytes allocated at offset {}",
+        end.saturating_sub(offset),
+        cvtstr(offset as f64)
+    );
+    true
+}
+
+/// `discard` on a raw image: accepted without effect (a hint QEMU may ignore too).
+fn discard_raw(words: &[&str]) -> bool {
+    let Ok((flags, first)) = getopt("discard", words, "Cq", DISCARD_USAGE) else {
+        return false;
+    };
+    let Ok((offset, len)) = range_args(&words[first..], DISCARD_USAGE, Some("")) else {
+        return false;
+    };
+    if !flags.iter().any(|(c, _)| *c == 'q') {
+        print_report("discard", offset, len, Duration::ZERO);
+    }
+    true
+}
+
+/// qemu-io's `info`: the format and, for qcow2, the cluster size.
+fn info(target: &Target) -> bool {
+    match target {
+        Target::Qcow2(image) => {
+            outln!("format name: qcow2");
+            outln!("cluster size: {}", cvtstr(image.cluster_size() as f64));
+        }
+        Target::Raw(_) => outln!("format name: raw"),
+    }
+    true
+}
+
+/// An open failure in qemu's words where they are known, else the engine's own message.
+pub fn qemu_open_error(file: &str, e: &qcow2::Error) -> String {
+    let text = e.to_string();
+    if let qcow2::Error::Chain {
+        role: "backing",
+        file: backing,
+        problem: qcow2::ChainProblem::Missing,
+        ..
+    } = e
+    {
+        return format!(
+            "Could not open backing file: Could not open '{backing}': No such file or directory"
+        );
+    }
+    if let qcow2::Error::Io { source, .. } = e {
+        if source.kind() == std::io::ErrorKind::NotFound && !text.contains("backing") {
+            return format!("Could not open '{file}': {}", io_text(source));
+        }
+    }
+    text
+}
+
 fn flush(image: &Image) -> bool {
     match image.flush() {
         Ok(()) => true,
         Err(e) => {
-            errln!("qcow2-tool: flush failed: {e}");
+            report!("flush failed: {e}");
             false
         }
     }
@@ -691,7 +1136,7 @@ fn map(target: &Target) -> bool {
     let image = match target {
         Target::Qcow2(image) => image,
         Target::Raw(raw) => {
-            let size = raw.size();
+            let size = raw.size_now();
             if size > 0 {
                 print_map_line(true, 0, size);
             }
@@ -706,7 +1151,7 @@ fn map(target: &Target) -> bool {
         let extents = match image.map(window, len) {
             Ok(e) => e,
             Err(e) => {
-                errln!("qcow2-tool: Failed to get allocation status: {e}");
+                report!("Failed to get allocation status: {e}");
                 return false;
             }
         };
@@ -780,14 +1225,14 @@ fn cvtstr(value: f64) -> String {
         ((1u64 << 20) as f64, "MiB"),
         (1024.0, "KiB"),
     ];
-    let (scaled, suffix) = UNITS
-        .iter()
-        .find(|(unit, _)| value >= *unit)
-        .map_or((value, "bytes"), |(unit, name)| (value / unit, *name));
-    let fixed = format!("{scaled:.6}");
+    let (fixed, suffix) = match UNITS.iter().find(|(unit, _)| value >= *unit) {
+        Some((unit, name)) => (format!("{:.3}", value / unit), *name),
+        None => (format!("{value:.6}"), "bytes"),
+    };
+    // qemu-io cuts the number at its first ".000" (so 2.0004 MiB prints as "2 MiB").
     match fixed.find(".000") {
         Some(i) => format!("{} {suffix}", &fixed[..i]),
-        None => format!("{scaled:.3} {suffix}"),
+        None => format!("{fixed} {suffix}"),
     }
 }
 
@@ -814,6 +1259,9 @@ mod tests {
         assert_eq!(cvtstr(16.0), "16 bytes");
         assert_eq!(cvtstr(4096.0), "4 KiB");
         assert_eq!(cvtstr(2_000_000.0), "1.907 MiB");
+        assert_eq!(cvtstr(1_049_600.0), "1.001 MiB");
+        assert_eq!(cvtstr(2_097_151.0), "2 MiB");
+        assert_eq!(cvtstr(1536.0), "1.500 KiB");
     }
 
     #[test]

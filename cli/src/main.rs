@@ -18,6 +18,7 @@ mod create;
 mod dd;
 mod info;
 mod io;
+mod io_open;
 mod map;
 mod measure;
 mod opts;
@@ -98,7 +99,20 @@ enum Command {
 }
 
 fn main() {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Invoked through a link named `qemu-img` or `qemu-io` (as qemu-iotests and scripts call
+    // them), the tool names itself so in messages, and `qemu-io` means the `io` command.
+    let invoked = argv
+        .first()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned());
+    if let Some(name @ ("qemu-img" | "qemu-io")) = invoked.as_deref() {
+        console::set_program(name);
+        if name == "qemu-io" {
+            argv.insert(1, "io".into());
+        }
+    }
     // compare reports errors with 2; everything else with 1.
     // The subcommand is the first word after the global options.
     let mut words = argv.iter().skip(1);
@@ -147,12 +161,12 @@ fn main() {
     let mut code = match result {
         Ok(code) => code,
         Err(failure) => {
-            errln!("qcow2-tool: {}", failure.message);
+            report!("{}", failure.message);
             failure.code
         }
     };
     if let Some(message) = console::finish() {
-        errln!("qcow2-tool: {message}");
+        report!("{message}");
         if code == 0 {
             code = error_code;
         }

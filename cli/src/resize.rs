@@ -83,7 +83,8 @@ pub fn run(args: Args) -> CmdResult {
         }
         if total < current && !args.shrink {
             return Err(fail(format!(
-                "Use the --shrink option to perform a shrink operation.\nqcow2-tool: {SHRINK_WARNING}"
+                "Use the --shrink option to perform a shrink operation.\n{}: {SHRINK_WARNING}",
+                crate::console::program()
             )));
         }
         Ok(total)

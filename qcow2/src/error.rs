@@ -5,6 +5,10 @@ use std::io;
 
 use crate::format::{FormatError, Problem};
 
+/// The structure named by the error for a refcount table entry that points at an unaligned
+/// refcount block: found only when a refcount there is needed, it marks the image corrupt.
+pub(crate) const UNALIGNED_REFBLOCK: &str = "refcount table entry";
+
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainProblem {
@@ -148,6 +152,12 @@ impl Error {
             context: context.into(),
             source,
         }
+    }
+
+    /// Whether this corruption, found while writing, means the image must be marked corrupt
+    /// (QEMU's "corruption events": metadata a write depends on is invalid).
+    pub(crate) fn marks_image_corrupt(&self) -> bool {
+        matches!(self, Error::Corrupt { structure, .. } if structure == UNALIGNED_REFBLOCK)
     }
 
     /// A corruption at a place in the image.

@@ -47,6 +47,17 @@ impl Image {
         let mut m = self.meta_mut();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
         self.bitmaps_mark(&mut m, offset, buf.len() as u64)?;
+        let result = self.write_clusters_at(&mut m, buf, offset);
+        if let Err(e) = &result {
+            if e.marks_image_corrupt() {
+                self.mark_corrupt(&mut m);
+            }
+        }
+        result
+    }
+
+    /// The clusters of one `write_at`, under the writer's lock.
+    fn write_clusters_at(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
         let cs = m.header.cluster_size();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -54,17 +65,17 @@ impl Image {
             let whole = ((buf.len() - pos) as u64 / cs) as usize;
             if guest % cs == 0 && whole > 1 {
                 let done =
-                    self.write_whole_clusters(&mut m, guest, &buf[pos..pos + whole * cs as usize])?;
+                    self.write_whole_clusters(m, guest, &buf[pos..pos + whole * cs as usize])?;
                 if done > 0 {
                     pos += done;
                     continue;
                 }
             }
             let len = ((cs - (guest & (cs - 1))) as usize).min(buf.len() - pos);
-            self.write_cluster(&mut m, guest, &buf[pos..pos + len])?;
+            self.write_cluster(m, guest, &buf[pos..pos + len])?;
             pos += len;
         }
-        self.keep_cache_bounded(&mut m)
+        self.keep_cache_bounded(m)
     }
 
     /// Writes `buf` under the shared metadata lock when it changes nothing but data: every
@@ -719,6 +730,21 @@ impl Image {
                     continue;
                 }
             }
+            // A part of a grain whose other bytes already read as zeros becomes a zeroed grain,
+            // not zeros written as data (QEMU widens such requests the same way).
+            let (mut g_start, mut g_end) = (g_start, g_end);
+            if v3 && !external {
+                let head = in_cluster - in_cluster % grain;
+                if head < g_start && self.reads_zero_by_status(m, cluster_start + head, grain)? {
+                    g_start = head;
+                }
+                let tail_end = (chunk_end - cluster_start).next_multiple_of(grain).min(cs);
+                if g_end < chunk_end - cluster_start
+                    && self.reads_zero_by_status(m, cluster_start + g_end, tail_end - g_end)?
+                {
+                    g_end = tail_end;
+                }
+            }
             if !v3 || external || g_start >= g_end {
                 let zeros = vec![0u8; (chunk_end - pos) as usize];
                 self.write_cluster(m, pos, &zeros)?;
@@ -738,6 +764,26 @@ impl Image {
             pos = chunk_end;
         }
         Ok(())
+    }
+
+    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone: zero flags, or
+    /// nothing allocated with no backing file below (data that happens to be zero does not count).
+    fn reads_zero_by_status(&self, m: &Meta, offset: u64, len: u64) -> Result<bool> {
+        let mut pos = offset;
+        let end = (offset + len).min(m.header.size);
+        while pos < end {
+            let (run, n) = self.lookup(m, m.active(), pos, end - pos)?;
+            let zero = match run {
+                crate::image::layer::Run::Zero { .. } => true,
+                crate::image::layer::Run::Unallocated => self.backing.is_none(),
+                _ => false,
+            };
+            if !zero || n == 0 {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        Ok(true)
     }
 
     /// Sets zero flags for whole grains `[start, end)` of one cluster.

@@ -135,7 +135,12 @@ impl Image {
         for (l2, what) in snapshot_l2 {
             owner.entry(l2).or_insert(what);
         }
-        let blocks: Vec<(usize, u64)> = refcounts.refblocks().collect();
+        // Unaligned refblocks fail (and mark the image corrupt) only when a refcount there is
+        // needed, as in QEMU; they are not metadata areas of their own.
+        let blocks: Vec<(usize, u64)> = refcounts
+            .refblocks()
+            .filter(|&(_, b)| b % cs == 0)
+            .collect();
         for &(i, block) in &blocks {
             if let Some(what) = owner.get(&block) {
                 return Err(Error::corrupt(
@@ -153,7 +158,11 @@ impl Image {
         let mut clusters: Vec<(&u64, &String)> = owner.iter().collect();
         clusters.sort();
         for (&cluster, what) in clusters {
-            if refcounts.get(self.host(), cluster >> m.header.cluster_bits)? == 0 {
+            let refcount = match refcounts.get(self.host(), cluster >> m.header.cluster_bits) {
+                Err(e) if e.marks_image_corrupt() => continue,
+                other => other?,
+            };
+            if refcount == 0 {
                 return Err(Error::corrupt(
                     &self.name,
                     "refcount",

@@ -85,7 +85,13 @@ impl Refcounts {
         let mut block_offsets = ClusterSet::default();
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
-            if e & !REFTABLE_OFFSET_MASK != 0 || off % cluster_size != 0 {
+            // An unaligned refblock offset does not stop the open (QEMU opens such images
+            // read-write too): only a refcount lookup through it fails, and marks the image
+            // corrupt (see `block`).
+            if off % cluster_size != 0 && e & !REFTABLE_OFFSET_MASK == 0 {
+                continue;
+            }
+            if e & !REFTABLE_OFFSET_MASK != 0 {
                 return Err(Error::corrupt(
                     host.name,
                     format!("refcount table entry {i}"),
@@ -141,6 +147,22 @@ impl Refcounts {
         match self.blocks.entry(offset) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(v) => {
+                if offset % cluster_size as u64 != 0 {
+                    let index = self
+                        .reftable
+                        .iter()
+                        .position(|e| e & REFTABLE_OFFSET_MASK == offset)
+                        .unwrap_or(0);
+                    return Err(Error::corrupt(
+                        host.name,
+                        crate::error::UNALIGNED_REFBLOCK,
+                        self.reftable_offset + index as u64 * 8,
+                        format!(
+                            "Refblock offset {offset:#x} unaligned (reftable index: {})",
+                            qemu_hex(index as u64)
+                        ),
+                    ));
+                }
                 let mut bytes = vec![0u8; cluster_size];
                 host.read_zero_filled(&mut bytes, offset, "refcount block")?;
                 Ok(v.insert(Block::clean(bytes)))
@@ -750,5 +772,14 @@ impl Refcounts {
     #[allow(dead_code)]
     pub(crate) fn clear_cache(&mut self) {
         self.blocks.clear();
+    }
+}
+
+/// A number as QEMU's `%#x` prints it: `0` without a prefix, others with `0x`.
+pub(crate) fn qemu_hex(n: u64) -> String {
+    if n == 0 {
+        "0".into()
+    } else {
+        format!("{n:#x}")
     }
 }

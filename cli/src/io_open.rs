@@ -1,0 +1,414 @@
+//! What `io` opens, and how: the file named on the command line or by `open`, as a plain path, a
+//! `json:{...}` filename, or a `key=value,...` option string (`--image-opts`, `open -o`), all
+//! reduced to QEMU's flat dotted option names (`driver`, `file.filename`, `backing`, ...). Only
+//! the options that change what this engine does are acted on; the cache and driver tuning
+//! options QEMU takes are checked for the combinations QEMU refuses, then accepted.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use qcow2::{BackingPolicy, Image, OpenOptions};
+
+use crate::size::parse_size;
+use crate::source::{format_of, io_text, with_policy, Format, Guest, Region};
+
+/// Flat dotted options, as QEMU's block layer takes them.
+pub type Options = BTreeMap<String, String>;
+
+/// A request to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenSpec {
+    /// The name given (path or `json:` string), for messages; `None` when only options name the file.
+    pub name: Option<String>,
+    pub options: Options,
+    pub read_only: bool,
+    pub force_share: bool,
+    /// `-f`: the format driver, unless the options name one.
+    pub format: Option<String>,
+    /// `-s`: writes go to a temporary copy, dropped at close (QEMU's temporary overlay).
+    pub snapshot: bool,
+}
+
+/// Splits a QemuOpts string (`a=1,b.c=x`, a doubled comma is a literal one) into options.
+/// `implied`: the key a bare first value stands for (`file.filename` for `--image-opts`).
+pub fn parse_option_string(text: &str, options: &mut Options) -> Result<(), String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                parts.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    parts.push(current);
+    for part in parts.into_iter().filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((key, value)) => {
+                options.insert(key.to_owned(), value.to_owned());
+            }
+            None => return Err(format!("Invalid parameter '{part}'")),
+        }
+    }
+    Ok(())
+}
+
+/// Flattens a `json:{...}` filename's object into dotted options (QEMU's `qdict_flatten`).
+pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), String> {
+    let body = double_quoted(&text["json:".len()..]);
+    let value: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("Invalid JSON object given".into());
+    };
+    fn flatten(prefix: &str, map: &serde_json::Map<String, serde_json::Value>, out: &mut Options) {
+        for (key, value) in map {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                serde_json::Value::Object(inner) => flatten(&name, inner, out),
+                serde_json::Value::String(s) => {
+                    out.insert(name, s.clone());
+                }
+                serde_json::Value::Null => {
+                    out.insert(name, "null".into());
+                }
+                other => {
+                    out.insert(name, other.to_string());
+                }
+            }
+        }
+    }
+    flatten("", &map, options);
+    Ok(())
+}
+
+/// `driver=blkdebug` without rules over an `image.*` node: the image node itself, with the
+/// file name given to blkdebug as its file.
+fn without_blkdebug_top(o: &Options) -> Option<Options> {
+    if o.get("driver").is_none_or(|d| d != "blkdebug")
+        || o.keys()
+            .any(|k| k.starts_with("inject-error") || k.starts_with("set-state") || k == "config")
+    {
+        return None;
+    }
+    let mut out = Options::new();
+    for (k, v) in o {
+        if let Some(inner) = k.strip_prefix("image.") {
+            out.insert(inner.to_owned(), v.clone());
+        }
+    }
+    if !out.contains_key("file.filename") {
+        if let Some(f) = o.get("file.filename").or_else(|| o.get("filename")) {
+            out.insert("file.filename".into(), f.clone());
+        }
+    }
+    Some(out)
+}
+
+/// QEMU's JSON parser also takes single-quoted strings; rewrites them with double quotes.
+fn double_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            out.push(e);
+                        }
+                    } else if d == '"' {
+                        break;
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        '"' => out.push_str("\\\""),
+                        '\'' => break,
+                        other => out.push(other),
+                    }
+                }
+                out.push('"');
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+impl OpenSpec {
+    /// The spec for a filename (plain or `json:`) with `-o`-style options on top.
+    pub fn from_filename(name: &str, options: Options) -> Result<OpenSpec, String> {
+        let mut spec = OpenSpec {
+            name: Some(name.to_owned()),
+            options,
+            ..OpenSpec::default()
+        };
+        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself.
+        let name = name.strip_prefix("blkdebug::").unwrap_or(name);
+        if name.starts_with("json:") {
+            let mut from_json = Options::new();
+            parse_json_filename(name, &mut from_json)?;
+            for (k, v) in from_json {
+                spec.options.entry(k).or_insert(v);
+            }
+        } else {
+            spec.options
+                .entry("file.filename".into())
+                .or_insert_with(|| name.to_owned());
+        }
+        Ok(spec)
+    }
+
+    /// The host file the format driver sits on, and the format named, from the options.
+    pub fn resolve(&self) -> Result<(String, Option<String>), String> {
+        let unwrapped = without_blkdebug_top(&self.options);
+        let o = unwrapped.as_ref().unwrap_or(&self.options);
+        let mut driver = o.get("driver").cloned().or_else(|| self.format.clone());
+        if driver.as_deref() == Some("file") {
+            // A protocol node alone reads as raw.
+            driver = Some("raw".into());
+        }
+        let file = if let Some(f) = o
+            .get("filename")
+            .filter(|_| driver.as_deref() == Some("raw") && !o.contains_key("file.filename"))
+        {
+            f.clone()
+        } else {
+            let blkdebug_image = o.get("file.driver").is_some_and(|d| d == "blkdebug")
+                && !o.keys().any(|k| {
+                    k.starts_with("file.inject-error")
+                        || k.starts_with("file.set-state")
+                        || k == "file.config"
+                });
+            // blkdebug without rules only passes requests on (its alignment options do not
+            // change what the guest reads).
+            if blkdebug_image {
+                if let Some(f) = o
+                    .get("file.image.filename")
+                    .or_else(|| o.get("file.filename"))
+                {
+                    return Ok((f.clone(), driver));
+                }
+            }
+            match o.get("file.driver").map(String::as_str) {
+                None | Some("file" | "host_device") => o
+                    .get("file.filename")
+                    .or_else(|| o.get("filename"))
+                    .cloned()
+                    .ok_or("A block device must be specified for \"file\"")?,
+                Some("raw") if o.get("file.file.driver").is_none_or(|d| d == "file") => o
+                    .get("file.file.filename")
+                    .cloned()
+                    .ok_or("A block device must be specified for \"file\"")?,
+                Some(other) => return Err(format!("Unknown driver '{other}'")),
+            }
+        };
+        Ok((file, driver))
+    }
+
+    /// Opens the file as the spec says.
+    pub fn open(&self) -> Result<Target, String> {
+        check_cache_options(&self.options)?;
+        let (file, driver) = self.resolve()?;
+        let path = Path::new(&file);
+        let read_only = self.read_only
+            || self
+                .options
+                .get("read-only")
+                .is_some_and(|v| v == "on" || v == "true");
+        let format = match driver.as_deref() {
+            Some("qcow2") => Format::Qcow2,
+            Some("raw") => Format::Raw,
+            Some(other) => return Err(format!("Unknown driver '{other}'")),
+            None => format_of(path, None)?,
+        };
+        match format {
+            Format::Qcow2 => {
+                let options = if read_only {
+                    OpenOptions {
+                        force_share: self.force_share,
+                        ..OpenOptions::default()
+                    }
+                } else {
+                    OpenOptions::read_write()
+                };
+                let mut options = with_policy(path, &options);
+                if self
+                    .options
+                    .get("backing")
+                    .is_some_and(|b| b == "null" || b.is_empty())
+                {
+                    options.backing = BackingPolicy::Ignore;
+                }
+                let image = Image::open(path, &options)
+                    .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
+                if let Some(entry) = self.options.get("l2-cache-entry-size") {
+                    let cs = image.cluster_size();
+                    let ok = parse_size(entry)
+                        .is_ok_and(|n| n.is_power_of_two() && (512..=cs).contains(&n));
+                    if !ok {
+                        return Err(format!("L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"));
+                    }
+                }
+                Ok(Target::Qcow2(Box::new(image)))
+            }
+            Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
+        }
+    }
+}
+
+/// The cache-size options QEMU's qcow2 refuses in combination.
+fn check_cache_options(o: &Options) -> Result<(), String> {
+    let size = |key: &str| -> Result<Option<u64>, String> {
+        o.get(key)
+            .map(|v| parse_size(v).map_err(|_| format!("Parameter '{key}' expects a size")))
+            .transpose()
+    };
+    let (all, l2, rc) = (
+        size("cache-size")?,
+        size("l2-cache-size")?,
+        size("refcount-cache-size")?,
+    );
+    if all.is_some() && l2.is_some() && rc.is_some() {
+        return Err(
+            "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                .into(),
+        );
+    }
+    if let Some(all) = all {
+        if l2.is_some_and(|l2| l2 > all) {
+            return Err("l2-cache-size may not exceed cache-size".into());
+        }
+        if rc.is_some_and(|rc| rc > all) {
+            return Err("refcount-cache-size may not exceed cache-size".into());
+        }
+    }
+    Ok(())
+}
+
+/// What `io` has open.
+pub enum Target {
+    Qcow2(Box<Image>),
+    Raw(RawImage),
+}
+
+impl Target {
+    pub fn guest(&self) -> &dyn Guest {
+        match self {
+            Target::Qcow2(image) => image.as_ref(),
+            Target::Raw(raw) => raw,
+        }
+    }
+}
+
+/// A raw image, read and (unless opened read-only) written in place.
+pub struct RawImage {
+    file: File,
+    pub writable: bool,
+}
+
+impl RawImage {
+    pub fn open(path: &Path, writable: bool) -> Result<RawImage, String> {
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+        Ok(RawImage { file, writable })
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn truncate(&self, size: u64) -> std::io::Result<()> {
+        self.file.set_len(size)
+    }
+
+    pub fn size_now(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+}
+
+impl Guest for RawImage {
+    fn size(&self) -> u64 {
+        self.size_now()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_text(&e)),
+            }
+        }
+        Ok(())
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
+        Ok(vec![Region {
+            start: offset,
+            length: len,
+            data: true,
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_filenames_flatten_to_dotted_options() {
+        let mut o = Options::new();
+        parse_json_filename(
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "a.qcow2"}, "backing": null}"#,
+            &mut o,
+        )
+        .unwrap();
+        assert_eq!(o["driver"], "qcow2");
+        assert_eq!(o["file.filename"], "a.qcow2");
+        assert_eq!(o["backing"], "null");
+    }
+
+    #[test]
+    fn option_strings_keep_doubled_commas() {
+        let mut o = Options::new();
+        parse_option_string("driver=qcow2,file.filename=a,,b", &mut o).unwrap();
+        assert_eq!(o["file.filename"], "a,b");
+    }
+}
