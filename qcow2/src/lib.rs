@@ -57,6 +57,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod storage;
+pub mod transaction_support;
 
 pub use cursor::{Disk, DiskCursor};
 pub use error::{ChainProblem, Error, Result};

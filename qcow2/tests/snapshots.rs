@@ -378,7 +378,7 @@ fn a_thousand_snapshots_with_a_third_deleted_list_like_qemu() {
 
 #[test]
 fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
-    use qcow2::image::SnapshotChange;
+    use qcow2::transaction_support::{self as ts, SnapshotChange};
     require_qemu();
     let path = scratch_dir("staged").join("a.qcow2");
     let image = Image::create(&path, &opts(2 << 20, 65536)).unwrap();
@@ -403,9 +403,9 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
             id_or_name: "old".into(),
         },
     ];
-    let staged = image.stage(&batch).unwrap();
-    assert_ne!(staged.header_switch, image.header_switch_bytes());
-    image.abandon(staged).unwrap();
+    let staged = ts::stage(&image, &batch).unwrap();
+    assert_ne!(staged.switch(), ts::current_state(&image));
+    ts::abandon(&image, staged).unwrap();
     image.flush().unwrap();
     assert!(
         std::fs::read(&path).unwrap()[..72] == before[..72],
@@ -413,8 +413,8 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
     );
     assert!(image.check().unwrap().is_clean());
 
-    let staged = image.stage(&batch).unwrap();
-    image.publish(staged).unwrap();
+    let staged = ts::stage(&image, &batch).unwrap();
+    ts::publish(&image, staged).unwrap();
     let names: Vec<String> = image.snapshots().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a", "b"]);
     image.close().unwrap();
@@ -427,8 +427,9 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
     image.write_at(&fill(4096, 9), 0).unwrap();
     let mut current = vec![0u8; 2 << 20];
     image.read_at(&mut current, 0).unwrap();
-    let staged = image
-        .stage(&[
+    let staged = ts::stage(
+        &image,
+        &[
             SnapshotChange::Create {
                 name: "pre-revert".into(),
                 time: time(300),
@@ -436,9 +437,10 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
             SnapshotChange::Revert {
                 id_or_name: "a".into(),
             },
-        ])
-        .unwrap();
-    image.publish(staged).unwrap();
+        ],
+    )
+    .unwrap();
+    ts::publish(&image, staged).unwrap();
     image.close().unwrap();
     assert_qemu_clean(&path, "create+revert");
     assert!(qemu_convert_raw(&path, None) == active);

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::image::SnapshotChange;
+use qcow2::transaction_support::{self as ts, SnapshotChange, StateSwitch};
 use qcow2::{CreateOptions, Image};
 
 use crate::bitmaps::{BitmapChange, BitmapSource};
@@ -365,12 +365,12 @@ impl Group {
                     let p = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("image"))?));
                     let dev = rd.u64().ok_or_else(|| bad("image"))?;
                     let ino = rd.u64().ok_or_else(|| bad("image"))?;
-                    let before = rd.array48().ok_or_else(|| bad("image"))?;
+                    let before = StateSwitch::from_bytes(rd.array48().ok_or_else(|| bad("image"))?);
                     images.push((i, p, dev, ino, before));
                 }
                 Kind::Staged => {
                     let i = rd.u64().ok_or_else(|| bad("staged"))?;
-                    let after = rd.array48().ok_or_else(|| bad("staged"))?;
+                    let after = StateSwitch::from_bytes(rd.array48().ok_or_else(|| bad("staged"))?);
                     let l1 = rd.u64().ok_or_else(|| bad("staged"))?;
                     let table = rd.u64().ok_or_else(|| bad("staged"))?;
                     staged.insert(i, (after, [l1, table]));
@@ -456,10 +456,10 @@ impl Group {
                 .fs
                 .open_image(path)
                 .map_err(|e| TxnError::image(path, e))?;
-            let current = img.header_switch_bytes();
+            let current = ts::current_state(&img);
             match staged.get(i) {
-                Some((after, tables)) if commit && !same_state(&current, after) => {
-                    if !same_state(&current, before) {
+                Some((after, tables)) if commit && !current.same_state(after) => {
+                    if !current.same_state(before) {
                         return Err(TxnError::ForeignChange {
                             image: path.clone(),
                             reason: "its header is neither the old nor the new state".into(),
@@ -467,21 +467,18 @@ impl Group {
                     }
                     // The switch keeps the refcount table where staging left it; a journal that
                     // says otherwise is not ours to apply.
-                    if current[24..36] != after[24..36] {
+                    if current.refcount_table() != after.refcount_table() {
                         return Err(TxnError::ForeignChange {
                             image: path.clone(),
                             reason: "its refcount table is not where the staged state has it"
                                 .into(),
                         });
                     }
-                    let be = |r: std::ops::Range<usize>| {
-                        u64::from_be_bytes(after[r].try_into().unwrap_or_default())
-                    };
-                    if *tables != [be(16..24), be(40..48)] {
+                    if *tables != after.staged_tables() {
                         return Err(bad("staged"));
                     }
                     for &t in tables.iter().filter(|&&t| t != 0) {
-                        if img.refcount_at(t).map_err(|e| TxnError::image(path, e))? == 0 {
+                        if ts::refcount_at(&img, t).map_err(|e| TxnError::image(path, e))? == 0 {
                             return Err(TxnError::ForeignChange {
                                 image: path.clone(),
                                 reason: format!("the staged table at {t:#x} was reclaimed"),
@@ -491,7 +488,7 @@ impl Group {
                     to_switch.push(*i);
                 }
                 Some(_) if commit => {}
-                _ if !same_state(&current, before) => {
+                _ if !current.same_state(before) => {
                     return Err(TxnError::ForeignChange {
                         image: path.clone(),
                         reason: "its header changed although nothing was published".into(),
@@ -506,8 +503,7 @@ impl Group {
                 .open_image(path)
                 .map_err(|e| TxnError::image(path, e))?;
             if let (true, Some((after, _))) = (to_switch.contains(i), staged.get(i)) {
-                img.write_recorded_switch(*after)
-                    .map_err(|e| TxnError::image(path, e))?;
+                ts::write_recorded_switch(img, after).map_err(|e| TxnError::image(path, e))?;
                 self.event(&format!("recovery switched {i}"))?;
                 img = self
                     .fs
@@ -1125,9 +1121,6 @@ fn check_retire(
 /// Whether two header states (bytes 24..72) agree on what a transaction switches: size, L1 table
 /// and snapshot table. The refcount table fields (48..60) may differ: staging can grow the table,
 /// which publishes itself at once.
-fn same_state(a: &[u8; 48], b: &[u8; 48]) -> bool {
-    a[..24] == b[..24] && a[36..] == b[36..]
-}
 
 /// Whether the file at `path` starts with the qcow2 magic.
 fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
@@ -1187,7 +1180,7 @@ pub(crate) fn plan_steps(
         let before = m
             .image
             .as_ref()
-            .map_or([0; 48], |img| img.header_switch_bytes());
+            .map_or([0; 48], |img| ts::current_state(img).to_bytes());
         let w = Writer::default()
             .u64(i as u64)
             .bytes(m.path.as_os_str().as_encoded_bytes())

@@ -23,14 +23,14 @@ mod chain;
 mod data;
 mod maintenance;
 mod meta;
-mod snapshots;
+pub(crate) mod snapshots;
 
 // Every submodule by its own name, wherever its folder puts it.
 use chain::{backing, commit, rebase};
 use data::{codec, extents, layer, map, quiesce};
 use maintenance::{check, create, info, repair};
 use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
-use snapshots::{ops as snapshot_ops, view as snapshot};
+use snapshots::view as snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -51,7 +51,6 @@ pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
-pub use snapshot_ops::{SnapshotChange, StagedChange};
 
 use crate::error::{Error, Result};
 use crate::format::limits::*;
