@@ -168,7 +168,8 @@ impl Member {
     }
 }
 
-/// Named points in a transaction, where tests can simulate a power cut.
+/// Named points in a transaction, where tests can simulate a power cut: called with each
+/// event's name, returning `false` stops the transaction there as a power cut would.
 pub type Hook = Box<dyn FnMut(&str) -> bool + Send>;
 
 /// A group directory (journal, lock, manifest) held by this process.
@@ -194,22 +195,29 @@ impl Group {
     /// Opens (creating) the group directory on the host file system, takes its lock and
     /// finishes any interrupted transaction.
     pub fn open(dir: impl AsRef<Path>) -> Result<Group, TxnError> {
-        Self::open_with_hook(dir, None)
+        Self::open_on(Arc::new(RealFs), dir.as_ref(), None)
     }
 
     /// Like [`Group::open`], with a hook already installed (so tests can cut power inside the
-    /// recovery that opening runs).
+    /// recovery that opening runs). Needs the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn open_with_hook(dir: impl AsRef<Path>, hook: Option<Hook>) -> Result<Group, TxnError> {
-        Self::open_in(Arc::new(RealFs), dir, hook)
+        Self::open_on(Arc::new(RealFs), dir.as_ref(), hook)
     }
 
-    /// Opens a group on any file system (tests pass a recording [`crate::sim::SimFs`]).
+    /// Opens a group on any file system (tests pass a recording [`crate::sim::SimFs`]). Needs
+    /// the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn open_in(
         fs: Arc<dyn GroupFs>,
         dir: impl AsRef<Path>,
         hook: Option<Hook>,
     ) -> Result<Group, TxnError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_on(fs, dir.as_ref(), hook)
+    }
+
+    fn open_on(fs: Arc<dyn GroupFs>, dir: &Path, hook: Option<Hook>) -> Result<Group, TxnError> {
+        let dir = dir.to_path_buf();
         if fs.exists(&dir) && !fs.is_dir(&dir) {
             return Err(TxnError::Invalid {
                 image: dir,
@@ -253,7 +261,9 @@ impl Group {
         Self::open(dir)
     }
 
-    /// The file system the group works on (tests open live handles through it).
+    /// The file system the group works on (tests open live handles through it). Needs the
+    /// `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn fs(&self) -> Arc<dyn GroupFs> {
         self.fs.clone()
     }
@@ -264,7 +274,9 @@ impl Group {
     }
 
     /// Installs a hook called at every named event; returning `false` stops the transaction
-    /// there as a power cut would (nothing more is written, nothing is cleaned up).
+    /// there as a power cut would (nothing more is written, nothing is cleaned up). Needs the
+    /// `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn set_hook(&mut self, hook: Option<Hook>) {
         self.hook = hook;
     }

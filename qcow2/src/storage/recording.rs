@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use super::Storage;
 
 /// Bytes a store persists atomically: 512-byte aligned sectors.
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = super::SECTOR;
 
 /// One recorded operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
