@@ -100,10 +100,7 @@ pub fn run(args: Args) -> CmdResult {
     let target = match format_of(&args.file, format).map_err(fail)? {
         Format::Qcow2 => {
             let options = if args.read_only {
-                OpenOptions {
-                    force_share: args.force_share,
-                    ..OpenOptions::default()
-                }
+                OpenOptions::default().force_share(args.force_share)
             } else {
                 OpenOptions::read_write()
             };

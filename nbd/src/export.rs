@@ -48,10 +48,13 @@ pub const BLOCK_MAX: u32 = MAX_PAYLOAD;
 
 /// One export: an image shared by every connection to it.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Export {
+    /// The name clients ask for (NBD_OPT_GO, NBD_OPT_EXPORT_NAME).
     pub name: String,
     /// Sent as INFO_DESCRIPTION and in LIST replies.
     pub description: Option<String>,
+    /// The image every connection to this export reads and writes.
     pub image: Arc<Image>,
     /// Refuse writes (the image may still be open read-write for another export).
     pub read_only: bool,
@@ -65,6 +68,14 @@ pub struct Export {
     /// `--discard=unmap`); otherwise TRIM is a no-op and zero writes keep their clusters.
     pub unmap: bool,
 }
+
+setters!(Export {
+    description: Option<String>,
+    read_only: bool,
+    allocation_depth: bool,
+    bitmaps: Vec<String>,
+    unmap: bool,
+});
 
 impl Export {
     /// An export of `image` under `name`, writable if the image is, with `base:allocation` only.

@@ -174,6 +174,7 @@ impl Read for DeadlineReader<'_> {
 
 /// How the server runs.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// Connections served at once; more wait to be accepted (qemu-nbd `-e`). 0 = no limit.
     /// Any value but 1 advertises multi-conn: all connections share one `Image` per export, so
@@ -184,7 +185,22 @@ pub struct ServerOptions {
     pub persistent: bool,
     /// Time allowed for a client's handshake (qemu's default is 10 s).
     pub handshake_limit: Duration,
+    /// How each connection runs its requests.
     pub connection: ConnectionOptions,
+}
+
+setters!(ServerOptions {
+    max_connections: usize,
+    persistent: bool,
+    handshake_limit: Duration,
+    connection: ConnectionOptions,
+});
+
+impl ServerOptions {
+    /// qemu-nbd's defaults: one connection at a time, not persistent, a 10 s handshake limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 impl Default for ServerOptions {

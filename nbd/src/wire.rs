@@ -129,6 +129,7 @@ pub const EXTENDED_HEADER_LEN: usize = 32;
 
 /// A decoding failure that leaves the stream unusable (the server disconnects).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     #[error("bad option magic {0:#018x}")]
     BadOptionMagic(u64),

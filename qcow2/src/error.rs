@@ -7,6 +7,7 @@ use crate::format::{FormatError, Problem};
 
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChainProblem {
     /// The chain leads back to an image already in it.
     Loop,
@@ -61,6 +62,7 @@ impl std::fmt::Display for ChainProblem {
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O error from the storage under an image.
     #[error("image {image}: {context}: {source}")]

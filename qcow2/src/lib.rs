@@ -15,7 +15,7 @@
 //! use qcow2::{CreateOptions, Image, MemoryStorage, OpenOptions, SnapshotTime};
 //!
 //! // Create a 1 GiB image, write, snapshot, write again.
-//! let options = CreateOptions { size: 1 << 30, ..CreateOptions::default() };
+//! let options = CreateOptions::new(1 << 30);
 //! let image = Image::create_in(Box::new(MemoryStorage::new()), "disk", &options)?;
 //! image.write_at(&[0xab; 4096], 1 << 20)?;
 //! image.create_snapshot("before-upgrade", SnapshotTime::now())?;
@@ -51,6 +51,23 @@
 //!
 //! The only `unsafe` the project allows would be file mapping; none is used.
 #![forbid(unsafe_code)]
+
+/// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
+/// outside the crate build it from `new()` or `Default` as they would with a literal.
+macro_rules! setters {
+    ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](", stringify!($ty), "#structfield.", stringify!($field), ").")]
+                #[must_use]
+                pub fn $field(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
 
 pub mod cursor;
 pub mod error;

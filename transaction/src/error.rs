@@ -6,6 +6,7 @@ use crate::journal::JournalError;
 
 /// Errors of group transactions.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TxnError {
     /// An action was refused before anything was written.
     #[error("{image}: {reason}")]

@@ -128,31 +128,22 @@ impl GroupFs for RealFs {
     fn open_image(&self, path: &Path) -> qcow2::Result<Image> {
         Image::open(
             path,
-            &OpenOptions {
-                writable: true,
-                backing: BackingPolicy::Ignore,
-                ..OpenOptions::default()
-            },
+            &OpenOptions::default()
+                .writable(true)
+                .backing(BackingPolicy::Ignore),
         )
     }
 
     fn open_read_only(&self, path: &Path) -> qcow2::Result<Image> {
-        let options = OpenOptions {
-            backing: BackingPolicy::Ignore,
-            ..OpenOptions::default()
-        };
+        let options = OpenOptions::default().backing(BackingPolicy::Ignore);
         Image::open(path, &options)
     }
 
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
-        let options = OpenOptions {
-            backing: BackingPolicy::Follow,
-            ..OpenOptions::default()
-        };
-        let commit = qcow2::image::CommitOptions {
-            base_depth: 1,
-            empty_top: false,
-        };
+        let options = OpenOptions::default().backing(BackingPolicy::Follow);
+        let commit = qcow2::image::CommitOptions::default()
+            .base_depth(1)
+            .empty_top(false);
         Image::open_for_commit(path, &options, &commit)
     }
 

@@ -1113,10 +1113,7 @@ fn check_retire(
         let Ok(storage) = fs.open_existing(&other) else {
             continue;
         };
-        let options = qcow2::OpenOptions {
-            backing: qcow2::BackingPolicy::Ignore,
-            ..qcow2::OpenOptions::default()
-        };
+        let options = qcow2::OpenOptions::default().backing(qcow2::BackingPolicy::Ignore);
         let Ok(o) = Image::from_storage(storage, &other.display().to_string(), &options) else {
             continue;
         };
@@ -1376,10 +1373,7 @@ fn check_bitmaps(fs: &dyn GroupFs, img: &Image, m: &mut Member) -> Result<(), Tx
     let probe = Image::create_in(
         Box::new(qcow2::MemoryStorage::new()),
         &overlay.display().to_string(),
-        &CreateOptions {
-            size: img.size(),
-            ..CreateOptions::default()
-        },
+        &CreateOptions::new(img.size()),
     )
     .map_err(|e| TxnError::image(&overlay, e))?;
     for change in m.overlay_bitmaps.iter_mut() {

@@ -70,6 +70,7 @@ pub struct Record {
 
 /// Why a journal cannot be trusted.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JournalError {
     #[error("journal I/O: {0}")]
     Io(#[from] io::Error),

@@ -21,7 +21,7 @@
 //! std::fs::create_dir_all(&dir)?;
 //! let disks = [dir.join("a.qcow2"), dir.join("b.qcow2")];
 //! for d in &disks {
-//!     Image::create(d, &CreateOptions { size: 1 << 20, ..CreateOptions::default() })?.close()?;
+//!     Image::create(d, &CreateOptions::new(1 << 20))?.close()?;
 //! }
 //! // Opening the group first finishes or rolls back whatever a crash interrupted.
 //! let mut group = Group::open(dir.join("group"))?;

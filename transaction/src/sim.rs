@@ -439,11 +439,9 @@ fn materialize(base: &Tree, ops: &[FsOp], survivors: Survivors) -> Tree {
 
 /// Options that open an image without its backing file.
 fn alone_options(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default()
+        .writable(writable)
+        .backing(BackingPolicy::Ignore)
 }
 
 /// One open file of a [`SimFs`].

@@ -242,10 +242,9 @@ impl Step for RetireStep {
             .image
             .as_deref()
             .expect("the image stays open until clean");
-        let options = qcow2::image::CommitOptions {
-            base_depth: 1,
-            empty_top: false,
-        };
+        let options = qcow2::image::CommitOptions::default()
+            .base_depth(1)
+            .empty_top(false);
         image
             .commit(&options, &mut |_, _| {})
             .map_err(|e| TxnError::image(&self.path, e))?;
@@ -322,12 +321,9 @@ fn create_overlay(
     let backing = relative_to(image, &dir);
     fs.event("overlay_create");
     let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
-    let options = CreateOptions {
-        size,
-        backing_file: Some(backing.to_string_lossy().into_owned()),
-        backing_format: Some("qcow2".into()),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(size)
+        .backing_file(Some(backing.to_string_lossy().into_owned()))
+        .backing_format(Some("qcow2".into()));
     let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
         .map_err(|e| TxnError::image(tmp, e))?;
     crate::bitmaps::apply(&overlay, tmp, adds, &|p| fs.open_read_only(p))?;

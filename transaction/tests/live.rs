@@ -23,10 +23,7 @@ fn live_disks(name: &str, n: usize) -> (PathBuf, Vec<PathBuf>, Vec<Arc<Image>>) 
     let mut handles = Vec::new();
     for i in 0..n {
         let path = dir.join(format!("disk{i}.qcow2"));
-        let options = CreateOptions {
-            size: SIZE,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(SIZE);
         Image::create(&path, &options).unwrap().close().unwrap();
         handles.push(Arc::new(
             Image::open(&path, &OpenOptions::read_write()).unwrap(),

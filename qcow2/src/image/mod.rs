@@ -60,8 +60,10 @@ use crate::storage::{FileStorage, Storage, StorageExt};
 use backing::Backing;
 use l2_cache::L2Cache;
 
-/// How to open an image.
-#[derive(Clone)]
+/// How to open an image: build it from [`OpenOptions::new`] (read-only, following the backing
+/// chain), [`OpenOptions::read_write`] or [`OpenOptions::metadata_only`], then chain setters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open for writing (the backing chain is always opened read-only).
     pub writable: bool,
@@ -95,7 +97,21 @@ impl Default for OpenOptions {
     }
 }
 
+setters!(OpenOptions {
+    writable: bool,
+    backing: BackingPolicy,
+    max_backing_depth: usize,
+    l2_cache_bytes: u64,
+    force_share: bool,
+    for_repair: bool,
+});
+
 impl OpenOptions {
+    /// The defaults: read-only, following the backing chain, 4 MiB of L2 cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Options that open the image for writing, following its backing chain.
     pub fn read_write() -> Self {
         OpenOptions {

@@ -23,8 +23,11 @@ pub enum Preallocation {
     Metadata,
 }
 
-/// qemu-img's create options for qcow2.
+/// qemu-img's create options for qcow2: [`CreateOptions::new`] with the virtual size, then
+/// chained setters for the rest. The defaults are qemu-img's: 64 KiB clusters, 16-bit
+/// refcounts, version 3, zlib, no backing file, no preallocation.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CreateOptions {
     pub size: u64,
     pub cluster_size: u64,
@@ -56,7 +59,28 @@ impl Default for CreateOptions {
     }
 }
 
+setters!(CreateOptions {
+    size: u64,
+    cluster_size: u64,
+    refcount_bits: u32,
+    version: u32,
+    lazy_refcounts: bool,
+    extended_l2: bool,
+    compression_type: CompressionType,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    preallocation: Preallocation,
+});
+
 impl CreateOptions {
+    /// qemu-img's defaults for a disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        CreateOptions {
+            size,
+            ..Self::default()
+        }
+    }
+
     /// Checks the options as qemu-img does, before anything is written.
     fn validate(&self, image: &str) -> Result<u32> {
         let invalid = |reason: String| Error::InvalidArgument {
