@@ -14,6 +14,8 @@
 //! for the persistent bitmaps an [`Export`] names. Not implemented: TLS (STARTTLS is refused
 //! with `ERR_POLICY`), resize, and the old-style handshake.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 /// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
 /// outside the crate build it from `new()` or `Default` as they would with a literal.

@@ -51,6 +51,8 @@
 //!
 //! The only `unsafe` the project allows would be file mapping; none is used.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 /// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
 /// outside the crate build it from `new()` or `Default` as they would with a literal.

@@ -14,6 +14,8 @@
 //! snapshots (`blockdev-snapshot-sync`, `blockdev-snapshot`) are refused on them: the server's
 //! handle cannot be swapped to a new top.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 pub mod args;
 pub mod commands;

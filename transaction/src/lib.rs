@@ -75,6 +75,8 @@
 //!   below the references; the switch publishes tables with COPIED cleared, and recovery or an
 //!   abort takes the surplus back. The image locks keep other writers out meanwhile.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 mod bitmaps;
 mod codec;

@@ -68,7 +68,9 @@ pub trait Storage: Send + Sync {
 /// A host file's identity: its device and inode numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileIdentity {
+    /// `st_dev` of the file.
     pub device: u64,
+    /// `st_ino` of the file.
     pub inode: u64,
 }
 

@@ -62,6 +62,12 @@ impl Drop for Pass<'_> {
 /// Writes paused on one image for as long as it lives (see [`Image::quiesce`]).
 pub struct Quiesced<'a>(&'a Image);
 
+impl std::fmt::Debug for Quiesced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Quiesced").field(&self.0.name).finish()
+    }
+}
+
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
         self.0.resume_writes();

@@ -29,16 +29,28 @@ pub enum Preallocation {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CreateOptions {
+    /// The virtual disk size in bytes (rounded up to 512 as qemu-img does).
     pub size: u64,
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB (`cluster_size=`).
     pub cluster_size: u64,
+    /// Refcount width in bits: a power of two up to 64; only 16 for version 2
+    /// (`refcount_bits=`).
     pub refcount_bits: u32,
     /// 2 for compat=0.10, 3 for compat=1.1.
     pub version: u32,
+    /// Set the lazy refcounts compatible bit (`lazy_refcounts=on`, version 3 only).
     pub lazy_refcounts: bool,
+    /// Extended L2 entries with 32 subclusters per cluster (`extended_l2=on`, version 3
+    /// only, clusters of at least 16 KiB).
     pub extended_l2: bool,
+    /// How compressed clusters are encoded (`compression_type=`); zstd needs version 3.
     pub compression_type: CompressionType,
+    /// The backing file name recorded in the header, relative to the new image's directory
+    /// unless absolute (`-b`). Not opened by `create`.
     pub backing_file: Option<String>,
+    /// The backing file's format recorded with its name (`-F`: "qcow2" or "raw").
     pub backing_format: Option<String>,
+    /// How much to allocate up front.
     pub preallocation: Preallocation,
 }
 

@@ -36,11 +36,22 @@ struct LayerRefs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotChange {
     /// Snapshot the current state.
-    Create { name: String, time: SnapshotTime },
+    Create {
+        /// The new snapshot's name.
+        name: String,
+        /// The creation time recorded in the entry.
+        time: SnapshotTime,
+    },
     /// Delete a snapshot, found by id first, then by name.
-    Delete { id_or_name: String },
+    Delete {
+        /// The snapshot's id or name.
+        id_or_name: String,
+    },
     /// Make a snapshot the active state (and the disk its size), found by id, then name.
-    Revert { id_or_name: String },
+    Revert {
+        /// The snapshot's id or name.
+        id_or_name: String,
+    },
 }
 
 /// A new state built in fresh clusters, with its refcounts raised durably, but not yet
