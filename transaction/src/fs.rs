@@ -14,9 +14,13 @@ use qcow2::{BackingPolicy, Image, OpenOptions};
 /// What identifies a file: device and inode (two names of one file share them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
+    /// `st_dev`.
     pub dev: u64,
+    /// `st_ino`.
     pub ino: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// A regular file (not a directory or device).
     pub is_file: bool,
 }
 

@@ -21,43 +21,92 @@ use crate::step::{reclaim_leaks, Held, OverlayStep, RetireStep, SnapshotStep, St
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Action {
     /// `blockdev-snapshot-internal-sync`: an internal snapshot named `name`.
-    InternalCreate { image: PathBuf, name: String },
+    InternalCreate {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The new snapshot's name.
+        name: String,
+    },
     /// `blockdev-snapshot-delete-internal-sync`: delete an internal snapshot (id or name).
-    InternalDelete { image: PathBuf, name: String },
+    InternalDelete {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The snapshot's id or name.
+        name: String,
+    },
     /// `snapshot-revert-internal`: make an internal snapshot the active state.
-    InternalRevert { image: PathBuf, name: String },
+    InternalRevert {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The snapshot's id or name.
+        name: String,
+    },
     /// `blockdev-snapshot-sync`: an overlay on top of `image`, recorded in the manifest.
     ExternalCreate {
+        /// The disk's current top image.
         image: PathBuf,
+        /// Where the new overlay goes (`snapshot-file`).
         overlay: PathBuf,
+        /// Whether the transaction creates the overlay or the caller did.
         mode: OverlayMode,
     },
     /// `blockdev-snapshot-delete-external`: merge the overlay `image` into its backing file,
     /// make the backing file the disk's top in the manifest, and remove the overlay.
-    ExternalDelete { image: PathBuf },
+    ExternalDelete {
+        /// The overlay to merge and remove.
+        image: PathBuf,
+    },
     /// `block-dirty-bitmap-add`: a persistent bitmap, empty, enabled unless `disabled`, of
     /// `granularity` bytes (QEMU's default when `None`). `image` may be an overlay the same plan
     /// creates: the bitmap then starts with the overlay.
     BitmapAdd {
+        /// The image file, by path.
         image: PathBuf,
+        /// The bitmap's name.
         name: String,
+        /// Guest bytes per bit: a power of two from 512 B to 2 GiB.
         granularity: Option<u64>,
+        /// Create it disabled (not recording writes).
         disabled: bool,
     },
     /// `block-dirty-bitmap-remove`.
-    BitmapRemove { image: PathBuf, name: String },
+    BitmapRemove {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-clear`: every bit cleared.
-    BitmapClear { image: PathBuf, name: String },
+    BitmapClear {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-enable`: the bitmap tracks writes again.
-    BitmapEnable { image: PathBuf, name: String },
+    BitmapEnable {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-disable`: the bitmap stops tracking writes.
-    BitmapDisable { image: PathBuf, name: String },
+    BitmapDisable {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-merge`: every bit of each source set in `target`.
     BitmapMerge {
+        /// The image file, by path.
         image: PathBuf,
+        /// The bitmap that receives the bits.
         target: String,
+        /// The bitmaps whose set bits are merged, in order.
         sources: Vec<BitmapSource>,
     },
 }

@@ -112,5 +112,6 @@ pub use error::TxnError;
 #[cfg(feature = "testing")]
 pub use group::Hook;
 pub use group::{Action, Group, Outcome, OverlayMode, Recovery};
+pub use journal::JournalError;
 pub use manifest::Manifest;
 pub use phases::{Prepared, Transaction};
