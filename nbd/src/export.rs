@@ -16,7 +16,9 @@ pub const CONTEXT_ALLOCATION_DEPTH: u32 = 1;
 /// Context id of the first exported dirty bitmap; the i-th has `CONTEXT_FIRST_BITMAP + i`.
 pub const CONTEXT_FIRST_BITMAP: u32 = 2;
 
+/// The standard context: holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// QEMU's context: how deep in the backing chain each range is allocated.
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 /// Prefix of the context that reports a persistent dirty bitmap.
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
@@ -26,6 +28,7 @@ pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 pub struct Context {
     /// The id SET_META_CONTEXT hands out and BLOCK_STATUS chunks carry.
     pub id: u32,
+    /// The context's name, as clients query it.
     pub name: String,
 }
 
@@ -40,10 +43,12 @@ pub enum ContextKind<'a> {
     DirtyBitmap(&'a str),
 }
 
-/// Block sizes advertised in INFO_BLOCK_SIZE, as qemu-nbd advertises them for a file: the
-/// engine accepts byte-granular requests, so the minimum is 1.
+/// Minimum block size advertised in INFO_BLOCK_SIZE, as qemu-nbd advertises it for a file: the
+/// engine accepts byte-granular requests.
 pub const BLOCK_MIN: u32 = 1;
+/// Preferred block size advertised in INFO_BLOCK_SIZE.
 pub const BLOCK_PREFERRED: u32 = 4096;
+/// Maximum block size advertised in INFO_BLOCK_SIZE: the largest payload accepted.
 pub const BLOCK_MAX: u32 = MAX_PAYLOAD;
 
 /// One export: an image shared by every connection to it.

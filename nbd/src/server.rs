@@ -21,10 +21,14 @@ use crate::transmit::{transmit, ConnectionOptions};
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
+    /// A unix socket; its file is removed when the listener is dropped.
     Unix {
+        /// The bound socket.
         listener: UnixListener,
+        /// The socket file's path.
         path: PathBuf,
     },
+    /// A TCP socket.
     Tcp(TcpListener),
 }
 
@@ -253,6 +257,14 @@ impl State {
 #[derive(Clone)]
 pub struct ShutdownHandle(Arc<State>);
 
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("stopping", &self.0.stop.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
 impl ShutdownHandle {
     /// Makes `run` close every connection and return.
     pub fn shutdown(&self) {
@@ -267,7 +279,18 @@ pub struct Server {
     state: Arc<State>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.exports)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
+    /// A server for `exports` (clients choose one by name); nothing listens until
+    /// [`Server::run`].
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
         Server {
             exports: Arc::new(exports),
@@ -281,10 +304,12 @@ impl Server {
         }
     }
 
+    /// The exports, in the order given to [`Server::new`].
     pub fn exports(&self) -> &[Export] {
         &self.exports
     }
 
+    /// A handle that stops [`Server::run`] from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.state.clone())
     }

@@ -4,10 +4,10 @@
 //! disks with QEMU's `transaction` command.
 //!
 //! - [`framing`]: object boundaries in the client's JSON stream (bounded);
-//! - [`args`]: strict argument checking with QEMU's messages;
+//! - `args` (private): strict argument checking with QEMU's messages;
 //! - [`monitor`]: a session: greeting, capabilities negotiation, `execute` with `id`, replies;
-//! - [`commands`]: the commands, each going through the group's journal, so a server killed
-//!   mid-transaction is all-or-nothing after `recover`.
+//! - `commands` (private): the commands, each going through the group's journal, so a server
+//!   killed mid-transaction is all-or-nothing after `recover`.
 //!
 //! Every disk is a live handle the NBD server keeps writing through: a transaction pauses its
 //! guest writes from staging to publish (`qcow2_transaction::Transaction::attach`). External
@@ -17,8 +17,8 @@
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 
-pub mod args;
-pub mod commands;
+mod args;
+mod commands;
 pub mod framing;
 pub mod monitor;
 
@@ -28,7 +28,9 @@ pub use monitor::Monitor;
 /// A QMP error: its class and description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpError {
+    /// The error class QEMU sends: "GenericError", "CommandNotFound".
     pub class: &'static str,
+    /// The human-readable description.
     pub desc: String,
 }
 
@@ -41,6 +43,7 @@ impl QmpError {
         }
     }
 
+    /// A `CommandNotFound`: the command does not exist (or is not allowed yet).
     pub fn not_found(desc: impl Into<String>) -> QmpError {
         QmpError {
             class: "CommandNotFound",
