@@ -98,8 +98,8 @@ impl StateSwitch {
         [self.l1_table_offset(), self.snapshots_offset()]
     }
 
-    /// Whether both describe the same state, whatever the refcount table's location (refcount
-    /// table growth moves it without changing the state).
+    /// Whether both describe the same state: size, L1 table and snapshot table. The refcount
+    /// table fields may differ: staging can grow the table, which publishes itself at once.
     pub fn same_state(&self, other: &StateSwitch) -> bool {
         self.0[..24] == other.0[..24] && self.0[36..] == other.0[36..]
     }

@@ -1176,10 +1176,6 @@ fn check_retire(
     Ok(())
 }
 
-/// Whether two header states (bytes 24..72) agree on what a transaction switches: size, L1 table
-/// and snapshot table. The refcount table fields (48..60) may differ: staging can grow the table,
-/// which publishes itself at once.
-
 /// Whether the file at `path` starts with the qcow2 magic.
 fn is_qcow2(fs: &dyn GroupFs, path: &Path) -> bool {
     let mut magic = [0u8; 4];
