@@ -44,3 +44,12 @@ pub mod wire;
 pub use export::{Context, ContextKind, Export};
 pub use server::{serve_stream, Listener, Server, ServerOptions, ShutdownHandle};
 pub use transmit::ConnectionOptions;
+
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Server>();
+    send_sync::<Export>();
+    send_sync::<ShutdownHandle>();
+};

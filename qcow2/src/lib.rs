@@ -86,3 +86,15 @@ pub use image::{
     NewBacking, OpenOptions, Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
+
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Image>();
+    send_sync::<SnapshotView<'static>>();
+    send_sync::<Error>();
+    send_sync::<FileStorage>();
+    send_sync::<MemoryStorage>();
+    send_sync::<DiskCursor<std::sync::Arc<Image>>>();
+};

@@ -25,6 +25,15 @@ pub mod monitor;
 pub use commands::Disk;
 pub use monitor::Monitor;
 
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    // Sessions on several threads share one monitor.
+    send_sync::<Monitor>();
+    send_sync::<Disk>();
+};
+
 /// A QMP error: its class and description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpError {

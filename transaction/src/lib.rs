@@ -115,3 +115,14 @@ pub use group::{Action, Group, Outcome, OverlayMode, Recovery};
 pub use journal::JournalError;
 pub use manifest::Manifest;
 pub use phases::{Prepared, Transaction};
+
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    // A group moves to the thread that runs transactions (qcow2-qmp's monitor).
+    send::<Group>();
+    send_sync::<TxnError>();
+    send_sync::<Action>();
+};

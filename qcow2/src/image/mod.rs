@@ -200,6 +200,10 @@ impl Meta {
 }
 
 /// An open qcow2 image.
+///
+/// `Image` is `Send + Sync`, and every I/O method takes `&self`: share one handle between
+/// threads through an `Arc` (the NBD server serves all connections of an export this way).
+/// Reads run concurrently; writes that change metadata take the image's metadata lock in turn.
 pub struct Image {
     name: String,
     path: Option<PathBuf>,
