@@ -16,6 +16,11 @@
 //! 4. After a crash, recovery compares [`current_state`] with the journaled states, checks the
 //!    staged tables with [`refcount_at`], and finishes with [`write_recorded_switch`], which
 //!    validates the recorded switch against the image before writing it.
+//!
+//! A live image (one the caller keeps serving) is paused around its staging: [`hold_writes`]
+//! on every member first, then [`wait_writes_drained`] on each, so the group is one
+//! crash-consistent cut; [`Image::resume_writes`] ends the pause, and [`fence_writes`] makes
+//! writes fail on an image whose decided switch could not be published.
 
 use crate::error::Result;
 use crate::image::Image;
@@ -103,6 +108,31 @@ impl StateSwitch {
     pub fn same_state(&self, other: &StateSwitch) -> bool {
         self.0[..24] == other.0[..24] && self.0[36..] == other.0[36..]
     }
+}
+
+/// New guest writes to `image` wait from now on; those in flight go on (the first half of
+/// [`Image::pause_writes`]). Ended by [`Image::resume_writes`].
+pub fn hold_writes(image: &Image) {
+    image.hold_writes()
+}
+
+/// Waits until no admitted guest write to `image` is in flight (the second half of
+/// [`Image::pause_writes`]).
+pub fn wait_writes_drained(image: &Image) {
+    image.wait_writes_drained()
+}
+
+/// Makes every waiting and every later guest write to `image` fail: for an image whose live
+/// transaction is decided but not published, where a write could change data a staged
+/// snapshot shares. Only closing the image (and recovering its group) ends it.
+pub fn fence_writes(image: &Image) {
+    image.fence_writes()
+}
+
+/// Guest writes waiting at `image`'s paused gate (tests see a writer blocked without
+/// sleeping).
+pub fn writes_waiting(image: &Image) -> u32 {
+    image.writes_waiting()
 }
 
 /// Builds the state that `changes` lead to (creates and deletes in any order, at most one
