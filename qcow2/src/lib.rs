@@ -1,9 +1,9 @@
 //! A qcow2 (v2 and v3) image engine.
 //!
 //! Layers, each usable alone and depending only on the ones below:
-//! - [`storage`]: positioned I/O ([`Storage`]) over files, memory and a recording store that
-//!   simulates power cuts; QEMU-compatible image locks;
-//! - [`format`](mod@format): zero-copy on-disk types and pure codecs, no I/O;
+//! - [`storage`]: positioned I/O ([`Storage`]) over files and memory (and, with the `testing`
+//!   feature, a recording store that simulates power cuts); QEMU-compatible image locks;
+//! - [`format`](mod@format): on-disk types and pure codecs, no I/O;
 //! - [`image`]: the engine: open with full validation; reads through L1/L2 with a bounded cache,
 //!   compressed clusters, backing chains and external data files; crash-safe writes, zero writes,
 //!   discard, resize and compressed writes; internal snapshots; `map`, `info`, `check` and repair;
@@ -44,6 +44,10 @@
 //! # let _ = OpenOptions::default();
 //! # Ok::<(), qcow2::Error>(())
 //! ```
+//!
+//! [`transaction_support`] is the staging interface `qcow2-transaction` builds on; it is not
+//! covered by semver. The `testing` feature (also outside semver) exposes the crash-test
+//! machinery to this crate's tests, `qcow2-transaction`'s and the fuzzer.
 //!
 //! Backing files are opened only as [`OpenOptions::backing`] says (follow, refuse, ignore);
 //! [`DiskCursor`] gives `std::io` access; `examples/` has whole programs. Linux only: image
