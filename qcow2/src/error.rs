@@ -156,7 +156,8 @@ pub enum Error {
     Locked {
         /// The image, as named when it was opened (path or storage name).
         image: String,
-        /// Which lock conflicts ("write lock", "shared read lock").
+        /// Which of QEMU's lock permissions conflicts, as a sentence ("another open of it holds
+        /// the write permission").
         detail: String,
     },
     /// The caller asked for something invalid.

@@ -117,7 +117,7 @@ pub struct Header {
     pub cluster_bits: u32,
     /// `size`: the virtual disk size in bytes.
     pub size: u64,
-    /// `crypt_method`: 0 for none; this engine refuses 1 (AES) and 2 (LUKS).
+    /// `crypt_method`: 0 for none; decoding refuses every other value (1 AES, 2 LUKS).
     pub crypt_method: u32,
     /// `l1_size`: entries in the active L1 table.
     pub l1_size: u32,

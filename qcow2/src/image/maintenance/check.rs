@@ -36,7 +36,7 @@ pub struct CheckReport {
     /// Guest clusters with data in this image (not its backing chain).
     pub allocated_clusters: u64,
     /// Allocated guest clusters whose host cluster does not follow the previous guest
-    /// cluster's (qemu-img's fragmentation count).
+    /// cluster's; every compressed cluster counts (qemu-img's fragmentation count).
     pub fragmented_clusters: u64,
     /// Guest clusters stored compressed.
     pub compressed_clusters: u64,

@@ -29,7 +29,7 @@ pub enum Preallocation {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CreateOptions {
-    /// The virtual disk size in bytes (rounded up to 512 as qemu-img does).
+    /// The virtual disk size in bytes, at most [`MAX_VIRTUAL_SIZE`](crate::format::limits::MAX_VIRTUAL_SIZE).
     pub size: u64,
     /// Cluster size in bytes: a power of two from 512 to 2 MiB (`cluster_size=`).
     pub cluster_size: u64,
