@@ -175,11 +175,7 @@ fn write_range(image: &Image, start: u64, end: u64, fill: fn(&mut [u8], u64)) ->
 }
 
 fn create_options(size: u64) -> CreateOptions {
-    CreateOptions {
-        size,
-        cluster_size: CLUSTER,
-        ..CreateOptions::default()
-    }
+    CreateOptions::new(size).cluster_size(CLUSTER)
 }
 
 fn size_name(size: u64) -> String {
@@ -273,10 +269,7 @@ pub fn compressed(kind: CompressionType) -> PathBuf {
     make_once(
         &format!("{label}-{}.qcow2", size_name(COMPRESSED_SIZE)),
         |tmp| {
-            let options = CreateOptions {
-                compression_type: kind,
-                ..create_options(COMPRESSED_SIZE)
-            };
+            let options = create_options(COMPRESSED_SIZE).compression_type(kind);
             let image = Image::create(tmp, &options).map_err(io_err)?;
             let mut buf = AlignedBuf::new(CLUSTER as usize, 0);
             for at in (0..COMPRESSED_SIZE).step_by(CLUSTER as usize) {
@@ -313,11 +306,7 @@ pub fn chain() -> PathBuf {
     let overlay = |name: &str, backing: String, residue: u64| {
         make_once(name, |tmp| {
             // The overlay names its backing file relative to its own directory.
-            let options = CreateOptions {
-                backing_file: Some(backing),
-                backing_format: Some("qcow2".into()),
-                ..create_options(GIB)
-            };
+            let options = create_options(GIB).backing_file(Some(backing)).backing_format(Some("qcow2".into()));
             let image = Image::create(tmp, &options).map_err(io_err)?;
             let mut buf = AlignedBuf::new(CLUSTER as usize, 0);
             for at in (residue * CLUSTER..GIB).step_by(4 * CLUSTER as usize) {
@@ -351,16 +340,12 @@ impl AllocTarget {
     /// (a name in the fixture directory) when given. The host file is written to its full
     /// length once; the target starts reset.
     pub fn new(name: &str, size: u64, backing: Option<&Path>) -> AllocTarget {
-        let options = CreateOptions {
-            backing_file: backing.map(|b| {
+        let options = create_options(size).backing_file(backing.map(|b| {
                 b.file_name()
                     .expect("file name")
                     .to_string_lossy()
                     .into_owned()
-            }),
-            backing_format: backing.map(|_| "qcow2".into()),
-            ..create_options(size)
-        };
+            })).backing_format(backing.map(|_| "qcow2".into()));
         let fresh_path = make_once(&format!("{name}.fresh"), |tmp| {
             Image::create(tmp, &options)
                 .map_err(io_err)?
@@ -408,10 +393,7 @@ impl AllocTarget {
 
 /// Opens a qcow2 fixture read-only with `l2_cache_bytes` of L2 cache.
 pub fn open_ro(path: &Path, l2_cache_bytes: u64) -> Image {
-    let options = OpenOptions {
-        l2_cache_bytes,
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default().l2_cache_bytes(l2_cache_bytes);
     Image::open(path, &options).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 

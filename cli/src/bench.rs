@@ -269,11 +269,9 @@ impl Disk {
     ) -> Result<Disk, String> {
         match format_of(path, format)? {
             Format::Qcow2 => {
-                let options = OpenOptions {
-                    writable: write,
-                    force_share,
-                    ..OpenOptions::default()
-                };
+                let options = OpenOptions::default()
+                    .writable(write)
+                    .force_share(force_share);
                 Ok(Disk::Qcow2(Box::new(open_image(path, &options)?)))
             }
             Format::Raw => {

@@ -39,13 +39,9 @@ pub fn run(args: Args) -> CmdResult {
         Some(_) => Some(Repair::All),
         None => None,
     };
-    let options = OpenOptions {
-        writable: repair.is_some(),
-        // A repair may open an image marked corrupt (qemu-img opens it in check mode) and
-        // clears the mark when the image proves consistent.
-        for_repair: repair.is_some(),
-        ..OpenOptions::metadata_only()
-    };
+    let options = OpenOptions::metadata_only()
+        .writable(repair.is_some())
+        .for_repair(repair.is_some());
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));
     let image = open_image(&args.file, &options).map_err(failed)?;
     let report = image.check().map_err(|e| failed(e.to_string()))?;

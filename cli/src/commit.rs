@@ -75,10 +75,9 @@ pub fn run(args: Args) -> CmdResult {
         Some(base) => base_depth(&args.file, base).map_err(fail)?,
         None => 1,
     };
-    let options = CommitOptions {
-        base_depth,
-        empty_top: !args.keep && args.base.is_none(),
-    };
+    let options = CommitOptions::default()
+        .base_depth(base_depth)
+        .empty_top(!args.keep && args.base.is_none());
     let image = Image::open_for_commit(
         &args.file,
         &crate::source::with_policy(&args.file, &OpenOptions::default()),

@@ -95,10 +95,7 @@ pub fn run(args: Args) -> CmdResult {
             file.flush().map_err(|e| fail(format!("{output}: {e}")))?;
         }
         "qcow2" => {
-            let options = CreateOptions {
-                size: out_size.next_multiple_of(512),
-                ..CreateOptions::default()
-            };
+            let options = CreateOptions::new(out_size.next_multiple_of(512));
             let image = crate::create::open_new_qcow2(&output, &options, &inputs).map_err(fail)?;
             if beyond {
                 report!("{input}: cannot skip to specified offset");

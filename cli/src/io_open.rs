@@ -251,10 +251,7 @@ impl OpenSpec {
         match format {
             Format::Qcow2 => {
                 let options = if read_only {
-                    OpenOptions {
-                        force_share: self.force_share,
-                        ..OpenOptions::default()
-                    }
+                    OpenOptions::default().force_share(self.force_share)
                 } else {
                     OpenOptions::read_write()
                 };
@@ -384,6 +381,7 @@ impl Guest for RawImage {
             start: offset,
             length: len,
             data: true,
+            below: false,
         }])
     }
 }

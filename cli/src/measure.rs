@@ -130,12 +130,10 @@ pub fn run(args: Args) -> CmdResult {
                 opts.preallocation = None;
             }
             let options = opts.to_create_options(size.max(512)).map_err(fail)?;
-            let target = MeasureTarget {
-                cluster_size: options.cluster_size,
-                refcount_bits: options.refcount_bits,
-                extended_l2: options.extended_l2,
-                all_data,
-            };
+            let target = MeasureTarget::new(options.cluster_size)
+                .refcount_bits(options.refcount_bits)
+                .extended_l2(options.extended_l2)
+                .all_data(all_data);
             let extents = source.as_ref().and_then(|s| s.1.as_deref());
             let m = measure(size, extents, &target);
             // Bitmaps only where both ends can hold them: a qcow2 source, a v3 target.

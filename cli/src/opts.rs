@@ -386,20 +386,18 @@ impl Qcow2Opts {
                     .into(),
             );
         }
-        Ok(CreateOptions {
-            size,
-            cluster_size,
-            refcount_bits: refcount_bits as u32,
-            version,
-            lazy_refcounts,
-            extended_l2,
-            compression_type,
-            backing_file: self.backing_file.clone(),
-            backing_format: self.backing_fmt.clone(),
-            preallocation,
-            data_file: self.data_file.clone(),
-            data_file_raw,
-        })
+        Ok(CreateOptions::new(size)
+            .cluster_size(cluster_size)
+            .refcount_bits(refcount_bits as u32)
+            .version(version)
+            .lazy_refcounts(lazy_refcounts)
+            .extended_l2(extended_l2)
+            .compression_type(compression_type)
+            .backing_file(self.backing_file.clone())
+            .backing_format(self.backing_fmt.clone())
+            .preallocation(preallocation)
+            .data_file(self.data_file.clone())
+            .data_file_raw(data_file_raw))
     }
 }
 

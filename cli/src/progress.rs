@@ -1,17 +1,33 @@
-//! `-p` progress as qemu-img prints it (`    (12.34/100%)` lines ended by `\r`), on stderr.
+//! `-p` progress on stderr. On a terminal it is a bar (bytes done, rate, time left); otherwise
+//! it is qemu-img's `    (12.34/100%)` lines ended by `\r`, which scripts and qemu-iotests
+//! parse, so redirected output stays byte for byte what qemu-img prints.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How often the bar redraws at most: more often only costs the copy loop time.
+const BAR_REFRESH_PER_SECOND: u8 = 10;
 
 pub struct Progress {
     enabled: bool,
     last: Option<f64>,
+    /// The bar, when progress is shown on a terminal.
+    bar: Option<ProgressBar>,
 }
 
 impl Progress {
+    /// Progress shown only when `enabled` (`-p`), as a bar when stderr is a terminal.
     pub fn new(enabled: bool) -> Progress {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(terminal_bar);
+        Self::with_bar(enabled, bar)
+    }
+
+    fn with_bar(enabled: bool, bar: Option<ProgressBar>) -> Progress {
         let mut p = Progress {
             enabled,
             last: None,
+            bar,
         };
         p.show(0.0);
         p
@@ -19,6 +35,11 @@ impl Progress {
 
     /// Reports `done` of `total`; prints when the figure moved by 1% or more, or reached 100%.
     pub fn update(&mut self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done.min(total));
+            return;
+        }
         let pct = if total == 0 {
             100.0
         } else {
@@ -33,17 +54,61 @@ impl Progress {
     }
 
     fn show(&mut self, pct: f64) {
-        if self.enabled {
+        if self.enabled && self.bar.is_none() {
             err!("    ({pct:.2}/100%)\r");
             let _ = std::io::stderr().flush();
         }
         self.last = Some(pct);
     }
 
-    /// Ends the progress line.
+    /// Ends the progress line (the bar stays, full).
     pub fn finish(&mut self) {
-        if self.enabled {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        } else if self.enabled {
             errln!();
         }
+    }
+}
+
+impl Drop for Progress {
+    /// A command that fails midway leaves the bar where it stopped, on a line of its own.
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+}
+
+/// A byte-counting bar on stderr.
+fn terminal_bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(0),
+        ProgressDrawTarget::stderr_with_hz(BAR_REFRESH_PER_SECOND),
+    );
+    // The template is a constant, so it always parses; fall back to the default style anyway.
+    if let Ok(style) = ProgressStyle::with_template(
+        "{wide_bar} {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_follows_bytes_done_and_ends_full() {
+        let mut p = Progress::with_bar(true, Some(ProgressBar::hidden()));
+        p.update(0, 1000);
+        p.update(250, 1000);
+        let bar = p.bar.clone().expect("a bar");
+        assert_eq!((bar.position(), bar.length()), (250, Some(1000)));
+        p.update(2000, 1000);
+        assert_eq!(bar.position(), 1000, "clamped to the total");
+        p.finish();
+        assert!(bar.is_finished());
     }
 }

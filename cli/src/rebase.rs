@@ -57,15 +57,13 @@ pub fn run(args: Args) -> CmdResult {
         }
     }
     let file_name = args.file.display().to_string();
-    let open = OpenOptions {
-        writable: true,
-        backing: if args.header_only {
+    let open = OpenOptions::default()
+        .writable(true)
+        .backing(if args.header_only {
             BackingPolicy::Ignore
         } else {
             BackingPolicy::Follow
-        },
-        ..OpenOptions::default()
-    };
+        });
     let open = crate::source::with_policy(&args.file, &open);
     let mut image = Image::open(&args.file, &open)
         .map_err(|e| fail(format!("Could not open '{file_name}': {e}")))?;
@@ -81,11 +79,10 @@ pub fn run(args: Args) -> CmdResult {
         ),
         _ => None,
     };
-    let options = RebaseOptions {
-        format: name.as_ref().and(args.backing_format.clone()),
-        name,
-        header_only: args.header_only,
-    };
+    let options = RebaseOptions::default()
+        .format(name.as_ref().and(args.backing_format.clone()))
+        .name(name)
+        .header_only(args.header_only);
     let mut progress = Progress::new(args.progress && !args.header_only);
     image
         .rebase(&options, new, &mut |done, total| {

@@ -212,23 +212,19 @@ pub fn run(args: Args) -> CmdResult {
     signals
         .thread_block()
         .map_err(|e| fail(format!("serve: blocking signals: {e}")))?;
-    let options = OpenOptions {
-        writable: !args.read_only,
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default().writable(!args.read_only);
     let mut exports = Vec::new();
     for (name, path) in &list {
         let image = open_image(path, &options).map_err(fail)?;
         check_bitmaps(&image, &args.bitmap).map_err(fail)?;
-        exports.push(Export {
-            name: name.clone(),
-            description: args.description.clone(),
-            image: Arc::new(image),
-            read_only: args.read_only,
-            allocation_depth: args.allocation_depth,
-            bitmaps: args.bitmap.clone(),
-            unmap,
-        });
+        exports.push(
+            Export::new(name.clone(), Arc::new(image))
+                .description(args.description.clone())
+                .read_only(args.read_only)
+                .allocation_depth(args.allocation_depth)
+                .bitmaps(args.bitmap.clone())
+                .unmap(unmap),
+        );
     }
     let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();
     let listener = match &args.socket {
@@ -238,14 +234,10 @@ pub fn run(args: Args) -> CmdResult {
     .map_err(|e| fail(format!("Failed to listen: {e}")))?;
     let server = Server::new(
         exports,
-        ServerOptions {
-            max_connections: args.shared,
-            persistent: args.persistent,
-            connection: ConnectionOptions {
-                workers: args.workers,
-            },
-            ..ServerOptions::default()
-        },
+        ServerOptions::default()
+            .max_connections(args.shared)
+            .persistent(args.persistent)
+            .connection(ConnectionOptions::default().workers(args.workers)),
     );
     let handle = server.shutdown_handle();
     let monitor = match (&args.qmp, group) {

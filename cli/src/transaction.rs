@@ -266,5 +266,7 @@ fn describe(a: &Action) -> String {
         Action::BitmapMerge { image, target, .. } => {
             format!("{}: merged into bitmap {target}", image.display())
         }
+        // Actions added to the library later than this tool.
+        other => format!("{other:?}"),
     }
 }

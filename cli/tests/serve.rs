@@ -171,14 +171,7 @@ fn make_chain(dir: &Path) -> PathBuf {
 
 /// The whole guest content, read by the engine directly.
 fn engine_bytes(path: &Path) -> Vec<u8> {
-    let image = Image::open(
-        path,
-        &OpenOptions {
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let image = Image::open(path, &OpenOptions::default().force_share(true)).unwrap();
     let mut buf = vec![0u8; image.size() as usize];
     image.read_at(&mut buf, 0).unwrap();
     buf
@@ -648,14 +641,7 @@ fn dirty_bitmap_contexts_match_qemu_nbd() {
     drop(qemu);
     // Closed cleanly, the bitmap saved with the write in it.
     assert_eq!(qcow2_testdata::qemu_check(&top).0, 0);
-    let image = Image::open(
-        &top,
-        &OpenOptions {
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let image = Image::open(&top, &OpenOptions::default().force_share(true)).unwrap();
     assert_eq!(
         image.dirty_extents("b0", 9 << 20, 320 << 10).unwrap(),
         vec![(9 << 20, 320 << 10)]

@@ -18,15 +18,7 @@ use qcow2_testdata::{qemu_check, require_qemu, scratch_dir};
 fn make_disks(dir: &Path, size: u64, cluster: u64) {
     for i in 0..4u8 {
         let path = dir.join(format!("disk{i}.qcow2"));
-        let image = Image::create(
-            &path,
-            &CreateOptions {
-                size,
-                cluster_size: cluster,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+        let image = Image::create(&path, &CreateOptions::new(size).cluster_size(cluster)).unwrap();
         let chunk = vec![i + 1; 1 << 20];
         for off in (0..size).step_by(1 << 20) {
             image

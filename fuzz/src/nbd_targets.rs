@@ -59,11 +59,7 @@ fn prefix(selector: u8) -> Vec<u8> {
 }
 
 fn exports() -> (Arc<Image>, Vec<Export>) {
-    let options = CreateOptions {
-        size: SIZE,
-        cluster_size: 4096,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(SIZE).cluster_size(4096);
     // An in-memory image is created the same way every time; failing here is a harness bug.
     let image = Arc::new(
         Image::create_in(Box::new(MemoryStorage::new()), "fuzz", &options)
@@ -100,12 +96,9 @@ pub fn nbd_session(data: &[u8]) -> Vec<u8> {
     let mut input = prefix(selector);
     input.extend_from_slice(rest);
     let (image, exports) = exports();
-    let options = ServerOptions {
-        max_connections: 0,
-        // Inline execution: the same input always takes the same path.
-        connection: ConnectionOptions { workers: 0 },
-        ..ServerOptions::default()
-    };
+    let options = ServerOptions::default()
+        .max_connections(0)
+        .connection(ConnectionOptions::default().workers(0));
     let mut out = Vec::new();
     let _ = serve_stream(&input[..], &mut out, &exports, &options);
     assert_eq!(out[..GREETING_LEN], greeting(), "the greeting comes first");

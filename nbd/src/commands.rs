@@ -24,7 +24,9 @@ const MAX_STATUS_WINDOW: u64 = 1 << 30;
 /// A request that failed: the NBD error value and a message for the client.
 #[derive(Debug)]
 pub struct Failure {
+    /// The NBD error value (`EIO`, `EINVAL`, ... from [`crate::wire`]).
     pub errno: u32,
+    /// A message for the client's ERROR chunk (structured replies only).
     pub message: String,
 }
 
@@ -53,6 +55,7 @@ fn engine_failure(e: Error) -> Failure {
 }
 
 /// The reply to a request: its bytes, ready to send.
+#[derive(Debug)]
 pub struct Reply(pub Vec<u8>);
 
 /// A success reply without payload: a NONE chunk with extended headers (which have no simple

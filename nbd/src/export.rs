@@ -16,7 +16,9 @@ pub const CONTEXT_ALLOCATION_DEPTH: u32 = 1;
 /// Context id of the first exported dirty bitmap; the i-th has `CONTEXT_FIRST_BITMAP + i`.
 pub const CONTEXT_FIRST_BITMAP: u32 = 2;
 
+/// The standard context: holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// QEMU's context: how deep in the backing chain each range is allocated.
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 /// Prefix of the context that reports a persistent dirty bitmap.
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
@@ -26,6 +28,7 @@ pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 pub struct Context {
     /// The id SET_META_CONTEXT hands out and BLOCK_STATUS chunks carry.
     pub id: u32,
+    /// The context's name, as clients query it.
     pub name: String,
 }
 
@@ -40,18 +43,23 @@ pub enum ContextKind<'a> {
     DirtyBitmap(&'a str),
 }
 
-/// Block sizes advertised in INFO_BLOCK_SIZE, as qemu-nbd advertises them for a file: the
-/// engine accepts byte-granular requests, so the minimum is 1.
+/// Minimum block size advertised in INFO_BLOCK_SIZE, as qemu-nbd advertises it for a file: the
+/// engine accepts byte-granular requests.
 pub const BLOCK_MIN: u32 = 1;
+/// Preferred block size advertised in INFO_BLOCK_SIZE.
 pub const BLOCK_PREFERRED: u32 = 4096;
+/// Maximum block size advertised in INFO_BLOCK_SIZE: the largest payload accepted.
 pub const BLOCK_MAX: u32 = MAX_PAYLOAD;
 
 /// One export: an image shared by every connection to it.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Export {
+    /// The name clients ask for (NBD_OPT_GO, NBD_OPT_EXPORT_NAME).
     pub name: String,
     /// Sent as INFO_DESCRIPTION and in LIST replies.
     pub description: Option<String>,
+    /// The image every connection to this export reads and writes.
     pub image: Arc<Image>,
     /// Refuse writes (the image may still be open read-write for another export).
     pub read_only: bool,
@@ -65,6 +73,14 @@ pub struct Export {
     /// `--discard=unmap`); otherwise TRIM is a no-op and zero writes keep their clusters.
     pub unmap: bool,
 }
+
+setters!(Export {
+    description: Option<String>,
+    read_only: bool,
+    allocation_depth: bool,
+    bitmaps: Vec<String>,
+    unmap: bool,
+});
 
 impl Export {
     /// An export of `image` under `name`, writable if the image is, with `base:allocation` only.

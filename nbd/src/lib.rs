@@ -14,6 +14,25 @@
 //! for the persistent bitmaps an [`Export`] names. Not implemented: TLS (STARTTLS is refused
 //! with `ERR_POLICY`), resize, and the old-style handshake.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+
+/// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
+/// outside the crate build it from `new()` or `Default` as they would with a literal.
+macro_rules! setters {
+    ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](", stringify!($ty), "#structfield.", stringify!($field), ").")]
+                #[must_use]
+                pub fn $field(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
 
 pub mod commands;
 pub mod export;
@@ -25,3 +44,12 @@ pub mod wire;
 pub use export::{Context, ContextKind, Export};
 pub use server::{serve_stream, Listener, Server, ServerOptions, ShutdownHandle};
 pub use transmit::ConnectionOptions;
+
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Server>();
+    send_sync::<Export>();
+    send_sync::<ShutdownHandle>();
+};

@@ -17,6 +17,7 @@ pub const MAX_OPTION_SKIP: u32 = MAX_PAYLOAD;
 pub struct Negotiated {
     /// Index into the server's exports.
     pub export: usize,
+    /// Which reply form the client negotiated (simple, structured or extended).
     pub mode: Replies,
     /// Contexts selected for this export (empty: BLOCK_STATUS is refused).
     pub contexts: Vec<Context>,

@@ -21,10 +21,14 @@ use crate::transmit::{transmit, ConnectionOptions};
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
+    /// A unix socket; its file is removed when the listener is dropped.
     Unix {
+        /// The bound socket.
         listener: UnixListener,
+        /// The socket file's path.
         path: PathBuf,
     },
+    /// A TCP socket.
     Tcp(TcpListener),
 }
 
@@ -174,6 +178,7 @@ impl Read for DeadlineReader<'_> {
 
 /// How the server runs.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// Connections served at once; more wait to be accepted (qemu-nbd `-e`). 0 = no limit.
     /// Any value but 1 advertises multi-conn: all connections share one `Image` per export, so
@@ -184,7 +189,22 @@ pub struct ServerOptions {
     pub persistent: bool,
     /// Time allowed for a client's handshake (qemu's default is 10 s).
     pub handshake_limit: Duration,
+    /// How each connection runs its requests.
     pub connection: ConnectionOptions,
+}
+
+setters!(ServerOptions {
+    max_connections: usize,
+    persistent: bool,
+    handshake_limit: Duration,
+    connection: ConnectionOptions,
+});
+
+impl ServerOptions {
+    /// qemu-nbd's defaults: one connection at a time, not persistent, a 10 s handshake limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 impl Default for ServerOptions {
@@ -237,6 +257,14 @@ impl State {
 #[derive(Clone)]
 pub struct ShutdownHandle(Arc<State>);
 
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("stopping", &self.0.stop.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
 impl ShutdownHandle {
     /// Makes `run` close every connection and return.
     pub fn shutdown(&self) {
@@ -251,7 +279,18 @@ pub struct Server {
     state: Arc<State>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.exports)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
+    /// A server for `exports` (clients choose one by name); nothing listens until
+    /// [`Server::run`].
     pub fn new(exports: Vec<Export>, options: ServerOptions) -> Server {
         Server {
             exports: Arc::new(exports),
@@ -265,10 +304,12 @@ impl Server {
         }
     }
 
+    /// The exports, in the order given to [`Server::new`].
     pub fn exports(&self) -> &[Export] {
         &self.exports
     }
 
+    /// A handle that stops [`Server::run`] from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.state.clone())
     }

@@ -23,9 +23,19 @@ const READ_BUFFER: usize = 256 << 10;
 
 /// How a connection runs its requests.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ConnectionOptions {
     /// Worker threads per connection; 0 runs every request on the reader (no concurrency).
     pub workers: usize,
+}
+
+setters!(ConnectionOptions { workers: usize });
+
+impl ConnectionOptions {
+    /// Four workers per connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 impl Default for ConnectionOptions {

@@ -19,92 +19,158 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 /// Extended reply chunk (32-byte header).
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
-/// Handshake flags the server sends.
+// Handshake flags the server sends.
+/// `NBD_FLAG_FIXED_NEWSTYLE`: the server speaks the fixed-newstyle handshake.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// `NBD_FLAG_NO_ZEROES`: the server can skip the 124 zero bytes after EXPORT_NAME.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-/// Client flags.
+// Client flags.
+/// `NBD_FLAG_C_FIXED_NEWSTYLE`: the client speaks fixed newstyle.
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// `NBD_FLAG_C_NO_ZEROES`: the client wants no zero padding after EXPORT_NAME.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-/// Options.
+// Options.
+/// `NBD_OPT_EXPORT_NAME`: choose an export and end the handshake (no error reply possible).
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// `NBD_OPT_ABORT`: the client ends the handshake.
 pub const OPT_ABORT: u32 = 2;
+/// `NBD_OPT_LIST`: list the exports.
 pub const OPT_LIST: u32 = 3;
+/// `NBD_OPT_STARTTLS`: upgrade to TLS (refused with `ERR_POLICY`).
 pub const OPT_STARTTLS: u32 = 5;
+/// `NBD_OPT_INFO`: describe an export without choosing it.
 pub const OPT_INFO: u32 = 6;
+/// `NBD_OPT_GO`: describe and choose an export, ending the handshake.
 pub const OPT_GO: u32 = 7;
+/// `NBD_OPT_STRUCTURED_REPLY`: use structured reply chunks.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// `NBD_OPT_LIST_META_CONTEXT`: list the metadata contexts matching queries.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// `NBD_OPT_SET_META_CONTEXT`: choose the metadata contexts BLOCK_STATUS reports.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// `NBD_OPT_EXTENDED_HEADERS`: use 32-byte request and reply headers with 64-bit lengths.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
-/// Option reply types.
+// Option reply types.
+/// `NBD_REP_ACK`: the option succeeded (last reply to it).
 pub const REP_ACK: u32 = 1;
+/// `NBD_REP_SERVER`: one export, in reply to LIST.
 pub const REP_SERVER: u32 = 2;
+/// `NBD_REP_INFO`: one piece of export information, in reply to INFO or GO.
 pub const REP_INFO: u32 = 3;
+/// `NBD_REP_META_CONTEXT`: one metadata context and its id.
 pub const REP_META_CONTEXT: u32 = 4;
+/// `NBD_REP_ERR_UNSUP`: the option is not known.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+/// `NBD_REP_ERR_POLICY`: the option is known but refused by policy.
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
+/// `NBD_REP_ERR_INVALID`: the option's data is malformed.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// `NBD_REP_ERR_UNKNOWN`: no export has that name.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// `NBD_REP_ERR_TOO_BIG`: the option's data is too long.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+/// `NBD_REP_ERR_EXT_HEADER_REQD`: the request needs extended headers first.
 pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
-/// Info types (in INFO/GO requests and replies).
+// Info types (in INFO/GO requests and replies).
+/// `NBD_INFO_EXPORT`: size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;
+/// `NBD_INFO_NAME`: the export's canonical name.
 pub const INFO_NAME: u16 = 1;
+/// `NBD_INFO_DESCRIPTION`: a human-readable description.
 pub const INFO_DESCRIPTION: u16 = 2;
+/// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-/// Transmission flags.
+// Transmission flags.
+/// `NBD_FLAG_HAS_FLAGS`: always set.
 pub const TF_HAS_FLAGS: u16 = 1 << 0;
+/// `NBD_FLAG_READ_ONLY`: writes are refused.
 pub const TF_READ_ONLY: u16 = 1 << 1;
+/// `NBD_FLAG_SEND_FLUSH`: FLUSH is supported.
 pub const TF_SEND_FLUSH: u16 = 1 << 2;
+/// `NBD_FLAG_SEND_FUA`: the FUA command flag is supported.
 pub const TF_SEND_FUA: u16 = 1 << 3;
+/// `NBD_FLAG_SEND_TRIM`: TRIM is supported.
 pub const TF_SEND_TRIM: u16 = 1 << 5;
+/// `NBD_FLAG_SEND_WRITE_ZEROES`: WRITE_ZEROES is supported.
 pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// `NBD_FLAG_SEND_DF`: the DF (don't fragment) read flag is supported.
 pub const TF_SEND_DF: u16 = 1 << 7;
+/// `NBD_FLAG_CAN_MULTI_CONN`: a flush on one connection covers writes finished on all.
 pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+/// `NBD_FLAG_SEND_CACHE`: CACHE is supported.
 pub const TF_SEND_CACHE: u16 = 1 << 10;
+/// `NBD_FLAG_SEND_FAST_ZERO`: the FAST_ZERO flag is supported.
 pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+/// `NBD_FLAG_BLOCK_STAT_PAYLOAD`: BLOCK_STATUS may carry a payload selecting contexts.
 pub const TF_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
-/// Commands.
+// Commands.
+/// `NBD_CMD_READ`.
 pub const CMD_READ: u16 = 0;
+/// `NBD_CMD_WRITE`.
 pub const CMD_WRITE: u16 = 1;
+/// `NBD_CMD_DISC`: the client disconnects.
 pub const CMD_DISC: u16 = 2;
+/// `NBD_CMD_FLUSH`: make finished writes durable.
 pub const CMD_FLUSH: u16 = 3;
+/// `NBD_CMD_TRIM`: the range's contents may be discarded.
 pub const CMD_TRIM: u16 = 4;
+/// `NBD_CMD_CACHE`: prefetch hint.
 pub const CMD_CACHE: u16 = 5;
+/// `NBD_CMD_WRITE_ZEROES`.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// `NBD_CMD_BLOCK_STATUS`: report the range's metadata contexts.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
-/// Command flags.
+// Command flags.
+/// `NBD_CMD_FLAG_FUA`: durable before the reply.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// `NBD_CMD_FLAG_NO_HOLE`: WRITE_ZEROES must keep the range allocated.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// `NBD_CMD_FLAG_DF`: READ replies in one chunk.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// `NBD_CMD_FLAG_REQ_ONE`: BLOCK_STATUS reports one extent per context.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// `NBD_CMD_FLAG_FAST_ZERO`: fail WRITE_ZEROES rather than write slowly.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// `NBD_CMD_FLAG_PAYLOAD_LEN`: the length field is the payload length (extended headers).
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Reply chunk flag: the last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 
-/// Chunk types.
+// Chunk types.
+/// `NBD_REPLY_TYPE_NONE`: no payload (ends a reply).
 pub const CHUNK_NONE: u16 = 0;
+/// `NBD_REPLY_TYPE_OFFSET_DATA`: an offset and the data read there.
 pub const CHUNK_OFFSET_DATA: u16 = 1;
+/// `NBD_REPLY_TYPE_OFFSET_HOLE`: an offset and a length that read as zeros.
 pub const CHUNK_OFFSET_HOLE: u16 = 2;
+/// `NBD_REPLY_TYPE_BLOCK_STATUS`: a context id and 32-bit extents.
 pub const CHUNK_BLOCK_STATUS: u16 = 5;
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: a context id and 64-bit extents.
 pub const CHUNK_BLOCK_STATUS_EXT: u16 = 6;
+/// `NBD_REPLY_TYPE_ERROR`: an error value and message.
 pub const CHUNK_ERROR: u16 = 0x8001;
 
-/// Error values.
+// Error values.
+/// `NBD_EPERM`: operation not permitted (a write to a read-only export).
 pub const EPERM: u32 = 1;
+/// `NBD_EIO`: I/O error.
 pub const EIO: u32 = 5;
+/// `NBD_EINVAL`: invalid request.
 pub const EINVAL: u32 = 22;
+/// `NBD_ENOSPC`: no space left.
 pub const ENOSPC: u32 = 28;
+/// `NBD_EOVERFLOW`: the reply would be too large (DF read).
 pub const EOVERFLOW: u32 = 75;
+/// `NBD_ENOTSUP`: not supported (a FAST_ZERO that cannot be fast).
 pub const ENOTSUP: u32 = 95;
+/// `NBD_ESHUTDOWN`: the server is shutting down.
 pub const ESHUTDOWN: u32 = 108;
 
 /// Names, descriptions and context queries longer than this are refused (the spec's hard limit).
@@ -122,22 +188,32 @@ pub const OPTION_HEADER_LEN: usize = 16;
 pub const COMPACT_REQUEST_LEN: usize = 28;
 /// Length of an extended request header.
 pub const EXTENDED_REQUEST_LEN: usize = 32;
-/// Header lengths of the three reply forms.
+// Header lengths of the three reply forms.
+/// Length of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header.
 pub const STRUCTURED_HEADER_LEN: usize = 20;
+/// Length of an extended reply chunk header.
 pub const EXTENDED_HEADER_LEN: usize = 32;
 
 /// A decoding failure that leaves the stream unusable (the server disconnects).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
+    /// An option header without [`IHAVEOPT`]; the value found.
     #[error("bad option magic {0:#018x}")]
     BadOptionMagic(u64),
+    /// A request header with neither request magic; the value found.
     #[error("bad request magic {0:#010x}")]
     BadRequestMagic(u32),
+    /// Fewer bytes than the structure needs.
     #[error("short {what}: {got} of {need} bytes")]
     Short {
+        /// The structure: "option header", "request header".
         what: &'static str,
+        /// Bytes available.
         got: usize,
+        /// Bytes the structure takes.
         need: usize,
     },
 }
@@ -172,7 +248,9 @@ pub fn greeting() -> [u8; GREETING_LEN] {
 /// A client option header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHeader {
+    /// The option (`OPT_*`).
     pub option: u32,
+    /// Length of the option's data in bytes.
     pub len: u32,
 }
 
@@ -247,7 +325,9 @@ fn export_name(raw: &[u8]) -> Result<String, Invalid> {
 /// The data of an INFO or GO option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfoRequest {
+    /// The export's name (empty: the default export).
     pub name: String,
+    /// The information types asked for (`INFO_*`), in order.
     pub infos: Vec<u16>,
 }
 
@@ -287,7 +367,9 @@ pub fn encode_info_request(name: &str, infos: &[u16]) -> Vec<u8> {
 /// limit are dropped (they can match nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaRequest {
+    /// The export's name.
     pub name: String,
+    /// The context queries (`base:allocation`, `qemu:dirty-bitmap:`); none means all.
     pub queries: Vec<String>,
 }
 
@@ -409,9 +491,13 @@ impl Replies {
 /// A transmission request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
+    /// Command flags (`CMD_FLAG_*`).
     pub flags: u16,
+    /// The command (`CMD_*`).
     pub kind: u16,
+    /// The client's handle, echoed in the reply.
     pub cookie: u64,
+    /// Byte offset in the export.
     pub offset: u64,
     /// The effect length, or the payload length for WRITE (and with PAYLOAD_LEN).
     pub length: u64,
@@ -549,7 +635,9 @@ pub fn hole_chunk(
 /// One extent of a block-status answer: a length and the context's flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusExtent {
+    /// Length in bytes.
     pub len: u64,
+    /// The context's flags for the range (for `base:allocation`: 1 hole, 2 zero).
     pub flags: u32,
 }
 
@@ -604,7 +692,9 @@ pub fn block_status_chunk(
 /// ids to answer for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusPayload {
+    /// Bytes to report on from the request's offset.
     pub length: u64,
+    /// Ids of the contexts to report, as SET_META_CONTEXT assigned them.
     pub ids: Vec<u32>,
 }
 

@@ -15,11 +15,7 @@ const SIZE: u64 = 4 << 20;
 const CLUSTER: u64 = 65536;
 
 fn image(version: u32) -> Arc<Image> {
-    let options = CreateOptions {
-        size: SIZE,
-        version,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(SIZE).version(version);
     Arc::new(Image::create_in(Box::new(MemoryStorage::new()), "mem", &options).unwrap())
 }
 
@@ -37,11 +33,9 @@ fn exports() -> Vec<Export> {
 fn serve(exports: Vec<Export>, workers: usize) -> (UnixStream, JoinHandle<()>) {
     let (client, server) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
-        let options = ServerOptions {
-            max_connections: 0,
-            connection: ConnectionOptions { workers },
-            ..ServerOptions::default()
-        };
+        let options = ServerOptions::default()
+            .max_connections(0)
+            .connection(ConnectionOptions::default().workers(workers));
         let r = server.try_clone().unwrap();
         let _ = serve_stream(r, server, &exports, &options);
     });
@@ -789,11 +783,9 @@ impl Rng {
 #[test]
 fn hostile_streams_end_cleanly() {
     let exports = exports();
-    let options = ServerOptions {
-        max_connections: 0,
-        connection: ConnectionOptions { workers: 2 },
-        ..ServerOptions::default()
-    };
+    let options = ServerOptions::default()
+        .max_connections(0)
+        .connection(ConnectionOptions::default().workers(2));
     let mut rng = Rng(0x9e3779b97f4a7c15);
     // A valid prefix (flags, SR, meta, GO) followed by mutated requests.
     let mut prefix = 3u32.to_be_bytes().to_vec();

@@ -12,10 +12,7 @@ use qcow2_nbd::wire::*;
 use qcow2_nbd::{Export, Listener, Server, ServerOptions};
 
 fn export() -> Export {
-    let options = CreateOptions {
-        size: 1 << 20,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20);
     let image = Image::create_in(Box::new(MemoryStorage::new()), "mem", &options).unwrap();
     image.write_at(&[7; 512], 0).unwrap();
     Export::new("e", Arc::new(image))
@@ -49,11 +46,7 @@ fn read_first_sector<S: Read + Write>(s: &mut S) -> Vec<u8> {
 fn tcp_server_serves_until_shut_down() {
     let server = Server::new(
         vec![export()],
-        ServerOptions {
-            max_connections: 0,
-            persistent: true,
-            ..ServerOptions::default()
-        },
+        ServerOptions::default().max_connections(0).persistent(true),
     );
     let listener = Listener::tcp("127.0.0.1:0").unwrap();
     let addr = listener.tcp_addr().unwrap();
@@ -80,13 +73,7 @@ fn a_client_over_the_limit_waits_for_a_free_slot() {
     let dir = std::env::temp_dir().join(format!("q2nbd-limit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("s.sock");
-    let server = Server::new(
-        vec![export()],
-        ServerOptions {
-            persistent: true,
-            ..ServerOptions::default()
-        },
-    );
+    let server = Server::new(vec![export()], ServerOptions::default().persistent(true));
     let listener = Listener::unix(&sock).unwrap();
     let stop = server.shutdown_handle();
     std::thread::scope(|s| {

@@ -15,10 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // Backing files are followed only where the image says they are: the same choice
     // qemu-img makes, stated here rather than left implicit.
-    let options = OpenOptions {
-        backing: BackingPolicy::Follow,
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default().backing(BackingPolicy::Follow);
     let image = Image::open(&input, &options)?;
     let out = File::create(&output)?;
     // The raw file has the disk's size; ranges never written stay holes.

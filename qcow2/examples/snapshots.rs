@@ -9,10 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "demo.qcow2".to_string());
-    let options = CreateOptions {
-        size: 64 << 20,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(64 << 20);
     let image = Image::create(&path, &options)?;
     image.write_at(&[0xab; 4096], 0)?;
     image.create_snapshot("before", SnapshotTime::now())?;

@@ -6,7 +6,7 @@
 //! use std::io::{Read, Seek, SeekFrom, Write};
 //! use qcow2::{CreateOptions, DiskCursor, Image, MemoryStorage};
 //!
-//! let options = CreateOptions { size: 1 << 20, ..CreateOptions::default() };
+//! let options = CreateOptions::new(1 << 20);
 //! let image = Image::create_in(Box::new(MemoryStorage::new()), "mem", &options)?;
 //! let mut disk = DiskCursor::new(&image);
 //! disk.seek(SeekFrom::Start(4096))?;

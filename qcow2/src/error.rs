@@ -11,11 +11,15 @@ pub(crate) const UNALIGNED_REFBLOCK: &str = "refcount table entry";
 
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChainProblem {
     /// The chain leads back to an image already in it.
     Loop,
     /// The chain is deeper than the configured limit.
-    TooDeep { limit: usize },
+    TooDeep {
+        /// The deepest chain accepted ([`OpenOptions::max_backing_depth`](crate::OpenOptions)).
+        limit: usize,
+    },
     /// The caller's policy does not allow opening this file.
     RefusedByPolicy,
     /// The backing format is neither qcow2 nor raw.
@@ -26,7 +30,10 @@ pub enum ChainProblem {
     /// The name leads to something that is not a regular file or block device (a FIFO, which
     /// would hang the reader, or a character device such as `/dev/zero`, which would acknowledge
     /// writes and read back something else).
-    NotAFile { kind: &'static str },
+    NotAFile {
+        /// What it is instead: "FIFO", "character device", "directory", "socket".
+        kind: &'static str,
+    },
     /// The named file does not exist.
     Missing,
 }
@@ -65,38 +72,53 @@ impl std::fmt::Display for ChainProblem {
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O error from the storage under an image.
     #[error("image {image}: {context}: {source}")]
     Io {
+        /// The image, as named when it was opened (path or storage name).
         image: String,
+        /// What the engine was doing: "reading L2 table", "opening the image".
         context: String,
+        /// The storage's error.
         #[source]
         source: io::Error,
     },
     /// The image breaks the format or a limit; `structure` and `offset` say where.
     #[error("{structure} at {offset:#x} of image {image}: {reason}")]
     Corrupt {
+        /// The image, as named when it was opened (path or storage name).
         image: String,
+        /// The structure at fault, as the spec names it: "L2 table", "refcount block".
         structure: String,
+        /// Host offset of the structure (or the header field) in the image file.
         offset: u64,
+        /// What is wrong with it.
         reason: String,
     },
     /// The image is valid but uses something this engine does not implement.
     #[error("{structure} at {offset:#x} of image {image}: {what}")]
     Unsupported {
+        /// The image, as named when it was opened (path or storage name).
         image: String,
+        /// The structure using the feature: "header field crypt_method".
         structure: String,
+        /// Host offset of the structure (or the header field) in the image file.
         offset: u64,
+        /// The feature not implemented.
         what: String,
     },
     /// A backing or external data file could not be opened.
     #[error("image {image}: {role} file {file:?}: {problem}")]
     Chain {
+        /// The image whose header names the file.
         image: String,
         /// "backing" or "data".
         role: &'static str,
+        /// The file name as the header records it.
         file: String,
+        /// Why it was not opened.
         problem: ChainProblem,
     },
     /// A guest request outside the virtual disk.
@@ -104,26 +126,52 @@ pub enum Error {
         "image {image}: request of {len} bytes at {offset:#x} is beyond the virtual size {size:#x}"
     )]
     OutOfBounds {
+        /// The image, as named when it was opened (path or storage name).
         image: String,
+        /// Guest offset of the request, in bytes.
         offset: u64,
+        /// Length of the request, in bytes.
         len: u64,
+        /// The virtual disk size, in bytes.
         size: u64,
     },
     /// No snapshot has this id or name.
     #[error("image {image}: no snapshot with id or name {name:?}")]
-    SnapshotNotFound { image: String, name: String },
+    SnapshotNotFound {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+        /// The id or name asked for.
+        name: String,
+    },
     /// A write to an image opened read-only.
     #[error("image {image}: the image is open read-only")]
-    ReadOnly { image: String },
+    ReadOnly {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+    },
     /// The image has the corrupt bit set and cannot be opened for writing.
     #[error("image {image}: the image is marked corrupt; open it read-only or repair it with check -r all")]
-    MarkedCorrupt { image: String },
+    MarkedCorrupt {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+    },
     /// Another process holds the image.
     #[error("image {image}: the image is locked by another process ({detail})")]
-    Locked { image: String, detail: String },
+    Locked {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+        /// Which of QEMU's lock permissions conflicts, as a sentence ("another open of it holds
+        /// the write permission").
+        detail: String,
+    },
     /// The caller asked for something invalid.
     #[error("image {image}: {reason}")]
-    InvalidArgument { image: String, reason: String },
+    InvalidArgument {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+        /// What is invalid about the request.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -32,11 +32,7 @@ fn version_of(bytes: &[u8]) -> u32 {
 /// An image with data, a plain zero cluster and a preallocated zero cluster, then the steps.
 fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
     let store = Arc::new(RecordingStorage::new(Vec::new()));
-    let options = CreateOptions {
-        size: SIZE,
-        cluster_size: 4096,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::default().size(SIZE).cluster_size(4096);
     let image = Image::create_in(Box::new(store.clone()), "amend.qcow2", &options).unwrap();
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8 + 1).collect();
     image.write_at(&data, 0).unwrap();
@@ -49,43 +45,29 @@ fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
     let plan: [(&str, AmendOptions, (u32, u32)); 5] = [
         (
             "refcount_bits=8",
-            AmendOptions {
-                refcount_bits: Some(8),
-                ..AmendOptions::default()
-            },
+            AmendOptions::default().refcount_bits(Some(8)),
             (3, 3),
         ),
         (
             "lazy_refcounts=on",
-            AmendOptions {
-                lazy_refcounts: Some(true),
-                ..AmendOptions::default()
-            },
+            AmendOptions::default().lazy_refcounts(Some(true)),
             (3, 3),
         ),
         (
             "compat=0.10,refcount_bits=16",
-            AmendOptions {
-                version: Some(2),
-                refcount_bits: Some(16),
-                ..AmendOptions::default()
-            },
+            AmendOptions::default()
+                .version(Some(2))
+                .refcount_bits(Some(16)),
             (3, 2),
         ),
         (
             "compat=1.1",
-            AmendOptions {
-                version: Some(3),
-                ..AmendOptions::default()
-            },
+            AmendOptions::default().version(Some(3)),
             (2, 3),
         ),
         (
             "refcount_bits=64",
-            AmendOptions {
-                refcount_bits: Some(64),
-                ..AmendOptions::default()
-            },
+            AmendOptions::default().refcount_bits(Some(64)),
             (3, 3),
         ),
     ];

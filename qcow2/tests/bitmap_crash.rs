@@ -61,11 +61,7 @@ struct Step {
 
 fn session(cluster_size: u64) -> (Arc<RecordingStorage>, Vec<Step>) {
     let store = Arc::new(RecordingStorage::new(Vec::new()));
-    let options = CreateOptions {
-        size: 8 << 20,
-        cluster_size,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(8 << 20).cluster_size(cluster_size);
     let image = Image::create_in(Box::new(store.clone()), "crash.qcow2", &options).unwrap();
     image.add_bitmap("b0", 65536, false).unwrap();
     image.add_bitmap("b1", 512, false).unwrap();

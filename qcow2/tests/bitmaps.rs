@@ -407,10 +407,7 @@ fn power_cuts_in_bitmap_changes_leave_bitmaps_consistent_or_in_use() {
     use qcow2::{CreateOptions, MemoryStorage};
     use std::sync::Arc;
     let store = Arc::new(RecordingStorage::new(Vec::new()));
-    let options = CreateOptions {
-        size: 8 << 20,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(8 << 20);
     let image = Image::create_in(Box::new(store.clone()), "crash.qcow2", &options).unwrap();
     image.flush().unwrap();
     let start = store.op_count();
@@ -478,10 +475,7 @@ fn after_any_power_cut_our_bitmaps_come_back_consistent_and_complete() {
     use std::sync::Arc;
     let size = 4u64 << 20;
     let store = Arc::new(RecordingStorage::new(Vec::new()));
-    let options = CreateOptions {
-        size,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(size);
     let image = Image::create_in(Box::new(store.clone()), "durable.qcow2", &options).unwrap();
     image.add_bitmap("g64k", 65536, false).unwrap();
     image.add_bitmap("g512", 512, false).unwrap();

@@ -26,17 +26,15 @@ const SIZE: u64 = 384 << 10;
 /// Builds a qcow2 image in memory with the engine.
 fn qcow2_file(cluster_size: u64, backing: Option<(&str, &str)>, fill: impl Fn(&Image)) -> Vec<u8> {
     let store = Arc::new(RecordingStorage::new(Vec::new()));
-    let options = CreateOptions {
-        size: SIZE,
-        cluster_size,
-        backing_file: backing.map(|b| b.0.to_string()),
-        // An empty format records none.
-        backing_format: backing
-            .map(|b| b.1)
-            .filter(|f| !f.is_empty())
-            .map(str::to_string),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(SIZE)
+        .cluster_size(cluster_size)
+        .backing_file(backing.map(|b| b.0.to_string()))
+        .backing_format(
+            backing
+                .map(|b| b.1)
+                .filter(|f| !f.is_empty())
+                .map(str::to_string),
+        );
     let image = Image::create_in(Box::new(store.clone()), "fixture", &options).unwrap();
     fill(&image);
     image.close().unwrap();
@@ -113,11 +111,9 @@ fn open_chain(
     writable: &dyn Fn(&str) -> bool,
 ) -> Result<Image, String> {
     let storage = storage_for(name).ok_or_else(|| format!("no file named {name:?}"))?;
-    let options = OpenOptions {
-        writable: writable(name),
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default()
+        .writable(writable(name))
+        .backing(BackingPolicy::Ignore);
     let mut image = Image::from_storage(storage, name, &options).map_err(|e| e.to_string())?;
     if let Some(below) = image.backing_file_name() {
         let format = image.header().extensions.backing_format.clone();
@@ -224,11 +220,10 @@ fn new_backing(files: &Files, name: &str) -> NewBacking {
 }
 
 fn rebase(image: &mut Image, files: &Files, name: Option<&str>, format: &str, header_only: bool) {
-    let options = RebaseOptions {
-        name: name.map(str::to_string),
-        format: name.map(|_| format.to_string()),
-        header_only,
-    };
+    let options = RebaseOptions::default()
+        .name(name.map(str::to_string))
+        .format(name.map(|_| format.to_string()))
+        .header_only(header_only);
     let new = name.filter(|_| !header_only).map(|n| new_backing(files, n));
     image.rebase(&options, new, &mut |_, _| {}).unwrap();
 }
@@ -255,10 +250,7 @@ fn cases() -> Vec<Case> {
             keeps_content: true,
             empties_top: false,
             run: |top, _| {
-                let options = CommitOptions {
-                    base_depth: 2,
-                    empty_top: false,
-                };
+                let options = CommitOptions::default().base_depth(2).empty_top(false);
                 top.commit(&options, &mut |_, _| {}).unwrap()
             },
         },

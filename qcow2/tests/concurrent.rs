@@ -101,11 +101,7 @@ fn merge(models: &[Vec<u8>]) -> Vec<u8> {
 fn writers_readers_flushes_and_snapshots_on_threads_match_the_model_and_qemu() {
     let dir = qcow2_testdata::scratch_dir("concurrent-model");
     let path = dir.join("threads.qcow2");
-    let options = CreateOptions {
-        size: SIZE,
-        cluster_size: CLUSTER,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::default().size(SIZE).cluster_size(CLUSTER);
     let image = Arc::new(Image::create(&path, &options).unwrap());
     let done = Arc::new(AtomicBool::new(false));
     let ops = if cfg!(debug_assertions) { 3000 } else { 20000 };

@@ -118,11 +118,9 @@ impl Workload {
 }
 
 fn open_crashed(bytes: Vec<u8>, backing: &Option<Vec<u8>>, writable: bool) -> qcow2::Result<Image> {
-    let options = OpenOptions {
-        writable,
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    };
+    let options = OpenOptions::default()
+        .writable(writable)
+        .backing(BackingPolicy::Ignore);
     let mut image = Image::from_storage(
         Box::new(MemoryStorage::from_bytes(bytes)),
         "crashed",
@@ -252,12 +250,9 @@ fn survivors_is_torn(s: Survivors) -> bool {
 #[test]
 fn crash_during_allocating_writes_with_refblock_and_reftable_growth() {
     // 512-byte clusters with 64-bit refcounts: a refblock covers 32 KiB, one table cluster 2 MiB.
-    let options = CreateOptions {
-        size: 4 << 20,
-        cluster_size: 512,
-        refcount_bits: 64,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(4 << 20)
+        .cluster_size(512)
+        .refcount_bits(64);
     let mut w = Workload::new(options, None);
     for i in 0..48u64 {
         w.write(i * 65536 + (i % 3) * 100, 60_000, i as u8 + 1);
@@ -271,11 +266,7 @@ fn crash_during_allocating_writes_with_refblock_and_reftable_growth() {
 
 #[test]
 fn crash_during_l1_growth() {
-    let options = CreateOptions {
-        size: 64 << 10,
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(64 << 10).cluster_size(512);
     let mut w = Workload::new(options, None);
     w.write(0, 4096, 1);
     w.flush();
@@ -292,13 +283,10 @@ fn crash_during_l1_growth() {
 #[test]
 fn crash_during_copy_on_write_over_a_backing_file() {
     let base: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 251) as u8).collect();
-    let options = CreateOptions {
-        size: 3 << 20,
-        cluster_size: 4096,
-        backing_file: Some("base.raw".into()),
-        backing_format: Some("raw".into()),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(3 << 20)
+        .cluster_size(4096)
+        .backing_file(Some("base.raw".into()))
+        .backing_format(Some("raw".into()));
     let mut w = Workload::new(options, Some(base));
     for i in 0..40u64 {
         w.write(
@@ -316,11 +304,7 @@ fn crash_during_copy_on_write_over_a_backing_file() {
 
 #[test]
 fn crash_during_discard_and_zero_writes() {
-    let options = CreateOptions {
-        size: 2 << 20,
-        cluster_size: 4096,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(2 << 20).cluster_size(4096);
     let mut w = Workload::new(options, None);
     w.write(0, 1 << 20, 7);
     w.flush();
@@ -338,11 +322,7 @@ fn crash_during_discard_and_zero_writes() {
 
 #[test]
 fn crash_during_shrink_and_regrow() {
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 4096,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(4096);
     let mut w = Workload::new(options, None);
     w.write(0, 1 << 20, 5);
     w.flush();
@@ -357,12 +337,9 @@ fn crash_during_shrink_and_regrow() {
 
 #[test]
 fn crash_during_compressed_writes_and_lazy_refcounts() {
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 4096,
-        lazy_refcounts: true,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20)
+        .cluster_size(4096)
+        .lazy_refcounts(true);
     let mut w = Workload::new(options, None);
     for i in 0..16u64 {
         w.write_compressed(i * 8192, 4096, i as u8);
@@ -382,11 +359,7 @@ fn crash_during_compressed_writes_and_lazy_refcounts() {
 #[test]
 fn crash_during_snapshot_create_delete_and_apply() {
     use qcow2::format::SnapshotTime;
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 4096,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(4096);
     let store = Arc::new(RecordingStorage::new(Vec::new()));
     let image = Image::create_in(Box::new(store.clone()), "crash.qcow2", &options).unwrap();
     let t = |secs| SnapshotTime { secs, nanos: 0 };

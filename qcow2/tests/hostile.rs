@@ -709,10 +709,7 @@ fn backing_chain_of_70_is_too_deep_for_the_default_limit_of_64() {
         })
     ));
     // A larger limit opens the whole chain.
-    let deep = OpenOptions {
-        max_backing_depth: 70,
-        ..OpenOptions::default()
-    };
+    let deep = OpenOptions::default().max_backing_depth(70);
     let image = Image::open(dir.join("d69.qcow2"), &deep).unwrap();
     assert_eq!(image.chain_depth(), 69);
 }
@@ -873,12 +870,9 @@ fn watch(files: Vec<String>) {
 fn a_failed_create_leaves_no_file() {
     let dir = qcow2_testdata::scratch_dir("failed_create");
     let path = dir.join("new.qcow2");
-    let options = qcow2::CreateOptions {
-        size: 1 << 20,
-        backing_file: Some("missing-base.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        ..qcow2::CreateOptions::default()
-    };
+    let options = qcow2::CreateOptions::new(1 << 20)
+        .backing_file(Some("missing-base.qcow2".into()))
+        .backing_format(Some("qcow2".into()));
     let err = Image::create(&path, &options).expect_err("the backing file is missing");
     assert!(matches!(err, Error::Chain { .. }), "{err}");
     assert!(!path.exists(), "the failed create left {}", path.display());

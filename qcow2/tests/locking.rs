@@ -11,10 +11,7 @@ use qcow2_testdata::{qemu_io, require_qemu, scratch_dir};
 fn a_qemu_io_writer_keeps_us_out_and_we_keep_qemu_io_out() {
     require_qemu();
     let path = scratch_dir("locks").join("a.qcow2");
-    let options = CreateOptions {
-        size: 1 << 20,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20);
     let ours = Image::create(&path, &options).unwrap();
     let p = path.to_str().unwrap();
     let blocked = qemu_io(&["-c", "read 0 512", p]);
@@ -47,13 +44,7 @@ fn a_qemu_io_writer_keeps_us_out_and_we_keep_qemu_io_out() {
     assert!(matches!(writer, Err(Error::Locked { .. })), "{writer:?}");
     let reader_open = Image::open(&path, &OpenOptions::default());
     assert!(matches!(reader_open, Err(Error::Locked { .. })));
-    let forced = Image::open(
-        &path,
-        &OpenOptions {
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    );
+    let forced = Image::open(&path, &OpenOptions::default().force_share(true));
     assert!(forced.is_ok());
 
     drop(qemu.stdin.take());

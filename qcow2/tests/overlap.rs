@@ -105,10 +105,7 @@ fn metadata_counted_free_refuses_writes_until_repaired() {
     );
     assert!(std::fs::read(&path).unwrap() == before, "the file changed");
     // check -r all rebuilds the counts; then the image takes writes and QEMU agrees.
-    let options = OpenOptions {
-        for_repair: true,
-        ..OpenOptions::read_write()
-    };
+    let options = OpenOptions::read_write().for_repair(true);
     let image = Image::open(&path, &options).unwrap();
     image.check_and_repair(qcow2::Repair::All).unwrap();
     image.close().unwrap();

@@ -107,11 +107,7 @@ fn lifecycle(name: &str, options: CreateOptions) {
 }
 
 fn opts(size: u64, cluster: u64) -> CreateOptions {
-    CreateOptions {
-        size,
-        cluster_size: cluster,
-        ..CreateOptions::default()
-    }
+    CreateOptions::new(size).cluster_size(cluster)
 }
 
 #[test]
@@ -122,20 +118,8 @@ fn snapshot_lifecycle_4k_and_64k_clusters() {
 
 #[test]
 fn snapshot_lifecycle_extended_l2_and_compat_0_10() {
-    lifecycle(
-        "extl2",
-        CreateOptions {
-            extended_l2: true,
-            ..opts(8 << 20, 65536)
-        },
-    );
-    lifecycle(
-        "v2",
-        CreateOptions {
-            version: 2,
-            ..opts(4 << 20, 4096)
-        },
-    );
+    lifecycle("extl2", opts(8 << 20, 65536).extended_l2(true));
+    lifecycle("v2", opts(4 << 20, 4096).version(2));
 }
 
 #[test]
@@ -143,19 +127,10 @@ fn snapshot_lifecycle_refcount_widths_and_lazy_refcounts() {
     for bits in [2, 16, 64] {
         lifecycle(
             &format!("rc{bits}"),
-            CreateOptions {
-                refcount_bits: bits,
-                ..opts(4 << 20, 4096)
-            },
+            opts(4 << 20, 4096).refcount_bits(bits),
         );
     }
-    lifecycle(
-        "lazy",
-        CreateOptions {
-            lazy_refcounts: true,
-            ..opts(4 << 20, 4096)
-        },
-    );
+    lifecycle("lazy", opts(4 << 20, 4096).lazy_refcounts(true));
 }
 
 #[test]
@@ -236,14 +211,7 @@ fn times_beyond_32_bits_round_trip_and_survive_qemu_rewriting_the_table() {
 fn a_refused_snapshot_leaves_the_image_byte_for_byte_unchanged() {
     require_qemu();
     let path = scratch_dir("snapshot-refused").join("a.qcow2");
-    let image = Image::create(
-        &path,
-        &CreateOptions {
-            refcount_bits: 1,
-            ..opts(1 << 20, 4096)
-        },
-    )
-    .unwrap();
+    let image = Image::create(&path, &opts(1 << 20, 4096).refcount_bits(1)).unwrap();
     image.write_at(&[9; 10000], 0).unwrap();
     image.flush().unwrap();
     let before = std::fs::read(&path).unwrap();
@@ -267,14 +235,8 @@ fn snapshots_over_shared_compressed_clusters_and_many_refcount_blocks_match_qemu
         let path = scratch_dir(&format!("snap-{name}")).join("a.qcow2");
         let size = 1usize << 20;
         let cs = 512;
-        let image = Image::create(
-            &path,
-            &CreateOptions {
-                refcount_bits: bits,
-                ..opts(size as u64, cs as u64)
-            },
-        )
-        .unwrap();
+        let image =
+            Image::create(&path, &opts(size as u64, cs as u64).refcount_bits(bits)).unwrap();
         let mut model = vec![0u8; size];
         // Plain clusters in one long run, then compressed ones (a few dozen bytes each, so many
         // share one host cluster), then plain ones again.
@@ -378,7 +340,7 @@ fn a_thousand_snapshots_with_a_third_deleted_list_like_qemu() {
 
 #[test]
 fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
-    use qcow2::image::SnapshotChange;
+    use qcow2::transaction_support::{self as ts, SnapshotChange};
     require_qemu();
     let path = scratch_dir("staged").join("a.qcow2");
     let image = Image::create(&path, &opts(2 << 20, 65536)).unwrap();
@@ -403,9 +365,9 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
             id_or_name: "old".into(),
         },
     ];
-    let staged = image.stage(&batch).unwrap();
-    assert_ne!(staged.header_switch, image.header_switch_bytes());
-    image.abandon(staged).unwrap();
+    let staged = ts::stage(&image, &batch).unwrap();
+    assert_ne!(staged.switch(), ts::current_state(&image));
+    ts::abandon(&image, staged).unwrap();
     image.flush().unwrap();
     assert!(
         std::fs::read(&path).unwrap()[..72] == before[..72],
@@ -413,8 +375,8 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
     );
     assert!(image.check().unwrap().is_clean());
 
-    let staged = image.stage(&batch).unwrap();
-    image.publish(staged).unwrap();
+    let staged = ts::stage(&image, &batch).unwrap();
+    ts::publish(&image, staged).unwrap();
     let names: Vec<String> = image.snapshots().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a", "b"]);
     image.close().unwrap();
@@ -427,8 +389,9 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
     image.write_at(&fill(4096, 9), 0).unwrap();
     let mut current = vec![0u8; 2 << 20];
     image.read_at(&mut current, 0).unwrap();
-    let staged = image
-        .stage(&[
+    let staged = ts::stage(
+        &image,
+        &[
             SnapshotChange::Create {
                 name: "pre-revert".into(),
                 time: time(300),
@@ -436,9 +399,10 @@ fn a_staged_batch_publishes_with_one_switch_or_is_abandoned_without_a_trace() {
             SnapshotChange::Revert {
                 id_or_name: "a".into(),
             },
-        ])
-        .unwrap();
-    image.publish(staged).unwrap();
+        ],
+    )
+    .unwrap();
+    ts::publish(&image, staged).unwrap();
     image.close().unwrap();
     assert_qemu_clean(&path, "create+revert");
     assert!(qemu_convert_raw(&path, None) == active);

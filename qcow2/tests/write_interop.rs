@@ -36,11 +36,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn refcount_table_grows_when_512_byte_clusters_fill_it() {
     require_qemu();
     let path = scratch_dir("reftable-growth").join("a.qcow2");
-    let options = CreateOptions {
-        size: 16 << 20,
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(16 << 20).cluster_size(512);
     let image = Image::create(&path, &options).unwrap();
     let before = image.header().refcount_table_offset;
     let data = pattern(12 << 20, 7);
@@ -65,11 +61,7 @@ fn refcount_table_grows_when_512_byte_clusters_fill_it() {
 fn growing_moves_the_l1_table_and_shrinking_keeps_data_unless_asked() {
     require_qemu();
     let path = scratch_dir("resize").join("a.qcow2");
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(512);
     let image = Image::create(&path, &options).unwrap();
     image.write_at(&pattern(4096, 1), 0).unwrap();
     let l1_before = image.header().l1_table_offset;
@@ -179,12 +171,9 @@ fn compressed_writes_are_read_by_qemu_and_counted_as_compressed() {
         (qcow2::format::CompressionType::Zstd, "zstd"),
     ] {
         let path = scratch_dir(&format!("compress-{name}")).join("a.qcow2");
-        let options = CreateOptions {
-            size: 4 << 20,
-            cluster_size: 65536,
-            compression_type: kind,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(4 << 20)
+            .cluster_size(65536)
+            .compression_type(kind);
         let image = Image::create(&path, &options).unwrap();
         let mut data: Vec<u8> = (0..2 << 20).map(|i: u32| (i / 300) as u8).collect();
         // One cluster of noise that does not compress and must be written normally.
@@ -215,12 +204,9 @@ fn zero_writes_and_discards_on_v2_and_v3() {
     require_qemu();
     for version in [2, 3] {
         let path = scratch_dir(&format!("zero-v{version}")).join("a.qcow2");
-        let options = CreateOptions {
-            size: 4 << 20,
-            cluster_size: 4096,
-            version,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(4 << 20)
+            .cluster_size(4096)
+            .version(version);
         let image = Image::create(&path, &options).unwrap();
         image.write_at(&pattern(1 << 20, 9), 0).unwrap();
         image.write_zeroes(1000, 20000, false).unwrap();
@@ -245,11 +231,7 @@ fn zero_writes_and_discards_on_v2_and_v3() {
 fn leaks_are_counted_like_qemu_and_repaired() {
     require_qemu();
     let path = scratch_dir("leaks").join("a.qcow2");
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 65536,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(65536);
     Image::create(&path, &options).unwrap().close().unwrap();
     // Raise the refcount of cluster 3 (the L1 table) and of cluster 9 (past the end): leaks.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -308,12 +290,9 @@ fn writes_fail_cleanly_on_read_only_images_and_past_the_end() {
 fn preallocated_metadata_images_pass_qemu_check_and_read_as_zeros() {
     require_qemu();
     let path = scratch_dir("prealloc").join("a.qcow2");
-    let options = CreateOptions {
-        size: 8 << 20,
-        cluster_size: 65536,
-        preallocation: qcow2::Preallocation::Metadata,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(8 << 20)
+        .cluster_size(65536)
+        .preallocation(qcow2::Preallocation::Metadata);
     let image = Image::create(&path, &options).unwrap();
     image.write_at(&pattern(5000, 4), 70_000).unwrap();
     image.close().unwrap();
@@ -329,11 +308,7 @@ fn preallocated_metadata_images_pass_qemu_check_and_read_as_zeros() {
 fn repair_all_rebuilds_refcounts_that_are_too_low() {
     require_qemu();
     let path = scratch_dir("repair-all").join("a.qcow2");
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 65536,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(65536);
     let image = Image::create(&path, &options).unwrap();
     image.write_at(&pattern(200_000, 5), 0).unwrap();
     image.close().unwrap();
@@ -360,11 +335,7 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
     use std::sync::Arc;
     for fail_at in [0usize, 1, 2, 3, 5, 8] {
         let store = Arc::new(RecordingStorage::new(Vec::new()));
-        let options = CreateOptions {
-            size: 4 << 20,
-            cluster_size: 4096,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(4 << 20).cluster_size(4096);
         let image = Image::create_in(Box::new(store.clone()), "enospc.qcow2", &options).unwrap();
         image.write_at(&pattern(50_000, 1), 0).unwrap();
         image.flush().unwrap();
@@ -419,11 +390,7 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
 fn growing_a_512_byte_cluster_image_to_1_gib_allocates_one_contiguous_l1() {
     require_qemu();
     let path = scratch_dir("resize-big-l1").join("a.qcow2");
-    let options = CreateOptions {
-        size: 4 << 20,
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(4 << 20).cluster_size(512);
     let image = Image::create(&path, &options).unwrap();
     image.write_at(&pattern(3000, 1), 0).unwrap();
     image.resize(1 << 30, false).unwrap();
@@ -442,11 +409,7 @@ fn growing_a_512_byte_cluster_image_to_1_gib_allocates_one_contiguous_l1() {
 fn a_write_that_would_hit_metadata_marks_the_image_corrupt_and_fails() {
     require_qemu();
     let path = scratch_dir("overlap-guard").join("a.qcow2");
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 65536,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20).cluster_size(65536);
     let image = Image::create(&path, &options).unwrap();
     image.write_at(&[7; 100], 0).unwrap();
     image.close().unwrap();
@@ -484,14 +447,11 @@ fn growing_over_a_longer_backing_file_reads_zeros_like_qemu() {
     for version in [3, 2] {
         let ours = dir.join(format!("ours-v{version}.qcow2"));
         let theirs = dir.join(format!("theirs-v{version}.qcow2"));
-        let options = CreateOptions {
-            size: (1 << 20) + 1024,
-            cluster_size: 65536,
-            version,
-            backing_file: Some("base.raw".into()),
-            backing_format: Some("raw".into()),
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new((1 << 20) + 1024)
+            .cluster_size(65536)
+            .version(version)
+            .backing_file(Some("base.raw".into()))
+            .backing_format(Some("raw".into()));
         Image::create(&ours, &options).unwrap().close().unwrap();
         std::fs::copy(&ours, &theirs).unwrap();
         let image = Image::open(&ours, &OpenOptions::read_write()).unwrap();
@@ -524,11 +484,7 @@ fn partial_writes_into_new_clusters_write_zeros_only_where_old_bytes_lie() {
     let size = 4 * 1024 * 1024;
     let image = Image::create(
         &path,
-        &CreateOptions {
-            size: size as u64,
-            cluster_size: cs as u64,
-            ..CreateOptions::default()
-        },
+        &CreateOptions::new(size as u64).cluster_size(cs as u64),
     )
     .unwrap();
     let mut model = vec![0u8; size];

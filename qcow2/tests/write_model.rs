@@ -123,10 +123,7 @@ fn run(image: &mut Image, path: &Path, op: Op) {
             let placeholder = Image::create_in(
                 Box::new(qcow2::MemoryStorage::new()),
                 "placeholder",
-                &CreateOptions {
-                    size: 512,
-                    ..CreateOptions::default()
-                },
+                &CreateOptions::new(512),
             )
             .unwrap();
             std::mem::replace(image, placeholder).close().unwrap();
@@ -230,10 +227,7 @@ fn sequence_over(
     image.close().unwrap();
     // Read-only, the tables are cached in slices: odd-sized reads through a one-slice cache
     // miss and cross slice boundaries all the time, and must agree too.
-    let ro = OpenOptions {
-        l2_cache_bytes: 4096,
-        ..OpenOptions::default()
-    };
+    let ro = OpenOptions::default().l2_cache_bytes(4096);
     let image = Image::open(&path, &ro).unwrap();
     let pieces = size.div_ceil(3000);
     for k in 0..pieces {
@@ -252,11 +246,7 @@ fn sequence_over(
 }
 
 fn options(size: u64, cluster: u64) -> CreateOptions {
-    CreateOptions {
-        size,
-        cluster_size: cluster,
-        ..CreateOptions::default()
-    }
+    CreateOptions::new(size).cluster_size(cluster)
 }
 
 #[test]
@@ -272,38 +262,26 @@ fn random_sequence_512_byte_clusters_grows_refcount_structures() {
 #[test]
 fn random_sequence_every_refcount_width() {
     for bits in [1, 2, 4, 8, 32, 64] {
-        let o = CreateOptions {
-            refcount_bits: bits,
-            ..options(2 << 20, 4096)
-        };
+        let o = options(2 << 20, 4096).refcount_bits(bits);
         sequence(&format!("seq-rc{bits}"), o, 3 + bits as u64, 120);
     }
 }
 
 #[test]
 fn random_sequence_compat_0_10() {
-    let o = CreateOptions {
-        version: 2,
-        ..options(4 << 20, 4096)
-    };
+    let o = options(4 << 20, 4096).version(2);
     sequence("seq-v2", o, 9, 150);
 }
 
 #[test]
 fn random_sequence_extended_l2() {
-    let o = CreateOptions {
-        extended_l2: true,
-        ..options(8 << 20, 65536)
-    };
+    let o = options(8 << 20, 65536).extended_l2(true);
     sequence("seq-extl2", o, 10, 200);
 }
 
 #[test]
 fn random_sequence_lazy_refcounts() {
-    let o = CreateOptions {
-        lazy_refcounts: true,
-        ..options(4 << 20, 4096)
-    };
+    let o = options(4 << 20, 4096).lazy_refcounts(true);
     sequence("seq-lazy", o, 11, 150);
 }
 

@@ -14,10 +14,13 @@ use crate::args::Args;
 use crate::QmpError;
 
 /// A served disk: its export (and node) name, the handle the server writes through, its path.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Disk {
+    /// The node name QMP commands use (`device`, `node-name`), the export's name.
     pub name: String,
+    /// The open image the server writes through; transactions pause its writes.
     pub image: Arc<Image>,
+    /// The image file's path, as the group's manifest records it.
     pub path: PathBuf,
 }
 

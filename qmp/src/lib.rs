@@ -4,29 +4,42 @@
 //! disks with QEMU's `transaction` command.
 //!
 //! - [`framing`]: object boundaries in the client's JSON stream (bounded);
-//! - [`args`]: strict argument checking with QEMU's messages;
+//! - `args` (private): strict argument checking with QEMU's messages;
 //! - [`monitor`]: a session: greeting, capabilities negotiation, `execute` with `id`, replies;
-//! - [`commands`]: the commands, each going through the group's journal, so a server killed
-//!   mid-transaction is all-or-nothing after `recover`.
+//! - `commands` (private): the commands, each going through the group's journal, so a server
+//!   killed mid-transaction is all-or-nothing after `recover`.
 //!
 //! Every disk is a live handle the NBD server keeps writing through: a transaction pauses its
 //! guest writes from staging to publish (`qcow2_transaction::Transaction::attach`). External
 //! snapshots (`blockdev-snapshot-sync`, `blockdev-snapshot`) are refused on them: the server's
 //! handle cannot be swapped to a new top.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
-pub mod args;
-pub mod commands;
+mod args;
+mod commands;
 pub mod framing;
 pub mod monitor;
 
 pub use commands::Disk;
 pub use monitor::Monitor;
 
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    // Sessions on several threads share one monitor.
+    send_sync::<Monitor>();
+    send_sync::<Disk>();
+};
+
 /// A QMP error: its class and description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpError {
+    /// The error class QEMU sends: "GenericError", "CommandNotFound".
     pub class: &'static str,
+    /// The human-readable description.
     pub desc: String,
 }
 
@@ -39,6 +52,7 @@ impl QmpError {
         }
     }
 
+    /// A `CommandNotFound`: the command does not exist (or is not allowed yet).
     pub fn not_found(desc: impl Into<String>) -> QmpError {
         QmpError {
             class: "CommandNotFound",

@@ -25,6 +25,12 @@ enum After {
     Quit,
 }
 
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").finish_non_exhaustive()
+    }
+}
+
 impl Monitor {
     /// A monitor over `disks` (live handles the caller serves), whose transactions go through
     /// `group`. `quit` stops the server.

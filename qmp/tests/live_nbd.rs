@@ -29,10 +29,7 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
     let mut exports = Vec::new();
     for i in 0..DISKS {
         let path = dir.join(format!("d{i}.qcow2"));
-        let options = CreateOptions {
-            size: SIZE,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(SIZE);
         Image::create(&path, &options).unwrap().close().unwrap();
         let image = Arc::new(Image::open(&path, &OpenOptions::read_write()).unwrap());
         let name = format!("d{i}");
@@ -56,11 +53,7 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
     })));
     let server = Server::new(
         exports,
-        ServerOptions {
-            max_connections: 0,
-            persistent: true,
-            ..ServerOptions::default()
-        },
+        ServerOptions::default().max_connections(0).persistent(true),
     );
     let stop_server = server.shutdown_handle();
     let monitor = Monitor::new(group, disks, Box::new(|| {}));

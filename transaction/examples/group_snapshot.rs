@@ -16,10 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|n| dir.join(n))
         .collect();
     for d in &disks {
-        let options = CreateOptions {
-            size: 64 << 20,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(64 << 20);
         Image::create(d, &options)?.close()?;
     }
     // Opening the group finishes or rolls back a transaction a crash interrupted.

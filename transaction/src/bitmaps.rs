@@ -28,6 +28,7 @@ use crate::error::TxnError;
 pub struct BitmapSource {
     /// `None`: the image of the merge's target.
     pub image: Option<PathBuf>,
+    /// The bitmap's name.
     pub name: String,
 }
 

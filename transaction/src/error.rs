@@ -6,10 +6,16 @@ use crate::journal::JournalError;
 
 /// Errors of group transactions.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TxnError {
     /// An action was refused before anything was written.
     #[error("{image}: {reason}")]
-    Invalid { image: PathBuf, reason: String },
+    Invalid {
+        /// The image (or file) concerned.
+        image: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
     /// `Transaction::add` refused an action (the transaction goes on without it).
     #[error("action {index} ({action}) refused: {reason}")]
     Refused {
@@ -17,6 +23,7 @@ pub enum TxnError {
         index: usize,
         /// What the action is and which image it names.
         action: String,
+        /// Why it was refused.
         reason: Box<TxnError>,
     },
     /// The action cannot act on an image in use: its handle stays the caller's, and what the
@@ -27,7 +34,9 @@ pub enum TxnError {
          act on it by path when nothing has it open"
     )]
     LiveUnsupported {
+        /// The image (or file) concerned.
         image: PathBuf,
+        /// The action refused, with its QMP name: "an external snapshot (blockdev-snapshot-sync)".
         action: &'static str,
     },
     /// Preparing failed; the transaction was rolled back and nothing changed.
@@ -47,20 +56,27 @@ pub enum TxnError {
     /// The engine failed on an image.
     #[error("{image}: {source}")]
     Image {
+        /// The image (or file) concerned.
         image: PathBuf,
+        /// The engine's error.
         #[source]
         source: qcow2::Error,
     },
     /// A file of the group could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file concerned.
         path: PathBuf,
+        /// The system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The group's journal could not be read or written, or is not valid.
     #[error("journal of group {group}: {source}")]
     Journal {
+        /// The group directory.
         group: PathBuf,
+        /// What is wrong with the journal.
         #[source]
         source: JournalError,
     },
@@ -74,7 +90,12 @@ pub enum TxnError {
          is wanted, check every image the plan named (qemu-img check), then remove the group's \
          txn.journal by hand to give up the interrupted transaction"
     )]
-    ForeignChange { image: PathBuf, reason: String },
+    ForeignChange {
+        /// The image (or file) concerned.
+        image: PathBuf,
+        /// What recovery found.
+        reason: String,
+    },
     /// Execution stopped at a named event (tests simulate power cuts with this).
     #[error("interrupted at {0}")]
     Interrupted(String),

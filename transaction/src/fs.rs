@@ -14,9 +14,13 @@ use qcow2::{BackingPolicy, Image, OpenOptions};
 /// What identifies a file: device and inode (two names of one file share them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
+    /// `st_dev`.
     pub dev: u64,
+    /// `st_ino`.
     pub ino: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// A regular file (not a directory or device).
     pub is_file: bool,
 }
 
@@ -128,31 +132,22 @@ impl GroupFs for RealFs {
     fn open_image(&self, path: &Path) -> qcow2::Result<Image> {
         Image::open(
             path,
-            &OpenOptions {
-                writable: true,
-                backing: BackingPolicy::Ignore,
-                ..OpenOptions::default()
-            },
+            &OpenOptions::default()
+                .writable(true)
+                .backing(BackingPolicy::Ignore),
         )
     }
 
     fn open_read_only(&self, path: &Path) -> qcow2::Result<Image> {
-        let options = OpenOptions {
-            backing: BackingPolicy::Ignore,
-            ..OpenOptions::default()
-        };
+        let options = OpenOptions::default().backing(BackingPolicy::Ignore);
         Image::open(path, &options)
     }
 
     fn open_for_commit(&self, path: &Path) -> qcow2::Result<Image> {
-        let options = OpenOptions {
-            backing: BackingPolicy::Follow,
-            ..OpenOptions::default()
-        };
-        let commit = qcow2::image::CommitOptions {
-            base_depth: 1,
-            empty_top: false,
-        };
+        let options = OpenOptions::default().backing(BackingPolicy::Follow);
+        let commit = qcow2::image::CommitOptions::default()
+            .base_depth(1)
+            .empty_top(false);
         Image::open_for_commit(path, &options, &commit)
     }
 

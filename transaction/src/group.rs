@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::image::SnapshotChange;
+use qcow2::transaction_support::{self as ts, SnapshotChange, StateSwitch};
 use qcow2::{CreateOptions, Image};
 
 use crate::bitmaps::{BitmapChange, BitmapSource};
@@ -21,43 +21,92 @@ use crate::step::{reclaim_leaks, Held, OverlayStep, RetireStep, SnapshotStep, St
 
 /// One action of a group transaction (the names follow QMP's `transaction`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Action {
     /// `blockdev-snapshot-internal-sync`: an internal snapshot named `name`.
-    InternalCreate { image: PathBuf, name: String },
+    InternalCreate {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The new snapshot's name.
+        name: String,
+    },
     /// `blockdev-snapshot-delete-internal-sync`: delete an internal snapshot (id or name).
-    InternalDelete { image: PathBuf, name: String },
+    InternalDelete {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The snapshot's id or name.
+        name: String,
+    },
     /// `snapshot-revert-internal`: make an internal snapshot the active state.
-    InternalRevert { image: PathBuf, name: String },
+    InternalRevert {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The snapshot's id or name.
+        name: String,
+    },
     /// `blockdev-snapshot-sync`: an overlay on top of `image`, recorded in the manifest.
     ExternalCreate {
+        /// The disk's current top image.
         image: PathBuf,
+        /// Where the new overlay goes (`snapshot-file`).
         overlay: PathBuf,
+        /// Whether the transaction creates the overlay or the caller did.
         mode: OverlayMode,
     },
     /// `blockdev-snapshot-delete-external`: merge the overlay `image` into its backing file,
     /// make the backing file the disk's top in the manifest, and remove the overlay.
-    ExternalDelete { image: PathBuf },
+    ExternalDelete {
+        /// The overlay to merge and remove.
+        image: PathBuf,
+    },
     /// `block-dirty-bitmap-add`: a persistent bitmap, empty, enabled unless `disabled`, of
     /// `granularity` bytes (QEMU's default when `None`). `image` may be an overlay the same plan
     /// creates: the bitmap then starts with the overlay.
     BitmapAdd {
+        /// The image file, by path.
         image: PathBuf,
+        /// The bitmap's name.
         name: String,
+        /// Guest bytes per bit: a power of two from 512 B to 2 GiB.
         granularity: Option<u64>,
+        /// Create it disabled (not recording writes).
         disabled: bool,
     },
     /// `block-dirty-bitmap-remove`.
-    BitmapRemove { image: PathBuf, name: String },
+    BitmapRemove {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-clear`: every bit cleared.
-    BitmapClear { image: PathBuf, name: String },
+    BitmapClear {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-enable`: the bitmap tracks writes again.
-    BitmapEnable { image: PathBuf, name: String },
+    BitmapEnable {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-disable`: the bitmap stops tracking writes.
-    BitmapDisable { image: PathBuf, name: String },
+    BitmapDisable {
+        /// The image file, by path.
+        image: PathBuf,
+        /// The bitmap's name.
+        name: String,
+    },
     /// `block-dirty-bitmap-merge`: every bit of each source set in `target`.
     BitmapMerge {
+        /// The image file, by path.
         image: PathBuf,
+        /// The bitmap that receives the bits.
         target: String,
+        /// The bitmaps whose set bits are merged, in order.
         sources: Vec<BitmapSource>,
     },
 }
@@ -168,7 +217,8 @@ impl Member {
     }
 }
 
-/// Named points in a transaction, where tests can simulate a power cut.
+/// Named points in a transaction, where tests can simulate a power cut: called with each
+/// event's name, returning `false` stops the transaction there as a power cut would.
 pub type Hook = Box<dyn FnMut(&str) -> bool + Send>;
 
 /// A group directory (journal, lock, manifest) held by this process.
@@ -194,22 +244,29 @@ impl Group {
     /// Opens (creating) the group directory on the host file system, takes its lock and
     /// finishes any interrupted transaction.
     pub fn open(dir: impl AsRef<Path>) -> Result<Group, TxnError> {
-        Self::open_with_hook(dir, None)
+        Self::open_on(Arc::new(RealFs), dir.as_ref(), None)
     }
 
     /// Like [`Group::open`], with a hook already installed (so tests can cut power inside the
-    /// recovery that opening runs).
+    /// recovery that opening runs). Needs the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn open_with_hook(dir: impl AsRef<Path>, hook: Option<Hook>) -> Result<Group, TxnError> {
-        Self::open_in(Arc::new(RealFs), dir, hook)
+        Self::open_on(Arc::new(RealFs), dir.as_ref(), hook)
     }
 
-    /// Opens a group on any file system (tests pass a recording [`crate::sim::SimFs`]).
+    /// Opens a group on any file system (tests pass a recording [`crate::sim::SimFs`]). Needs
+    /// the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn open_in(
         fs: Arc<dyn GroupFs>,
         dir: impl AsRef<Path>,
         hook: Option<Hook>,
     ) -> Result<Group, TxnError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_on(fs, dir.as_ref(), hook)
+    }
+
+    fn open_on(fs: Arc<dyn GroupFs>, dir: &Path, hook: Option<Hook>) -> Result<Group, TxnError> {
+        let dir = dir.to_path_buf();
         if fs.exists(&dir) && !fs.is_dir(&dir) {
             return Err(TxnError::Invalid {
                 image: dir,
@@ -253,7 +310,9 @@ impl Group {
         Self::open(dir)
     }
 
-    /// The file system the group works on (tests open live handles through it).
+    /// The file system the group works on (tests open live handles through it). Needs the
+    /// `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn fs(&self) -> Arc<dyn GroupFs> {
         self.fs.clone()
     }
@@ -264,7 +323,9 @@ impl Group {
     }
 
     /// Installs a hook called at every named event; returning `false` stops the transaction
-    /// there as a power cut would (nothing more is written, nothing is cleaned up).
+    /// there as a power cut would (nothing more is written, nothing is cleaned up). Needs the
+    /// `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn set_hook(&mut self, hook: Option<Hook>) {
         self.hook = hook;
     }
@@ -365,12 +426,12 @@ impl Group {
                     let p = PathBuf::from(os_str(rd.bytes().ok_or_else(|| bad("image"))?));
                     let dev = rd.u64().ok_or_else(|| bad("image"))?;
                     let ino = rd.u64().ok_or_else(|| bad("image"))?;
-                    let before = rd.array48().ok_or_else(|| bad("image"))?;
+                    let before = StateSwitch::from_bytes(rd.array48().ok_or_else(|| bad("image"))?);
                     images.push((i, p, dev, ino, before));
                 }
                 Kind::Staged => {
                     let i = rd.u64().ok_or_else(|| bad("staged"))?;
-                    let after = rd.array48().ok_or_else(|| bad("staged"))?;
+                    let after = StateSwitch::from_bytes(rd.array48().ok_or_else(|| bad("staged"))?);
                     let l1 = rd.u64().ok_or_else(|| bad("staged"))?;
                     let table = rd.u64().ok_or_else(|| bad("staged"))?;
                     staged.insert(i, (after, [l1, table]));
@@ -456,10 +517,10 @@ impl Group {
                 .fs
                 .open_image(path)
                 .map_err(|e| TxnError::image(path, e))?;
-            let current = img.header_switch_bytes();
+            let current = ts::current_state(&img);
             match staged.get(i) {
-                Some((after, tables)) if commit && !same_state(&current, after) => {
-                    if !same_state(&current, before) {
+                Some((after, tables)) if commit && !current.same_state(after) => {
+                    if !current.same_state(before) {
                         return Err(TxnError::ForeignChange {
                             image: path.clone(),
                             reason: "its header is neither the old nor the new state".into(),
@@ -467,21 +528,18 @@ impl Group {
                     }
                     // The switch keeps the refcount table where staging left it; a journal that
                     // says otherwise is not ours to apply.
-                    if current[24..36] != after[24..36] {
+                    if current.refcount_table() != after.refcount_table() {
                         return Err(TxnError::ForeignChange {
                             image: path.clone(),
                             reason: "its refcount table is not where the staged state has it"
                                 .into(),
                         });
                     }
-                    let be = |r: std::ops::Range<usize>| {
-                        u64::from_be_bytes(after[r].try_into().unwrap_or_default())
-                    };
-                    if *tables != [be(16..24), be(40..48)] {
+                    if *tables != after.staged_tables() {
                         return Err(bad("staged"));
                     }
                     for &t in tables.iter().filter(|&&t| t != 0) {
-                        if img.refcount_at(t).map_err(|e| TxnError::image(path, e))? == 0 {
+                        if ts::refcount_at(&img, t).map_err(|e| TxnError::image(path, e))? == 0 {
                             return Err(TxnError::ForeignChange {
                                 image: path.clone(),
                                 reason: format!("the staged table at {t:#x} was reclaimed"),
@@ -491,7 +549,7 @@ impl Group {
                     to_switch.push(*i);
                 }
                 Some(_) if commit => {}
-                _ if !same_state(&current, before) => {
+                _ if !current.same_state(before) => {
                     return Err(TxnError::ForeignChange {
                         image: path.clone(),
                         reason: "its header changed although nothing was published".into(),
@@ -506,8 +564,7 @@ impl Group {
                 .open_image(path)
                 .map_err(|e| TxnError::image(path, e))?;
             if let (true, Some((after, _))) = (to_switch.contains(i), staged.get(i)) {
-                img.write_recorded_switch(*after)
-                    .map_err(|e| TxnError::image(path, e))?;
+                ts::write_recorded_switch(img, after).map_err(|e| TxnError::image(path, e))?;
                 self.event(&format!("recovery switched {i}"))?;
                 img = self
                     .fs
@@ -1105,10 +1162,7 @@ fn check_retire(
         let Ok(storage) = fs.open_existing(&other) else {
             continue;
         };
-        let options = qcow2::OpenOptions {
-            backing: qcow2::BackingPolicy::Ignore,
-            ..qcow2::OpenOptions::default()
-        };
+        let options = qcow2::OpenOptions::default().backing(qcow2::BackingPolicy::Ignore);
         let Ok(o) = Image::from_storage(storage, &other.display().to_string(), &options) else {
             continue;
         };
@@ -1120,13 +1174,6 @@ fn check_retire(
         }
     }
     Ok(())
-}
-
-/// Whether two header states (bytes 24..72) agree on what a transaction switches: size, L1 table
-/// and snapshot table. The refcount table fields (48..60) may differ: staging can grow the table,
-/// which publishes itself at once.
-fn same_state(a: &[u8; 48], b: &[u8; 48]) -> bool {
-    a[..24] == b[..24] && a[36..] == b[36..]
 }
 
 /// Whether the file at `path` starts with the qcow2 magic.
@@ -1187,7 +1234,7 @@ pub(crate) fn plan_steps(
         let before = m
             .image
             .as_ref()
-            .map_or([0; 48], |img| img.header_switch_bytes());
+            .map_or([0; 48], |img| ts::current_state(img).to_bytes());
         let w = Writer::default()
             .u64(i as u64)
             .bytes(m.path.as_os_str().as_encoded_bytes())
@@ -1371,10 +1418,7 @@ fn check_bitmaps(fs: &dyn GroupFs, img: &Image, m: &mut Member) -> Result<(), Tx
     let probe = Image::create_in(
         Box::new(qcow2::MemoryStorage::new()),
         &overlay.display().to_string(),
-        &CreateOptions {
-            size: img.size(),
-            ..CreateOptions::default()
-        },
+        &CreateOptions::new(img.size()),
     )
     .map_err(|e| TxnError::image(&overlay, e))?;
     for change in m.overlay_bitmaps.iter_mut() {

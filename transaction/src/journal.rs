@@ -22,12 +22,20 @@ const MAX_PAYLOAD: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
+    /// A transaction starts (its id in the record header).
     Begin = 1,
+    /// A member image: index, path, (device, inode) and its state switch before.
     Image = 2,
+    /// A staged state: image index, the switch that publishes it, and its L1 and snapshot
+    /// table offsets.
     Staged = 3,
+    /// An overlay: index, temporary name and final name.
     Overlay = 4,
+    /// Every member is prepared.
     Prepared = 5,
+    /// The commit point: payload 1 commits, 0 aborts.
     Decision = 6,
+    /// The transaction is finished; recovery has nothing to do.
     End = 7,
     /// An overlay merged into its backing file and removed (external snapshot delete).
     Retire = 8,
@@ -62,21 +70,36 @@ impl Kind {
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// What the record says.
     pub kind: Kind,
+    /// The transaction's id, bound to the group (see `identity`).
     pub txn: [u8; 16],
+    /// Position of the record in its transaction, from 0.
     pub seq: u32,
+    /// The kind's fields, encoded.
     pub payload: Vec<u8>,
 }
 
 /// Why a journal cannot be trusted.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JournalError {
+    /// Reading or writing the journal file failed.
     #[error("journal I/O: {0}")]
     Io(#[from] io::Error),
+    /// A record fails its checksum but valid records follow: not a torn tail, so the journal
+    /// is damaged and recovery refuses to guess.
     #[error("journal record at byte {offset} is corrupt but valid records follow it")]
-    CorruptInTheMiddle { offset: u64 },
+    CorruptInTheMiddle {
+        /// Byte offset of the bad record in the journal file.
+        offset: u64,
+    },
+    /// A batch record's checksum holds but its inner records do not decode.
     #[error("journal record at byte {offset} has a valid checksum but a malformed batch")]
-    MalformedBatch { offset: u64 },
+    MalformedBatch {
+        /// Byte offset of the batch record in the journal file.
+        offset: u64,
+    },
 }
 
 /// Encodes a record, padded to whole sectors.
@@ -196,6 +219,15 @@ pub struct Journal {
     end: u64,
     txn: [u8; 16],
     seq: u32,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("end", &self.end)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Journal {

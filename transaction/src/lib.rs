@@ -21,7 +21,7 @@
 //! std::fs::create_dir_all(&dir)?;
 //! let disks = [dir.join("a.qcow2"), dir.join("b.qcow2")];
 //! for d in &disks {
-//!     Image::create(d, &CreateOptions { size: 1 << 20, ..CreateOptions::default() })?.close()?;
+//!     Image::create(d, &CreateOptions::new(1 << 20))?.close()?;
 //! }
 //! // Opening the group first finishes or rolls back whatever a crash interrupted.
 //! let mut group = Group::open(dir.join("group"))?;
@@ -43,8 +43,13 @@
 //! never replays a decrement.
 //!
 //! Each image's part is a step with prepare, commit, abort and clean (`step.rs`); several actions
-//! on one image merge into one step. Every file goes through a [`fs::GroupFs`], so the recording
-//! [`sim::SimFs`] orders all files' operations in one log for crash tests.
+//! on one image merge into one step. Every file goes through a `fs::GroupFs`, so the recording
+//! `sim::SimFs` orders all files' operations in one log for crash tests.
+//!
+//! The `testing` feature makes that machinery public for crash tests and the fuzzer: the
+//! modules `fs`, `identity`, `journal` and `sim`, and `Group`'s hooks (`Hook`,
+//! `Group::open_with_hook`, `Group::open_in`, `Group::set_hook`, `Group::fs`). It is not
+//! covered by semver.
 //!
 //! Where this departs from the project's design notes (`TRANSACTIONS.md` in its repository):
 //! - the phases are [`Group::begin`], [`Transaction::add`] (validates at once, names the refused
@@ -70,22 +75,54 @@
 //!   below the references; the switch publishes tables with COPIED cleared, and recovery or an
 //!   abort takes the surplus back. The image locks keep other writers out meanwhile.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 mod bitmaps;
 mod codec;
 pub mod error;
-pub mod fs;
 mod group;
-pub mod identity;
-pub mod journal;
 mod lock;
 pub mod manifest;
 mod phases;
-pub mod sim;
 mod step;
+
+// Test machinery, public only with the `testing` feature (not covered by semver): the file
+// system seam, the group identity, the journal codec and the recording file system.
+#[cfg(feature = "testing")]
+pub mod fs;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+mod fs;
+#[cfg(feature = "testing")]
+pub mod identity;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+mod identity;
+#[cfg(feature = "testing")]
+pub mod journal;
+#[cfg(not(feature = "testing"))]
+#[allow(dead_code)]
+mod journal;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
 
 pub use bitmaps::BitmapSource;
 pub use error::TxnError;
-pub use group::{Action, Group, Hook, Outcome, OverlayMode, Recovery};
+#[cfg(feature = "testing")]
+pub use group::Hook;
+pub use group::{Action, Group, Outcome, OverlayMode, Recovery};
+pub use journal::JournalError;
 pub use manifest::Manifest;
 pub use phases::{Prepared, Transaction};
+
+// Compile-time checks of what the docs promise about threads: a type that stops being
+// `Send + Sync` fails the build here, not in a caller's.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    // A group moves to the thread that runs transactions (qcow2-qmp's monitor).
+    send::<Group>();
+    send_sync::<TxnError>();
+    send_sync::<Action>();
+};

@@ -11,6 +11,7 @@ const HEADER: &str = "qcow2-group-manifest 1";
 /// Disks and their top images, in first-seen order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Manifest {
+    /// Incremented by every transaction that changes a disk's top.
     pub generation: u64,
     /// (disk, current top)
     pub disks: Vec<(PathBuf, PathBuf)>,

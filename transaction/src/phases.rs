@@ -258,11 +258,11 @@ impl Prepared<'_> {
             return Ok(());
         }
         for img in &self.live {
-            img.hold_writes();
+            qcow2::transaction_support::hold_writes(img);
         }
         self.paused_at = Some(Instant::now());
         for img in &self.live {
-            img.wait_writes_drained();
+            qcow2::transaction_support::wait_writes_drained(img);
         }
         self.group.event("quiesced")
     }
@@ -292,7 +292,7 @@ impl Prepared<'_> {
             // Still paused: a switch may be missing, and recovery may still publish a staged
             // state whose clusters a guest write would change in place.
             for img in &self.live {
-                img.fence_writes();
+                qcow2::transaction_support::fence_writes(img);
             }
         }
         result.map(|()| self.outcome.clone())
@@ -318,7 +318,7 @@ impl Prepared<'_> {
                     // Recovery may yet publish the staged states: no guest write may change
                     // what they share before it.
                     for img in &self.live {
-                        img.fence_writes();
+                        qcow2::transaction_support::fence_writes(img);
                     }
                     TxnError::InDoubt(Box::new(e))
                 }

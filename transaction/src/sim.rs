@@ -27,30 +27,49 @@ pub const SECTOR: u64 = 512;
 /// One recorded operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FsOp {
+    /// Bytes written into a file.
     Write {
+        /// The file's inode.
         ino: u64,
+        /// Offset of the first byte.
         offset: u64,
+        /// The bytes written.
         data: Vec<u8>,
     },
+    /// A file's length set.
     SetLen {
+        /// The file's inode.
         ino: u64,
+        /// The new length in bytes.
         len: u64,
     },
+    /// A file's writes made durable (`fdatasync`).
     Flush {
+        /// The file's inode.
         ino: u64,
     },
+    /// A file created under a name.
     Create {
+        /// The new name.
         path: PathBuf,
+        /// The new file's inode.
         ino: u64,
     },
+    /// A name moved.
     Rename {
+        /// The old name.
         from: PathBuf,
+        /// The new name (replaced if it existed).
         to: PathBuf,
     },
+    /// A name removed.
     Unlink {
+        /// The name removed.
         path: PathBuf,
     },
+    /// A directory's name changes made durable.
     SyncDir {
+        /// The directory.
         dir: PathBuf,
     },
     /// A named point of the transaction (not an I/O operation).
@@ -67,7 +86,12 @@ pub enum Survivors {
     /// A seeded choice: each `unit`-byte aligned piece of each write, and each name change, by
     /// its own coin. `unit` 512 is the default profile, 4096 a 4 KiB-atomic disk, and 1 the
     /// hostile profile under which even the one-sector header commit can tear.
-    Torn { seed: u64, unit: u64 },
+    Torn {
+        /// Seeds the coins.
+        seed: u64,
+        /// Bytes that land whole: 1, 512 or 4096.
+        unit: u64,
+    },
 }
 
 impl Survivors {
@@ -81,8 +105,11 @@ impl Survivors {
 /// the OS error `errno` (`EIO`, `ENOSPC`, ...); with `persistent`, every later one fails too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
+    /// Index of the first failing I/O operation.
     pub at: usize,
+    /// The OS error number it fails with.
     pub errno: i32,
+    /// Every later operation fails too.
     pub persistent: bool,
 }
 
@@ -439,11 +466,9 @@ fn materialize(base: &Tree, ops: &[FsOp], survivors: Survivors) -> Tree {
 
 /// Options that open an image without its backing file.
 fn alone_options(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default()
+        .writable(writable)
+        .backing(BackingPolicy::Ignore)
 }
 
 /// One open file of a [`SimFs`].

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::image::{SnapshotChange, StagedChange};
+use qcow2::transaction_support::{self as ts, SnapshotChange, StagedChange};
 use qcow2::{CreateOptions, Image};
 
 use crate::bitmaps::BitmapChange;
@@ -115,15 +115,13 @@ impl Step for SnapshotStep {
         if self.changes.is_empty() {
             return Ok(None);
         }
-        let staged = self
-            .image()
-            .stage(&self.changes)
-            .map_err(|e| TxnError::image(&self.path, e))?;
+        let staged =
+            ts::stage(self.image(), &self.changes).map_err(|e| TxnError::image(&self.path, e))?;
         let record = Writer::default()
             .u64(self.index as u64)
-            .bytes(&staged.header_switch)
-            .u64(staged.staged_tables[0])
-            .u64(staged.staged_tables[1]);
+            .bytes(&staged.switch().to_bytes())
+            .u64(staged.switch().staged_tables()[0])
+            .u64(staged.switch().staged_tables()[1]);
         self.staged = Some(staged);
         Ok(Some(record.0))
     }
@@ -131,8 +129,7 @@ impl Step for SnapshotStep {
     fn commit(&mut self, fs: &dyn GroupFs) -> Result<Option<Pivot>, TxnError> {
         if let Some(staged) = self.staged.take() {
             fs.event("snapshot_header_switch");
-            self.image()
-                .publish_decided(staged)
+            ts::publish_decided(self.image(), staged)
                 .map_err(|e| TxnError::image(&self.path, e))?;
         }
         Ok(None)
@@ -140,10 +137,9 @@ impl Step for SnapshotStep {
 
     fn abort(&mut self, _fs: &dyn GroupFs) -> Result<(), TxnError> {
         match self.staged.take() {
-            Some(staged) => self
-                .image()
-                .abandon(staged)
-                .map_err(|e| TxnError::image(&self.path, e)),
+            Some(staged) => {
+                ts::abandon(self.image(), staged).map_err(|e| TxnError::image(&self.path, e))
+            }
             None => Ok(()),
         }
     }
@@ -246,10 +242,9 @@ impl Step for RetireStep {
             .image
             .as_deref()
             .expect("the image stays open until clean");
-        let options = qcow2::image::CommitOptions {
-            base_depth: 1,
-            empty_top: false,
-        };
+        let options = qcow2::image::CommitOptions::default()
+            .base_depth(1)
+            .empty_top(false);
         image
             .commit(&options, &mut |_, _| {})
             .map_err(|e| TxnError::image(&self.path, e))?;
@@ -326,12 +321,9 @@ fn create_overlay(
     let backing = relative_to(image, &dir);
     fs.event("overlay_create");
     let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
-    let options = CreateOptions {
-        size,
-        backing_file: Some(backing.to_string_lossy().into_owned()),
-        backing_format: Some("qcow2".into()),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(size)
+        .backing_file(Some(backing.to_string_lossy().into_owned()))
+        .backing_format(Some("qcow2".into()));
     let overlay = Image::create_in(storage, &tmp.display().to_string(), &options)
         .map_err(|e| TxnError::image(tmp, e))?;
     crate::bitmaps::apply(&overlay, tmp, adds, &|p| fs.open_read_only(p))?;

@@ -46,11 +46,7 @@ fn sample(len: usize, n: usize, always: impl IntoIterator<Item = usize>) -> Vec<
 /// An image with data, a snapshot per name (the data changes between them) and more data after.
 fn make(fs: &SimFs, name: &str, size: u64, cluster_size: u64, seed: u8, snapshots: &[&str]) {
     let storage = fs.create_new(&path(name)).unwrap();
-    let options = CreateOptions {
-        size,
-        cluster_size,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(size).cluster_size(cluster_size);
     let img = Image::create_in(storage, name, &options).unwrap();
     let chunk = size / 8;
     for (k, snap) in snapshots.iter().enumerate() {
@@ -754,12 +750,9 @@ fn attempts_before(log: &[FsOp], event: &str) -> usize {
 /// Makes the overlay for d2 ahead of the transaction, as `mode: existing` expects.
 fn add_overlay(fs: &SimFs, backing: &str, format: &str, size: u64) -> SimFs {
     let storage = fs.create_new(Path::new(OVERLAY)).unwrap();
-    let options = CreateOptions {
-        size,
-        backing_file: Some(backing.into()),
-        backing_format: Some(format.into()),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(size)
+        .backing_file(Some(backing.into()))
+        .backing_format(Some(format.into()));
     Image::create_in(storage, OVERLAY, &options)
         .unwrap()
         .close()
@@ -854,12 +847,9 @@ fn an_unsuitable_existing_overlay_is_refused() {
 /// is what makes 65536 snapshots cheap to set up.
 fn many_snapshots(fs: &SimFs, name: &str, n: usize) {
     let storage = fs.create_new(&path(name)).unwrap();
-    let options = CreateOptions {
-        size: 1 << 20,
-        cluster_size: 65536,
-        refcount_bits: 32,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(1 << 20)
+        .cluster_size(65536)
+        .refcount_bits(32);
     let img = Image::create_in(storage, name, &options).unwrap();
     img.create_snapshot("s0", SnapshotTime { secs: 1, nanos: 0 })
         .unwrap();
@@ -883,10 +873,7 @@ fn many_snapshots(fs: &SimFs, name: &str, n: usize) {
     file.write_at(&switch, 60).unwrap();
     file.flush().unwrap();
     let storage = fs.open_existing(&path(name)).unwrap();
-    let repair = OpenOptions {
-        for_repair: true,
-        ..OpenOptions::read_write()
-    };
+    let repair = OpenOptions::read_write().for_repair(true);
     let img = Image::from_storage(storage, name, &repair).unwrap();
     let report = img.check_and_repair(qcow2::Repair::All).unwrap();
     assert!(report.is_clean(), "{report:?}");
@@ -984,10 +971,7 @@ fn rewrite_table(fs: &SimFs, p: &Path, edit: impl FnOnce(&mut Vec<qcow2::format:
     file.write_at(&switch, 60).unwrap();
     file.flush().unwrap();
     let storage = fs.open_existing(p).unwrap();
-    let repair = OpenOptions {
-        for_repair: true,
-        ..OpenOptions::read_write()
-    };
+    let repair = OpenOptions::read_write().for_repair(true);
     let img = Image::from_storage(storage, "edit", &repair).unwrap();
     assert!(img.check_and_repair(qcow2::Repair::All).unwrap().is_clean());
     img.close().unwrap();
@@ -1072,11 +1056,9 @@ fn a_plan_the_disk_has_no_room_for_is_refused_before_any_write() {
 }
 
 fn writable_alone() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default()
+        .writable(true)
+        .backing(BackingPolicy::Ignore)
 }
 
 /// The guest content of the disk whose top is `top`, read through its backing file.
@@ -1196,12 +1178,9 @@ fn an_overlay_still_in_use_cannot_be_deleted() {
     // Another image of the group backed by the overlay.
     let fs = base.settled();
     let storage = fs.create_new(&path("child.qcow2")).unwrap();
-    let options = CreateOptions {
-        size: 4 << 20,
-        backing_file: Some("d2.new.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(4 << 20)
+        .backing_file(Some("d2.new.qcow2".into()))
+        .backing_format(Some("qcow2".into()));
     Image::create_in(storage, "child", &options)
         .unwrap()
         .close()
@@ -1313,12 +1292,9 @@ fn names_that_differ_only_in_case_are_different() {
 fn a_dirty_lazy_refcount_image_is_repaired_then_joins() {
     let fs = setup();
     let storage = fs.create_new(&path("lazy.qcow2")).unwrap();
-    let options = CreateOptions {
-        size: 4 << 20,
-        cluster_size: 65536,
-        lazy_refcounts: true,
-        ..CreateOptions::default()
-    };
+    let options = CreateOptions::new(4 << 20)
+        .cluster_size(65536)
+        .lazy_refcounts(true);
     let img = Image::create_in(storage, "lazy", &options).unwrap();
     img.write_at(&vec![0x42; 300_000], 0).unwrap();
     img.flush().unwrap();

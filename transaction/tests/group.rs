@@ -21,15 +21,7 @@ fn disks(name: &str) -> Disks {
     let mut paths = Vec::new();
     for i in 0..4u8 {
         let path = dir.join(format!("disk{i}.qcow2"));
-        let image = Image::create(
-            &path,
-            &CreateOptions {
-                size: 4 << 20,
-                cluster_size: 65536,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+        let image = Image::create(&path, &CreateOptions::new(4 << 20).cluster_size(65536)).unwrap();
         image.write_at(&vec![i + 1; 300_000], 0).unwrap();
         image
             .create_snapshot("base", SnapshotTime { secs: 1, nanos: 0 })
@@ -215,12 +207,9 @@ fn a_failure_while_preparing_rolls_every_image_back() {
     let rc1 = d.dir.join("zz-rc1.qcow2");
     let image = Image::create(
         &rc1,
-        &CreateOptions {
-            size: 1 << 20,
-            cluster_size: 65536,
-            refcount_bits: 1,
-            ..CreateOptions::default()
-        },
+        &CreateOptions::new(1 << 20)
+            .cluster_size(65536)
+            .refcount_bits(1),
     )
     .unwrap();
     image.write_at(&[5; 70_000], 0).unwrap();

@@ -23,10 +23,7 @@ fn live_disks(name: &str, n: usize) -> (PathBuf, Vec<PathBuf>, Vec<Arc<Image>>) 
     let mut handles = Vec::new();
     for i in 0..n {
         let path = dir.join(format!("disk{i}.qcow2"));
-        let options = CreateOptions {
-            size: SIZE,
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(SIZE);
         Image::create(&path, &options).unwrap().close().unwrap();
         handles.push(Arc::new(
             Image::open(&path, &OpenOptions::read_write()).unwrap(),
@@ -192,7 +189,7 @@ fn dropping_or_aborting_a_prepared_transaction_takes_it_back_and_lets_writes_go_
             txn.add(snapshot(&paths[0], "never")).unwrap();
             let prepared = txn.prepare().unwrap();
             let writer = s.spawn(|| img.write_at(&[2; BLOCK], 0).unwrap());
-            while img.writes_waiting() == 0 {
+            while qcow2::transaction_support::writes_waiting(&img) == 0 {
                 std::thread::yield_now();
             }
             let mut buf = [0; BLOCK];

@@ -25,10 +25,7 @@ pub(crate) const MAX_SNAPSHOTS_OPENED: usize = 64;
 /// attached, so unallocated means zeros).
 pub fn open_read(data: &[u8]) {
     let storage = MemoryStorage::from_bytes(data.to_vec());
-    let options = OpenOptions {
-        l2_cache_bytes: OPEN_READ_L2_CACHE_BYTES,
-        ..OpenOptions::metadata_only()
-    };
+    let options = OpenOptions::metadata_only().l2_cache_bytes(OPEN_READ_L2_CACHE_BYTES);
     let Ok(image) = Image::from_storage(Box::new(storage), "fuzz", &options) else {
         return;
     };

@@ -10,11 +10,7 @@ pub(crate) fn build(configs: &[ImageConfig]) -> SimFs {
     for (i, c) in configs.iter().enumerate() {
         let p = image_path(i);
         let storage = fs.create_new(&p).expect("creating an image file");
-        let options = CreateOptions {
-            size: c.size(),
-            cluster_size: c.cluster_size(),
-            ..CreateOptions::default()
-        };
+        let options = CreateOptions::new(c.size()).cluster_size(c.cluster_size());
         let img = Image::create_in(storage, &p.display().to_string(), &options)
             .expect("creating an image");
         if c.bitmap() {

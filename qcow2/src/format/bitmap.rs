@@ -18,8 +18,9 @@ pub const FLAG_AUTO: u32 = 1 << 1;
 pub const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO;
 /// The only bitmap type: dirty tracking.
 pub const TYPE_DIRTY_TRACKING: u8 = 1;
-/// Granularity limits (QEMU: 512 B ..= 2 GiB).
+/// Smallest granularity QEMU accepts, as a power of two (512 bytes).
 pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Largest granularity QEMU accepts, as a power of two (2 GiB).
 pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// Longest name QEMU accepts.
 pub const MAX_NAME_SIZE: usize = 1023;
@@ -39,23 +40,31 @@ pub const TABLE_ALL_ONES: u64 = 1;
 /// One bitmap as the directory describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapEntry {
+    /// Host offset of the bitmap table (`bitmap_table_offset`), cluster-aligned.
     pub table_offset: u64,
     /// Table entries (u64 each).
     pub table_size: u32,
+    /// [`FLAG_IN_USE`] and [`FLAG_AUTO`]; no other bit is accepted.
     pub flags: u32,
+    /// Guest bytes per bit, as a power of two
+    /// ([`MIN_GRANULARITY_BITS`]..=[`MAX_GRANULARITY_BITS`]).
     pub granularity_bits: u8,
+    /// The bitmap's name, unique in the image, at most [`MAX_NAME_SIZE`] bytes.
     pub name: String,
 }
 
 impl BitmapEntry {
+    /// Whether [`FLAG_IN_USE`] is set: the bitmap was not saved cleanly.
     pub fn in_use(&self) -> bool {
         self.flags & FLAG_IN_USE != 0
     }
 
+    /// Whether [`FLAG_AUTO`] is set: the bitmap records writes.
     pub fn auto(&self) -> bool {
         self.flags & FLAG_AUTO != 0
     }
 
+    /// Guest bytes one bit covers.
     pub fn granularity(&self) -> u64 {
         1 << self.granularity_bits
     }
@@ -112,6 +121,7 @@ impl TableEntry {
         Ok(TableEntry::Data(offset))
     }
 
+    /// The on-disk entry: 0, [`TABLE_ALL_ONES`], or the data cluster's offset.
     pub fn encode(self) -> u64 {
         match self {
             TableEntry::Zeros => 0,

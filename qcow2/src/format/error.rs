@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Whether an image is broken or merely uses something this engine does not implement.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Problem {
     /// The bytes break the format or one of QEMU's limits.
     Invalid(String),

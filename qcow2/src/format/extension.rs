@@ -10,18 +10,24 @@ use super::limits::*;
 
 /// Extension type magics.
 pub mod kind {
+    /// End of the header extension area.
     pub const END: u32 = 0x0000_0000;
+    /// Backing file format name (`qcow2`, `raw`).
     pub const BACKING_FORMAT: u32 = 0xE279_2ACA;
+    /// Feature name table: names for feature bits.
     pub const FEATURE_NAME_TABLE: u32 = 0x6803_F857;
+    /// Persistent dirty bitmaps: the bitmap directory's location.
     pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer (LUKS); refused by this engine.
     pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_BE77;
+    /// External data file name.
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
 }
 
 /// The bitmaps extension body, exactly as on disk (24 bytes).
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-pub struct RawBitmapsExtension {
+pub(crate) struct RawBitmapsExtension {
     pub nb_bitmaps: U32,
     pub reserved: U32,
     pub bitmap_directory_size: U64,
@@ -31,15 +37,20 @@ pub struct RawBitmapsExtension {
 /// The bitmaps extension, decoded. The bitmaps themselves are kept, not interpreted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BitmapsExtension {
+    /// `nb_bitmaps`: entries in the bitmap directory (1..=65535).
     pub nb_bitmaps: u32,
+    /// `bitmap_directory_size`: bytes of the directory, padding included.
     pub bitmap_directory_size: u64,
+    /// `bitmap_directory_offset`: host offset of the directory, cluster-aligned.
     pub bitmap_directory_offset: u64,
 }
 
 /// An extension this engine does not interpret, kept byte-exact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownExtension {
+    /// The extension's type magic.
     pub kind: u32,
+    /// Its data, without the padding to 8 bytes.
     pub data: Vec<u8>,
 }
 
@@ -52,6 +63,7 @@ pub struct Extensions {
     pub feature_names: Vec<FeatureName>,
     /// Whether a feature name table extension was present at all.
     pub has_feature_table: bool,
+    /// The bitmaps extension, if present.
     pub bitmaps: Option<BitmapsExtension>,
     /// External data file name.
     pub data_file: Option<Vec<u8>>,

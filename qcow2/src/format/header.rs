@@ -16,7 +16,7 @@ use super::limits::*;
 /// The 72 bytes every qcow2 version has, exactly as on disk.
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-pub struct RawHeaderV2 {
+pub(crate) struct RawHeaderV2 {
     pub magic: U32,
     pub version: U32,
     pub backing_file_offset: U64,
@@ -35,7 +35,7 @@ pub struct RawHeaderV2 {
 /// The v3 fields between byte 72 and 104, exactly as on disk.
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-pub struct RawHeaderV3 {
+pub(crate) struct RawHeaderV3 {
     pub incompatible_features: U64,
     pub compatible_features: U64,
     pub autoclear_features: U64,
@@ -45,24 +45,43 @@ pub struct RawHeaderV3 {
 
 /// Byte offset of each header field, for error messages that say where the problem is.
 pub mod field_offset {
+    /// `magic` starts at byte 0.
     pub const MAGIC: u64 = 0;
+    /// `version` starts at byte 4.
     pub const VERSION: u64 = 4;
+    /// `backing_file_offset` starts at byte 8.
     pub const BACKING_FILE_OFFSET: u64 = 8;
+    /// `backing_file_size` starts at byte 16.
     pub const BACKING_FILE_SIZE: u64 = 16;
+    /// `cluster_bits` starts at byte 20.
     pub const CLUSTER_BITS: u64 = 20;
+    /// `size` starts at byte 24.
     pub const SIZE: u64 = 24;
+    /// `crypt_method` starts at byte 32.
     pub const CRYPT_METHOD: u64 = 32;
+    /// `l1_size` starts at byte 36.
     pub const L1_SIZE: u64 = 36;
+    /// `l1_table_offset` starts at byte 40.
     pub const L1_TABLE_OFFSET: u64 = 40;
+    /// `refcount_table_offset` starts at byte 48.
     pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    /// `refcount_table_clusters` starts at byte 56.
     pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    /// `nb_snapshots` starts at byte 60.
     pub const NB_SNAPSHOTS: u64 = 60;
+    /// `snapshots_offset` starts at byte 64.
     pub const SNAPSHOTS_OFFSET: u64 = 64;
+    /// `incompatible_features` starts at byte 72.
     pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    /// `compatible_features` starts at byte 80.
     pub const COMPATIBLE_FEATURES: u64 = 80;
+    /// `autoclear_features` starts at byte 88.
     pub const AUTOCLEAR_FEATURES: u64 = 88;
+    /// `refcount_order` starts at byte 96.
     pub const REFCOUNT_ORDER: u64 = 96;
+    /// `header_length` starts at byte 100.
     pub const HEADER_LENGTH: u64 = 100;
+    /// `compression_type` starts at byte 104.
     pub const COMPRESSION_TYPE: u64 = 104;
 }
 
@@ -88,24 +107,41 @@ impl CompressionType {
 /// A decoded, validated header with everything needed to rewrite it faithfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// `version`: 2 (compat=0.10) or 3 (compat=1.1).
     pub version: u32,
+    /// `backing_file_offset`: where in cluster 0 the backing file name lies; 0 for none.
     pub backing_file_offset: u64,
+    /// `backing_file_size`: length of the backing file name in bytes (at most 1023).
     pub backing_file_size: u32,
+    /// `cluster_bits`: the cluster size as a power of two (9..=21).
     pub cluster_bits: u32,
+    /// `size`: the virtual disk size in bytes.
     pub size: u64,
+    /// `crypt_method`: 0 for none; decoding refuses every other value (1 AES, 2 LUKS).
     pub crypt_method: u32,
+    /// `l1_size`: entries in the active L1 table.
     pub l1_size: u32,
+    /// `l1_table_offset`: host offset of the active L1 table, cluster-aligned.
     pub l1_table_offset: u64,
+    /// `refcount_table_offset`: host offset of the refcount table, cluster-aligned.
     pub refcount_table_offset: u64,
+    /// `refcount_table_clusters`: length of the refcount table in clusters.
     pub refcount_table_clusters: u32,
+    /// `nb_snapshots`: number of internal snapshots.
     pub nb_snapshots: u32,
+    /// `snapshots_offset`: host offset of the snapshot table; 0 with no snapshots.
     pub snapshots_offset: u64,
+    /// `incompatible_features`: [`Incompatible`] bits (always 0 for v2).
     pub incompatible_features: u64,
+    /// `compatible_features`: [`Compatible`](super::features::Compatible) bits.
     pub compatible_features: u64,
+    /// `autoclear_features`: [`Autoclear`](super::features::Autoclear) bits.
     pub autoclear_features: u64,
+    /// `refcount_order`: the refcount width as a power of two bits (0..=6; 4 for v2).
     pub refcount_order: u32,
     /// 72 for v2; the on-disk value for v3.
     pub header_length: u32,
+    /// `compression_type` (byte 104): zlib unless the incompatible bit says otherwise.
     pub compression_type: CompressionType,
     /// Header bytes past the fields this engine knows (offset 112 up to header_length), kept verbatim.
     pub unknown_header_bytes: Vec<u8>,

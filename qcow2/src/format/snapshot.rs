@@ -14,7 +14,7 @@ use super::limits::*;
 /// The fixed 40 bytes of a snapshot table entry, exactly as on disk.
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-pub struct RawSnapshotHeader {
+pub(crate) struct RawSnapshotHeader {
     pub l1_table_offset: U64,
     pub l1_size: U32,
     pub id_str_size: U16,
@@ -87,14 +87,20 @@ impl From<SnapshotTime> for std::time::SystemTime {
 /// One decoded snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotEntry {
+    /// `l1_table_offset`: host offset of the snapshot's L1 table, cluster-aligned.
     pub l1_table_offset: u64,
+    /// `l1_size`: entries in the snapshot's L1 table.
     pub l1_size: u32,
     /// The unique id string (decimal in practice; raw bytes on disk).
     pub id: Vec<u8>,
     /// The name (raw bytes; duplicates are possible).
     pub name: Vec<u8>,
+    /// `date_sec`: the low 32 bits of the creation time in seconds (see the module docs for
+    /// the 64-bit time).
     pub date_sec: u32,
+    /// `date_nsec`: nanoseconds of the creation time.
     pub date_nsec: u32,
+    /// `vm_clock_nsec`: the guest clock when the snapshot was taken, in nanoseconds.
     pub vm_clock_nsec: u64,
     /// The legacy 32-bit VM state size field.
     pub vm_state_size32: u32,
@@ -105,8 +111,11 @@ pub struct SnapshotEntry {
 /// Sizes read from an entry's fixed part: everything needed to know how long the entry is.
 #[derive(Debug, Clone, Copy)]
 pub struct EntrySizes {
+    /// `extra_data_size`, in bytes.
     pub extra: u32,
+    /// `id_str_size`, in bytes.
     pub id: u16,
+    /// `name_size`, in bytes.
     pub name: u16,
 }
 

@@ -29,9 +29,13 @@ impl L1Entry {
     pub fn l2_offset(self) -> u64 {
         self.0 & OFFSET_MASK
     }
+
+    /// Bit 63, COPIED: the L2 table's refcount is exactly 1, so it may be written in place.
     pub fn copied(self) -> bool {
         self.0 & COPIED != 0
     }
+
+    /// The bits the spec reserves (must be zero); non-zero means corruption.
     pub fn reserved_bits(self) -> u64 {
         self.0 & L1_RESERVED_MASK
     }
@@ -45,11 +49,21 @@ pub enum ClusterMapping {
     /// Reads as zeros, no host cluster.
     Zero,
     /// Reads as zeros; a host cluster stays preallocated.
-    ZeroAllocated { host_offset: u64 },
+    ZeroAllocated {
+        /// Host offset of the preallocated cluster, cluster-aligned.
+        host_offset: u64,
+    },
     /// Guest data at this host offset.
-    Normal { host_offset: u64 },
+    Normal {
+        /// Host offset of the data cluster, cluster-aligned.
+        host_offset: u64,
+    },
     /// Compressed data.
-    Compressed { descriptor: u64 },
+    Compressed {
+        /// The entry without its flag bits: host offset and sector count, decoded by
+        /// [`CompressedDescriptor::decode`](super::CompressedDescriptor::decode).
+        descriptor: u64,
+    },
 }
 
 /// Classifies a standard L2 entry. With `external_data` set, offset 0 with COPIED is a real
@@ -88,9 +102,12 @@ pub enum SubclusterState {
 pub struct SubclusterBitmap(pub u64);
 
 impl SubclusterBitmap {
+    /// Bits 0..32: subcluster `n` is allocated when bit `n` is set.
     pub fn alloc_bits(self) -> u32 {
         self.0 as u32
     }
+
+    /// Bits 32..64: subcluster `n` reads as zeros when bit `32 + n` is set.
     pub fn zero_bits(self) -> u32 {
         (self.0 >> 32) as u32
     }

@@ -23,14 +23,14 @@ mod chain;
 mod data;
 mod maintenance;
 mod meta;
-mod snapshots;
+pub(crate) mod snapshots;
 
 // Every submodule by its own name, wherever its folder puts it.
 use chain::{backing, commit, rebase};
 use data::{codec, extents, layer, map, quiesce};
 use maintenance::{check, create, info, repair};
 use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
-use snapshots::{ops as snapshot_ops, view as snapshot};
+use snapshots::view as snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -52,7 +52,6 @@ pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
 pub use snapshot::SnapshotView;
-pub use snapshot_ops::{SnapshotChange, StagedChange};
 
 use crate::error::{Error, Result};
 use crate::format::limits::*;
@@ -62,8 +61,10 @@ use crate::storage::{FileStorage, Storage, StorageExt};
 use backing::Backing;
 use l2_cache::L2Cache;
 
-/// How to open an image.
-#[derive(Clone)]
+/// How to open an image: build it from [`OpenOptions::new`] (read-only, following the backing
+/// chain), [`OpenOptions::read_write`] or [`OpenOptions::metadata_only`], then chain setters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open for writing (the backing chain is always opened read-only).
     pub writable: bool,
@@ -97,7 +98,21 @@ impl Default for OpenOptions {
     }
 }
 
+setters!(OpenOptions {
+    writable: bool,
+    backing: BackingPolicy,
+    max_backing_depth: usize,
+    l2_cache_bytes: u64,
+    force_share: bool,
+    for_repair: bool,
+});
+
 impl OpenOptions {
+    /// The defaults: read-only, following the backing chain, 4 MiB of L2 cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Options that open the image for writing, following its backing chain.
     pub fn read_write() -> Self {
         OpenOptions {
@@ -186,6 +201,10 @@ impl Meta {
 }
 
 /// An open qcow2 image.
+///
+/// `Image` is `Send + Sync`, and every I/O method takes `&self`: share one handle between
+/// threads through an `Arc` (the NBD server serves all connections of an export this way).
+/// Reads run concurrently; writes that change metadata take the image's metadata lock in turn.
 pub struct Image {
     name: String,
     path: Option<PathBuf>,

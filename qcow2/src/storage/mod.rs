@@ -1,14 +1,20 @@
 //! Positioned I/O under the engine. Everything above this module reaches image bytes only through
-//! [`Storage`], so tests and the fuzzer swap in memory (and, later, recording) backends.
+//! [`Storage`], so tests and the fuzzer swap in memory and recording backends. The
+//! recording store (`recording`, simulated power cuts) needs the `testing` feature.
 
 mod file;
 mod lock;
 mod memory;
+#[cfg(any(test, feature = "testing"))]
 pub mod recording;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+#[cfg(any(test, feature = "testing"))]
 pub use recording::RecordingStorage;
+
+/// The write unit disks promise to land whole (a header switch fits in one).
+pub(crate) const SECTOR: u64 = 512;
 
 use std::io;
 
@@ -71,7 +77,9 @@ pub trait Storage: Send + Sync {
 /// A host file's identity: its device and inode numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileIdentity {
+    /// `st_dev` of the file.
     pub device: u64,
+    /// `st_ino` of the file.
     pub inode: u64,
 }
 

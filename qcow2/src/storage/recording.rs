@@ -9,13 +9,21 @@ use std::sync::Mutex;
 use super::Storage;
 
 /// Bytes a store persists atomically: 512-byte aligned sectors.
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = super::SECTOR;
 
 /// One recorded operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Write { offset: u64, data: Vec<u8> },
+    /// `write_at`: the bytes written at a store offset.
+    Write {
+        /// Store offset of the first byte.
+        offset: u64,
+        /// The bytes written.
+        data: Vec<u8>,
+    },
+    /// `flush`: every earlier operation is durable.
     Flush,
+    /// `set_len` to this many bytes.
     SetLen(u64),
 }
 
@@ -55,6 +63,19 @@ struct State {
 #[derive(Default)]
 pub struct RecordingStorage {
     state: Mutex<State>,
+}
+
+impl std::fmt::Debug for RecordingStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("RecordingStorage")
+            .field("live_len", &s.live.len())
+            .field("ops", &s.ops.len())
+            .field("writes", &s.writes)
+            .field("flushes", &s.flushes)
+            .field("fault", &s.fault)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RecordingStorage {

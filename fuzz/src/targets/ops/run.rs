@@ -60,22 +60,19 @@ pub(crate) struct OpsRun {
 impl OpsRun {
     pub(crate) fn new(config: &OpsConfig) -> Self {
         let cluster_size = 1u64 << config.cluster_bits.get();
-        let options = CreateOptions {
-            size: config.size,
-            cluster_size,
-            refcount_bits: config.refcount_bits,
-            version: config.version,
-            lazy_refcounts: config.lazy_refcounts,
-            extended_l2: config.extended_l2,
-            compression_type: if config.zstd {
+        let options = CreateOptions::new(config.size)
+            .cluster_size(cluster_size)
+            .refcount_bits(config.refcount_bits)
+            .version(config.version)
+            .lazy_refcounts(config.lazy_refcounts)
+            .extended_l2(config.extended_l2)
+            .compression_type(if config.zstd {
                 CompressionType::Zstd
             } else {
                 CompressionType::Zlib
-            },
-            backing_file: config.backing.as_ref().map(|_| OPS_BACKING_NAME.into()),
-            backing_format: config.backing.as_ref().map(|_| "raw".into()),
-            ..CreateOptions::default()
-        };
+            })
+            .backing_file(config.backing.as_ref().map(|_| OPS_BACKING_NAME.into()))
+            .backing_format(config.backing.as_ref().map(|_| "raw".into()));
         let store = Arc::new(RecordingStorage::new(Vec::new()));
         let mut image = Image::create_in(Box::new(store.clone()), "fuzz", &options)
             .unwrap_or_else(|e| panic!("create {options:?}: {e}"));
@@ -851,11 +848,9 @@ pub(crate) fn out_of_bounds(e: &Error, offset: u64, len: u64, size: u64) -> bool
 }
 
 pub(crate) fn ops_open_options(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default()
+        .writable(writable)
+        .backing(BackingPolicy::Ignore)
 }
 
 pub(crate) fn attach_backing(image: &mut Image, base: &[u8]) {

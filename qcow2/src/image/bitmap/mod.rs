@@ -72,6 +72,7 @@ pub(crate) struct Tracked {
 /// One bitmap, as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
+    /// The bitmap's name, unique in the image.
     pub name: String,
     /// Bytes of guest data one bit covers.
     pub granularity: u64,

@@ -20,7 +20,7 @@ use crate::format::features::Autoclear;
 use crate::format::limits::{MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME};
 use crate::format::Header;
 use crate::image::{Image, Meta};
-use crate::storage::recording::SECTOR;
+use crate::storage::SECTOR;
 
 /// What a header says, ignoring where the name sits and the feature name table (which only
 /// names features in messages).

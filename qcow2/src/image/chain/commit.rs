@@ -19,6 +19,7 @@ const COPY_CHUNK: u64 = 1 << 20;
 
 /// How to commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitOptions {
     /// Depth of the base in the opened chain: 1 is the top's own backing file.
     pub base_depth: u32,
@@ -32,6 +33,18 @@ impl Default for CommitOptions {
             base_depth: 1,
             empty_top: true,
         }
+    }
+}
+
+setters!(CommitOptions {
+    base_depth: u32,
+    empty_top: bool,
+});
+
+impl CommitOptions {
+    /// Commit into the backing file (depth 1) and empty the top afterwards.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 

@@ -84,6 +84,7 @@ impl NewBacking {
 
 /// How to rebase.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RebaseOptions {
     /// The new backing file name as the header records it; `None` removes the backing file.
     pub name: Option<String>,
@@ -91,6 +92,20 @@ pub struct RebaseOptions {
     pub format: Option<String>,
     /// Rewrite the header only (`-u`): the caller promises the content matches.
     pub header_only: bool,
+}
+
+setters!(RebaseOptions {
+    name: Option<String>,
+    format: Option<String>,
+    header_only: bool,
+});
+
+impl RebaseOptions {
+    /// Safe-mode rebase onto no backing file; set [`name`](Self#structfield.name) and
+    /// [`format`](Self#structfield.format) for a new one.
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 impl Image {

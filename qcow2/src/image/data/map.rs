@@ -10,28 +10,43 @@ use crate::image::{Image, Meta};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {
     /// Guest data stored at `host_offset` (of the image file, its data file, or a raw backing file).
-    Data { host_offset: u64 },
+    Data {
+        /// Host offset of the range's first byte.
+        host_offset: u64,
+    },
     /// Guest data mapped to `host_offset`, where the host file has a hole: it reads as zeros
     /// (qemu-img: `data` and `zero`). Reported for a metadata-preallocated image, as QEMU
     /// reports it, once the engine detects one; not produced yet.
-    DataHole { host_offset: u64 },
+    DataHole {
+        /// Host offset of the range's first byte.
+        host_offset: u64,
+    },
     /// Compressed data.
     Compressed,
     /// Explicitly zero (a zero flag or zero subclusters); `host_offset` when a cluster stays
     /// preallocated.
-    Zero { host_offset: Option<u64> },
+    Zero {
+        /// Host offset of the preallocated range's first byte, if any.
+        host_offset: Option<u64>,
+    },
     /// Allocated nowhere in the chain: reads as zeros. `host_offset` is set where the image keeps
     /// a host cluster for the range anyway (unallocated subclusters of an allocated cluster).
-    Unallocated { host_offset: Option<u64> },
+    Unallocated {
+        /// Host offset of the range's first byte in a kept host cluster, if any.
+        host_offset: Option<u64>,
+    },
 }
 
 /// A guest range with one meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Guest offset of the range, in bytes.
     pub start: u64,
+    /// Length of the range, in bytes.
     pub length: u64,
     /// 0 for the image itself, 1 for its backing file, and so on.
     pub depth: u32,
+    /// What the range holds.
     pub kind: ExtentKind,
 }
 

@@ -62,6 +62,12 @@ impl Drop for Pass<'_> {
 /// Writes paused on one image for as long as it lives (see [`Image::quiesce`]).
 pub struct Quiesced<'a>(&'a Image);
 
+impl std::fmt::Debug for Quiesced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Quiesced").field(&self.0.name).finish()
+    }
+}
+
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
         self.0.resume_writes();
@@ -103,12 +109,12 @@ impl Image {
     /// The first half of [`Image::pause_writes`]: new writes wait from now on, without waiting
     /// for those in flight. Pausing several images at one instant holds them all first, then
     /// waits for each to drain.
-    pub fn hold_writes(&self) {
+    pub(crate) fn hold_writes(&self) {
         self.gate.lock().pauses += 1;
     }
 
     /// The second half of [`Image::pause_writes`]: waits until no admitted write is in flight.
-    pub fn wait_writes_drained(&self) {
+    pub(crate) fn wait_writes_drained(&self) {
         let gate = &self.gate;
         let mut g = gate.lock();
         while g.active > 0 {
@@ -119,7 +125,7 @@ impl Image {
     /// Makes every waiting and every later guest write fail: for an image whose live
     /// transaction is decided but not published, where a write could change data a staged
     /// snapshot shares. Only closing the image (and recovering its group) ends it.
-    pub fn fence_writes(&self) {
+    pub(crate) fn fence_writes(&self) {
         self.gate.lock().fenced = true;
         self.gate.changed.notify_all();
     }
@@ -140,7 +146,7 @@ impl Image {
     }
 
     /// Guest writes waiting at a paused gate (tests see a writer blocked without sleeping).
-    pub fn writes_waiting(&self) -> u32 {
+    pub(crate) fn writes_waiting(&self) -> u32 {
         self.gate.lock().waiting
     }
 }

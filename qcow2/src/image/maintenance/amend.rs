@@ -24,12 +24,21 @@ use crate::image::{Image, Meta};
 
 /// What `amend -o` asks for (`None`: leave as it is).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct AmendOptions {
     /// 2 for compat=0.10, 3 for compat=1.1.
     pub version: Option<u32>,
+    /// Set or clear the lazy refcounts compatible bit (`lazy_refcounts=`, version 3 only).
     pub lazy_refcounts: Option<bool>,
+    /// New refcount width in bits (`refcount_bits=`): the refcount structures are rebuilt.
     pub refcount_bits: Option<u32>,
 }
+
+setters!(AmendOptions {
+    version: Option<u32>,
+    lazy_refcounts: Option<bool>,
+    refcount_bits: Option<u32>,
+});
 
 const V3_HINT: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
 

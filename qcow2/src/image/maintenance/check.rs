@@ -25,14 +25,20 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Internal failures (unreadable refcount blocks or tables).
     pub check_errors: u64,
+    /// Corruptions a repair fixed (`check -r all`).
     pub corruptions_fixed: u64,
+    /// Leaked clusters a repair reclaimed (`check -r leaks` or `all`).
     pub leaks_fixed: u64,
     /// (Highest used host cluster + 1) × cluster size.
     pub image_end_offset: u64,
     /// Guest clusters of the virtual disk.
     pub total_clusters: u64,
+    /// Guest clusters with data in this image (not its backing chain).
     pub allocated_clusters: u64,
+    /// Allocated guest clusters whose host cluster does not follow the previous guest
+    /// cluster's; every compressed cluster counts (qemu-img's fragmentation count).
     pub fragmented_clusters: u64,
+    /// Guest clusters stored compressed.
     pub compressed_clusters: u64,
     /// One line per problem, as qemu-img prints them to stderr.
     pub messages: Vec<String>,

@@ -27,19 +27,34 @@ pub enum Preallocation {
     Full,
 }
 
-/// qemu-img's create options for qcow2.
+/// qemu-img's create options for qcow2: [`CreateOptions::new`] with the virtual size, then
+/// chained setters for the rest. The defaults are qemu-img's: 64 KiB clusters, 16-bit
+/// refcounts, version 3, zlib, no backing file, no preallocation.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CreateOptions {
+    /// The virtual disk size in bytes, at most [`MAX_VIRTUAL_SIZE`](crate::format::limits::MAX_VIRTUAL_SIZE).
     pub size: u64,
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB (`cluster_size=`).
     pub cluster_size: u64,
+    /// Refcount width in bits: a power of two up to 64; only 16 for version 2
+    /// (`refcount_bits=`).
     pub refcount_bits: u32,
     /// 2 for compat=0.10, 3 for compat=1.1.
     pub version: u32,
+    /// Set the lazy refcounts compatible bit (`lazy_refcounts=on`, version 3 only).
     pub lazy_refcounts: bool,
+    /// Extended L2 entries with 32 subclusters per cluster (`extended_l2=on`, version 3
+    /// only, clusters of at least 16 KiB).
     pub extended_l2: bool,
+    /// How compressed clusters are encoded (`compression_type=`); zstd needs version 3.
     pub compression_type: CompressionType,
+    /// The backing file name recorded in the header, relative to the new image's directory
+    /// unless absolute (`-b`). Not opened by `create`.
     pub backing_file: Option<String>,
+    /// The backing file's format recorded with its name (`-F`: "qcow2" or "raw").
     pub backing_format: Option<String>,
+    /// How much to allocate up front.
     pub preallocation: Preallocation,
     /// External data file name (guest data lives there at its guest offsets).
     pub data_file: Option<String>,
@@ -66,7 +81,30 @@ impl Default for CreateOptions {
     }
 }
 
+setters!(CreateOptions {
+    size: u64,
+    cluster_size: u64,
+    refcount_bits: u32,
+    version: u32,
+    lazy_refcounts: bool,
+    extended_l2: bool,
+    compression_type: CompressionType,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    preallocation: Preallocation,
+    data_file: Option<String>,
+    data_file_raw: bool,
+});
+
 impl CreateOptions {
+    /// qemu-img's defaults for a disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        CreateOptions {
+            size,
+            ..Self::default()
+        }
+    }
+
     /// What the new image preallocates: a raw data file needs every cluster mapped (its
     /// guest offset) up front, as QEMU maps it.
     fn create_preallocation(&self) -> Preallocation {

@@ -7,37 +7,58 @@ use crate::image::Image;
 /// One internal snapshot, as `qemu-img info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
+    /// The unique id (QEMU numbers them 1, 2, ...).
     pub id: String,
+    /// The name (not necessarily unique).
     pub name: String,
     /// Wall-clock time with 64-bit seconds.
     pub time: SnapshotTime,
     /// `date_sec` as stored (the low 32 bits QEMU shows).
     pub date_sec: u32,
+    /// Nanoseconds of the creation time.
     pub date_nsec: u32,
+    /// The guest clock when the snapshot was taken, in nanoseconds.
     pub vm_clock_nsec: u64,
+    /// Bytes of saved VM state (0 for disk-only snapshots).
     pub vm_state_size: u64,
+    /// The guest instruction count when taken, if the extra data records one.
     pub icount: Option<u64>,
+    /// The virtual disk size when taken, in bytes, if the extra data records it.
     pub disk_size: Option<u64>,
 }
 
 /// Image facts, as `qemu-img info` reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// The virtual disk size in bytes.
     pub virtual_size: u64,
+    /// Cluster size in bytes.
     pub cluster_size: u64,
     /// "0.10" for version 2, "1.1" for version 3.
     pub compat: &'static str,
+    /// Refcount width in bits.
     pub refcount_bits: u32,
+    /// The lazy refcounts compatible bit.
     pub lazy_refcounts: bool,
+    /// The corrupt incompatible bit.
     pub corrupt: bool,
+    /// The dirty incompatible bit (refcounts may be stale).
     pub dirty: bool,
+    /// Extended L2 entries (subclusters).
     pub extended_l2: bool,
+    /// "zlib" or "zstd".
     pub compression_type: &'static str,
+    /// The backing file name as the header records it.
     pub backing_file: Option<String>,
+    /// The backing format from the header extension.
     pub backing_format: Option<String>,
+    /// The external data file name from the header extension.
     pub data_file: Option<String>,
+    /// The raw external data autoclear bit.
     pub data_file_raw: bool,
+    /// Length of the image file in bytes.
     pub file_length: u64,
+    /// Internal snapshots, in table order.
     pub snapshots: Vec<SnapshotInfo>,
 }
 

@@ -7,6 +7,7 @@ use crate::image::{Extent, Image};
 
 /// What a new qcow2 file is measured for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MeasureTarget {
     /// Cluster size in bytes.
     pub cluster_size: u64,
@@ -18,6 +19,26 @@ pub struct MeasureTarget {
     /// has a backing file whose content may differ from the source's (QEMU's worst case).
     pub all_data: bool,
 }
+
+impl MeasureTarget {
+    /// A target with `cluster_size`-byte clusters, 16-bit refcounts, standard L2 entries, and
+    /// only the source's written data counted.
+    pub fn new(cluster_size: u64) -> Self {
+        MeasureTarget {
+            cluster_size,
+            refcount_bits: 16,
+            extended_l2: false,
+            all_data: false,
+        }
+    }
+}
+
+setters!(MeasureTarget {
+    cluster_size: u64,
+    refcount_bits: u32,
+    extended_l2: bool,
+    all_data: bool,
+});
 
 /// The sizes `qemu-img measure` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,6 +21,7 @@ use crate::image::refcount_deltas::{RefcountDeltas, Segment, SegmentCursor};
 use crate::image::refcounts::Refcounts;
 use crate::image::snapshot::find_snapshot;
 use crate::image::{Image, Meta, SnapshotInfo};
+use crate::transaction_support::StateSwitch;
 
 /// A layer's references: its L2 tables and the host ranges its entries hold.
 struct LayerRefs {
@@ -35,25 +36,33 @@ struct LayerRefs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotChange {
     /// Snapshot the current state.
-    Create { name: String, time: SnapshotTime },
+    Create {
+        /// The new snapshot's name.
+        name: String,
+        /// The creation time recorded in the entry.
+        time: SnapshotTime,
+    },
     /// Delete a snapshot, found by id first, then by name.
-    Delete { id_or_name: String },
+    Delete {
+        /// The snapshot's id or name.
+        id_or_name: String,
+    },
     /// Make a snapshot the active state (and the disk its size), found by id, then name.
-    Revert { id_or_name: String },
+    Revert {
+        /// The snapshot's id or name.
+        id_or_name: String,
+    },
 }
 
 /// A new state built in fresh clusters, with its refcounts raised durably, but not yet
-/// published: [`Image::publish`] switches to it with one header write, [`Image::abandon`]
-/// takes the staged refcounts back. Until one of them runs, the image reads as before and holds
+/// published: [`publish`](crate::transaction_support::publish) switches to it with one header
+/// write, [`abandon`](crate::transaction_support::abandon) takes the staged refcounts back. Until one of them runs, the image reads as before and holds
 /// only leaked clusters.
 #[derive(Debug)]
 pub struct StagedChange {
     /// Header bytes 24..72 of the new state (size, L1 fields, refcount table fields, snapshot
     /// count and table offset): the one write that publishes it.
-    pub header_switch: [u8; 48],
-    /// Host offsets of the new L1 table and snapshot table (0 when there is none), whose
-    /// refcounts recovery checks before publishing a recorded switch.
-    pub staged_tables: [u64; 2],
+    header_switch: [u8; 48],
     size: u64,
     l1: Vec<u64>,
     l1_at: u64,
@@ -84,6 +93,13 @@ struct Plan {
     /// L1 entries of the new active layer before its tables are copied.
     l1_source: Vec<u64>,
     source: LayerRefs,
+}
+
+impl StagedChange {
+    /// The header switch that publishes this state (what a transaction journals).
+    pub fn switch(&self) -> StateSwitch {
+        StateSwitch(self.header_switch)
+    }
 }
 
 impl Image {
@@ -246,7 +262,7 @@ impl Image {
     /// Builds the state that `changes` lead to (creates and deletes in any order, and at most one
     /// revert, which comes last) in fresh clusters and raises its refcounts durably, without
     /// publishing it. Several changes cost one snapshot table write and one header switch.
-    pub fn stage(&self, changes: &[SnapshotChange]) -> Result<StagedChange> {
+    pub(crate) fn stage(&self, changes: &[SnapshotChange]) -> Result<StagedChange> {
         self.require_writable()?;
         let mut m = self.meta_mut();
         self.flush_all(&mut m)?;
@@ -260,14 +276,14 @@ impl Image {
     /// Publishes a staged state with one header write, then drops what the old state held. When
     /// the header write fails and did not land, the staged state is abandoned (the image is as
     /// before).
-    pub fn publish(&self, staged: StagedChange) -> Result<()> {
+    pub(crate) fn publish(&self, staged: StagedChange) -> Result<()> {
         self.publish_inner(staged, true)
     }
 
     /// Like [`Image::publish`] for a state a transaction has already decided to commit: when the
     /// header write fails, the staged state stays intact (its refcounts raised) so recovery can
     /// still write the recorded switch.
-    pub fn publish_decided(&self, staged: StagedChange) -> Result<()> {
+    pub(crate) fn publish_decided(&self, staged: StagedChange) -> Result<()> {
         self.publish_inner(staged, false)
     }
 
@@ -348,7 +364,7 @@ impl Image {
     }
 
     /// Takes back the refcounts a staged state raised; the image is then exactly as before.
-    pub fn abandon(&self, staged: StagedChange) -> Result<()> {
+    pub(crate) fn abandon(&self, staged: StagedChange) -> Result<()> {
         self.require_writable()?;
         let mut m = self.meta_mut();
         let host = self.host();
@@ -360,25 +376,60 @@ impl Image {
         self.flush_refblocks(&mut m)
     }
 
-    /// Writes a recorded state switch (header bytes 24..72 from [`StagedChange::header_switch`])
-    /// during recovery, then closes the image: its in-memory state is stale after the switch, so
-    /// the caller opens it again (and reconciles refcounts with `check_and_repair`).
-    pub fn write_recorded_switch(self, switch: [u8; 48]) -> Result<()> {
+    /// Writes a recorded state switch during recovery, after checking that it fits this image,
+    /// then closes the image: its in-memory state is stale after the switch, so the caller opens
+    /// it again (and reconciles refcounts with `check_and_repair`).
+    pub(crate) fn write_recorded_switch(self, switch: &StateSwitch) -> Result<()> {
         self.require_writable()?;
+        self.validate_switch(switch)?;
         {
             let mut m = self.meta_mut();
             self.flush_all(&mut m)?;
             self.host()
-                .write_sync(&switch, 24, "header (recorded state switch)")?;
+                .write_sync(&switch.0, 24, "header (recorded state switch)")?;
             // Skip the clean close: it would write the stale in-memory header state.
             m.ws = None;
         }
         Ok(())
     }
 
+    /// Refuses a recorded switch that does not fit this image: another encryption method or
+    /// refcount table, tables past QEMU's limits, unaligned, or in free clusters.
+    fn validate_switch(&self, switch: &StateSwitch) -> Result<()> {
+        let current = self.header_switch_bytes();
+        let current = StateSwitch(current);
+        let cluster_size = self.meta().header.cluster_size();
+        let refuse =
+            |reason: &str| Err(self.refused(format!("recorded state switch refused: {reason}")));
+        if switch.crypt_method() != current.crypt_method() {
+            return refuse("it changes the encryption method");
+        }
+        if switch.refcount_table() != current.refcount_table() {
+            return refuse("it moves the refcount table");
+        }
+        if u64::from(switch.l1_size()) > MAX_L1_ENTRIES {
+            return refuse("its L1 table is larger than QEMU allows");
+        }
+        if switch.nb_snapshots() > MAX_SNAPSHOTS {
+            return refuse("it has more snapshots than QEMU allows");
+        }
+        if switch.nb_snapshots() != 0 && switch.snapshots_offset() == 0 {
+            return refuse("it has snapshots but no snapshot table");
+        }
+        for table in switch.staged_tables().into_iter().filter(|&t| t != 0) {
+            if table % cluster_size != 0 {
+                return refuse("a table it points at is not cluster-aligned");
+            }
+            if self.refcount_at(table)? == 0 {
+                return refuse("a table it points at lies in a free cluster");
+            }
+        }
+        Ok(())
+    }
+
     /// The refcount of the host cluster holding `host_offset` (for recovery's checks that staged
     /// structures are still intact).
-    pub fn refcount_at(&self, host_offset: u64) -> Result<u64> {
+    pub(crate) fn refcount_at(&self, host_offset: u64) -> Result<u64> {
         let mut m = self.meta_mut();
         let cb = m.header.cluster_bits;
         let host = self.host();
@@ -386,7 +437,7 @@ impl Image {
     }
 
     /// Header bytes 24..72 as they are now (what a staged change's switch replaces).
-    pub fn header_switch_bytes(&self) -> [u8; 48] {
+    pub(crate) fn header_switch_bytes(&self) -> [u8; 48] {
         let m = self.meta();
         let h = &m.header;
         switch_bytes(
@@ -666,7 +717,6 @@ impl Image {
         );
         Ok(StagedChange {
             header_switch,
-            staged_tables: [l1_at, table_at],
             size,
             l1,
             l1_at,

@@ -16,6 +16,16 @@ pub struct SnapshotView<'a> {
     size: u64,
 }
 
+impl std::fmt::Debug for SnapshotView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotView")
+            .field("image", &self.image.name)
+            .field("id", &self.entry.id_str())
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Image {
     /// The snapshot whose id is `id_or_name`, else the first whose name is.
     pub fn find_snapshot(&self, id_or_name: &str) -> Option<SnapshotEntry> {
