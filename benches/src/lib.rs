@@ -306,7 +306,9 @@ pub fn chain() -> PathBuf {
     let overlay = |name: &str, backing: String, residue: u64| {
         make_once(name, |tmp| {
             // The overlay names its backing file relative to its own directory.
-            let options = create_options(GIB).backing_file(Some(backing)).backing_format(Some("qcow2".into()));
+            let options = create_options(GIB)
+                .backing_file(Some(backing))
+                .backing_format(Some("qcow2".into()));
             let image = Image::create(tmp, &options).map_err(io_err)?;
             let mut buf = AlignedBuf::new(CLUSTER as usize, 0);
             for at in (residue * CLUSTER..GIB).step_by(4 * CLUSTER as usize) {
@@ -340,12 +342,14 @@ impl AllocTarget {
     /// (a name in the fixture directory) when given. The host file is written to its full
     /// length once; the target starts reset.
     pub fn new(name: &str, size: u64, backing: Option<&Path>) -> AllocTarget {
-        let options = create_options(size).backing_file(backing.map(|b| {
+        let options = create_options(size)
+            .backing_file(backing.map(|b| {
                 b.file_name()
                     .expect("file name")
                     .to_string_lossy()
                     .into_owned()
-            })).backing_format(backing.map(|_| "qcow2".into()));
+            }))
+            .backing_format(backing.map(|_| "qcow2".into()));
         let fresh_path = make_once(&format!("{name}.fresh"), |tmp| {
             Image::create(tmp, &options)
                 .map_err(io_err)?
