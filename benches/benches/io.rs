@@ -305,8 +305,8 @@ fn cow_write_4k(c: &mut Criterion) {
     allocating(c, "cow-write-4k", 4 * KIB as usize, &target, true);
 }
 
-/// Runs `iters` reads split over `threads` threads, each with its own offsets and buffer.
-fn threaded(threads: u64, iters: u64, read: &(dyn Fn(&mut [u8], u64) + Sync)) -> Duration {
+/// Runs `iters` calls of `io` split over `threads` threads, each on its own random offsets.
+fn threaded(threads: u64, iters: u64, io: &(dyn Fn(&mut [u8], u64) + Sync)) -> Duration {
     let lists: Vec<Vec<u64>> = (0..threads)
         .map(|t| random_offsets(RANDOM_COUNT, GIB, 4 * KIB, 10 + t))
         .collect();
@@ -318,7 +318,7 @@ fn threaded(threads: u64, iters: u64, read: &(dyn Fn(&mut [u8], u64) + Sync)) ->
                 let mut buf = AlignedBuf::new(4 * KIB as usize, 0);
                 let mut cycle = Cycle::new(list);
                 for _ in 0..share {
-                    read(buf.as_mut_slice(), cycle.next_offset().0);
+                    io(buf.as_mut_slice(), cycle.next_offset().0);
                 }
                 black_box(buf.as_slice()[0]);
             });
@@ -351,6 +351,45 @@ fn reader_threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// Random 4K overwrites from one and two threads on one image (issue 16's target: two threads
+/// at 1.8x one), beside pwrite from as many threads to a raw file. Every offset is written once
+/// before the clock starts, as in the single-thread overwrite groups.
+fn writer_threads(c: &mut Criterion) {
+    let image = open_rw(&fresh_copy(&allocated(GIB), "overwrite-threads-1G.qcow2"));
+    let raw_file = open_raw(&writable_copy(&raw(GIB), "overwrite-1G.raw"), true);
+    let buf = AlignedBuf::new(4 * KIB as usize, 0x5a);
+    for t in 0..2 {
+        for at in random_offsets(RANDOM_COUNT, GIB, 4 * KIB, 10 + t) {
+            image.write_at(buf.as_slice(), at).expect("qcow2 write");
+            raw_file
+                .write_all_at(buf.as_slice(), at)
+                .expect("raw write");
+        }
+    }
+    image.flush().expect("flush");
+    raw_file.sync_all().expect("sync");
+    let mut group = c.benchmark_group("overwrite-rand-4k-threads");
+    group.throughput(Throughput::Bytes(4 * KIB));
+    for threads in [1, 2] {
+        group.bench_function(format!("raw-{threads}"), |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, &|buf, at| {
+                    raw_file.write_all_at(buf, at).expect("raw write")
+                })
+            })
+        });
+        group.bench_function(format!("qcow2-{threads}"), |b| {
+            b.iter_custom(|iters| {
+                threaded(threads, iters, &|buf, at| {
+                    image.write_at(buf, at).expect("qcow2 write")
+                })
+            })
+        });
+    }
+    group.finish();
+    image.close().expect("close");
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -362,6 +401,6 @@ criterion_group! {
     name = benches;
     config = config();
     targets = read_seq_64k, read_rand_4k, overwrite_64k, overwrite_4k, alloc_write_64k,
-        alloc_write_4k, cow_write_4k, reader_threads
+        alloc_write_4k, cow_write_4k, reader_threads, writer_threads
 }
 criterion_main!(benches);

@@ -99,6 +99,9 @@ struct Session {
     image_opts: bool,
     /// The temporary copy an `-s` open writes to, removed at close.
     temp: Option<std::path::PathBuf>,
+    /// A command marked the image corrupt: as QEMU ejects such a node, later I/O commands fail
+    /// with "No medium found" (building on metadata known to be wrong would lose data).
+    ejected: bool,
 }
 
 impl Session {
@@ -167,6 +170,7 @@ impl Session {
 
     /// Closes the open image cleanly (flushing what it holds).
     fn close(&mut self) -> bool {
+        self.ejected = false;
         let closed = self.close_target();
         self.remove_temp();
         closed
@@ -340,6 +344,7 @@ pub fn run(args: Args) -> CmdResult {
         spec: OpenSpec::default(),
         image_opts: args.image_opts > 0,
         temp: None,
+        ejected: false,
     };
     if let Some(file) = &args.file {
         let mut spec = if args.image_opts > 0 {
@@ -457,6 +462,20 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         report!("Block node is read-only");
         return Flow::Done(false);
     }
+    if session.ejected {
+        let long = match name {
+            "r" => "read",
+            "w" => "write",
+            "d" => "discard",
+            "f" => "flush",
+            "t" => "truncate",
+            "l" => "length",
+            "i" => "info",
+            other => other,
+        };
+        outln!("{long} failed: No medium found");
+        return Flow::Done(false);
+    }
     let Some(target) = &session.target else {
         return Flow::Done(false);
     };
@@ -487,11 +506,9 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("discard" | "d", Target::Raw(_)) => discard_raw(rest),
         _ => false,
     };
-    // An image marked corrupt takes no further commands (qemu-io stops too): later
-    // writes would build on metadata already known to be wrong.
     if let Some(Target::Qcow2(image)) = &session.target {
-        if !succeeded && image.header().is_corrupt() {
-            return Flow::Done(false);
+        if !succeeded && session.writable && image.header().is_corrupt() {
+            session.ejected = true;
         }
     }
     Flow::Done(succeeded)
