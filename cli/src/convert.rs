@@ -85,7 +85,8 @@ pub struct Args {
     /// everything, fully allocating the output).
     #[arg(short = 'S', value_name = "SIZE")]
     sparse: Option<String>,
-    /// Copy offloading: refused where qemu-img refuses it; otherwise the copy runs as usual.
+    /// Copy offloading: raw data goes from file to file inside the kernel (copy_file_range,
+    /// which shares extents where the file system can), refused where qemu-img refuses it.
     #[arg(short = 'C')]
     copy_offload: bool,
     /// Backing file of the output (qcow2): ranges the source's top image does not allocate are
@@ -229,6 +230,7 @@ pub fn run(args: Args) -> CmdResult {
     let copy_opts = CopyOpts {
         sparse,
         limit: limit.as_ref(),
+        offload: args.copy_offload,
     };
     let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
         copy(guest, args, &copy_opts, output, inputs)
@@ -398,6 +400,8 @@ struct CopyOpts<'a> {
     /// Sparse detection block; `None` writes everything.
     sparse: Option<usize>,
     limit: Option<&'a RateLimit>,
+    /// `-C`: copy file ranges inside the kernel where the source has them.
+    offload: bool,
 }
 
 fn copy(
@@ -451,6 +455,16 @@ fn copy_raw(
         Ok(chunks)
     };
     let process = |chunk: &mut [u8], pos: u64, _: &dyn Fn()| -> Result<(), String> {
+        if how.offload {
+            if let Some((src, at)) = guest.host_range(pos, chunk.len() as u64) {
+                if copy_in_kernel(src, at, out, pos, chunk.len()) {
+                    if let Some(limit) = how.limit {
+                        limit.account(chunk.len() as u64);
+                    }
+                    return Ok(());
+                }
+            }
+        }
         guest
             .read_at(chunk, pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
@@ -687,6 +701,37 @@ fn run_chunks(
     progress.update(size, size);
     progress.finish();
     Ok(())
+}
+
+/// Copies `len` bytes from `src` at `from` to `dst` at `to` with copy_file_range. False when
+/// the kernel or the file systems cannot (the caller then copies through memory, which
+/// rewrites whatever part was copied with the same bytes).
+fn copy_in_kernel(
+    src: &std::fs::File,
+    from: u64,
+    dst: &std::fs::File,
+    to: u64,
+    len: usize,
+) -> bool {
+    let (Ok(mut off_in), Ok(mut off_out)) = (i64::try_from(from), i64::try_from(to)) else {
+        return false;
+    };
+    let mut done = 0;
+    while done < len {
+        match nix::fcntl::copy_file_range(
+            src,
+            Some(&mut off_in),
+            dst,
+            Some(&mut off_out),
+            len - done,
+        ) {
+            Ok(0) => return false,
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking worker already failed the command).

@@ -190,6 +190,11 @@ pub trait Guest: Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
     /// Ranges of `[offset, offset + len)`: data, or known zeros.
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String>;
+    /// The host file and offset that hold `[offset, offset + len)` byte for byte, where one
+    /// does (a raw file): what `convert -C` asks the kernel to copy.
+    fn host_range(&self, _offset: u64, _len: u64) -> Option<(&std::fs::File, u64)> {
+        None
+    }
 }
 
 fn regions_of(extents: Vec<qcow2::Extent>) -> Vec<Region> {
@@ -247,6 +252,12 @@ impl Guest for SnapshotView<'_> {
 impl Guest for RawFile {
     fn size(&self) -> u64 {
         self.size
+    }
+    fn host_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        // Past the end of the file (the tail of the last sector) reads as zeros: not a range
+        // of the file.
+        let file_len = self.file.metadata().ok()?.len();
+        (offset.checked_add(len)? <= file_len).then_some((&self.file, offset))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         let mut done = 0;
@@ -377,6 +388,14 @@ impl Guest for Concat {
                 .read_at(&mut buf[at..at + len as usize], within)?;
         }
         Ok(())
+    }
+    fn host_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        let mut pieces = self.pieces(offset, len);
+        let (_, input, within, piece_len) = pieces.next()?;
+        if piece_len != len {
+            return None;
+        }
+        input.guest().host_range(within, len)
     }
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
         let mut out = Vec::new();
