@@ -5,8 +5,8 @@ socket. fio's nbd engine writes 4K blocks at random to all four (one job per dis
 the completion time and latency of every request. Halfway through, one QMP `transaction` with
 four `blockdev-snapshot-internal-sync` actions snapshots the disks. A control run does the same
 without the snapshot. For each run the table gives the longest window in which no request
-completed on any disk (the stall a guest sees), the worst completion latency, and how long the
-QMP command took. Servers alternate within each round; the table shows medians over rounds.
+completed on any disk (the stall a guest sees), the same for the disk that waited longest, the
+worst completion latency, and how long the QMP command took. Servers alternate within each round; the table shows medians over rounds.
 
 Run through benches/live_snapshot_stall.sh, which builds the tool and the QMP client's venv.
 Environment: ROUNDS (3), RUNTIME (seconds of fio per run, 6), SIZES ("1G 16G"), IODEPTH (4),
@@ -114,14 +114,23 @@ async def quit_server(qmp_path):
 
 
 def read_logs(prefix):
-    """(completion time in ms, latency in ms) of every logged request of every job."""
-    done = []
+    """Per job (disk): (completion time in ms, latency in ms) of every logged request."""
+    jobs = []
     for path in glob.glob(prefix + "_clat.*.log"):
+        done = []
         with open(path) as f:
             for line in f:
                 fields = line.split(",")
                 done.append((int(fields[0]), int(fields[1]) / 1e6))
-    return done
+        jobs.append(done)
+    return jobs
+
+
+def longest_gap(times, low, high):
+    """The longest time between consecutive completions among gaps that overlap [low, high]."""
+    times = sorted(times)
+    return max((b - a for a, b in zip(times, times[1:]) if b >= low and a <= high),
+               default=float("nan"))
 
 
 def measure(kind, tool, work, pristine, with_snapshot):
@@ -152,7 +161,8 @@ def measure(kind, tool, work, pristine, with_snapshot):
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-    done = read_logs(prefix)
+    jobs = read_logs(prefix)
+    done = [d for job in jobs for d in job]
     for path in glob.glob(prefix + "_*.log"):
         os.remove(path)
     if with_snapshot:
@@ -164,14 +174,14 @@ def measure(kind, tool, work, pristine, with_snapshot):
             subprocess.run(["qemu-img", "check", "-q", path], check=True)
     # Gaps that overlap the middle of the run (one second after the start to one second before
     # the planned end), so ramp-up and the jobs' staggered ends do not count as stalls, while a
-    # stall that runs past the planned end still counts in full.
+    # stall that runs past the planned end still counts in full: on all disks together, and on
+    # the disk that waited longest.
     low, high = started + 1000, started + (RUNTIME - 1) * 1000
-    times = sorted(t for t, _ in done)
-    gap = max((b - a for a, b in zip(times, times[1:]) if b >= low and a <= high),
-              default=float("nan"))
+    gap = longest_gap([t for t, _ in done], low, high)
+    disk_gap = max(longest_gap([t for t, _ in job], low, high) for job in jobs)
     worst = max((lat for _, lat in done), default=float("nan"))
     qmp_ms = returned - sent if with_snapshot else float("nan")
-    return gap, worst, qmp_ms, len(done)
+    return gap, disk_gap, worst, qmp_ms, len(done)
 
 
 def main():
@@ -191,28 +201,30 @@ def main():
                     results.setdefault((size, kind, with_snapshot), []).append(r)
                     label = "snapshot" if with_snapshot else "control"
                     print(f"{size} round {round_no + 1} {kind} {label}: longest gap "
-                          f"{r[0]:.0f} ms, worst latency {r[1]:.1f} ms, qmp {r[2]:.1f} ms, "
-                          f"{r[3]} writes", file=sys.stderr)
+                          f"{r[0]:.0f} ms (one disk {r[1]:.0f} ms), worst latency "
+                          f"{r[2]:.1f} ms, qmp {r[3]:.1f} ms, {r[4]} writes", file=sys.stderr)
     print(f"\n{ROUNDS} rounds, medians; {IODEPTH} requests in flight per disk, "
           f"{RUNTIME:.0f} s of 4K random writes per run\n")
-    print("| size | server | run | longest window without a completion (ms) "
-          "| worst write latency (ms) | QMP transaction (ms) | writes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | server | run | longest window without a completion, all disks (ms) "
+          "| the same on one disk (ms) | worst write latency (ms) | QMP transaction (ms) "
+          "| writes |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in SIZES:
         for kind in SERVERS:
             for with_snapshot in (False, True):
                 rs = results[(size, kind, with_snapshot)]
-                med = [statistics.median(r[i] for r in rs) for i in range(4)]
+                med = [statistics.median(r[i] for r in rs) for i in range(5)]
                 label = "snapshot" if with_snapshot else "control"
-                qmp = f"{med[2]:.1f}" if with_snapshot else "-"
-                print(f"| {size} | {kind} | {label} | {med[0]:.0f} | {med[1]:.1f} | {qmp} "
-                      f"| {med[3]:.0f} |")
+                qmp = f"{med[3]:.1f}" if with_snapshot else "-"
+                print(f"| {size} | {kind} | {label} | {med[0]:.0f} | {med[1]:.0f} "
+                      f"| {med[2]:.1f} | {qmp} | {med[4]:.0f} |")
     print()
     for size in SIZES:
         if "ours" in SERVERS and "qsd" in SERVERS:
-            ours = statistics.median(r[0] for r in results[(size, "ours", True)])
-            qsd = statistics.median(r[0] for r in results[(size, "qsd", True)])
-            print(f"{size}: our stall / qemu-storage-daemon's = {ours / qsd:.2f}")
+            for i, what in ((0, "all disks"), (1, "one disk")):
+                ours = statistics.median(r[i] for r in results[(size, "ours", True)])
+                qsd = statistics.median(r[i] for r in results[(size, "qsd", True)])
+                print(f"{size}, {what}: our stall / qemu-storage-daemon's = {ours / qsd:.2f}")
 
 
 if __name__ == "__main__":

@@ -529,7 +529,11 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                     "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
                 )
             }
-            "data_file" | "data_file_raw" | "encryption" | "encrypt.format" => {
+            "data_file" => out.options.data_file = Some(value),
+            "data_file_raw" => {
+                out.options.data_file_raw = Some(parse_bool_opt("data_file_raw", &value)?.value)
+            }
+            "encryption" | "encrypt.format" => {
                 return Err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool amend"
                 ))

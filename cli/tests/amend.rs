@@ -126,3 +126,53 @@ fn amend_matches_qemu_img() {
         }
     }
 }
+
+#[test]
+fn data_file_options_amend_as_qemu_img_does() {
+    let dir = scratch_dir("data_file_options_amend_as_qemu_img_does");
+    // (create options, amend options)
+    let cases = [
+        ("", "data_file=x.raw"),
+        ("data_file=d.raw", "data_file_raw=on"),
+        ("data_file=d.raw", "data_file=renamed.raw"),
+        ("data_file=d.raw,data_file_raw=on", "data_file_raw=off"),
+        ("data_file=d.raw,data_file_raw=on", "data_file_raw=on"),
+    ];
+    for (i, (create, amend)) in cases.iter().enumerate() {
+        let mut infos = Vec::new();
+        let mut outputs = Vec::new();
+        for who in ["ours", "qemu"] {
+            let name = format!("{who}{i}.qcow2");
+            let data = format!("{who}{i}.raw");
+            let create = create.replace("d.raw", &data);
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if !create.is_empty() {
+                args.extend(["-o", create.as_str()]);
+            }
+            args.extend([name.as_str(), "1M"]);
+            assert_eq!(code(&qemu_in(&dir, &args)), 0, "{create}");
+            let argv = ["amend", "-o", amend, name.as_str()];
+            let out = if who == "ours" {
+                tool_in(Some(&dir), &argv)
+            } else {
+                qemu_in(&dir, &argv)
+            };
+            outputs.push((code(&out), stderr(&out).replace("qcow2-tool:", "qemu-img:")));
+            let info = qemu_info(&dir.join(&name));
+            let mut spec = info["format-specific"]["data"].clone();
+            if let Some(f) = spec.get_mut("data-file") {
+                *f = f.as_str().unwrap().replace(who, "WHO").into();
+            }
+            infos.push(spec);
+            if code(&out) == 0 && amend.starts_with("data_file=") {
+                // The new name is recorded; the file itself does not move.
+                std::fs::rename(dir.join(&data), dir.join("renamed.raw")).unwrap();
+                let (check, json) = qemu_check(&dir.join(&name));
+                assert_eq!(check, 0, "{amend}: {json}");
+                std::fs::rename(dir.join("renamed.raw"), dir.join(&data)).unwrap();
+            }
+        }
+        assert_eq!(outputs[0], outputs[1], "{create} / {amend}");
+        assert_eq!(infos[0], infos[1], "{create} / {amend}");
+    }
+}

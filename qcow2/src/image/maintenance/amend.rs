@@ -12,7 +12,7 @@
 //!   written zeros) through the ordinary write path, then rewrites the header as v2 last.
 
 use crate::error::{Error, Result};
-use crate::format::features::{qemu_feature_table, Compatible, Incompatible};
+use crate::format::features::{qemu_feature_table, Autoclear, Compatible, Incompatible};
 use crate::format::header::CompressionType;
 use crate::format::limits::{V2_HEADER_LENGTH, V3_HEADER_LENGTH};
 use crate::format::refcount;
@@ -32,12 +32,20 @@ pub struct AmendOptions {
     pub lazy_refcounts: Option<bool>,
     /// New refcount width in bits (`refcount_bits=`): the refcount structures are rebuilt.
     pub refcount_bits: Option<u32>,
+    /// New name of the external data file (`data_file=`), for an image that has one. Only the
+    /// name recorded in the header changes; the file is neither opened nor moved.
+    pub data_file: Option<String>,
+    /// `data_file_raw=`: can only be turned off (the data file stops promising to be a valid
+    /// raw image), as QEMU allows.
+    pub data_file_raw: Option<bool>,
 }
 
 setters!(AmendOptions {
     version: Option<u32>,
     lazy_refcounts: Option<bool>,
     refcount_bits: Option<u32>,
+    data_file: Option<String>,
+    data_file_raw: Option<bool>,
 });
 
 const V3_HINT: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
@@ -50,7 +58,7 @@ impl Image {
             image: self.name.clone(),
             reason,
         };
-        let (old_version, old_bits, incompatible, snapshots, lazy_now) = {
+        let (old_version, old_bits, incompatible, snapshots, lazy_now, raw_now) = {
             let m = self.meta();
             let h = &m.header;
             (
@@ -59,8 +67,32 @@ impl Image {
                 h.incompatible_features,
                 h.nb_snapshots,
                 h.compatible_features & Compatible::LAZY_REFCOUNTS != 0,
+                h.autoclear_features & Autoclear::RAW_EXTERNAL_DATA != 0,
             )
         };
+        if let Some(name) = &options.data_file {
+            if incompatible & Incompatible::EXTERNAL_DATA_FILE == 0 {
+                return Err(invalid(
+                    "data-file can only be set for images that use an external data file".into(),
+                ));
+            }
+            if name.is_empty() {
+                // QEMU would drop the name and leave an image that names no data file but needs
+                // one: refused instead.
+                return Err(invalid(
+                    "an image with an external data file needs its name (data_file= is empty)"
+                        .into(),
+                ));
+            }
+            if name.len() > u16::MAX as usize {
+                return Err(invalid("the data file name is too long".into()));
+            }
+        }
+        if options.data_file_raw == Some(true) && !raw_now {
+            return Err(invalid(
+                "data-file-raw cannot be set on existing images".into(),
+            ));
+        }
         let version = options.version.unwrap_or(old_version);
         if options.lazy_refcounts == Some(true) && version < 3 {
             return Err(invalid(format!(
@@ -139,6 +171,18 @@ impl Image {
                 }
             })?;
             m.ws_mut()?.lazy = lazy;
+        }
+        let drop_raw = options.data_file_raw == Some(false) && raw_now;
+        if options.data_file.is_some() || drop_raw {
+            let mut m = self.meta_mut();
+            self.rewrite_header(&mut m, |h| {
+                if let Some(name) = &options.data_file {
+                    h.extensions.data_file = Some(name.as_bytes().to_vec());
+                }
+                if drop_raw {
+                    h.autoclear_features &= !Autoclear::RAW_EXTERNAL_DATA;
+                }
+            })?;
         }
         if version < old_version {
             self.expand_zero_clusters()?;
