@@ -239,6 +239,10 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
+        // Guest data in the host's page cache is most of what a flush waits for. Synced first,
+        // without the metadata lock, guest writes and reads go on meanwhile (under load the
+        // sync takes seconds); the locked write-back below then syncs only what came after.
+        self.host().sync()?;
         let mut m = self.meta_mut();
         self.flush_all(&mut m)
     }
