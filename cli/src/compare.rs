@@ -31,6 +31,9 @@ pub struct Args {
     /// Strict mode: images of different size differ.
     #[arg(short = 's')]
     strict: bool,
+    /// Quiet: print nothing but errors; the exit code tells the result.
+    #[arg(short = 'q')]
+    quiet: bool,
     a: PathBuf,
     b: PathBuf,
 }
@@ -42,6 +45,13 @@ enum Verdict {
 }
 
 pub fn run(args: Args) -> CmdResult {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if !args.quiet {
+                outln!($($t)*);
+            }
+        };
+    }
     crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(2, m);
     let a = Input::open(&args.a, args.format_a.as_deref()).map_err(fail)?;
@@ -49,7 +59,7 @@ pub fn run(args: Args) -> CmdResult {
     let (ga, gb) = (a.guest(), b.guest());
     let (size_a, size_b) = (ga.size(), gb.size());
     if args.strict && size_a != size_b {
-        outln!("Strict mode: Image size mismatch!");
+        say!("Strict mode: Image size mismatch!");
         return Ok(1);
     }
     let common = size_a.min(size_b);
@@ -70,7 +80,7 @@ pub fn run(args: Args) -> CmdResult {
             };
             if let Verdict::MismatchAt(offset) = verdict {
                 progress.finish();
-                outln!("Content mismatch at offset {offset}!");
+                say!("Content mismatch at offset {offset}!");
                 return Ok(1);
             }
             progress.update(start + length, total);
@@ -79,7 +89,7 @@ pub fn run(args: Args) -> CmdResult {
     }
 
     if size_a != size_b {
-        outln!("Warning: Image size mismatch!");
+        say!("Warning: Image size mismatch!");
         let longer = if size_a > size_b { ga } else { gb };
         let mut pos = common;
         while pos < total {
@@ -90,7 +100,7 @@ pub fn run(args: Args) -> CmdResult {
                         zero_range(longer, r.start, r.length, &mut progress, total)?
                     {
                         progress.finish();
-                        outln!("Content mismatch at offset {offset}!");
+                        say!("Content mismatch at offset {offset}!");
                         return Ok(1);
                     }
                 }
@@ -100,7 +110,7 @@ pub fn run(args: Args) -> CmdResult {
     }
     progress.update(total, total);
     progress.finish();
-    outln!("Images are identical.");
+    say!("Images are identical.");
     Ok(0)
 }
 

@@ -119,3 +119,36 @@ fn progress_goes_to_stderr() {
     assert_eq!(stdout(&out), "Images are identical.\n");
     assert!(stderr(&out).contains("(100.00/100%)"));
 }
+
+#[test]
+fn quiet_compare_prints_nothing_and_answers_with_its_exit_code_as_qemu_img() {
+    let dir = scratch_dir("quiet_compare");
+    for (name, pattern) in [("a.qcow2", "1"), ("b.qcow2", "1"), ("c.qcow2", "2")] {
+        let path = dir.join(name);
+        assert_eq!(
+            code(&qemu_in(&dir, &["create", "-q", "-f", "qcow2", name, "1M"])),
+            0
+        );
+        qcow2_testdata::qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern} 64k 4k"),
+            path.to_str().unwrap(),
+        ]);
+    }
+    for (a, b) in [("a.qcow2", "b.qcow2"), ("a.qcow2", "c.qcow2")] {
+        let ours = tool_in(Some(&dir), &["compare", "-q", a, b]);
+        let theirs = qemu_in(&dir, &["compare", "-q", a, b]);
+        assert_eq!(code(&ours), code(&theirs), "{a} {b}");
+        assert_eq!(stdout(&ours), stdout(&theirs), "{a} {b}");
+        assert_eq!(stdout(&ours), "", "{a} {b}");
+    }
+    assert_eq!(
+        code(&tool_in(
+            Some(&dir),
+            &["compare", "-q", "a.qcow2", "c.qcow2"]
+        )),
+        1
+    );
+}
