@@ -142,6 +142,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
     }
+    fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        (**self).hole_at(offset, len)
+    }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()
     }
@@ -165,6 +168,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
+    }
+    fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        (**self).hole_at(offset, len)
     }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()
