@@ -16,10 +16,8 @@ use crate::format::features::{qemu_feature_table, Autoclear, Compatible, Incompa
 use crate::format::header::CompressionType;
 use crate::format::limits::{V2_HEADER_LENGTH, V3_HEADER_LENGTH};
 use crate::format::refcount;
-use crate::format::table::put_be_u64_at;
 use crate::image::check::CheckReport;
 use crate::image::map::ExtentKind;
-use crate::image::refcounts::Refcounts;
 use crate::image::{Image, Meta};
 
 /// What `amend -o` asks for (`None`: leave as it is).
@@ -249,9 +247,6 @@ impl Image {
         self.flush_all(m)?;
         let mut scratch = CheckReport::default();
         let counts = self.count_references(m, &mut scratch)?.counts;
-        let h = &m.header;
-        let cs = h.cluster_size();
-        let per_block = refcount::entries_per_block(h.cluster_bits, order);
         let max = refcount::max_refcount(order);
         if let Some((&cluster, &count)) = counts.iter().find(|(_, &c)| c > max) {
             return Err(Error::InvalidArgument {
@@ -259,85 +254,17 @@ impl Image {
                 reason: format!(
                     "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {count}",
                     1u32 << order,
-                    cluster * cs
+                    cluster * m.header.cluster_size()
                 ),
             });
         }
-        let file_clusters = self
-            .storage
-            .len()
-            .map_err(|e| Error::io(&self.name, "reading the file length", e))?
-            .div_ceil(cs);
-        let start = counts
-            .keys()
-            .map(|k| k + 1)
-            .max()
-            .unwrap_or(1)
-            .max(file_clusters)
-            .max(m.ws()?.alloc_end);
-        let (mut table_clusters, mut blocks) = (1u64, 1u64);
-        loop {
-            let end = start + table_clusters + blocks;
-            let need_blocks = end.div_ceil(per_block);
-            let need_table = (need_blocks * 8).div_ceil(cs);
-            if (need_blocks, need_table) == (blocks, table_clusters) {
-                break;
-            }
-            (blocks, table_clusters) = (need_blocks, need_table);
-        }
-        if table_clusters * cs > crate::format::limits::MAX_REFTABLE_SIZE_BYTES {
-            return Err(Error::InvalidArgument {
-                image: self.name.clone(),
-                reason: "the new refcount table would exceed its 8 MiB limit".into(),
-            });
-        }
-        let table_offset = start * cs;
-        let blocks_start = start + table_clusters;
-        let mut all = counts;
-        for k in start..blocks_start + blocks {
-            *all.entry(k).or_insert(0) += 1;
-        }
-        let mut table = vec![0u8; (table_clusters * cs) as usize];
-        let host = self.host();
-        for b in 0..blocks {
-            let mut block = vec![0u8; cs as usize];
-            for i in 0..per_block {
-                if let Some(&c) = all.get(&(b * per_block + i)) {
-                    refcount::set(&mut block, i as usize, order, c);
-                }
-            }
-            let block_offset = (blocks_start + b) * cs;
-            host.write(&block, block_offset, "new refcount block")?;
-            put_be_u64_at(&mut table, b as usize, block_offset);
-        }
-        host.write(&table, table_offset, "new refcount table")?;
-        host.sync()?;
+        let not_before = m.ws()?.alloc_end;
+        let new = self.write_refcounts(m, counts, order, not_before, "new")?;
         self.rewrite_header(m, |h| {
-            h.refcount_table_offset = table_offset;
-            h.refcount_table_clusters = table_clusters as u32;
+            h.refcount_table_offset = new.table_offset;
+            h.refcount_table_clusters = new.table_clusters as u32;
             h.refcount_order = order;
         })?;
-        if let Some(area) = m
-            .metadata_areas
-            .iter_mut()
-            .find(|a| a.what == "the refcount table")
-        {
-            area.start = table_offset;
-            area.end = table_offset + table_clusters * cs;
-        }
-        let refcounts = Refcounts::load(
-            self.host(),
-            m.header.cluster_bits,
-            order,
-            table_offset,
-            table_clusters as u32,
-        )?;
-        let ws = m.ws_mut()?;
-        ws.refcounts = refcounts;
-        ws.alloc_end = blocks_start + blocks;
-        ws.l2_after_refblocks = false;
-        ws.refblocks_after_l2 = false;
-        m.file_len = m.file_len.max((blocks_start + blocks) * cs);
-        Ok(())
+        self.adopt_refcounts(m, &new, order)
     }
 }

@@ -3,6 +3,8 @@
 //! of the image, published by the 12-byte header switch at offset 48) and then fixes COPIED flags.
 //! A dirty image (lazy refcounts) opened for writing is repaired the same way.
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::refcount;
@@ -18,6 +20,14 @@ pub enum Repair {
     Leaks,
     /// Rebuild refcounts and fix COPIED flags.
     All,
+}
+
+/// Refcount structures [`Image::write_refcounts`] wrote: the table, then the blocks up to
+/// cluster `end`.
+pub(crate) struct NewRefcounts {
+    pub table_offset: u64,
+    pub table_clusters: u64,
+    pub end: u64,
 }
 
 impl Image {
@@ -131,11 +141,34 @@ impl Image {
     pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<()> {
         self.flush_l2(m)?;
         let mut scratch = CheckReport::default();
-        let refs = self.count_references(m, &mut scratch)?;
-        let counts = refs.counts;
+        let counts = self.count_references(m, &mut scratch)?.counts;
+        let order = m.header.refcount_order;
+        let new = self.write_refcounts(m, counts, order, 0, "rebuilt")?;
+        let mut switch = [0u8; 12];
+        switch[..8].copy_from_slice(&new.table_offset.to_be_bytes());
+        switch[8..].copy_from_slice(&(new.table_clusters as u32).to_be_bytes());
+        self.host()
+            .write_sync(&switch, 48, "header refcount table fields")?;
+        m.header.refcount_table_offset = new.table_offset;
+        m.header.refcount_table_clusters = new.table_clusters as u32;
+        self.adopt_refcounts(m, &new, order)
+    }
+
+    /// Writes a refcount table and blocks of width `1 << order` holding `counts` (and their own
+    /// clusters) past every cluster in use, the end of the file and cluster `not_before`, and
+    /// syncs them. Nothing names them until the caller switches the header to them. Counts above
+    /// the width's maximum are clamped (callers that must not lose them refuse them first).
+    /// `what` names them in errors ("rebuilt", "new").
+    pub(crate) fn write_refcounts(
+        &self,
+        m: &Meta,
+        counts: HashMap<u64, u64>,
+        order: u32,
+        not_before: u64,
+        what: &str,
+    ) -> Result<NewRefcounts> {
         let h = &m.header;
         let cs = h.cluster_size();
-        let order = h.refcount_order;
         let per_block = refcount::entries_per_block(h.cluster_bits, order);
         let file_clusters = self
             .storage
@@ -147,22 +180,22 @@ impl Image {
             .map(|k| k + 1)
             .max()
             .unwrap_or(1)
-            .max(file_clusters);
+            .max(file_clusters)
+            .max(not_before);
         let (mut table_clusters, mut blocks) = (1u64, 1u64);
         loop {
             let end = start + table_clusters + blocks;
             let need_blocks = end.div_ceil(per_block);
             let need_table = (need_blocks * 8).div_ceil(cs);
-            if need_blocks == blocks && need_table == table_clusters {
+            if (need_blocks, need_table) == (blocks, table_clusters) {
                 break;
             }
-            blocks = need_blocks;
-            table_clusters = need_table;
+            (blocks, table_clusters) = (need_blocks, need_table);
         }
         if table_clusters * cs > crate::format::limits::MAX_REFTABLE_SIZE_BYTES {
             return Err(Error::InvalidArgument {
                 image: self.name.clone(),
-                reason: "the rebuilt refcount table would exceed its 8 MiB limit".into(),
+                reason: format!("the {what} refcount table would exceed its 8 MiB limit"),
             });
         }
         // Layout: [start, start + table) the table, then one block per reftable entry in use.
@@ -183,39 +216,47 @@ impl Image {
                 }
             }
             let block_offset = (blocks_start + b) * cs;
-            host.write(&block, block_offset, "rebuilt refcount block")?;
+            host.write(&block, block_offset, &format!("{what} refcount block"))?;
             put_be_u64_at(&mut table, b as usize, block_offset);
         }
-        host.write(&table, table_offset, "rebuilt refcount table")?;
+        host.write(&table, table_offset, &format!("{what} refcount table"))?;
         host.sync()?;
-        let mut switch = [0u8; 12];
-        switch[..8].copy_from_slice(&table_offset.to_be_bytes());
-        switch[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        host.write_sync(&switch, 48, "header refcount table fields")?;
+        Ok(NewRefcounts {
+            table_offset,
+            table_clusters,
+            end: blocks_start + blocks,
+        })
+    }
 
-        m.header.refcount_table_offset = table_offset;
-        m.header.refcount_table_clusters = table_clusters as u32;
+    /// Allocates from `new` from now on, once the header names it.
+    pub(crate) fn adopt_refcounts(
+        &self,
+        m: &mut Meta,
+        new: &NewRefcounts,
+        order: u32,
+    ) -> Result<()> {
+        let cs = m.header.cluster_size();
         if let Some(area) = m
             .metadata_areas
             .iter_mut()
             .find(|a| a.what == "the refcount table")
         {
-            area.start = table_offset;
-            area.end = table_offset + table_clusters * cs;
+            area.start = new.table_offset;
+            area.end = new.table_offset + new.table_clusters * cs;
         }
         let refcounts = Refcounts::load(
-            host,
+            self.host(),
             m.header.cluster_bits,
             order,
-            table_offset,
-            table_clusters as u32,
+            new.table_offset,
+            new.table_clusters as u32,
         )?;
         let ws = m.ws_mut()?;
         ws.refcounts = refcounts;
-        ws.alloc_end = blocks_start + blocks;
+        ws.alloc_end = new.end;
         ws.l2_after_refblocks = false;
         ws.refblocks_after_l2 = false;
-        m.file_len = m.file_len.max((blocks_start + blocks) * cs);
+        m.file_len = m.file_len.max(new.end * cs);
         Ok(())
     }
 
