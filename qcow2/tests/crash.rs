@@ -148,6 +148,19 @@ fn cut_points(ops: &[Op]) -> Vec<usize> {
 }
 
 fn verify(name: &str, store: &RecordingStorage, journal: &Journal, backing: &Option<Vec<u8>>) {
+    verify_cuts(name, store, journal, backing, false);
+}
+
+/// [`verify`]; with `snapshots`, a cut between a snapshot's raised refcounts and its header
+/// switch may leave refcounts above their references (leaks, and COPIED on clusters counted
+/// twice), never below, and fixing leaks must leave the image clean.
+fn verify_cuts(
+    name: &str,
+    store: &RecordingStorage,
+    journal: &Journal,
+    backing: &Option<Vec<u8>>,
+    snapshots: bool,
+) {
     let ops = store.ops();
     let mut tested = 0;
     let created = journal.checkpoints[0].0;
@@ -176,6 +189,23 @@ fn verify(name: &str, store: &RecordingStorage, journal: &Journal, backing: &Opt
                     report.is_clean(),
                     "{what}: after repair {:?}",
                     report.messages
+                );
+            } else if snapshots {
+                let report = image.check().unwrap();
+                assert!(
+                    !report
+                        .messages
+                        .iter()
+                        .any(|m| m.starts_with("ERROR cluster")),
+                    "{what}: refcount below references: {:?}",
+                    report.messages
+                );
+                let repaired = open_crashed(bytes.clone(), backing, true).unwrap();
+                let after = repaired.check_and_repair(Repair::Leaks).unwrap();
+                assert!(
+                    after.is_clean(),
+                    "{what}: after fixing leaks {:?}",
+                    after.messages
                 );
             } else {
                 let report = image
@@ -208,7 +238,10 @@ fn verify(name: &str, store: &RecordingStorage, journal: &Journal, backing: &Opt
             drop(image);
 
             // QEMU agrees on a sample: at most leaks (exit 3), never corruption.
-            if survivors_is_torn(survivors) && k % 40 == 0 && !image_is_dirty(&bytes) {
+            // (Where a snapshot's refcounts may be raised ahead of its switch, qemu-img calls the
+            // COPIED bits corrupt until leaks are fixed: sampled only without snapshots.)
+            if survivors_is_torn(survivors) && k % 40 == 0 && !image_is_dirty(&bytes) && !snapshots
+            {
                 let file =
                     qcow2_testdata::scratch_dir(&format!("crash-sample-{name}")).join("c.qcow2");
                 std::fs::write(&file, &bytes).unwrap();
@@ -526,62 +559,5 @@ fn crash_during_concurrent_writers_and_snapshots() {
     image.read_at(&mut content, 0).unwrap();
     assert!(content == model, "the live image differs from the model");
     image.close().unwrap();
-    // As for a lone snapshot (above): a cut between the raised refcounts and the switch leaves
-    // refcounts above their references (leaks, and COPIED on clusters counted twice), never
-    // below; fixing leaks cleans it. Data flushed before the cut's round reads back.
-    let ops = store.ops();
-    let mut tested = 0;
-    for k in cut_points(&ops)
-        .into_iter()
-        .filter(|&k| k >= journal.checkpoints[0].0)
-    {
-        let (durable_at, durable) = journal
-            .checkpoints
-            .iter()
-            .rev()
-            .find(|(at, _)| *at <= k)
-            .unwrap();
-        let mut touched = vec![false; SIZE as usize];
-        for &(at, offset, len) in &journal.requests {
-            if at >= *durable_at && at <= k {
-                touched[offset as usize..(offset + len) as usize].fill(true);
-            }
-        }
-        for survivors in [
-            Survivors::None,
-            Survivors::All,
-            Survivors::TornSectors(k as u64 * 17 + 3),
-        ] {
-            let what = format!("threads: cut after {k} of {}, {survivors:?}", ops.len());
-            let bytes = store.crash_image(k, survivors);
-            let image = open_crashed(bytes.clone(), &None, false)
-                .unwrap_or_else(|e| panic!("{what}: open: {e}"));
-            let report = image.check().unwrap();
-            assert!(
-                !report
-                    .messages
-                    .iter()
-                    .any(|m| m.starts_with("ERROR cluster")),
-                "{what}: refcount below references: {:?}",
-                report.messages
-            );
-            image.read_at(&mut content, 0).unwrap();
-            if let Some(i) = (0..SIZE as usize).find(|&i| !touched[i] && content[i] != durable[i]) {
-                panic!(
-                    "{what}: byte {i:#x} reads {:#x}, flushed {:#x}",
-                    content[i], durable[i]
-                );
-            }
-            drop(image);
-            let image = open_crashed(bytes, &None, true).unwrap();
-            let after = image.check_and_repair(Repair::Leaks).unwrap();
-            assert!(
-                after.is_clean(),
-                "{what}: after fixing leaks {:?}",
-                after.messages
-            );
-            tested += 1;
-        }
-    }
-    assert!(tested > 100, "only {tested} crash images");
+    verify_cuts("threads", &store, &journal, &None, true);
 }
