@@ -362,19 +362,7 @@ impl Guest for RawImage {
         self.size_now()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_text(&e)),
-            }
-        }
-        Ok(())
+        crate::source::read_zero_filled(&self.file, buf, offset).map_err(|e| io_text(&e))
     }
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
         Ok(vec![Region {

@@ -184,6 +184,23 @@ pub struct Region {
     pub below: bool,
 }
 
+/// Reads `buf` at `offset` of a raw file; past its end reads as zeros.
+pub fn read_zero_filled(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A guest disk to read.
 pub trait Guest: Sync {
     fn size(&self) -> u64;
@@ -260,19 +277,8 @@ impl Guest for RawFile {
         (offset.checked_add(len)? <= file_len).then_some((&self.file, offset))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("error while reading at offset {offset}: {e}")),
-            }
-        }
-        Ok(())
+        read_zero_filled(&self.file, buf, offset)
+            .map_err(|e| format!("error while reading at offset {offset}: {e}"))
     }
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
         Ok(vec![Region {
