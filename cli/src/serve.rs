@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
-use qcow2::{Image, OpenOptions};
+use qcow2::{DiskTop, Image, OpenOptions};
 use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
 use qcow2_qmp::{Disk, Monitor};
 use qcow2_transaction::Group;
@@ -140,7 +140,7 @@ fn start_monitor(
             std::fs::canonicalize(path).map_err(|e| format!("serve: {}: {e}", path.display()))?;
         disks.push(Disk {
             name: name.clone(),
-            image: export.image.clone(),
+            top: export.top.clone(),
             path,
         });
     }
@@ -226,7 +226,7 @@ pub fn run(args: Args) -> CmdResult {
                 .unmap(unmap),
         );
     }
-    let images: Vec<Arc<Image>> = exports.iter().map(|e| e.image.clone()).collect();
+    let tops: Vec<Arc<DiskTop>> = exports.iter().map(|e| e.top.clone()).collect();
     let listener = match &args.socket {
         Some(path) => Listener::unix(path),
         None => Listener::tcp((args.bind.as_str(), args.port)),
@@ -267,11 +267,12 @@ pub fn run(args: Args) -> CmdResult {
         let _ = std::fs::remove_file(socket);
     }
     let mut failure = served.err().map(|e| format!("serve: {e}"));
-    for image in images {
-        let closed = match Arc::try_unwrap(image) {
-            Ok(image) => image.close(),
+    for top in tops {
+        // Closes the top and the images external snapshots put it over.
+        let closed = match Arc::try_unwrap(top) {
+            Ok(top) => top.close(),
             // Unreachable once `run` has joined every connection; flush at least.
-            Err(shared) => shared.flush(),
+            Err(shared) => shared.image().flush(),
         };
         if let Err(e) = closed {
             failure.get_or_insert(format!("serve: closing the image: {e}"));

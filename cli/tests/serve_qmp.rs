@@ -123,8 +123,17 @@ fn kill_9_during_qmp_transactions_under_fio_recovers_all_or_nothing() {
     for k in 0..5 {
         assert_eq!(client.ok("transaction", group_snapshot(k)), json!({}));
     }
-    // The sixth is cut off wherever the kill finds it.
-    client.send("transaction", group_snapshot(5));
+    // The sixth, external snapshots of every disk, is cut off wherever the kill finds it.
+    let overlays: Vec<PathBuf> = paths.iter().map(|p| p.with_extension("o5.qcow2")).collect();
+    let external: Vec<_> = overlays
+        .iter()
+        .enumerate()
+        .map(|(d, o)| {
+            json!({"type": "blockdev-snapshot-sync",
+                   "data": {"device": format!("d{d}"), "snapshot-file": o, "format": "qcow2"}})
+        })
+        .collect();
+    client.send("transaction", json!({ "actions": external }));
     server.kill().unwrap();
     server.wait().unwrap();
     client.abandon();
@@ -137,6 +146,19 @@ fn kill_9_during_qmp_transactions_under_fio_recovers_all_or_nothing() {
     let bitmaps = qcow2_testdata::qemu_bitmaps(&paths[0]);
     let bitmap_count = bitmaps.as_array().map_or(0, Vec::len);
     assert_eq!(bitmap_count, first.len(), "snapshots and bitmaps together");
+    // Every disk got its overlay, or none did; no temporary overlay is left behind.
+    let made = overlays.iter().filter(|o| o.exists()).count();
+    assert!(made == 0 || made == DISKS, "{made} of {DISKS} overlays");
+    for o in overlays.iter().filter(|o| o.exists()) {
+        let (code, report) = qemu_check(o);
+        assert!(code == 0 || code == 3, "{}: {report}", o.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".txn-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     for p in &paths {
         assert_eq!(snapshot_names(p), first, "{}: all or nothing", p.display());
         // Leaks from writes the kill cut short are allowed (exit 3), corruption never.

@@ -88,7 +88,7 @@ pub fn execute(export: &Export, neg: &Negotiated, req: &Request, payload: &[u8])
         CMD_READ => read(export, mode, req),
         CMD_WRITE => write(export, req, payload).map(|()| ok_reply(mode, req)),
         CMD_FLUSH => flags_ok(req, CMD_FLAG_FUA)
-            .and_then(|()| export.image.flush().map_err(engine_failure))
+            .and_then(|()| export.image().flush().map_err(engine_failure))
             .map(|()| ok_reply(mode, req)),
         CMD_TRIM => trim(export, req).map(|()| ok_reply(mode, req)),
         CMD_CACHE => cache(export, req).map(|()| ok_reply(mode, req)),
@@ -138,7 +138,7 @@ fn writable(export: &Export) -> Result<(), Failure> {
 
 fn fua(export: &Export, req: &Request) -> Result<(), Failure> {
     if req.flags & CMD_FLAG_FUA != 0 {
-        export.image.flush().map_err(engine_failure)?;
+        export.image().flush().map_err(engine_failure)?;
     }
     Ok(())
 }
@@ -149,8 +149,8 @@ fn write(export: &Export, req: &Request, payload: &[u8]) -> Result<(), Failure> 
     in_bounds(export, req, payload.len() as u64, ENOSPC)?;
     if !payload.is_empty() {
         export
-            .image
-            .write_at(payload, req.offset)
+            .top
+            .write(|image| image.write_at(payload, req.offset))
             .map_err(engine_failure)?;
     }
     fua(export, req)
@@ -162,8 +162,8 @@ fn trim(export: &Export, req: &Request) -> Result<(), Failure> {
     in_bounds(export, req, req.length, EINVAL)?;
     if export.unmap && req.length > 0 {
         export
-            .image
-            .discard(req.offset, req.length)
+            .top
+            .write(|image| image.discard(req.offset, req.length))
             .map_err(engine_failure)?;
     }
     fua(export, req)
@@ -197,7 +197,7 @@ fn write_zeroes(export: &Export, req: &Request) -> Result<(), Failure> {
     if req.length == 0 {
         return fua(export, req);
     }
-    if req.flags & CMD_FLAG_FAST_ZERO != 0 && !zeroing_is_fast(&export.image, req) {
+    if req.flags & CMD_FLAG_FAST_ZERO != 0 && !zeroing_is_fast(&export.image(), req) {
         return Err(Failure::new(
             ENOTSUP,
             "fast zeroing is not possible for this range",
@@ -205,8 +205,8 @@ fn write_zeroes(export: &Export, req: &Request) -> Result<(), Failure> {
     }
     let unmap = export.unmap && req.flags & CMD_FLAG_NO_HOLE == 0;
     export
-        .image
-        .write_zeroes(req.offset, req.length, unmap)
+        .top
+        .write(|image| image.write_zeroes(req.offset, req.length, unmap))
         .map_err(engine_failure)?;
     fua(export, req)
 }
@@ -247,7 +247,7 @@ fn read(export: &Export, mode: Replies, req: &Request) -> Result<Reply, Failure>
     in_bounds(export, req, req.length, EINVAL)?;
     // qemu flushes before a READ with FUA.
     fua(export, req)?;
-    let image = &export.image;
+    let image = export.image();
     let len = req.length as usize;
     let mut out = Vec::new();
     if mode == Replies::Simple {
@@ -269,7 +269,7 @@ fn read(export: &Export, mode: Replies, req: &Request) -> Result<Reply, Failure>
             hole: false,
         }]
     } else {
-        read_runs(image, req.offset, req.length)?
+        read_runs(&image, req.offset, req.length)?
     };
     let hdr = mode.chunk_header_len();
     let data_bytes: u64 = runs.iter().filter(|r| !r.hole).map(|r| r.len).sum();
@@ -367,6 +367,22 @@ fn depth_value(e: &Extent) -> u32 {
 /// `qemu:dirty-bitmap:` flags: set where the bitmap has a dirty granule.
 const STATE_DIRTY: u32 = 1 << 0;
 
+/// The image of `top`'s chain that holds bitmap `name`: after an external snapshot the disk's
+/// bitmaps stay on the image below the new overlay, as in QEMU, and stop recording writes.
+/// `top` itself when no image has it (its lookup then names the missing bitmap).
+fn holder_of_bitmap<'a>(top: &'a Image, name: &str) -> &'a Image {
+    let mut image = top;
+    loop {
+        if image.bitmaps().iter().any(|b| b.name == name) {
+            return image;
+        }
+        match image.backing_image() {
+            Some(below) => image = below,
+            None => return top,
+        }
+    }
+}
+
 /// Appends the dirty and clean runs of bitmap `name` over `[pos, pos + len)` to `list`.
 fn dirty_status(
     export: &Export,
@@ -377,8 +393,8 @@ fn dirty_status(
 ) -> Result<(), Failure> {
     let end = pos + len;
     let mut at = pos;
-    for (start, run) in export
-        .image
+    let top = export.image();
+    for (start, run) in holder_of_bitmap(&top, name)
         .dirty_extents(name, pos, len)
         .map_err(engine_failure)?
     {
@@ -451,7 +467,7 @@ fn block_status(
     while pos < end && !lists.iter().all(|(_, _, list)| done(list)) {
         let n = window.min(end - pos);
         let extents = if want_map {
-            export.image.map(pos, n).map_err(engine_failure)?
+            export.image().map(pos, n).map_err(engine_failure)?
         } else {
             Vec::new()
         };

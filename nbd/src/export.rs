@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use qcow2::Image;
+use qcow2::{DiskTop, Image};
 
 use crate::wire::*;
 
@@ -59,8 +59,10 @@ pub struct Export {
     pub name: String,
     /// Sent as INFO_DESCRIPTION and in LIST replies.
     pub description: Option<String>,
-    /// The image every connection to this export reads and writes.
-    pub image: Arc<Image>,
+    /// The disk every connection to this export reads and writes: its top image, which an
+    /// external snapshot (`qcow2_transaction::Transaction::attach_top`) replaces with the new
+    /// overlay while clients go on.
+    pub top: Arc<DiskTop>,
     /// Refuse writes (the image may still be open read-write for another export).
     pub read_only: bool,
     /// Offer `qemu:allocation-depth` (qemu-nbd's `-A`).
@@ -85,10 +87,16 @@ setters!(Export {
 impl Export {
     /// An export of `image` under `name`, writable if the image is, with `base:allocation` only.
     pub fn new(name: impl Into<String>, image: Arc<Image>) -> Export {
+        Export::with_top(name, Arc::new(DiskTop::new(image)))
+    }
+
+    /// An export of the disk `top` serves, under `name`: the server follows the disk when an
+    /// external snapshot gives it a new top.
+    pub fn with_top(name: impl Into<String>, top: Arc<DiskTop>) -> Export {
         Export {
             name: name.into(),
             description: None,
-            image,
+            top,
             read_only: false,
             allocation_depth: false,
             bitmaps: Vec::new(),
@@ -96,9 +104,14 @@ impl Export {
         }
     }
 
+    /// The disk's top image now: reads, flushes and status queries go to it.
+    pub fn image(&self) -> Arc<Image> {
+        self.top.image()
+    }
+
     /// The size advertised: the image size rounded down to 512 bytes, as qemu does.
     pub fn size(&self) -> u64 {
-        self.image.size() & !511
+        self.image().size() & !511
     }
 
     /// The transmission flags for a connection that negotiated `mode`. `multi_conn` says whether
@@ -196,7 +209,7 @@ impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Export")
             .field("name", &self.name)
-            .field("image", &self.image.name())
+            .field("image", &self.image().name())
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }

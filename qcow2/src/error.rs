@@ -164,6 +164,15 @@ pub enum Error {
         /// the write permission").
         detail: String,
     },
+    /// A guest write reached an image that an external snapshot has put an overlay above: the
+    /// disk's writes go to the overlay now. [`crate::DiskTop`] retries such a write on the new top.
+    #[error(
+        "image {image}: an external snapshot put an overlay above this image; write to the overlay"
+    )]
+    Superseded {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+    },
     /// The caller asked for something invalid.
     #[error("image {image}: {reason}")]
     InvalidArgument {
@@ -239,6 +248,7 @@ impl From<Error> for io::Error {
             Error::SnapshotNotFound { .. } => io::ErrorKind::NotFound,
             Error::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
             Error::Locked { .. } => io::ErrorKind::WouldBlock,
+            Error::Superseded { .. } => io::ErrorKind::ReadOnlyFilesystem,
         };
         io::Error::new(kind, e)
     }

@@ -76,6 +76,7 @@ macro_rules! setters {
 }
 
 pub mod cursor;
+mod disk_top;
 pub mod error;
 pub mod format;
 pub mod image;
@@ -83,6 +84,7 @@ pub mod storage;
 pub mod transaction_support;
 
 pub use cursor::{Disk, DiskCursor};
+pub use disk_top::DiskTop;
 pub use error::{ChainProblem, Error, Result};
 pub use format::SnapshotTime;
 pub use image::{

@@ -129,6 +129,22 @@ pub fn fence_writes(image: &Image) {
     image.fence_writes()
 }
 
+/// Makes `overlay`, an image backed by `top`'s current image, the disk's top: called inside the
+/// pause of an external snapshot of a live disk, after its decision. Writes waiting on the old
+/// top move to `overlay` when the pause ends; returns the old top.
+pub fn push_overlay(
+    top: &crate::DiskTop,
+    overlay: std::sync::Arc<Image>,
+) -> Result<std::sync::Arc<Image>> {
+    top.push(overlay)
+}
+
+/// Gives `image`, opened under a temporary name, the name and path of the file it was renamed
+/// to: messages and relative backing names then follow the final name.
+pub fn relocate(image: &mut Image, path: &std::path::Path) {
+    image.relocate(path)
+}
+
 /// Guest writes waiting at `image`'s paused gate (tests see a writer blocked without
 /// sleeping).
 pub fn writes_waiting(image: &Image) -> u32 {

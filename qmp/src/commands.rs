@@ -6,21 +6,24 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qcow2::Image;
-use qcow2_transaction::{Action, BitmapSource, Group, TxnError};
+use qcow2::DiskTop;
+use qcow2_transaction::{Action, BitmapSource, Group, OverlayMode, TxnError};
 use serde_json::{json, Value};
 
 use crate::args::Args;
 use crate::QmpError;
 
-/// A served disk: its export (and node) name, the handle the server writes through, its path.
+/// A served disk: its export (and node) name, the disk top the server writes through, the top
+/// image's path.
 #[derive(Debug, Clone)]
 pub struct Disk {
     /// The node name QMP commands use (`device`, `node-name`), the export's name.
     pub name: String,
-    /// The open image the server writes through; transactions pause its writes.
-    pub image: Arc<Image>,
-    /// The image file's path, as the group's manifest records it.
+    /// The disk the server writes through; transactions pause its writes, and an external
+    /// snapshot gives it a new top image.
+    pub top: Arc<DiskTop>,
+    /// The top image file's canonical path, as the group's manifest records it (it follows
+    /// external snapshots).
     pub path: PathBuf,
 }
 
@@ -41,6 +44,7 @@ const COMMANDS: &[&str] = &[
     "transaction",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
+    "blockdev-snapshot-sync",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -82,6 +86,11 @@ pub fn execute(s: &mut Served, name: &str, arguments: Option<&Value>) -> Result<
             run(s, vec![planned]).map(|()| json!({}))
         }
         "blockdev-snapshot-delete-internal-sync" => snapshot_delete(s, args),
+        "blockdev-snapshot-sync" => {
+            let planned = external_create(s, &mut args)?;
+            args.done()?;
+            run(s, vec![planned]).map(|()| json!({}))
+        }
         _ if name.starts_with("block-dirty-bitmap-") => {
             let planned = bitmap(s, &name["block-dirty-bitmap-".len()..], &mut args)
                 .ok_or_else(|| not_found(name))??;
@@ -114,7 +123,13 @@ fn snapshot_create(s: &Served, args: &mut Args) -> Result<Planned, QmpError> {
     if name.is_empty() {
         return Err(QmpError::generic("Name is empty"));
     }
-    if s.disks[i].image.snapshots().iter().any(|x| x.name == name) {
+    if s.disks[i]
+        .top
+        .image()
+        .snapshots()
+        .iter()
+        .any(|x| x.name == name)
+    {
         return Err(QmpError::generic(format!(
             "Snapshot with name '{name}' already exists on device '{device}'"
         )));
@@ -124,6 +139,59 @@ fn snapshot_create(s: &Served, args: &mut Args) -> Result<Planned, QmpError> {
         Action::InternalCreate {
             image: s.disks[i].path.clone(),
             name,
+        },
+    )))
+}
+
+/// `blockdev-snapshot-sync`: a new qcow2 overlay at `snapshot-file` (or, with `mode:
+/// existing`, one the caller made) becomes the disk's top; the export writes into it from the
+/// transaction's pause on.
+fn external_create(s: &Served, args: &mut Args) -> Result<Planned, QmpError> {
+    let device = args.opt_str("device")?;
+    let node = args.opt_str("node-name")?;
+    let file = args.str("snapshot-file")?;
+    let new_node = args.opt_str("snapshot-node-name")?;
+    let format = args.opt_str("format")?;
+    let mode = args.opt_str("mode")?;
+    let name = match (device, node) {
+        (Some(d), None) | (None, Some(d)) => d,
+        (Some(d), Some(n)) if d == n => d,
+        (d, n) => {
+            return Err(QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                d.unwrap_or_default(),
+                n.unwrap_or_default()
+            )))
+        }
+    };
+    let i = disk(s, &name)?;
+    if let Some(n) = &new_node {
+        if s.disks.iter().any(|d| d.name == *n) {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{n}'"
+            )));
+        }
+    }
+    if let Some(f) = format.filter(|f| f != "qcow2") {
+        return Err(QmpError::generic(format!(
+            "only qcow2 overlays are supported, not '{f}'"
+        )));
+    }
+    let mode = match mode.as_deref() {
+        None | Some("absolute-paths") => OverlayMode::New,
+        Some("existing") => OverlayMode::Existing,
+        Some(other) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'mode' does not accept value '{other}'"
+            )))
+        }
+    };
+    Ok(Some((
+        i,
+        Action::ExternalCreate {
+            image: s.disks[i].path.clone(),
+            overlay: PathBuf::from(file),
+            mode,
         },
     )))
 }
@@ -245,32 +313,25 @@ fn transaction(s: &mut Served, mut args: Args) -> Result<Value, QmpError> {
                 "Action '{kind}' does not support transaction property completion-mode = grouped"
             )));
         }
-        let one = match kind.as_str() {
-            "abort" => None,
-            "blockdev-snapshot-internal-sync" => snapshot_create(s, &mut d)?,
-            "blockdev-snapshot-sync" | "blockdev-snapshot" => {
-                let field = if kind == "blockdev-snapshot" {
-                    "node"
-                } else {
-                    "device"
-                };
-                let name = d.opt_str(field)?.or(d.opt_str("node-name")?);
-                return Err(QmpError::generic(format!(
-                    "{kind}: external snapshots of a served disk{} are not supported (its export \
-                     cannot be switched to a new overlay); use blockdev-snapshot-internal-sync",
-                    name.map(|n| format!(" ('{n}')")).unwrap_or_default()
-                )));
-            }
-            "blockdev-backup" | "drive-backup" => {
-                return Err(QmpError::generic(format!(
-                    "Action type '{kind}' is not supported by this server"
-                )))
-            }
-            _ => match kind.strip_prefix("block-dirty-bitmap-") {
-                Some(op) => bitmap(s, op, &mut d).ok_or_else(|| bad_type(&path, &kind))??,
-                None => return Err(bad_type(&path, &kind)),
-            },
-        };
+        let one =
+            match kind.as_str() {
+                "abort" => None,
+                "blockdev-snapshot-internal-sync" => snapshot_create(s, &mut d)?,
+                "blockdev-snapshot-sync" => external_create(s, &mut d)?,
+                "blockdev-snapshot" => return Err(QmpError::generic(
+                    "blockdev-snapshot needs an overlay node made with blockdev-add, which this \
+                     server does not offer; use blockdev-snapshot-sync",
+                )),
+                "blockdev-backup" | "drive-backup" => {
+                    return Err(QmpError::generic(format!(
+                        "Action type '{kind}' is not supported by this server"
+                    )))
+                }
+                _ => match kind.strip_prefix("block-dirty-bitmap-") {
+                    Some(op) => bitmap(s, op, &mut d).ok_or_else(|| bad_type(&path, &kind))??,
+                    None => return Err(bad_type(&path, &kind)),
+                },
+            };
         d.done()?;
         planned.push(one);
     }
@@ -297,12 +358,21 @@ fn run(s: &mut Served, planned: Vec<Planned>) -> Result<(), QmpError> {
         };
         let d = &disks[i];
         if !actions.contains(&i) {
-            txn.attach(d.image.clone()).map_err(failure)?;
+            txn.attach_top(d.top.clone()).map_err(failure)?;
             actions.push(i);
         }
         txn.add(action).map_err(failure)?;
     }
-    txn.prepare().map_err(failure)?.commit().map_err(failure)?;
+    let committed = txn.prepare().map_err(failure)?.commit();
+    // An external snapshot gave a disk a new top (also when the commit did not finish: the
+    // export writes where its top is).
+    for &i in &actions {
+        let d = &mut disks[i];
+        if let Some(p) = d.top.image().path() {
+            d.path = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        }
+    }
+    committed.map_err(failure)?;
     Ok(())
 }
 
@@ -328,7 +398,7 @@ fn snapshot_delete(s: &mut Served, mut args: Args) -> Result<Value, QmpError> {
     if id.is_none() && name.is_none() {
         return Err(QmpError::generic("Please specify a snapshot id or name"));
     }
-    let found = s.disks[i].image.snapshots().into_iter().find(|x| {
+    let found = s.disks[i].top.image().snapshots().into_iter().find(|x| {
         id.as_ref().is_none_or(|id| *id == x.id) && name.as_ref().is_none_or(|n| *n == x.name)
     });
     let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "null".into());
@@ -365,7 +435,7 @@ fn snapshot_info(x: &qcow2::image::SnapshotInfo) -> Value {
 
 /// A disk as `query-named-block-nodes` shows a qcow2 node (BlockDeviceInfo).
 fn node_info(d: &Disk) -> Value {
-    let img = &d.image;
+    let img = d.top.image();
     let info = img.info();
     let bitmaps: Vec<Value> = img
         .bitmaps()

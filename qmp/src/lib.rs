@@ -10,9 +10,10 @@
 //!   killed mid-transaction is all-or-nothing after `recover`.
 //!
 //! Every disk is a live handle the NBD server keeps writing through: a transaction pauses its
-//! guest writes from staging to publish (`qcow2_transaction::Transaction::attach`). External
-//! snapshots (`blockdev-snapshot-sync`, `blockdev-snapshot`) are refused on them: the server's
-//! handle cannot be swapped to a new top.
+//! guest writes from staging to publish (`qcow2_transaction::Transaction::attach_top`). An
+//! external snapshot (`blockdev-snapshot-sync`) makes its new overlay the disk's top inside
+//! that pause, and the export writes into the overlay from then on; `blockdev-snapshot` (an
+//! overlay node made with `blockdev-add`) is refused, as there is no `blockdev-add`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]

@@ -1,13 +1,15 @@
 //! Group snapshots through QMP of disks written through NBD: an NBD server and the QMP monitor
 //! run in this process over four live disks, writer threads write through the server and log
 //! every acknowledged write, and the real `qemu.qmp` client takes group snapshots mid-stream
-//! with QEMU's `transaction`. Every snapshot, read back by `qemu-img`, holds exactly the writes
-//! acknowledged before its pause and none that started after the pause began.
+//! with QEMU's `transaction`: internal snapshots, then external ones (the exports go on writing
+//! into the new overlays), then internal snapshots of the overlays. Every snapshot, read back by
+//! `qemu-img`, holds exactly the writes acknowledged before its pause and none that started
+//! after the pause began.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qcow2::{CreateOptions, Image, OpenOptions};
+use qcow2::{CreateOptions, DiskTop, Image, OpenOptions};
 use qcow2_nbd::{Export, Listener, Server, ServerOptions};
 use qcow2_qmp::{Disk, Monitor};
 use qcow2_testdata::cut::{NbdWriter, WriteLog};
@@ -32,15 +34,17 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
         let options = CreateOptions::new(SIZE);
         Image::create(&path, &options).unwrap().close().unwrap();
         let image = Arc::new(Image::open(&path, &OpenOptions::read_write()).unwrap());
+        let top = Arc::new(DiskTop::new(image));
         let name = format!("d{i}");
-        exports.push(Export::new(&name, image.clone()));
+        exports.push(Export::with_top(&name, top.clone()));
         disks.push(Disk {
             name,
-            image,
+            top,
             path: path.canonicalize().unwrap(),
         });
     }
     let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
+    let overlay = |d: usize| dir.join(format!("d{d}.overlay.qcow2"));
     let log = Arc::new(WriteLog::default());
     let quiesced = Arc::new(Mutex::new(None));
     let mut group = Group::open(dir.join("group")).unwrap();
@@ -64,7 +68,18 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
     let stop = AtomicBool::new(false);
     let blocks = SIZE / BLOCK as u64;
     let mut cuts = Vec::new();
+    let (mut refused, mut exports, mut nodes) = (json!(null), json!(null), json!(null));
     std::thread::scope(|s| {
+        // A failing assertion below must stop the writers and the server, or the scope never
+        // ends.
+        struct StopAll<'a>(&'a AtomicBool, qcow2_nbd::ShutdownHandle);
+        impl Drop for StopAll<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+                self.1.shutdown();
+            }
+        }
+        let _stop = StopAll(&stop, stop_server.clone());
         s.spawn(|| server.run(nbd_listener).unwrap());
         s.spawn(|| monitor.listen(qmp_listener));
         let mut writers = Vec::new();
@@ -73,16 +88,9 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
                 let (log, stop, socket) = (&log, &stop, &nbd_socket);
                 writers.push(s.spawn(move || {
                     let mut nbd = NbdWriter::connect(socket, &format!("d{disk}")).unwrap();
-                    let mut x = disk as u64 * 31 + thread * 7 + 1;
-                    while !stop.load(Ordering::SeqCst) {
-                        x = x
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let block = ((x >> 33) % (blocks / 2)) * 2 + thread;
-                        log.write(disk, block, BLOCK, |data| {
-                            nbd.write(data, block * BLOCK as u64).unwrap()
-                        });
-                    }
+                    log.write_until(stop, disk, (thread, 2), blocks, BLOCK, |data, at| {
+                        nbd.write(data, at).unwrap()
+                    });
                     nbd.disconnect().unwrap();
                 }));
             }
@@ -93,9 +101,14 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
                 std::thread::yield_now();
             }
             let actions: Vec<_> = (0..DISKS)
-                .map(|d| {
-                    json!({"type": "blockdev-snapshot-internal-sync",
-                           "data": {"device": format!("d{d}"), "name": format!("s{k}")}})
+                .map(|d| match k {
+                    1 => json!({"type": "blockdev-snapshot-sync",
+                                "data": {"device": format!("d{d}"),
+                                         "snapshot-file": overlay(d),
+                                         "snapshot-node-name": format!("o{d}"),
+                                         "format": "qcow2"}}),
+                    _ => json!({"type": "blockdev-snapshot-internal-sync",
+                                "data": {"device": format!("d{d}"), "name": format!("s{k}")}}),
                 })
                 .collect();
             let before = log.tick();
@@ -106,20 +119,17 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
             let after = quiesced.lock().unwrap().take().expect("a quiesced event");
             cuts.push((before, after));
         }
-        // A failing action takes the whole transaction back, with QEMU's message.
-        let refused = qmp.execute(
+        // A failing action takes the whole transaction back, with QEMU's message (checked once
+        // the scope is over: a failing assertion here would leave the monitor thread running).
+        refused = qmp.execute(
             "transaction",
             json!({"actions": [
                 {"type": "blockdev-snapshot-internal-sync", "data": {"device": "d0", "name": "x"}},
-                {"type": "blockdev-snapshot-internal-sync", "data": {"device": "d1", "name": "s0"}},
+                {"type": "blockdev-snapshot-internal-sync", "data": {"device": "d1", "name": "s2"}},
             ]}),
         );
-        assert_eq!(
-            refused["error"]["desc"],
-            "Snapshot with name 's0' already exists on device 'd1'"
-        );
-        let exports = qmp.ok("query-block-exports", json!({}));
-        assert_eq!(exports.as_array().unwrap().len(), DISKS);
+        exports = qmp.ok("query-block-exports", json!({}));
+        nodes = qmp.ok("query-named-block-nodes", json!({}));
         while log.len() < 1000 {
             std::thread::yield_now();
         }
@@ -134,21 +144,40 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
     drop(server);
     drop(monitor.close());
     drop(monitor);
-    for (disk, path) in paths.iter().enumerate() {
-        assert_eq!(qemu_check(path).0, 0, "{}", path.display());
-        let img = Image::open(path, &OpenOptions::default()).unwrap();
-        let names: Vec<String> = img.snapshots().into_iter().map(|s| s.name).collect();
-        assert_eq!(
-            names,
-            ["s0", "s1", "s2"],
-            "the refused transaction left nothing"
-        );
-        for (k, (before, after)) in cuts.iter().enumerate() {
-            let raw = qemu_convert_raw(path, Some(&format!("s{k}")));
+    assert_eq!(
+        refused["error"]["desc"],
+        "Snapshot with name 's2' already exists on device 'd1'"
+    );
+    assert_eq!(exports.as_array().unwrap().len(), DISKS);
+    // Each disk's node is its top: the overlay, over the disk's first image.
+    for (d, node) in nodes.as_array().unwrap().iter().enumerate() {
+        let file = overlay(d).canonicalize().unwrap();
+        assert_eq!(node["file"], file.display().to_string(), "{node}");
+        assert_eq!(node["backing_file_depth"], 1, "{node}");
+    }
+    for (disk, base) in paths.iter().enumerate() {
+        let top = overlay(disk);
+        for (path, names) in [(base, ["s0"]), (&top, ["s2"])] {
+            assert_eq!(qemu_check(path).0, 0, "{}", path.display());
+            let img = Image::open(path, &OpenOptions::default()).unwrap();
+            let found: Vec<String> = img.snapshots().into_iter().map(|s| s.name).collect();
+            assert_eq!(found, names, "the refused transaction left nothing");
+        }
+        // The base file's snapshot, the base file itself (cut by the external snapshot), the
+        // overlay's snapshot (through the base), and the overlay now: every write.
+        let layers = [
+            (base.clone(), Some("s0"), Some(cuts[0])),
+            (base.clone(), None, Some(cuts[1])),
+            (top.clone(), Some("s2"), Some(cuts[2])),
+            (top.clone(), None, None),
+        ];
+        for (path, snap, cut) in layers {
+            let raw = qemu_convert_raw(&path, snap);
+            let (before, after) = cut.unwrap_or((u64::MAX, u64::MAX));
             let held = log
-                .check_cut(disk, &raw, BLOCK, *before, *after)
-                .unwrap_or_else(|e| panic!("snapshot s{k}: {e}"));
-            assert!(held > 0, "snapshot s{k} of disk {disk} holds no write");
+                .check_cut(disk, &raw, BLOCK, before, after)
+                .unwrap_or_else(|e| panic!("{} {snap:?}: {e}", path.display()));
+            assert!(held > 0, "{} {snap:?} holds no write", path.display());
         }
     }
 }

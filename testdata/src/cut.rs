@@ -9,8 +9,18 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+/// Sets a writers' stop flag when dropped, also when a failing assertion unwinds: a scope whose
+/// writer threads loop until told to stop would otherwise never end.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
 
 /// One acknowledged write.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +71,31 @@ impl WriteLog {
             .unwrap_or_else(|e| e.into_inner())
             .push(logged);
         logged
+    }
+
+    /// Writes random blocks of `disk` (of `blocks` blocks of `block_size` bytes) until `stop`
+    /// is set. Writer `thread` of `threads` owns the blocks `b` with `b % threads == thread`,
+    /// so the writes of one block are ordered, as [`WriteLog::check_cut`] needs; `write(data,
+    /// offset)` does one write and returns once it is acknowledged.
+    pub fn write_until(
+        &self,
+        stop: &AtomicBool,
+        disk: usize,
+        (thread, threads): (u64, u64),
+        blocks: u64,
+        block_size: usize,
+        mut write: impl FnMut(&[u8], u64),
+    ) {
+        let mut x = disk as u64 * 7919 + thread * 104_729 + 1;
+        while !stop.load(Ordering::SeqCst) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let block = ((x >> 33) % (blocks / threads)) * threads + thread;
+            self.write(disk, block, block_size, |data| {
+                write(data, block * block_size as u64)
+            });
+        }
     }
 
     pub fn len(&self) -> usize {

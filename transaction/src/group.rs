@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::transaction_support::{self as ts, SnapshotChange, StateSwitch};
-use qcow2::{CreateOptions, Image};
+use qcow2::{CreateOptions, DiskTop, Image};
 
 use crate::bitmaps::{BitmapChange, BitmapSource};
 use crate::codec::{os_str, Reader, Writer};
@@ -681,7 +681,7 @@ pub(crate) fn validate(
     actions: &[Action],
     manifest: &Manifest,
     group_dir: &Path,
-    live: &[(PathBuf, Arc<Image>)],
+    live: &[LiveHandle],
 ) -> Result<Vec<Member>, TxnError> {
     let invalid = |image: &Path, reason: String| TxnError::Invalid {
         image: image.to_path_buf(),
@@ -943,10 +943,10 @@ pub(crate) fn validate(
     // Open in a canonical order (device, inode) so two groups never deadlock on image locks.
     members.sort_by_key(|m| (m.dev, m.ino));
     for m in members.iter_mut() {
-        let img = match live.iter().find(|(p, _)| *p == m.path) {
-            Some((_, handle)) => {
-                refuse_on_live(m)?;
-                Held::Live(handle.clone())
+        let img = match live.iter().find(|h| h.path == m.path) {
+            Some(handle) => {
+                refuse_on_live(m, handle.top.is_some())?;
+                Held::Live(handle.image.clone(), handle.top.clone())
             }
             None => Held::Own(Box::new(
                 if m.retire {
@@ -972,17 +972,29 @@ pub(crate) fn validate(
     Ok(members)
 }
 
-/// What a live handle cannot take: a new top (the caller's handle would go on writing into the
-/// old one) or a new active state under its I/O (a revert), or being merged away.
-fn refuse_on_live(m: &Member) -> Result<(), TxnError> {
+/// An image the caller holds open and serves I/O through (`Transaction::attach`).
+#[derive(Clone)]
+pub(crate) struct LiveHandle {
+    /// The image's canonical path.
+    pub path: PathBuf,
+    pub image: Arc<Image>,
+    /// The disk top the caller serves through (`Transaction::attach_top`): an external
+    /// snapshot moves the disk's I/O to its overlay there.
+    pub top: Option<Arc<DiskTop>>,
+}
+
+/// What a live handle cannot take: a new top unless the caller serves it through a
+/// [`DiskTop`] (its handle would go on writing into the old image), a new active state under
+/// its I/O (a revert), or being merged away.
+fn refuse_on_live(m: &Member, has_top: bool) -> Result<(), TxnError> {
     let refused = |action| {
         Err(TxnError::LiveUnsupported {
             image: m.path.clone(),
             action,
         })
     };
-    if m.overlay.is_some() {
-        return refused("an external snapshot (blockdev-snapshot-sync)");
+    if m.overlay.is_some() && !has_top {
+        return refused("an external snapshot (blockdev-snapshot-sync) without a disk top");
     }
     if m.retire {
         return refused("deleting an external snapshot");
@@ -1284,6 +1296,7 @@ pub(crate) fn plan_steps(
                     fin,
                     bitmaps: m.bitmaps,
                     overlay_bitmaps: m.overlay_bitmaps,
+                    opened: None,
                 }));
             }
             None => steps.push(Box::new(SnapshotStep {

@@ -57,9 +57,11 @@
 //!   drop); [`Group::run`] is the one-call form. Actions name images by path; an image the
 //!   caller holds open is [`Transaction::attach`]ed, and its guest writes are paused from its
 //!   staging to its publish (`phases.rs`), so the group is a crash-consistent cut while the
-//!   caller keeps serving I/O. External snapshots, their deletion and reverts are refused on
-//!   attached images ([`TxnError::LiveUnsupported`]): the caller's handle cannot be swapped to
-//!   a new top by the transaction;
+//!   caller keeps serving I/O. An external snapshot of a disk the caller serves through a
+//!   [`qcow2::DiskTop`] ([`Transaction::attach_top`]) opens its overlay before the pause and
+//!   makes it the disk's top inside it, after the decision: writes that waited, and every later
+//!   one, go to the overlay. External snapshots of a bare attached handle, external snapshot
+//!   deletion and reverts are refused on attached images ([`TxnError::LiveUnsupported`]);
 //! - an abort writes a `Decision(0)` record and `End`; an abort that cannot finish returns
 //!   `AbortIncomplete` and leaves the rollback to `recover`;
 //! - a failed decision write is overwritten with `Decision(0)`; if that fails too, the result is

@@ -22,11 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qcow2::Image;
+use qcow2::{DiskTop, Image};
 
 use crate::codec::Writer;
 use crate::error::TxnError;
-use crate::group::{each_selected, plan_steps, validate, Action, Group, NewRecord, Outcome};
+use crate::group::{
+    each_selected, plan_steps, validate, Action, Group, LiveHandle, NewRecord, Outcome,
+};
 use crate::journal::{Journal, Kind};
 use crate::step::Step;
 
@@ -34,8 +36,8 @@ use crate::step::Step;
 pub struct Transaction<'g> {
     group: &'g mut Group,
     pub(crate) actions: Vec<Action>,
-    /// Live handles by canonical path.
-    live: Vec<(PathBuf, Arc<Image>)>,
+    /// Live handles, with their canonical paths.
+    live: Vec<LiveHandle>,
 }
 
 impl std::fmt::Debug for Transaction<'_> {
@@ -44,7 +46,7 @@ impl std::fmt::Debug for Transaction<'_> {
             .field("actions", &self.actions)
             .field(
                 "live",
-                &self.live.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+                &self.live.iter().map(|h| &h.path).collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -79,6 +81,21 @@ impl<'g> Transaction<'g> {
     /// serving I/O through), instead of opening its file: actions name it by its path (any
     /// spelling of it). Returns the canonical path.
     pub fn attach(&mut self, handle: Arc<Image>) -> Result<PathBuf, TxnError> {
+        self.attach_live(handle, None)
+    }
+
+    /// As [`Transaction::attach`] for the image `top` serves now, and an external snapshot of
+    /// it (`Action::ExternalCreate`) makes its overlay `top`'s image inside the pause: guest
+    /// writes that waited, and every later one, go to the overlay.
+    pub fn attach_top(&mut self, top: Arc<DiskTop>) -> Result<PathBuf, TxnError> {
+        self.attach_live(top.image(), Some(top))
+    }
+
+    fn attach_live(
+        &mut self,
+        handle: Arc<Image>,
+        top: Option<Arc<DiskTop>>,
+    ) -> Result<PathBuf, TxnError> {
         let named = handle
             .path()
             .map(Path::to_path_buf)
@@ -95,10 +112,18 @@ impl<'g> Transaction<'g> {
             .fs
             .canonicalize(&named)
             .map_err(|e| invalid(format!("the handle's file cannot be found: {e}")))?;
-        match self.live.iter().find(|(p, _)| *p == path) {
-            Some((_, h)) if Arc::ptr_eq(h, &handle) => {}
+        match self.live.iter_mut().find(|h| h.path == path) {
+            Some(h) if Arc::ptr_eq(&h.image, &handle) => {
+                if top.is_some() {
+                    h.top = top;
+                }
+            }
             Some(_) => return Err(invalid("another handle of this file is attached".into())),
-            None => self.live.push((path.clone(), handle)),
+            None => self.live.push(LiveHandle {
+                path: path.clone(),
+                image: handle,
+                top,
+            }),
         }
         Ok(path)
     }

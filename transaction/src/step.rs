@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::transaction_support::{self as ts, SnapshotChange, StagedChange};
-use qcow2::{CreateOptions, Image};
+use qcow2::{CreateOptions, DiskTop, Image};
 
 use crate::bitmaps::BitmapChange;
 use crate::codec::Writer;
@@ -50,7 +50,9 @@ pub(crate) trait Step: Send {
 /// handle its caller holds open and keeps serving I/O through.
 pub(crate) enum Held {
     Own(Box<Image>),
-    Live(Arc<Image>),
+    /// The caller's handle, with the disk top it serves through when it gave one (only then
+    /// can an external snapshot move the disk's I/O to the new overlay).
+    Live(Arc<Image>, Option<Arc<DiskTop>>),
 }
 
 impl std::ops::Deref for Held {
@@ -59,7 +61,7 @@ impl std::ops::Deref for Held {
     fn deref(&self) -> &Image {
         match self {
             Held::Own(img) => img,
-            Held::Live(img) => img,
+            Held::Live(img, _) => img,
         }
     }
 }
@@ -68,7 +70,15 @@ impl Held {
     /// The caller's handle, when the image is live.
     pub fn live(&self) -> Option<&Arc<Image>> {
         match self {
-            Held::Live(img) => Some(img),
+            Held::Live(img, _) => Some(img),
+            Held::Own(_) => None,
+        }
+    }
+
+    /// The disk top the caller serves the image through, when it gave one.
+    pub fn top(&self) -> Option<&Arc<DiskTop>> {
+        match self {
+            Held::Live(_, top) => top.as_ref(),
             Held::Own(_) => None,
         }
     }
@@ -78,7 +88,7 @@ impl Held {
     fn close(self) -> qcow2::Result<()> {
         match self {
             Held::Own(img) => img.close(),
-            Held::Live(img) => img.flush(),
+            Held::Live(img, _) => img.flush(),
         }
     }
 }
@@ -159,7 +169,9 @@ impl Step for SnapshotStep {
 
 /// An external snapshot: an overlay backed by the image becomes the disk's top in the manifest.
 /// A new overlay is made under a temporary name and renamed on commit; an existing one (`tmp ==
-/// fin`) is only pivoted to, and never removed.
+/// fin`) is only pivoted to, and never removed. On a live disk served through a [`DiskTop`],
+/// the overlay is opened while preparing and becomes the disk's top inside the pause, after
+/// the rename: guest writes then go to it.
 pub(crate) struct OverlayStep {
     pub path: PathBuf,
     /// Held open (locked) so nobody writes the image while it gets its overlay.
@@ -170,6 +182,8 @@ pub(crate) struct OverlayStep {
     pub bitmaps: Vec<BitmapChange>,
     /// Bitmaps the new overlay starts with.
     pub overlay_bitmaps: Vec<BitmapChange>,
+    /// The overlay, opened for the live disk's users (live disks only).
+    pub opened: Option<Image>,
 }
 
 impl OverlayStep {
@@ -190,6 +204,12 @@ impl Step for OverlayStep {
                 &self.overlay_bitmaps,
             )?;
         }
+        if self.image.as_ref().and_then(Held::top).is_some() {
+            let overlay = fs
+                .open_image(&self.tmp)
+                .map_err(|e| TxnError::image(&self.tmp, e))?;
+            self.opened = Some(overlay);
+        }
         Ok(None)
     }
 
@@ -201,10 +221,24 @@ impl Step for OverlayStep {
             fs.sync_dir(parent(&self.fin))
                 .map_err(|e| TxnError::io(&self.fin, e))?;
         }
+        if let (Some(mut overlay), Some(held)) = (self.opened.take(), &self.image) {
+            if let (Some(below), Some(top)) = (held.live(), held.top()) {
+                ts::relocate(&mut overlay, &self.fin);
+                // A guest FLUSH after the switch reaches only the overlay: what the disk
+                // acknowledged below it is made durable now.
+                below.flush().map_err(|e| TxnError::image(&self.path, e))?;
+                overlay.attach_shared_backing(below.clone());
+                fs.event("overlay_push");
+                ts::push_overlay(top, Arc::new(overlay))
+                    .map_err(|e| TxnError::image(&self.fin, e))?;
+            }
+        }
         Ok(Some((self.path.clone(), self.fin.clone())))
     }
 
     fn abort(&mut self, fs: &dyn GroupFs) -> Result<(), TxnError> {
+        // Closed before its file goes.
+        drop(self.opened.take());
         if self.creates() && fs.exists(&self.tmp) {
             fs.remove_file(&self.tmp)
                 .map_err(|e| TxnError::io(&self.tmp, e))?;

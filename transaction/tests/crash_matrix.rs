@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::format::SnapshotTime;
-use qcow2::{BackingPolicy, CreateOptions, Image, OpenOptions};
+use qcow2::{BackingPolicy, CreateOptions, DiskTop, Image, OpenOptions};
 use qcow2_transaction::fs::GroupFs;
 use qcow2_transaction::journal::read_all;
 use qcow2_transaction::sim::{Fault, FsOp, SimFs, Survivors};
@@ -485,34 +485,42 @@ fn a_power_cut_anywhere_in_a_plan_with_bitmap_actions_recovers_all_or_nothing() 
     crash_everywhere_from(&base, &bitmap_plan(), "bitmaps");
 }
 
-/// The phased API on live handles (images the caller holds open, as a server does): each action
-/// added on its own, then prepare and commit; the handles are closed after the commit, so their
-/// own writes are in the log too. Every cut recovers all or nothing, as with `Group::run`.
+/// The phased API on live handles (images the caller holds open, as a server does, each
+/// served through a `DiskTop`): each action added on its own, then prepare and commit; the
+/// external snapshot moves d2's top to its overlay. The handles are closed after the commit, so
+/// their own writes are in the log too. Every cut recovers all or nothing, as with `Group::run`.
 #[test]
 fn a_power_cut_anywhere_in_a_live_phased_transaction_recovers_all_or_nothing() {
     let base = setup_with_bitmaps();
-    let live_plan: Vec<Action> = bitmap_plan()
-        .into_iter()
-        .filter(|a| {
-            !matches!(a, Action::ExternalCreate { .. })
-                && !matches!(a, Action::BitmapAdd { image, .. } if image == Path::new(OVERLAY))
-        })
-        .collect();
     let r = record_with(&base, |group| {
         let fs = group.fs();
         let handles: Vec<Arc<Image>> = disks()
             .iter()
             .map(|p| Arc::new(fs.open_image(p).unwrap()))
             .collect();
+        let tops: Vec<Arc<DiskTop>> = handles
+            .iter()
+            .map(|h| Arc::new(DiskTop::new(h.clone())))
+            .collect();
         let mut txn = group.begin().unwrap();
-        for h in &handles {
-            txn.attach(h.clone()).unwrap();
+        for t in &tops {
+            txn.attach_top(t.clone()).unwrap();
         }
-        for action in live_plan.clone() {
+        for action in bitmap_plan() {
             txn.add(action).unwrap();
         }
         let outcome = txn.prepare().unwrap().commit().unwrap();
         assert!(outcome.paused.is_some());
+        let now: Vec<Arc<Image>> = tops.iter().map(|t| t.image()).collect();
+        assert_eq!(
+            now[2].path(),
+            Some(Path::new(OVERLAY)),
+            "d2's top is its overlay"
+        );
+        drop(tops);
+        // The overlay first: it holds d2 as its backing image.
+        let overlay = Arc::into_inner(now.into_iter().nth(2).unwrap()).unwrap();
+        overlay.close().unwrap();
         for h in handles {
             Arc::into_inner(h).unwrap().close().unwrap();
         }

@@ -5,11 +5,11 @@
 //! -l`) and checks every image.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use qcow2::{CreateOptions, Image, OpenOptions};
-use qcow2_testdata::cut::WriteLog;
+use qcow2::{CreateOptions, DiskTop, Image, OpenOptions};
+use qcow2_testdata::cut::{StopOnDrop, WriteLog};
 use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir};
 use qcow2_transaction::{Action, Group, OverlayMode, TxnError};
 
@@ -33,6 +33,20 @@ fn live_disks(name: &str, n: usize) -> (PathBuf, Vec<PathBuf>, Vec<Arc<Image>>) 
     (dir, paths, handles)
 }
 
+/// The log's tick at the group's next `quiesced` event (every live image held), taken by the
+/// event hook.
+fn tick_when_quiesced(group: &mut Group, log: &Arc<WriteLog>) -> Arc<Mutex<Option<u64>>> {
+    let quiesced = Arc::new(Mutex::new(None));
+    let seen = (log.clone(), quiesced.clone());
+    group.set_hook(Some(Box::new(move |event| {
+        if event == "quiesced" {
+            *seen.1.lock().unwrap() = Some(seen.0.tick());
+        }
+        true
+    })));
+    quiesced
+}
+
 fn close(handles: Vec<Arc<Image>>) {
     for h in handles {
         Arc::into_inner(h)
@@ -49,62 +63,44 @@ fn snapshot(path: &std::path::Path, name: &str) -> Action {
     }
 }
 
-/// Four disks, two writer threads each (every block belongs to one thread), three group
-/// snapshots taken while they write, the second one also adding a bitmap to every disk.
-#[test]
-fn group_snapshots_of_disks_in_use_are_cuts_of_the_acknowledged_writes() {
-    let (dir, paths, handles) = live_disks("live-cut", 4);
-    let mut group = Group::open(dir.join("group")).unwrap();
+/// Writes to every disk through its top from two threads each (every block belongs to one
+/// thread) and runs three group transactions mid-stream, the `k`-th made of `plan(k, disk,
+/// path)` for each disk (`path` is its top image's). Returns the log and each transaction's
+/// cut: a tick before it began and the tick at its `quiesced` event.
+fn live_rounds(
+    group: &mut Group,
+    tops: &[Arc<DiskTop>],
+    plan: impl Fn(usize, usize, PathBuf) -> Vec<Action>,
+) -> (Arc<WriteLog>, Vec<(u64, u64)>) {
     let log = Arc::new(WriteLog::default());
-    let quiesced = Arc::new(Mutex::new(None));
-    let seen = (log.clone(), quiesced.clone());
-    group.set_hook(Some(Box::new(move |event| {
-        if event == "quiesced" {
-            *seen.1.lock().unwrap() = Some(seen.0.tick());
-        }
-        true
-    })));
+    let quiesced = tick_when_quiesced(group, &log);
     let stop = AtomicBool::new(false);
     let blocks = SIZE / BLOCK as u64;
     let mut cuts = Vec::new();
     std::thread::scope(|s| {
-        for (disk, img) in handles.iter().enumerate() {
+        // A failing assertion below must stop the writers, or the scope never ends.
+        let _stop = StopOnDrop(&stop);
+        for (disk, top) in tops.iter().enumerate() {
             for thread in 0..2u64 {
                 let (log, stop) = (&log, &stop);
                 s.spawn(move || {
-                    let mut x = disk as u64 * 7919 + thread * 104_729 + 1;
-                    while !stop.load(Ordering::SeqCst) {
-                        x = x
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let block = ((x >> 33) % (blocks / 2)) * 2 + thread;
-                        log.write(disk, block, BLOCK, |data| {
-                            img.write_at(data, block * BLOCK as u64).unwrap()
-                        });
-                    }
+                    log.write_until(stop, disk, (thread, 2), blocks, BLOCK, |data, at| {
+                        top.write(|img| img.write_at(data, at)).unwrap()
+                    })
                 });
             }
         }
         for k in 0..3 {
-            // Mid-stream: some writes before each snapshot, more after.
+            // Mid-stream: some writes before each transaction, more after.
             while log.len() < 300 * (k + 1) {
                 std::thread::yield_now();
             }
             let before = log.tick();
             let mut txn = group.begin().unwrap();
-            for h in &handles {
-                txn.attach(h.clone()).unwrap();
-            }
-            for p in &paths {
-                txn.add(snapshot(p, &format!("s{k}"))).unwrap();
-                if k == 1 {
-                    txn.add(Action::BitmapAdd {
-                        image: p.clone(),
-                        name: "since-s1".into(),
-                        granularity: None,
-                        disabled: false,
-                    })
-                    .unwrap();
+            for (disk, top) in tops.iter().enumerate() {
+                let path = txn.attach_top(top.clone()).unwrap();
+                for action in plan(k, disk, path) {
+                    txn.add(action).unwrap();
                 }
             }
             let outcome = txn.prepare().unwrap().commit().unwrap();
@@ -115,8 +111,33 @@ fn group_snapshots_of_disks_in_use_are_cuts_of_the_acknowledged_writes() {
         while log.len() < 1200 {
             std::thread::yield_now();
         }
-        stop.store(true, Ordering::SeqCst);
     });
+    (log, cuts)
+}
+
+/// Four disks and three group snapshots taken while they are written, the second one also
+/// adding a bitmap to every disk.
+#[test]
+fn group_snapshots_of_disks_in_use_are_cuts_of_the_acknowledged_writes() {
+    let (dir, paths, handles) = live_disks("live-cut", 4);
+    let tops: Vec<Arc<DiskTop>> = handles
+        .iter()
+        .map(|h| Arc::new(DiskTop::new(h.clone())))
+        .collect();
+    let mut group = Group::open(dir.join("group")).unwrap();
+    let (log, cuts) = live_rounds(&mut group, &tops, |k, _, path| {
+        let mut plan = vec![snapshot(&path, &format!("s{k}"))];
+        if k == 1 {
+            plan.push(Action::BitmapAdd {
+                image: path,
+                name: "since-s1".into(),
+                granularity: None,
+                disabled: false,
+            });
+        }
+        plan
+    });
+    drop(tops);
     close(handles);
     for (disk, path) in paths.iter().enumerate() {
         assert_eq!(qemu_check(path).0, 0, "{}", path.display());
@@ -132,6 +153,53 @@ fn group_snapshots_of_disks_in_use_are_cuts_of_the_acknowledged_writes() {
             .bitmaps();
         assert_eq!(bitmaps.len(), 1);
         assert!(bitmaps[0].consistent());
+    }
+}
+
+/// Two disks served through `DiskTop`s and three group transactions while they are written:
+/// external snapshots of both (the writes move to the overlays), internal snapshots of the new
+/// tops, external snapshots again. Each layer is a cut of the acknowledged writes: the base
+/// files hold cut 0, the first overlays' snapshot cut 1 and their active state cut 2, and the
+/// tops every write. QEMU reads every layer back through its chain.
+#[test]
+fn external_snapshots_of_disks_in_use_move_their_writes_to_the_overlays() {
+    let (dir, paths, handles) = live_disks("live-external", 2);
+    let tops: Vec<Arc<DiskTop>> = handles
+        .iter()
+        .map(|h| Arc::new(DiskTop::new(h.clone())))
+        .collect();
+    let overlay = |disk: usize, k: usize| dir.join(format!("disk{disk}.o{k}.qcow2"));
+    let mut group = Group::open(dir.join("group")).unwrap();
+    let (log, cuts) = live_rounds(&mut group, &tops, |k, disk, path| {
+        vec![match k {
+            1 => snapshot(&path, "s1"),
+            _ => Action::ExternalCreate {
+                image: path,
+                overlay: overlay(disk, k),
+                mode: OverlayMode::New,
+            },
+        }]
+    });
+    drop(handles);
+    for top in tops {
+        Arc::into_inner(top).unwrap().close().unwrap();
+    }
+    for (disk, base) in paths.iter().enumerate() {
+        let layers = [
+            (base.clone(), None, Some(cuts[0])),
+            (overlay(disk, 0), Some("s1"), Some(cuts[1])),
+            (overlay(disk, 0), None, Some(cuts[2])),
+            (overlay(disk, 2), None, None),
+        ];
+        for (path, snap, cut) in layers {
+            assert_eq!(qemu_check(&path).0, 0, "{}", path.display());
+            let raw = qemu_convert_raw(&path, snap);
+            let (before, after) = cut.unwrap_or((u64::MAX, u64::MAX));
+            let held = log
+                .check_cut(disk, &raw, BLOCK, before, after)
+                .unwrap_or_else(|e| panic!("{} {snap:?}: {e}", path.display()));
+            assert!(held > 0, "{} holds no write", path.display());
+        }
     }
 }
 

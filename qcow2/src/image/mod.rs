@@ -33,7 +33,7 @@ use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
 use snapshots::view as snapshot;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
 pub use bitmap::BitmapInfo;
@@ -577,7 +577,28 @@ impl Image {
     /// Puts `backing` under this image (for images opened from storage, whose backing file the
     /// caller opens itself). Unallocated clusters then read from it.
     pub fn attach_backing(&mut self, backing: Image) {
-        self.backing = Some(Backing::Qcow2(Box::new(backing)));
+        self.backing = Some(Backing::Qcow2(Arc::new(backing)));
+    }
+
+    /// Puts `backing`, an image others hold too, under this image: the overlay of an external
+    /// snapshot over a disk its users keep open (see [`crate::DiskTop`]).
+    pub fn attach_shared_backing(&mut self, backing: Arc<Image>) {
+        self.backing = Some(Backing::Qcow2(backing));
+    }
+
+    /// Takes the name and path of the file this image's file was renamed to.
+    pub(crate) fn relocate(&mut self, path: &Path) {
+        self.name = path.display().to_string();
+        self.path = Some(path.to_path_buf());
+    }
+
+    /// The backing image as shared, for [`crate::DiskTop`]'s check that an overlay sits on the
+    /// disk's top.
+    pub(crate) fn backing_arc(&self) -> Option<&Arc<Image>> {
+        match &self.backing {
+            Some(Backing::Qcow2(image)) => Some(image),
+            _ => None,
+        }
     }
 
     /// Gives an image opened from storage its external data file (the caller opens it).

@@ -26,7 +26,9 @@ pub enum BackingPolicy {
 
 /// What lies below an image.
 pub(crate) enum Backing {
-    Qcow2(Box<Image>),
+    /// Shared: an external snapshot of a live disk puts its overlay over the image the disk's
+    /// users still hold.
+    Qcow2(std::sync::Arc<Image>),
     Raw {
         storage: Box<dyn Storage>,
         size: u64,
@@ -160,7 +162,7 @@ fn attach_files(
         };
         let below = open_chain_writable_at(&backing_path, &below_options, chain, writable_depth);
         chain.pop();
-        Backing::Qcow2(Box::new(below?))
+        Backing::Qcow2(std::sync::Arc::new(below?))
     } else {
         let storage = open_locked(
             &backing_path,

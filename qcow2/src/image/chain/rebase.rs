@@ -69,7 +69,7 @@ impl NewBacking {
 
     fn into_backing(self, image: &str) -> Result<Backing> {
         Ok(match self {
-            NewBacking::Qcow2(image) => Backing::Qcow2(image),
+            NewBacking::Qcow2(image) => Backing::Qcow2((*image).into()),
             NewBacking::Raw(storage) => {
                 let size = storage
                     .len()

@@ -21,6 +21,9 @@ struct GateState {
     /// Guest writes fail instead of waiting: a live transaction left the image in a state only
     /// recovery may finish.
     fenced: bool,
+    /// Guest writes fail with `Superseded`: an external snapshot made an overlay the disk's
+    /// top, and a write that waited here belongs there.
+    superseded: bool,
 }
 
 /// Admission of guest writes, with pauses.
@@ -79,6 +82,8 @@ impl Image {
     pub(crate) fn write_pass(&self) -> crate::Result<Pass<'_>> {
         let gate = &self.gate;
         let mut g = gate.lock();
+        // A superseded image's waiting writes still wait for the pause to end: the live
+        // transaction that replaced it resumes every disk at one instant.
         if g.pauses > 0 && !g.fenced {
             g.waiting += 1;
             while g.pauses > 0 && !g.fenced {
@@ -92,6 +97,11 @@ impl Image {
                 reason: "writes are fenced: a live group transaction did not finish; close the \
                          image and run recover on its group"
                     .into(),
+            });
+        }
+        if g.superseded {
+            return Err(crate::Error::Superseded {
+                image: self.name.clone(),
             });
         }
         g.active += 1;
@@ -128,6 +138,13 @@ impl Image {
     pub(crate) fn fence_writes(&self) {
         self.gate.lock().fenced = true;
         self.gate.changed.notify_all();
+    }
+
+    /// Makes every waiting and every later guest write fail with `Superseded`: an overlay is
+    /// this image's disk's top now ([`crate::DiskTop`] sends the write there). Reads, and
+    /// writes the overlay makes into its backing file (none today), are not guest writes.
+    pub(crate) fn supersede_writes(&self) {
+        self.gate.lock().superseded = true;
     }
 
     /// Ends one pause; writes go on once no pause is left.
