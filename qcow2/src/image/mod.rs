@@ -40,6 +40,7 @@ pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
+pub use data::compress::CompressedClusters;
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
 pub use maintenance::amend::AmendOptions;
