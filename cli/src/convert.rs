@@ -69,7 +69,7 @@ pub struct Args {
     /// (raw output is always written as chunks finish).
     #[arg(short = 'W')]
     out_of_order: bool,
-    /// Parallel workers, 1 to 16 (qemu-img's limits); the core count, at least 2, without it.
+    /// Parallel workers, 1 to 16 (qemu-img's limits); the core count, at least 4, without it.
     #[arg(short = 'm', value_name = "NUM_COROUTINES", allow_hyphen_values = true)]
     parallel: Option<String>,
     /// Sparse detection: all-zero blocks of SIZE bytes are not written (default 4k; 0 writes

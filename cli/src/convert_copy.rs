@@ -23,14 +23,15 @@ pub const MAP_WINDOW: u64 = 1 << 30;
 /// qemu-img's limit for `-m`.
 pub const MAX_WORKERS: u64 = 16;
 
-/// The worker count without `-m`: the core count, but never below 2, so that on any machine one
-/// chunk is read while another is written (on 2 cores, 2 to 8 workers measure alike; see
-/// benches/README.md).
+/// The worker count without `-m`: the core count, but at least 4. On the 2-core VM with other
+/// work running, 4 workers took 0.39 s where 2 took 1.08 s and qemu-img 0.51 s (qcow2 to
+/// qcow2, medians of 5; benches/README.md): workers blocked in the kernel (a source read, the
+/// file's write lock) leave the cores to the others.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(2, MAX_WORKERS as usize)
+        .clamp(4, MAX_WORKERS as usize)
 }
 
 /// A piece of the disk for one worker: guest bytes to copy (`data`, at most [`CHUNK`]) or a

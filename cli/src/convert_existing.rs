@@ -56,7 +56,8 @@ pub fn copy(
         copy_into_raw(guest, &target, how).map_err(fail)?;
         return Ok(0);
     }
-    let image = open_image(dst, &OpenOptions::read_write()).map_err(fail)?;
+    let image =
+        open_image(dst, &OpenOptions::read_write().skip_syncs(!how.durable)).map_err(fail)?;
     if image.size() < size {
         return Err(too_small());
     }

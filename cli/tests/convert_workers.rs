@@ -110,6 +110,22 @@ fn assert_compare_equal(dir: &Path, a: &Path, a_fmt: &str, b: &Path, b_fmt: &str
     assert_eq!(code(&cmp), 0, "{what}: {}{}", stdout(&cmp), stderr(&cmp));
 }
 
+/// The guest bytes of `path`, through a raw copy made by qemu-img.
+fn read_as_raw(dir: &Path, path: &Path, format: &str) -> Vec<u8> {
+    let copy = dir.join("copy.raw");
+    let _ = std::fs::remove_file(&copy);
+    qemu_img_ok(&[
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        path_str(path),
+        path_str(&copy),
+    ]);
+    std::fs::read(&copy).unwrap()
+}
+
 fn map_json(dir: &Path, path: &Path) -> String {
     stdout(&qemu_in(dir, &["map", "--output=json", path_str(path)]))
 }
@@ -224,32 +240,8 @@ fn existing_targets_with_old_bytes_read_as_the_source() {
                 let (ours, theirs) = convert_both(&dir, &args, out_fmt, &old(out_fmt));
                 assert_compare_equal(&dir, &ours, out_fmt, &theirs, out_fmt, &what);
                 // The target is larger than the source: its first 20 MiB read as the source.
-                let head = dir.join("head.raw");
-                let _ = std::fs::remove_file(&head);
-                qemu_img_ok(&[
-                    "convert",
-                    "-f",
-                    out_fmt,
-                    "-O",
-                    "raw",
-                    path_str(&ours),
-                    path_str(&head),
-                ]);
-                let bytes = std::fs::read(&head).unwrap();
-                let source = {
-                    let expected = dir.join("expected.raw");
-                    let _ = std::fs::remove_file(&expected);
-                    qemu_img_ok(&[
-                        "convert",
-                        "-f",
-                        src_fmt,
-                        "-O",
-                        "raw",
-                        path_str(src),
-                        path_str(&expected),
-                    ]);
-                    std::fs::read(&expected).unwrap()
-                };
+                let bytes = read_as_raw(&dir, &ours, out_fmt);
+                let source = read_as_raw(&dir, src, src_fmt);
                 assert!(bytes[..source.len()] == source[..], "{what}: bytes differ");
                 assert!(
                     bytes[source.len()..].iter().all(|&b| b == 0xaa),
