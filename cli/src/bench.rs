@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use qcow2::{Image, OpenOptions};
 
-use crate::size::parse_size;
+use crate::size::{int_arg, size_arg};
 use crate::source::{format_of, io_text, open_image, CmdResult, Failure, Format};
 
 /// Buffers start on a page boundary: unaligned buffers read measurably slower.
@@ -106,66 +106,6 @@ impl Workload {
         }
         let at = self.offset as u128 + index as u128 * self.step as u128;
         (at % image_size as u128) as u64
-    }
-}
-
-/// qemu's `qemu_strtoul`-style integer (base 0: `0x` hex, leading-0 octal, else decimal) checked
-/// against `[min, max]`, with qemu-img's two messages.
-fn int_arg(name: &str, text: &str, min: u64, max: u64) -> Result<u64, Failure> {
-    let range = || {
-        Failure::new(
-            1,
-            format!("Invalid {name} specified. Must be between {min} and {max}."),
-        )
-    };
-    let invalid = || Failure::new(1, format!("Invalid {name} specified: '{text}'."));
-    let s = text.trim_start();
-    let (negative, digits) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let (radix, body) = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        (16, hex)
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        (8, &digits[1..])
-    } else {
-        (10, digits)
-    };
-    if body.is_empty() || !body.chars().all(|c| c.is_digit(radix)) {
-        return Err(invalid());
-    }
-    let value = u64::from_str_radix(body, radix).map_err(|_| range())?;
-    if (negative && value != 0) || value < min || value > max {
-        return Err(range());
-    }
-    Ok(value)
-}
-
-/// qemu-img's `cvtnum_full`: a size with an optional suffix, checked against `[min, max]`.
-fn size_arg(name: &str, text: &str, min: u64, max: u64) -> Result<u64, Failure> {
-    let range = || {
-        Failure::new(
-            1,
-            format!("Invalid {name} specified. Must be between {min} and {max}."),
-        )
-    };
-    if text.trim_start().starts_with('-') {
-        return Err(range());
-    }
-    match parse_size(text) {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Ok(_) => Err(range()),
-        // All digits yet unparsable: the number overflowed.
-        Err(_) if !text.is_empty() && text.trim().chars().all(|c| c.is_ascii_digit()) => {
-            Err(range())
-        }
-        Err(_) => Err(Failure::new(
-            1,
-            format!("Invalid {name} specified: '{text}'."),
-        )),
     }
 }
 
@@ -534,40 +474,6 @@ mod tests {
         assert_eq!(w.request_offset(0, 16384), 20000);
         assert_eq!(w.request_offset(1, 16384), (20000 + 4096) % 16384);
         assert_eq!(work(0, 4096).request_offset(5, 0), 0);
-    }
-
-    #[test]
-    fn integers_parse_as_strtoul_with_base_zero() {
-        assert_eq!(int_arg("x", "0x10", 1, 100).unwrap(), 16);
-        assert_eq!(int_arg("x", "010", 1, 100).unwrap(), 8);
-        assert_eq!(int_arg("x", " 3", 1, 100).unwrap(), 3);
-        let msg = |r: Result<u64, Failure>| r.unwrap_err().message;
-        assert_eq!(
-            msg(int_arg("request count", "-1", 1, 9)),
-            "Invalid request count specified. Must be between 1 and 9."
-        );
-        assert_eq!(
-            msg(int_arg("request count", "4k", 1, 9)),
-            "Invalid request count specified: '4k'."
-        );
-        assert!(int_arg("x", "99999999999999999999999", 1, 9)
-            .unwrap_err()
-            .message
-            .contains("Must be between"));
-    }
-
-    #[test]
-    fn sizes_take_suffixes_and_report_range_errors() {
-        assert_eq!(size_arg("offset", "1.5k", 0, 1 << 40).unwrap(), 1536);
-        let msg = |r: Result<u64, Failure>| r.unwrap_err().message;
-        assert_eq!(
-            msg(size_arg("offset", "-5", 0, 9)),
-            "Invalid offset specified. Must be between 0 and 9."
-        );
-        assert_eq!(
-            msg(size_arg("buffer size", "4kB", 1, 9)),
-            "Invalid buffer size specified: '4kB'."
-        );
     }
 
     #[test]

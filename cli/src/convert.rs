@@ -3,27 +3,16 @@
 //! data ranges are read; zero and unallocated ranges, and all-zero blocks (raw) or clusters
 //! (qcow2) inside data, stay holes.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use qcow2::storage::FileIdentity;
 use qcow2::{CreateOptions, Image};
 
+use crate::convert_copy::{self, cut, lock, runs, Chunk, RawTarget, Workers};
 use crate::opts;
-use crate::progress::Progress;
-use crate::source::{is_zero, CmdResult, Failure, Guest, Input};
+use crate::source::{CmdResult, Failure, Guest, Input};
 
-/// Bytes read per request.
-const CHUNK: usize = 2 << 20;
-/// Buffer alignment.
-const PAGE: usize = 4096;
-/// Requests in flight: the page-cache copies overlap (qemu-img keeps 8 coroutines busy);
-/// measured best at 4 on a 1 GiB image.
-const WORKERS: usize = 4;
-/// Guest bytes mapped per `map` call, so huge images need little memory.
-const MAP_WINDOW: u64 = 1 << 30;
 /// Granularity of hole detection in data (as qemu-img's default `-S 4k`).
 const SPARSE_BLOCK: usize = 4096;
 
@@ -68,19 +57,21 @@ pub struct Args {
     /// With -n: the target reads as zeros already, so zero ranges are not written.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
-    /// Target cache mode (none, writeback, writethrough, directsync, unsafe); checked and
-    /// accepted: the engine's own write-back order applies.
+    /// Target cache mode (none, writeback, writethrough, directsync, unsafe): `unsafe` skips
+    /// every sync of the output (qemu-img's default for convert); with the others, and without
+    /// `-t`, the output is synced before the command ends.
     #[arg(short = 't')]
     cache: Option<String>,
     /// Source cache mode, checked and accepted.
     #[arg(short = 'T')]
     source_cache: Option<String>,
-    /// Out-of-order writes (accepted: workers already write in any order).
+    /// Out-of-order writes: qcow2 output is allocated as chunks finish, not in guest order
+    /// (raw output is always written as chunks finish).
     #[arg(short = 'W')]
     out_of_order: bool,
-    /// Parallel requests (1 to 16, qemu-img's limits), accepted.
-    #[arg(short = 'm')]
-    parallel: Option<u32>,
+    /// Parallel workers, 1 to 16 (qemu-img's limits); the core count, at least 4, without it.
+    #[arg(short = 'm', value_name = "NUM_COROUTINES", allow_hyphen_values = true)]
+    parallel: Option<String>,
     /// Sparse detection: all-zero blocks of SIZE bytes are not written (default 4k; 0 writes
     /// everything, fully allocating the output).
     #[arg(short = 'S', value_name = "SIZE")]
@@ -191,7 +182,7 @@ fn parse_rate(text: Option<&str>) -> Result<Option<u64>, String> {
 
 /// Keeps the bytes copied at or below a rate: each worker waits until the bytes done so far
 /// are due.
-struct RateLimit {
+pub struct RateLimit {
     rate: u64,
     start: std::time::Instant,
     done: Mutex<u64>,
@@ -222,20 +213,19 @@ pub fn run(args: Args) -> CmdResult {
     if args.copy_offload && args.sparse.is_some() {
         return Err(fail("Cannot enable copy offloading when -S is used".into()));
     }
+    let workers = match &args.parallel {
+        Some(text) => {
+            crate::size::int_arg("number of coroutines", text, 1, convert_copy::MAX_WORKERS)?
+                as usize
+        }
+        None => convert_copy::default_workers(),
+    };
     let limit = rate.map(|rate| RateLimit {
         rate,
         start: std::time::Instant::now(),
         done: Mutex::new(0),
     });
-    let copy_opts = CopyOpts {
-        sparse,
-        limit: limit.as_ref(),
-        offload: args.copy_offload,
-    };
-    let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
-        copy(guest, args, &copy_opts, output, inputs)
-    };
-    let _ = (args.quiet, args.out_of_order);
+    let _ = args.quiet;
     for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
         if !matches!(
             mode.as_str(),
@@ -244,11 +234,19 @@ pub fn run(args: Args) -> CmdResult {
             return Err(fail(format!("Invalid cache option: {mode}")));
         }
     }
-    if args.parallel.is_some_and(|m| !(1..=16).contains(&m)) {
-        return Err(fail(
-            "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
-        ));
-    }
+    let copy_opts = CopyOpts {
+        sparse,
+        limit: limit.as_ref(),
+        offload: args.copy_offload,
+        compress: args.compress,
+        workers,
+        out_of_order: args.out_of_order,
+        durable: args.cache.as_deref() != Some("unsafe"),
+        progress: args.progress,
+    };
+    let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
+        copy(guest, args, &copy_opts, output, inputs)
+    };
     if args.target_is_zero && !args.no_create {
         return Err(fail("--target-is-zero requires use of -n flag".into()));
     }
@@ -275,6 +273,7 @@ pub fn run(args: Args) -> CmdResult {
             &args.output_format,
             args.target_is_zero,
             &inputs,
+            &copy_opts,
         );
     }
     let mut raw_opts = opts::RawOpts::default();
@@ -395,13 +394,36 @@ fn open_sources(args: &Args) -> Result<crate::source::Concat, String> {
     Ok(crate::source::Concat::new(inputs))
 }
 
-/// How the bytes are copied: `-S` and `-r`.
-struct CopyOpts<'a> {
+/// How the bytes are copied: `-S`, `-r`, `-C`, `-c`, `-m`, `-W`, `-t` and `-p`.
+pub struct CopyOpts<'a> {
     /// Sparse detection block; `None` writes everything.
-    sparse: Option<usize>,
-    limit: Option<&'a RateLimit>,
+    pub sparse: Option<usize>,
+    pub limit: Option<&'a RateLimit>,
     /// `-C`: copy file ranges inside the kernel where the source has them.
-    offload: bool,
+    pub offload: bool,
+    pub compress: bool,
+    pub workers: usize,
+    /// `-W`: qcow2 output need not be allocated in guest order.
+    pub out_of_order: bool,
+    /// The output is synced before the command ends (every `-t` mode but `unsafe`).
+    pub durable: bool,
+    pub progress: bool,
+}
+
+impl CopyOpts<'_> {
+    fn workers(&self, ordered: bool) -> Workers {
+        Workers {
+            count: self.workers,
+            ordered,
+            progress: self.progress,
+        }
+    }
+
+    fn account(&self, bytes: u64) {
+        if let Some(limit) = self.limit {
+            limit.account(bytes);
+        }
+    }
 }
 
 fn copy(
@@ -433,50 +455,82 @@ fn copy_raw(
         .preallocation()
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     let out = storage.file();
-    let size = guest.size();
     // QEMU's file driver makes whole sectors, and writes the first block.
-    let file_size = size.next_multiple_of(512);
+    let file_size = guest.size().next_multiple_of(512);
     crate::create::grow_raw(&storage, 0, file_size, mode)
         .and_then(|()| crate::create::write_first_block(out, file_size))
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
-    // Data ranges cut into chunks; zero ranges are holes already.
-    let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
-        let mut chunks = Vec::new();
+    let target = RawTarget {
+        storage: &storage,
+        fresh: true,
+    };
+    copy_into_raw(guest, &target, how).map_err(fail)?;
+    Ok(0)
+}
+
+/// Copies `guest` into a raw file (new or existing), syncing it at the end unless `-t unsafe`.
+/// Data ranges are cut into chunks; all-zero blocks and zero ranges are made zeros in the
+/// target (nothing to do in a fresh one, holes punched in an existing one).
+pub fn copy_into_raw(
+    guest: &dyn Guest,
+    out: &RawTarget<'_>,
+    how: &CopyOpts<'_>,
+) -> Result<(), String> {
+    let chunks = |window: u64, window_len: u64| -> Result<Vec<Chunk>, String> {
+        let mut data = Vec::new();
         for region in guest.regions(window, window_len)? {
-            let end = region.start + region.length;
-            let mut pos = region.start;
             // Without sparse detection (-S 0) zero ranges are written too.
-            while (region.data || how.sparse.is_none()) && pos < end {
-                let n = (CHUNK as u64).min(end - pos);
-                chunks.push((pos, n as usize));
-                pos += n;
+            if region.data || how.sparse.is_none() {
+                push_merged(&mut data, region.start, region.start + region.length);
             }
         }
-        Ok(chunks)
+        Ok(cut(&data, window, window + window_len, !out.fresh))
     };
-    let process = |chunk: &mut [u8], pos: u64, _: &dyn Fn()| -> Result<(), String> {
+    let written = |e: std::io::Error, at: u64| format!("error while writing at byte {at}: {e}");
+    let process = |chunk: Chunk, buf: &mut [u8], _: &dyn Fn()| -> Result<(), String> {
+        let pos = chunk.pos;
+        if !chunk.data {
+            return out.zero(pos, chunk.len).map_err(|e| written(e, pos));
+        }
+        let buf = &mut buf[..chunk.len as usize];
         if how.offload {
-            if let Some((src, at)) = guest.host_range(pos, chunk.len() as u64) {
-                if copy_in_kernel(src, at, out, pos, chunk.len()) {
-                    if let Some(limit) = how.limit {
-                        limit.account(chunk.len() as u64);
-                    }
+            if let Some((src, at)) = guest.host_range(pos, chunk.len) {
+                if copy_in_kernel(src, at, out.file(), pos, buf.len()) {
+                    how.account(chunk.len);
                     return Ok(());
                 }
             }
         }
         guest
-            .read_at(chunk, pos)
+            .read_at(buf, pos)
             .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
-        write_nonzero(out, chunk, pos, how.sparse)
-            .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
-        if let Some(limit) = how.limit {
-            limit.account(chunk.len() as u64);
+        for (start, end, zero) in runs(buf, how.sparse) {
+            let at = pos + start as u64;
+            let result = if zero {
+                out.zero(at, (end - start) as u64)
+            } else {
+                out.write(&buf[start..end], at)
+            };
+            result.map_err(|e| written(e, at))?;
         }
+        how.account(chunk.len);
         Ok(())
     };
-    run_chunks(size, args.progress, chunks, process, false).map_err(fail)?;
-    Ok(0)
+    convert_copy::run(guest.size(), &how.workers(false), chunks, process)?;
+    if how.durable {
+        out.file()
+            .sync_data()
+            .map_err(|e| format!("error while flushing: {}", crate::source::io_text(&e)))?;
+    }
+    Ok(())
+}
+
+/// Adds `[start, end)` to ascending ranges, merged with the last one where they touch.
+fn push_merged(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 >= start => last.1 = last.1.max(end),
+        _ => ranges.push((start, end)),
+    }
 }
 
 /// Copies into a new qcow2 image: data ranges widened to whole output clusters, all-zero
@@ -492,10 +546,10 @@ fn copy_qcow2(
     let fail = |m: String| Failure::new(1, m);
     let data_file = crate::create::create_data_file(options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
-    let mut image = crate::create::open_new_qcow2(&dst, options, inputs)
+    let mut image = crate::create::open_new_qcow2(&dst, options, inputs, how.durable)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
     if let Some(storage) = data_file {
-        image.attach_data_file(Box::new(storage));
+        image.attach_data_file(crate::target::with_syncs(storage, how.durable));
     }
     // With a backing file, what the source's top image does not allocate is left to it, and
     // zeros are written as zeros (the backing file may hold data there), as qemu-img does. The
@@ -511,25 +565,78 @@ fn copy_qcow2(
             ))
         })?;
     }
-    let cs = image.cluster_size();
-    let src_size = guest.size();
-    // The output may be larger (qemu rounds it up to whole sectors): the tail reads as zeros.
-    let size = image.size();
+    let cs = image.cluster_size() as usize;
     // Zero blocks are skipped: whole clusters (they stay unallocated), or, where every cluster
     // is preallocated already, each all-zero block (qemu-img's default `-S 4k`), which stays a
     // hole in the file.
     // A larger -S block skips only zero runs that long.
     let granularity = how.sparse.map(|block| {
         if options.preallocation == qcow2::Preallocation::Off && !options.data_file_raw {
-            block.max(cs as usize)
+            block.max(cs)
         } else {
             block
         }
     });
-    let chunks = |window: u64, window_len: u64| -> Result<Vec<(u64, usize)>, String> {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let target = Qcow2Target {
+        image: &image,
+        new: true,
+        below: has_backing,
+        zeros: if has_backing {
+            Zeros::Write
+        } else {
+            Zeros::Skip
+        },
+        zero_gaps: false,
+        granularity,
+    };
+    copy_into_qcow2(guest, &target, how).map_err(fail)?;
+    image
+        .close()
+        .map_err(|e| fail(format!("{dst}: error while converting qcow2: {e}")))?;
+    Ok(0)
+}
+
+/// What zero blocks become in a qcow2 target.
+pub enum Zeros {
+    /// Nothing: the target reads as zeros there already.
+    Skip,
+    /// Zero writes (over a backing file that may hold data there).
+    Write,
+    /// Zero writes where the target does not read as zeros already (an existing target).
+    WhereNonZero,
+}
+
+/// A qcow2 output and how the copy treats it.
+pub struct Qcow2Target<'a> {
+    pub image: &'a Image,
+    /// Created for this copy: its tail past the source (whole sectors) is written as zeros.
+    pub new: bool,
+    /// Ranges the source's top image leaves to its backing file are left to the output's.
+    pub below: bool,
+    pub zeros: Zeros,
+    /// Ranges the source has as zeros are made zeros (an existing target holding old bytes).
+    pub zero_gaps: bool,
+    /// Zero detection block; `None` writes everything.
+    pub granularity: Option<usize>,
+}
+
+/// Copies `guest` into a qcow2 image. Workers read, scan and compress in parallel; the writes
+/// follow in guest order (without `-W`), so clusters are allocated where qemu-img puts them.
+pub fn copy_into_qcow2(
+    guest: &dyn Guest,
+    t: &Qcow2Target<'_>,
+    how: &CopyOpts<'_>,
+) -> Result<(), String> {
+    let image = t.image;
+    let cs = image.cluster_size();
+    let src_size = guest.size();
+    // A new output may be larger (qemu rounds it up to whole sectors): the tail reads as zeros.
+    // An existing one keeps its bytes past the source.
+    let size = if t.new { image.size() } else { src_size };
+    let chunks = |window: u64, window_len: u64| -> Result<Vec<Chunk>, String> {
+        let mut data: Vec<(u64, u64)> = Vec::new();
         for region in guest.regions(window, window_len)? {
-            let skip = if has_backing {
+            let skip = if t.below {
                 region.below
             } else {
                 !region.data && how.sparse.is_some()
@@ -544,163 +651,58 @@ fn copy_qcow2(
             if region.start + region.length == src_size {
                 end = size;
             }
-            match ranges.last_mut() {
-                Some(last) if last.1 >= start => last.1 = last.1.max(end),
-                _ => ranges.push((start, end)),
-            }
+            push_merged(&mut data, start, end);
         }
-        let mut chunks = Vec::new();
-        for (start, end) in ranges {
-            let mut pos = start;
-            while pos < end {
-                let n = (CHUNK as u64).min(end - pos);
-                chunks.push((pos, n as usize));
-                pos += n;
-            }
-        }
-        Ok(chunks)
+        Ok(cut(&data, window, window + window_len, t.zero_gaps))
     };
-    let process = |chunk: &mut [u8], pos: u64, my_turn: &dyn Fn()| -> Result<(), String> {
-        let readable = src_size.saturating_sub(pos).min(chunk.len() as u64) as usize;
-        guest
-            .read_at(&mut chunk[..readable], pos)
-            .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
-        chunk[readable..].fill(0);
-        // Reads overlap; writes allocate in guest order, so the host offsets are qemu-img's.
-        my_turn();
-        write_clusters(&image, chunk, pos, granularity, args.compress, has_backing)
-            .map_err(|e| format!("error while writing at byte {pos}: {e}"))?;
-        if let Some(limit) = how.limit {
-            limit.account(chunk.len() as u64);
+    let zero = |at: u64, len: u64| match t.zeros {
+        Zeros::Skip => Ok(()),
+        Zeros::Write => image.write_zeroes(at, len, false),
+        Zeros::WhereNonZero => convert_copy::zero_qcow2(image, at, len),
+    };
+    let written = |e: qcow2::Error, at: u64| format!("error while writing at byte {at}: {e}");
+    let process = |chunk: Chunk, buf: &mut [u8], my_turn: &dyn Fn()| -> Result<(), String> {
+        let pos = chunk.pos;
+        if !chunk.data {
+            my_turn();
+            return convert_copy::zero_qcow2(image, pos, chunk.len).map_err(|e| written(e, pos));
         }
+        let buf = &mut buf[..chunk.len as usize];
+        let readable = src_size.saturating_sub(pos).min(chunk.len) as usize;
+        guest
+            .read_at(&mut buf[..readable], pos)
+            .map_err(|e| format!("error while reading at byte {pos}: {e}"))?;
+        buf[readable..].fill(0);
+        // Reading, zero detection and compression overlap between workers; the writes wait
+        // for their turn, so the host offsets are allocated in guest order.
+        let runs = runs(buf, t.granularity);
+        let packed = if how.compress {
+            runs.iter()
+                .map(|&(start, end, zero)| {
+                    (!zero)
+                        .then(|| image.compress_clusters(&buf[start..end], pos + start as u64))
+                        .transpose()
+                })
+                .collect::<qcow2::Result<Vec<_>>>()
+                .map_err(|e| written(e, pos))?
+        } else {
+            Vec::new()
+        };
+        my_turn();
+        for (i, &(start, end, is_zero)) in runs.iter().enumerate() {
+            let at = pos + start as u64;
+            let data = &buf[start..end];
+            let result = match (is_zero, packed.get(i)) {
+                (true, _) => zero(at, data.len() as u64),
+                (false, Some(Some(clusters))) => image.write_compressed_clusters(clusters, data),
+                (false, _) => image.write_at(data, at),
+            };
+            result.map_err(|e| written(e, at))?;
+        }
+        how.account(chunk.len);
         Ok(())
     };
-    run_chunks(size, args.progress, chunks, process, true).map_err(fail)?;
-    image
-        .close()
-        .map_err(|e| fail(format!("{dst}: error while converting qcow2: {e}")))?;
-    Ok(0)
-}
-
-/// Writes the blocks of `granularity` bytes of `chunk` (starting at a block-aligned `offset`)
-/// that are not all zeros, in runs of adjacent blocks; everything without a granularity.
-fn write_clusters(
-    image: &Image,
-    chunk: &[u8],
-    offset: u64,
-    granularity: Option<usize>,
-    compress: bool,
-    zero_fill: bool,
-) -> qcow2::Result<()> {
-    let mut run_start = None;
-    let mut pos = 0;
-    let flush = |start: usize, end: usize| {
-        let data = &chunk[start..end];
-        let at = offset + start as u64;
-        if compress {
-            image.write_compressed(data, at)
-        } else {
-            image.write_at(data, at)
-        }
-    };
-    let Some(granularity) = granularity else {
-        return flush(0, chunk.len());
-    };
-    // Runs of blocks alike: data is written, zeros skipped (or written as zeros).
-    let run = |start: usize, end: usize, zero: bool| match (zero, zero_fill) {
-        (false, _) => flush(start, end),
-        (true, true) => image.write_zeroes(offset + start as u64, (end - start) as u64, false),
-        (true, false) => Ok(()),
-    };
-    let mut current: Option<bool> = None;
-    while pos < chunk.len() {
-        let end = (pos + granularity).min(chunk.len());
-        let zero = is_zero(&chunk[pos..end]);
-        match (current, run_start) {
-            (Some(kind), Some(start)) if kind != zero => {
-                run(start, pos, kind)?;
-                run_start = Some(pos);
-            }
-            (None, _) => run_start = Some(pos),
-            _ => {}
-        }
-        current = Some(zero);
-        pos = end;
-    }
-    if let (Some(kind), Some(start)) = (current, run_start) {
-        run(start, chunk.len(), kind)?;
-    }
-    Ok(())
-}
-
-/// Runs `process` over the chunks `chunks` lists for each window of the disk, on `WORKERS`
-/// threads with page-aligned buffers, reporting progress. `process` gets a function that waits
-/// until every earlier chunk is done, when `ordered` (what comes after it runs in chunk order);
-/// every chunk taken is marked done, failed or not, so no worker waits forever.
-fn run_chunks(
-    size: u64,
-    show_progress: bool,
-    chunks: impl Fn(u64, u64) -> Result<Vec<(u64, usize)>, String>,
-    process: impl Fn(&mut [u8], u64, &dyn Fn()) -> Result<(), String> + Sync,
-    ordered: bool,
-) -> Result<(), String> {
-    let progress = Mutex::new(Progress::new(show_progress));
-    let mut window = 0;
-    while window < size {
-        let window_len = MAP_WINDOW.min(size - window);
-        let chunks = chunks(window, window_len)?;
-        let next = AtomicUsize::new(0);
-        let error = Mutex::new(None);
-        // Chunks done in order so far, and a wake-up for workers waiting their turn.
-        let turn = (Mutex::new(0usize), std::sync::Condvar::new());
-        std::thread::scope(|scope| {
-            for _ in 0..WORKERS {
-                scope.spawn(|| {
-                    // Page-aligned buffers copy to and from the page cache fastest.
-                    let mut backing = vec![0u8; CHUNK + PAGE];
-                    let skew = backing.as_ptr().align_offset(PAGE).min(PAGE);
-                    let buf = &mut backing[skew..skew + CHUNK];
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(pos, n)) = chunks.get(i) else {
-                            break;
-                        };
-                        let wait = || {
-                            if ordered {
-                                let mut done = lock(&turn.0);
-                                while *done < i {
-                                    done = turn.1.wait(done).unwrap_or_else(|e| e.into_inner());
-                                }
-                            }
-                        };
-                        let result = process(&mut buf[..n], pos, &wait);
-                        if ordered {
-                            // Done in order: wait for the earlier ones if `process` did not.
-                            wait();
-                            *lock(&turn.0) = i + 1;
-                            turn.1.notify_all();
-                        }
-                        if let Err(e) = result {
-                            lock(&error).get_or_insert(e);
-                            // Stop every worker.
-                            next.store(chunks.len(), Ordering::Relaxed);
-                            return;
-                        }
-                        lock(&progress).update(pos + n as u64, size);
-                    }
-                });
-            }
-        });
-        if let Some(e) = lock(&error).take() {
-            return Err(e);
-        }
-        window += window_len;
-        lock(&progress).update(window, size);
-    }
-    let mut progress = lock(&progress);
-    progress.update(size, size);
-    progress.finish();
-    Ok(())
+    convert_copy::run(size, &how.workers(!how.out_of_order), chunks, process)
 }
 
 /// Copies `len` bytes from `src` at `from` to `dst` at `to` with copy_file_range. False when
@@ -732,41 +734,4 @@ fn copy_in_kernel(
         }
     }
     true
-}
-
-/// Locks a mutex, ignoring poisoning (a panicking worker already failed the command).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Writes the blocks of `chunk` that are not all zeros (the file is already zero there);
-/// everything without a block size.
-fn write_nonzero(
-    out: &std::fs::File,
-    chunk: &[u8],
-    offset: u64,
-    block: Option<usize>,
-) -> std::io::Result<()> {
-    let Some(block) = block else {
-        return out.write_all_at(chunk, offset);
-    };
-    let mut run_start = None;
-    let mut pos = 0;
-    while pos < chunk.len() {
-        let end = (pos + block).min(chunk.len());
-        let zero = is_zero(&chunk[pos..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(start)) => {
-                out.write_all_at(&chunk[start..pos], offset + start as u64)?;
-                run_start = None;
-            }
-            _ => {}
-        }
-        pos = end;
-    }
-    if let Some(start) = run_start {
-        out.write_all_at(&chunk[start..], offset + start as u64)?;
-    }
-    Ok(())
 }

@@ -1,63 +1,18 @@
 //! `convert -n`: copy into a target that exists already (qemu-img's "skip target image
-//! creation"). Data ranges are written; ranges that read as zeros are written as zeros too,
-//! since the target may hold old bytes there, unless `--target-is-zero` says it reads as zeros
-//! already. The target must be at least as large as the source.
+//! creation"). Data ranges are written; ranges that read as zeros are made zeros too, since the
+//! target may hold old bytes there, unless `--target-is-zero` says it reads as zeros already:
+//! holes are punched where a raw target holds data, zero clusters written where a qcow2 target
+//! does not read as zeros, and what reads as zeros already is left alone. The target must be at
+//! least as large as the source.
 
 use std::path::Path;
 
 use qcow2::storage::{FileIdentity, Storage};
 use qcow2::OpenOptions;
 
+use crate::convert::{copy_into_qcow2, copy_into_raw, CopyOpts, Qcow2Target, Zeros};
+use crate::convert_copy::RawTarget;
 use crate::source::{open_image, CmdResult, Failure, Guest};
-
-/// Bytes read and written per step.
-const CHUNK: u64 = 2 << 20;
-
-/// Where the copy goes.
-enum Target {
-    Raw(qcow2::FileStorage),
-    Qcow2(Box<qcow2::Image>),
-}
-
-impl Target {
-    fn size(&self) -> Result<u64, String> {
-        match self {
-            Target::Raw(file) => file.len().map_err(|e| e.to_string()),
-            Target::Qcow2(image) => Ok(image.size()),
-        }
-    }
-
-    fn write(&self, data: &[u8], at: u64) -> Result<(), String> {
-        match self {
-            Target::Raw(file) => file.write_at(data, at).map_err(|e| e.to_string()),
-            Target::Qcow2(image) => image.write_at(data, at).map_err(|e| e.to_string()),
-        }
-    }
-
-    fn zero(&self, at: u64, len: u64, zeros: &[u8]) -> Result<(), String> {
-        match self {
-            Target::Raw(_) => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.write(&zeros[..n], at + done)?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
-            Target::Qcow2(image) => image
-                .write_zeroes(at, len, false)
-                .map_err(|e| e.to_string()),
-        }
-    }
-
-    fn finish(self) -> Result<(), String> {
-        match self {
-            Target::Raw(file) => file.flush().map_err(|e| e.to_string()),
-            Target::Qcow2(image) => image.close().map_err(|e| e.to_string()),
-        }
-    }
-}
 
 /// Copies `guest` into the existing `dst` of `format`.
 pub fn copy(
@@ -66,6 +21,7 @@ pub fn copy(
     format: &str,
     target_is_zero: bool,
     inputs: &[FileIdentity],
+    how: &CopyOpts<'_>,
 ) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let name = dst.display();
@@ -76,59 +32,50 @@ pub fn copy(
             )));
         }
     }
-    let target = match format {
-        "raw" => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dst)
-                .map_err(|e| {
-                    let e = crate::source::io_text(&e);
-                    fail(format!(
-                        "Could not open '{name}': Could not open '{name}': {e}"
-                    ))
-                })?;
-            Target::Raw(crate::target::lock_for_write(file, dst).map_err(fail)?)
-        }
-        _ => Target::Qcow2(Box::new(
-            open_image(dst, &OpenOptions::read_write()).map_err(fail)?,
-        )),
-    };
     let size = guest.size();
-    if target.size().map_err(fail)? < size {
-        return Err(fail("output file is smaller than input file".into()));
-    }
-    let zeros = vec![0u8; CHUNK as usize];
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut at = 0;
-    while at < size {
-        let window = (64 * CHUNK).min(size - at);
-        for region in guest.regions(at, window).map_err(fail)? {
-            let end = region.start + region.length;
-            if !region.data {
-                if !target_is_zero {
-                    target
-                        .zero(region.start, region.length, &zeros)
-                        .map_err(|e| {
-                            fail(format!("error while writing at byte {}: {e}", region.start))
-                        })?;
-                }
-                continue;
-            }
-            let mut pos = region.start;
-            while pos < end {
-                let n = (end - pos).min(CHUNK) as usize;
-                guest
-                    .read_at(&mut buf[..n], pos)
-                    .map_err(|e| fail(format!("error while reading at byte {pos}: {e}")))?;
-                target
-                    .write(&buf[..n], pos)
-                    .map_err(|e| fail(format!("error while writing at byte {pos}: {e}")))?;
-                pos += n as u64;
-            }
+    let too_small = || fail("output file is smaller than input file".into());
+    if format == "raw" {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dst)
+            .map_err(|e| {
+                let e = crate::source::io_text(&e);
+                fail(format!(
+                    "Could not open '{name}': Could not open '{name}': {e}"
+                ))
+            })?;
+        let storage = crate::target::lock_for_write(file, dst).map_err(fail)?;
+        if storage.len().map_err(|e| fail(e.to_string()))? < size {
+            return Err(too_small());
         }
-        at += window;
+        let target = RawTarget {
+            storage: &storage,
+            fresh: target_is_zero,
+        };
+        copy_into_raw(guest, &target, how).map_err(fail)?;
+        return Ok(0);
     }
-    target.finish().map_err(fail)?;
+    let image =
+        open_image(dst, &OpenOptions::read_write().skip_syncs(!how.durable)).map_err(fail)?;
+    if image.size() < size {
+        return Err(too_small());
+    }
+    let cs = image.cluster_size() as usize;
+    let target = Qcow2Target {
+        image: &image,
+        new: false,
+        below: false,
+        zeros: if target_is_zero {
+            Zeros::Skip
+        } else {
+            Zeros::WhereNonZero
+        },
+        zero_gaps: !target_is_zero,
+        // Whole zero clusters become zero clusters; smaller zero blocks are written as data.
+        granularity: how.sparse.map(|block| block.max(cs)),
+    };
+    copy_into_qcow2(guest, &target, how).map_err(fail)?;
+    image.close().map_err(|e| fail(e.to_string()))?;
     Ok(0)
 }

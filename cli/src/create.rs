@@ -278,7 +278,7 @@ pub fn create_qcow2(
     options: &CreateOptions,
     inputs: &[FileIdentity],
 ) -> Result<(), String> {
-    let image = open_new_qcow2(file, options, inputs)?;
+    let image = open_new_qcow2(file, options, inputs, true)?;
     image.close().map_err(|e| e.to_string())
 }
 
@@ -287,9 +287,11 @@ pub fn open_new_qcow2(
     file: &str,
     options: &CreateOptions,
     inputs: &[FileIdentity],
+    durable: bool,
 ) -> Result<Image, String> {
     let storage = replace_file(Path::new(file), inputs)?;
-    Image::create_in(Box::new(storage), file, options).map_err(|e| e.to_string())
+    Image::create_in(crate::target::with_syncs(storage, durable), file, options)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

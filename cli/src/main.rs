@@ -13,6 +13,7 @@ mod commit;
 mod compare;
 mod convert;
 mod convert_bitmaps;
+mod convert_copy;
 mod convert_existing;
 mod create;
 mod dd;

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use qcow2::storage::Storage;
 use qcow2::{Image, OpenOptions, SnapshotView};
 
 /// A command's failure: the message for stderr and the exit code.
@@ -156,7 +157,7 @@ pub use qcow2::image::resolve_relative;
 
 /// A raw file read as a guest disk.
 pub struct RawFile {
-    file: File,
+    file: qcow2::FileStorage,
     size: u64,
 }
 
@@ -170,7 +171,10 @@ impl RawFile {
             .len()
             // QEMU sees a raw file in whole sectors; the tail of the last one reads as zeros.
             .next_multiple_of(512);
-        Ok(RawFile { file, size })
+        Ok(RawFile {
+            file: qcow2::FileStorage::from_file(file, false),
+            size,
+        })
     }
 }
 
@@ -273,20 +277,37 @@ impl Guest for RawFile {
     fn host_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
         // Past the end of the file (the tail of the last sector) reads as zeros: not a range
         // of the file.
-        let file_len = self.file.metadata().ok()?.len();
-        (offset.checked_add(len)? <= file_len).then_some((&self.file, offset))
+        let file_len = self.file.file().metadata().ok()?.len();
+        (offset.checked_add(len)? <= file_len).then_some((self.file.file(), offset))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        read_zero_filled(&self.file, buf, offset)
+        read_zero_filled(self.file.file(), buf, offset)
             .map_err(|e| format!("error while reading at offset {offset}: {e}"))
     }
+    /// Holes of the file (`SEEK_DATA`/`SEEK_HOLE`) read as zeros and are never read; the rest
+    /// is data (zeros written into it are found when it is read).
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
-        Ok(vec![Region {
-            start: offset,
-            length: len,
-            data: true,
-            below: false,
-        }])
+        let mut out: Vec<Region> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let (hole, n) = self
+                .file
+                .hole_at(pos, end - pos)
+                .map_err(|e| format!("error while reading at offset {pos}: {}", io_text(&e)))?
+                .map_or((false, end - pos), |(hole, n)| (hole, n.max(1)));
+            match out.last_mut() {
+                Some(last) if last.data != hole => last.length += n,
+                _ => out.push(Region {
+                    start: pos,
+                    length: n,
+                    data: !hole,
+                    below: false,
+                }),
+            }
+            pos += n;
+        }
+        Ok(out)
     }
 }
 
@@ -301,7 +322,7 @@ impl Input {
     pub fn files(&self) -> Vec<qcow2::storage::FileIdentity> {
         match self {
             Input::Qcow2(image) => image.files_in_use(),
-            Input::Raw(raw) => qcow2::storage::FileIdentity::of(&raw.file)
+            Input::Raw(raw) => qcow2::storage::FileIdentity::of(raw.file.file())
                 .into_iter()
                 .collect(),
         }

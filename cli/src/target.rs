@@ -7,7 +7,7 @@ use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use qcow2::storage::FileIdentity;
+use qcow2::storage::{FileIdentity, Storage};
 use qcow2::FileStorage;
 
 use crate::source::io_text;
@@ -76,10 +76,27 @@ pub fn replace_file(path: &Path, inputs: &[FileIdentity]) -> Result<FileStorage,
             }
             Err(e) => return Err(format!("Could not lock '{shown}': {e}")),
         }
-        storage
+        // An empty file is left as it is: on ext4 a truncation, even of an empty file, makes
+        // the close start write-back of everything written since (auto_da_alloc), 0.3 s for a
+        // 512 MiB convert output.
+        let len = storage
             .file()
-            .set_len(0)
-            .map_err(|e| format!("Could not create '{shown}': {}", io_text(&e)))?;
+            .metadata()
+            .map_err(|e| format!("Could not create '{shown}': {}", io_text(&e)))?
+            .len();
+        if len > 0 {
+            storage
+                .file()
+                .set_len(0)
+                .map_err(|e| format!("Could not create '{shown}': {}", io_text(&e)))?;
+        }
     }
     Ok(storage)
+}
+
+/// `storage` as an image's store: synced as the engine asks when `durable`, never otherwise
+/// (`convert -t unsafe`, qemu-img's default for convert's target).
+pub fn with_syncs(mut storage: FileStorage, durable: bool) -> Box<dyn Storage> {
+    storage.set_skip_syncs(!durable);
+    Box::new(storage)
 }

@@ -40,6 +40,7 @@ pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
+pub use data::compress::CompressedClusters;
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
 pub use maintenance::amend::AmendOptions;
@@ -83,6 +84,9 @@ pub struct OpenOptions {
     /// the repair can fix it (and clear the mark). Any other write to such an image is the
     /// caller's responsibility.
     pub for_repair: bool,
+    /// Never sync the image's files (QEMU's `cache=unsafe`, qemu-img convert's default for
+    /// its target): a crash or power cut may lose or tear anything written.
+    pub skip_syncs: bool,
 }
 
 impl Default for OpenOptions {
@@ -94,6 +98,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: 4 << 20,
             force_share: false,
             for_repair: false,
+            skip_syncs: false,
         }
     }
 }
@@ -105,6 +110,7 @@ setters!(OpenOptions {
     l2_cache_bytes: u64,
     force_share: bool,
     for_repair: bool,
+    skip_syncs: bool,
 });
 
 impl OpenOptions {
@@ -685,6 +691,7 @@ pub(crate) fn open_locked(
         FileStorage::open_read_only(path)
     }
     .map_err(|e| Error::io(image, format!("opening {what}"), e))?;
+    file.set_skip_syncs(writable && options.skip_syncs);
     if !options.force_share || writable {
         match file.lock_image(writable) {
             Ok(Ok(())) => {}

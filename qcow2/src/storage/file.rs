@@ -17,6 +17,8 @@ pub struct FileStorage {
     /// Whether anything was written since the last sync: a sync with nothing new to make
     /// durable is skipped (on a busy host it still costs milliseconds).
     unsynced: AtomicBool,
+    /// Syncs are skipped (QEMU's `cache=unsafe`).
+    skip_syncs: bool,
 }
 
 impl FileStorage {
@@ -27,6 +29,7 @@ impl FileStorage {
             writable: false,
             locked: false,
             unsynced: AtomicBool::new(false),
+            skip_syncs: false,
         })
     }
 
@@ -37,6 +40,7 @@ impl FileStorage {
             writable: true,
             locked: false,
             unsynced: AtomicBool::new(true),
+            skip_syncs: false,
         })
     }
 
@@ -51,6 +55,7 @@ impl FileStorage {
             writable: true,
             locked: false,
             unsynced: AtomicBool::new(true),
+            skip_syncs: false,
         })
     }
 
@@ -62,7 +67,14 @@ impl FileStorage {
             locked: false,
             // Writes made through other handles before this one existed are not known here.
             unsynced: AtomicBool::new(true),
+            skip_syncs: false,
         }
+    }
+
+    /// Makes [`Storage::flush`] a no-op (QEMU's `cache=unsafe`): writes stay in the page cache
+    /// until the kernel writes them back, so a crash or power cut may lose or tear any of them.
+    pub fn set_skip_syncs(&mut self, skip: bool) {
+        self.skip_syncs = skip;
     }
 
     /// The underlying file.
@@ -122,7 +134,7 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         // A write that completes after the swap sets the flag again for the next flush.
-        if self.writable && self.unsynced.swap(false, Ordering::AcqRel) {
+        if self.writable && !self.skip_syncs && self.unsynced.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.file.sync_data() {
                 self.unsynced.store(true, Ordering::Release);
                 return Err(e);

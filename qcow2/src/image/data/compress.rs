@@ -8,10 +8,37 @@ use crate::format::table::COMPRESSED;
 use crate::format::CompressedDescriptor;
 use crate::image::{Image, Meta};
 
+/// Whole clusters compressed ahead of their write ([`Image::compress_clusters`]), so the
+/// compression runs on any thread while the writes that allocate host space keep their order.
+#[derive(Debug)]
+pub struct CompressedClusters {
+    offset: u64,
+    len: usize,
+    /// Per cluster, the compressed bytes, or `None` where the data does not compress (it is
+    /// written as a normal cluster).
+    clusters: Vec<Option<Vec<u8>>>,
+}
+
+impl CompressedClusters {
+    /// Guest offset of the first cluster.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
 impl Image {
     /// Writes whole clusters compressed, starting at a cluster boundary. The last cluster of the
     /// disk may be partial.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let clusters = self.compress_clusters(buf, offset)?;
+        self.write_compressed_clusters(&clusters, buf)
+    }
+
+    /// Compresses whole clusters of `buf` (for `offset`, as [`write_compressed`] takes them)
+    /// without writing anything: takes no image lock, so threads compress in parallel.
+    ///
+    /// [`write_compressed`]: Image::write_compressed
+    pub fn compress_clusters(&self, buf: &[u8], offset: u64) -> Result<CompressedClusters> {
         self.require_writable()?;
         let cs = self.cluster_size();
         let size = self.size();
@@ -23,7 +50,7 @@ impl Image {
                 reason: format!("compressed writes must cover whole clusters ({cs} bytes)"),
             });
         }
-        {
+        let kind = {
             let m = self.meta();
             if m.header.has_external_data_file() {
                 return Err(Error::InvalidArgument {
@@ -32,18 +59,55 @@ impl Image {
                         .into(),
                 });
             }
+            m.header.compression_type
+        };
+        let mut partial = Vec::new();
+        let clusters = buf
+            .chunks(cs as usize)
+            .map(|chunk| {
+                let cluster = if chunk.len() == cs as usize {
+                    chunk
+                } else {
+                    // The disk's last cluster, zero-padded to a whole one.
+                    partial.resize(cs as usize, 0);
+                    partial[..chunk.len()].copy_from_slice(chunk);
+                    &partial[..]
+                };
+                crate::image::codec::compress(kind, cluster, cs as usize - 1)
+            })
+            .collect();
+        Ok(CompressedClusters {
+            offset,
+            len: buf.len(),
+            clusters,
+        })
+    }
+
+    /// Writes clusters [`compress_clusters`] prepared from `buf`: compressed where they
+    /// compress, `buf`'s bytes where they do not. Host space is allocated here, in call order.
+    ///
+    /// [`compress_clusters`]: Image::compress_clusters
+    pub fn write_compressed_clusters(
+        &self,
+        clusters: &CompressedClusters,
+        buf: &[u8],
+    ) -> Result<()> {
+        if buf.len() != clusters.len {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "the buffer is not the one the clusters were compressed from".into(),
+            });
         }
-        for (i, chunk) in buf.chunks(cs as usize).enumerate() {
-            let guest = offset + i as u64 * cs;
-            let mut cluster = vec![0u8; cs as usize];
-            cluster[..chunk.len()].copy_from_slice(chunk);
-            let kind = self.meta().header.compression_type;
-            match crate::image::codec::compress(kind, &cluster, cs as usize - 1) {
+        let cs = self.cluster_size();
+        for (i, (chunk, compressed)) in buf.chunks(cs as usize).zip(&clusters.clusters).enumerate()
+        {
+            let guest = clusters.offset + i as u64 * cs;
+            match compressed {
                 Some(data) => {
                     // Admitted per cluster, as `write_at` admits the other branch.
                     let _pass = self.write_pass()?;
                     let mut m = self.meta_mut();
-                    self.write_one_compressed(&mut m, guest, &data)?;
+                    self.write_one_compressed(&mut m, guest, data)?;
                 }
                 None => self.write_at(chunk, guest)?,
             }
