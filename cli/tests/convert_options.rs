@@ -319,3 +319,87 @@ fn copy_offloading_of_raw_sources_gives_qemu_img_bytes() {
         assert_eq!(&ours[..a.len()], &a[..], "{sources:?}");
     }
 }
+
+#[test]
+fn compressed_convert_skips_zero_clusters_whatever_the_sparse_size_like_qemu_img() {
+    let dir = scratch_dir("compressed_convert_sparse_size");
+    let src = dir.join("src.qcow2");
+    let made = qemu_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1k",
+            path_str(&src),
+            "1M",
+        ],
+    );
+    assert_eq!(code(&made), 0);
+    let io = qemu_io(&[
+        "-c",
+        "write 0 1k",
+        "-c",
+        "write 8k 1k",
+        "-c",
+        "write 17k 1k",
+        path_str(&src),
+    ]);
+    assert_eq!(code(&io), 0);
+    let args = |out: &str| -> Vec<String> {
+        [
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=1k",
+            "-c",
+            "-S",
+            "8k",
+            "src.qcow2",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let ours_args = args("ours.qcow2");
+    let theirs_args = args("theirs.qcow2");
+    let o = tool_in(
+        Some(&dir),
+        &ours_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let t = qemu_in(
+        &dir,
+        &theirs_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&t), 0);
+    let map = |f: &str| stdout(&qemu_in(&dir, &["map", "--output=json", f]));
+    assert_eq!(map("ours.qcow2"), map("theirs.qcow2"));
+}
+
+#[test]
+fn a_backing_file_with_several_sources_is_refused_like_qemu_img() {
+    let dir = scratch_dir("convert_concat_backing");
+    for f in ["a.qcow2", "b.qcow2"] {
+        assert_eq!(
+            code(&qemu_in(&dir, &["create", "-q", "-f", "qcow2", f, "1M"])),
+            0
+        );
+    }
+    let args = [
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "a.qcow2",
+        "a.qcow2",
+        "b.qcow2",
+        "out.qcow2",
+    ];
+    let (o, t) = (tool_in(Some(&dir), &args), qemu_in(&dir, &args));
+    assert_eq!(code(&o), code(&t));
+    assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&t));
+}
