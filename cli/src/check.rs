@@ -45,7 +45,7 @@ pub fn run(args: Args) -> CmdResult {
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));
     let image = open_image(&args.file, &options).map_err(failed)?;
     let report = image.check().map_err(|e| failed(e.to_string()))?;
-    if repair == Some(Repair::Leaks) && needs_rebuild(&report) {
+    if repair == Some(Repair::Leaks) && report.needs_rebuild() {
         // qemu-img stops after comparing refcounts: a referenced cluster with refcount 0 needs
         // the refcount structures rebuilt, which only `-r all` may do.
         for message in report
@@ -58,21 +58,20 @@ pub fn run(args: Args) -> CmdResult {
         errln!("ERROR need to rebuild refcount structures");
         return Err(failed("Input/output error".into()));
     }
-    for message in &report.messages {
-        errln!("{message}");
-    }
     let report = match repair {
-        None => report,
-        Some(mode) => {
-            // qemu-img names each cluster it repairs.
+        None => {
             for message in &report.messages {
-                if let Some(rest) = message.strip_prefix("Leaked cluster ") {
-                    errln!("Repairing cluster {rest}");
-                }
+                errln!("{message}");
             }
+            report
+        }
+        Some(mode) => {
             let second = image
                 .check_and_repair(mode)
                 .map_err(|e| failed(e.to_string()))?;
+            for message in &second.repair_messages {
+                errln!("{message}");
+            }
             if second.leaks_fixed > 0 || second.corruptions_fixed > 0 {
                 for message in &second.messages {
                     errln!("{message}");
@@ -96,15 +95,6 @@ pub fn run(args: Args) -> CmdResult {
         }
     }
     Ok(report.exit_code())
-}
-
-/// Whether the check found a referenced cluster whose refcount is 0 (qemu then has to rebuild
-/// the refcount structures).
-fn needs_rebuild(report: &CheckReport) -> bool {
-    report.messages.iter().any(|m| {
-        m.strip_prefix("ERROR cluster ")
-            .is_some_and(|rest| rest.contains(" refcount=0 "))
-    })
 }
 
 /// qemu-img's `ImageCheck` JSON: counters only when non-zero, in qemu-img's key order.

@@ -207,6 +207,11 @@ pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let sparse = parse_sparse(args.sparse.as_deref()).map_err(fail)?;
     let rate = parse_rate(args.rate.as_deref()).map_err(fail)?;
+    if args.src.len() > 1 && args.backing.is_some() {
+        return Err(fail(
+            "Having a backing file for the target makes no sense when concatenating multiple input images".into(),
+        ));
+    }
     if args.copy_offload && args.compress {
         return Err(fail("Cannot enable copy offloading when -c is used".into()));
     }
@@ -570,8 +575,11 @@ fn copy_qcow2(
     // is preallocated already, each all-zero block (qemu-img's default `-S 4k`), which stays a
     // hole in the file.
     // A larger -S block skips only zero runs that long.
+    // Compressed clusters are written whole, so -S other than 0 means each zero cluster.
     let granularity = how.sparse.map(|block| {
-        if options.preallocation == qcow2::Preallocation::Off && !options.data_file_raw {
+        if how.compress {
+            cs
+        } else if options.preallocation == qcow2::Preallocation::Off && !options.data_file_raw {
             block.max(cs)
         } else {
             block

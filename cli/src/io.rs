@@ -6,8 +6,9 @@
 //! from `-c` or, without it, from standard input one per line after a `qemu-io> ` prompt, as
 //! qemu-io reads them. Output lines, messages (stdout or stderr, as qemu-io) and the exit code
 //! (1 when any command failed) follow qemu-io. The options scripts pass (`-t`/`--cache`,
-//! `-n`, `--aio`, `-U`, a repeated `-f`) are accepted as qemu-io accepts them; cache and aio
-//! modes do not change how this engine writes.
+//! `-n`, `--aio`, `-U`, a repeated `-f`) are accepted as qemu-io accepts them. The cache mode
+//! decides only whether each write is flushed before it completes (writethrough, qemu-io's
+//! default), so a later `sigraise` leaves what QEMU would leave; aio modes change nothing.
 
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,11 @@ fn valid_cache_mode(mode: &str) -> bool {
     )
 }
 
+/// Whether a cache mode completes a write only once it is durable.
+fn is_writethrough(mode: &str) -> bool {
+    matches!(mode, "writethrough" | "directsync")
+}
+
 /// The open image and how it was opened (for `reopen`).
 struct Session {
     target: Option<Target>,
@@ -102,6 +108,8 @@ struct Session {
     /// A command marked the image corrupt: as QEMU ejects such a node, later I/O commands fail
     /// with "No medium found" (building on metadata known to be wrong would lose data).
     ejected: bool,
+    /// Each write is flushed before it completes (the cache mode's write-through).
+    writethrough: bool,
 }
 
 impl Session {
@@ -111,33 +119,36 @@ impl Session {
             report!("file open already, try 'help close'");
             return false;
         }
-        let opened = if spec.snapshot {
-            self.open_temporary_copy(&spec)
-        } else {
-            spec.open()
-        };
-        match opened {
-            Ok(target) => {
-                self.writable = !spec.read_only
-                    && !spec
-                        .options
-                        .get("read-only")
-                        .is_some_and(|v| v == "on" || v == "true");
-                if let Target::Raw(raw) = &target {
-                    self.writable &= raw.writable;
-                }
-                self.target = Some(target);
-                self.spec = spec;
-                true
-            }
+        let name = spec.name.clone();
+        match self.open_target(spec) {
+            Ok(()) => true,
             Err(e) => {
-                match &spec.name {
+                match name {
                     Some(name) => report!("can't open device {name}: {e}"),
                     None => report!("can't open: {e}"),
                 }
                 false
             }
         }
+    }
+
+    fn open_target(&mut self, spec: OpenSpec) -> Result<(), String> {
+        let target = if spec.snapshot {
+            self.open_temporary_copy(&spec)
+        } else {
+            spec.open()
+        }?;
+        self.writable = !spec.read_only
+            && !spec
+                .options
+                .get("read-only")
+                .is_some_and(|v| v == "on" || v == "true");
+        if let Target::Raw(raw) = &target {
+            self.writable &= raw.writable;
+        }
+        self.target = Some(target);
+        self.spec = spec;
+        Ok(())
     }
 
     /// `-s`: opens a copy of the file beside it (so relative backing names still resolve);
@@ -189,6 +200,19 @@ impl Session {
         }
     }
 
+    /// Write-through: a completed write is flushed, as QEMU flushes a write it was asked to
+    /// make durable (its failure fails the write).
+    fn settle_write(&self, target: &Target) -> bool {
+        if !self.writethrough {
+            return true;
+        }
+        let flushed = match target {
+            Target::Qcow2(image) => image.flush().map_err(|e| e.to_string()),
+            Target::Raw(raw) => raw.flush().map_err(|e| io_text(&e)),
+        };
+        flushed.map_err(|e| outln!("write failed: {e}")).is_ok()
+    }
+
     /// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
     fn open_command(&mut self, words: &[&str]) -> bool {
         let Ok((flags, first)) = getopt("open", words, "snCro:ki:t:d:U", OPEN_USAGE) else {
@@ -196,15 +220,18 @@ impl Session {
         };
         let mut spec = OpenSpec::default();
         let mut options = Options::new();
+        let mut writethrough = true;
         for (c, value) in flags {
             match c {
                 'r' => spec.read_only = true,
                 's' => spec.snapshot = true,
                 'U' => spec.force_share = true,
+                'n' => writethrough = false,
                 't' if !valid_cache_mode(value) => {
                     report!("Invalid cache option: {value}");
                     return false;
                 }
+                't' => writethrough = is_writethrough(value),
                 'o' => {
                     if self.image_opts {
                         outln!("--image-opts and 'open -o' are mutually exclusive");
@@ -245,12 +272,16 @@ impl Session {
                 return false;
             }
         };
-        self.open(OpenSpec {
+        let opened = self.open(OpenSpec {
             read_only,
             force_share,
             snapshot,
             ..spec
-        })
+        });
+        if opened {
+            self.writethrough = writethrough;
+        }
+        opened
     }
 
     /// `reopen [-r|-w] [-c cache] [-o options]`: the image closed and opened again with the new
@@ -265,6 +296,7 @@ impl Session {
         }
         let mut spec = self.spec.clone();
         let mut mode = None;
+        let mut writethrough = None;
         let mut options = Options::new();
         for (c, value) in flags {
             match c {
@@ -278,6 +310,7 @@ impl Session {
                     report!("Invalid cache option: {value}");
                     return false;
                 }
+                'c' => writethrough = Some(is_writethrough(value)),
                 'o' => {
                     if let Err(e) = parse_option_string(value, &mut options) {
                         report!("{e}");
@@ -298,19 +331,39 @@ impl Session {
             spec.read_only = read_only;
         }
         spec.options.remove("read-only");
+        // As qcow2 joins reopen options: a new value of one of these groups replaces the
+        // whole group's old values, so they never conflict with each other.
+        let groups: [fn(&str) -> bool; 2] = [
+            |k| matches!(k, "cache-size" | "l2-cache-size" | "refcount-cache-size"),
+            |k| k == "overlap-check" || k.starts_with("overlap-check."),
+        ];
+        for in_group in groups {
+            if options.keys().any(|k| in_group(k)) {
+                spec.options.retain(|k, _| !in_group(k));
+            }
+        }
         for (k, v) in options {
             spec.options.insert(k, v);
         }
-        let was_open = spec.clone();
+        let was_open = self.spec.clone();
         if !self.close() {
             return false;
         }
-        if self.open(spec) {
-            return true;
+        match self.open_target(spec) {
+            Ok(()) => {
+                if let Some(writethrough) = writethrough {
+                    self.writethrough = writethrough;
+                }
+                true
+            }
+            Err(e) => {
+                report!("{e}");
+                // The old image stays open when the new options are refused, as in a failed
+                // bdrv_reopen.
+                let _ = self.open(was_open);
+                false
+            }
         }
-        // The old image stays open when the new options are refused, as in a failed bdrv_reopen.
-        let _ = self.open(was_open);
-        false
     }
 }
 
@@ -345,6 +398,10 @@ pub fn run(args: Args) -> CmdResult {
         image_opts: args.image_opts > 0,
         temp: None,
         ejected: false,
+        writethrough: match args.cache.last() {
+            Some(mode) => is_writethrough(mode),
+            None => !args.nocache,
+        },
     };
     if let Some(file) = &args.file {
         let mut spec = if args.image_opts > 0 {
@@ -490,8 +547,10 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("info" | "i", t) => info(t),
         ("alloc", Target::Qcow2(image)) => alloc(image, rest),
         ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
-        ("writev", t) => vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)),
-        ("write" | "w", t) => write("write", t, rest),
+        ("writev", t) => {
+            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)) && session.settle_write(t)
+        }
+        ("write" | "w", t) => write("write", t, rest) && session.settle_write(t),
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
             Ok(size) => raw

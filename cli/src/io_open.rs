@@ -235,6 +235,15 @@ impl OpenSpec {
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         check_cache_options(&self.options)?;
+        let lazy_refcounts = self
+            .options
+            .get("lazy-refcounts")
+            .map(|v| match v.as_str() {
+                "on" | "true" | "yes" => Ok(true),
+                "off" | "false" | "no" => Ok(false),
+                _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
+            })
+            .transpose()?;
         let (file, driver) = self.resolve()?;
         let path = Path::new(&file);
         let read_only = self.read_only
@@ -253,7 +262,7 @@ impl OpenSpec {
                 let options = if read_only {
                     OpenOptions::default().force_share(self.force_share)
                 } else {
-                    OpenOptions::read_write()
+                    OpenOptions::read_write().lazy_refcounts(lazy_refcounts)
                 };
                 let mut options = with_policy(path, &options);
                 if self
@@ -265,6 +274,7 @@ impl OpenSpec {
                 }
                 let image = Image::open(path, &options)
                     .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
+                crate::source::report_open_repair(&image);
                 if let Some(entry) = self.options.get("l2-cache-entry-size") {
                     let cs = image.cluster_size();
                     let ok = parse_size(entry)

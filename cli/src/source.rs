@@ -149,8 +149,17 @@ pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
 
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
-    Image::open(path, &with_policy(path, options))
-        .map_err(|e| format!("Could not open '{}': {e}", path.display()))
+    let image = Image::open(path, &with_policy(path, options))
+        .map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    report_open_repair(&image);
+    Ok(image)
+}
+
+/// Prints what repairing a dirty image at open did, as QEMU prints it while opening.
+pub fn report_open_repair(image: &Image) {
+    for line in image.open_repair_messages() {
+        errln!("{line}");
+    }
 }
 
 pub use qcow2::image::resolve_relative;

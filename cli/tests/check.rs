@@ -228,3 +228,61 @@ fn repair_of_a_consistent_image_marked_corrupt_clears_the_mark() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(std::fs::read(&path).unwrap()[79] & 0x02, 0);
 }
+
+/// A lazy-refcounts image whose writer was killed after one write, with the dirty bit set.
+fn crashed_lazy_image(path: &std::path::Path) {
+    crashed_writer_image(path, true, &[]);
+    assert_eq!(std::fs::read(path).unwrap()[79] & 1, 1, "dirty bit set");
+}
+
+#[test]
+fn a_crashed_lazy_refcounts_image_checks_and_repairs_like_qemu_img() {
+    let dir = qcow2_testdata::scratch_dir("crashed_lazy_check");
+    let path = dir.join("x.qcow2");
+    crashed_lazy_image(&path);
+    let args = ["check", "x.qcow2"];
+    let (ours, qemu) = (tool_in(Some(&dir), &args), qemu_in(&dir, &args));
+    assert_eq!(code(&ours), 2, "{}", stderr(&ours));
+    assert_eq!(code(&ours), code(&qemu));
+    assert_eq!(stdout(&ours), stdout(&qemu));
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    assert!(stderr(&ours).starts_with("ERROR cluster 5 refcount=0 reference=1\n"));
+
+    let (ours, qemu, path) = repair_both("crashed_lazy_repair", crashed_lazy_image, &["-r", "all"]);
+    assert_eq!(code(&ours), 0, "{}", stderr(&ours));
+    assert_eq!(code(&ours), code(&qemu));
+    assert_eq!(stdout(&ours), stdout(&qemu));
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    assert!(stderr(&ours).contains("Rebuilding refcount structure\n"));
+    assert_eq!(
+        std::fs::read(&path).unwrap()[79] & 1,
+        0,
+        "dirty bit cleared"
+    );
+    assert_eq!(qemu_check(&path).0, 0);
+}
+
+#[test]
+fn repairing_a_leak_and_a_copied_flag_reports_like_qemu_img() {
+    // The L2 table (cluster 4) with refcount 2 (a leak) and without its COPIED flag: fixing
+    // the leak leaves a COPIED flag to fix, which qemu-img reports after the refcounts.
+    fn leaky_shared_l2(path: &std::path::Path) {
+        let p = path_str(path);
+        assert_eq!(code(&tool(&["create", "-q", "-f", "qcow2", p, "1M"])), 0);
+        assert_eq!(code(&tool(&["io", "-c", "write 0 64k", p])), 0);
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[0x20000 + 8..0x20000 + 10].copy_from_slice(&2u16.to_be_bytes());
+        bytes[0x30000] &= 0x7f;
+        std::fs::write(path, &bytes).unwrap();
+    }
+    for mode in ["leaks", "all"] {
+        let (ours, qemu, _) = repair_both(
+            &format!("leak_copied_{mode}"),
+            leaky_shared_l2,
+            &["-r", mode],
+        );
+        assert_eq!(code(&ours), code(&qemu), "{mode}: {}", stderr(&ours));
+        assert_eq!(stderr(&ours), stderr(&qemu), "{mode}");
+        assert!(stderr(&ours).contains("OFLAG_COPIED L2 cluster"), "{mode}");
+    }
+}

@@ -319,3 +319,55 @@ fn copy_offloading_of_raw_sources_gives_qemu_img_bytes() {
         assert_eq!(&ours[..a.len()], &a[..], "{sources:?}");
     }
 }
+
+#[test]
+fn compressed_convert_skips_zero_clusters_whatever_the_sparse_size_like_qemu_img() {
+    let dir = scratch_dir("compressed_convert_sparse_size");
+    let words = |line: &str| line.split(' ').map(String::from).collect::<Vec<_>>();
+    let run = |ours: bool, line: &str| {
+        let args = words(line);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = if ours {
+            tool_in(Some(&dir), &args)
+        } else {
+            qemu_in(&dir, &args)
+        };
+        assert_eq!(code(&out), 0, "{line}: {}", stderr(&out));
+        stdout(&out)
+    };
+    run(false, "create -q -f qcow2 -o cluster_size=1k src.qcow2 1M");
+    let src = dir.join("src.qcow2");
+    let io = qemu_io(&[
+        "-c",
+        "write 0 1k",
+        "-c",
+        "write 8k 1k",
+        "-c",
+        "write 17k 1k",
+        path_str(&src),
+    ]);
+    assert_eq!(code(&io), 0);
+    let convert = "convert -O qcow2 -o cluster_size=1k -c -S 8k src.qcow2";
+    run(true, &format!("{convert} ours.qcow2"));
+    run(false, &format!("{convert} theirs.qcow2"));
+    assert_eq!(
+        run(false, "map --output=json ours.qcow2"),
+        run(false, "map --output=json theirs.qcow2")
+    );
+}
+
+#[test]
+fn a_backing_file_with_several_sources_is_refused_like_qemu_img() {
+    let dir = scratch_dir("convert_concat_backing");
+    for f in ["a.qcow2", "b.qcow2"] {
+        assert_eq!(
+            code(&qemu_in(&dir, &["create", "-q", "-f", "qcow2", f, "1M"])),
+            0
+        );
+    }
+    let args = "convert -O qcow2 -B a.qcow2 a.qcow2 b.qcow2 out.qcow2";
+    let args: Vec<&str> = args.split(' ').collect();
+    let (o, t) = (tool_in(Some(&dir), &args), qemu_in(&dir, &args));
+    assert_eq!(code(&o), code(&t));
+    assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&t));
+}

@@ -273,3 +273,54 @@ fn writes_to_a_read_only_image_are_refused_like_qemu_io() {
         std::fs::read(&theirs).unwrap()
     );
 }
+
+/// An image left by `sigraise 9` after a write, copied into two directories; `reopen` (on an
+/// image without lazy refcounts) runs first, else the image has lazy refcounts.
+fn crashed_lazy_pair(name: &str, reopen: Option<&str>) -> (PathBuf, PathBuf) {
+    let ours = scratch_dir(&format!("{name}_ours")).join("x.qcow2");
+    let theirs = scratch_dir(&format!("{name}_theirs")).join("x.qcow2");
+    crashed_writer_image(
+        &ours,
+        reopen.is_none(),
+        &reopen.into_iter().collect::<Vec<_>>(),
+    );
+    std::fs::copy(&ours, &theirs).unwrap();
+    (ours, theirs)
+}
+
+#[test]
+fn writes_are_written_through_by_default_so_a_killed_writer_loses_none() {
+    let (ours, _) = crashed_lazy_pair("writethrough", None);
+    let read = qemu_io(&["-r", "-c", "read -P 0x5a 0 512", path_str(&ours)]);
+    assert!(
+        stdout(&read).starts_with("read 512/512"),
+        "{}",
+        stdout(&read)
+    );
+}
+
+#[test]
+fn opening_a_dirty_image_for_writing_repairs_it_and_says_so_like_qemu_io() {
+    let (ours, theirs) = crashed_lazy_pair("dirty_open", None);
+    let ours_out = tool(&["io", "-c", "write 0 512", path_str(&ours)]);
+    let qemu_out = qemu_io(&["-c", "write 0 512", path_str(&theirs)]);
+    assert_eq!(code(&ours_out), 0, "{}", stderr(&ours_out));
+    assert_eq!(stderr(&ours_out), stderr(&qemu_out));
+    assert!(stderr(&ours_out).contains("Rebuilding refcount structure"));
+    assert_eq!(qemu_check(&ours).0, 0);
+    assert_eq!(
+        std::fs::read(&ours).unwrap()[79] & 1,
+        0,
+        "dirty bit cleared"
+    );
+}
+
+#[test]
+fn reopen_with_lazy_refcounts_on_defers_refcounts_under_the_dirty_bit() {
+    let (ours, _) = crashed_lazy_pair("reopen_lazy", Some("reopen -o lazy-refcounts=on"));
+    assert_eq!(std::fs::read(&ours).unwrap()[79] & 1, 1, "dirty bit set");
+    let (check, _) = qemu_check(&ours);
+    assert_eq!(check, 2, "the data cluster's refcount was deferred");
+    let refused = tool(&["io", "-c", "reopen -o lazy-refcounts=42", path_str(&ours)]);
+    assert!(stderr(&refused).ends_with(": Parameter 'lazy-refcounts' expects 'on' or 'off'\n"));
+}

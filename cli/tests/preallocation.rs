@@ -254,3 +254,26 @@ fn convert_preallocates_the_target_as_qemu_img() {
     );
     same_outcome(&o, &t, "convert -c with preallocation");
 }
+
+#[test]
+fn resize_preallocates_the_partly_used_last_cluster_as_qemu_img() {
+    // 2000 KiB with 64 KiB clusters: the last cluster is partly used and unallocated, so the
+    // resize preallocates it too and later writes there need no new space. (With metadata
+    // qemu-img also writes the zeros of the cluster's tail: the same map, other blocks.)
+    let dir = scratch_dir("resize_preallocates_the_partly_used_last_cluster");
+    for mode in ["falloc", "full"] {
+        for f in ["ours.qcow2", "theirs.qcow2"] {
+            let made = qemu_in(&dir, &["create", "-q", "-f", "qcow2", f, "2000k"]);
+            assert_eq!(code(&made), 0);
+        }
+        let flag = format!("--preallocation={mode}");
+        let case = format!("resize unaligned {flag}");
+        let (o, t, ours, theirs) = both(
+            &dir,
+            &["resize", "-f", "qcow2", &flag, "{}", "+16K"],
+            "qcow2",
+        );
+        same_outcome(&o, &t, &case);
+        same_layout(&dir, &ours, &theirs, "qcow2", &case);
+    }
+}

@@ -73,3 +73,25 @@ pub fn fmt(f: &qcow2_testdata::Fixture) -> &'static str {
 pub fn bitmaps(path: &Path) -> serde_json::Value {
     qcow2_testdata::qemu_bitmaps(path)
 }
+
+/// A new 64 MiB image (`lazy_refcounts` as given) whose `io` writer ran `commands`, wrote
+/// 0x5a at 0 and was killed by `sigraise 9`: qemu-io writes through by default, so the data
+/// and its L2 entry are on disk, while lazy refcounts leave the data cluster's refcount off it.
+pub fn crashed_writer_image(path: &Path, lazy_refcounts: bool, commands: &[&str]) {
+    let lazy = format!(
+        "lazy_refcounts={}",
+        if lazy_refcounts { "on" } else { "off" }
+    );
+    let p = path_str(path);
+    let out = tool(&["create", "-q", "-f", "qcow2", "-o", &lazy, p, "64M"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut args = vec!["io"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.extend(["-c", "write -P 0x5a 0 512", "-c", "sigraise 9", p]);
+    assert!(
+        tool(&args).status.code().is_none(),
+        "killed by its own signal"
+    );
+}

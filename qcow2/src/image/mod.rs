@@ -87,6 +87,10 @@ pub struct OpenOptions {
     /// Never sync the image's files (QEMU's `cache=unsafe`, qemu-img convert's default for
     /// its target): a crash or power cut may lose or tear anything written.
     pub skip_syncs: bool,
+    /// Overrides the image's lazy-refcounts bit for this open (QEMU's `lazy-refcounts` runtime
+    /// option): on, a writer defers data clusters' refcounts under the dirty bit. Needs a
+    /// version 3 image.
+    pub lazy_refcounts: Option<bool>,
 }
 
 impl Default for OpenOptions {
@@ -99,6 +103,7 @@ impl Default for OpenOptions {
             force_share: false,
             for_repair: false,
             skip_syncs: false,
+            lazy_refcounts: None,
         }
     }
 }
@@ -111,6 +116,7 @@ setters!(OpenOptions {
     force_share: bool,
     for_repair: bool,
     skip_syncs: bool,
+    lazy_refcounts: Option<bool>,
 });
 
 impl OpenOptions {
@@ -228,6 +234,8 @@ pub struct Image {
     last_compressed: Mutex<Option<(u64, Box<[u8]>)>>,
     /// Admits guest writes; a live snapshot pauses it (`quiesce`).
     gate: quiesce::WriteGate,
+    /// What repairing the image at open printed, as qemu-img prints it (a dirty image).
+    open_repair_messages: Vec<String>,
 }
 
 impl std::fmt::Debug for Image {
@@ -276,14 +284,15 @@ impl Image {
         }
         image.backing = None;
         if options.writable {
-            image.enable_writes(options.for_repair)?;
+            image.enable_writes(options)?;
         }
         Ok(image)
     }
 
     /// Prepares a freshly opened image for writing: refuses a corrupt one, loads the refcounts,
     /// repairs a dirty one, and clears the autoclear bits this engine does not maintain.
-    fn enable_writes(&mut self, for_repair: bool) -> Result<()> {
+    fn enable_writes(&mut self, options: &OpenOptions) -> Result<()> {
+        let for_repair = options.for_repair;
         use crate::format::features::Autoclear;
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
         if m.header.is_corrupt() && !for_repair {
@@ -296,6 +305,12 @@ impl Image {
             name: &self.name,
         };
         let h = &m.header;
+        if options.lazy_refcounts == Some(true) && h.version < 3 {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level".into(),
+            });
+        }
         let mut refcounts = refcounts::Refcounts::load(
             host,
             h.cluster_bits,
@@ -312,7 +327,7 @@ impl Image {
             refblocks_after_l2: false,
             l2_after_data_sync: false,
             dirty_l1: std::collections::BTreeSet::new(),
-            lazy: h.lazy_refcounts(),
+            lazy: options.lazy_refcounts.unwrap_or(h.lazy_refcounts()),
         });
         // A session of ours that kept its bitmaps durable and did not close: they are consistent.
         self.recover_durable_bitmaps(&mut m)?;
@@ -334,8 +349,9 @@ impl Image {
         self.writable = true;
         // A writer caches whole tables; slices read so far could go stale.
         self.l2_slices = L2Cache::new(1);
-        if self.meta().header.is_dirty() {
-            self.repair_dirty()?;
+        // A repair open leaves the dirty image to `check_and_repair`, which reports what it fixes.
+        if self.meta().header.is_dirty() && !for_repair {
+            self.open_repair_messages = self.repair_dirty()?;
         }
         Ok(())
     }
@@ -482,6 +498,7 @@ impl Image {
             ),
             last_compressed: Mutex::new(None),
             gate: quiesce::WriteGate::default(),
+            open_repair_messages: Vec::new(),
         })
     }
 
@@ -521,6 +538,12 @@ impl Image {
             None => {}
         }
         out
+    }
+
+    /// The lines QEMU prints when it opens this image for writing and repairs it (a dirty image
+    /// with lazy refcounts); empty when nothing was repaired.
+    pub fn open_repair_messages(&self) -> &[String] {
+        &self.open_repair_messages
     }
 
     /// Whether the image is open for writing.

@@ -72,7 +72,7 @@ pub(crate) fn open_chain_writable_at(
         attach_files(&mut image, &canonical, options, chain, writable_depth)?;
     }
     if options.writable {
-        image.enable_writes(options.for_repair)?;
+        image.enable_writes(options)?;
     }
     Ok(image)
 }

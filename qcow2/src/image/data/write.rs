@@ -331,6 +331,11 @@ impl Image {
         // entry: the table stays dirty in the cache and the entry is published by `flush_l2`.
         self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, 1)?;
+        if m.ws()?.lazy {
+            // Lazy refcounts defer only data clusters' refcounts, as QEMU's do: a table's own
+            // is written at once, so a crash leaves metadata refcounts exact.
+            self.flush_refblocks(m)?;
+        }
         self.guard(m, new, cs, None)?;
         m.l1[l1_index] = new | COPIED;
         m.ws_mut()?.dirty_l1.insert(l1_index);

@@ -42,6 +42,12 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// One line per problem, as qemu-img prints them to stderr.
     pub messages: Vec<String>,
+    /// After a repair: what qemu-img prints while repairing (the first check's problems, then
+    /// what it fixes), in its order.
+    pub repair_messages: Vec<String>,
+    /// The COPIED-flag problems left once every refcount equals its references: what `-r all`
+    /// reports fixing after it fixed the refcounts in place.
+    pub(crate) copied_after_fix: Vec<String>,
 }
 
 impl CheckReport {
@@ -56,6 +62,15 @@ impl CheckReport {
         } else {
             0
         }
+    }
+
+    /// Whether a referenced cluster has refcount 0 on disk: only rebuilding the refcount
+    /// structures repairs that (qemu-img's condition for a rebuild).
+    pub fn needs_rebuild(&self) -> bool {
+        self.messages.iter().any(|m| {
+            m.strip_prefix("ERROR cluster ")
+                .is_some_and(|rest| rest.contains(" refcount=0 "))
+        })
     }
 
     /// Whether nothing at all was found.
@@ -201,7 +216,7 @@ impl Image {
             blocks: HashMap::new(),
         };
         self.compare_refcounts(m, &mut report, &refs, &mut disk);
-        self.check_copied(m, &mut report, &mut disk)?;
+        self.check_copied(m, &mut report, &refs, &mut disk)?;
         Ok(report)
     }
 
@@ -603,6 +618,7 @@ impl Image {
         &self,
         m: &Meta,
         report: &mut CheckReport,
+        refs: &References<'_>,
         disk: &mut DiskRefcounts<'_>,
     ) -> Result<()> {
         let h = &m.header;
@@ -617,11 +633,17 @@ impl Image {
             let Some(count) = disk.get(l2_offset / cs) else {
                 continue;
             };
-            if (count == 1) != (entry & COPIED != 0) {
+            let copied = entry & COPIED != 0;
+            let message = |count| {
+                format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} refcount={count}")
+            };
+            if (count == 1) != copied {
                 report.corruptions += 1;
-                report.messages.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} refcount={count}"
-                ));
+                report.messages.push(message(count));
+            }
+            let fixed = refs.counts.get(&(l2_offset / cs)).copied().unwrap_or(0);
+            if (fixed == 1) != copied {
+                report.copied_after_fix.push(message(fixed));
             }
             let mut table = vec![0u8; cs as usize];
             if self
@@ -642,19 +664,27 @@ impl Image {
                     | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
                     _ => continue,
                 };
-                let count = if external {
-                    1
+                let (count, fixed) = if external {
+                    (1, 1)
                 } else {
                     match disk.get(data_offset / cs) {
-                        Some(c) => c,
+                        Some(c) => (
+                            c,
+                            refs.counts.get(&(data_offset / cs)).copied().unwrap_or(0),
+                        ),
                         None => continue,
                     }
                 };
-                if (count == 1) != (e & COPIED != 0) {
+                let copied = e & COPIED != 0;
+                let message = |count| {
+                    format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={count}")
+                };
+                if (count == 1) != copied {
                     report.corruptions += 1;
-                    report.messages.push(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={count}"
-                    ));
+                    report.messages.push(message(count));
+                }
+                if (fixed == 1) != copied {
+                    report.copied_after_fix.push(message(fixed));
                 }
             }
         }

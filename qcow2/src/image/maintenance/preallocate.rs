@@ -20,7 +20,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 
 impl Image {
     /// Preallocates guest range `[old_size, new_size)` (the clusters there must be unallocated,
-    /// except a partly used cluster at `old_size`, which is left as it is).
+    /// except a partly used cluster at `old_size`, which is left as it is unless it reads as
+    /// zeros of its own).
     pub(crate) fn preallocate(
         &self,
         old_size: u64,
@@ -45,8 +46,16 @@ impl Image {
         let cs = m.header.cluster_size();
         let mut first = old_size / cs;
         if old_size % cs != 0 {
-            let (run, _) = self.lookup(m, m.active(), first * cs, cs)?;
-            if !matches!(run, Run::Unallocated) {
+            // A partly used cluster that reads as zeros of its own (the resize just zeroed its
+            // tail) is preallocated like the rest, as QEMU does; one holding data stays.
+            let (run, len) = self.lookup(m, m.active(), first * cs, cs)?;
+            let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
+            let zeros = match run {
+                Run::Unallocated => backing_end <= first * cs,
+                Run::Zero { host_offset: None } => len >= cs,
+                _ => false,
+            };
+            if !zeros {
                 first += 1;
             }
         }

@@ -40,42 +40,62 @@ impl Image {
             });
         }
         let first = self.check()?;
-        if first.is_clean() && !self.meta().header.is_dirty() {
-            // A consistent image only loses its corrupt mark (qemu-img check -r does so).
+        if first.is_clean() {
+            // A consistent image only loses its corrupt and dirty marks (as with qemu-img).
             let mut m = self.meta_mut();
-            self.clear_bits(&mut m, Incompatible::CORRUPT)?;
+            self.clear_bits(&mut m, Incompatible::CORRUPT | Incompatible::DIRTY)?;
             return Ok(first);
         }
+        let copied_found = first.messages.iter().filter(|m| is_copied_error(m)).count() as u64;
+        // Only `-r all` fixes refcounts too low; with leaks alone, qemu-img fixes COPIED flags
+        // only when nothing else is wrong (a flag fixed against a wrong refcount would be wrong).
+        let fix_flags =
+            mode == Repair::All || (first.corruptions == copied_found && first.check_errors == 0);
+        let mut replaced = Vec::new();
         {
             let mut m = self.meta_mut();
             match mode {
                 Repair::Leaks => self.fix_leaks(&mut m)?,
-                Repair::All => {
-                    self.rebuild_refcounts(&mut m)?;
-                    self.fix_copied(&mut m)?;
-                }
+                Repair::All => replaced = self.rebuild_refcounts(&mut m)?,
+            }
+            if fix_flags {
+                self.fix_copied(&mut m)?;
             }
             self.flush_all(&mut m)?;
         }
         let mut second = self.check()?;
         second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
+        let rebuilt = (mode == Repair::All && first.needs_rebuild()).then_some(&replaced[..]);
+        second.repair_messages = repair_transcript(&first, &second, fix_flags, mode, rebuilt);
+        // What qemu-img counts: the refcounts too low (`all`), then the COPIED flags wrong by
+        // the repaired refcounts, unless a rebuild set them uncounted.
+        let mut found = 0;
         if mode == Repair::All {
-            second.corruptions_fixed = first.corruptions.saturating_sub(second.corruptions);
-            if second.corruptions == 0 && second.check_errors == 0 {
-                let mut m = self.meta_mut();
-                self.clear_bits(&mut m, Incompatible::DIRTY | Incompatible::CORRUPT)?;
-            }
+            found += first.corruptions - copied_found;
+        }
+        if fix_flags && rebuilt.is_none() {
+            found += first.copied_after_fix.len() as u64;
+        }
+        second.corruptions_fixed = found.saturating_sub(second.corruptions);
+        if second.corruptions == 0 && second.check_errors == 0 {
+            let mut m = self.meta_mut();
+            self.clear_bits(&mut m, Incompatible::DIRTY | Incompatible::CORRUPT)?;
         }
         Ok(second)
     }
 
-    /// Repairs an image opened for writing with the dirty bit set, then clears the bit.
-    pub(crate) fn repair_dirty(&self) -> Result<()> {
-        let mut m = self.meta_mut();
-        self.rebuild_refcounts(&mut m)?;
-        self.fix_copied(&mut m)?;
-        self.flush_all(&mut m)?;
-        self.clear_bits(&mut m, Incompatible::DIRTY)
+    /// Repairs an image opened for writing with the dirty bit set, then clears the bit, and
+    /// returns what qemu-img prints meanwhile.
+    pub(crate) fn repair_dirty(&self) -> Result<Vec<String>> {
+        let report = self.check_and_repair(Repair::All)?;
+        if self.meta().header.is_dirty() {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "the dirty image could not be repaired; qemu-img check -r all shows why"
+                    .into(),
+            });
+        }
+        Ok(report.repair_messages)
     }
 
     fn clear_bits(&self, m: &mut Meta, bits: u64) -> Result<()> {
@@ -138,10 +158,21 @@ impl Image {
     }
 
     /// Writes new refcount structures computed from the references, past everything in use.
-    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<Vec<u64>> {
         self.flush_l2(m)?;
         let mut scratch = CheckReport::default();
         let counts = self.count_references(m, &mut scratch)?.counts;
+        let old = {
+            let refcounts = &m.ws()?.refcounts;
+            let cs = m.header.cluster_size();
+            let table = refcounts.reftable_offset / cs;
+            let mut old: Vec<u64> = (table..table + refcounts.reftable_clusters as u64)
+                .chain(refcounts.refblocks().map(|(_, o)| o / cs))
+                .collect();
+            old.sort_unstable();
+            old.dedup();
+            old
+        };
         let order = m.header.refcount_order;
         let new = self.write_refcounts(m, counts, order, 0, "rebuilt")?;
         let mut switch = [0u8; 12];
@@ -151,7 +182,8 @@ impl Image {
             .write_sync(&switch, 48, "header refcount table fields")?;
         m.header.refcount_table_offset = new.table_offset;
         m.header.refcount_table_clusters = new.table_clusters as u32;
-        self.adopt_refcounts(m, &new, order)
+        self.adopt_refcounts(m, &new, order)?;
+        Ok(old)
     }
 
     /// Writes a refcount table and blocks of width `1 << order` holding `counts` (and their own
@@ -312,4 +344,63 @@ impl Image {
         }
         Ok(())
     }
+}
+
+fn is_copied_error(message: &str) -> bool {
+    message.starts_with("ERROR OFLAG_COPIED")
+}
+
+/// What qemu-img prints while repairing: the refcount comparison's findings; then either the
+/// rebuild, whose replaced structures it reports as repaired leaks, or the comparison again with
+/// what it fixes, then the COPIED flags (`fix_flags`: fixed, else as still found).
+fn repair_transcript(
+    first: &CheckReport,
+    second: &CheckReport,
+    fix_flags: bool,
+    mode: Repair,
+    rebuilt: Option<&[u64]>,
+) -> Vec<String> {
+    let mut out: Vec<String> = first
+        .messages
+        .iter()
+        .filter(|m| !is_copied_error(m))
+        .cloned()
+        .collect();
+    if let Some(replaced) = rebuilt {
+        out.push("Rebuilding refcount structure".into());
+        out.extend(
+            replaced
+                .iter()
+                .map(|c| format!("Repairing cluster {c} refcount=1 reference=0")),
+        );
+        return out;
+    }
+    for message in &first.messages {
+        if let Some(rest) = message.strip_prefix("Leaked cluster ") {
+            out.push(format!("Repairing cluster {rest}"));
+        } else if let Some(rest) = message.strip_prefix("ERROR cluster ") {
+            out.push(match mode {
+                Repair::All => format!("Repairing cluster {rest}"),
+                Repair::Leaks => message.clone(),
+            });
+        }
+    }
+    // The COPIED flags are checked against the refcounts as just repaired.
+    if fix_flags {
+        out.extend(
+            first
+                .copied_after_fix
+                .iter()
+                .map(|m| m.replacen("ERROR", "Repairing", 1)),
+        );
+    } else {
+        out.extend(
+            second
+                .messages
+                .iter()
+                .filter(|m| is_copied_error(m))
+                .cloned(),
+        );
+    }
+    out
 }

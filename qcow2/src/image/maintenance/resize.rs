@@ -55,7 +55,18 @@ impl Image {
             if needed > m.l1.len() as u64 {
                 self.grow_l1(&mut m, needed)?;
             }
-            if zero_end > old_size {
+            // An unallocated, all-zero last cluster that preallocation is about to allocate
+            // needs no zeroing first (nor the L2 table that would take, as in QEMU's layout).
+            let preallocated_tail = preallocation != Preallocation::Off
+                && old_size % cs != 0
+                && zero_end <= old_size.next_multiple_of(cs)
+                && backing_end <= old_size - old_size % cs
+                && !m.header.has_external_data_file()
+                && matches!(
+                    self.lookup(&m, m.active(), old_size - old_size % cs, cs)?.0,
+                    crate::image::layer::Run::Unallocated
+                );
+            if zero_end > old_size && !preallocated_tail {
                 // Zeroed before the size is published, so a crash never shows old bytes.
                 m.header.size = new_size;
                 let zeroed = self.zero_range(&mut m, old_size, zero_end - old_size, false);
