@@ -2,8 +2,9 @@
 //! same offsets (pread/pwrite on a file of the same size), so every figure reads as a ratio.
 //!
 //! Groups: sequential 64K and random 4K reads (allocated image with a warm and a cold L2 cache,
-//! unallocated image, zlib and zstd images, a 3-deep chain); 64K and random 4K overwrites; 64K
-//! and 4K allocating writes; 4K copy-on-write over a backing file; 1 and 2 reader threads.
+//! unallocated image, zlib and zstd images, a 3-deep chain); 64K and random 4K overwrites; 64K,
+//! 4K and random 4K allocating writes; 4K copy-on-write over a backing file; 1 and 2 reader
+//! threads.
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
@@ -263,19 +264,40 @@ fn check_allocation(target: &AllocTarget, at: u64, len: usize, backing: bool) {
     image.close().expect("close");
 }
 
-fn allocating(c: &mut Criterion, group_name: &str, len: usize, target: &AllocTarget, cow: bool) {
-    // One write per cluster: 64K writes cover it, 4K writes land inside it (not at its start
-    // when copying on write, so both a head and a tail are copied).
-    let offsets: Vec<u64> = (0..GIB / CLUSTER)
+/// One write per cluster, in guest order: 64K writes cover it, 4K writes land inside it (not at
+/// its start when copying on write, so both a head and a tail are copied).
+fn one_per_cluster(cow: bool) -> Vec<u64> {
+    (0..GIB / CLUSTER)
         .map(|k| k * CLUSTER + if cow { (k % 15 + 1) * 4 * KIB } else { 0 })
-        .collect();
+        .collect()
+}
+
+/// One 4K write per cluster, the clusters in random order, each at a random 4K block of its
+/// cluster.
+fn one_per_cluster_random() -> Vec<u64> {
+    let mut clusters: Vec<u64> = (0..GIB / CLUSTER).collect();
+    clusters.sort_by_key(|&k| splitmix64(k ^ 0x5eed));
+    clusters
+        .into_iter()
+        .map(|k| k * CLUSTER + splitmix64(k) % (CLUSTER / (4 * KIB)) * 4 * KIB)
+        .collect()
+}
+
+fn allocating(
+    c: &mut Criterion,
+    group_name: &str,
+    len: usize,
+    target: &AllocTarget,
+    offsets: &[u64],
+    cow: bool,
+) {
     check_allocation(target, offsets[7], len, cow);
     let raw_file = open_raw(&writable_copy(&raw(GIB), "overwrite-1G.raw"), true);
     let buf = AlignedBuf::new(len, 0x5a);
 
     let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Bytes(len as u64));
-    let mut cycle = Cycle::new(&offsets);
+    let mut cycle = Cycle::new(offsets);
     group.bench_function("raw", |b| {
         b.iter(|| {
             let (at, _) = cycle.next_offset();
@@ -285,28 +307,60 @@ fn allocating(c: &mut Criterion, group_name: &str, len: usize, target: &AllocTar
         })
     });
     group.bench_function("qcow2", |b| {
-        b.iter_custom(|iters| allocating_pass(target, &offsets, buf.as_slice(), iters, false))
+        b.iter_custom(|iters| allocating_pass(target, offsets, buf.as_slice(), iters, false))
     });
     group.bench_function("qcow2-bitmap", |b| {
-        b.iter_custom(|iters| allocating_pass(target, &offsets, buf.as_slice(), iters, true))
+        b.iter_custom(|iters| allocating_pass(target, offsets, buf.as_slice(), iters, true))
     });
     group.finish();
 }
 
 fn alloc_write_64k(c: &mut Criterion) {
     let target = AllocTarget::new("alloc-1G.qcow2", GIB, None);
-    allocating(c, "alloc-write-64k", 64 * KIB as usize, &target, false);
+    let offsets = one_per_cluster(false);
+    allocating(
+        c,
+        "alloc-write-64k",
+        64 * KIB as usize,
+        &target,
+        &offsets,
+        false,
+    );
 }
 
 fn alloc_write_4k(c: &mut Criterion) {
     let target = AllocTarget::new("alloc-1G.qcow2", GIB, None);
-    allocating(c, "alloc-write-4k", 4 * KIB as usize, &target, false);
+    let offsets = one_per_cluster(false);
+    allocating(
+        c,
+        "alloc-write-4k",
+        4 * KIB as usize,
+        &target,
+        &offsets,
+        false,
+    );
+}
+
+/// Random 4K writes, each into a new cluster inside the file (the rest of which must read as
+/// zeros over old bytes), beside the raw file's 4K pwrites at the same guest offsets.
+fn alloc_write_rand_4k(c: &mut Criterion) {
+    let target = AllocTarget::new("alloc-1G.qcow2", GIB, None);
+    let offsets = one_per_cluster_random();
+    allocating(
+        c,
+        "alloc-write-rand-4k",
+        4 * KIB as usize,
+        &target,
+        &offsets,
+        false,
+    );
 }
 
 fn cow_write_4k(c: &mut Criterion) {
     let base = allocated(GIB);
     let target = AllocTarget::new("cow-1G.qcow2", GIB, Some(&base));
-    allocating(c, "cow-write-4k", 4 * KIB as usize, &target, true);
+    let offsets = one_per_cluster(true);
+    allocating(c, "cow-write-4k", 4 * KIB as usize, &target, &offsets, true);
 }
 
 /// Runs `iters` calls of `io` split over `threads` threads, each on its own random offsets.
@@ -405,6 +459,6 @@ criterion_group! {
     name = benches;
     config = config();
     targets = read_seq_64k, read_rand_4k, overwrite_64k, overwrite_4k, alloc_write_64k,
-        alloc_write_4k, cow_write_4k, reader_threads, writer_threads
+        alloc_write_4k, alloc_write_rand_4k, cow_write_4k, reader_threads, writer_threads
 }
 criterion_main!(benches);

@@ -391,6 +391,29 @@ pub fn qemu_convert_raw(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
     data
 }
 
+/// Panics unless `qemu-img compare` finds the qcow2 image at `path` equal to `expected` (the
+/// guest bytes), which is written to a raw file beside it (`<path>.model.raw`).
+pub fn assert_qemu_compare_equal(path: &Path, expected: &[u8], what: &str) {
+    let raw = path.with_extension("model.raw");
+    fs::write(&raw, expected).unwrap_or_else(|e| panic!("write {}: {e}", raw.display()));
+    let args = [
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        path_str(path),
+        path_str(&raw),
+    ];
+    let out = qemu_img(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {}",
+        describe("qemu-img", &args, &out)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Scratch space
 // ---------------------------------------------------------------------------

@@ -4,7 +4,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::Storage;
 
@@ -17,58 +20,63 @@ pub struct FileStorage {
     /// Whether anything was written since the last sync: a sync with nothing new to make
     /// durable is skipped (on a busy host it still costs milliseconds).
     unsynced: AtomicBool,
+    /// How [`Storage::write_zeroes`] makes zeros: the first of [`ZEROING_MODES`] the file system
+    /// has not refused yet (past them all, by writing). A refusal is remembered, so it costs
+    /// one failed call per file, not one per write.
+    zeroing: AtomicU8,
     /// Syncs are skipped (QEMU's `cache=unsafe`).
     skip_syncs: bool,
 }
 
+/// The `fallocate` modes that make a range read as zeros, cheapest first: `ZERO_RANGE` keeps
+/// the blocks (as unwritten extents), a punched hole frees them. Past these, zeros are written.
+const ZEROING_MODES: [FallocateFlags; 2] = [
+    FallocateFlags::FALLOC_FL_ZERO_RANGE,
+    FallocateFlags::FALLOC_FL_PUNCH_HOLE.union(FallocateFlags::FALLOC_FL_KEEP_SIZE),
+];
+
+/// Errors by which a file system says it does not offer an `fallocate` mode.
+fn refuses(e: Errno) -> bool {
+    matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)
+}
+
 impl FileStorage {
-    /// Opens an existing file read-only.
-    pub fn open_read_only(path: &Path) -> io::Result<Self> {
-        Ok(FileStorage {
-            file: File::open(path)?,
-            writable: false,
-            locked: false,
-            unsynced: AtomicBool::new(false),
-            skip_syncs: false,
-        })
-    }
-
-    /// Opens an existing file for reading and writing.
-    pub fn open_read_write(path: &Path) -> io::Result<Self> {
-        Ok(FileStorage {
-            file: OpenOptions::new().read(true).write(true).open(path)?,
-            writable: true,
-            locked: false,
-            unsynced: AtomicBool::new(true),
-            skip_syncs: false,
-        })
-    }
-
-    /// Creates a new file; fails if it exists, so an existing image is never clobbered.
-    pub fn create_new(path: &Path) -> io::Result<Self> {
-        Ok(FileStorage {
-            file: OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)?,
-            writable: true,
-            locked: false,
-            unsynced: AtomicBool::new(true),
-            skip_syncs: false,
-        })
-    }
-
-    /// Wraps an already opened file.
-    pub fn from_file(file: File, writable: bool) -> Self {
+    fn new(file: File, writable: bool) -> Self {
         FileStorage {
             file,
             writable,
             locked: false,
             // Writes made through other handles before this one existed are not known here.
-            unsynced: AtomicBool::new(true),
+            unsynced: AtomicBool::new(writable),
+            zeroing: AtomicU8::new(0),
             skip_syncs: false,
         }
+    }
+
+    /// Opens an existing file read-only.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        Ok(Self::new(File::open(path)?, false))
+    }
+
+    /// Opens an existing file for reading and writing.
+    pub fn open_read_write(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Self::new(file, true))
+    }
+
+    /// Creates a new file; fails if it exists, so an existing image is never clobbered.
+    pub fn create_new(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Self::new(file, true))
+    }
+
+    /// Wraps an already opened file.
+    pub fn from_file(file: File, writable: bool) -> Self {
+        Self::new(file, writable)
     }
 
     /// Makes [`Storage::flush`] a no-op (QEMU's `cache=unsafe`): writes stay in the page cache
@@ -88,6 +96,41 @@ impl FileStorage {
         let result = super::lock::lock_image(&self.file, writable)?;
         self.locked = result.is_ok();
         Ok(result)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros the cheapest way the file system has not
+    /// refused.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(at), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let mode = loop {
+            let way = self.zeroing.load(Ordering::Relaxed);
+            let Some(&mode) = ZEROING_MODES.get(way as usize) else {
+                return super::write_zero_bytes(self, offset, len);
+            };
+            match fallocate(&self.file, mode, at, n) {
+                Ok(()) => break mode,
+                Err(e) if refuses(e) => {
+                    // Concurrent callers may both be refused; the next way is tried once.
+                    let _ = self.zeroing.compare_exchange(
+                        way,
+                        way + 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // A write grows the file to cover the range; KEEP_SIZE does not.
+        if mode.contains(FallocateFlags::FALLOC_FL_KEEP_SIZE) && self.len()? < offset + len {
+            self.file.set_len(offset + len)?;
+        }
+        Ok(())
     }
 
     fn require_writable(&self) -> io::Result<()> {
@@ -188,10 +231,77 @@ impl Storage for FileStorage {
         result
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.require_writable()?;
+        let result = self.zero_range(offset, len);
+        self.unsynced.store(true, Ordering::Release);
+        result
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.require_writable()?;
         let result = self.file.set_len(len);
         self.unsynced.store(true, Ordering::Release);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageExt;
+
+    /// A file of `len` bytes of 0xee in `dir`, unique to `name`.
+    fn filled(dir: &Path, name: &str, len: usize) -> (std::path::PathBuf, FileStorage) {
+        let path = dir.join(format!("qcow2-zeroing-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store = FileStorage::create_new(&path).unwrap();
+        store.write_at(&vec![0xee; len], 0).unwrap();
+        (path, store)
+    }
+
+    /// Zeroes 10000 bytes at 5000 of a 12000-byte file: the range reads as zeros, the bytes
+    /// around it stay, and the file grows to the range's end as a write would.
+    fn zeroes_a_range_and_grows(store: &FileStorage) {
+        store.write_zeroes(5000, 10_000).unwrap();
+        assert_eq!(store.len().unwrap(), 15_000);
+        let mut got = vec![0u8; 15_000];
+        store.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..5000].iter().all(|&b| b == 0xee));
+        assert!(got[5000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zeroing_asks_the_file_system_and_grows_the_file_like_a_write() {
+        let (path, store) = filled(&std::env::temp_dir(), "fs", 12_000);
+        zeroes_a_range_and_grows(&store);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_refused_zeroing_mode_is_remembered_and_the_next_one_used() {
+        // tmpfs punches holes but has no ZERO_RANGE.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return;
+        }
+        let (path, store) = filled(shm, "tmpfs", 12_000);
+        zeroes_a_range_and_grows(&store);
+        assert_eq!(
+            store.zeroing.load(Ordering::Relaxed),
+            1,
+            "ZERO_RANGE refused"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn past_every_fallocate_mode_zeros_are_written() {
+        let (path, store) = filled(&std::env::temp_dir(), "write", 12_000);
+        store
+            .zeroing
+            .store(ZEROING_MODES.len() as u8, Ordering::Relaxed);
+        zeroes_a_range_and_grows(&store);
+        std::fs::remove_file(path).unwrap();
     }
 }

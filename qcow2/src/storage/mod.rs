@@ -56,6 +56,12 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+    /// Makes `[offset, offset + len)` read as zeros, growing the store to its end if shorter, as
+    /// a write of zeros does (and ordered, and made durable by [`flush`](Self::flush), like one).
+    /// A file asks the file system instead of writing (`fallocate`); other stores write zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zero_bytes(self, offset, len)
+    }
     /// Whether the store is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -72,6 +78,25 @@ pub trait Storage: Send + Sync {
     fn identity(&self) -> Option<FileIdentity> {
         None
     }
+}
+
+/// Writes zeros over `[offset, offset + len)` through [`Storage::write_at`], a bounded buffer
+/// at a time: what [`Storage::write_zeroes`] does where nothing cheaper is offered.
+pub(crate) fn write_zero_bytes<S: Storage + ?Sized>(
+    store: &S,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    /// Large zeroings go out in pieces of this size, so the buffer stays small.
+    const ZERO_CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK);
+        store.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// A host file's identity: its device and inode numbers.
@@ -142,6 +167,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
         (**self).hole_at(offset, len)
     }
@@ -168,6 +196,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
         (**self).hole_at(offset, len)

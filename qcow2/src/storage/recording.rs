@@ -1,5 +1,5 @@
-//! A recording, crash-simulating store for tests. It logs every write, flush and length change
-//! in order and can rebuild the bytes a power cut would leave at any point: everything up to the
+//! A recording, crash-simulating store for tests. It logs every write, zeroing, flush and length
+//! change in order and can rebuild the bytes a power cut would leave at any point: everything up to the
 //! last flush before the cut, plus any chosen subset of the later (unflushed) writes, torn at
 //! 512-byte sector granularity. It can also fail the n-th write or flush, to test error paths.
 
@@ -21,6 +21,13 @@ pub enum Op {
         /// The bytes written.
         data: Vec<u8>,
     },
+    /// `write_zeroes`: a range made to read as zeros (a file asks the file system for it).
+    Zero {
+        /// Store offset of the first byte.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
     /// `flush`: every earlier operation is durable.
     Flush,
     /// `set_len` to this many bytes.
@@ -34,14 +41,16 @@ pub enum Survivors {
     None,
     /// All of them do.
     All,
-    /// Each 512-byte sector of each unflushed write survives or not, by a seeded coin.
+    /// Each 512-byte sector of each unflushed write or zeroing survives or not, by a seeded
+    /// coin.
     TornSectors(u64),
 }
 
 /// A fault to inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The n-th write (counting from 0) and every later one fail with this error kind.
+    /// The n-th write (counting from 0; zeroings count as writes) and every later one fail
+    /// with this error kind.
     WriteFrom(usize, io::ErrorKind),
     /// Only the n-th write fails.
     WriteOnce(usize, io::ErrorKind),
@@ -94,6 +103,25 @@ impl RecordingStorage {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Applies and records a write or zeroing, unless an armed fault fails it.
+    fn record_write(&self, op: Op) -> io::Result<()> {
+        let mut state = self.lock();
+        let index = state.writes;
+        state.writes += 1;
+        match state.fault {
+            Some(Fault::WriteFrom(n, kind)) if index >= n => {
+                return Err(io::Error::new(kind, "injected write failure"));
+            }
+            Some(Fault::WriteOnce(n, kind)) if index == n => {
+                return Err(io::Error::new(kind, "injected write failure"));
+            }
+            _ => {}
+        }
+        apply(&mut state.live, &op);
+        state.ops.push(op);
+        Ok(())
+    }
+
     /// Arms a fault (replacing any other).
     pub fn inject(&self, fault: Option<Fault>) {
         self.lock().fault = fault;
@@ -133,10 +161,10 @@ impl RecordingStorage {
         for op in &ops[last_flush..] {
             match (op, survivors) {
                 (_, Survivors::None) => {}
-                (Op::Write { offset, data }, Survivors::TornSectors(_)) => {
+                (Op::Write { .. } | Op::Zero { .. }, Survivors::TornSectors(_)) => {
                     // Sector by sector, each one either fully old or fully new.
-                    let mut pos = *offset;
-                    let end = offset + data.len() as u64;
+                    let (offset, end) = op.range();
+                    let mut pos = offset;
                     while pos < end {
                         let next = ((pos / SECTOR) + 1) * SECTOR;
                         let piece_end = next.min(end);
@@ -144,15 +172,7 @@ impl RecordingStorage {
                         coin ^= coin >> 7;
                         coin ^= coin << 17;
                         if coin & 1 == 1 {
-                            let s = (pos - offset) as usize;
-                            let e = (piece_end - offset) as usize;
-                            apply(
-                                &mut bytes,
-                                &Op::Write {
-                                    offset: pos,
-                                    data: data[s..e].to_vec(),
-                                },
-                            );
+                            apply(&mut bytes, &op.piece(pos, piece_end));
                         }
                         pos = piece_end;
                     }
@@ -161,6 +181,31 @@ impl RecordingStorage {
             }
         }
         bytes
+    }
+}
+
+impl Op {
+    /// The store range `[start, end)` a write or zeroing changes.
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Op::Write { offset, data } => (*offset, offset + data.len() as u64),
+            Op::Zero { offset, len } => (*offset, offset + len),
+            Op::Flush | Op::SetLen(_) => (0, 0),
+        }
+    }
+
+    /// The part `[start, end)` of a write or zeroing (inside its range).
+    fn piece(&self, start: u64, end: u64) -> Op {
+        match self {
+            Op::Write { offset, data } => Op::Write {
+                offset: start,
+                data: data[(start - offset) as usize..(end - offset) as usize].to_vec(),
+            },
+            _ => Op::Zero {
+                offset: start,
+                len: end - start,
+            },
+        }
     }
 }
 
@@ -173,6 +218,13 @@ fn apply(bytes: &mut Vec<u8>, op: &Op) {
             }
             bytes[*offset as usize..end].copy_from_slice(data);
         }
+        Op::Zero { offset, len } => {
+            let end = (offset + len) as usize;
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[*offset as usize..end].fill(0);
+        }
         Op::SetLen(len) => bytes.resize(*len as usize, 0),
         Op::Flush => {}
     }
@@ -184,25 +236,14 @@ impl Storage for RecordingStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut state = self.lock();
-        let index = state.writes;
-        state.writes += 1;
-        match state.fault {
-            Some(Fault::WriteFrom(n, kind)) if index >= n => {
-                return Err(io::Error::new(kind, "injected write failure"));
-            }
-            Some(Fault::WriteOnce(n, kind)) if index == n => {
-                return Err(io::Error::new(kind, "injected write failure"));
-            }
-            _ => {}
-        }
-        let op = Op::Write {
+        self.record_write(Op::Write {
             offset,
             data: buf.to_vec(),
-        };
-        apply(&mut state.live, &op);
-        state.ops.push(op);
-        Ok(())
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record_write(Op::Zero { offset, len })
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -249,6 +290,25 @@ mod tests {
             torn[..512].iter().all(|&b| b == torn[0])
                 && torn[512..].iter().all(|&b| b == torn[512])
         );
+    }
+
+    #[test]
+    fn a_zeroing_is_replayed_and_torn_like_a_write() {
+        let s = RecordingStorage::new(vec![1; 1024]);
+        s.flush().unwrap();
+        s.write_zeroes(0, 1536).unwrap();
+        assert_eq!(s.live_bytes(), vec![0; 1536]);
+        assert_eq!(s.crash_image(1, Survivors::All), vec![1; 1024]);
+        assert_eq!(s.crash_image(2, Survivors::None), vec![1; 1024]);
+        assert_eq!(s.crash_image(2, Survivors::All), vec![0; 1536]);
+        // Each sector is either fully old or fully zero, and some seed tears the zeroing.
+        let torn = (0..16)
+            .map(|seed| s.crash_image(2, Survivors::TornSectors(seed)))
+            .find(|t| t[..512] != t[512..1024])
+            .expect("a seed tears the zeroing");
+        for sector in torn[..1024].chunks(512) {
+            assert!(sector.iter().all(|&b| b == sector[0]));
+        }
     }
 
     #[test]

@@ -488,11 +488,8 @@ impl Image {
                 return self.write_data(data, host_offset + in_cluster);
             }
             ClusterMapping::ZeroAllocated { host_offset } if owned => {
-                let mut content = vec![0u8; cs as usize];
-                content[in_cluster as usize..in_cluster as usize + data.len()]
-                    .copy_from_slice(data);
                 self.guard(m, host_offset, cs, None)?;
-                self.write_data(&content, host_offset)?;
+                self.write_into_zeros(m, data, host_offset, in_cluster, false)?;
                 self.mark_dirty(m)?;
                 m.ws_mut()?.l2_after_data_sync = true;
                 self.set_slot(m, slot, host_offset | COPIED, 0);
@@ -528,23 +525,31 @@ impl Image {
         self.mark_dirty(m)?;
         self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, 1)?;
+        let zeroed = m.ws()?.refcounts.last_alloc_zeroed();
         self.guard(m, new, cs, None)?;
         if whole && !extended && data.len() as u64 == cs {
             // A whole cluster goes straight from the caller's buffer.
             self.write_data(data, new)?;
-        } else if data_and_zeros && self.past_eof(new)? {
-            // Past the end of the file the cluster reads as zeros already (a hole, or nothing
-            // at all, which readers take as zeros, as QEMU does): write only the request, not
-            // 16 times its bytes for a 4K write.
-            self.write_data(data, new + in_cluster)?;
+        } else if data_and_zeros {
+            self.write_into_zeros(m, data, new, in_cluster, zeroed)?;
+        } else if extended && bitmap as u32 == touched {
+            // Only the touched subclusters are allocated; the bitmap says how the others read
+            // (zeros or the backing file), whatever the host cluster holds there. Their span
+            // gets the request and, around it, what those subclusters read as until now.
+            let (start, end) = self.subcluster_span(m, touched);
+            let mut span = vec![0u8; (end - start) as usize];
+            if data.len() < span.len() {
+                let inside = m.header.size.saturating_sub(cluster_start + start);
+                let readable = (span.len() as u64).min(inside) as usize;
+                self.read_layer(m, m.active(), &mut span[..readable], cluster_start + start)?;
+            }
+            let at = (in_cluster - start) as usize;
+            span[at..at + data.len()].copy_from_slice(data);
+            self.write_data(&span, new + start)?;
         } else {
             // Anything else is assembled from the cluster's current content (a short last
             // cluster is zero-padded).
-            let mut content = if data_and_zeros {
-                vec![0u8; cs as usize]
-            } else {
-                self.cluster_content(m, cluster_start)?
-            };
+            let mut content = self.cluster_content(m, cluster_start)?;
             content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
             self.write_data(&content, new)?;
         }
@@ -631,13 +636,69 @@ impl Image {
         Ok(())
     }
 
-    /// Whether `host_offset` lies at or past the end of the image file (so it holds no old bytes).
-    fn past_eof(&self, host_offset: u64) -> Result<bool> {
-        let len = self
-            .storage
-            .len()
-            .map_err(|e| Error::io(&self.name, "reading the image file's length", e))?;
-        Ok(host_offset >= len)
+    /// Writes `data` at `in_cluster` into the host cluster at `host`, whose other bytes must read
+    /// as zeros although the file may hold old bytes there (freed clusters are reused), unless
+    /// `zeroed` says they were zeroed ahead already. Past the end of the file nothing needs
+    /// zeroing (a hole, or nothing at all, which readers take as zeros, as QEMU does); inside
+    /// it the file system is asked for zeros where that saves writing many of them, so a 4K
+    /// write does not cost a cluster's worth of bytes. The zeroing is ordered before the write
+    /// and made durable by the same sync that precedes the L2 entry (`l2_after_data_sync`), as
+    /// a write of zeros would be.
+    fn write_into_zeros(
+        &self,
+        m: &mut Meta,
+        data: &[u8],
+        host: u64,
+        in_cluster: u64,
+        zeroed: bool,
+    ) -> Result<()> {
+        /// Below this many zeros around the request, writing them costs less than a call that
+        /// asks the file system for them (which also splits the file's extents).
+        const ZEROING_MIN: u64 = 16 << 10;
+        let cs = m.header.cluster_size();
+        if !zeroed {
+            let file_len = self
+                .storage
+                .len()
+                .map_err(|e| Error::io(&self.name, "reading the image file's length", e))?;
+            if host < file_len && cs - data.len() as u64 >= ZEROING_MIN {
+                self.zero_new_cluster(m, host, file_len)?;
+            } else if host < file_len {
+                let mut content = vec![0u8; cs as usize];
+                let at = in_cluster as usize;
+                content[at..at + data.len()].copy_from_slice(data);
+                return self.write_data(&content, host);
+            }
+        }
+        self.write_data(data, host + in_cluster)
+    }
+
+    /// Zeroes the cluster at `host` (the part inside the file of `file_len` bytes) and, in the
+    /// same call, the free clusters right after it inside the file, up to `ZERO_AHEAD` bytes:
+    /// small writes landing in those next need no call of their own (one call per 4K write
+    /// costs more than the write). Only when no freed cluster may still be referenced on disk
+    /// (`refblocks_after_l2` clear: every removal that freed one is durable), since zeroing a
+    /// free cluster that an L2 entry on disk still holds would change what a crash leaves.
+    fn zero_new_cluster(&self, m: &mut Meta, host: u64, file_len: u64) -> Result<()> {
+        /// How far a zeroing reaches over free clusters ahead of the one needed.
+        const ZERO_AHEAD: u64 = 4 << 20;
+        let cs = m.header.cluster_size();
+        let next = host / cs + 1;
+        let inside = file_len.saturating_sub(next * cs) / cs;
+        let mut ahead = 0;
+        if !m.ws()?.refblocks_after_l2 && inside > 0 {
+            let max = (ZERO_AHEAD / cs).min(inside);
+            ahead = m.ws_mut()?.refcounts.free_run(self.host(), next, max)?;
+            // Free by refcount yet overlapping metadata means broken refcounts: leave it alone.
+            if ahead > 0 && self.overlap(m, next * cs, ahead * cs, None).is_some() {
+                ahead = 0;
+            }
+        }
+        let end = (next + ahead) * cs;
+        self.host()
+            .write_zeroes(host, end.min(file_len) - host, "new clusters")?;
+        m.ws_mut()?.refcounts.note_zeroed(next..next + ahead);
+        Ok(())
     }
 
     fn write_data(&self, data: &[u8], host_offset: u64) -> Result<()> {

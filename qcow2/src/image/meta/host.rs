@@ -23,6 +23,12 @@ impl Host<'_> {
             .map_err(|e| Error::io(self.name, format!("writing the {what} at {offset:#x}"), e))
     }
 
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64, what: &str) -> Result<()> {
+        self.storage
+            .write_zeroes(offset, len)
+            .map_err(|e| Error::io(self.name, format!("zeroing the {what} at {offset:#x}"), e))
+    }
+
     pub(crate) fn sync(&self) -> Result<()> {
         self.storage
             .flush()

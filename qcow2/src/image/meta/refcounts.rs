@@ -5,6 +5,7 @@
 //! them, so a crash leaves at worst leaked clusters.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::image::cluster_map::{ClusterMap, ClusterSet};
 
@@ -58,6 +59,13 @@ pub(crate) struct Refcounts {
     /// data (several compressed clusters share host clusters, as in QEMU). Any cluster freed
     /// forgets it, so compressed data never lands in a cluster that changed hands.
     pub compressed_cursor: Option<u64>,
+    /// Free clusters known to read as zeros in the file (zeroed ahead of their allocation), so
+    /// a small write into one of them needs no zeroing of its own. Allocation consumes it from
+    /// the front, first-fit; anything else that takes a cluster in it (or any new refcount
+    /// structure) forgets it, so it never names a cluster that was written since.
+    zeroed: Range<u64>,
+    /// Whether the clusters the last [`alloc`](Self::alloc) returned came from `zeroed`.
+    last_alloc_zeroed: bool,
 }
 
 /// What a reftable growth changed, for the header and the overlap guard.
@@ -114,6 +122,8 @@ impl Refcounts {
             block_offsets,
             free_index: 0,
             compressed_cursor: None,
+            zeroed: 0..0,
+            last_alloc_zeroed: false,
         })
     }
 
@@ -212,6 +222,7 @@ impl Refcounts {
 
     /// Sets a refcount directly (repair only).
     pub(crate) fn set_value(&mut self, host: Host<'_>, cluster: u64, value: u64) -> Result<()> {
+        self.forget_zeroed(cluster, cluster + 1);
         self.set(host, cluster, value.min(self.max()))?;
         if value == 0 {
             self.free_index = self.free_index.min(cluster);
@@ -282,6 +293,9 @@ impl Refcounts {
     ) -> Result<()> {
         if delta == 0 {
             return Ok(());
+        }
+        if delta > 0 {
+            self.forget_zeroed(start, end);
         }
         let order = self.order;
         let mut k = start;
@@ -372,6 +386,12 @@ impl Refcounts {
                     continue;
                 }
             }
+            self.last_alloc_zeroed = self.zeroed.start == start && start + n <= self.zeroed.end;
+            if self.last_alloc_zeroed {
+                self.zeroed.start = start + n;
+            } else {
+                self.forget_zeroed(start, start + n);
+            }
             for k in start..start + n {
                 self.set(host, k, 1)?;
             }
@@ -379,6 +399,30 @@ impl Refcounts {
             self.free_index = start + n;
             return Ok((start << self.cluster_bits, moved));
         }
+    }
+
+    /// Forgets the zeroed clusters if any of `[start, end)` is among them.
+    fn forget_zeroed(&mut self, start: u64, end: u64) {
+        if start < self.zeroed.end && self.zeroed.start < end {
+            self.zeroed = 0..0;
+        }
+    }
+
+    /// Whether the clusters the last [`alloc`](Self::alloc) returned read as zeros already.
+    pub(crate) fn last_alloc_zeroed(&self) -> bool {
+        self.last_alloc_zeroed
+    }
+
+    /// Records that free clusters `clusters` now read as zeros (replacing any earlier record).
+    pub(crate) fn note_zeroed(&mut self, clusters: Range<u64>) {
+        self.zeroed = clusters;
+    }
+
+    /// How many clusters from `start` on are free, counting at most `max`.
+    pub(crate) fn free_run(&mut self, host: Host<'_>, start: u64, max: u64) -> Result<u64> {
+        let mut counts = Vec::with_capacity(max as usize);
+        self.get_clusters(host, start, start + max, &mut counts)?;
+        Ok(counts.iter().take_while(|&&c| c == 0).count() as u64)
     }
 
     /// Creates the refblocks for reftable entries `needed` in clusters from `after` on (past the
@@ -392,6 +436,8 @@ impl Refcounts {
         after: u64,
         image_end: &mut u64,
     ) -> Result<bool> {
+        // New refcount structures land in free clusters.
+        self.zeroed = 0..0;
         let per_block = 1u64 << self.block_bits;
         let base = after.max(*image_end);
         let missing = |rc: &Refcounts, i: u64| {
@@ -513,6 +559,8 @@ impl Refcounts {
     /// range it covers and counts itself, so it needs no other block. It is written and synced
     /// before the reftable entry that publishes it.
     fn create_refblock(&mut self, host: Host<'_>, index: u64, image_end: &mut u64) -> Result<()> {
+        // New refcount structures land in free clusters.
+        self.zeroed = 0..0;
         if index == 0 {
             return Err(Error::corrupt(
                 host.name,
@@ -546,6 +594,8 @@ impl Refcounts {
         needed: u64,
         image_end: &mut u64,
     ) -> Result<ReftableMove> {
+        // New refcount structures land in free clusters.
+        self.zeroed = 0..0;
         let cs = self.cluster_size();
         let per_block = 1u64 << self.block_bits;
         // Everything new goes past both the file and the clusters the old table can describe.
@@ -657,6 +707,8 @@ impl Refcounts {
         additional: u64,
         image_end: &mut u64,
     ) -> Result<(u64, ReftableMove)> {
+        // New refcount structures land in free clusters.
+        self.zeroed = 0..0;
         let cs = self.cluster_size();
         let per_block = 1u64 << self.block_bits;
         let per_table_cluster = cs / 8;
