@@ -3,14 +3,15 @@
 Each server serves four qcow2 disks over NBD (one unix socket) and takes QMP on a second
 socket. fio's nbd engine writes 4K blocks at random to all four (one job per disk) and logs
 the completion time and latency of every request. Halfway through, one QMP `transaction` with
-four `blockdev-snapshot-internal-sync` actions snapshots the disks. A control run does the same
+four `blockdev-snapshot-internal-sync` actions snapshots the disks (with SNAPSHOT=external, four
+`blockdev-snapshot-sync` actions: the disks move to new overlays). A control run does the same
 without the snapshot. For each run the table gives the longest window in which no request
 completed on any disk (the stall a guest sees), the same for the disk that waited longest, the
 worst completion latency, and how long the QMP command took. Servers alternate within each round; the table shows medians over rounds.
 
 Run through benches/live_snapshot_stall.sh, which builds the tool and the QMP client's venv.
 Environment: ROUNDS (3), RUNTIME (seconds of fio per run, 6), SIZES ("1G 16G"), IODEPTH (4),
-SERVERS ("ours qsd"), QCOW2_BENCH_DIR (fixtures).
+SERVERS ("ours qsd"), SNAPSHOT ("internal" or "external"), QCOW2_BENCH_DIR (fixtures).
 """
 
 import asyncio
@@ -38,6 +39,9 @@ RUNTIME = float(env("RUNTIME", "6"))
 SIZES = env("SIZES", "1G 16G").split()
 IODEPTH = int(env("IODEPTH", "4"))
 SERVERS = env("SERVERS", "ours qsd").split()
+SNAPSHOT = env("SNAPSHOT", "internal")
+if SNAPSHOT not in ("internal", "external"):
+    sys.exit(f"SNAPSHOT must be internal or external, not {SNAPSHOT}")
 
 
 def fixture(fixtures, size):
@@ -87,7 +91,19 @@ def start_server(kind, tool, work, images):
     return proc, nbd, qmp
 
 
-async def snapshot(qmp_path, name, delay):
+def overlay_of(image):
+    return image[:-len(".qcow2")] + ".top.qcow2"
+
+
+def snapshot_action(disk, image, name):
+    if SNAPSHOT == "external":
+        return {"type": "blockdev-snapshot-sync",
+                "data": {"node-name": disk, "snapshot-file": overlay_of(image),
+                         "snapshot-node-name": f"{disk}-top", "format": "qcow2"}}
+    return {"type": "blockdev-snapshot-internal-sync", "data": {"device": disk, "name": name}}
+
+
+async def snapshot(qmp_path, images, name, delay):
     """Waits `delay` seconds, then runs the 4-disk transaction; returns (sent, returned) in
     Unix milliseconds."""
     qmp = QMPClient("stall-bench")
@@ -95,8 +111,7 @@ async def snapshot(qmp_path, name, delay):
     await asyncio.sleep(delay)
     sent = time.time() * 1000
     await qmp.execute("transaction", {"actions": [
-        {"type": "blockdev-snapshot-internal-sync", "data": {"device": d, "name": name}}
-        for d in DISKS]})
+        snapshot_action(d, p, name) for d, p in zip(DISKS, images)]})
     returned = time.time() * 1000
     await qmp.disconnect()
     return sent, returned
@@ -151,7 +166,7 @@ def measure(kind, tool, work, pristine, with_snapshot):
     sent = returned = None
     try:
         if with_snapshot:
-            sent, returned = asyncio.run(snapshot(qmp, "stall", RUNTIME / 2))
+            sent, returned = asyncio.run(snapshot(qmp, images, "stall", RUNTIME / 2))
         if fio_proc.wait() != 0:
             sys.exit(f"fio failed against {kind}")
         asyncio.run(quit_server(qmp))
@@ -167,10 +182,17 @@ def measure(kind, tool, work, pristine, with_snapshot):
         os.remove(path)
     if with_snapshot:
         for path in images:
-            out = subprocess.run(["qemu-img", "snapshot", "-l", path], check=True,
-                                 capture_output=True, text=True).stdout
-            if "stall" not in out:
-                sys.exit(f"{kind}: no snapshot in {path}")
+            if SNAPSHOT == "external":
+                out = subprocess.run(["qemu-img", "info", overlay_of(path)], check=True,
+                                     capture_output=True, text=True).stdout
+                if "backing file: " not in out:
+                    sys.exit(f"{kind}: no overlay over {path}")
+                path = overlay_of(path)
+            else:
+                out = subprocess.run(["qemu-img", "snapshot", "-l", path], check=True,
+                                     capture_output=True, text=True).stdout
+                if "stall" not in out:
+                    sys.exit(f"{kind}: no snapshot in {path}")
             subprocess.run(["qemu-img", "check", "-q", path], check=True)
     # Gaps that overlap the middle of the run (one second after the start to one second before
     # the planned end), so ramp-up and the jobs' staggered ends do not count as stalls, while a
@@ -204,7 +226,7 @@ def main():
                           f"{r[0]:.0f} ms (one disk {r[1]:.0f} ms), worst latency "
                           f"{r[2]:.1f} ms, qmp {r[3]:.1f} ms, {r[4]} writes", file=sys.stderr)
     print(f"\n{ROUNDS} rounds, medians; {IODEPTH} requests in flight per disk, "
-          f"{RUNTIME:.0f} s of 4K random writes per run\n")
+          f"{RUNTIME:.0f} s of 4K random writes per run, {SNAPSHOT} snapshots\n")
     print("| size | server | run | longest window without a completion, all disks (ms) "
           "| the same on one disk (ms) | worst write latency (ms) | QMP transaction (ms) "
           "| writes |")

@@ -6,6 +6,7 @@
 #
 # Usage: benches/live_snapshot_stall.sh     (from anywhere in the repository)
 # Environment: ROUNDS (3), RUNTIME (6), SIZES ("1G 16G"), IODEPTH (4), SERVERS ("ours qsd"),
+#              SNAPSHOT ("internal", or "external" for blockdev-snapshot-sync),
 #              QCOW2_BENCH_DIR (fixtures; the 16G ones are sparse files).
 set -euo pipefail
 
