@@ -1132,7 +1132,7 @@ pub fn qemu_open_error(file: &str, e: &qcow2::Error) -> String {
             return format!("Could not open '{file}': {}", io_text(source));
         }
     }
-    text
+    crate::source::open_error_text(e)
 }
 
 fn flush(image: &Image) -> bool {

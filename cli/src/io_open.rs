@@ -94,13 +94,19 @@ pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), Stri
     Ok(())
 }
 
-/// `driver=blkdebug` without rules over an `image.*` node: the image node itself, with the
-/// file name given to blkdebug as its file.
+/// Whether blkdebug options under `prefix` fail requests: only `inject-error` rules (or a
+/// config file, which may hold them) do; `set-state` rules alone only move its state.
+fn blkdebug_injects(o: &Options, prefix: &str) -> bool {
+    o.keys().any(|k| {
+        k.strip_prefix(prefix)
+            .is_some_and(|k| k.starts_with("inject-error") || k == "config")
+    })
+}
+
+/// `driver=blkdebug` without error rules over an `image.*` node: the image node itself, with
+/// the file name given to blkdebug as its file.
 fn without_blkdebug_top(o: &Options) -> Option<Options> {
-    if o.get("driver").is_none_or(|d| d != "blkdebug")
-        || o.keys()
-            .any(|k| k.starts_with("inject-error") || k.starts_with("set-state") || k == "config")
-    {
+    if o.get("driver").is_none_or(|d| d != "blkdebug") || blkdebug_injects(o, "") {
         return None;
     }
     let mut out = Options::new();
@@ -190,7 +196,7 @@ impl OpenSpec {
         let unwrapped = without_blkdebug_top(&self.options);
         let o = unwrapped.as_ref().unwrap_or(&self.options);
         let mut driver = o.get("driver").cloned().or_else(|| self.format.clone());
-        if driver.as_deref() == Some("file") {
+        if driver.as_deref().is_some_and(|d| PROTOCOLS.contains(&d)) {
             // A protocol node alone reads as raw.
             driver = Some("raw".into());
         }
@@ -201,13 +207,9 @@ impl OpenSpec {
             f.clone()
         } else {
             let blkdebug_image = o.get("file.driver").is_some_and(|d| d == "blkdebug")
-                && !o.keys().any(|k| {
-                    k.starts_with("file.inject-error")
-                        || k.starts_with("file.set-state")
-                        || k == "file.config"
-                });
-            // blkdebug without rules only passes requests on (its alignment options do not
-            // change what the guest reads).
+                && !blkdebug_injects(o, "file.");
+            // blkdebug without error rules only passes requests on (its alignment options do
+            // not change what the guest reads).
             if blkdebug_image {
                 if let Some(f) = o
                     .get("file.image.filename")
@@ -217,7 +219,7 @@ impl OpenSpec {
                 }
             }
             match o.get("file.driver").map(String::as_str) {
-                None | Some("file" | "host_device") => o
+                None | Some("file" | "host_device" | "host_cdrom") => o
                     .get("file.filename")
                     .or_else(|| o.get("filename"))
                     .cloned()
@@ -232,6 +234,15 @@ impl OpenSpec {
         Ok((file, driver))
     }
 
+    /// The protocol driver the options name for the host file, if they name one.
+    fn protocol(&self) -> Option<&str> {
+        [self.options.get("driver"), self.options.get("file.driver")]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .find(|d| PROTOCOLS.contains(d))
+    }
+
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         check_cache_options(&self.options)?;
@@ -242,6 +253,9 @@ impl OpenSpec {
                 .options
                 .get("read-only")
                 .is_some_and(|v| v == "on" || v == "true");
+        if let Some(protocol) = self.protocol() {
+            check_protocol_file(protocol, path, !read_only)?;
+        }
         let format = match driver.as_deref() {
             Some("qcow2") => Format::Qcow2,
             Some("raw") => Format::Raw,
@@ -263,6 +277,7 @@ impl OpenSpec {
                 {
                     options.backing = BackingPolicy::Ignore;
                 }
+                options.backing_format = self.options.get("backing.driver").cloned();
                 let image = Image::open(path, &options)
                     .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
                 if let Some(entry) = self.options.get("l2-cache-entry-size") {
@@ -278,6 +293,34 @@ impl OpenSpec {
             Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
         }
     }
+}
+
+/// QEMU's protocol drivers for host files and devices.
+const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// Opens the host file as the named protocol driver does: `file` takes regular files only,
+/// `host_device` and `host_cdrom` character or block devices only.
+fn check_protocol_file(protocol: &str, path: &Path, writable: bool) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let kind = FsOpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .and_then(|f| f.metadata())
+        .map_err(|e| format!("Could not open '{shown}': {}", io_text(&e)))?
+        .file_type();
+    if protocol == "file" && !kind.is_file() {
+        return Err(format!(
+            "'file' driver requires '{shown}' to be a regular file"
+        ));
+    }
+    if protocol != "file" && !kind.is_char_device() && !kind.is_block_device() {
+        return Err(format!(
+            "'{protocol}' driver requires '{shown}' to be either a character or block device"
+        ));
+    }
+    Ok(())
 }
 
 /// The cache-size options QEMU's qcow2 refuses in combination.

@@ -148,11 +148,131 @@ pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
 
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
-    Image::open(path, &with_policy(path, options))
-        .map_err(|e| format!("Could not open '{}': {e}", path.display()))
+    Image::open(path, &with_policy(path, options)).map_err(|e| {
+        format!(
+            "Could not open '{}': {}",
+            path.display(),
+            open_error_text(&e)
+        )
+    })
+}
+
+/// The block drivers qemu-img 10 knows by name (`qemu-img --help`), any of which it records as
+/// a backing format.
+pub const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Why an image did not open, in the words qemu's qcow2 driver uses for the same header check
+/// (scripts and qemu-iotests match on them); other errors keep the engine's own text.
+pub fn open_error_text(e: &qcow2::Error) -> String {
+    let (structure, reason) = match e {
+        qcow2::Error::Corrupt {
+            structure, reason, ..
+        } => (structure.as_str(), reason.as_str()),
+        qcow2::Error::Unsupported {
+            structure, what, ..
+        } => (structure.as_str(), what.as_str()),
+        qcow2::Error::Io {
+            image,
+            context,
+            source,
+        } if context == "opening the image" => {
+            return format!("Could not open '{image}': {}", io_text(source))
+        }
+        qcow2::Error::Chain {
+            role: "backing",
+            problem: qcow2::ChainProblem::UnsupportedFormat(format),
+            ..
+        } if !QEMU_DRIVERS.contains(&format.as_str()) => {
+            return format!("Could not open backing file: Unknown driver '{format}'")
+        }
+        _ => return e.to_string(),
+    };
+    let qemu = match structure {
+        "header field incompatible_features" => {
+            return format!("Unsupported qcow2 feature(s): {reason}")
+        }
+        "header field size" => "Image is too big",
+        "header field header_length" if reason.contains("cluster size") => {
+            "qcow2 header exceeds cluster size"
+        }
+        "header field backing_file_offset" => "Invalid backing file offset",
+        "header field backing_file_size" => "Backing file name too long",
+        "header field refcount_table_clusters" => "Reference count table too large",
+        "header field refcount_table_offset" => "Reference count table offset invalid",
+        "header field nb_snapshots" => "Snapshot table too large",
+        "header field snapshots_offset" => "Snapshot table offset invalid",
+        "header field l1_size" if reason.starts_with("L1 table is too small") => {
+            "L1 table is too small"
+        }
+        "header field l1_size" => "Active L1 table too large",
+        "header field l1_table_offset" => "Active L1 table offset invalid",
+        s if s.starts_with("header extension ") && reason.contains("runs past the end") => {
+            "Header extension too large"
+        }
+        _ => return e.to_string(),
+    };
+    qemu.to_owned()
 }
 
 pub use qcow2::image::resolve_relative;
+
+/// The host file a `file:`-prefixed name means, as QEMU's file protocol reads it; other names
+/// unchanged. A relative result whose first component holds a colon gets `./` in front, as
+/// QEMU names it, so it is not read as another protocol prefix again.
+pub fn file_protocol_path(name: &str) -> String {
+    let Some(path) = name.strip_prefix("file:") else {
+        return name.to_owned();
+    };
+    let first = path.split('/').next().unwrap_or_default();
+    if !path.starts_with('/') && first.contains(':') {
+        format!("./{path}")
+    } else {
+        path.to_owned()
+    }
+}
 
 /// A raw file read as a guest disk.
 pub struct RawFile {

@@ -83,6 +83,9 @@ pub struct OpenOptions {
     /// the repair can fix it (and clear the mark). Any other write to such an image is the
     /// caller's responsibility.
     pub for_repair: bool,
+    /// The backing file's format ("qcow2" or "raw"), overriding the one the header records
+    /// (QEMU's `backing.driver` option). Applies to the image's own backing file only.
+    pub backing_format: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -94,6 +97,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: 4 << 20,
             force_share: false,
             for_repair: false,
+            backing_format: None,
         }
     }
 }
@@ -105,6 +109,7 @@ setters!(OpenOptions {
     l2_cache_bytes: u64,
     force_share: bool,
     for_repair: bool,
+    backing_format: Option<String>,
 });
 
 impl OpenOptions {
