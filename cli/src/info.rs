@@ -35,7 +35,7 @@ pub struct Args {
 }
 
 /// One persistent dirty bitmap, as qemu-img lists it.
-struct Bitmap {
+pub struct Bitmap {
     name: String,
     granularity: u64,
     in_use: bool,
@@ -176,7 +176,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
         Format::Qcow2 => {
             let image = open_image(path, &OpenOptions::metadata_only())?;
             let info = image.info();
-            let bitmaps = read_bitmaps(&image, path)?;
+            let bitmaps = read_bitmaps(&image)?;
             let full_backing = info
                 .backing_file
                 .as_deref()
@@ -195,7 +195,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
 }
 
 /// The persistent bitmaps, as the library read and validated them at open.
-fn read_bitmaps(image: &Image, _path: &Path) -> Result<Option<Vec<Bitmap>>, String> {
+pub fn read_bitmaps(image: &Image) -> Result<Option<Vec<Bitmap>>, String> {
     let header = image.header();
     if header.extensions.bitmaps.is_none() || header.autoclear_features & Autoclear::BITMAPS == 0 {
         return Ok(None);
@@ -362,37 +362,7 @@ fn to_human(f: &Facts) -> String {
             s += "Snapshot list:\n";
             s += &snapshot_table(&info.snapshots);
         }
-        s += "Format specific information:\n";
-        s += &format!("    compat: {}\n", info.compat);
-        s += &format!("    compression type: {}\n", info.compression_type);
-        let v3 = info.compat != "0.10";
-        if v3 {
-            s += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
-            if let Some(bitmaps) = bitmaps {
-                s += "    bitmaps:\n";
-                for (i, b) in bitmaps.iter().enumerate() {
-                    s += &format!("        [{i}]:\n            flags:\n");
-                    for (j, flag) in bitmap_flags(b).iter().enumerate() {
-                        s += &format!("                [{j}]: {flag}\n");
-                    }
-                    s += &format!(
-                        "            name: {}\n            granularity: {}\n",
-                        b.name, b.granularity
-                    );
-                }
-            }
-        }
-        s += &format!("    refcount bits: {}\n", info.refcount_bits);
-        if v3 {
-            if let Some(data_file) = &info.data_file {
-                s += &format!(
-                    "    data file: {data_file}\n    data file raw: {}\n",
-                    info.data_file_raw
-                );
-            }
-            s += &format!("    corrupt: {}\n", info.corrupt);
-            s += &format!("    extended l2: {}\n", info.extended_l2);
-        }
+        s += &format_specific(info, bitmaps.as_deref());
     }
     s += &format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
@@ -401,5 +371,42 @@ fn to_human(f: &Facts) -> String {
         f.file_length.next_multiple_of(512),
         size_to_str(f.actual_size)
     );
+    s
+}
+
+/// The qcow2 part of qemu-img info's human output (qemu-io's `info` prints the same).
+pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
+    let mut s = String::new();
+    s += "Format specific information:\n";
+    s += &format!("    compat: {}\n", info.compat);
+    s += &format!("    compression type: {}\n", info.compression_type);
+    let v3 = info.compat != "0.10";
+    if v3 {
+        s += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
+        if let Some(bitmaps) = bitmaps {
+            s += "    bitmaps:\n";
+            for (i, b) in bitmaps.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (j, flag) in bitmap_flags(b).iter().enumerate() {
+                    s += &format!("                [{j}]: {flag}\n");
+                }
+                s += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
+            }
+        }
+    }
+    s += &format!("    refcount bits: {}\n", info.refcount_bits);
+    if v3 {
+        if let Some(data_file) = &info.data_file {
+            s += &format!(
+                "    data file: {data_file}\n    data file raw: {}\n",
+                info.data_file_raw
+            );
+        }
+        s += &format!("    corrupt: {}\n", info.corrupt);
+        s += &format!("    extended l2: {}\n", info.extended_l2);
+    }
     s
 }

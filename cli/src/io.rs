@@ -1107,6 +1107,16 @@ fn info(target: &Target) -> bool {
         Target::Qcow2(image) => {
             outln!("format name: qcow2");
             outln!("cluster size: {}", cvtstr(image.cluster_size() as f64));
+            // Where QEMU would save VM state: the guest offset past the last L1 entry the
+            // virtual size needs.
+            let header = image.header();
+            let vm_state = header.l1_entries_for(header.size) << header.l1_shift();
+            outln!("vm state offset: {}", cvtstr(vm_state as f64));
+            let bitmaps = crate::info::read_bitmaps(image).unwrap_or_default();
+            out!(
+                "{}",
+                crate::info::format_specific(&image.info(), bitmaps.as_deref())
+            );
         }
         Target::Raw(_) => outln!("format name: raw"),
     }

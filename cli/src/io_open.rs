@@ -243,16 +243,59 @@ impl OpenSpec {
             .find(|d| PROTOCOLS.contains(d))
     }
 
-    /// Opens the file as the spec says.
-    pub fn open(&self) -> Result<Target, String> {
-        check_cache_options(&self.options)?;
-        let (file, driver) = self.resolve()?;
-        let path = Path::new(&file);
-        let read_only = self.read_only
+    /// Whether the image opens read-only (`-r`, or the `read-only` option).
+    fn read_only(&self) -> bool {
+        self.read_only
             || self
                 .options
                 .get("read-only")
-                .is_some_and(|v| v == "on" || v == "true");
+                .is_some_and(|v| v == "on" || v == "true")
+    }
+
+    /// A qcow2 image whose file is another qcow2 image's guest disk.
+    fn open_nested(&self) -> Result<Target, String> {
+        let driver = self.options.get("driver").or(self.format.as_ref());
+        if driver.is_none_or(|d| d != "qcow2") {
+            return Err("Unknown driver 'qcow2'".into());
+        }
+        let inner = OpenSpec {
+            options: self
+                .options
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("file.")?.to_owned(), v.clone())))
+                .collect(),
+            read_only: self.read_only(),
+            force_share: self.force_share,
+            ..OpenSpec::default()
+        };
+        let Target::Qcow2(inner) = inner.open()? else {
+            return Err("Unknown driver 'qcow2'".into());
+        };
+        let options = if self.read_only() {
+            OpenOptions::default().force_share(self.force_share)
+        } else {
+            OpenOptions::read_write()
+        };
+        let name = self.name.clone().unwrap_or_default();
+        let storage = Box::new(crate::nested::ImageStorage(*inner));
+        let image = Image::from_storage(storage, &name, &options)
+            .map_err(|e| crate::io::qemu_open_error(&name, &e))?;
+        Ok(Target::Qcow2(Box::new(image)))
+    }
+
+    /// Opens the file as the spec says.
+    pub fn open(&self) -> Result<Target, String> {
+        check_cache_options(&self.options)?;
+        if self
+            .options
+            .get("file.driver")
+            .is_some_and(|d| d == "qcow2")
+        {
+            return self.open_nested();
+        }
+        let (file, driver) = self.resolve()?;
+        let path = Path::new(&file);
+        let read_only = self.read_only();
         if let Some(protocol) = self.protocol() {
             check_protocol_file(protocol, path, !read_only)?;
         }

@@ -21,6 +21,7 @@ mod io;
 mod io_open;
 mod map;
 mod measure;
+mod nested;
 mod opts;
 mod output;
 mod progress;

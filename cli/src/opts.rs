@@ -105,8 +105,15 @@ fn parse_size_opt(name: &str, value: &str) -> Result<u64, String> {
     })
 }
 
-/// qemu's QEMU_OPT_NUMBER parsing (`strtoull` with base 0).
+/// qemu's QEMU_OPT_NUMBER parsing (`strtoull` with base 0: leading blanks skipped, a minus
+/// sign negates modulo 2^64).
 fn parse_number_opt(name: &str, value: &str) -> Result<u64, String> {
+    let value = value.trim_start();
+    if let Some(rest) = value.strip_prefix('-') {
+        if !rest.starts_with(['-', '+', ' ']) {
+            return parse_number_opt(name, rest).map(u64::wrapping_neg);
+        }
+    }
     let parsed = if let Some(hex) = value
         .strip_prefix("0x")
         .or_else(|| value.strip_prefix("0X"))
@@ -284,7 +291,8 @@ impl Qcow2Opts {
         f.push(format!("lazy_refcounts={}", text(&self.lazy_refcounts)));
         f.push(format!(
             "refcount_bits={}",
-            self.refcount_bits.unwrap_or(16)
+            // qemu prints the number back signed.
+            self.refcount_bits.unwrap_or(16) as i64
         ));
         if let Some(hint) = self.extent_size_hint {
             f.push(format!("extent_size_hint={hint}"));
@@ -452,6 +460,10 @@ mod tests {
         assert_eq!(
             one("lazy_refcounts=maybe").unwrap_err().0,
             "Parameter 'lazy_refcounts' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            one("refcount_bits=-1").map(|o| o.refcount_bits),
+            Ok(Some(u64::MAX))
         );
         assert_eq!(
             one("refcount_bits=abc").unwrap_err().0,

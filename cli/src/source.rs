@@ -234,6 +234,7 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         "header field incompatible_features" => {
             return format!("Unsupported qcow2 feature(s): {reason}")
         }
+        "header field magic" => "Image is not in qcow2 format",
         "header field size" => "Image is too big",
         "header field header_length" if reason.contains("cluster size") => {
             "qcow2 header exceeds cluster size"

@@ -158,20 +158,6 @@ fn rebase_records_qemu_formats_and_compresses() {
     assert!(check("ours.qcow2").contains("100.00% compressed clusters"));
 }
 
-/// qemu-iotests 243: the file protocol's `extent_size_hint` is taken (and its limit checked).
-#[test]
-fn create_takes_the_extent_size_hint() {
-    let dir = scratch_dir("extent_size_hint");
-    for hint in ["0", "1M", "8G"] {
-        let opts = format!("preallocation=off,extent_size_hint={hint}");
-        assert_same(
-            "qemu-img",
-            &dir,
-            &["create", "-f", "qcow2", "-o", &opts, "hint.qcow2", "1M"],
-        );
-    }
-}
-
 /// qemu-iotests 114 and 226: `open` checks the host file against the protocol driver named,
 /// and `backing.driver` overrides the backing format the image records.
 #[test]
@@ -196,4 +182,56 @@ fn io_open_checks_protocols_and_backing_driver() {
     let open = "open -o backing.driver=raw top.qcow2";
     let out = assert_same("qemu-io", &dir, &["-c", open, "-c", "read -P 0 0 4k"]);
     assert!(stdout(&out).contains("read 4096/4096"));
+}
+
+/// qemu-iotests 243 and 112: the file protocol's `extent_size_hint` is taken (and its limit
+/// checked), and a negative `refcount_bits` is a number to qemu (it wraps), so the image is
+/// announced before the width is refused.
+#[test]
+fn create_reads_options_as_qemu_does() {
+    let dir = scratch_dir("create_options");
+    for opts in [
+        "preallocation=off,extent_size_hint=0",
+        "extent_size_hint=1M",
+        "extent_size_hint=8G",
+        "refcount_bits=-1",
+        "refcount_bits=-0",
+        "refcount_bits= 16",
+        "refcount_bits=--1",
+    ] {
+        assert_same(
+            "qemu-img",
+            &dir,
+            &["create", "-f", "qcow2", "-o", opts, "new.qcow2", "1M"],
+        );
+    }
+}
+
+/// qemu-iotests 072 and 089: a qcow2 image stored as the guest disk of another opens through
+/// both layers, and qemu-io's `info` shows the VM state offset.
+#[test]
+fn io_opens_a_qcow2_image_inside_another() {
+    let dir = scratch_dir("nested_qcow2");
+    create(&dir, &["inner.qcow2", "1M"]);
+    let write = ["-c", "write -P 42 0 64k", "inner.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    create(&dir, &["outer.qcow2", "2M"]);
+    let args = [
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "inner.qcow2",
+        "outer.qcow2",
+    ];
+    assert!(qemu_tool("qemu-img", &dir, &args).status.success());
+    // Not a qcow2 image inside: the inner layer refuses it in qemu's words.
+    let open = "open -o driver=qcow2,file.driver=qcow2,file.file.filename=inner.qcow2";
+    assert_same("qemu-io", &dir, &["-c", open]);
+    let open = "open -o driver=qcow2,file.driver=qcow2,file.file.filename=outer.qcow2";
+    let out = assert_same("qemu-io", &dir, &["-c", open, "-c", "read -P 42 0 64k"]);
+    assert!(stdout(&out).contains("read 65536/65536"));
+    assert_same("qemu-io", &dir, &["-c", "info", "outer.qcow2"]);
 }
