@@ -743,7 +743,7 @@ fn in_bounds(offset: u64, len: u64, size: u64) -> bool {
 }
 
 /// The `strerror` text qemu-io prints for a failed request.
-fn errno_text(e: &qcow2::Error) -> String {
+pub fn errno_text(e: &qcow2::Error) -> String {
     match e {
         qcow2::Error::OutOfBounds { .. } => "Input/output error".into(),
         qcow2::Error::InvalidArgument { .. } => "Invalid argument".into(),

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use qcow2::{BackingPolicy, Image, OpenOptions};
+use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
 use crate::size::parse_size;
 use crate::source::{format_of, io_text, with_policy, Format, Guest, Region};
@@ -175,8 +175,22 @@ impl OpenSpec {
             options,
             ..OpenSpec::default()
         };
-        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself.
+        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself;
+        // `blkdebug:RULES:FILE` puts a blkdebug node with the rules file under the format.
         let name = name.strip_prefix("blkdebug::").unwrap_or(name);
+        if let Some((config, image)) = name
+            .strip_prefix("blkdebug:")
+            .and_then(|rest| rest.split_once(':'))
+        {
+            for (k, v) in [
+                ("file.driver", "blkdebug"),
+                ("file.config", config),
+                ("file.image.filename", image),
+            ] {
+                spec.options.entry(k.into()).or_insert_with(|| v.to_owned());
+            }
+            return Ok(spec);
+        }
         if name.starts_with("json:") {
             let mut from_json = Options::new();
             parse_json_filename(name, &mut from_json)?;
@@ -271,27 +285,58 @@ impl OpenSpec {
         let Target::Qcow2(inner) = inner.open()? else {
             return Err("Unknown driver 'qcow2'".into());
         };
+        let name = self.name.clone().unwrap_or_default();
+        self.open_qcow2_over(Box::new(crate::nested::ImageStorage(*inner)), &name)
+    }
+
+    /// A qcow2 image whose file is a blkdebug node with error rules over a host file.
+    fn open_blkdebug(&self) -> Result<Target, String> {
+        let o = &self.options;
+        let file = o
+            .get("file.image.filename")
+            .or_else(|| o.get("file.image.file.filename"))
+            .ok_or("A block device must be specified for \"image\"")?;
+        let path = Path::new(file);
+        let qcow2 = match o.get("driver").or(self.format.as_ref()) {
+            Some(driver) => driver == "qcow2",
+            None => format_of(path, None)? == Format::Qcow2,
+        };
+        if !qcow2 {
+            return Err("blkdebug error rules are supported under qcow2 images only".into());
+        }
+        let rules = crate::blkdebug::rules_from_options(o, "file.")?;
+        let storage = if self.read_only() {
+            FileStorage::open_read_only(path)
+        } else {
+            FileStorage::open_read_write(path)
+        }
+        .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;
+        let name = self.name.clone().unwrap_or_else(|| file.clone());
+        let storage = Box::new(crate::blkdebug::Blkdebug::new(storage, rules));
+        self.open_qcow2_over(storage, &name)
+    }
+
+    /// A qcow2 image in `storage`, opened as the spec says.
+    fn open_qcow2_over(&self, storage: Box<dyn Storage>, name: &str) -> Result<Target, String> {
         let options = if self.read_only() {
             OpenOptions::default().force_share(self.force_share)
         } else {
             OpenOptions::read_write()
         };
-        let name = self.name.clone().unwrap_or_default();
-        let storage = Box::new(crate::nested::ImageStorage(*inner));
-        let image = Image::from_storage(storage, &name, &options)
-            .map_err(|e| crate::io::qemu_open_error(&name, &e))?;
+        let image = Image::from_storage(storage, name, &options)
+            .map_err(|e| crate::io::qemu_open_error(name, &e))?;
         Ok(Target::Qcow2(Box::new(image)))
     }
 
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         check_cache_options(&self.options)?;
-        if self
-            .options
-            .get("file.driver")
-            .is_some_and(|d| d == "qcow2")
-        {
-            return self.open_nested();
+        match self.options.get("file.driver").map(String::as_str) {
+            Some("qcow2") => return self.open_nested(),
+            Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {
+                return self.open_blkdebug()
+            }
+            _ => {}
         }
         let (file, driver) = self.resolve()?;
         let path = Path::new(&file);

@@ -8,6 +8,7 @@ mod console;
 mod amend;
 mod bench;
 mod bitmap;
+mod blkdebug;
 mod check;
 mod commit;
 mod compare;

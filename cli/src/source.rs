@@ -326,6 +326,10 @@ pub fn read_zero_filled(file: &std::fs::File, buf: &mut [u8], offset: u64) -> st
 pub trait Guest: Sync {
     fn size(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
+    /// As `read_at`, with the error as the `strerror` text qemu-img prints after its context.
+    fn read_errno(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        self.read_at(buf, offset)
+    }
     /// Ranges of `[offset, offset + len)`: data, or known zeros.
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String>;
     /// The host file and offset that hold `[offset, offset + len)` byte for byte, where one
@@ -365,6 +369,9 @@ impl Guest for Image {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         Image::read_at(self, buf, offset).map_err(|e| e.to_string())
+    }
+    fn read_errno(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        Image::read_at(self, buf, offset).map_err(|e| crate::io::errno_text(&e))
     }
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
         self.map(offset, len)
@@ -428,8 +435,26 @@ impl Input {
         }
     }
 
-    /// Opens `path` as `-f` says, or as its magic says.
+    /// Opens `path` as `-f` says, or as its magic says; a `json:` or blkdebug name with error
+    /// rules opens as its options say.
     pub fn open(path: &Path, forced: Option<&str>) -> Result<Input, String> {
+        let name = path.to_string_lossy();
+        if name.starts_with("json:")
+            || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
+        {
+            let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+            spec.read_only = true;
+            spec.format = forced.map(str::to_owned);
+            return match spec
+                .open()
+                .map_err(|e| format!("Could not open '{name}': {e}"))?
+            {
+                crate::io_open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
+                crate::io_open::Target::Raw(_) => Err(format!(
+                    "Could not open '{name}': only qcow2 images open by options here"
+                )),
+            };
+        }
         match format_of(path, forced)? {
             Format::Qcow2 => Ok(Input::Qcow2(Box::new(open_image(
                 path,

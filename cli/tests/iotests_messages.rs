@@ -235,3 +235,26 @@ fn io_opens_a_qcow2_image_inside_another() {
     assert!(stdout(&out).contains("read 65536/65536"));
     assert_same("qemu-io", &dir, &["-c", "info", "outer.qcow2"]);
 }
+
+/// qemu-iotests 074 and 089: blkdebug error rules (from a config file or `inject-error`
+/// options) fail the requests that follow the event they name, as QEMU's blkdebug does.
+#[test]
+fn blkdebug_rules_fail_requests_after_their_event() {
+    let dir = scratch_dir("blkdebug_rules");
+    create(&dir, &["a.qcow2", "1M"]);
+    create(&dir, &["b.qcow2", "1M"]);
+    let write = ["-c", "write -P 7 512 512", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    let rules = "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nonce =\"off\"\n";
+    std::fs::write(dir.join("rules.conf"), rules).unwrap();
+    for (a, b) in [
+        ("blkdebug:rules.conf:a.qcow2", "b.qcow2"),
+        ("b.qcow2", "blkdebug:rules.conf:a.qcow2"),
+    ] {
+        assert_same("qemu-img", &dir, &["compare", a, b]);
+    }
+    let json = r#"json:{"driver": "qcow2", "file": {"driver": "blkdebug",
+        "inject-error": [{"event": "l2_load"}], "image.filename": "a.qcow2"}}"#;
+    let out = assert_same("qemu-io", &dir, &["-c", "read -P 7 512 512", json]);
+    assert!(stdout(&out).contains("read failed: Input/output error"));
+}
