@@ -43,7 +43,8 @@ pub fn run(args: Args) -> CmdResult {
         .writable(repair.is_some())
         .for_repair(repair.is_some());
     let failed = |m: String| Failure::new(1, format!("Check failed: {m}"));
-    let image = open_image(&args.file, &options).map_err(failed)?;
+    // A failed open is reported as every command reports it; "Check failed" is for the check.
+    let image = open_image(&args.file, &options).map_err(|m| Failure::new(1, m))?;
     let report = image.check().map_err(|e| failed(e.to_string()))?;
     if repair == Some(Repair::Leaks) && report.needs_rebuild() {
         // qemu-img stops after comparing refcounts: a referenced cluster with refcount 0 needs

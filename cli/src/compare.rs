@@ -57,6 +57,17 @@ pub fn run(args: Args) -> CmdResult {
     let a = Input::open(&args.a, args.format_a.as_deref()).map_err(fail)?;
     let b = Input::open(&args.b, args.format_b.as_deref()).map_err(fail)?;
     let (ga, gb) = (a.guest(), b.guest());
+    let (na, nb) = (args.a.to_string_lossy(), args.b.to_string_lossy());
+    let (sa, sb) = (
+        Side {
+            guest: ga,
+            name: &na,
+        },
+        Side {
+            guest: gb,
+            name: &nb,
+        },
+    );
     let (size_a, size_b) = (ga.size(), gb.size());
     if args.strict && size_a != size_b {
         say!("Strict mode: Image size mismatch!");
@@ -74,9 +85,9 @@ pub fn run(args: Args) -> CmdResult {
         for (start, length, data_a, data_b) in segments(&ra, &rb) {
             let verdict = match (data_a, data_b) {
                 (false, false) => Verdict::Same,
-                (true, true) => compare_range(ga, gb, start, length, &mut progress, total)?,
-                (true, false) => zero_range(ga, start, length, &mut progress, total)?,
-                (false, true) => zero_range(gb, start, length, &mut progress, total)?,
+                (true, true) => compare_range(&sa, &sb, start, length, &mut progress, total)?,
+                (true, false) => zero_range(&sa, start, length, &mut progress, total)?,
+                (false, true) => zero_range(&sb, start, length, &mut progress, total)?,
             };
             if let Verdict::MismatchAt(offset) = verdict {
                 progress.finish();
@@ -90,11 +101,11 @@ pub fn run(args: Args) -> CmdResult {
 
     if size_a != size_b {
         say!("Warning: Image size mismatch!");
-        let longer = if size_a > size_b { ga } else { gb };
+        let longer = if size_a > size_b { &sa } else { &sb };
         let mut pos = common;
         while pos < total {
             let len = MAP_WINDOW.min(total - pos);
-            for r in longer.regions(pos, len).map_err(fail)? {
+            for r in longer.guest.regions(pos, len).map_err(fail)? {
                 if r.data {
                     if let Verdict::MismatchAt(offset) =
                         zero_range(longer, r.start, r.length, &mut progress, total)?
@@ -142,9 +153,15 @@ fn first_difference(x: &[u8], y: &[u8], base: u64) -> Option<u64> {
     Some(base + at / SECTOR * SECTOR)
 }
 
+/// One of the two inputs, with the name qemu-img reports its read errors under.
+struct Side<'a> {
+    guest: &'a dyn Guest,
+    name: &'a str,
+}
+
 fn compare_range(
-    a: &dyn Guest,
-    b: &dyn Guest,
+    a: &Side,
+    b: &Side,
     start: u64,
     length: u64,
     progress: &mut Progress,
@@ -170,7 +187,7 @@ fn compare_range(
 
 /// Checks that `[start, start + length)` of `g` reads as zeros.
 fn zero_range(
-    g: &dyn Guest,
+    g: &Side,
     start: u64,
     length: u64,
     progress: &mut Progress,
@@ -192,7 +209,12 @@ fn zero_range(
     Ok(Verdict::Same)
 }
 
-fn read(g: &dyn Guest, buf: &mut [u8], offset: u64) -> Result<(), Failure> {
-    g.read_at(buf, offset)
-        .map_err(|e| Failure::new(2, format!("Error while reading offset {offset}: {e}")))
+/// Reads for the comparison; a failed read ends it with exit code 4, as in qemu-img.
+fn read(g: &Side, buf: &mut [u8], offset: u64) -> Result<(), Failure> {
+    g.guest.read_errno(buf, offset).map_err(|e| {
+        Failure::new(
+            4,
+            format!("Error while reading offset {offset} of {}: {e}", g.name),
+        )
+    })
 }

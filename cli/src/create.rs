@@ -56,6 +56,7 @@ pub fn parse_image_size(text: &str) -> Result<u64, String> {
 
 pub fn run(args: Args) -> CmdResult {
     let file = args.file.clone();
+    let host = crate::source::file_protocol_path(&file);
     let named = |m: String| Failure::new(1, format!("{file}: {m}"));
     let fail = |(m, with_name): (String, bool)| {
         if with_name {
@@ -115,7 +116,7 @@ pub fn run(args: Args) -> CmdResult {
         if backing.is_empty() {
             return Err(named("Expected backing file name, got empty string".into()));
         }
-        let full = resolve_relative(Path::new(&file), &backing);
+        let full = resolve_relative(Path::new(&host), &backing);
         inputs.extend(crate::target::identity_of(&full));
         if !args.unsafe_backing {
             let (detected, backing_size) = open_backing(&full, opts.backing_fmt.as_deref())
@@ -143,11 +144,11 @@ pub fn run(args: Args) -> CmdResult {
         outln!("Formatting '{file}', fmt={} {fields}", args.format);
     }
     match format {
-        Format::Raw => create_raw(&file, size, &raw_opts, &inputs).map_err(named),
+        Format::Raw => create_raw(&host, size, &raw_opts, &inputs).map_err(named),
         Format::Qcow2 => {
             let options = opts.to_create_options(size).map_err(named)?;
             create_data_file(&options, &inputs).map_err(named)?;
-            create_qcow2(&file, &options, &inputs).map_err(named)
+            create_qcow2(&host, &options, &inputs).map_err(named)
         }
     }?;
     Ok(0)

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use qcow2::format::features::Autoclear;
 use qcow2::{Image, ImageInfo, OpenOptions};
 
+use crate::io_open::{parse_option_string, OpenSpec, Options};
 use crate::output::{size_to_str, Json, OutputFormat};
 use crate::snapshot::snapshot_table;
 use crate::source::{format_of, open_image, resolve_relative, CmdResult, Failure, Format};
@@ -26,11 +27,15 @@ pub struct Args {
     /// Image format (qcow2 or raw); probed when absent.
     #[arg(short = 'f')]
     format: Option<String>,
+    /// The file argument is an option string (`driver=qcow2,file.filename=a.qcow2`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// The image: a path, a `json:{...}` filename, or with `--image-opts` an option string.
     file: PathBuf,
 }
 
 /// One persistent dirty bitmap, as qemu-img lists it.
-struct Bitmap {
+pub struct Bitmap {
     name: String,
     granularity: u64,
     in_use: bool,
@@ -39,6 +44,8 @@ struct Bitmap {
 
 /// What one image of the chain shows.
 struct Facts {
+    /// The image as qemu-img names it: its file, or the `json:` name options made necessary.
+    name: String,
     filename: String,
     virtual_size: u64,
     file_length: u64,
@@ -50,10 +57,24 @@ struct Facts {
 pub fn run(args: Args) -> CmdResult {
     crate::source::set_force_share(args.force_share);
     let mut chain = Vec::new();
-    let mut path = args.file.clone();
-    let mut forced = args.format.clone();
+    let (top, name, mut forced) = first_image(&args).map_err(|m| Failure::new(1, m))?;
+    let mut path = top.clone();
+    // qemu-img names the first image of the chain that comes round again.
+    let mut seen = std::collections::HashSet::new();
     loop {
-        let facts = gather(&path, forced.as_deref()).map_err(|m| Failure::new(1, m))?;
+        if !seen.insert(std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone())) {
+            return Err(Failure::new(
+                1,
+                format!(
+                    "Backing file '{}' creates an infinite loop.",
+                    path.display()
+                ),
+            ));
+        }
+        let mut facts = gather(&path, forced.as_deref()).map_err(|m| Failure::new(1, m))?;
+        if chain.is_empty() {
+            facts.name.clone_from(&name);
+        }
         let next = facts.full_backing.clone();
         forced = facts
             .qcow2
@@ -65,7 +86,7 @@ pub fn run(args: Args) -> CmdResult {
                 if chain.len() >= MAX_CHAIN {
                     return Err(Failure::new(1, "Backing chain is too deep"));
                 }
-                crate::source::may_follow(&args.file, &next).map_err(|m| Failure::new(1, m))?;
+                crate::source::may_follow(&top, &next).map_err(|m| Failure::new(1, m))?;
                 path = next;
             }
             _ => break,
@@ -89,6 +110,48 @@ pub fn run(args: Args) -> CmdResult {
     Ok(0)
 }
 
+/// The top image's file, the name to show for it, and its format, from the file argument.
+fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String> {
+    let given = args.file.to_string_lossy();
+    let spec = if args.image_opts {
+        if args.format.is_some() {
+            return Err("--image-opts and --format are mutually exclusive".into());
+        }
+        let mut options = Options::new();
+        parse_option_string(&given, &mut options)?;
+        OpenSpec {
+            options,
+            ..OpenSpec::default()
+        }
+    } else if given.starts_with("json:") {
+        OpenSpec::from_filename(&given, Options::new())?
+    } else {
+        let path = crate::source::file_protocol_path(&given);
+        return Ok((PathBuf::from(&path), path, args.format.clone()));
+    };
+    let (file, driver) = spec
+        .resolve()
+        .map_err(|e| format!("Could not open '{given}': {e}"))?;
+    // Options that only say where the file is and which driver reads it name the image by its
+    // file; anything more keeps the options in the name.
+    let plain = spec.options.keys().all(|k| {
+        matches!(
+            k.as_str(),
+            "driver" | "file.driver" | "file.filename" | "filename"
+        )
+    });
+    let name = if plain {
+        file.clone()
+    } else {
+        given.into_owned()
+    };
+    Ok((
+        PathBuf::from(file),
+        name,
+        driver.or_else(|| args.format.clone()),
+    ))
+}
+
 fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
     let meta = std::fs::metadata(path).map_err(|e| {
         let shown = path.display();
@@ -101,6 +164,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
     let filename = path.display().to_string();
     match format_of(path, forced)? {
         Format::Raw => Ok(Facts {
+            name: filename.clone(),
             filename,
             // QEMU sees a raw file in whole sectors.
             virtual_size: meta.len().next_multiple_of(512),
@@ -112,12 +176,13 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
         Format::Qcow2 => {
             let image = open_image(path, &OpenOptions::metadata_only())?;
             let info = image.info();
-            let bitmaps = read_bitmaps(&image, path)?;
+            let bitmaps = read_bitmaps(&image)?;
             let full_backing = info
                 .backing_file
                 .as_deref()
                 .map(|b| resolve_relative(path, b));
             Ok(Facts {
+                name: filename.clone(),
                 filename,
                 virtual_size: info.virtual_size,
                 file_length: info.file_length,
@@ -130,7 +195,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
 }
 
 /// The persistent bitmaps, as the library read and validated them at open.
-fn read_bitmaps(image: &Image, _path: &Path) -> Result<Option<Vec<Bitmap>>, String> {
+pub fn read_bitmaps(image: &Image) -> Result<Option<Vec<Bitmap>>, String> {
     let header = image.header();
     if header.extensions.bitmaps.is_none() || header.autoclear_features & Autoclear::BITMAPS == 0 {
         return Ok(None);
@@ -182,7 +247,7 @@ fn to_json(f: &Facts) -> Json {
     o.push("children", Json::Arr(vec![child]));
     let Some((info, bitmaps)) = &f.qcow2 else {
         o.push("virtual-size", f.virtual_size);
-        o.push("filename", f.filename.as_str());
+        o.push("filename", f.name.as_str());
         o.push("format", "raw");
         o.push("actual-size", f.actual_size);
         o.push("dirty-flag", false);
@@ -213,7 +278,7 @@ fn to_json(f: &Facts) -> Json {
         o.push("backing-filename-format", fmt.as_str());
     }
     o.push("virtual-size", info.virtual_size);
-    o.push("filename", f.filename.as_str());
+    o.push("filename", f.name.as_str());
     o.push("cluster-size", info.cluster_size);
     o.push("format", "qcow2");
     o.push("actual-size", f.actual_size);
@@ -269,7 +334,7 @@ fn to_json(f: &Facts) -> Json {
 fn to_human(f: &Facts) -> String {
     let mut s = format!(
         "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
-        f.filename,
+        f.name,
         if f.qcow2.is_some() { "qcow2" } else { "raw" },
         size_to_str(f.virtual_size),
         f.virtual_size,
@@ -297,37 +362,7 @@ fn to_human(f: &Facts) -> String {
             s += "Snapshot list:\n";
             s += &snapshot_table(&info.snapshots);
         }
-        s += "Format specific information:\n";
-        s += &format!("    compat: {}\n", info.compat);
-        s += &format!("    compression type: {}\n", info.compression_type);
-        let v3 = info.compat != "0.10";
-        if v3 {
-            s += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
-            if let Some(bitmaps) = bitmaps {
-                s += "    bitmaps:\n";
-                for (i, b) in bitmaps.iter().enumerate() {
-                    s += &format!("        [{i}]:\n            flags:\n");
-                    for (j, flag) in bitmap_flags(b).iter().enumerate() {
-                        s += &format!("                [{j}]: {flag}\n");
-                    }
-                    s += &format!(
-                        "            name: {}\n            granularity: {}\n",
-                        b.name, b.granularity
-                    );
-                }
-            }
-        }
-        s += &format!("    refcount bits: {}\n", info.refcount_bits);
-        if v3 {
-            if let Some(data_file) = &info.data_file {
-                s += &format!(
-                    "    data file: {data_file}\n    data file raw: {}\n",
-                    info.data_file_raw
-                );
-            }
-            s += &format!("    corrupt: {}\n", info.corrupt);
-            s += &format!("    extended l2: {}\n", info.extended_l2);
-        }
+        s += &format_specific(info, bitmaps.as_deref());
     }
     s += &format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
@@ -336,5 +371,42 @@ fn to_human(f: &Facts) -> String {
         f.file_length.next_multiple_of(512),
         size_to_str(f.actual_size)
     );
+    s
+}
+
+/// The qcow2 part of qemu-img info's human output (qemu-io's `info` prints the same).
+pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
+    let mut s = String::new();
+    s += "Format specific information:\n";
+    s += &format!("    compat: {}\n", info.compat);
+    s += &format!("    compression type: {}\n", info.compression_type);
+    let v3 = info.compat != "0.10";
+    if v3 {
+        s += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
+        if let Some(bitmaps) = bitmaps {
+            s += "    bitmaps:\n";
+            for (i, b) in bitmaps.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (j, flag) in bitmap_flags(b).iter().enumerate() {
+                    s += &format!("                [{j}]: {flag}\n");
+                }
+                s += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
+            }
+        }
+    }
+    s += &format!("    refcount bits: {}\n", info.refcount_bits);
+    if v3 {
+        if let Some(data_file) = &info.data_file {
+            s += &format!(
+                "    data file: {data_file}\n    data file raw: {}\n",
+                info.data_file_raw
+            );
+        }
+        s += &format!("    corrupt: {}\n", info.corrupt);
+        s += &format!("    extended l2: {}\n", info.extended_l2);
+    }
     s
 }

@@ -802,7 +802,7 @@ fn in_bounds(offset: u64, len: u64, size: u64) -> bool {
 }
 
 /// The `strerror` text qemu-io prints for a failed request.
-fn errno_text(e: &qcow2::Error) -> String {
+pub fn errno_text(e: &qcow2::Error) -> String {
     match e {
         qcow2::Error::OutOfBounds { .. } => "Input/output error".into(),
         qcow2::Error::InvalidArgument { .. } => "Invalid argument".into(),
@@ -1166,6 +1166,16 @@ fn info(target: &Target) -> bool {
         Target::Qcow2(image) => {
             outln!("format name: qcow2");
             outln!("cluster size: {}", cvtstr(image.cluster_size() as f64));
+            // Where QEMU would save VM state: the guest offset past the last L1 entry the
+            // virtual size needs.
+            let header = image.header();
+            let vm_state = header.l1_entries_for(header.size) << header.l1_shift();
+            outln!("vm state offset: {}", cvtstr(vm_state as f64));
+            let bitmaps = crate::info::read_bitmaps(image).unwrap_or_default();
+            out!(
+                "{}",
+                crate::info::format_specific(&image.info(), bitmaps.as_deref())
+            );
         }
         Target::Raw(_) => outln!("format name: raw"),
     }
@@ -1191,7 +1201,7 @@ pub fn qemu_open_error(file: &str, e: &qcow2::Error) -> String {
             return format!("Could not open '{file}': {}", io_text(source));
         }
     }
-    text
+    crate::source::open_error_text(e)
 }
 
 fn flush(image: &Image) -> bool {

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use qcow2::{BackingPolicy, Image, OpenOptions};
+use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
 use crate::size::parse_size;
 use crate::source::{format_of, io_text, with_policy, Format, Guest, Region};
@@ -94,13 +94,19 @@ pub fn parse_json_filename(text: &str, options: &mut Options) -> Result<(), Stri
     Ok(())
 }
 
-/// `driver=blkdebug` without rules over an `image.*` node: the image node itself, with the
-/// file name given to blkdebug as its file.
+/// Whether blkdebug options under `prefix` fail requests: only `inject-error` rules (or a
+/// config file, which may hold them) do; `set-state` rules alone only move its state.
+fn blkdebug_injects(o: &Options, prefix: &str) -> bool {
+    o.keys().any(|k| {
+        k.strip_prefix(prefix)
+            .is_some_and(|k| k.starts_with("inject-error") || k == "config")
+    })
+}
+
+/// `driver=blkdebug` without error rules over an `image.*` node: the image node itself, with
+/// the file name given to blkdebug as its file.
 fn without_blkdebug_top(o: &Options) -> Option<Options> {
-    if o.get("driver").is_none_or(|d| d != "blkdebug")
-        || o.keys()
-            .any(|k| k.starts_with("inject-error") || k.starts_with("set-state") || k == "config")
-    {
+    if o.get("driver").is_none_or(|d| d != "blkdebug") || blkdebug_injects(o, "") {
         return None;
     }
     let mut out = Options::new();
@@ -169,8 +175,22 @@ impl OpenSpec {
             options,
             ..OpenSpec::default()
         };
-        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself.
+        // `blkdebug::FILE` (no rules file) adds nothing this engine acts on: the file itself;
+        // `blkdebug:RULES:FILE` puts a blkdebug node with the rules file under the format.
         let name = name.strip_prefix("blkdebug::").unwrap_or(name);
+        if let Some((config, image)) = name
+            .strip_prefix("blkdebug:")
+            .and_then(|rest| rest.split_once(':'))
+        {
+            for (k, v) in [
+                ("file.driver", "blkdebug"),
+                ("file.config", config),
+                ("file.image.filename", image),
+            ] {
+                spec.options.entry(k.into()).or_insert_with(|| v.to_owned());
+            }
+            return Ok(spec);
+        }
         if name.starts_with("json:") {
             let mut from_json = Options::new();
             parse_json_filename(name, &mut from_json)?;
@@ -190,7 +210,7 @@ impl OpenSpec {
         let unwrapped = without_blkdebug_top(&self.options);
         let o = unwrapped.as_ref().unwrap_or(&self.options);
         let mut driver = o.get("driver").cloned().or_else(|| self.format.clone());
-        if driver.as_deref() == Some("file") {
+        if driver.as_deref().is_some_and(|d| PROTOCOLS.contains(&d)) {
             // A protocol node alone reads as raw.
             driver = Some("raw".into());
         }
@@ -201,13 +221,9 @@ impl OpenSpec {
             f.clone()
         } else {
             let blkdebug_image = o.get("file.driver").is_some_and(|d| d == "blkdebug")
-                && !o.keys().any(|k| {
-                    k.starts_with("file.inject-error")
-                        || k.starts_with("file.set-state")
-                        || k == "file.config"
-                });
-            // blkdebug without rules only passes requests on (its alignment options do not
-            // change what the guest reads).
+                && !blkdebug_injects(o, "file.");
+            // blkdebug without error rules only passes requests on (its alignment options do
+            // not change what the guest reads).
             if blkdebug_image {
                 if let Some(f) = o
                     .get("file.image.filename")
@@ -217,7 +233,7 @@ impl OpenSpec {
                 }
             }
             match o.get("file.driver").map(String::as_str) {
-                None | Some("file" | "host_device") => o
+                None | Some("file" | "host_device" | "host_cdrom") => o
                     .get("file.filename")
                     .or_else(|| o.get("filename"))
                     .cloned()
@@ -232,6 +248,86 @@ impl OpenSpec {
         Ok((file, driver))
     }
 
+    /// The protocol driver the options name for the host file, if they name one.
+    fn protocol(&self) -> Option<&str> {
+        [self.options.get("driver"), self.options.get("file.driver")]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .find(|d| PROTOCOLS.contains(d))
+    }
+
+    /// Whether the image opens read-only (`-r`, or the `read-only` option).
+    fn read_only(&self) -> bool {
+        self.read_only
+            || self
+                .options
+                .get("read-only")
+                .is_some_and(|v| v == "on" || v == "true")
+    }
+
+    /// A qcow2 image whose file is another qcow2 image's guest disk.
+    fn open_nested(&self) -> Result<Target, String> {
+        let driver = self.options.get("driver").or(self.format.as_ref());
+        if driver.is_none_or(|d| d != "qcow2") {
+            return Err("Unknown driver 'qcow2'".into());
+        }
+        let inner = OpenSpec {
+            options: self
+                .options
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("file.")?.to_owned(), v.clone())))
+                .collect(),
+            read_only: self.read_only(),
+            force_share: self.force_share,
+            ..OpenSpec::default()
+        };
+        let Target::Qcow2(inner) = inner.open()? else {
+            return Err("Unknown driver 'qcow2'".into());
+        };
+        let name = self.name.clone().unwrap_or_default();
+        self.open_qcow2_over(Box::new(crate::nested::ImageStorage(*inner)), &name)
+    }
+
+    /// A qcow2 image whose file is a blkdebug node with error rules over a host file.
+    fn open_blkdebug(&self) -> Result<Target, String> {
+        let o = &self.options;
+        let file = o
+            .get("file.image.filename")
+            .or_else(|| o.get("file.image.file.filename"))
+            .ok_or("A block device must be specified for \"image\"")?;
+        let path = Path::new(file);
+        let qcow2 = match o.get("driver").or(self.format.as_ref()) {
+            Some(driver) => driver == "qcow2",
+            None => format_of(path, None)? == Format::Qcow2,
+        };
+        if !qcow2 {
+            return Err("blkdebug error rules are supported under qcow2 images only".into());
+        }
+        let rules = crate::blkdebug::rules_from_options(o, "file.")?;
+        let storage = if self.read_only() {
+            FileStorage::open_read_only(path)
+        } else {
+            FileStorage::open_read_write(path)
+        }
+        .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;
+        let name = self.name.clone().unwrap_or_else(|| file.clone());
+        let storage = Box::new(crate::blkdebug::Blkdebug::new(storage, rules));
+        self.open_qcow2_over(storage, &name)
+    }
+
+    /// A qcow2 image in `storage`, opened as the spec says.
+    fn open_qcow2_over(&self, storage: Box<dyn Storage>, name: &str) -> Result<Target, String> {
+        let options = if self.read_only() {
+            OpenOptions::default().force_share(self.force_share)
+        } else {
+            OpenOptions::read_write()
+        };
+        let image = Image::from_storage(storage, name, &options)
+            .map_err(|e| crate::io::qemu_open_error(name, &e))?;
+        Ok(Target::Qcow2(Box::new(image)))
+    }
+
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         check_cache_options(&self.options)?;
@@ -244,13 +340,19 @@ impl OpenSpec {
                 _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
             })
             .transpose()?;
+        match self.options.get("file.driver").map(String::as_str) {
+            Some("qcow2") => return self.open_nested(),
+            Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {
+                return self.open_blkdebug()
+            }
+            _ => {}
+        }
         let (file, driver) = self.resolve()?;
         let path = Path::new(&file);
-        let read_only = self.read_only
-            || self
-                .options
-                .get("read-only")
-                .is_some_and(|v| v == "on" || v == "true");
+        let read_only = self.read_only();
+        if let Some(protocol) = self.protocol() {
+            check_protocol_file(protocol, path, !read_only)?;
+        }
         let format = match driver.as_deref() {
             Some("qcow2") => Format::Qcow2,
             Some("raw") => Format::Raw,
@@ -272,6 +374,7 @@ impl OpenSpec {
                 {
                     options.backing = BackingPolicy::Ignore;
                 }
+                options.backing_format = self.options.get("backing.driver").cloned();
                 let image = Image::open(path, &options)
                     .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
                 crate::source::report_open_repair(&image);
@@ -288,6 +391,34 @@ impl OpenSpec {
             Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
         }
     }
+}
+
+/// QEMU's protocol drivers for host files and devices.
+const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// Opens the host file as the named protocol driver does: `file` takes regular files only,
+/// `host_device` and `host_cdrom` character or block devices only.
+fn check_protocol_file(protocol: &str, path: &Path, writable: bool) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let kind = FsOpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .and_then(|f| f.metadata())
+        .map_err(|e| format!("Could not open '{shown}': {}", io_text(&e)))?
+        .file_type();
+    if protocol == "file" && !kind.is_file() {
+        return Err(format!(
+            "'file' driver requires '{shown}' to be a regular file"
+        ));
+    }
+    if protocol != "file" && !kind.is_char_device() && !kind.is_block_device() {
+        return Err(format!(
+            "'{protocol}' driver requires '{shown}' to be either a character or block device"
+        ));
+    }
+    Ok(())
 }
 
 /// The cache-size options QEMU's qcow2 refuses in combination.

@@ -34,6 +34,10 @@ pub struct Qcow2Opts {
     pub backing_fmt: Option<String>,
     pub data_file: Option<String>,
     pub data_file_raw: Option<BoolOpt>,
+    /// The file protocol's extent size hint: a hint for XFS's allocator, which this tool does
+    /// not pass on (setting it needs an ioctl); accepted so option lists written for qemu-img
+    /// still create the image.
+    pub extent_size_hint: Option<u64>,
 }
 
 /// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
@@ -101,8 +105,15 @@ fn parse_size_opt(name: &str, value: &str) -> Result<u64, String> {
     })
 }
 
-/// qemu's QEMU_OPT_NUMBER parsing (`strtoull` with base 0).
+/// qemu's QEMU_OPT_NUMBER parsing (`strtoull` with base 0: leading blanks skipped, a minus
+/// sign negates modulo 2^64).
 fn parse_number_opt(name: &str, value: &str) -> Result<u64, String> {
+    let value = value.trim_start();
+    if let Some(rest) = value.strip_prefix('-') {
+        if !rest.starts_with(['-', '+', ' ']) {
+            return parse_number_opt(name, rest).map(u64::wrapping_neg);
+        }
+    }
     let parsed = if let Some(hex) = value
         .strip_prefix("0x")
         .or_else(|| value.strip_prefix("0X"))
@@ -164,6 +175,10 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
             "data_file_raw" => {
                 opts.data_file_raw = Some(parse_bool_opt("data_file_raw", &value).map_err(err)?)
             }
+            "extent_size_hint" => {
+                opts.extent_size_hint =
+                    Some(parse_size_opt("extent_size_hint", &value).map_err(err)?)
+            }
             "encryption"
             | "encrypt.format"
             | "encrypt.key-secret"
@@ -173,8 +188,7 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
             | "encrypt.ivgen-hash-alg"
             | "encrypt.hash-alg"
             | "encrypt.iter-time"
-            | "nocow"
-            | "extent_size_hint" => {
+            | "nocow" => {
                 return Err(err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool"
                 )))
@@ -277,14 +291,25 @@ impl Qcow2Opts {
         f.push(format!("lazy_refcounts={}", text(&self.lazy_refcounts)));
         f.push(format!(
             "refcount_bits={}",
-            self.refcount_bits.unwrap_or(16)
+            // qemu prints the number back signed.
+            self.refcount_bits.unwrap_or(16) as i64
         ));
+        if let Some(hint) = self.extent_size_hint {
+            f.push(format!("extent_size_hint={hint}"));
+        }
         f.join(" ")
     }
 
     /// The library's options for an image of `size` bytes, checked in the order qemu's qcow2
     /// driver checks (enumerations first, then the combinations). Messages as qemu's.
     pub fn to_create_options(&self, size: u64) -> Result<CreateOptions, String> {
+        // The file protocol checks its option first; the hint is a 32-bit field of XFS.
+        if self
+            .extent_size_hint
+            .is_some_and(|h| h > u64::from(u32::MAX))
+        {
+            return Err("Extent size hint is too large".into());
+        }
         let version = match self.compat.as_deref() {
             None | Some("1.1") | Some("v3") => 3,
             Some("0.10") | Some("v2") => 2,
@@ -435,6 +460,10 @@ mod tests {
         assert_eq!(
             one("lazy_refcounts=maybe").unwrap_err().0,
             "Parameter 'lazy_refcounts' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            one("refcount_bits=-1").map(|o| o.refcount_bits),
+            Ok(Some(u64::MAX))
         );
         assert_eq!(
             one("refcount_bits=abc").unwrap_err().0,

@@ -23,6 +23,9 @@ pub struct Args {
     /// Image format (qcow2).
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Write the clusters copied from the old backing chain compressed.
+    #[arg(short = 'c')]
+    compress: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -41,11 +44,25 @@ pub fn run(args: Args) -> CmdResult {
     };
     let format = format_of(&args.file, args.format.as_deref()).map_err(fail)?;
     if format == Format::Raw {
-        return Err(fail("raw images have no backing file to change".into()));
+        if args.compress {
+            return Err(fail(
+                "Compression not supported for this file format".into(),
+            ));
+        }
+        return Err(fail(format!(
+            "Could not change the backing file to '{backing}': Operation not supported"
+        )));
     }
     let name = (!backing.is_empty()).then_some(backing);
     if let Some(fmt) = &args.backing_format {
-        if fmt != "qcow2" && fmt != "raw" {
+        // Only the header changes with -u, so any format qemu knows may be recorded; a safe
+        // rebase reads the new backing file, which this tool does in the formats it implements.
+        let known = if args.header_only {
+            crate::source::QEMU_DRIVERS.contains(&fmt.as_str())
+        } else {
+            fmt == "qcow2" || fmt == "raw"
+        };
+        if !known {
             return Err(fail(format!("Invalid format name: '{fmt}'")));
         }
     }
@@ -82,7 +99,8 @@ pub fn run(args: Args) -> CmdResult {
     let options = RebaseOptions::default()
         .format(name.as_ref().and(args.backing_format.clone()))
         .name(name)
-        .header_only(args.header_only);
+        .header_only(args.header_only)
+        .compress(args.compress);
     let mut progress = Progress::new(args.progress && !args.header_only);
     image
         .rebase(&options, new, &mut |done, total| {

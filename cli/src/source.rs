@@ -149,8 +149,13 @@ pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
 
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
-    let image = Image::open(path, &with_policy(path, options))
-        .map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
+        format!(
+            "Could not open '{}': {}",
+            path.display(),
+            open_error_text(&e)
+        )
+    })?;
     report_open_repair(&image);
     Ok(image)
 }
@@ -162,7 +167,123 @@ pub fn report_open_repair(image: &Image) {
     }
 }
 
+/// The block drivers qemu-img 10 knows by name (`qemu-img --help`), any of which it records as
+/// a backing format.
+pub const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Why an image did not open, in the words qemu's qcow2 driver uses for the same header check
+/// (scripts and qemu-iotests match on them); other errors keep the engine's own text.
+pub fn open_error_text(e: &qcow2::Error) -> String {
+    let (structure, reason) = match e {
+        qcow2::Error::Corrupt {
+            structure, reason, ..
+        } => (structure.as_str(), reason.as_str()),
+        qcow2::Error::Unsupported {
+            structure, what, ..
+        } => (structure.as_str(), what.as_str()),
+        qcow2::Error::Io {
+            image,
+            context,
+            source,
+        } if context == "opening the image" => {
+            return format!("Could not open '{image}': {}", io_text(source))
+        }
+        qcow2::Error::Chain {
+            role: "backing",
+            problem: qcow2::ChainProblem::UnsupportedFormat(format),
+            ..
+        } if !QEMU_DRIVERS.contains(&format.as_str()) => {
+            return format!("Could not open backing file: Unknown driver '{format}'")
+        }
+        _ => return e.to_string(),
+    };
+    let qemu = match structure {
+        "header field incompatible_features" => {
+            return format!("Unsupported qcow2 feature(s): {reason}")
+        }
+        "header field magic" => "Image is not in qcow2 format",
+        "header field size" => "Image is too big",
+        "header field header_length" if reason.contains("cluster size") => {
+            "qcow2 header exceeds cluster size"
+        }
+        "header field backing_file_offset" => "Invalid backing file offset",
+        "header field backing_file_size" => "Backing file name too long",
+        "header field refcount_table_clusters" => "Reference count table too large",
+        "header field refcount_table_offset" => "Reference count table offset invalid",
+        "header field nb_snapshots" => "Snapshot table too large",
+        "header field snapshots_offset" => "Snapshot table offset invalid",
+        "header field l1_size" if reason.starts_with("L1 table is too small") => {
+            "L1 table is too small"
+        }
+        "header field l1_size" => "Active L1 table too large",
+        "header field l1_table_offset" => "Active L1 table offset invalid",
+        s if s.starts_with("header extension ") && reason.contains("runs past the end") => {
+            "Header extension too large"
+        }
+        _ => return e.to_string(),
+    };
+    qemu.to_owned()
+}
+
 pub use qcow2::image::resolve_relative;
+
+/// The host file a `file:`-prefixed name means, as QEMU's file protocol reads it; other names
+/// unchanged. A relative result whose first component holds a colon gets `./` in front, as
+/// QEMU names it, so it is not read as another protocol prefix again.
+pub fn file_protocol_path(name: &str) -> String {
+    let Some(path) = name.strip_prefix("file:") else {
+        return name.to_owned();
+    };
+    let first = path.split('/').next().unwrap_or_default();
+    if !path.starts_with('/') && first.contains(':') {
+        format!("./{path}")
+    } else {
+        path.to_owned()
+    }
+}
 
 /// A raw file read as a guest disk.
 pub struct RawFile {
@@ -218,6 +339,10 @@ pub fn read_zero_filled(file: &std::fs::File, buf: &mut [u8], offset: u64) -> st
 pub trait Guest: Sync {
     fn size(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
+    /// As `read_at`, with the error as the `strerror` text qemu-img prints after its context.
+    fn read_errno(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        self.read_at(buf, offset)
+    }
     /// Ranges of `[offset, offset + len)`: data, or known zeros.
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String>;
     /// The host file and offset that hold `[offset, offset + len)` byte for byte, where one
@@ -257,6 +382,9 @@ impl Guest for Image {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         Image::read_at(self, buf, offset).map_err(|e| e.to_string())
+    }
+    fn read_errno(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        Image::read_at(self, buf, offset).map_err(|e| crate::io::errno_text(&e))
     }
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
         self.map(offset, len)
@@ -337,8 +465,26 @@ impl Input {
         }
     }
 
-    /// Opens `path` as `-f` says, or as its magic says.
+    /// Opens `path` as `-f` says, or as its magic says; a `json:` or blkdebug name with error
+    /// rules opens as its options say.
     pub fn open(path: &Path, forced: Option<&str>) -> Result<Input, String> {
+        let name = path.to_string_lossy();
+        if name.starts_with("json:")
+            || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
+        {
+            let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+            spec.read_only = true;
+            spec.format = forced.map(str::to_owned);
+            return match spec
+                .open()
+                .map_err(|e| format!("Could not open '{name}': {e}"))?
+            {
+                crate::io_open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
+                crate::io_open::Target::Raw(_) => Err(format!(
+                    "Could not open '{name}': only qcow2 images open by options here"
+                )),
+            };
+        }
         match format_of(path, forced)? {
             Format::Qcow2 => Ok(Input::Qcow2(Box::new(open_image(
                 path,

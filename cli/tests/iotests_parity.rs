@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use qcow2_testdata::{qemu_img_ok, qemu_io, scratch_dir};
@@ -18,21 +18,6 @@ fn without_timings(s: &str) -> String {
         .collect()
 }
 
-/// Runs our tool under the name `qemu-io` (a link, as qemu-iotests' wrappers call it), so
-/// messages start as qemu-io's do.
-fn ours_as_qemu_io(dir: &Path, args: &[&str]) -> Output {
-    let link = dir.join("qemu-io");
-    if !link.exists() {
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qcow2-tool"), &link).expect("link");
-    }
-    Command::new(&link)
-        .args(args)
-        .env("LC_ALL", "C")
-        .current_dir(dir)
-        .output()
-        .expect("run qcow2-tool as qemu-io")
-}
-
 /// Both tools' output for the same arguments, with `{img}` standing for each side's image.
 fn both(dir: &Path, ours: &Path, theirs: &Path, args: &[&str]) -> (Output, Output) {
     let with = |p: &Path| -> Vec<String> {
@@ -42,7 +27,8 @@ fn both(dir: &Path, ours: &Path, theirs: &Path, args: &[&str]) -> (Output, Outpu
     };
     let our_args = with(ours);
     let their_args = with(theirs);
-    let out = ours_as_qemu_io(
+    let out = ours_as(
+        "qemu-io",
         dir,
         &our_args.iter().map(String::as_str).collect::<Vec<_>>(),
     );

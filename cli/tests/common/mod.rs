@@ -19,6 +19,21 @@ pub fn tool(args: &[&str]) -> Output {
     tool_in(None, args)
 }
 
+/// Runs qcow2-tool in `dir` under the name `qemu-img` or `qemu-io` (a link there, as
+/// qemu-iotests' wrappers call it), so it acts and names itself as that tool.
+pub fn ours_as(name: &str, dir: &Path, args: &[&str]) -> Output {
+    let link = dir.join(name);
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qcow2-tool"), &link).expect("link");
+    }
+    Command::new(&link)
+        .args(args)
+        .env("LC_ALL", "C")
+        .current_dir(dir)
+        .output()
+        .expect("run qcow2-tool under a qemu tool's name")
+}
+
 /// Runs qemu-img in `dir`: QEMU opens a relative data file name from the working directory.
 pub fn qemu_in(dir: &Path, args: &[&str]) -> Output {
     qcow2_testdata::require_qemu();

@@ -141,7 +141,12 @@ fn decode_one(ext: &mut Extensions, kind: u32, data: &[u8], at: u64) -> FormatRe
         }
         kind::FEATURE_NAME_TABLE => {
             ext.has_feature_table = true;
-            for chunk in data.chunks_exact(FEATURE_NAME_ENTRY_SIZE) {
+            // A short last entry reads as if zero-padded, as QEMU reads the table; one too
+            // short to hold a name character names nothing.
+            for chunk in data
+                .chunks(FEATURE_NAME_ENTRY_SIZE)
+                .filter(|chunk| chunk.len() > 2)
+            {
                 let name = &chunk[2..];
                 let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
                 ext.feature_names.push(FeatureName {
@@ -242,6 +247,25 @@ mod tests {
                 kind: 0x1234_5678,
                 data: vec![1, 2, 3]
             }]
+        );
+    }
+
+    #[test]
+    fn a_short_last_feature_entry_names_its_bit_and_unknown_bits_are_named_by_the_table() {
+        let mut area = frame(kind::FEATURE_NAME_TABLE, b"\x00\x3fTest feature");
+        area.extend([0u8; 8]);
+        let e = decode(&area, 0, area.len() as u64).unwrap();
+        assert_eq!(e.feature_names.len(), 1);
+        assert_eq!(
+            (e.feature_names[0].bit, &e.feature_names[0].name[..]),
+            (63, &b"Test feature"[..])
+        );
+        let err =
+            super::super::features::check_incompatible(0xe000_0000_0000_0000, &e.feature_names)
+                .unwrap_err();
+        assert_eq!(
+            err.reason(),
+            "Test feature, Unknown incompatible feature: 6000000000000000"
         );
     }
 

@@ -50,17 +50,29 @@ impl Autoclear {
     pub const KNOWN: u64 = 0x3;
 }
 
-/// Refuses unknown incompatible bits, naming them as QEMU does (a hex mask).
-pub fn check_incompatible(bits: u64) -> FormatResult<()> {
-    let unknown = bits & !Incompatible::KNOWN;
-    if unknown != 0 {
-        return Err(FormatError::unsupported(
-            "header field incompatible_features",
-            field_offset::INCOMPATIBLE_FEATURES,
-            format!("unknown incompatible feature: {unknown:x}"),
-        ));
+/// Refuses unknown incompatible bits, naming them as QEMU does: the names the image's feature
+/// table gives them, in table order, then the rest as a hex mask.
+pub fn check_incompatible(bits: u64, names: &[FeatureName]) -> FormatResult<()> {
+    let mut unknown = bits & !Incompatible::KNOWN;
+    if unknown == 0 {
+        return Ok(());
     }
-    Ok(())
+    let mut parts = Vec::new();
+    for entry in names {
+        let bit = 1u64.checked_shl(entry.bit.into()).unwrap_or(0);
+        if entry.kind == FeatureKind::Incompatible && unknown & bit != 0 {
+            parts.push(String::from_utf8_lossy(&entry.name).into_owned());
+            unknown &= !bit;
+        }
+    }
+    if unknown != 0 {
+        parts.push(format!("Unknown incompatible feature: {unknown:x}"));
+    }
+    Err(FormatError::unsupported(
+        "header field incompatible_features",
+        field_offset::INCOMPATIBLE_FEATURES,
+        parts.join(", "),
+    ))
 }
 
 /// The kind of a feature name table entry.

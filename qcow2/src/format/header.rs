@@ -306,7 +306,18 @@ impl Header {
                 format!("encrypted images are not supported (crypt_method {crypt_method})"),
             ));
         }
-        features::check_incompatible(incompatible)?;
+        if incompatible & !Incompatible::KNOWN != 0 {
+            // The feature table, when the extensions can be read, names the unknown bits.
+            let end = match v2.backing_file_offset.get() {
+                0 => cluster_size,
+                offset => offset.min(cluster_size),
+            }
+            .min(bytes.len() as u64);
+            let names = extension::decode(bytes, header_length as u64, end)
+                .map(|e| e.feature_names)
+                .unwrap_or_default();
+            features::check_incompatible(incompatible, &names)?;
+        }
 
         // Compression type: the byte at 104 exists only when header_length covers it.
         let compression_byte = if header_length > 104 { bytes[104] } else { 0 };

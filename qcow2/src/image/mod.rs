@@ -91,6 +91,9 @@ pub struct OpenOptions {
     /// option): on, a writer defers data clusters' refcounts under the dirty bit. Needs a
     /// version 3 image.
     pub lazy_refcounts: Option<bool>,
+    /// The backing file's format ("qcow2" or "raw"), overriding the one the header records
+    /// (QEMU's `backing.driver` option). Applies to the image's own backing file only.
+    pub backing_format: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -104,6 +107,7 @@ impl Default for OpenOptions {
             for_repair: false,
             skip_syncs: false,
             lazy_refcounts: None,
+            backing_format: None,
         }
     }
 }
@@ -117,6 +121,7 @@ setters!(OpenOptions {
     for_repair: bool,
     skip_syncs: bool,
     lazy_refcounts: Option<bool>,
+    backing_format: Option<String>,
 });
 
 impl OpenOptions {

@@ -32,6 +32,27 @@ pub fn read_from_bytes(bytes: &[u8], buf: &mut [u8], offset: u64) -> usize {
     n
 }
 
+/// A point in the engine's work that the store under it is told of, named as QEMU's blkdebug
+/// names it: a fault-injecting store arms its rules on these, as blkdebug does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An L2 table is about to be read from the store (a cache miss).
+    L2Load,
+    /// Guest data is about to be read from the image file.
+    ReadAio,
+}
+
+impl Event {
+    /// QEMU's name for the event (`l2_load`, `read_aio`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::L2Load => "l2_load",
+            Event::ReadAio => "read_aio",
+        }
+    }
+}
+
 /// A byte-addressed store: a file, a memory buffer, or a test double.
 ///
 /// `read_at` returns fewer bytes than asked only at the end of the store; writes past the end extend
@@ -73,6 +94,8 @@ pub trait Storage: Send + Sync {
     fn hole_at(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
         Ok(None)
     }
+    /// The engine is about to do what `event` names; stores that do not watch ignore it.
+    fn event(&self, _event: Event) {}
     /// The host file behind the store, if it is one: what tells two names of one file apart
     /// from two files (symlinks, hard links, `..`).
     fn identity(&self) -> Option<FileIdentity> {
@@ -173,6 +196,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
         (**self).hole_at(offset, len)
     }
+    fn event(&self, event: Event) {
+        (**self).event(event)
+    }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()
     }
@@ -202,6 +228,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
         (**self).hole_at(offset, len)
+    }
+    fn event(&self, event: Event) {
+        (**self).event(event)
     }
     fn identity(&self) -> Option<FileIdentity> {
         (**self).identity()

@@ -130,13 +130,14 @@ fn attach_files(
         return Err(chain_error(image, ChainProblem::Loop));
     }
 
-    let format = image
+    let recorded = image
         .meta()
         .header
         .extensions
         .backing_format
         .as_ref()
         .map(|f| String::from_utf8_lossy(f).into_owned());
+    let format = options.backing_format.clone().or(recorded);
     let is_qcow2 = match format.as_deref() {
         Some("qcow2") => true,
         Some("raw") => false,
@@ -158,6 +159,7 @@ fn attach_files(
         chain.push(canonical.to_path_buf());
         let below_options = OpenOptions {
             writable: backing_writable,
+            backing_format: None,
             ..options.clone()
         };
         let below = open_chain_writable_at(&backing_path, &below_options, chain, writable_depth);

@@ -255,6 +255,7 @@ mod tests {
             name: name.map(str::to_string),
             format: format.map(str::to_string),
             header_only: true,
+            ..RebaseOptions::default()
         }
     }
 

@@ -92,12 +92,15 @@ pub struct RebaseOptions {
     pub format: Option<String>,
     /// Rewrite the header only (`-u`): the caller promises the content matches.
     pub header_only: bool,
+    /// Write the clusters a safe rebase copies compressed (`-c`).
+    pub compress: bool,
 }
 
 setters!(RebaseOptions {
     name: Option<String>,
     format: Option<String>,
     header_only: bool,
+    compress: bool,
 });
 
 impl RebaseOptions {
@@ -140,7 +143,7 @@ impl Image {
                     "a safe rebase needs the current backing chain opened",
                 ));
             }
-            self.copy_changed_clusters(new.as_ref(), progress)?;
+            self.copy_changed_clusters(new.as_ref(), options.compress, progress)?;
         }
         {
             let mut m = self.meta_mut();
@@ -155,10 +158,11 @@ impl Image {
     }
 
     /// Copies into this image every cluster not fully its own whose content under `new` would
-    /// differ from what it reads now, then flushes.
+    /// differ from what it reads now (compressed when `compress`), then flushes.
     fn copy_changed_clusters(
         &self,
         new: Option<&Backing>,
+        compress: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         let size = self.size();
@@ -220,7 +224,11 @@ impl Image {
             let end = ((changed[j - 1] + 1) * cs).min(size);
             buf.resize((end - start) as usize, 0);
             self.read_at(&mut buf, start)?;
-            self.write_at(&buf, start)?;
+            if compress {
+                self.write_compressed(&buf, start)?;
+            } else {
+                self.write_at(&buf, start)?;
+            }
             i = j;
         }
         self.flush()

@@ -12,7 +12,7 @@ use crate::format::table::{
 };
 use crate::format::CompressedDescriptor;
 use crate::image::{Image, Meta};
-use crate::storage::StorageExt;
+use crate::storage::{Event, StorageExt};
 
 /// What a run of guest bytes maps to in one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +173,7 @@ impl Image {
         let slice = self
             .l2_slices
             .get_or_load(at, slice_len as usize, |bytes| {
+                self.storage.event(Event::L2Load);
                 self.storage.read_zero_filled_at(bytes, at).map_err(|e| {
                     Error::io(
                         &self.name,
@@ -196,6 +197,7 @@ impl Image {
         let cluster_size = m.header.cluster_size();
         self.l2_cache
             .get_or_load(l2_offset, cluster_size as usize, |bytes| {
+                self.storage.event(Event::L2Load);
                 self.storage
                     .read_zero_filled_at(bytes, l2_offset)
                     .map_err(|e| {
@@ -520,6 +522,7 @@ impl Image {
         } else {
             &*self.storage
         };
+        storage.event(Event::ReadAio);
         storage
             .read_zero_filled_at(buf, host_offset)
             .map_err(|e| Error::io(&self.name, format!("reading data at {host_offset:#x}"), e))
