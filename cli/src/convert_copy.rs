@@ -238,11 +238,14 @@ fn punch(file: &File, at: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Makes `[at, at + len)` of an existing qcow2 image read as zeros, leaving alone what reads
-/// as zeros already.
+/// Makes `[at, at + len)` of an existing qcow2 image read as zeros, leaving alone the ranges
+/// that are zero clusters of the image itself already.
 pub fn zero_qcow2(image: &qcow2::Image, at: u64, len: u64) -> qcow2::Result<()> {
     for extent in image.map(at, len)? {
-        if !extent.zero() {
+        // Only the image's own zero clusters are left alone: an unallocated range is made a
+        // zero cluster too, as qemu-img makes it (it may read through to a backing file, and
+        // its `map` then shows the range allocated as zeros, as qemu-img's does).
+        if !(extent.depth == 0 && extent.present() && extent.zero()) {
             image.write_zeroes(extent.start, extent.length, false)?;
         }
     }

@@ -1,8 +1,8 @@
 //! `convert -n`: copy into a target that exists already (qemu-img's "skip target image
 //! creation"). Data ranges are written; ranges that read as zeros are made zeros too, since the
 //! target may hold old bytes there, unless `--target-is-zero` says it reads as zeros already:
-//! holes are punched where a raw target holds data, zero clusters written where a qcow2 target
-//! does not read as zeros, and what reads as zeros already is left alone. The target must be at
+//! holes are punched only where a raw target holds data, and zero clusters are written where a
+//! qcow2 target has no zero cluster of its own, as qemu-img writes them. The target must be at
 //! least as large as the source.
 
 use std::path::Path;

@@ -340,6 +340,19 @@ impl OpenSpec {
                 _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
             })
             .transpose()?;
+        // A data-file node given here would replace the file the header names (with blkdebug
+        // over it, say); opening the header's file instead would ignore what was asked for.
+        if self
+            .options
+            .keys()
+            .any(|k| k == "data-file" || k.starts_with("data-file."))
+        {
+            return Err(
+                "the 'data-file' option is not supported: the image's data file is the \
+                        one its header names"
+                    .into(),
+            );
+        }
         match self.options.get("file.driver").map(String::as_str) {
             Some("qcow2") => return self.open_nested(),
             Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {

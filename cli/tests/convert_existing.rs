@@ -93,3 +93,52 @@ fn converting_into_existing_targets_matches_qemu_img() {
         }
     }
 }
+
+/// Zeros of the source become zero clusters of an existing qcow2 target, as qemu-img makes
+/// them, also where the target reads as zeros already (unallocated, or through an empty backing
+/// file; a v2 target over a backing file gets zeros as data): the targets map alike.
+#[test]
+fn zeros_into_existing_qcow2_targets_map_as_qemu_img_maps_them() {
+    let dir = scratch_dir("convert_existing_zero_map");
+    let src = dir.join("src.qcow2");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&src), "4M"]);
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    for compat in ["1.1", "0.10"] {
+        for backing in [false, true] {
+            let mut maps = Vec::new();
+            for tool in ["ours", "qemu-img"] {
+                let dst = dir.join(format!("{tool}.qcow2"));
+                let _ = std::fs::remove_file(&dst);
+                let o = format!("compat={compat}");
+                let mut create = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+                if backing {
+                    create.extend(["-b", path_str(&base), "-F", "qcow2"]);
+                }
+                create.extend([path_str(&dst), "4M"]);
+                qemu_img_ok(&create);
+                let args = [
+                    "convert",
+                    "-n",
+                    "-O",
+                    "qcow2",
+                    path_str(&src),
+                    path_str(&dst),
+                ];
+                let out = if tool == "ours" {
+                    tool_in(None, &args)
+                } else {
+                    qemu_img(&args)
+                };
+                assert_eq!(code(&out), 0, "{tool} {compat} {backing}: {out:?}");
+                let map = qemu_img(&["map", "--output=json", path_str(&dst)]);
+                maps.push(
+                    String::from_utf8(map.stdout)
+                        .unwrap()
+                        .replace("ours", "qemu-img"),
+                );
+            }
+            assert_eq!(maps[0], maps[1], "compat {compat}, backing {backing}");
+        }
+    }
+}

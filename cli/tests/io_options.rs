@@ -132,3 +132,44 @@ fn alloc_length_truncate_vectored_and_aio_commands_print_what_qemu_io_prints() {
     assert_eq!(code(&ours), code(&theirs), "{}", stderr(&ours));
     assert_eq!(steady(&stdout(&ours)), steady(&stdout(&theirs)));
 }
+
+/// A `data-file` node in the open options would replace the data file the header names; it is
+/// refused, not ignored, so no write lands in a file the caller did not ask for.
+#[test]
+fn a_data_file_option_is_refused_instead_of_ignored() {
+    let dir = scratch_dir("io-data-file-option");
+    let img = dir.join("t.qcow2");
+    let data = dir.join("t.data");
+    let other = dir.join("other.data");
+    let o = format!("data_file={}", data.display());
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &o,
+        path_str(&img),
+        "64k",
+    ]);
+    std::fs::write(&other, []).unwrap();
+    let spec = format!(
+        "json:{{'driver':'qcow2','file':{{'driver':'file','filename':'{}'}},\
+         'data-file':{{'driver':'file','filename':'{}'}}}}",
+        img.display(),
+        other.display()
+    );
+    let out = run(
+        env!("CARGO_BIN_EXE_qcow2-tool"),
+        &["io", "-c", "write -P 7 0 64k", &spec],
+        "",
+    );
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("'data-file' option is not supported"),
+        "{}",
+        stderr(&out)
+    );
+    let written = std::fs::read(&data).unwrap();
+    assert!(written.iter().all(|&b| b == 0), "nothing is written");
+}
