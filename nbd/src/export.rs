@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use qcow2::{DiskTop, Image};
+use qcow2::{setters, DiskTop, Image};
 
 use crate::wire::*;
 

@@ -17,23 +17,6 @@
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 
-/// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
-/// outside the crate build it from `new()` or `Default` as they would with a literal.
-macro_rules! setters {
-    ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
-        impl $ty {
-            $(
-                #[doc = concat!("Sets [`", stringify!($field), "`](", stringify!($ty), "#structfield.", stringify!($field), ").")]
-                #[must_use]
-                pub fn $field(mut self, value: $t) -> Self {
-                    self.$field = value;
-                    self
-                }
-            )*
-        }
-    };
-}
-
 pub mod commands;
 pub mod export;
 pub mod negotiate;

@@ -14,6 +14,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use qcow2::setters;
+
 use crate::export::Export;
 use crate::negotiate::negotiate;
 use crate::transmit::{transmit, ConnectionOptions};

@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use qcow2::setters;
+
 use crate::commands::{error_reply, execute, Failure, Reply};
 use crate::export::Export;
 use crate::negotiate::Negotiated;

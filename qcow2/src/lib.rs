@@ -59,7 +59,10 @@
 #![deny(missing_debug_implementations)]
 
 /// Chainable setters for the public fields of a `#[non_exhaustive]` options struct, so callers
-/// outside the crate build it from `new()` or `Default` as they would with a literal.
+/// outside the crate build it from `new()` or `Default` as they would with a literal. Exported
+/// (hidden) for the sibling crates' options structs; not part of the supported API.
+#[doc(hidden)]
+#[macro_export]
 macro_rules! setters {
     ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
         impl $ty {

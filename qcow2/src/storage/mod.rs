@@ -171,68 +171,45 @@ pub trait StorageExt: Storage {
 
 impl<S: Storage + ?Sized> StorageExt for S {}
 
-impl<S: Storage + ?Sized> Storage for Box<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).allocate(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
-        (**self).hole_at(offset, len)
-    }
-    fn event(&self, event: Event) {
-        (**self).event(event)
-    }
-    fn identity(&self) -> Option<FileIdentity> {
-        (**self).identity()
-    }
+/// Forwards every `Storage` method through a smart pointer. One list for `Box` and `Arc`: a
+/// method missing from a hand-written copy silently falls back to its default (as `hole_at`
+/// once did, so a wrapped file counted every hole as data).
+macro_rules! forward_storage {
+    ($($ptr:ident)::+) => {
+        impl<S: Storage + ?Sized> Storage for $($ptr)::+<S> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+            fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).allocate(offset, len)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+            fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+                (**self).hole_at(offset, len)
+            }
+            fn event(&self, event: Event) {
+                (**self).event(event)
+            }
+            fn identity(&self) -> Option<FileIdentity> {
+                (**self).identity()
+            }
+        }
+    };
 }
 
-impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).allocate(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
-        (**self).hole_at(offset, len)
-    }
-    fn event(&self, event: Event) {
-        (**self).event(event)
-    }
-    fn identity(&self) -> Option<FileIdentity> {
-        (**self).identity()
-    }
-}
+forward_storage!(Box);
+forward_storage!(std::sync::Arc);
