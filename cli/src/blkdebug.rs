@@ -1,8 +1,8 @@
 //! blkdebug's error injection (`blkdebug:RULES:IMAGE` names, `driver=blkdebug` nodes with
 //! `inject-error` rules): a store over the image file that fails requests once the engine has
 //! reported an event a rule names, as QEMU's blkdebug does. Only the events the engine
-//! reports ([`Event`]) can be named; a rule naming another is refused rather than left to
-//! never fire.
+//! reports ([`Event`]) can be named, and `cor_write`, which only a node above the image sees
+//! (see `copy_on_read`); a rule naming another is refused rather than left to never fire.
 
 use std::io;
 use std::sync::Mutex;
@@ -15,13 +15,37 @@ use crate::io_open::Options;
 /// The events the engine reports, by QEMU's names.
 const EVENTS: [Event; 2] = [Event::L2Load, Event::ReadAio];
 
+/// QEMU's name of the event a copy-on-read write reports.
+const COR_WRITE: &str = "cor_write";
+
+/// What arms a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleEvent {
+    /// An event the engine reports on the image file.
+    File(Event),
+    /// A copy-on-read write, seen by a blkdebug node above the image.
+    CorWrite,
+}
+
+impl RuleEvent {
+    fn parse(name: &str) -> Option<RuleEvent> {
+        if name == COR_WRITE {
+            return Some(RuleEvent::CorWrite);
+        }
+        EVENTS
+            .into_iter()
+            .find(|e| e.name() == name)
+            .map(RuleEvent::File)
+    }
+}
+
 /// The errno blkdebug injects when a rule names none.
 const EIO: i32 = 5;
 
 /// One `inject-error` rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    event: Event,
+    pub event: RuleEvent,
     errno: i32,
     once: bool,
     /// The 512-byte sector a request must touch to fail; any request when `None`.
@@ -32,7 +56,7 @@ impl Rule {
     fn parse(fields: &[(String, String)]) -> Result<Rule, String> {
         let mut event = None;
         let mut rule = Rule {
-            event: Event::ReadAio,
+            event: RuleEvent::CorWrite,
             errno: EIO,
             once: false,
             sector: None,
@@ -40,9 +64,9 @@ impl Rule {
         for (key, value) in fields {
             match key.as_str() {
                 "event" => {
-                    event = Some(EVENTS.into_iter().find(|e| e.name() == value).ok_or_else(
-                        || format!("blkdebug event '{value}' is not supported by qcow2-tool"),
-                    )?)
+                    event = Some(RuleEvent::parse(value).ok_or_else(|| {
+                        format!("blkdebug event '{value}' is not supported by qcow2-tool")
+                    })?)
                 }
                 "errno" => {
                     rule.errno = value
@@ -158,16 +182,14 @@ struct State {
     written: bool,
 }
 
-/// A store that fails requests as its rules say.
-pub struct Blkdebug<S> {
-    inner: S,
+/// A blkdebug node's rules: events arm them, requests they cover fail.
+pub struct Rules {
     state: Mutex<State>,
 }
 
-impl<S: Storage> Blkdebug<S> {
-    pub fn new(inner: S, rules: Vec<Rule>) -> Blkdebug<S> {
-        Blkdebug {
-            inner,
+impl Rules {
+    pub fn new(rules: Vec<Rule>) -> Rules {
+        Rules {
             state: Mutex::new(State {
                 rules: rules.into_iter().map(Some).collect(),
                 active: Vec::new(),
@@ -181,7 +203,7 @@ impl<S: Storage> Blkdebug<S> {
     }
 
     /// Fails the request on `[offset, offset + len)` when an armed rule covers it.
-    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+    pub fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock();
         let hit = state.active.iter().copied().find(|&i| {
             state.rules[i].as_ref().is_some_and(|r| {
@@ -203,23 +225,50 @@ impl<S: Storage> Blkdebug<S> {
         }
         Err(io::Error::from_raw_os_error(rule.errno))
     }
+
+    /// An event with rules arms exactly those rules, as blkdebug replaces its active list.
+    pub fn event(&self, event: RuleEvent) {
+        let mut state = self.lock();
+        let armed: Vec<usize> = (0..state.rules.len())
+            .rev()
+            .filter(|&i| state.rules[i].as_ref().is_some_and(|r| r.event == event))
+            .collect();
+        if !armed.is_empty() {
+            state.active = armed;
+        }
+    }
+}
+
+/// A store that fails requests as its rules say.
+pub struct Blkdebug<S> {
+    inner: S,
+    rules: Rules,
+}
+
+impl<S: Storage> Blkdebug<S> {
+    pub fn new(inner: S, rules: Vec<Rule>) -> Blkdebug<S> {
+        Blkdebug {
+            inner,
+            rules: Rules::new(rules),
+        }
+    }
 }
 
 impl<S: Storage> Storage for Blkdebug<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.check(offset, buf.len() as u64)?;
+        self.rules.check(offset, buf.len() as u64)?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        self.lock().written = true;
+        self.rules.check(offset, buf.len() as u64)?;
+        self.rules.lock().written = true;
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        if !std::mem::take(&mut self.lock().written) {
+        if !std::mem::take(&mut self.rules.lock().written) {
             return Ok(());
         }
-        self.check(0, 0)?;
+        self.rules.check(0, 0)?;
         self.inner.flush()
     }
     fn len(&self) -> io::Result<u64> {
@@ -234,16 +283,8 @@ impl<S: Storage> Storage for Blkdebug<S> {
     fn identity(&self) -> Option<qcow2::storage::FileIdentity> {
         self.inner.identity()
     }
-    /// An event with rules arms exactly those rules, as blkdebug replaces its active list.
     fn event(&self, event: Event) {
-        let mut state = self.lock();
-        let armed: Vec<usize> = (0..state.rules.len())
-            .rev()
-            .filter(|&i| state.rules[i].as_ref().is_some_and(|r| r.event == event))
-            .collect();
-        if !armed.is_empty() {
-            state.active = armed;
-        }
+        self.rules.event(RuleEvent::File(event));
         self.inner.event(event);
     }
 }
@@ -256,7 +297,7 @@ mod tests {
     #[test]
     fn an_event_arms_its_rules_and_once_rules_fire_once() {
         let rule = |once| Rule {
-            event: Event::L2Load,
+            event: RuleEvent::File(Event::L2Load),
             errno: 5,
             once,
             sector: None,

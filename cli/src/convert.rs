@@ -24,8 +24,8 @@ pub struct Args {
     /// Source format (qcow2 or raw); probed when absent.
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format: raw or qcow2.
-    #[arg(short = 'O', required = true)]
+    /// Output format: raw (qemu-img's default) or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
     output_format: String,
     /// Write compressed clusters (qcow2 output).
     #[arg(short = 'c')]

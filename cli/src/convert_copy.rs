@@ -20,6 +20,8 @@ pub const CHUNK: usize = 2 << 20;
 const PAGE: usize = 4096;
 /// Guest bytes mapped per `map` call, so huge images need little memory.
 pub const MAP_WINDOW: u64 = 1 << 30;
+/// Points of progress qemu-img's convert lets pass before it prints a new line.
+const CONVERT_MIN_SKIP: f64 = 1.0;
 /// qemu-img's limit for `-m`.
 pub const MAX_WORKERS: u64 = 16;
 
@@ -114,7 +116,15 @@ pub fn run(
     chunks: impl Fn(u64, u64) -> Result<Vec<Chunk>, String>,
     process: impl Fn(Chunk, &mut [u8], &dyn Fn()) -> Result<(), String> + Sync,
 ) -> Result<(), String> {
-    let progress = Mutex::new(Progress::new(workers.progress));
+    // The progress shown and the data bytes copied so far.
+    let progress = Mutex::new((Progress::new(workers.progress), 0u64));
+    // qemu-img measures progress in data chunks copied of all there are, so a first pass
+    // counts them; zero ranges take no time and are not counted.
+    let total = if workers.progress {
+        data_bytes(size, &chunks)?
+    } else {
+        0
+    };
     let mut window = 0;
     while window < size {
         let window_len = MAP_WINDOW.min(size - window);
@@ -156,7 +166,12 @@ pub fn run(
                             next.store(chunks.len(), Ordering::Relaxed);
                             return;
                         }
-                        lock(&progress).update(chunk.pos + chunk.len, size);
+                        if chunk.data {
+                            // Counted under the lock, so the figures printed only grow.
+                            let (progress, done) = &mut *lock(&progress);
+                            *done += chunk.len;
+                            progress.report(*done, total, CONVERT_MIN_SKIP);
+                        }
                     }
                 });
             }
@@ -165,12 +180,30 @@ pub fn run(
             return Err(e);
         }
         window += window_len;
-        lock(&progress).update(window, size);
     }
-    let mut progress = lock(&progress);
-    progress.update(size, size);
+    let (progress, _) = &mut *lock(&progress);
+    progress.report(total, total, CONVERT_MIN_SKIP);
     progress.finish();
     Ok(())
+}
+
+/// The bytes of data chunks `chunks` lists for the whole disk.
+fn data_bytes(
+    size: u64,
+    chunks: &impl Fn(u64, u64) -> Result<Vec<Chunk>, String>,
+) -> Result<u64, String> {
+    let mut total = 0;
+    let mut window = 0;
+    while window < size {
+        let window_len = MAP_WINDOW.min(size - window);
+        total += chunks(window, window_len)?
+            .iter()
+            .filter(|c| c.data)
+            .map(|c| c.len)
+            .sum::<u64>();
+        window += window_len;
+    }
+    Ok(total)
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking worker already failed the command).

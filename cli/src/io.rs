@@ -1,8 +1,8 @@
 //! `io`: a subset of qemu-io. Commands run in order on one open image (read-write unless
-//! `-r`), which is closed cleanly at the end: `read [-pqrv] [-P PAT] OFF LEN`,
-//! `write [-cfnpqruz] [-P PAT] OFF LEN`, `discard [-q] OFF LEN`, `flush`, `map`, `alloc`,
-//! `length`, `truncate`, `readv`/`writev` and the `aio_` forms (which complete in order here, with
-//! the same output). Commands come
+//! `-r`), which is closed cleanly at the end: `read [-bpqrv] [-P PAT] OFF LEN`,
+//! `write [-bcfnpqruz] [-P PAT] OFF LEN` (`-b`: the VM state area, see `io_vmstate`),
+//! `discard [-q] OFF LEN`, `flush`, `map`, `alloc`, `length`, `truncate`, `readv`/`writev` and
+//! the `aio_` forms (which complete in order here, with the same output). Commands come
 //! from `-c` or, without it, from standard input one per line after a `qemu-io> ` prompt, as
 //! qemu-io reads them. Output lines, messages (stdout or stderr, as qemu-io) and the exit code
 //! (1 when any command failed) follow qemu-io. The options scripts pass (`-t`/`--cache`,
@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use qcow2::Image;
 
+use crate::copy_on_read::CopyOnRead;
 use crate::io_open::{parse_option_string, OpenSpec, Options, RawImage, Target};
+use crate::io_vmstate;
 use crate::size::parse_size;
-use crate::source::{io_text, CmdResult, Failure, Guest};
+use crate::source::{io_text, CmdResult, Failure};
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
@@ -64,6 +66,9 @@ pub struct Args {
     /// Writes go to a temporary copy and are dropped at exit (qemu-io's `-s`).
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
+    /// Reads copy what they find in the backing chain into the image (qemu-io's `-C`).
+    #[arg(short = 'C', long = "copy-on-read")]
+    copy_on_read: bool,
     /// FILE is an option string (`driver=qcow2,file.filename=...`), not a file name.
     #[arg(long = "image-opts", action = clap::ArgAction::Count)]
     image_opts: u8,
@@ -110,6 +115,8 @@ struct Session {
     ejected: bool,
     /// Each write is flushed before it completes (the cache mode's write-through).
     writethrough: bool,
+    /// Reads copy what they find below the image into it.
+    copy_on_read: Option<CopyOnRead>,
 }
 
 impl Session {
@@ -132,7 +139,9 @@ impl Session {
         }
     }
 
-    fn open_target(&mut self, spec: OpenSpec) -> Result<(), String> {
+    fn open_target(&mut self, asked: OpenSpec) -> Result<(), String> {
+        let mut spec = asked.clone();
+        let copy_on_read = crate::copy_on_read::take_from(&mut spec)?;
         let target = if spec.snapshot {
             self.open_temporary_copy(&spec)
         } else {
@@ -147,7 +156,9 @@ impl Session {
             self.writable &= raw.writable;
         }
         self.target = Some(target);
-        self.spec = spec;
+        self.copy_on_read = copy_on_read;
+        // As asked, so a reopen takes the filters out again.
+        self.spec = asked;
         Ok(())
     }
 
@@ -182,6 +193,7 @@ impl Session {
     /// Closes the open image cleanly (flushing what it holds).
     fn close(&mut self) -> bool {
         self.ejected = false;
+        self.copy_on_read = None;
         let closed = self.close_target();
         self.remove_temp();
         closed
@@ -225,6 +237,7 @@ impl Session {
             match c {
                 'r' => spec.read_only = true,
                 's' => spec.snapshot = true,
+                'C' => spec.copy_on_read = true,
                 'U' => spec.force_share = true,
                 'n' => writethrough = false,
                 't' if !valid_cache_mode(value) => {
@@ -254,7 +267,12 @@ impl Session {
             }
             rest.clear();
         }
-        let (read_only, force_share, snapshot) = (spec.read_only, spec.force_share, spec.snapshot);
+        let (read_only, force_share, snapshot, copy_on_read) = (
+            spec.read_only,
+            spec.force_share,
+            spec.snapshot,
+            spec.copy_on_read,
+        );
         let spec = match rest.as_slice() {
             [name] => match OpenSpec::from_filename(name, options) {
                 Ok(s) => s,
@@ -276,6 +294,7 @@ impl Session {
             read_only,
             force_share,
             snapshot,
+            copy_on_read,
             ..spec
         });
         if opened {
@@ -398,6 +417,7 @@ pub fn run(args: Args) -> CmdResult {
         image_opts: args.image_opts > 0,
         temp: None,
         ejected: false,
+        copy_on_read: None,
         writethrough: match args.cache.last() {
             Some(mode) => is_writethrough(mode),
             None => !args.nocache,
@@ -420,6 +440,7 @@ pub fn run(args: Args) -> CmdResult {
         spec.read_only = args.read_only;
         spec.force_share = args.force_share;
         spec.snapshot = args.snapshot;
+        spec.copy_on_read = args.copy_on_read;
         spec.format = format;
         if args.force_share && !args.read_only {
             return Err(fail(format!(
@@ -519,6 +540,15 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         report!("Block node is read-only");
         return Flow::Done(false);
     }
+    if writes
+        && session
+            .copy_on_read
+            .as_ref()
+            .is_some_and(|c| !c.takes_other_requests())
+    {
+        outln!("{name}: a blkdebug node above the image takes only reads in qcow2-tool");
+        return Flow::Done(false);
+    }
     if session.ejected {
         let long = match name {
             "r" => "read",
@@ -536,9 +566,10 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
     let Some(target) = &session.target else {
         return Flow::Done(false);
     };
+    let cor = session.copy_on_read.as_ref();
     let succeeded = match (name, target) {
-        ("read" | "r", t) => read("read", t.guest(), rest),
-        ("readv", t) => vectored(rest, READV_USAGE, |words| read("readv", t.guest(), words)),
+        ("read" | "r", t) => read("read", t, cor, rest),
+        ("readv", t) => vectored(rest, READV_USAGE, |words| read("readv", t, cor, words)),
         ("length" | "l", t) => {
             outln!("{}", cvtstr(t.guest().size() as f64));
             true
@@ -817,11 +848,12 @@ pub fn errno_text(e: &qcow2::Error) -> String {
 
 /// `read [-bCpqrv] [-P pattern [-s off] [-l len]] off len`; `-s`/`-l` limit the pattern check to
 /// part of the data read.
-fn read(cmd: &str, guest: &dyn Guest, words: &[&str]) -> bool {
+fn read(cmd: &str, target: &Target, cor: Option<&CopyOnRead>, words: &[&str]) -> bool {
     let Ok((flags, first)) = getopt(cmd, words, "bCl:pP:qrs:v", READ_USAGE) else {
         return false;
     };
-    let (mut pattern, mut verbose, mut quiet) = (None, false, false);
+    let guest = target.guest();
+    let (mut pattern, mut verbose, mut quiet, mut vm_state) = (None, false, false, false);
     let (mut pattern_offset, mut pattern_count) = (None, None);
     for (c, value) in flags {
         match c {
@@ -839,10 +871,7 @@ fn read(cmd: &str, guest: &dyn Guest, words: &[&str]) -> bool {
             },
             'q' => quiet = true,
             'v' => verbose = true,
-            'b' => {
-                outln!("read: -b (vmstate) is not supported by qcow2-tool");
-                return false;
-            }
+            'b' => vm_state = true,
             _ => {}
         }
     }
@@ -859,13 +888,23 @@ fn read(cmd: &str, guest: &dyn Guest, words: &[&str]) -> bool {
         outln!("pattern verification range exceeds end of read data");
         return false;
     }
-    if !in_bounds(offset, len, guest.size()) {
+    if vm_state && !io_vmstate::aligned(offset, len) {
+        return false;
+    }
+    if !vm_state && !in_bounds(offset, len, guest.size()) {
         outln!("{cmd} failed: Input/output error");
         return false;
     }
     let mut buf = vec![0u8; len as usize];
     let started = Instant::now();
-    if let Err(e) = guest.read_at(&mut buf, offset) {
+    let result = match (vm_state, cor, target) {
+        (true, _, _) => io_vmstate::read(target, &mut buf, offset),
+        (false, Some(cor), Target::Qcow2(image)) => cor
+            .read(image, &mut buf, offset)
+            .map_err(|e| errno_text(&e)),
+        _ => guest.read_at(&mut buf, offset),
+    };
+    if let Err(e) = result {
         outln!("{cmd} failed: {}", read_error_text(&e));
         return false;
     }
@@ -906,6 +945,7 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
     };
     let (mut compressed, mut fua, mut no_fallback, mut unmap, mut zero, mut quiet) =
         (false, false, false, false, false, false);
+    let mut vm_state = false;
     let mut pattern = None;
     for (c, value) in flags {
         match c {
@@ -919,7 +959,8 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
             'q' => quiet = true,
             'u' => unmap = true,
             'z' => zero = true,
-            'b' | 'C' | 's' => {
+            'b' => vm_state = true,
+            'C' | 's' => {
                 outln!("write: -{c} is not supported by qcow2-tool");
                 return false;
             }
@@ -930,7 +971,11 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
         outln!("{WRITE_USAGE}");
         return false;
     }
-    if fua && compressed {
+    if vm_state && zero {
+        outln!("-b and -z cannot be specified at the same time");
+        return false;
+    }
+    if fua && (compressed || vm_state) {
         outln!("-f and -b or -c cannot be specified at the same time");
         return false;
     }
@@ -960,6 +1005,21 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
             outln!("{len} is not a sector-aligned value for 'count'");
             return false;
         }
+    }
+    if vm_state {
+        if !io_vmstate::aligned(offset, len) {
+            return false;
+        }
+        let buf = vec![pattern.unwrap_or(0xcd); len as usize];
+        let started = Instant::now();
+        if let Err(e) = io_vmstate::write(target, &buf, offset) {
+            outln!("{cmd} failed: {e}");
+            return false;
+        }
+        if !quiet {
+            print_report("wrote", offset, len, started.elapsed());
+        }
+        return true;
     }
     if !in_bounds(offset, len, target.guest().size()) {
         outln!("{cmd} failed: Input/output error");

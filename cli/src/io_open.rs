@@ -29,6 +29,8 @@ pub struct OpenSpec {
     pub format: Option<String>,
     /// `-s`: writes go to a temporary copy, dropped at close (QEMU's temporary overlay).
     pub snapshot: bool,
+    /// `-C`: reads copy what they find below the image into it (see `copy_on_read`).
+    pub copy_on_read: bool,
 }
 
 /// Splits a QemuOpts string (`a=1,b.c=x`, a doubled comma is a literal one) into options.
@@ -305,6 +307,16 @@ impl OpenSpec {
             return Err("blkdebug error rules are supported under qcow2 images only".into());
         }
         let rules = crate::blkdebug::rules_from_options(o, "file.")?;
+        // Under the image, a copy-on-read write would arm rules on host offsets; only a node
+        // above the image is modelled (see `copy_on_read`).
+        if rules
+            .iter()
+            .any(|r| r.event == crate::blkdebug::RuleEvent::CorWrite)
+        {
+            return Err(
+                "blkdebug event 'cor_write' under an image is not supported by qcow2-tool".into(),
+            );
+        }
         let storage = if self.read_only() {
             FileStorage::open_read_only(path)
         } else {

@@ -53,6 +53,26 @@ impl Progress {
         }
     }
 
+    /// Reports `done` of `total` by qemu-img's rule for `convert`: a line when the figure
+    /// moved by more than `min_skip` points either way, or is exactly 0 or 100 (so a closing
+    /// report of 100 prints again, as qemu-img's does).
+    pub fn report(&mut self, done: u64, total: u64, min_skip: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done.min(total));
+            return;
+        }
+        let pct = if total == 0 {
+            100.0
+        } else {
+            (done as f64 * 100.0 / total as f64).min(100.0)
+        };
+        let last = self.last.unwrap_or(0.0);
+        if pct > last + min_skip || pct < last - min_skip || pct == 100.0 || pct == 0.0 {
+            self.show(pct);
+        }
+    }
+
     fn show(&mut self, pct: f64) {
         if self.enabled && self.bar.is_none() {
             err!("    ({pct:.2}/100%)\r");

@@ -91,9 +91,9 @@ pub use disk_top::DiskTop;
 pub use error::{ChainProblem, Error, Result};
 pub use format::SnapshotTime;
 pub use image::{
-    AmendOptions, BackingPolicy, CheckReport, CommitOptions, CompressedClusters, CreateOptions,
-    Extent, ExtentKind, Image, ImageInfo, NewBacking, OpenOptions, Preallocation, RebaseOptions,
-    Repair, SnapshotInfo, SnapshotView,
+    AmendOptions, BackingPolicy, CheckReport, CommitOptions, CompressedClusters, CopyStep,
+    CreateOptions, Extent, ExtentKind, Image, ImageInfo, NewBacking, OpenOptions, Preallocation,
+    RebaseOptions, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
 

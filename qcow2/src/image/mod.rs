@@ -26,7 +26,7 @@ mod meta;
 pub(crate) mod snapshots;
 
 // Every submodule by its own name, wherever its folder puts it.
-use chain::{backing, commit, rebase};
+use chain::{backing, commit, copy_on_read, rebase};
 use data::{codec, extents, layer, map, quiesce};
 use maintenance::{check, create, info, repair};
 use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
@@ -39,6 +39,7 @@ pub use backing::BackingPolicy;
 pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use commit::CommitOptions;
+pub use copy_on_read::CopyStep;
 pub use create::{CreateOptions, Preallocation};
 pub use data::compress::CompressedClusters;
 pub use extents::Extents;

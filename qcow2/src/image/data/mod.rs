@@ -1,7 +1,7 @@
 //! Guest data: the read path through L1/L2 (`layer`), writes in place, copy-on-write, zero writes
 //! and discards (`write`), compressed clusters (`compress`, `codec`), and the extent map (`map`,
 //! and `extents`, which walks it a window at a time); `quiesce` is the gate a live group snapshot
-//! closes on guest writes.
+//! closes on guest writes; `vmstate` is the VM state area past the disk.
 
 pub(crate) mod codec;
 pub(crate) mod compress;
@@ -9,4 +9,5 @@ pub(crate) mod extents;
 pub(crate) mod layer;
 pub(crate) mod map;
 pub(crate) mod quiesce;
+pub(crate) mod vmstate;
 pub(crate) mod write;

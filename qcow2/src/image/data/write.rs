@@ -26,6 +26,17 @@ struct Slot {
     bitmap: u64,
 }
 
+/// Where the content of the cluster at `cluster_start` ends: the disk's last cluster reads as
+/// zeros past the virtual size; a cluster wholly past it holds VM state (see `vmstate`), which
+/// is kept whole.
+fn content_end(m: &Meta, cluster_start: u64) -> u64 {
+    if cluster_start < m.header.size {
+        m.header.size
+    } else {
+        u64::MAX
+    }
+}
+
 impl Image {
     pub(crate) fn require_writable(&self) -> Result<()> {
         if self.writable {
@@ -57,7 +68,7 @@ impl Image {
     }
 
     /// The clusters of one `write_at`, under the writer's lock.
-    fn write_clusters_at(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_clusters_at(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
         let cs = m.header.cluster_size();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -445,7 +456,9 @@ impl Image {
     fn cluster_content(&self, m: &Meta, cluster_start: u64) -> Result<Vec<u8>> {
         let cs = m.header.cluster_size();
         let mut buf = vec![0u8; cs as usize];
-        let inside = m.header.size.saturating_sub(cluster_start).min(cs) as usize;
+        let inside = content_end(m, cluster_start)
+            .saturating_sub(cluster_start)
+            .min(cs) as usize;
         let layer: Layer<'_> = m.active();
         self.read_layer(m, layer, &mut buf[..inside], cluster_start)?;
         Ok(buf)
@@ -500,7 +513,8 @@ impl Image {
 
         // Copy-on-write into a new cluster.
         let whole = in_cluster == 0
-            && (data.len() as u64 == cs || cluster_start + data.len() as u64 >= m.header.size);
+            && (data.len() as u64 == cs
+                || cluster_start + data.len() as u64 >= content_end(m, cluster_start));
         // Nothing to copy when the old cluster reads as zeros: skip the read (and the second
         // pass over 64 KiB that it costs).
         let reads_zeros = match mapping {
@@ -539,7 +553,7 @@ impl Image {
             let (start, end) = self.subcluster_span(m, touched);
             let mut span = vec![0u8; (end - start) as usize];
             if data.len() < span.len() {
-                let inside = m.header.size.saturating_sub(cluster_start + start);
+                let inside = content_end(m, cluster_start).saturating_sub(cluster_start + start);
                 let readable = (span.len() as u64).min(inside) as usize;
                 self.read_layer(m, m.active(), &mut span[..readable], cluster_start + start)?;
             }
