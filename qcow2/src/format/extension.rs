@@ -76,7 +76,15 @@ pub fn decode(bytes: &[u8], start: u64, end: u64) -> FormatResult<Extensions> {
     let mut ext = Extensions::default();
     let mut seen: Vec<u32> = Vec::new();
     let mut pos = start;
-    while pos + 8 <= end {
+    while pos < end {
+        // QEMU refuses an area that ends inside an extension's 8-byte header.
+        if pos + 8 > end {
+            return Err(FormatError::invalid(
+                "header extension header",
+                pos,
+                format!("its 8-byte header runs past the end of the extension area at {end:#x}"),
+            ));
+        }
         let p = pos as usize;
         let kind = u32::from_be_bytes(bytes[p..p + 4].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(bytes[p + 4..p + 8].try_into().expect("4 bytes")) as u64;
@@ -277,5 +285,17 @@ mod tests {
         let err = decode(&area, 0, 64).unwrap_err();
         assert_eq!(err.offset, 0);
         assert!(err.reason().contains("runs past"));
+    }
+
+    #[test]
+    fn an_area_ending_inside_an_extension_header_is_refused_as_qemu_refuses_it() {
+        // qemu-iotests 080: a backing file name 4 bytes after the fixed header.
+        let area = frame(0x1234_5678, &[]);
+        let err = decode(&area, 0, 4).unwrap_err();
+        assert_eq!(err.offset, 0);
+        assert!(err.reason().contains("runs past"), "{}", err.reason());
+        // Even an end marker must fit.
+        assert!(decode(&[0u8; 8], 0, 7).is_err());
+        assert!(decode(&[0u8; 8], 0, 8).is_ok());
     }
 }

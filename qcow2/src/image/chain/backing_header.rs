@@ -16,6 +16,7 @@
 //! decoded and must mean the old or the new backing file; otherwise the rewrite is refused.
 
 use crate::error::{Error, Result};
+use crate::format::extension::kind as ext_kind;
 use crate::format::features::Autoclear;
 use crate::format::limits::{MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME};
 use crate::format::Header;
@@ -65,6 +66,42 @@ fn sector_writes(from: &[u8], to: &[u8], tail_first: bool) -> Vec<(usize, usize)
         writes.reverse();
     }
     writes
+}
+
+/// States for an extension area that grows across a sector boundary, which the staged
+/// rewrite cannot move in one sector write: first sector 0 alone ends the area early with the
+/// old extensions minus the feature name table (which only names features in messages), so
+/// nothing past sector 0 is read; then every later sector gets its final bytes; then sector 0
+/// gets its own. `None` when the shortened area does not fit in sector 0.
+fn compact_first(old: &[u8], old_header: &Header, target: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let sector = SECTOR as usize;
+    let mut bare = old_header.clone();
+    bare.backing_file = None;
+    let encoded = bare.encode().ok()?;
+    let start = old_header.header_length as usize;
+    // The encoded records, ending with the end marker, minus the feature name table.
+    let mut area = Vec::new();
+    let mut pos = start;
+    while pos + 8 <= encoded.len() {
+        let kind = u32::from_be_bytes(encoded[pos..pos + 4].try_into().ok()?);
+        let len = u32::from_be_bytes(encoded[pos + 4..pos + 8].try_into().ok()?) as usize;
+        let end = (pos + 8 + len).next_multiple_of(8).min(encoded.len());
+        if kind != ext_kind::FEATURE_NAME_TABLE {
+            area.extend_from_slice(&encoded[pos..end]);
+        }
+        if kind == ext_kind::END {
+            break;
+        }
+        pos = end;
+    }
+    if start + area.len() > sector {
+        return None;
+    }
+    let mut shortened = old.to_vec();
+    shortened[start..start + area.len()].copy_from_slice(&area);
+    let mut tail_final = shortened.clone();
+    tail_final[sector..].copy_from_slice(&target[sector..]);
+    Some(vec![shortened, tail_final, target.to_vec()])
 }
 
 impl Image {
@@ -198,25 +235,32 @@ impl Image {
             let m = meaning(bytes);
             m == old_meaning || m == new_meaning
         };
-        let mut plans = Vec::new();
-        let mut from = old.clone();
-        for to in &states {
-            let plan = [true, false]
-                .into_iter()
-                .map(|tail_first| sector_writes(&from, to, tail_first))
-                .find(|writes| {
-                    let mut state = from.clone();
-                    writes.iter().all(|&(a, b)| {
-                        state[a..b].copy_from_slice(&to[a..b]);
-                        acceptable(&state)
-                    })
-                })
-                .ok_or_else(|| {
-                    invalid("the header layout does not allow a crash-safe rewrite".into())
-                })?;
-            plans.push((plan, to));
-            from = to.clone();
-        }
+        // The sector writes from `old` through `states`, each leaving a state that means the
+        // old or the new header; `None` when some write cannot.
+        let plan_through = |states: &[Vec<u8>]| -> Option<Vec<(Vec<(usize, usize)>, Vec<u8>)>> {
+            let mut plans = Vec::new();
+            let mut from = old.clone();
+            for to in states {
+                let plan = [true, false]
+                    .into_iter()
+                    .map(|tail_first| sector_writes(&from, to, tail_first))
+                    .find(|writes| {
+                        let mut state = from.clone();
+                        writes.iter().all(|&(a, b)| {
+                            state[a..b].copy_from_slice(&to[a..b]);
+                            acceptable(&state)
+                        })
+                    })?;
+                plans.push((plan, to.clone()));
+                from = to.clone();
+            }
+            Some(plans)
+        };
+        let plans = plan_through(&states)
+            .or_else(|| plan_through(&compact_first(&old, &old_header, &target)?))
+            .ok_or_else(|| {
+                invalid("the header layout does not allow a crash-safe rewrite".into())
+            })?;
 
         for (writes, to) in plans {
             for (a, b) in writes {
@@ -299,6 +343,92 @@ mod tests {
         assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
         let options = header_only(Some("b"), Some(&"f".repeat(16)));
         assert!(image.rebase(&options, None, &mut |_, _| {}).is_err());
+    }
+
+    /// qemu-iotests 031: an unknown extension after the feature name table ends the area in the
+    /// second sector; a backing format extension in front moves everything after it, across
+    /// the sector boundary. The area is shortened within sector 0 first, so every cut leaves
+    /// the old or the new header, with the unknown extension kept.
+    #[test]
+    fn a_backing_file_is_added_crash_safely_before_an_extension_area_crossing_a_sector() {
+        use crate::format::extension::UnknownExtension;
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let options = CreateOptions {
+            size: 64 << 20,
+            cluster_size: 65536,
+            ..CreateOptions::default()
+        };
+        let image = Image::create_in(Box::new(store.clone()), "t", &options).unwrap();
+        let mut header = image.header();
+        image.close().unwrap();
+        let unknown = UnknownExtension {
+            kind: 0x1234_5678,
+            data: b"This is a test header extension".to_vec(),
+        };
+        header.extensions.unknown.push(unknown.clone());
+        let bytes = header.encode().unwrap();
+        assert!(bytes.len() > 512, "the area must cross into sector 1");
+        store.write_at(&bytes, 0).unwrap();
+        store.flush().unwrap();
+        let mut image = Image::from_storage(
+            Box::new(store.clone()),
+            "t",
+            &crate::OpenOptions::read_write(),
+        )
+        .unwrap();
+        let before = store.op_count();
+        let name = "/some/backing/file/path";
+        let options = header_only(Some(name), Some("host_device"));
+        image.rebase(&options, None, &mut |_, _| {}).unwrap();
+        image.close().unwrap();
+        let ops = store.ops();
+        assert!(ops.len() > before, "the rebase wrote nothing");
+        for cut in before..=ops.len() {
+            for survivors in [
+                Survivors::None,
+                Survivors::All,
+                Survivors::TornSectors(cut as u64),
+            ] {
+                let crashed = crate::MemoryStorage::from_bytes(store.crash_image(cut, survivors));
+                let options = crate::OpenOptions {
+                    backing: crate::BackingPolicy::Ignore,
+                    ..crate::OpenOptions::default()
+                };
+                let reopened = Image::from_storage(Box::new(crashed), "t", &options)
+                    .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+                let h = reopened.header();
+                assert_eq!(h.extensions.unknown, [unknown.clone()], "cut {cut}");
+                match reopened.backing_file_name() {
+                    None => {}
+                    Some(n) => {
+                        assert_eq!(n, name, "cut {cut}");
+                        assert_eq!(
+                            h.extensions.backing_format.as_deref(),
+                            Some(&b"host_device"[..]),
+                            "cut {cut}"
+                        );
+                    }
+                }
+            }
+        }
+        let mut cluster0 = vec![0u8; 65536];
+        store.read_exact_at(&mut cluster0, 0).unwrap();
+        let mut expected = image_header_bytes(&store);
+        expected.resize(65536, 0);
+        assert!(
+            cluster0 == expected,
+            "cluster 0 is not what QEMU would write"
+        );
+    }
+
+    /// The encoding of the header stored in `store`.
+    fn image_header_bytes(store: &Arc<RecordingStorage>) -> Vec<u8> {
+        let mut cluster0 = vec![0u8; 65536];
+        store.read_exact_at(&mut cluster0, 0).unwrap();
+        crate::format::Header::decode(&cluster0)
+            .unwrap()
+            .encode()
+            .unwrap()
     }
 
     /// An overlay's cluster 0 (backing format and feature table) ends past the first sector,
