@@ -68,6 +68,9 @@ fn sector_writes(from: &[u8], to: &[u8], tail_first: bool) -> Vec<(usize, usize)
     writes
 }
 
+/// The sector writes (byte ranges) that reach a state, and the state.
+type StateWrites = (Vec<(usize, usize)>, Vec<u8>);
+
 /// States for an extension area that grows across a sector boundary, which the staged
 /// rewrite cannot move in one sector write: first sector 0 alone ends the area early with the
 /// old extensions minus the feature name table (which only names features in messages), so
@@ -237,7 +240,7 @@ impl Image {
         };
         // The sector writes from `old` through `states`, each leaving a state that means the
         // old or the new header; `None` when some write cannot.
-        let plan_through = |states: &[Vec<u8>]| -> Option<Vec<(Vec<(usize, usize)>, Vec<u8>)>> {
+        let plan_through = |states: &[Vec<u8>]| -> Option<Vec<StateWrites>> {
             let mut plans = Vec::new();
             let mut from = old.clone();
             for to in states {
@@ -397,7 +400,11 @@ mod tests {
                 let reopened = Image::from_storage(Box::new(crashed), "t", &options)
                     .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
                 let h = reopened.header();
-                assert_eq!(h.extensions.unknown, [unknown.clone()], "cut {cut}");
+                assert_eq!(
+                    h.extensions.unknown,
+                    std::slice::from_ref(&unknown),
+                    "cut {cut}"
+                );
                 match reopened.backing_file_name() {
                     None => {}
                     Some(n) => {
