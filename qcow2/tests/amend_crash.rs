@@ -74,7 +74,7 @@ fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
     let mut steps = Vec::new();
     for (name, options, versions) in plan {
         let first = store.op_count();
-        image.amend(&options, &mut |_| {}).unwrap();
+        image.amend(&options, &mut |_, _| {}).unwrap();
         image.flush().unwrap();
         assert_eq!(read_all(&image), model, "{name}: guest bytes changed");
         steps.push(Step {
