@@ -119,9 +119,7 @@ impl Image {
                 return Err(invalid("compat=0.10 requires refcount_bits=16".into()));
             }
             if incompatible & Incompatible::EXTERNAL_DATA_FILE != 0 {
-                return Err(invalid(
-                    "Cannot downgrade an image with a data file".into(),
-                ));
+                return Err(invalid("Cannot downgrade an image with a data file".into()));
             }
             let blocking = incompatible & !(Incompatible::DIRTY | Incompatible::COMPRESSION_TYPE);
             if blocking != 0 {
@@ -255,7 +253,10 @@ impl Image {
             let refcounts = &m.ws()?.refcounts;
             WidthChange {
                 reftable_entries: refcounts.reftable_clusters as u64 * cs / 8,
-                old_per_block: refcount::entries_per_block(m.header.cluster_bits, m.header.refcount_order),
+                old_per_block: refcount::entries_per_block(
+                    m.header.cluster_bits,
+                    m.header.refcount_order,
+                ),
                 new_per_block: refcount::entries_per_block(m.header.cluster_bits, order),
                 entries_per_cluster: cs / 8,
             }

@@ -85,10 +85,7 @@ impl WidthChange {
             let mut new_allocation = false;
             let mut max_index = None;
             let mut from = 0;
-            loop {
-                let Some(k) = used.range(from..covered).next().copied() else {
-                    break;
-                };
+            while let Some(k) = used.range(from..covered).next().copied() {
                 let block = k / self.new_per_block;
                 max_index = Some(block);
                 if allocated.insert(block) {

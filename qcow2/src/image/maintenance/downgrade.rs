@@ -73,8 +73,14 @@ impl Image {
     pub(crate) fn expand_zero_clusters(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let (l1_len, span, size, total) = {
             let m = self.meta();
-            let total = m.l1.len() as u64 + m.snapshots.iter().map(|s| s.l1_size as u64).sum::<u64>();
-            (m.l1.len() as u64, 1u64 << m.header.l1_shift(), m.header.size, total)
+            let total =
+                m.l1.len() as u64 + m.snapshots.iter().map(|s| s.l1_size as u64).sum::<u64>();
+            (
+                m.l1.len() as u64,
+                1u64 << m.header.l1_shift(),
+                m.header.size,
+                total,
+            )
         };
         let mut visited = 0;
         for i in 0..l1_len {
@@ -142,7 +148,13 @@ impl Image {
 
     /// Rewrites the snapshot L2 table at `t` (named by entry `l1_index` of the L1 table at
     /// `l1_offset`) without zero clusters; see the module docs for the order of writes.
-    fn expand_snapshot_l2(&self, m: &mut Meta, t: u64, l1_index: u64, l1_offset: u64) -> Result<()> {
+    fn expand_snapshot_l2(
+        &self,
+        m: &mut Meta,
+        t: u64,
+        l1_index: u64,
+        l1_offset: u64,
+    ) -> Result<()> {
         let cs = m.header.cluster_size();
         let old = self.l2_table(m, t, l1_index, l1_offset)?.to_vec();
         let host = self.host();
@@ -191,7 +203,9 @@ impl Image {
                 _ => {
                     let n = self.alloc(m, 1)?;
                     if l2_refs > 1 {
-                        m.ws_mut()?.refcounts.adjust(host, n, cs, l2_refs as i64 - 1)?;
+                        m.ws_mut()?
+                            .refcounts
+                            .adjust(host, n, cs, l2_refs as i64 - 1)?;
                     }
                     self.guard(m, n, cs, None)?;
                     host.write_zeroes(n, cs, "a zero cluster being expanded")?;
@@ -216,7 +230,9 @@ impl Image {
         // A cached copy (the table may be shared with the active layer) is stale now.
         self.l2_cache.remove(t);
         for h in released {
-            m.ws_mut()?.refcounts.adjust(host, h, cs, -(l2_refs as i64))?;
+            m.ws_mut()?
+                .refcounts
+                .adjust(host, h, cs, -(l2_refs as i64))?;
         }
         self.flush_refblocks(m)?;
         host.sync()
