@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use qcow2::OpenOptions;
 
-use crate::io_open::{parse_option_string, OpenSpec, Options};
+use crate::io_open::{data_file_override, parse_option_string, OpenSpec, Options};
 use crate::progress::Progress;
 use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 
@@ -39,7 +39,7 @@ pub fn run(args: Args) -> CmdResult {
             "Must specify options (-o)\nTry 'qemu-img amend --help' for more info".into(),
         ));
     }
-    let (file, driver) = if args.image_opts {
+    let (file, driver, data_file) = if args.image_opts {
         if args.format.is_some() {
             return Err(fail(
                 "--image-opts and --format are mutually exclusive".into(),
@@ -50,6 +50,7 @@ pub fn run(args: Args) -> CmdResult {
         (
             PathBuf::from(crate::source::file_protocol_path(&args.file)),
             args.format.clone(),
+            None,
         )
     };
     let format = format_of(&file, driver.as_deref()).map_err(fail)?;
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> CmdResult {
         ));
     }
     let opts = crate::opts::parse_amend(&args.options).map_err(fail)?;
-    let image = open_image(&file, &OpenOptions::read_write()).map_err(fail)?;
+    let image = open_image(&file, &OpenOptions::read_write().data_file(data_file)).map_err(fail)?;
     if (opts.backing_file.is_some() || opts.backing_fmt.is_some())
         && (opts.backing_file != image.backing_file_name()
             || opts.backing_fmt != image.backing_format())
@@ -85,20 +86,18 @@ pub fn run(args: Args) -> CmdResult {
     Ok(0)
 }
 
-/// The image file and format driver an `--image-opts` string names. Cache and driver tuning
-/// options (`l2-cache-entry-size`, ...) change nothing this engine does and are accepted;
-/// options that would open other files than the header names are refused.
-fn image_opts_file(text: &str) -> Result<(PathBuf, Option<String>), String> {
+/// The image file, format driver and data file an `--image-opts` string names. Cache and
+/// driver tuning options (`l2-cache-entry-size`, ...) change nothing this engine does and are
+/// accepted; a backing node is refused (amend never reads through the backing file).
+fn image_opts_file(text: &str) -> Result<(PathBuf, Option<String>, Option<PathBuf>), String> {
     let mut options = Options::new();
     parse_option_string(text, &mut options)?;
-    if let Some(key) = options
-        .keys()
-        .find(|k| k.starts_with("data-file") || k.starts_with("backing"))
-    {
+    if let Some(key) = options.keys().find(|k| k.starts_with("backing")) {
         return Err(format!(
-            "the '{key}' option is not supported by qcow2-tool amend: the image's own files are used"
+            "the '{key}' option is not supported by qcow2-tool amend"
         ));
     }
+    let data_file = data_file_override(&options)?;
     let spec = OpenSpec {
         options,
         ..OpenSpec::default()
@@ -106,5 +105,5 @@ fn image_opts_file(text: &str) -> Result<(PathBuf, Option<String>), String> {
     let (file, driver) = spec
         .resolve()
         .map_err(|e| format!("Could not open '{text}': {e}"))?;
-    Ok((PathBuf::from(file), driver))
+    Ok((PathBuf::from(file), driver, data_file))
 }

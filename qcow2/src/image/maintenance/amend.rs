@@ -31,7 +31,8 @@ pub struct AmendOptions {
     /// New refcount width in bits (`refcount_bits=`): the refcount structures are rebuilt.
     pub refcount_bits: Option<u32>,
     /// New name of the external data file (`data_file=`), for an image that has one. Only the
-    /// name recorded in the header changes; the file is neither opened nor moved.
+    /// name recorded in the header changes; the file is neither opened nor moved. An empty name
+    /// removes it (the image then needs its data file named at open).
     pub data_file: Option<String>,
     /// `data_file_raw=`: can only be turned off (the data file stops promising to be a valid
     /// raw image), as QEMU allows.
@@ -76,14 +77,6 @@ impl Image {
             if incompatible & Incompatible::EXTERNAL_DATA_FILE == 0 {
                 return Err(invalid(
                     "data-file can only be set for images that use an external data file".into(),
-                ));
-            }
-            if name.is_empty() {
-                // QEMU would drop the name and leave an image that names no data file but needs
-                // one: refused instead.
-                return Err(invalid(
-                    "an image with an external data file needs its name (data_file= is empty)"
-                        .into(),
                 ));
             }
             if name.len() > u16::MAX as usize {
@@ -184,8 +177,11 @@ impl Image {
         if options.data_file.is_some() || drop_raw {
             let mut m = self.meta_mut();
             self.rewrite_header(&mut m, |h| {
+                // An empty name drops it, as in QEMU: the image then opens only with a data
+                // file given by the caller (QEMU's `data-file` option).
                 if let Some(name) = &options.data_file {
-                    h.extensions.data_file = Some(name.as_bytes().to_vec());
+                    h.extensions.data_file =
+                        (!name.is_empty()).then(|| name.as_bytes().to_vec());
                 }
                 if drop_raw {
                     h.autoclear_features &= !Autoclear::RAW_EXTERNAL_DATA;
