@@ -341,10 +341,9 @@ impl OpenSpec {
             })
             .transpose()?;
         let data_file = data_file_override(&self.options)?;
-        if data_file.is_some() && self.options.contains_key("file.driver") {
-            return Err(
-                "the 'data-file' option is supported over a plain image file only".into(),
-            );
+        let file_driver = self.options.get("file.driver").map(String::as_str);
+        if data_file.is_some() && file_driver.is_some_and(|d| !PROTOCOLS.contains(&d)) {
+            return Err("the 'data-file' option is supported over a plain image file only".into());
         }
         match self.options.get("file.driver").map(String::as_str) {
             Some("qcow2") => return self.open_nested(),
@@ -411,12 +410,15 @@ pub fn data_file_override(options: &Options) -> Result<Option<PathBuf>, String> 
     if keys.peek().is_none() {
         return Ok(None);
     }
-    let plain = keys.all(|(k, v)| k == "data-file.filename" || (k == "data-file.driver" && v == "file"));
+    let plain =
+        keys.all(|(k, v)| k == "data-file.filename" || (k == "data-file.driver" && v == "file"));
     match options.get("data-file.filename") {
         Some(file) if plain => Ok(Some(PathBuf::from(file))),
-        _ => Err("the 'data-file' option is supported as a plain file name only \
+        _ => Err(
+            "the 'data-file' option is supported as a plain file name only \
                   (data-file.filename)"
-            .into()),
+                .into(),
+        ),
     }
 }
 

@@ -539,3 +539,107 @@ fn dirty_downgrade_places_the_rebuilt_refcounts_as_qemu_img_does() {
     assert_eq!(reftable("ours.qcow2"), reftable("theirs.qcow2"));
     assert_twins_alike(&dir, "dirty downgrade");
 }
+
+/// iotest 061: `data_file=foo` renames the data file, `data_file=` (with the data file given
+/// through `--image-opts`) drops its name; qemu-io then opens the image only with the data file
+/// named, and both tools say so alike.
+#[test]
+fn a_data_file_name_is_changed_and_dropped_as_by_qemu_img() {
+    let dir = scratch_dir("a_data_file_name_is_changed_and_dropped");
+    let io_both = |args: &[String]| {
+        let mut outs = Vec::new();
+        for (who, qemu) in [("ours", false), ("theirs", true)] {
+            let a: Vec<String> = args.iter().map(|x| x.replace("WHO", who)).collect();
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = if qemu {
+                qemu_io(&a)
+            } else {
+                tool_in(Some(&dir), &[&["io"][..], &a].concat())
+            };
+            no_panic(&out);
+            let text = (stdout(&out) + &stderr(&out))
+                .replace("qcow2-tool:", "qemu-io:")
+                .replace(who, "WHO");
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.contains(" ops; ") {
+                        "<timing>".into()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            outs.push((code(&out), text));
+        }
+        assert_eq!(outs[0], outs[1], "{args:?}");
+        outs.remove(0)
+    };
+    let img = |who: &str| path_str(&dir.join(format!("{who}.qcow2"))).to_string();
+    let data = |who: &str| path_str(&dir.join(format!("{who}.data"))).to_string();
+    for who in ["ours", "theirs"] {
+        let o = format!("data_file={}", data(who));
+        let out = qemu_in(
+            &dir,
+            &["create", "-q", "-f", "qcow2", "-o", &o, &img(who), "64M"],
+        );
+        assert_eq!(code(&out), 0);
+    }
+    let image = img("WHO");
+    let opts = format!("data-file.filename={},file.filename={}", data("WHO"), image);
+    let open_opts = vec![
+        "-c".to_string(),
+        format!("open -o {opts}"),
+        "-c".into(),
+        "read 0 4k".into(),
+    ];
+    let plain_read = vec!["-c".to_string(), "read 0 4k".into(), image.clone()];
+
+    let [o, t] = amend_both(&dir, &["-o", "data_file=foo"]);
+    assert_eq!(o, t);
+    let (status, text) = io_both(&plain_read);
+    assert_eq!(status, 1);
+    assert!(text.concat().contains("Could not open 'foo'"), "{text:?}");
+    assert_eq!(io_both(&open_opts).0, 0);
+
+    let mut results = Vec::new();
+    for (who, qemu) in [("ours", false), ("theirs", true)] {
+        let spec = opts.replace("WHO", who);
+        let args = ["amend", "-o", "data_file=", "--image-opts", spec.as_str()];
+        let out = if qemu {
+            qemu_in(&dir, &args)
+        } else {
+            tool_in(Some(&dir), &args)
+        };
+        no_panic(&out);
+        results.push((code(&out), stderr(&out).replace("qcow2-tool:", "qemu-img:")));
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0].0, 0);
+    let (status, text) = io_both(&plain_read);
+    assert_eq!(status, 1);
+    assert!(
+        text.concat()
+            .contains("'data-file' is required for this image"),
+        "{text:?}"
+    );
+    assert_eq!(io_both(&open_opts).0, 0);
+    let spec = |who: &str| qemu_info(&dir.join(format!("{who}.qcow2")))["format-specific"].clone();
+    assert_eq!(spec("ours"), spec("theirs"));
+    let info = |who: &str, qemu: bool| {
+        let spec = opts.replace("WHO", who);
+        let args = ["info", "--image-opts", spec.as_str()];
+        let out = if qemu {
+            qemu_in(&dir, &args)
+        } else {
+            tool_in(Some(&dir), &args)
+        };
+        stdout(&out)
+            .lines()
+            .filter(|l| !l.starts_with("disk size"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(who, "WHO")
+    };
+    assert_eq!(info("ours", false), info("theirs", true));
+}

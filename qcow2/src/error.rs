@@ -64,7 +64,10 @@ impl std::fmt::Display for ChainProblem {
             }
             ChainProblem::Missing => write!(f, "No such file or directory"),
             ChainProblem::Required => {
-                write!(f, "the image names no data file; one must be given to open it")
+                write!(
+                    f,
+                    "the image names no data file; one must be given to open it"
+                )
             }
             ChainProblem::NoDirectory => {
                 write!(

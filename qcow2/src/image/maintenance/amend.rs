@@ -180,8 +180,7 @@ impl Image {
                 // An empty name drops it, as in QEMU: the image then opens only with a data
                 // file given by the caller (QEMU's `data-file` option).
                 if let Some(name) = &options.data_file {
-                    h.extensions.data_file =
-                        (!name.is_empty()).then(|| name.as_bytes().to_vec());
+                    h.extensions.data_file = (!name.is_empty()).then(|| name.as_bytes().to_vec());
                 }
                 if drop_raw {
                     h.autoclear_features &= !Autoclear::RAW_EXTERNAL_DATA;
