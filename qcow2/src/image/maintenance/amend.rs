@@ -137,7 +137,7 @@ impl Image {
                 ));
             }
             if options.size.is_none() {
-                // Checked again after a resize (the size it compares with may change).
+                // With a new size QEMU's rule compares with that one: checked after the resize.
                 self.snapshots_allow_downgrade()?;
             }
         }

@@ -79,6 +79,9 @@ impl WidthChange {
         let mut used: BTreeSet<u64> = in_use.into_iter().collect();
         let mut allocated: BTreeSet<u64> = BTreeSet::new();
         let mut table: Option<(u64, u64)> = None;
+        // No cluster below `free_from` is free (QEMU's free cluster index), so each search
+        // starts there instead of at cluster 0.
+        let mut free_from = 0;
         let mut walks = 0;
         loop {
             walks += 1;
@@ -89,7 +92,9 @@ impl WidthChange {
                 let block = k / self.new_per_block;
                 max_index = Some(block);
                 if allocated.insert(block) {
-                    used.insert(first_free(&used, 1));
+                    let k = first_free(&used, 1, free_from);
+                    used.insert(k);
+                    free_from = k + 1;
                     new_allocation = true;
                 }
                 from = (block + 1) * self.new_per_block;
@@ -101,10 +106,11 @@ impl WidthChange {
                 for k in start..start + n {
                     used.remove(&k);
                 }
+                free_from = free_from.min(start);
             }
             let entries = max_index.map_or(0, |i| i + 1);
             let clusters = entries.div_ceil(self.entries_per_cluster).max(1);
-            let start = first_free(&used, clusters);
+            let start = first_free(&used, clusters, free_from);
             used.extend(start..start + clusters);
             table = Some((start, clusters));
             // A runaway (corrupt) layout must not loop for ever; QEMU would fail its allocation.
@@ -124,9 +130,9 @@ impl WidthChange {
     }
 }
 
-/// The first run of `n` clusters none of which is in `used`.
-fn first_free(used: &BTreeSet<u64>, n: u64) -> u64 {
-    let mut start = 0;
+/// The first run of `n` clusters at or after `from` none of which is in `used`.
+fn first_free(used: &BTreeSet<u64>, n: u64, from: u64) -> u64 {
+    let mut start = from;
     loop {
         match used.range(start..start + n).next_back() {
             Some(&k) => start = k + 1,
@@ -167,10 +173,24 @@ mod tests {
     }
 
     #[test]
+    fn a_large_image_is_walked_without_rescanning_it() {
+        // 64 KiB clusters, 16-bit to 64-bit refcounts, 100,000 clusters in use: thirteen new
+        // blocks and the table fit where the last block's range has room.
+        let change = WidthChange {
+            reftable_entries: 8192,
+            old_per_block: 32768,
+            new_per_block: 8192,
+            entries_per_cluster: 8192,
+        };
+        assert_eq!(change.allocating_walks(0..100_000), 2);
+    }
+
+    #[test]
     fn first_free_skips_used_runs() {
         let used: BTreeSet<u64> = [0, 1, 2, 4, 7].into_iter().collect();
-        assert_eq!(first_free(&used, 1), 3);
-        assert_eq!(first_free(&used, 2), 5);
-        assert_eq!(first_free(&used, 3), 8);
+        assert_eq!(first_free(&used, 1, 0), 3);
+        assert_eq!(first_free(&used, 2, 0), 5);
+        assert_eq!(first_free(&used, 3, 0), 8);
+        assert_eq!(first_free(&used, 1, 5), 5);
     }
 }
