@@ -137,7 +137,7 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     let plain = spec.options.keys().all(|k| {
         matches!(
             k.as_str(),
-            "driver" | "file.driver" | "file.filename" | "filename"
+            "driver" | "file.driver" | "file.filename" | "filename" | "data-file.filename"
         )
     });
     let name = if plain {
@@ -311,6 +311,8 @@ fn to_json(f: &Facts) -> Json {
     if v3 {
         if let Some(data_file) = &info.data_file {
             data.push("data-file", data_file.as_str());
+        }
+        if info.has_data_file {
             data.push("data-file-raw", info.data_file_raw);
         }
         data.push("corrupt", info.corrupt);
@@ -400,10 +402,10 @@ pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
     s += &format!("    refcount bits: {}\n", info.refcount_bits);
     if v3 {
         if let Some(data_file) = &info.data_file {
-            s += &format!(
-                "    data file: {data_file}\n    data file raw: {}\n",
-                info.data_file_raw
-            );
+            s += &format!("    data file: {data_file}\n");
+        }
+        if info.has_data_file {
+            s += &format!("    data file raw: {}\n", info.data_file_raw);
         }
         s += &format!("    corrupt: {}\n", info.corrupt);
         s += &format!("    extended l2: {}\n", info.extended_l2);

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
@@ -352,18 +352,10 @@ impl OpenSpec {
                 _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
             })
             .transpose()?;
-        // A data-file node given here would replace the file the header names (with blkdebug
-        // over it, say); opening the header's file instead would ignore what was asked for.
-        if self
-            .options
-            .keys()
-            .any(|k| k == "data-file" || k.starts_with("data-file."))
-        {
-            return Err(
-                "the 'data-file' option is not supported: the image's data file is the \
-                        one its header names"
-                    .into(),
-            );
+        let data_file = data_file_override(&self.options)?;
+        let file_driver = self.options.get("file.driver").map(String::as_str);
+        if data_file.is_some() && file_driver.is_some_and(|d| !PROTOCOLS.contains(&d)) {
+            return Err("the 'data-file' option is supported over a plain image file only".into());
         }
         match self.options.get("file.driver").map(String::as_str) {
             Some("qcow2") => return self.open_nested(),
@@ -400,6 +392,7 @@ impl OpenSpec {
                     options.backing = BackingPolicy::Ignore;
                 }
                 options.backing_format = self.options.get("backing.driver").cloned();
+                options.data_file = data_file;
                 let image = Image::open(path, &options)
                     .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
                 crate::source::report_open_repair(&image);
@@ -415,6 +408,29 @@ impl OpenSpec {
             }
             Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
         }
+    }
+}
+
+/// The data file `data-file.filename` names (over the `file` protocol), to open instead of the
+/// one the header names. Any other data-file node (blkdebug over it, a node name) is refused:
+/// opening the header's file instead would ignore what was asked for.
+pub fn data_file_override(options: &Options) -> Result<Option<PathBuf>, String> {
+    let mut keys = options
+        .iter()
+        .filter(|(k, _)| *k == "data-file" || k.starts_with("data-file."))
+        .peekable();
+    if keys.peek().is_none() {
+        return Ok(None);
+    }
+    let plain =
+        keys.all(|(k, v)| k == "data-file.filename" || (k == "data-file.driver" && v == "file"));
+    match options.get("data-file.filename") {
+        Some(file) if plain => Ok(Some(PathBuf::from(file))),
+        _ => Err(
+            "the 'data-file' option is supported as a plain file name only \
+                  (data-file.filename)"
+                .into(),
+        ),
     }
 }
 

@@ -520,7 +520,9 @@ mod tests {
 #[derive(Debug, Clone, Default)]
 pub struct AmendOpts {
     pub options: qcow2::AmendOptions,
-    pub size: Option<u64>,
+    /// `backing_file=` and `backing_fmt=`: allowed only when they repeat what the image says.
+    pub backing_file: Option<String>,
+    pub backing_fmt: Option<String>,
 }
 
 /// Parses `amend -o` lists: only the options qcow2 can change in place.
@@ -547,22 +549,20 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                 let bits = parse_number_opt("refcount_bits", &value)?;
                 out.options.refcount_bits = Some(u32::try_from(bits).unwrap_or(u32::MAX))
             }
-            "size" => out.size = Some(parse_size_opt("size", &value)?),
-            "cluster_size" | "extended_l2" | "compression_type" | "preallocation" => {
+            "size" => out.options.size = Some(parse_size_opt("size", &value)?),
+            "cluster_size" | "extended_l2" | "compression_type" | "preallocation"
+            | "encryption" | "encrypt.format" => {
                 return Err(format!(
                     "Invalid parameter '{key}'\nThis option is only supported for image creation"
                 ))
             }
-            "backing_file" | "backing_fmt" => {
-                return Err(
-                    "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
-                )
-            }
+            "backing_file" => out.backing_file = Some(value),
+            "backing_fmt" => out.backing_fmt = Some(value),
             "data_file" => out.options.data_file = Some(value),
             "data_file_raw" => {
                 out.options.data_file_raw = Some(parse_bool_opt("data_file_raw", &value)?.value)
             }
-            "encryption" | "encrypt.format" => {
+            k if k.starts_with("encrypt.") => {
                 return Err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool amend"
                 ))

@@ -1,6 +1,7 @@
 //! `-p` progress on stderr. On a terminal it is a bar (bytes done, rate, time left); otherwise
 //! it is qemu-img's `    (12.34/100%)` lines ended by `\r`, which scripts and qemu-iotests
-//! parse, so redirected output stays byte for byte what qemu-img prints.
+//! parse, so redirected output stays byte for byte what qemu-img prints. `amend` prints the
+//! lines on stdout, where qemu-img prints them, because qemu-iotests pipe its stdout alone.
 
 use std::io::{IsTerminal, Write};
 
@@ -11,6 +12,8 @@ const BAR_REFRESH_PER_SECOND: u8 = 10;
 
 pub struct Progress {
     enabled: bool,
+    /// Lines go to stdout rather than stderr.
+    stdout: bool,
     last: Option<f64>,
     /// The bar, when progress is shown on a terminal.
     bar: Option<ProgressBar>,
@@ -23,9 +26,23 @@ impl Progress {
         Self::with_bar(enabled, bar)
     }
 
+    /// Progress whose lines go to stdout, as qemu-img prints them.
+    pub fn on_stdout(enabled: bool) -> Progress {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(terminal_bar);
+        let mut p = Progress {
+            enabled,
+            stdout: true,
+            last: None,
+            bar,
+        };
+        p.show(0.0);
+        p
+    }
+
     fn with_bar(enabled: bool, bar: Option<ProgressBar>) -> Progress {
         let mut p = Progress {
             enabled,
+            stdout: false,
             last: None,
             bar,
         };
@@ -67,6 +84,21 @@ impl Progress {
         } else {
             (done as f64 * 100.0 / total as f64).min(100.0)
         };
+        self.offer(pct, min_skip);
+    }
+
+    /// Reports a percentage (as `amend` accounts it) by the same rule with a 1-point skip.
+    pub fn percent(&mut self, pct: f32) {
+        let pct = pct.min(100.0);
+        if let Some(bar) = &self.bar {
+            bar.set_length(10_000);
+            bar.set_position((pct.max(0.0) * 100.0) as u64);
+            return;
+        }
+        self.offer(f64::from(pct), 1.0);
+    }
+
+    fn offer(&mut self, pct: f64, min_skip: f64) {
         let last = self.last.unwrap_or(0.0);
         if pct > last + min_skip || pct < last - min_skip || pct == 100.0 || pct == 0.0 {
             self.show(pct);
@@ -75,8 +107,13 @@ impl Progress {
 
     fn show(&mut self, pct: f64) {
         if self.enabled && self.bar.is_none() {
-            err!("    ({pct:.2}/100%)\r");
-            let _ = std::io::stderr().flush();
+            if self.stdout {
+                out!("    ({pct:.2}/100%)\r");
+                let _ = std::io::stdout().flush();
+            } else {
+                err!("    ({pct:.2}/100%)\r");
+                let _ = std::io::stderr().flush();
+            }
         }
         self.last = Some(pct);
     }
@@ -85,6 +122,9 @@ impl Progress {
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
+        } else if self.enabled && self.stdout {
+            outln!();
+            let _ = std::io::stdout().flush();
         } else if self.enabled {
             errln!();
         }

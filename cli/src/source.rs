@@ -238,6 +238,17 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         } if !QEMU_DRIVERS.contains(&format.as_str()) => {
             return format!("Could not open backing file: Unknown driver '{format}'")
         }
+        qcow2::Error::Chain {
+            role: "data",
+            problem: qcow2::ChainProblem::Missing,
+            file,
+            ..
+        } => return format!("Could not open '{file}': No such file or directory"),
+        qcow2::Error::Chain {
+            role: "data",
+            problem: qcow2::ChainProblem::Required,
+            ..
+        } => return "'data-file' is required for this image".into(),
         _ => return e.to_string(),
     };
     let qemu = match structure {

@@ -292,3 +292,28 @@ fn repairing_a_leak_and_a_copied_flag_reports_like_qemu_img() {
         assert!(stderr(&ours).contains("OFLAG_COPIED L2 cluster"), "{mode}");
     }
 }
+
+#[test]
+fn a_refcount_overflow_prints_qemu_img_s_hint() {
+    // iotest 112: two L2 entries name one data cluster of a 1-bit refcount image.
+    let dir = qcow2_testdata::scratch_dir("a_refcount_overflow_prints_qemu_img_s_hint");
+    let path = dir.join("t.qcow2");
+    let _ = std::fs::remove_file(&path);
+    let args = ["create", "-q", "-f", "qcow2", "-o", "refcount_bits=1"];
+    assert_eq!(
+        code(&qemu_in(&dir, &[&args[..], &["t.qcow2", "64M"]].concat())),
+        0
+    );
+    let io = qcow2_testdata::qemu_io(&["-c", "write 0 64k", path_str(&path)]);
+    assert_eq!(code(&io), 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0x40008..0x40010].copy_from_slice(&0x8000_0000_0005_0000u64.to_be_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let qemu = qemu_in(&dir, &["check", "t.qcow2"]);
+    let ours = tool_in(Some(&dir), &["check", "t.qcow2"]);
+    no_panic(&ours);
+    assert!(stderr(&qemu).contains("Use qemu-img amend to increase the refcount entry width"));
+    assert_eq!(code(&ours), code(&qemu));
+    assert_eq!(stdout(&ours), stdout(&qemu));
+    assert_eq!(stderr(&ours), stderr(&qemu));
+}

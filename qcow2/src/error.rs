@@ -36,6 +36,9 @@ pub enum ChainProblem {
     },
     /// The named file does not exist.
     Missing,
+    /// The image keeps its data in an external data file but names none, and the caller gave
+    /// none ([`OpenOptions::data_file`](crate::OpenOptions)).
+    Required,
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -60,6 +63,12 @@ impl std::fmt::Display for ChainProblem {
                 write!(f, "it is a {kind}, not a regular file or block device")
             }
             ChainProblem::Missing => write!(f, "No such file or directory"),
+            ChainProblem::Required => {
+                write!(
+                    f,
+                    "the image names no data file; one must be given to open it"
+                )
+            }
             ChainProblem::NoDirectory => {
                 write!(
                     f,

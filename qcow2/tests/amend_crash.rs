@@ -1,12 +1,13 @@
 //! Power cuts at every write of `amend`: a refcount width change, lazy refcounts on and off, a
-//! downgrade to compat=0.10 (zero clusters expanded) and the upgrade back. Every cut image must
-//! open, show no corruption, read exactly the guest bytes it held before (amend never changes
+//! downgrade to compat=0.10 (zero clusters expanded, in the active layer and in a snapshot's
+//! tables) and the upgrade back. Every cut image must open, show no corruption, read exactly
+//! the guest bytes it held before in the active layer and in the snapshot (amend never changes
 //! them) and be either the old or the new version; QEMU's check agrees on a sample of cuts.
 
 use std::sync::Arc;
 
 use qcow2::storage::recording::{RecordingStorage, Survivors};
-use qcow2::{AmendOptions, CreateOptions, Image, MemoryStorage, OpenOptions};
+use qcow2::{AmendOptions, CreateOptions, Image, MemoryStorage, OpenOptions, SnapshotTime};
 use qcow2_testdata::{qemu_check, scratch_dir};
 
 const SIZE: u64 = 1 << 20;
@@ -19,9 +20,26 @@ struct Step {
     versions: (u32, u32),
 }
 
+/// The guest bytes expected of the active layer and of the snapshot.
+struct Models {
+    active: Vec<u8>,
+    snapshot: Vec<u8>,
+}
+
 fn read_all(image: &Image) -> Vec<u8> {
     let mut buf = vec![0u8; SIZE as usize];
     image.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// The guest bytes of the snapshot the session takes.
+fn read_snapshot(image: &Image) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZE as usize];
+    image
+        .open_snapshot("zeros")
+        .unwrap()
+        .read_at(&mut buf, 0)
+        .unwrap();
     buf
 }
 
@@ -29,8 +47,9 @@ fn version_of(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes[4..8].try_into().unwrap())
 }
 
-/// An image with data, a plain zero cluster and a preallocated zero cluster, then the steps.
-fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
+/// An image with data, a plain zero cluster and a preallocated zero cluster, and a snapshot
+/// of them the active layer has moved on from, then the steps and the models.
+fn session() -> (Arc<RecordingStorage>, Models, Vec<Step>) {
     let store = Arc::new(RecordingStorage::new(Vec::new()));
     let options = CreateOptions::default().size(SIZE).cluster_size(4096);
     let image = Image::create_in(Box::new(store.clone()), "amend.qcow2", &options).unwrap();
@@ -40,6 +59,12 @@ fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
     // A preallocated zero cluster (the host cluster stays) and plain zero clusters.
     image.write_zeroes(512 * 1024, 4096, false).unwrap();
     image.write_zeroes(768 * 1024, 16 * 1024, false).unwrap();
+    image
+        .create_snapshot("zeros", SnapshotTime::default())
+        .unwrap();
+    let snapshot_model = read_all(&image);
+    image.write_at(&data[..4096], 768 * 1024).unwrap();
+    image.write_zeroes(0, 4096, false).unwrap();
     image.flush().unwrap();
     let model = read_all(&image);
     let plan: [(&str, AmendOptions, (u32, u32)); 5] = [
@@ -74,9 +99,14 @@ fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
     let mut steps = Vec::new();
     for (name, options, versions) in plan {
         let first = store.op_count();
-        image.amend(&options, &mut |_| {}).unwrap();
+        image.amend(&options, &mut |_, _| {}).unwrap();
         image.flush().unwrap();
         assert_eq!(read_all(&image), model, "{name}: guest bytes changed");
+        assert_eq!(
+            read_snapshot(&image),
+            snapshot_model,
+            "{name}: snapshot bytes changed"
+        );
         steps.push(Step {
             name,
             ops: (first, store.op_count()),
@@ -84,12 +114,17 @@ fn session() -> (Arc<RecordingStorage>, Vec<u8>, Vec<Step>) {
         });
     }
     image.close().unwrap();
-    (store, model, steps)
+    let models = Models {
+        active: model,
+        snapshot: snapshot_model,
+    };
+    (store, models, steps)
 }
 
 #[test]
 fn every_cut_in_amend_leaves_a_consistent_image_with_the_same_bytes() {
-    let (store, model, steps) = session();
+    let (store, models, steps) = session();
+    let (model, snapshot_model) = (models.active, models.snapshot);
     let full = std::env::var_os("QCOW2_CRASH_FULL").is_some();
     let stride = if full { 1 } else { 7 };
     let dir = scratch_dir("amend_crash");
@@ -125,6 +160,10 @@ fn every_cut_in_amend_leaves_a_consistent_image_with_the_same_bytes() {
                     .unwrap_or_else(|e| panic!("{what}: check: {e}"));
                 assert_eq!(report.corruptions, 0, "{what}: {:?}", report.messages);
                 assert!(read_all(&image) == model, "{what}: guest bytes differ");
+                assert!(
+                    read_snapshot(&image) == snapshot_model,
+                    "{what}: snapshot bytes differ"
+                );
                 drop(image);
                 let image = Image::from_storage(
                     Box::new(MemoryStorage::from_bytes(bytes.clone())),

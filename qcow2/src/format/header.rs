@@ -402,13 +402,8 @@ impl Header {
         }
         .min(bytes.len() as u64);
         let extensions = extension::decode(bytes, header_length as u64, extensions_end)?;
-        if incompatible & Incompatible::EXTERNAL_DATA_FILE != 0 && extensions.data_file.is_none() {
-            return Err(FormatError::unsupported(
-                "header field incompatible_features",
-                f::INCOMPATIBLE_FEATURES,
-                "an external data file without a data file name extension",
-            ));
-        }
+        // An external data file need not be named (the spec's extension is optional): whoever
+        // opens the image then names it (QEMU's `data-file` option).
         if autoclear & features::Autoclear::RAW_EXTERNAL_DATA != 0
             && incompatible & Incompatible::EXTERNAL_DATA_FILE == 0
         {

@@ -95,6 +95,10 @@ pub struct OpenOptions {
     /// The backing file's format ("qcow2" or "raw"), overriding the one the header records
     /// (QEMU's `backing.driver` option). Applies to the image's own backing file only.
     pub backing_format: Option<String>,
+    /// The external data file to open instead of the one the header names (QEMU's
+    /// `data-file` option), for an image that has one. The caller chose this file, so the
+    /// backing policy does not apply to it.
+    pub data_file: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -109,6 +113,7 @@ impl Default for OpenOptions {
             skip_syncs: false,
             lazy_refcounts: None,
             backing_format: None,
+            data_file: None,
         }
     }
 }
@@ -123,6 +128,7 @@ setters!(OpenOptions {
     skip_syncs: bool,
     lazy_refcounts: Option<bool>,
     backing_format: Option<String>,
+    data_file: Option<PathBuf>,
 });
 
 impl OpenOptions {

@@ -87,15 +87,41 @@ fn attach_files(
 ) -> Result<()> {
     // The image being attached to sits at depth `chain.len()`.
     let backing_writable = writable_depth == Some(chain.len() + 1);
-    if let Some(data_name) = image.data_file_name.clone() {
-        let data_path = permitted(image, "data", &data_name, options)?;
+    let needs_data_file = image.meta().header.has_external_data_file();
+    if needs_data_file || image.data_file_name.is_some() {
+        let (data_name, data_path) = match (&options.data_file, image.data_file_name.clone()) {
+            (Some(path), _) => (path.display().to_string(), path.clone()),
+            (None, Some(name)) => {
+                let path = permitted(image, "data", &name, options)?;
+                (name, path)
+            }
+            (None, None) => {
+                return Err(Error::Chain {
+                    image: image.name.clone(),
+                    role: "data",
+                    file: String::new(),
+                    problem: ChainProblem::Required,
+                })
+            }
+        };
         let storage = open_locked(
             &data_path,
             options.writable,
             options,
             &image.name,
             &format!("the data file {data_name:?}"),
-        )?;
+        )
+        .map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::Chain {
+                    image: image.name.clone(),
+                    role: "data",
+                    file: data_name.clone(),
+                    problem: ChainProblem::Missing,
+                }
+            }
+            e => e,
+        })?;
         image.data_file = Some(storage);
     }
     let Some(backing_name) = image.backing_file_name() else {

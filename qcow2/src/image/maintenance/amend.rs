@@ -1,6 +1,6 @@
-//! `qemu-img amend -o` for qcow2: the compat level both ways, lazy refcounts and the refcount
-//! width, checked up front with QEMU's messages and applied in QEMU's order (upgrade, refcount
-//! width, lazy refcounts, downgrade).
+//! `qemu-img amend -o` for qcow2: the compat level both ways, lazy refcounts, the refcount
+//! width and the size, checked up front with QEMU's messages and applied in QEMU's order
+//! (upgrade, refcount width, lazy refcounts, size, downgrade).
 //!
 //! Crash safety, step by step:
 //! - header changes (version, feature bits, refcount order) go through `rewrite_header`, whose
@@ -9,7 +9,7 @@
 //!   them before the header sector that switches the table and the order together; until then
 //!   nothing points at them, after it the old structures are simply free space;
 //! - a downgrade first turns zero clusters into what v2 can say (unallocated, or clusters of
-//!   written zeros) through the ordinary write path, then rewrites the header as v2 last.
+//!   written zeros; see `downgrade`), then rewrites the header as v2 last.
 
 use crate::error::{Error, Result};
 use crate::format::features::{qemu_feature_table, Autoclear, Compatible, Incompatible};
@@ -17,7 +17,7 @@ use crate::format::header::CompressionType;
 use crate::format::limits::{V2_HEADER_LENGTH, V3_HEADER_LENGTH};
 use crate::format::refcount;
 use crate::image::check::CheckReport;
-use crate::image::map::ExtentKind;
+use crate::image::maintenance::amend_progress::{AmendProgress, Operation, WidthChange};
 use crate::image::{Image, Meta};
 
 /// What `amend -o` asks for (`None`: leave as it is).
@@ -31,11 +31,15 @@ pub struct AmendOptions {
     /// New refcount width in bits (`refcount_bits=`): the refcount structures are rebuilt.
     pub refcount_bits: Option<u32>,
     /// New name of the external data file (`data_file=`), for an image that has one. Only the
-    /// name recorded in the header changes; the file is neither opened nor moved.
+    /// name recorded in the header changes; the file is neither opened nor moved. An empty name
+    /// removes it (the image then needs its data file named at open).
     pub data_file: Option<String>,
     /// `data_file_raw=`: can only be turned off (the data file stops promising to be a valid
     /// raw image), as QEMU allows.
     pub data_file_raw: Option<bool>,
+    /// New virtual size (`size=`), applied before a downgrade as QEMU applies it; shrinking
+    /// never drops allocated data.
+    pub size: Option<u64>,
 }
 
 setters!(AmendOptions {
@@ -44,13 +48,14 @@ setters!(AmendOptions {
     refcount_bits: Option<u32>,
     data_file: Option<String>,
     data_file_raw: Option<bool>,
+    size: Option<u64>,
 });
 
 const V3_HINT: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
 
 impl Image {
-    /// Applies `options`; `progress` hears the fraction done (0.0 to 1.0).
-    pub fn amend(&self, options: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
+    /// Applies `options`; `progress` hears (work done, work in all) as QEMU counts them.
+    pub fn amend(&self, options: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         self.require_writable()?;
         let invalid = |reason: String| Error::InvalidArgument {
             image: self.name.clone(),
@@ -72,14 +77,6 @@ impl Image {
             if incompatible & Incompatible::EXTERNAL_DATA_FILE == 0 {
                 return Err(invalid(
                     "data-file can only be set for images that use an external data file".into(),
-                ));
-            }
-            if name.is_empty() {
-                // QEMU would drop the name and leave an image that names no data file but needs
-                // one: refused instead.
-                return Err(invalid(
-                    "an image with an external data file needs its name (data_file= is empty)"
-                        .into(),
                 ));
             }
             if name.len() > u16::MAX as usize {
@@ -114,35 +111,40 @@ impl Image {
             if bits != 16 {
                 return Err(invalid("compat=0.10 requires refcount_bits=16".into()));
             }
+            if incompatible & Incompatible::EXTERNAL_DATA_FILE != 0 {
+                return Err(invalid("Cannot downgrade an image with a data file".into()));
+            }
             let blocking = incompatible & !(Incompatible::DIRTY | Incompatible::COMPRESSION_TYPE);
             if blocking != 0 {
                 return Err(invalid(format!(
                     "Cannot downgrade an image with incompatible features {blocking:#x} set"
                 )));
             }
-            // Beyond what qemu-img checks: it would leak the bitmaps and lose zero clusters in
-            // snapshots' tables this engine does not rewrite.
-            if snapshots > 0 {
-                return Err(invalid(
-                    "downgrading an image with internal snapshots is not supported by this engine"
-                        .into(),
-                ));
-            }
+            // Beyond what qemu-img checks: it would leak the bitmaps.
             if !self.bitmaps().is_empty() {
                 return Err(invalid(
                     "downgrading an image with persistent bitmaps would drop them; remove them first".into(),
                 ));
             }
+            // QEMU looks at the active layer only; a snapshot's zstd clusters would read as
+            // zlib in a v2 image.
             if incompatible & Incompatible::COMPRESSION_TYPE != 0
-                && self.map(0, self.size())?.iter().any(|e| e.compressed())
+                && (self.map(0, self.size())?.iter().any(|e| e.compressed())
+                    || (snapshots > 0 && self.snapshots_have_compressed()?))
             {
                 return Err(invalid(
-                    "zstd-compressed clusters cannot be kept in a compat=0.10 image".into(),
+                    "Cannot downgrade an image with zstd compression type and existing compressed clusters".into(),
                 ));
             }
+            if options.size.is_none() {
+                // With a new size QEMU's rule compares with that one: checked after the resize.
+                self.snapshots_allow_downgrade()?;
+            }
         }
-        progress(0.0);
+        let operations = u64::from(version != old_version) + u64::from(bits != old_bits);
+        let mut progress = AmendProgress::new(operations, progress);
         if version > old_version {
+            progress.status(Operation::Upgrade, 0, 2);
             let mut m = self.meta_mut();
             self.rewrite_header(&mut m, |h| {
                 h.version = 3;
@@ -150,12 +152,13 @@ impl Image {
                 h.extensions.has_feature_table = true;
                 h.extensions.feature_names = qemu_feature_table();
             })?;
+            progress.status(Operation::Upgrade, 1, 2);
+            progress.status(Operation::Upgrade, 2, 2);
         }
         if bits != old_bits {
             let mut m = self.meta_mut();
-            self.change_refcount_order(&mut m, bits.trailing_zeros())?;
+            self.change_refcount_order(&mut m, bits.trailing_zeros(), &mut progress)?;
         }
-        progress(0.5);
         let lazy = options.lazy_refcounts.unwrap_or(lazy_now) && version >= 3;
         if lazy != lazy_now {
             let mut m = self.meta_mut();
@@ -174,17 +177,26 @@ impl Image {
         if options.data_file.is_some() || drop_raw {
             let mut m = self.meta_mut();
             self.rewrite_header(&mut m, |h| {
+                // An empty name drops it, as in QEMU: the image then opens only with a data
+                // file given by the caller (QEMU's `data-file` option).
                 if let Some(name) = &options.data_file {
-                    h.extensions.data_file = Some(name.as_bytes().to_vec());
+                    h.extensions.data_file = (!name.is_empty()).then(|| name.as_bytes().to_vec());
                 }
                 if drop_raw {
                     h.autoclear_features &= !Autoclear::RAW_EXTERNAL_DATA;
                 }
             })?;
         }
+        if let Some(size) = options.size {
+            self.resize(size, false)?;
+        }
         if version < old_version {
-            self.expand_zero_clusters()?;
-            progress(0.9);
+            if options.size.is_some() {
+                self.snapshots_allow_downgrade()?;
+            }
+            self.expand_zero_clusters(&mut |done, total| {
+                progress.status(Operation::Downgrade, done, total)
+            })?;
             let mut m = self.meta_mut();
             self.flush_all(&mut m)?;
             self.rewrite_header(&mut m, |h| {
@@ -201,54 +213,27 @@ impl Image {
             })?;
             m.ws_mut()?.lazy = false;
         }
-        progress(1.0);
-        Ok(())
-    }
-
-    /// Zero clusters as v2 can hold them: without a backing file an unallocated cluster reads
-    /// as zeros; otherwise (or where a host cluster stays preallocated) zeros are written.
-    fn expand_zero_clusters(&self) -> Result<()> {
-        let size = self.size();
-        let cs = self.cluster_size();
-        let has_backing = self.backing.is_some();
-        let zeros: Vec<(u64, u64, bool)> = self
-            .map(0, size)?
-            .into_iter()
-            .filter(|e| e.depth == 0)
-            .filter_map(|e| match e.kind {
-                ExtentKind::Zero { host_offset } => {
-                    Some((e.start, e.length, host_offset.is_some() || has_backing))
-                }
-                _ => None,
-            })
-            .collect();
-        let buf = vec![0u8; cs as usize];
-        for (start, len, write) in zeros {
-            let mut pos = start;
-            while pos < start + len {
-                let n = cs.min(start + len - pos);
-                if write {
-                    self.write_at(&buf[..n as usize], pos)?;
-                } else {
-                    let mut m = self.meta_mut();
-                    self.mark_dirty(&mut m)?;
-                    self.link_cluster(&mut m, pos, 0, 0)?;
-                    self.keep_cache_bounded(&mut m)?;
-                }
-                pos += n;
-            }
-        }
         Ok(())
     }
 
     /// New refcount structures of width `1 << order` past the end of the file, switched in by
     /// one header sector that names the new table and order together.
-    fn change_refcount_order(&self, m: &mut Meta, order: u32) -> Result<()> {
+    fn change_refcount_order(
+        &self,
+        m: &mut Meta,
+        order: u32,
+        progress: &mut AmendProgress<'_>,
+    ) -> Result<()> {
         self.flush_all(m)?;
         let mut scratch = CheckReport::default();
         let counts = self.count_references(m, &mut scratch)?.counts;
         let max = refcount::max_refcount(order);
-        if let Some((&cluster, &count)) = counts.iter().find(|(_, &c)| c > max) {
+        // The first offending cluster in file order, as QEMU's walk finds it.
+        if let Some((&cluster, &count)) = counts
+            .iter()
+            .filter(|(_, &c)| c > max)
+            .min_by_key(|(&k, _)| k)
+        {
             return Err(Error::InvalidArgument {
                 image: self.name.clone(),
                 reason: format!(
@@ -258,6 +243,36 @@ impl Image {
                 ),
             });
         }
+        let cs = m.header.cluster_size();
+        let change = {
+            let refcounts = &m.ws()?.refcounts;
+            WidthChange {
+                reftable_entries: refcounts.reftable_clusters as u64 * cs / 8,
+                old_per_block: refcount::entries_per_block(
+                    m.header.cluster_bits,
+                    m.header.refcount_order,
+                ),
+                new_per_block: refcount::entries_per_block(m.header.cluster_bits, order),
+                entries_per_cluster: cs / 8,
+            }
+        };
+        let walks = {
+            let refcounts = &m.ws()?.refcounts;
+            let table = refcounts.reftable_offset / cs;
+            let structures = (table..table + refcounts.reftable_clusters as u64)
+                .chain(refcounts.refblocks().map(|(_, o)| o / cs));
+            change.allocating_walks(
+                counts
+                    .iter()
+                    .filter(|(_, &c)| c > 0)
+                    .map(|(&k, _)| k)
+                    .chain(structures),
+            )
+        };
+        // QEMU's allocating walks come first; the one writing the blocks ends the change.
+        for index in 0..walks {
+            change.walk(index, (index + 2).max(3), progress);
+        }
         let not_before = m.ws()?.alloc_end;
         let new = self.write_refcounts(m, counts, order, not_before, "new")?;
         self.rewrite_header(m, |h| {
@@ -265,6 +280,8 @@ impl Image {
             h.refcount_table_clusters = new.table_clusters as u32;
             h.refcount_order = order;
         })?;
-        self.adopt_refcounts(m, &new, order)
+        self.adopt_refcounts(m, &new, order)?;
+        change.walk(walks, walks + 1, progress);
+        Ok(())
     }
 }

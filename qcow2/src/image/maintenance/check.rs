@@ -130,6 +130,9 @@ impl References<'_> {
                 report
                     .messages
                     .push(format!("ERROR: overflow cluster offset={:#x}", k * cs));
+                report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
+                );
                 continue;
             }
             *count += 1;

@@ -52,6 +52,8 @@ pub struct ImageInfo {
     pub backing_file: Option<String>,
     /// The backing format from the header extension.
     pub backing_format: Option<String>,
+    /// Whether guest data lives in an external data file (named or not).
+    pub has_data_file: bool,
     /// The external data file name from the header extension.
     pub data_file: Option<String>,
     /// The raw external data autoclear bit.
@@ -91,6 +93,7 @@ impl Image {
                 .as_ref()
                 .filter(|_| h.backing_file.is_some())
                 .map(|f| String::from_utf8_lossy(f).into_owned()),
+            has_data_file: h.has_external_data_file(),
             data_file: self.data_file_name.clone(),
             data_file_raw: h.autoclear_features & Autoclear::RAW_EXTERNAL_DATA != 0,
             file_length: m.file_len,

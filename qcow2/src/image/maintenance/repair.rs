@@ -230,11 +230,12 @@ impl Image {
                 reason: format!("the {what} refcount table would exceed its 8 MiB limit"),
             });
         }
-        // Layout: [start, start + table) the table, then one block per reftable entry in use.
-        let table_offset = start * cs;
-        let blocks_start = start + table_clusters;
+        // Layout: the blocks from `start` on, one per reftable entry in use, then the table (the
+        // order QEMU allocates them in).
+        let blocks_start = start;
+        let table_offset = (start + blocks) * cs;
         let mut all = counts;
-        for k in start..blocks_start + blocks {
+        for k in start..start + blocks + table_clusters {
             *all.entry(k).or_insert(0) += 1;
         }
         let max = refcount::max_refcount(order);
@@ -256,7 +257,7 @@ impl Image {
         Ok(NewRefcounts {
             table_offset,
             table_clusters,
-            end: blocks_start + blocks,
+            end: start + blocks + table_clusters,
         })
     }
 

@@ -22,6 +22,17 @@ impl Image {
         preallocation: Preallocation,
     ) -> Result<()> {
         self.require_writable()?;
+        {
+            // A v2 snapshot need not record its disk size, so after a resize nothing would say
+            // which size its tables describe (QEMU's rule).
+            let m = self.meta();
+            if m.header.version < 3 && !m.snapshots.is_empty() {
+                return Err(Error::InvalidArgument {
+                    image: self.name.clone(),
+                    reason: "Can't resize a v2 image which has snapshots".into(),
+                });
+            }
+        }
         if new_size > crate::format::limits::MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidArgument {
                 image: self.name.clone(),
