@@ -209,19 +209,29 @@ impl Image {
                 progress(done, total);
             }
         }
-        // Whole clusters, in runs: what the image reads now becomes its own data.
+        // Whole clusters, in runs: what the image reads now becomes its own data. Past the old
+        // backing file's end the image reads zeros of its own, which it keeps as zero clusters
+        // (as qemu-img does), not as zeros written out.
+        let old_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let past_old_end = |cluster: u64| cluster * cs >= old_end;
         let mut buf = Vec::new();
         let mut i = 0;
         while i < changed.len() {
             let mut j = i + 1;
             while j < changed.len()
                 && changed[j] == changed[j - 1] + 1
+                && past_old_end(changed[j]) == past_old_end(changed[i])
                 && (j - i) as u64 * cs < CHUNK
             {
                 j += 1;
             }
             let start = changed[i] * cs;
             let end = ((changed[j - 1] + 1) * cs).min(size);
+            if past_old_end(changed[i]) {
+                self.write_zeroes(start, end - start, false)?;
+                i = j;
+                continue;
+            }
             buf.resize((end - start) as usize, 0);
             self.read_at(&mut buf, start)?;
             if compress {

@@ -11,6 +11,7 @@ use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::CompressedDescriptor;
+use crate::image::map::{Extent, ExtentKind};
 use crate::image::layer::Layer;
 use crate::image::{Image, Meta};
 
@@ -800,17 +801,21 @@ impl Image {
                     continue;
                 }
             }
-            // A part of a grain whose other bytes already read as zeros becomes a zeroed grain,
-            // not zeros written as data (QEMU widens such requests the same way).
+            // A part of a grain whose other bytes already read as zeros through the chain
+            // becomes a zeroed grain, not zeros written as data (QEMU widens such requests the
+            // same way, asking the whole chain).
             let (mut g_start, mut g_end) = (g_start, g_end);
             if v3 && !external {
                 let head = in_cluster - in_cluster % grain;
-                if head < g_start && self.reads_zero_by_status(m, cluster_start + head, grain)? {
+                if head < g_start
+                    && self.reads_zero_by_status(m, cluster_start + head, in_cluster - head)?
+                {
                     g_start = head;
                 }
-                let tail_end = (chunk_end - cluster_start).next_multiple_of(grain).min(cs);
-                if g_end < chunk_end - cluster_start
-                    && self.reads_zero_by_status(m, cluster_start + g_end, tail_end - g_end)?
+                let request_end = chunk_end - cluster_start;
+                let tail_end = request_end.next_multiple_of(grain).min(cs);
+                if g_end < request_end
+                    && self.reads_zero_by_status(m, chunk_end, tail_end - request_end)?
                 {
                     g_end = tail_end;
                 }
@@ -836,24 +841,21 @@ impl Image {
         Ok(())
     }
 
-    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone: zero flags, or
-    /// nothing allocated with no backing file below (data that happens to be zero does not count).
+    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone, through the whole
+    /// chain: zero flags, nothing allocated down to the bottom, or past a shorter backing file
+    /// (data that happens to be zero does not count). The part past the disk's end counts.
     fn reads_zero_by_status(&self, m: &Meta, offset: u64, len: u64) -> Result<bool> {
-        let mut pos = offset;
         let end = (offset + len).min(m.header.size);
-        while pos < end {
-            let (run, n) = self.lookup(m, m.active(), pos, end - pos)?;
-            let zero = match run {
-                crate::image::layer::Run::Zero { .. } => true,
-                crate::image::layer::Run::Unallocated => self.backing.is_none(),
-                _ => false,
-            };
-            if !zero || n == 0 {
-                return Ok(false);
-            }
-            pos += n;
+        if offset >= end {
+            return Ok(true);
         }
-        Ok(true)
+        let mut extents = Vec::new();
+        self.map_layer(m, m.active(), offset, end - offset, 0, &mut extents)?;
+        // This image's own data counts as data even over a hole of the file, as QEMU's zero
+        // write only widens over grains it has not allocated.
+        let own_data =
+            |e: &Extent| e.depth == 0 && matches!(e.kind, ExtentKind::DataHole { .. });
+        Ok(extents.iter().all(|e| e.zero() && !own_data(e)))
     }
 
     /// Sets zero flags for whole grains `[start, end)` of one cluster.
