@@ -349,3 +349,37 @@ fn commit_of_zeros_frees_the_base_clusters_as_qemu_img_does() {
     let check = |d: &Path| stdout(&qemu_in(d, &["check", "base.qcow2"]));
     assert_eq!(check(&ours), check(&theirs));
 }
+
+#[test]
+fn rebase_from_no_backing_file_keeps_its_zeros_as_zero_clusters_like_qemu_img() {
+    // Where the old chain ended (here: no backing file at all), the image read zeros; under the
+    // new backing file they must stay zeros, as zero clusters (iotest 252 compares the maps).
+    let dir = scratch_dir("rebase_zeros");
+    let orig = dir.join("orig");
+    std::fs::create_dir_all(&orig).unwrap();
+    img(&orig, "create -q -f qcow2 top.qcow2 384k");
+    img(&orig, "create -q -f qcow2 new.qcow2 384k");
+    io(&orig, "qcow2", "top.qcow2", &["write -P 0x22 0 128k"]);
+    io(
+        &orig,
+        "qcow2",
+        "new.qcow2",
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x11 128k 64k",
+            "write -P 0x11 256k 64k",
+        ],
+    );
+    let chain = Chain {
+        files: vec![("new.qcow2", "qcow2"), ("top.qcow2", "qcow2")],
+    };
+    let (ours, theirs) = run_both(
+        &orig,
+        &dir.join("work"),
+        &chain,
+        &["rebase", "-b", "new.qcow2", "-F", "qcow2"],
+    );
+    let map = qemu_map(&ours, "top.qcow2");
+    assert_eq!(map, qemu_map(&theirs, "top.qcow2"));
+    assert!(map.contains("\"zero\": true, \"data\": false"), "{map}");
+}

@@ -11,8 +11,8 @@ use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::CompressedDescriptor;
-use crate::image::map::{Extent, ExtentKind};
 use crate::image::layer::Layer;
+use crate::image::map::{Extent, ExtentKind};
 use crate::image::{Image, Meta};
 
 /// Subcluster bitmap with every subcluster reading as zeros.
@@ -853,8 +853,7 @@ impl Image {
         self.map_layer(m, m.active(), offset, end - offset, 0, &mut extents)?;
         // This image's own data counts as data even over a hole of the file, as QEMU's zero
         // write only widens over grains it has not allocated.
-        let own_data =
-            |e: &Extent| e.depth == 0 && matches!(e.kind, ExtentKind::DataHole { .. });
+        let own_data = |e: &Extent| e.depth == 0 && matches!(e.kind, ExtentKind::DataHole { .. });
         Ok(extents.iter().all(|e| e.zero() && !own_data(e)))
     }
 
