@@ -110,6 +110,8 @@ struct Session {
     ejected: bool,
     /// Each write is flushed before it completes (the cache mode's write-through).
     writethrough: bool,
+    /// The image sits under a `compress` filter: its writes go out compressed.
+    compress: bool,
 }
 
 impl Session {
@@ -133,11 +135,17 @@ impl Session {
     }
 
     fn open_target(&mut self, spec: OpenSpec) -> Result<(), String> {
-        let target = if spec.snapshot {
-            self.open_temporary_copy(&spec)
+        let filtered = crate::compress_filter::inner_spec(&spec);
+        let under = filtered.as_ref().unwrap_or(&spec);
+        let target = if under.snapshot {
+            self.open_temporary_copy(under)
         } else {
-            spec.open()
+            under.open()
         }?;
+        if filtered.is_some() {
+            crate::compress_filter::check_inner(&target)?;
+        }
+        self.compress = filtered.is_some();
         self.writable = !spec.read_only
             && !spec
                 .options
@@ -398,6 +406,7 @@ pub fn run(args: Args) -> CmdResult {
         image_opts: args.image_opts > 0,
         temp: None,
         ejected: false,
+        compress: false,
         writethrough: match args.cache.last() {
             Some(mode) => is_writethrough(mode),
             None => !args.nocache,
@@ -548,9 +557,10 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("alloc", Target::Qcow2(image)) => alloc(image, rest),
         ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
         ("writev", t) => {
-            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)) && session.settle_write(t)
+            let c = session.compress;
+            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w, c)) && session.settle_write(t)
         }
-        ("write" | "w", t) => write("write", t, rest) && session.settle_write(t),
+        ("write" | "w", t) => write("write", t, rest, session.compress) && session.settle_write(t),
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
             Ok(size) => raw
@@ -900,7 +910,8 @@ fn read_error_text(e: &str) -> String {
     }
 }
 
-fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
+/// `write`; `compress_filter`: the image sits under a `compress` filter node.
+fn write(cmd: &str, target: &Target, words: &[&str], compress_filter: bool) -> bool {
     let Ok((flags, first)) = getopt(cmd, words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
@@ -1018,6 +1029,10 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         if compressed {
             write_compressed(image, &buf, offset)
+        } else if compress_filter {
+            crate::compress_filter::write(image, &buf, offset, |whole, at| {
+                write_compressed(image, whole, at)
+            })
         } else {
             image
                 .write_at(&buf, offset)

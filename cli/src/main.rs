@@ -12,6 +12,7 @@ mod blkdebug;
 mod check;
 mod commit;
 mod compare;
+mod compress_filter;
 mod convert;
 mod convert_bitmaps;
 mod convert_copy;
