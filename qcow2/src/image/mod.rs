@@ -241,6 +241,8 @@ pub struct Image {
     gate: quiesce::WriteGate,
     /// What repairing the image at open printed, as qemu-img prints it (a dirty image).
     open_repair_messages: Vec<String>,
+    /// Whether the image looks metadata-preallocated, guessed once (`preallocated`).
+    preallocation_guess: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -504,6 +506,7 @@ impl Image {
             last_compressed: Mutex::new(None),
             gate: quiesce::WriteGate::default(),
             open_repair_messages: Vec::new(),
+            preallocation_guess: std::sync::OnceLock::new(),
         })
     }
 

@@ -952,15 +952,27 @@ impl Image {
         self.keep_cache_bounded(&mut m)
     }
 
-    /// Drops a cluster's mapping entirely and frees its host cluster (for shrinking).
-    pub(crate) fn unmap_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
+    /// Drops a cluster's mapping entirely and frees its host cluster (for shrinking). Returns
+    /// the host cluster of a plain or preallocated mapping, which the caller may give back to
+    /// the file system once nothing durable maps it.
+    pub(crate) fn unmap_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<Option<u64>> {
         let slot = self.writable_slot(m, cluster_start)?;
         if slot.entry == 0 && slot.bitmap == 0 {
-            return Ok(());
+            return Ok(None);
         }
         self.mark_dirty(m)?;
         self.set_slot(m, slot, 0, 0);
-        self.free_entry(m, slot.entry)
+        self.free_entry(m, slot.entry)?;
+        let freed = match classify_standard(slot.entry & !self.zero_bit_mask(m), false) {
+            ClusterMapping::Normal { host_offset }
+            | ClusterMapping::ZeroAllocated { host_offset }
+                if !m.header.has_external_data_file() =>
+            {
+                Some(host_offset)
+            }
+            _ => None,
+        };
+        Ok(freed)
     }
 
     fn discard_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
