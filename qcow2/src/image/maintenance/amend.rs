@@ -144,6 +144,9 @@ impl Image {
         progress(0.0);
         if version > old_version {
             let mut m = self.meta_mut();
+            // v3 entries need their known extra data: the table is completed first, so a cut
+            // leaves a v2 image with a longer (still valid) table.
+            self.complete_snapshot_entries(&mut m)?;
             self.rewrite_header(&mut m, |h| {
                 h.version = 3;
                 h.header_length = V3_HEADER_LENGTH;

@@ -51,17 +51,31 @@ impl Image {
         // only when nothing else is wrong (a flag fixed against a wrong refcount would be wrong).
         let fix_flags =
             mode == Repair::All || (first.corruptions == copied_found && first.check_errors == 0);
+        let incomplete = first
+            .messages
+            .iter()
+            .filter(|m| is_incomplete_snapshot(m))
+            .count() as u64;
+        // Refcounts all right (only snapshot entries to complete) need no rebuild.
+        let only_snapshots =
+            first.leaks == 0 && first.check_errors == 0 && first.corruptions == incomplete;
         let mut replaced = Vec::new();
         {
             let mut m = self.meta_mut();
             match mode {
                 Repair::Leaks => self.fix_leaks(&mut m)?,
+                Repair::All if only_snapshots => {}
                 Repair::All => replaced = self.rebuild_refcounts(&mut m)?,
             }
             if fix_flags {
                 self.fix_copied(&mut m)?;
             }
             self.flush_all(&mut m)?;
+            // With the refcounts right, incomplete snapshot entries can take fresh clusters
+            // (QEMU repairs them last too).
+            if mode == Repair::All && incomplete > 0 {
+                self.complete_snapshot_entries(&mut m)?;
+            }
         }
         let mut second = self.check()?;
         second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
@@ -350,6 +364,10 @@ fn is_copied_error(message: &str) -> bool {
     message.starts_with("ERROR OFLAG_COPIED")
 }
 
+fn is_incomplete_snapshot(message: &str) -> bool {
+    message.starts_with("ERROR snapshot table entry ") && message.ends_with(" is incomplete")
+}
+
 /// What qemu-img prints while repairing: the refcount comparison's findings; then either the
 /// rebuild, whose replaced structures it reports as repaired leaks, or the comparison again with
 /// what it fixes, then the COPIED flags (`fix_flags`: fixed, else as still found).
@@ -364,7 +382,10 @@ fn repair_transcript(
         .messages
         .iter()
         .filter(|m| !is_copied_error(m))
-        .cloned()
+        .map(|m| match mode {
+            Repair::All if is_incomplete_snapshot(m) => m.replacen("ERROR", "Repairing", 1),
+            _ => m.clone(),
+        })
         .collect();
     if let Some(replaced) = rebuilt {
         out.push("Rebuilding refcount structure".into());
