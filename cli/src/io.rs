@@ -572,7 +572,7 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("flush" | "f", Target::Qcow2(image)) => flush(image),
         ("flush" | "f", Target::Raw(raw)) => raw.flush().is_ok(),
         ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
-        ("discard" | "d", Target::Raw(_)) => discard_raw(rest),
+        ("discard" | "d", Target::Raw(raw)) => discard_raw(raw, rest),
         _ => false,
     };
     if let Some(Target::Qcow2(image)) = &session.target {
@@ -1162,13 +1162,21 @@ fn alloc_raw(raw: &RawImage, words: &[&str]) -> bool {
 }
 
 /// `discard` on a raw image: accepted without effect (a hint QEMU may ignore too).
-fn discard_raw(words: &[&str]) -> bool {
+fn discard_raw(raw: &RawImage, words: &[&str]) -> bool {
     let Ok((flags, first)) = getopt("discard", words, "Cq", DISCARD_USAGE) else {
         return false;
     };
     let Ok((offset, len)) = range_args(&words[first..], DISCARD_USAGE, Some("")) else {
         return false;
     };
+    if !in_bounds(offset, len, raw.size_now()) {
+        outln!("discard failed: Input/output error");
+        return false;
+    }
+    if let Err(e) = raw.discard(offset, len) {
+        outln!("discard failed: {}", io_text(&e));
+        return false;
+    }
     if !flags.iter().any(|(c, _)| *c == 'q') {
         print_report("discard", offset, len, Duration::ZERO);
     }
