@@ -448,3 +448,52 @@ fn a_raw_discard_punches_a_hole_like_qemu_io() {
         std::fs::read(&theirs).unwrap()
     );
 }
+
+#[test]
+fn a_write_over_an_invalid_subcluster_bitmap_is_refused_and_marks_the_image_corrupt() {
+    // iotest 271: an allocated cluster whose subcluster 0 is both allocated and zero. QEMU
+    // refuses the write and marks the image corrupt; acknowledging it would build on metadata
+    // known to be wrong.
+    let dir = scratch_dir("io_write_invalid_bitmap");
+    for bitmap in [0x0000_0001_ffff_ffffu64, 0x0000_0001_0000_0001] {
+        let (ours, theirs) = image_pair(&dir, "extended_l2=on", "1M");
+        for p in [&ours, &theirs] {
+            let out = qemu_io(&["-c", "write -q -P 1 64k 64k", path_str(p)]);
+            assert_eq!(code(&out), 0);
+            // L2 entry 1 (the second cluster) of the table at 0x40000.
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&bitmap.to_be_bytes(), 0x40000 + 16 + 8)
+                .unwrap();
+        }
+        let o = tool(&["io", "-c", "write 0 192k", path_str(&ours)]);
+        let q = qemu_io(&["-c", "write 0 192k", path_str(&theirs)]);
+        no_panic(&o);
+        assert_eq!(stdout(&o), stdout(&q), "{bitmap:#x}");
+        assert!(stdout(&o).contains("write failed: Input/output error"));
+        for p in [&ours, &theirs] {
+            let info = qcow2_testdata::qemu_info(p);
+            assert_eq!(
+                info["format-specific"]["data"]["corrupt"],
+                serde_json::Value::Bool(true),
+                "{bitmap:#x}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_compressed_cluster_reads_whatever_its_unused_bitmap_holds_like_qemu_io() {
+    let dir = scratch_dir("io_write_compressed_bitmap");
+    let (ours, _) = image_pair(&dir, "extended_l2=on", "1M");
+    let out = qemu_io(&["-c", "write -q -c -P 7 0 64k", path_str(&ours)]);
+    assert_eq!(code(&out), 0);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&ours).unwrap();
+    f.write_all_at(&0x0000_0001_8000_0000u64.to_be_bytes(), 0x40000 + 8)
+        .unwrap();
+    let o = tool(&["io", "-c", "read -P 7 0 64k", path_str(&ours)]);
+    let q = qemu_io(&["-c", "read -P 7 0 64k", path_str(&ours)]);
+    assert_eq!(without_timings(&stdout(&o)), without_timings(&stdout(&q)));
+    assert!(stdout(&o).starts_with("read 65536/65536"), "{}", stdout(&o));
+}

@@ -212,9 +212,11 @@ impl Error {
     }
 
     /// Whether this corruption, found while writing, means the image must be marked corrupt
-    /// (QEMU's "corruption events": metadata a write depends on is invalid).
+    /// (QEMU's "corruption events": metadata a write depends on is invalid, an unaligned
+    /// refcount block or an invalid L2 entry).
     pub(crate) fn marks_image_corrupt(&self) -> bool {
-        matches!(self, Error::Corrupt { structure, .. } if structure == UNALIGNED_REFBLOCK)
+        matches!(self, Error::Corrupt { structure, .. }
+            if structure == UNALIGNED_REFBLOCK || structure.starts_with("L2 entry "))
     }
 
     /// A corruption at a place in the image.

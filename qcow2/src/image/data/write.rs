@@ -276,6 +276,25 @@ impl Image {
         } else {
             (be_u64_at(&table, index), 0)
         };
+        // A write must not build on an entry whose subclusters say contradictory things: the
+        // image is corrupt (QEMU refuses and marks it so; a compressed entry's bitmap is unused).
+        if extended
+            && !matches!(
+                classify_standard(entry, false),
+                ClusterMapping::Compressed { .. }
+            )
+        {
+            let external = m.header.has_external_data_file();
+            let allocated = entry & OFFSET_MASK != 0 || (external && entry & COPIED != 0);
+            if !crate::format::table::SubclusterBitmap(bitmap).is_valid(allocated) {
+                return Err(Error::corrupt(
+                    &self.name,
+                    format!("L2 entry {index}"),
+                    l2_offset + index as u64 * m.header.l2_entry_size(),
+                    format!("invalid subcluster bitmap {bitmap:#018x}"),
+                ));
+            }
+        }
         Ok(Slot {
             l2_offset,
             index,
@@ -763,6 +782,27 @@ impl Image {
             cs
         };
         let end = offset + len;
+        if v3 && !external && extended {
+            // QEMU zeroes the grain-aligned middle of a request in one go and writes it as
+            // data when that touches part of a compressed cluster (which has no subclusters);
+            // the unaligned head and tail are pieces of their own.
+            let mid_start = offset.next_multiple_of(grain);
+            let mid_end = if end >= m.header.size {
+                end
+            } else {
+                end - end % grain
+            };
+            if mid_start < mid_end && (mid_start > offset || mid_end < end) {
+                // Piece by piece, in order: the head may turn a compressed cluster into a
+                // plain one before the middle is looked at.
+                self.zero_range(m, offset, mid_start - offset, unmap)?;
+                self.zero_range(m, mid_start, mid_end - mid_start, unmap)?;
+                return self.zero_range(m, mid_end, end - mid_end, unmap);
+            }
+            if mid_start < mid_end && self.partly_compressed(m, mid_start, mid_end)? {
+                return self.write_zero_data(m, mid_start, mid_end);
+            }
+        }
         let mut pos = offset;
         while pos < end {
             let cluster_start = pos & !(cs - 1);
@@ -836,6 +876,41 @@ impl Image {
                 let zeros = vec![0u8; (chunk_end - tail_start) as usize];
                 self.write_cluster(m, tail_start, &zeros)?;
             }
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Whether the first or last cluster of `[start, end)` is compressed and only partly inside
+    /// the range.
+    fn partly_compressed(&self, m: &Meta, start: u64, end: u64) -> Result<bool> {
+        let cs = m.header.cluster_size();
+        let disk_end = m.header.size;
+        for (at, partial) in [
+            (
+                start,
+                start % cs != 0 || (end < start - start % cs + cs && end < disk_end),
+            ),
+            (end - 1, end % cs != 0 && end < disk_end),
+        ] {
+            if partial {
+                let (run, _) = self.lookup(m, m.active(), at, 1)?;
+                if matches!(run, crate::image::layer::Run::Compressed { .. }) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes zeros as data over `[start, end)`, a cluster at a time.
+    fn write_zero_data(&self, m: &mut Meta, start: u64, end: u64) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let mut pos = start;
+        while pos < end {
+            let chunk_end = (pos - pos % cs + cs).min(end);
+            let zeros = vec![0u8; (chunk_end - pos) as usize];
+            self.write_cluster(m, pos, &zeros)?;
             pos = chunk_end;
         }
         Ok(())
