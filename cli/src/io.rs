@@ -546,6 +546,9 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         return Flow::Done(false);
     };
     let succeeded = match (name, target) {
+        ("read" | "r", Target::Qcow2(image)) => {
+            read("read", &crate::corruption_event::Reporting(image), rest)
+        }
         ("read" | "r", t) => read("read", t.guest(), rest),
         ("readv", t) => vectored(rest, READV_USAGE, |words| read("readv", t.guest(), words)),
         ("length" | "l", t) => {
@@ -1014,12 +1017,8 @@ fn write(cmd: &str, target: &Target, words: &[&str], compress_filter: bool) -> b
     let started = Instant::now();
     let was_corrupt = image.header().is_corrupt();
     let errno = |e: qcow2::Error| {
-        if let qcow2::Error::Corrupt { reason, .. } = &e {
-            if !was_corrupt && image.header().is_corrupt() {
-                errln!(
-                    "qcow2: Marking image as corrupt: {reason}; further corruption events will be suppressed"
-                );
-            }
+        if let qcow2::Error::Corrupt { .. } = &e {
+            crate::corruption_event::report(image, &e, was_corrupt, false);
         }
         errno_text(&e)
     };

@@ -17,6 +17,7 @@ mod convert;
 mod convert_bitmaps;
 mod convert_copy;
 mod convert_existing;
+mod corruption_event;
 mod create;
 mod dd;
 mod info;

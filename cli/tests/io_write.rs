@@ -497,3 +497,37 @@ fn a_compressed_cluster_reads_whatever_its_unused_bitmap_holds_like_qemu_io() {
     assert_eq!(without_timings(&stdout(&o)), without_timings(&stdout(&q)));
     assert!(stdout(&o).starts_with("read 65536/65536"), "{}", stdout(&o));
 }
+
+#[test]
+fn a_read_over_an_invalid_l2_entry_marks_a_writable_image_corrupt_with_qemus_words() {
+    let dir = scratch_dir("io_read_invalid_entry");
+    // (L2 entry word 0, word 1): a contradictory bitmap, then an unaligned data cluster.
+    for (word0, word1) in [
+        (0x8000_0000_0006_0000u64, 0x0000_0001_ffff_ffffu64),
+        (0x8000_0000_0005_0200, 0x0000_0000_0000_0001),
+    ] {
+        let (ours, theirs) = image_pair(&dir, "extended_l2=on", "1M");
+        for p in [&ours, &theirs] {
+            assert_eq!(code(&qemu_io(&["-c", "write -q 0 128k", path_str(p)])), 0);
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            let mut entry = word0.to_be_bytes().to_vec();
+            entry.extend(word1.to_be_bytes());
+            f.write_all_at(&entry, 0x40000 + 16).unwrap();
+        }
+        let o = tool(&["io", "-c", "read 64k 64k", path_str(&ours)]);
+        let q = qemu_io(&["-c", "read 64k 64k", path_str(&theirs)]);
+        no_panic(&o);
+        assert_eq!(stdout(&o), stdout(&q), "{word0:#x}");
+        assert_eq!(
+            stderr(&o).replace("qcow2-tool:", "qemu-io:"),
+            stderr(&q),
+            "{word0:#x}"
+        );
+        let info = qcow2_testdata::qemu_info(&ours);
+        assert_eq!(
+            info["format-specific"]["data"]["corrupt"],
+            serde_json::Value::Bool(true)
+        );
+    }
+}

@@ -670,7 +670,16 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let m = self.meta();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
-        self.read_layer(&m, m.active(), buf, offset)
+        let result = self.read_layer(&m, m.active(), buf, offset);
+        drop(m);
+        if let Err(e) = &result {
+            // Invalid metadata met by a read of a writable image marks it corrupt, as QEMU
+            // does, so no later write builds on it.
+            if self.writable && e.marks_image_corrupt() {
+                self.mark_corrupt(&mut self.meta_mut());
+            }
+        }
+        result
     }
 
     pub(crate) fn check_bounds(&self, offset: u64, len: u64, size: u64) -> Result<()> {
