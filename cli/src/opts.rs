@@ -5,6 +5,11 @@
 use qcow2::format::CompressionType;
 use qcow2::{CreateOptions, Preallocation};
 
+/// create's refusal of a disk whose L1 table would exceed QEMU's limit (`measure` words it
+/// without the format name, as qemu-img measure does).
+pub const IMAGE_TOO_LARGE: &str =
+    "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
+
 /// qemu's QCOW_MAX_L1_SIZE, in bytes.
 const MAX_L1_BYTES: u64 = 0x0200_0000;
 /// The largest image size qemu-img accepts.
@@ -406,10 +411,7 @@ impl Qcow2Opts {
         let l2_entries = cluster_size / if extended_l2 { 16 } else { 8 };
         let l1_entries = size.div_ceil(cluster_size * l2_entries);
         if l1_entries > MAX_L1_BYTES / 8 {
-            return Err(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                    .into(),
-            );
+            return Err(IMAGE_TOO_LARGE.into());
         }
         Ok(CreateOptions::new(size)
             .cluster_size(cluster_size)
