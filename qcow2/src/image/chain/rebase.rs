@@ -166,7 +166,14 @@ impl Image {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         let size = self.size();
-        let cs = self.cluster_size();
+        // The unit copied: a subcluster where the image has them (QEMU aligns its copies so,
+        // leaving the other subclusters unallocated), else a cluster; compressed writes take
+        // whole clusters.
+        let cs = if self.header().extended_l2() && !compress {
+            self.cluster_size() / crate::format::limits::SUBCLUSTERS_PER_CLUSTER as u64
+        } else {
+            self.cluster_size()
+        };
         let below: Vec<(u64, u64)> = self
             .map(0, size)?
             .into_iter()
@@ -176,7 +183,7 @@ impl Image {
         let total: u64 = below.iter().map(|e| e.1).sum();
         let mut done = 0;
         progress(done, total);
-        // Cluster indices to copy, ascending.
+        // Unit indices to copy, ascending.
         let mut changed: Vec<u64> = Vec::new();
         let (mut old_buf, mut new_buf) = (Vec::new(), Vec::new());
         for (start, length) in below {
