@@ -368,13 +368,6 @@ impl Qcow2Opts {
                     .into(),
             );
         }
-        if self.backing_file.is_some() && preallocation != Preallocation::Off {
-            // The engine's preallocation marks every subcluster allocated, which would hide
-            // the backing file's data (qemu leaves them unallocated).
-            return Err(
-                "Preallocation with a backing file is not supported by qcow2-tool yet".into(),
-            );
-        }
         let data_file_raw = self.data_file_raw.as_ref().is_some_and(|b| b.value);
         if self.data_file.is_some() && version < 3 {
             return Err(

@@ -73,7 +73,13 @@ impl Image {
                 m.header.size = old_size;
                 zeroed?;
             }
-            self.preallocate_locked(&mut m, old_size, new_size, preallocation)?;
+            self.preallocate_locked(
+                &mut m,
+                old_size,
+                new_size,
+                preallocation,
+                backing_end > old_size,
+            )?;
             return self.publish_size(&mut m, new_size);
         }
         // Shrink: everything past the new end must be unallocated, or the caller accepts the loss.
