@@ -280,6 +280,12 @@ impl<S: Storage> Storage for Blkdebug<S> {
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
         self.inner.hole_at(offset, len)
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
     fn identity(&self) -> Option<qcow2::storage::FileIdentity> {
         self.inner.identity()
     }

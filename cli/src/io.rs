@@ -117,6 +117,8 @@ struct Session {
     writethrough: bool,
     /// Reads copy what they find below the image into it.
     copy_on_read: Option<CopyOnRead>,
+    /// The image sits under a `compress` filter: its writes go out compressed.
+    compress: bool,
 }
 
 impl Session {
@@ -142,11 +144,17 @@ impl Session {
     fn open_target(&mut self, asked: OpenSpec) -> Result<(), String> {
         let mut spec = asked.clone();
         let copy_on_read = crate::copy_on_read::take_from(&mut spec)?;
-        let target = if spec.snapshot {
-            self.open_temporary_copy(&spec)
+        let filtered = crate::compress_filter::inner_spec(&spec);
+        let under = filtered.as_ref().unwrap_or(&spec);
+        let target = if under.snapshot {
+            self.open_temporary_copy(under)
         } else {
-            spec.open()
+            under.open()
         }?;
+        if filtered.is_some() {
+            crate::compress_filter::check_inner(&target)?;
+        }
+        self.compress = filtered.is_some();
         self.writable = !spec.read_only
             && !spec
                 .options
@@ -418,6 +426,7 @@ pub fn run(args: Args) -> CmdResult {
         temp: None,
         ejected: false,
         copy_on_read: None,
+        compress: false,
         writethrough: match args.cache.last() {
             Some(mode) => is_writethrough(mode),
             None => !args.nocache,
@@ -579,9 +588,10 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("alloc", Target::Qcow2(image)) => alloc(image, rest),
         ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
         ("writev", t) => {
-            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)) && session.settle_write(t)
+            let c = session.compress;
+            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w, c)) && session.settle_write(t)
         }
-        ("write" | "w", t) => write("write", t, rest) && session.settle_write(t),
+        ("write" | "w", t) => write("write", t, rest, session.compress) && session.settle_write(t),
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
             Ok(size) => raw
@@ -593,7 +603,7 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("flush" | "f", Target::Qcow2(image)) => flush(image),
         ("flush" | "f", Target::Raw(raw)) => raw.flush().is_ok(),
         ("discard" | "d", Target::Qcow2(image)) => discard(image, rest),
-        ("discard" | "d", Target::Raw(_)) => discard_raw(rest),
+        ("discard" | "d", Target::Raw(raw)) => discard_raw(raw, rest),
         _ => false,
     };
     if let Some(Target::Qcow2(image)) = &session.target {
@@ -902,6 +912,9 @@ fn read(cmd: &str, target: &Target, cor: Option<&CopyOnRead>, words: &[&str]) ->
         (false, Some(cor), Target::Qcow2(image)) => cor
             .read(image, &mut buf, offset)
             .map_err(|e| errno_text(&e)),
+        (false, None, Target::Qcow2(image)) => {
+            crate::source::Guest::read_at(&crate::corruption_event::Reporting(image), &mut buf, offset)
+        }
         _ => guest.read_at(&mut buf, offset),
     };
     if let Err(e) = result {
@@ -939,7 +952,8 @@ fn read_error_text(e: &str) -> String {
     }
 }
 
-fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
+/// `write`; `compress_filter`: the image sits under a `compress` filter node.
+fn write(cmd: &str, target: &Target, words: &[&str], compress_filter: bool) -> bool {
     let Ok((flags, first)) = getopt(cmd, words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
@@ -1063,12 +1077,8 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
     let started = Instant::now();
     let was_corrupt = image.header().is_corrupt();
     let errno = |e: qcow2::Error| {
-        if let qcow2::Error::Corrupt { reason, .. } = &e {
-            if !was_corrupt && image.header().is_corrupt() {
-                errln!(
-                    "qcow2: Marking image as corrupt: {reason}; further corruption events will be suppressed"
-                );
-            }
+        if let qcow2::Error::Corrupt { .. } = &e {
+            crate::corruption_event::report(image, &e, was_corrupt, false);
         }
         errno_text(&e)
     };
@@ -1078,6 +1088,10 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         if compressed {
             write_compressed(image, &buf, offset)
+        } else if compress_filter {
+            crate::compress_filter::write(image, &buf, offset, |whole, at| {
+                write_compressed(image, whole, at)
+            })
         } else {
             image
                 .write_at(&buf, offset)
@@ -1207,13 +1221,21 @@ fn alloc_raw(raw: &RawImage, words: &[&str]) -> bool {
 }
 
 /// `discard` on a raw image: accepted without effect (a hint QEMU may ignore too).
-fn discard_raw(words: &[&str]) -> bool {
+fn discard_raw(raw: &RawImage, words: &[&str]) -> bool {
     let Ok((flags, first)) = getopt("discard", words, "Cq", DISCARD_USAGE) else {
         return false;
     };
     let Ok((offset, len)) = range_args(&words[first..], DISCARD_USAGE, Some("")) else {
         return false;
     };
+    if !in_bounds(offset, len, raw.size_now()) {
+        outln!("discard failed: Input/output error");
+        return false;
+    }
+    if let Err(e) = raw.discard(offset, len) {
+        outln!("discard failed: {}", io_text(&e));
+        return false;
+    }
     if !flags.iter().any(|(c, _)| *c == 'q') {
         print_report("discard", offset, len, Duration::ZERO);
     }

@@ -129,7 +129,13 @@ pub fn run(args: Args) -> CmdResult {
             if matches!(opts.preallocation.as_deref(), Some("falloc" | "full")) {
                 opts.preallocation = None;
             }
-            let options = opts.to_create_options(size.max(512)).map_err(fail)?;
+            let options = opts.to_create_options(size.max(512)).map_err(|e| {
+                fail(if e == crate::opts::IMAGE_TOO_LARGE {
+                    "The image size is too large (try using a larger cluster size)".into()
+                } else {
+                    e
+                })
+            })?;
             let target = MeasureTarget::new(options.cluster_size)
                 .refcount_bits(options.refcount_bits)
                 .extended_l2(options.extended_l2)

@@ -5,6 +5,11 @@
 use qcow2::format::CompressionType;
 use qcow2::{CreateOptions, Preallocation};
 
+/// create's refusal of a disk whose L1 table would exceed QEMU's limit (`measure` words it
+/// without the format name, as qemu-img measure does).
+pub const IMAGE_TOO_LARGE: &str =
+    "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
+
 /// qemu's QCOW_MAX_L1_SIZE, in bytes.
 const MAX_L1_BYTES: u64 = 0x0200_0000;
 /// The largest image size qemu-img accepts.
@@ -363,13 +368,6 @@ impl Qcow2Opts {
                     .into(),
             );
         }
-        if self.backing_file.is_some() && preallocation != Preallocation::Off {
-            // The engine's preallocation marks every subcluster allocated, which would hide
-            // the backing file's data (qemu leaves them unallocated).
-            return Err(
-                "Preallocation with a backing file is not supported by qcow2-tool yet".into(),
-            );
-        }
         let data_file_raw = self.data_file_raw.as_ref().is_some_and(|b| b.value);
         if self.data_file.is_some() && version < 3 {
             return Err(
@@ -406,10 +404,7 @@ impl Qcow2Opts {
         let l2_entries = cluster_size / if extended_l2 { 16 } else { 8 };
         let l1_entries = size.div_ceil(cluster_size * l2_entries);
         if l1_entries > MAX_L1_BYTES / 8 {
-            return Err(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                    .into(),
-            );
+            return Err(IMAGE_TOO_LARGE.into());
         }
         Ok(CreateOptions::new(size)
             .cluster_size(cluster_size)

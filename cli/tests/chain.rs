@@ -319,3 +319,109 @@ fn rebase_gives_the_image_qemu_img_rebase_gives() {
         }
     }
 }
+
+/// `qemu-img map --output=json` of `file` in `dir`, as qemu-img prints it.
+fn qemu_map(dir: &Path, file: &str) -> String {
+    stdout(&qemu_in(dir, &["map", "--output=json", file]))
+}
+
+#[test]
+fn commit_of_zeros_frees_the_base_clusters_as_qemu_img_does() {
+    // A zeroed top committed into a fully written base: qemu-img's commit unmaps, so the base
+    // ends with zero clusters and no data (iotest 313 checks `check`'s allocation line).
+    let dir = scratch_dir("commit_zeros");
+    let orig = dir.join("orig");
+    std::fs::create_dir_all(&orig).unwrap();
+    img(&orig, "create -q -f qcow2 -o cluster_size=4k base.qcow2 1M");
+    io(&orig, "qcow2", "base.qcow2", &["write -P 1 0 1M"]);
+    img(
+        &orig,
+        "create -q -f qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2 top.qcow2 1M",
+    );
+    io(&orig, "qcow2", "top.qcow2", &["write -z 0 1M"]);
+    let chain = Chain {
+        files: vec![("base.qcow2", "qcow2"), ("top.qcow2", "qcow2")],
+    };
+    let (ours, theirs) = run_both(&orig, &dir.join("work"), &chain, &["commit"]);
+    let map = qemu_map(&ours, "base.qcow2");
+    assert_eq!(map, qemu_map(&theirs, "base.qcow2"));
+    assert!(!map.contains("\"data\": true"), "{map}");
+    let check = |d: &Path| stdout(&qemu_in(d, &["check", "base.qcow2"]));
+    assert_eq!(check(&ours), check(&theirs));
+}
+
+#[test]
+fn rebase_from_no_backing_file_keeps_its_zeros_as_zero_clusters_like_qemu_img() {
+    // Where the old chain ended (here: no backing file at all), the image read zeros; under the
+    // new backing file they must stay zeros, as zero clusters (iotest 252 compares the maps).
+    let dir = scratch_dir("rebase_zeros");
+    let orig = dir.join("orig");
+    std::fs::create_dir_all(&orig).unwrap();
+    img(&orig, "create -q -f qcow2 top.qcow2 384k");
+    img(&orig, "create -q -f qcow2 new.qcow2 384k");
+    io(&orig, "qcow2", "top.qcow2", &["write -P 0x22 0 128k"]);
+    io(
+        &orig,
+        "qcow2",
+        "new.qcow2",
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x11 128k 64k",
+            "write -P 0x11 256k 64k",
+        ],
+    );
+    let chain = Chain {
+        files: vec![("new.qcow2", "qcow2"), ("top.qcow2", "qcow2")],
+    };
+    let (ours, theirs) = run_both(
+        &orig,
+        &dir.join("work"),
+        &chain,
+        &["rebase", "-b", "new.qcow2", "-F", "qcow2"],
+    );
+    let map = qemu_map(&ours, "top.qcow2");
+    assert_eq!(map, qemu_map(&theirs, "top.qcow2"));
+    assert!(map.contains("\"zero\": true, \"data\": false"), "{map}");
+}
+
+#[test]
+fn rebase_copies_only_the_subclusters_that_change_like_qemu_img() {
+    // With extended L2 entries qemu-img copies per subcluster, leaving the rest of a cluster
+    // unallocated (iotest 271 compares the maps).
+    let dir = scratch_dir("rebase_subclusters");
+    let orig = dir.join("orig");
+    std::fs::create_dir_all(&orig).unwrap();
+    let opts = "cluster_size=1M,extended_l2=on";
+    img(
+        &orig,
+        &format!("create -q -f qcow2 -o {opts} base.qcow2 1M"),
+    );
+    img(
+        &orig,
+        &format!("create -q -f qcow2 -o {opts} -b base.qcow2 -F qcow2 mid.qcow2 1M"),
+    );
+    img(
+        &orig,
+        &format!("create -q -f qcow2 -o {opts} -b mid.qcow2 -F qcow2 top.qcow2 1M"),
+    );
+    io(
+        &orig,
+        "qcow2",
+        "mid.qcow2",
+        &["write -P 0x11 32k 32k", "write -P 0x22 960k 32k"],
+    );
+    let chain = Chain {
+        files: vec![
+            ("base.qcow2", "qcow2"),
+            ("mid.qcow2", "qcow2"),
+            ("top.qcow2", "qcow2"),
+        ],
+    };
+    let (ours, theirs) = run_both(
+        &orig,
+        &dir.join("work"),
+        &chain,
+        &["rebase", "-b", "base.qcow2", "-F", "qcow2"],
+    );
+    assert_eq!(qemu_map(&ours, "top.qcow2"), qemu_map(&theirs, "top.qcow2"));
+}

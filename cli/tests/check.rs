@@ -317,3 +317,57 @@ fn a_refcount_overflow_prints_qemu_img_s_hint() {
     assert_eq!(stdout(&ours), stdout(&qemu));
     assert_eq!(stderr(&ours), stderr(&qemu));
 }
+
+#[test]
+fn check_r_all_zeroes_an_unaligned_entry_without_data_as_qemu_img_does() {
+    // iotest 271: an extended L2 entry whose offset is unaligned but whose subclusters hold no
+    // data (only a zero one) can become plain zeros; the cluster it named is then a leak.
+    let dir = qcow2_testdata::scratch_dir("check_unaligned_prealloc");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0xffu8; 128 << 10]).unwrap();
+    let orig = dir.join("orig.qcow2");
+    qcow2_testdata::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-F",
+        "raw",
+        "-b",
+        path_str(&base),
+        path_str(&orig),
+        "128k",
+    ]);
+    for cmd in ["write -q -P 1 4k 2k", "write -q -z 4k 2k"] {
+        assert_eq!(
+            code(&qcow2_testdata::qemu_io(&["-c", cmd, path_str(&orig)])),
+            0
+        );
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&orig).unwrap();
+        f.write_all_at(&[0x02], 0x40000 + 6).unwrap();
+    }
+    let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+    for args in [&["check"][..], &["check", "-r", "all"][..]] {
+        std::fs::copy(&orig, &ours).unwrap();
+        std::fs::copy(&orig, &theirs).unwrap();
+        let o = tool_in(Some(&dir), &[args, &["ours.qcow2"]].concat());
+        let q = qemu_in(&dir, &[args, &["theirs.qcow2"]].concat());
+        no_panic(&o);
+        assert_eq!(code(&o), code(&q), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), stdout(&q), "{args:?}");
+        assert_eq!(
+            stderr(&o).replace("ours.qcow2", "theirs.qcow2"),
+            stderr(&q),
+            "{args:?}"
+        );
+    }
+    let (check, report) = qcow2_testdata::qemu_check(&ours);
+    assert_eq!(check, 0, "{report}");
+    let cmp = qemu_in(&dir, &["compare", "ours.qcow2", "theirs.qcow2"]);
+    assert_eq!(code(&cmp), 0, "{}", stdout(&cmp));
+}

@@ -324,3 +324,210 @@ fn reopen_with_lazy_refcounts_on_defers_refcounts_under_the_dirty_bit() {
     let refused = tool(&["io", "-c", "reopen -o lazy-refcounts=42", path_str(&ours)]);
     assert!(stderr(&refused).ends_with(": Parameter 'lazy-refcounts' expects 'on' or 'off'\n"));
 }
+
+#[test]
+fn partial_zero_writes_over_a_sparse_backing_file_map_like_qemu_io_leaves_them() {
+    // A zero write over part of a cluster becomes a zero cluster when the rest of the cluster
+    // reads zero through the whole chain (iotest 154): the maps must agree, not only the bytes.
+    let dir = scratch_dir("io_write_zero_partial");
+    for options in ["cluster_size=4k", "cluster_size=64k,extended_l2=on"] {
+        let base = dir.join("base.qcow2");
+        let make = qemu_in(
+            &dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                path_str(&base),
+                "1M",
+            ],
+        );
+        assert_eq!(code(&make), 0);
+        for cmd in ["write -P 0x11 32k 1k", "write -P 0x11 66k 1k"] {
+            assert_eq!(
+                code(&qemu_io(&["-f", "qcow2", "-c", cmd, path_str(&base)])),
+                0
+            );
+        }
+        let opts = format!(
+            "backing_file={},backing_fmt=qcow2,{options}",
+            path_str(&base)
+        );
+        let (ours, theirs) = image_pair(&dir, &opts, "1040k");
+        let zeros = [
+            "write -z 0 2k",
+            "write -z 10k 2k",
+            "write -z 17k 2k",
+            "write -z 27k 2k",
+            "write -z 35k 2k",
+            "write -z 67k 2k",
+            "write -z 1038k 1k",
+        ];
+        run_both(&ours, &theirs, &zeros, &format!("-o {options:?}"));
+        let map = |p: &Path| stdout(&qemu_in(&dir, &["map", "--output=json", path_str(p)]));
+        assert_eq!(map(&ours), map(&theirs), "-o {options:?}");
+    }
+}
+
+#[test]
+fn a_compress_filter_writes_whole_clusters_compressed_like_qemu_io() {
+    // `driver=compress` over qcow2 (iotest 214): unaligned writes widen to whole clusters and go
+    // out compressed; the images must end up alike, cluster for cluster.
+    let dir = scratch_dir("io_write_compress_filter");
+    let (ours, theirs) = image_pair(&dir, "cluster_size=64k", "2M");
+    let writes = [("0xbb", 0u64), ("0xcc", 4 * 65536 + 65536 / 4)];
+    for (file, ours_side) in [(&ours, true), (&theirs, false)] {
+        for (pattern, offset) in writes {
+            let cmd = format!("write -P {pattern} {offset} {}", 3 * 65536 + 65536 / 2);
+            let opts = format!(
+                "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={}",
+                path_str(file)
+            );
+            let args = ["-c", cmd.as_str(), "--image-opts", opts.as_str()];
+            let out = if ours_side {
+                let mut a = vec!["io"];
+                a.extend(args);
+                tool(&a)
+            } else {
+                qemu_io(&args)
+            };
+            no_panic(&out);
+            assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+            assert!(stdout(&out).starts_with("wrote "), "{}", stdout(&out));
+        }
+    }
+    let cmp = qemu_in(&dir, &["compare", path_str(&ours), path_str(&theirs)]);
+    assert_eq!(code(&cmp), 0, "{}", stdout(&cmp));
+    let map = |p: &Path| stdout(&qemu_in(&dir, &["map", "--output=json", path_str(p)]));
+    assert_eq!(map(&ours), map(&theirs));
+    assert!(map(&ours).contains("\"compressed\": true"));
+    let compressed = |p: &Path| {
+        let out = stdout(&qemu_in(&dir, &["check", "--output=json", path_str(p)]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["compressed-clusters"].as_u64()
+    };
+    assert_eq!(compressed(&ours), Some(8));
+    assert_eq!(compressed(&ours), compressed(&theirs));
+}
+
+#[test]
+fn a_compressed_write_places_its_l2_table_before_the_data_like_qemu_io() {
+    // QEMU allocates the L2 table first and packs the compressed data after it; iotest 214 pokes
+    // the L2 entries at the offset that layout gives them.
+    let dir = scratch_dir("io_write_compressed_layout");
+    let (ours, theirs) = image_pair(&dir, "cluster_size=2M", "8M");
+    let cmds = ["write -c -P 0x11 0 2M", "write -c -P 0x11 2M 2M"];
+    run_both(&ours, &theirs, &cmds, "compressed writes");
+    let l1 = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let at = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+        u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+    };
+    assert_eq!(l1(&ours), l1(&theirs));
+}
+
+#[test]
+fn a_raw_discard_punches_a_hole_like_qemu_io() {
+    // iotest 271 keeps a raw reference image in step with the qcow2 one: a discard there must
+    // read back as QEMU's file driver leaves it (a hole, zeros).
+    let dir = scratch_dir("io_write_raw_discard");
+    let (ours, theirs) = (dir.join("ours.raw"), dir.join("theirs.raw"));
+    for p in [&ours, &theirs] {
+        std::fs::write(p, vec![0xffu8; 256 << 10]).unwrap();
+    }
+    let cmds = ["-c", "discard 64k 64k", "-c", "discard 0 512k"];
+    let o = tool(&[&["io", "-f", "raw"][..], &cmds, &[path_str(&ours)]].concat());
+    let q = qemu_io(&[&["-f", "raw"][..], &cmds, &[path_str(&theirs)]].concat());
+    no_panic(&o);
+    assert_eq!(without_timings(&stdout(&o)), without_timings(&stdout(&q)));
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+}
+
+#[test]
+fn a_write_over_an_invalid_subcluster_bitmap_is_refused_and_marks_the_image_corrupt() {
+    // iotest 271: an allocated cluster whose subcluster 0 is both allocated and zero. QEMU
+    // refuses the write and marks the image corrupt; acknowledging it would build on metadata
+    // known to be wrong.
+    let dir = scratch_dir("io_write_invalid_bitmap");
+    for bitmap in [0x0000_0001_ffff_ffffu64, 0x0000_0001_0000_0001] {
+        let (ours, theirs) = image_pair(&dir, "extended_l2=on", "1M");
+        for p in [&ours, &theirs] {
+            let out = qemu_io(&["-c", "write -q -P 1 64k 64k", path_str(p)]);
+            assert_eq!(code(&out), 0);
+            // L2 entry 1 (the second cluster) of the table at 0x40000.
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&bitmap.to_be_bytes(), 0x40000 + 16 + 8)
+                .unwrap();
+        }
+        let o = tool(&["io", "-c", "write 0 192k", path_str(&ours)]);
+        let q = qemu_io(&["-c", "write 0 192k", path_str(&theirs)]);
+        no_panic(&o);
+        assert_eq!(stdout(&o), stdout(&q), "{bitmap:#x}");
+        assert!(stdout(&o).contains("write failed: Input/output error"));
+        for p in [&ours, &theirs] {
+            let info = qcow2_testdata::qemu_info(p);
+            assert_eq!(
+                info["format-specific"]["data"]["corrupt"],
+                serde_json::Value::Bool(true),
+                "{bitmap:#x}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_compressed_cluster_reads_whatever_its_unused_bitmap_holds_like_qemu_io() {
+    let dir = scratch_dir("io_write_compressed_bitmap");
+    let (ours, _) = image_pair(&dir, "extended_l2=on", "1M");
+    let out = qemu_io(&["-c", "write -q -c -P 7 0 64k", path_str(&ours)]);
+    assert_eq!(code(&out), 0);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&ours).unwrap();
+    f.write_all_at(&0x0000_0001_8000_0000u64.to_be_bytes(), 0x40000 + 8)
+        .unwrap();
+    let o = tool(&["io", "-c", "read -P 7 0 64k", path_str(&ours)]);
+    let q = qemu_io(&["-c", "read -P 7 0 64k", path_str(&ours)]);
+    assert_eq!(without_timings(&stdout(&o)), without_timings(&stdout(&q)));
+    assert!(stdout(&o).starts_with("read 65536/65536"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_read_over_an_invalid_l2_entry_marks_a_writable_image_corrupt_with_qemus_words() {
+    let dir = scratch_dir("io_read_invalid_entry");
+    // (L2 entry word 0, word 1): a contradictory bitmap, then an unaligned data cluster.
+    for (word0, word1) in [
+        (0x8000_0000_0006_0000u64, 0x0000_0001_ffff_ffffu64),
+        (0x8000_0000_0005_0200, 0x0000_0000_0000_0001),
+    ] {
+        let (ours, theirs) = image_pair(&dir, "extended_l2=on", "1M");
+        for p in [&ours, &theirs] {
+            assert_eq!(code(&qemu_io(&["-c", "write -q 0 128k", path_str(p)])), 0);
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            let mut entry = word0.to_be_bytes().to_vec();
+            entry.extend(word1.to_be_bytes());
+            f.write_all_at(&entry, 0x40000 + 16).unwrap();
+        }
+        let o = tool(&["io", "-c", "read 64k 64k", path_str(&ours)]);
+        let q = qemu_io(&["-c", "read 64k 64k", path_str(&theirs)]);
+        no_panic(&o);
+        assert_eq!(stdout(&o), stdout(&q), "{word0:#x}");
+        assert_eq!(
+            stderr(&o).replace("qcow2-tool:", "qemu-io:"),
+            stderr(&q),
+            "{word0:#x}"
+        );
+        let info = qcow2_testdata::qemu_info(&ours);
+        assert_eq!(
+            info["format-specific"]["data"]["corrupt"],
+            serde_json::Value::Bool(true)
+        );
+    }
+}

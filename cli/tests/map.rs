@@ -76,3 +76,43 @@ fn raw_backing_holes_read_as_zeros_as_in_qemu_img() {
         assert_eq!(stdout(&ours), stdout(&qemu), "{output}");
     }
 }
+
+/// A metadata-preallocated image maps its clusters to holes of the file: QEMU guesses so from
+/// the refcounts against the file's blocks and reports such clusters as zeros (iotest 250).
+/// A plainly written image next to it must not be taken for one.
+#[test]
+fn metadata_preallocated_clusters_over_holes_map_as_zeros_as_in_qemu_img() {
+    let dir = qcow2_testdata::scratch_dir("map_prealloc");
+    for (options, writes) in [
+        (
+            "preallocation=metadata,cluster_size=64k",
+            &["write -P 1 0 1M", "discard 2M 1M", "write -P 2 30M 64k"][..],
+        ),
+        (
+            "cluster_size=64k",
+            &["write -P 1 0 1M", "write -z 1M 1M"][..],
+        ),
+    ] {
+        let img = dir.join("t.qcow2");
+        qcow2_testdata::qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            path_str(&img),
+            "32M",
+        ]);
+        for w in writes {
+            qcow2_testdata::qemu_io(&["-c", w, path_str(&img)]);
+        }
+        for output in ["--output=json", "--output=human"] {
+            let args = ["map", output, path_str(&img)];
+            let ours = tool(&args);
+            let qemu = qemu_in(&dir, &args);
+            assert_eq!(code(&ours), code(&qemu), "{}", stderr(&ours));
+            assert_eq!(stdout(&ours), stdout(&qemu), "{options} {output}");
+        }
+    }
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{code, path_str, tool_in};
+use common::{code, no_panic, path_str, qemu_in, stderr, tool_in};
 use qcow2_testdata::{qemu_img_ok, qemu_io, scratch_dir};
 
 #[test]
@@ -96,4 +96,24 @@ fn measure_matches_qemu_img() {
             "{case:?}"
         );
     }
+}
+
+#[test]
+fn measure_refuses_a_disk_too_large_for_its_l1_table_in_qemu_imgs_words() {
+    // create names the format in this message, measure does not (iotest 271).
+    let dir = qcow2_testdata::scratch_dir("measure_too_large");
+    let args = [
+        "measure",
+        "--size",
+        "1025T",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+    ];
+    let o = tool_in(Some(&dir), &args);
+    let q = qemu_in(&dir, &args);
+    no_panic(&o);
+    assert_eq!(code(&o), code(&q));
+    assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&q));
 }

@@ -277,3 +277,46 @@ fn resize_preallocates_the_partly_used_last_cluster_as_qemu_img() {
         same_layout(&dir, &ours, &theirs, "qcow2", &case);
     }
 }
+
+#[test]
+fn preallocated_extended_l2_images_leave_subclusters_unallocated_like_qemu_img() {
+    // QEMU preallocates host clusters but leaves their subclusters unallocated, so a backing
+    // file named at create still shows through (iotest 271); a resize over a longer backing
+    // file must hide it instead.
+    let dir = qcow2_testdata::scratch_dir("prealloc_subclusters");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0xffu8; 1 << 20]).unwrap();
+    for mode in ["metadata", "falloc", "full"] {
+        for backing in [false, true] {
+            let mut maps = Vec::new();
+            for side in ["ours", "theirs"] {
+                let img = dir.join(format!("{side}.qcow2"));
+                let _ = std::fs::remove_file(&img);
+                let opts = format!("extended_l2=on,preallocation={mode}");
+                let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts.as_str()];
+                if backing {
+                    args.extend(["-F", "raw", "-b", path_str(&base)]);
+                }
+                args.extend([path_str(&img), "512k"]);
+                let out = if side == "ours" {
+                    tool_in(Some(&dir), &args)
+                } else {
+                    qemu_in(&dir, &args)
+                };
+                assert_eq!(code(&out), 0, "{mode} {backing}: {}", stderr(&out));
+                let grow = ["resize", "--preallocation", mode, path_str(&img), "1M"];
+                let out = if side == "ours" {
+                    tool_in(Some(&dir), &grow)
+                } else {
+                    qemu_in(&dir, &grow)
+                };
+                assert_eq!(code(&out), 0, "{mode} {backing}: {}", stderr(&out));
+                maps.push(stdout(&qemu_in(
+                    &dir,
+                    &["map", "--output=json", path_str(&img)],
+                )));
+            }
+            assert_eq!(maps[0], maps[1], "{mode}, backing file: {backing}");
+        }
+    }
+}

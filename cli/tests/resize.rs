@@ -195,3 +195,55 @@ fn grown_images_read_zeros_past_the_old_end() {
     assert_eq!(code(&read), 0, "{}", stdout(&read));
     assert_eq!(qemu_check(&path).0, 0);
 }
+
+/// Bytes the file system holds for `path`.
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_shrink_gives_freed_clusters_back_to_the_file_system_like_qemu_img() {
+    // Data at the start of the file maps to the end of the disk, so the file cannot simply be
+    // truncated (iotest 250): the freed clusters are punched out, as QEMU discards them.
+    let dir = scratch_dir("resize_punch");
+    let img = dir.join("orig.qcow2");
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k,preallocation=metadata",
+        path_str(&img),
+        "40M",
+    ];
+    assert_eq!(code(&qemu_in(&dir, &args)), 0);
+    let fill = qemu_io(&[
+        "-c",
+        "discard 0 1M",
+        "-c",
+        "discard 39M 1M",
+        "-c",
+        "write -P 1 39M 1M",
+        "-c",
+        "write -P 2 0 1M",
+        path_str(&img),
+    ]);
+    assert_eq!(code(&fill), 0);
+    let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+    std::fs::copy(&img, &ours).unwrap();
+    std::fs::copy(&img, &theirs).unwrap();
+    let (before, before_theirs) = (disk_usage(&ours), disk_usage(&theirs));
+    let o = tool(&["resize", "--shrink", path_str(&ours), "512k"]);
+    let q = qemu_in(&dir, &["resize", "--shrink", path_str(&theirs), "512k"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&q), 0);
+    let ours_freed = before - disk_usage(&ours);
+    assert!(ours_freed >= (1 << 20) + (512 << 10), "freed {ours_freed}");
+    assert_eq!(ours_freed, before_theirs - disk_usage(&theirs));
+    let (check, report) = qemu_check(&ours);
+    assert_eq!(check, 0, "{report}");
+    let cmp = qemu_in(&dir, &["compare", path_str(&ours), path_str(&theirs)]);
+    assert_eq!(code(&cmp), 0, "{}", stdout(&cmp));
+}

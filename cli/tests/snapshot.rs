@@ -78,3 +78,74 @@ fn create_apply_and_delete_work_like_qemu_img() {
     let missing = tool(&["snapshot", "-d", "nope", o]);
     assert_eq!(code(&missing), 1);
 }
+
+/// The snapshot table of `path`: (entry count, bytes of the first entry).
+fn first_snapshot_entry(path: &std::path::Path) -> (u32, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    let count = be32(60);
+    let at = u64::from_be_bytes(bytes[64..72].try_into().unwrap()) as usize;
+    let extra = be32(at + 36) as usize;
+    let id = u16::from_be_bytes(bytes[at + 12..at + 14].try_into().unwrap()) as usize;
+    let name = u16::from_be_bytes(bytes[at + 14..at + 16].try_into().unwrap()) as usize;
+    (count, bytes[at..at + 40 + extra + id + name].to_vec())
+}
+
+/// A compat=0.10 image whose one snapshot entry has no extra data (QEMU writes 24 bytes, so
+/// they are cut out by hand, as iotest 261 does).
+fn v2_image_with_a_bare_snapshot(dir: &std::path::Path) -> std::path::PathBuf {
+    let img = dir.join("orig.qcow2");
+    let p = path_str(&img);
+    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p, "1M"]);
+    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "sn0", p]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = u64::from_be_bytes(bytes[64..72].try_into().unwrap()) as usize;
+    assert_eq!(bytes[at + 36..at + 40], 24u32.to_be_bytes());
+    bytes[at + 36..at + 40].copy_from_slice(&0u32.to_be_bytes());
+    // The id and name move up over the extra data; zeros fill in after them.
+    let names = (1 + 3) as usize;
+    bytes.drain(at + 40..at + 64);
+    bytes.splice(at + 40 + names..at + 40 + names, [0u8; 24]);
+    std::fs::write(&img, &bytes).unwrap();
+    img
+}
+
+#[test]
+fn incomplete_snapshot_entries_are_completed_as_qemu_img_does() {
+    // v3 wants 16 bytes of extra data per entry: `amend -o compat=1.1` completes a v2 table,
+    // and `check -r all` repairs a v3 one (iotest 261), both to QEMU's 24 bytes.
+    let dir = qcow2_testdata::scratch_dir("snapshot_complete");
+    let orig = v2_image_with_a_bare_snapshot(&dir);
+    let patched = dir.join("v3.qcow2");
+    std::fs::copy(&orig, &patched).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&patched)
+            .unwrap();
+        f.write_all_at(&3u32.to_be_bytes(), 4).unwrap();
+        f.write_all_at(&4u32.to_be_bytes(), 96).unwrap();
+        f.write_all_at(&104u32.to_be_bytes(), 100).unwrap();
+    }
+    for (source, args) in [
+        (&orig, &["amend", "-o", "compat=1.1"][..]),
+        (&patched, &["check", "-r", "all"][..]),
+    ] {
+        let (ours, theirs) = (dir.join("ours.qcow2"), dir.join("theirs.qcow2"));
+        std::fs::copy(source, &ours).unwrap();
+        std::fs::copy(source, &theirs).unwrap();
+        let run = |file: &'static str| [args, &[file]].concat();
+        let o = tool_in(Some(&dir), &run("ours.qcow2"));
+        let q = qemu_in(&dir, &run("theirs.qcow2"));
+        no_panic(&o);
+        assert_eq!(code(&o), code(&q), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), stdout(&q), "{args:?}");
+        assert_eq!(stderr(&o), stderr(&q), "{args:?}");
+        let (count, entry) = first_snapshot_entry(&ours);
+        assert_eq!((count, entry.len()), (1, 40 + 24 + 1 + 3), "{args:?}");
+        assert_eq!(first_snapshot_entry(&ours), first_snapshot_entry(&theirs));
+        let (check, report) = qcow2_testdata::qemu_check(&ours);
+        assert_eq!(check, 0, "{args:?}: {report}");
+    }
+}

@@ -8,6 +8,10 @@ use crate::format::{FormatError, Problem};
 /// The structure named by the error for a refcount table entry that points at an unaligned
 /// refcount block: found only when a refcount there is needed, it marks the image corrupt.
 pub(crate) const UNALIGNED_REFBLOCK: &str = "refcount table entry";
+/// How an L2 entry's reason starts when its subcluster bitmap contradicts itself.
+pub(crate) const INVALID_SUBCLUSTER_BITMAP: &str = "invalid subcluster bitmap";
+/// How an L2 entry's reason ends when its data cluster offset is not cluster aligned.
+pub(crate) const UNALIGNED_DATA_CLUSTER: &str = "is not cluster aligned";
 
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,9 +225,20 @@ impl Error {
     }
 
     /// Whether this corruption, found while writing, means the image must be marked corrupt
-    /// (QEMU's "corruption events": metadata a write depends on is invalid).
+    /// (QEMU's "corruption events": metadata a write depends on is invalid, an unaligned
+    /// refcount block or an invalid L2 entry).
     pub(crate) fn marks_image_corrupt(&self) -> bool {
         matches!(self, Error::Corrupt { structure, .. } if structure == UNALIGNED_REFBLOCK)
+            || self.is_fatal_l2_entry()
+    }
+
+    /// An L2 entry QEMU takes for a fatal corruption event when a request meets it: a
+    /// contradictory subcluster bitmap, or a data cluster offset that is not aligned.
+    pub(crate) fn is_fatal_l2_entry(&self) -> bool {
+        matches!(self, Error::Corrupt { structure, reason, .. }
+            if structure.starts_with("L2 entry ")
+                && (reason.starts_with(INVALID_SUBCLUSTER_BITMAP)
+                    || reason.ends_with(UNALIGNED_DATA_CLUSTER)))
     }
 
     /// A corruption at a place in the image.

@@ -248,6 +248,8 @@ pub struct Image {
     gate: quiesce::WriteGate,
     /// What repairing the image at open printed, as qemu-img prints it (a dirty image).
     open_repair_messages: Vec<String>,
+    /// Whether the image looks metadata-preallocated, guessed once (`preallocated`).
+    preallocation_guess: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -511,6 +513,7 @@ impl Image {
             last_compressed: Mutex::new(None),
             gate: quiesce::WriteGate::default(),
             open_repair_messages: Vec::new(),
+            preallocation_guess: std::sync::OnceLock::new(),
         })
     }
 
@@ -674,7 +677,16 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let m = self.meta();
         self.check_bounds(offset, buf.len() as u64, m.header.size)?;
-        self.read_layer(&m, m.active(), buf, offset)
+        let result = self.read_layer(&m, m.active(), buf, offset);
+        drop(m);
+        if let Err(e) = &result {
+            // Invalid metadata met by a read of a writable image marks it corrupt, as QEMU
+            // does, so no later write builds on it.
+            if self.writable && e.marks_image_corrupt() {
+                self.mark_corrupt(&mut self.meta_mut());
+            }
+        }
+        result
     }
 
     pub(crate) fn check_bounds(&self, offset: u64, len: u64, size: u64) -> Result<()> {

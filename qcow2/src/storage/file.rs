@@ -215,6 +215,24 @@ impl Storage for FileStorage {
         Ok(Some((false, hole.saturating_sub(offset).max(1).min(len))))
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.require_writable()?;
+        let (Ok(at), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&self.file, mode, at, n) {
+            // A file system without holes keeps the blocks; nothing depends on their going.
+            Err(e) if refuses(e) => Ok(()),
+            other => other.map_err(io::Error::from),
+        }
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
     fn identity(&self) -> Option<super::FileIdentity> {
         super::FileIdentity::of(&self.file).ok()
     }

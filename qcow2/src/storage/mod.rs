@@ -94,6 +94,17 @@ pub trait Storage: Send + Sync {
     fn hole_at(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
         Ok(None)
     }
+    /// Gives the host blocks of `[offset, offset + len)` back to the file system, for space the
+    /// image no longer uses (its bytes become undefined; the length stays). A store that cannot
+    /// keeps them.
+    fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Bytes the host file system holds for the store (`st_blocks`), `None` when it cannot
+    /// tell: with the length, what says how sparse the file is.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
     /// The engine is about to do what `event` names; stores that do not watch ignore it.
     fn event(&self, _event: Event) {}
     /// The host file behind the store, if it is one: what tells two names of one file apart
@@ -200,6 +211,12 @@ macro_rules! forward_storage {
             }
             fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
                 (**self).hole_at(offset, len)
+            }
+            fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).punch_hole(offset, len)
+            }
+            fn allocated_size(&self) -> io::Result<Option<u64>> {
+                (**self).allocated_size()
             }
             fn event(&self, event: Event) {
                 (**self).event(event)

@@ -104,21 +104,24 @@ impl Image {
         let cs = m.header.cluster_size();
         // Tracked bits are saved first: the directory is rebuilt from the saved state.
         self.bitmaps_store(&mut m)?;
+        // The bitmaps already there move to fresh clusters first, as QEMU stores them.
+        let old_entries = m
+            .bitmaps
+            .as_ref()
+            .map(|b| b.entries.clone())
+            .unwrap_or_default();
+        let mut entries = self.relocate_bitmaps(&mut m, &old_entries)?;
         let table_size = bitmap::table_size(m.header.size, bits, cs);
         let table_bytes = table_size * 8;
         let table_clusters = table_bytes.div_ceil(cs);
         let table_offset = self.alloc(&mut m, table_clusters)?;
         self.guard(&mut m, table_offset, table_clusters * cs, None)?;
+        // Exactly the entries, as QEMU writes a table.
         self.host().write(
-            &vec![0u8; (table_clusters * cs) as usize],
+            &vec![0u8; table_bytes as usize],
             table_offset,
             "new bitmap table",
         )?;
-        let mut entries = m
-            .bitmaps
-            .as_ref()
-            .map(|b| b.entries.clone())
-            .unwrap_or_default();
         entries.push(BitmapEntry {
             table_offset,
             table_size: table_size as u32,
@@ -126,7 +129,7 @@ impl Image {
             granularity_bits: bits,
             name: name.to_string(),
         });
-        self.switch_directory(&mut m, entries, &[])
+        self.switch_directory(&mut m, entries, &old_entries)
     }
 
     /// Removes a bitmap and frees its table and data clusters.

@@ -36,6 +36,7 @@
 
 mod durable;
 mod manage;
+mod relocate;
 mod resize;
 
 use super::{Image, Meta};

@@ -211,10 +211,11 @@ impl Image {
     }
 }
 
-/// Writes committed guest bytes into the base.
+/// Writes committed guest bytes into the base. Zeros free the base's clusters where they can
+/// (QEMU's commit unmaps too), so a committed zero range costs no space.
 fn write_base(top: &str, base: &Backing, buf: &[u8], offset: u64, zero: bool) -> Result<()> {
     match base {
-        Backing::Qcow2(image) if zero => image.write_zeroes(offset, buf.len() as u64, false),
+        Backing::Qcow2(image) if zero => image.write_zeroes(offset, buf.len() as u64, true),
         Backing::Qcow2(image) => image.write_at(buf, offset),
         Backing::Raw { storage, .. } => storage
             .write_at(buf, offset)

@@ -166,7 +166,14 @@ impl Image {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         let size = self.size();
-        let cs = self.cluster_size();
+        // The unit copied: a subcluster where the image has them (QEMU aligns its copies so,
+        // leaving the other subclusters unallocated), else a cluster; compressed writes take
+        // whole clusters.
+        let cs = if self.header().extended_l2() && !compress {
+            self.cluster_size() / crate::format::limits::SUBCLUSTERS_PER_CLUSTER as u64
+        } else {
+            self.cluster_size()
+        };
         let below: Vec<(u64, u64)> = self
             .map(0, size)?
             .into_iter()
@@ -176,7 +183,7 @@ impl Image {
         let total: u64 = below.iter().map(|e| e.1).sum();
         let mut done = 0;
         progress(done, total);
-        // Cluster indices to copy, ascending.
+        // Unit indices to copy, ascending.
         let mut changed: Vec<u64> = Vec::new();
         let (mut old_buf, mut new_buf) = (Vec::new(), Vec::new());
         for (start, length) in below {
@@ -209,19 +216,29 @@ impl Image {
                 progress(done, total);
             }
         }
-        // Whole clusters, in runs: what the image reads now becomes its own data.
+        // Whole clusters, in runs: what the image reads now becomes its own data. Past the old
+        // backing file's end the image reads zeros of its own, which it keeps as zero clusters
+        // (as qemu-img does), not as zeros written out.
+        let old_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let past_old_end = |cluster: u64| cluster * cs >= old_end;
         let mut buf = Vec::new();
         let mut i = 0;
         while i < changed.len() {
             let mut j = i + 1;
             while j < changed.len()
                 && changed[j] == changed[j - 1] + 1
+                && past_old_end(changed[j]) == past_old_end(changed[i])
                 && (j - i) as u64 * cs < CHUNK
             {
                 j += 1;
             }
             let start = changed[i] * cs;
             let end = ((changed[j - 1] + 1) * cs).min(size);
+            if past_old_end(changed[i]) {
+                self.write_zeroes(start, end - start, false)?;
+                i = j;
+                continue;
+            }
             buf.resize((end - start) as usize, 0);
             self.read_at(&mut buf, start)?;
             if compress {

@@ -119,7 +119,8 @@ impl Image {
         let cs = m.header.cluster_size();
         self.bitmaps_mark(m, guest, cs.min(m.header.size - guest))?;
         self.mark_dirty(m)?;
-        self.l2_needs_refblocks(m)?;
+        // The L2 table comes first, as in QEMU, so the compressed data follows it in the file.
+        self.ensure_l2(m, guest)?;
         let host_offset = self.alloc_bytes(m, data.len() as u64)?;
         self.guard(m, host_offset, data.len() as u64, None)?;
         self.host().write(data, host_offset, "compressed data")?;

@@ -275,14 +275,8 @@ impl Image {
 
         let mapping = classify_standard(raw, external);
         if let ClusterMapping::Compressed { descriptor } = mapping {
-            if extended && be_u64_at(table, at * 2 + 1) != 0 {
-                return Err(Error::corrupt(
-                    &self.name,
-                    structure(),
-                    entry_offset,
-                    "compressed cluster with a non-zero subcluster bitmap",
-                ));
-            }
+            // A compressed cluster has no subclusters: its bitmap word is unused (QEMU reads
+            // such a cluster all the same).
             return Ok((
                 self.compressed_run(m, descriptor, raw, entry_offset, structure)?,
                 to_cluster_end,

@@ -15,8 +15,8 @@ pub enum ExtentKind {
         host_offset: u64,
     },
     /// Guest data mapped to `host_offset`, where the host file has a hole: it reads as zeros
-    /// (qemu-img: `data` and `zero`). Reported for a metadata-preallocated image, as QEMU
-    /// reports it, once the engine detects one; not produced yet.
+    /// (qemu-img: `data` and `zero`). Reported for an image that looks metadata-preallocated,
+    /// as QEMU reports it.
     DataHole {
         /// Host offset of the range's first byte.
         host_offset: u64,
@@ -189,12 +189,20 @@ impl Image {
     ) -> Result<()> {
         let end = offset + len;
         let mut pos = offset;
+        // QEMU asks the file system about data clusters only for images it takes to be
+        // metadata-preallocated (`preallocated`); elsewhere a data cluster is data.
+        let preallocated = self.metadata_preallocated(m);
         while pos < end {
             let (run, run_len) = self.lookup(m, layer, pos, end - pos)?;
             let kind = match run {
-                // A data cluster is data: QEMU asks the file system about it only for images it
-                // takes to be metadata-preallocated (most refcounted clusters missing from the
-                // file), a guess this engine does not make yet.
+                Run::Data { host_offset } if preallocated && self.data_store(m).is_some() => {
+                    let file = self.data_store(m).expect("checked in the guard");
+                    let hole = |h| ExtentKind::DataHole { host_offset: h };
+                    let host = (self.name.as_str(), file);
+                    push_data(out, host, hole, pos, run_len, depth, host_offset)?;
+                    pos += run_len;
+                    continue;
+                }
                 Run::Data { host_offset } => ExtentKind::Data { host_offset },
                 Run::Compressed { .. } => ExtentKind::Compressed,
                 Run::Zero { host_offset } => ExtentKind::Zero { host_offset },
@@ -267,5 +275,17 @@ impl Image {
             push(out, unallocated(offset + inside, len - inside, depth));
         }
         Ok(())
+    }
+}
+
+impl Image {
+    /// The store guest data clusters live in: the data file when the image has one (if it is
+    /// open), else the image file.
+    fn data_store(&self, m: &Meta) -> Option<&dyn crate::storage::Storage> {
+        if m.header.has_external_data_file() {
+            self.data_file.as_deref()
+        } else {
+            Some(&*self.storage)
+        }
     }
 }

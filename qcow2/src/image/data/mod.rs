@@ -8,6 +8,7 @@ pub(crate) mod compress;
 pub(crate) mod extents;
 pub(crate) mod layer;
 pub(crate) mod map;
+pub(crate) mod preallocated;
 pub(crate) mod quiesce;
 pub(crate) mod vmstate;
 pub(crate) mod write;

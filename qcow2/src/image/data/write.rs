@@ -12,6 +12,7 @@ use crate::format::table::{
 };
 use crate::format::CompressedDescriptor;
 use crate::image::layer::Layer;
+use crate::image::map::{Extent, ExtentKind};
 use crate::image::{Image, Meta};
 
 /// Subcluster bitmap with every subcluster reading as zeros.
@@ -286,6 +287,25 @@ impl Image {
         } else {
             (be_u64_at(&table, index), 0)
         };
+        // A write must not build on an entry whose subclusters say contradictory things: the
+        // image is corrupt (QEMU refuses and marks it so; a compressed entry's bitmap is unused).
+        if extended
+            && !matches!(
+                classify_standard(entry, false),
+                ClusterMapping::Compressed { .. }
+            )
+        {
+            let external = m.header.has_external_data_file();
+            let allocated = entry & OFFSET_MASK != 0 || (external && entry & COPIED != 0);
+            if !crate::format::table::SubclusterBitmap(bitmap).is_valid(allocated) {
+                return Err(Error::corrupt(
+                    &self.name,
+                    format!("L2 entry {index}"),
+                    l2_offset + index as u64 * m.header.l2_entry_size(),
+                    format!("invalid subcluster bitmap {bitmap:#018x}"),
+                ));
+            }
+        }
         Ok(Slot {
             l2_offset,
             index,
@@ -776,6 +796,27 @@ impl Image {
             cs
         };
         let end = offset + len;
+        if v3 && !external && extended {
+            // QEMU zeroes the grain-aligned middle of a request in one go and writes it as
+            // data when that touches part of a compressed cluster (which has no subclusters);
+            // the unaligned head and tail are pieces of their own.
+            let mid_start = offset.next_multiple_of(grain);
+            let mid_end = if end >= m.header.size {
+                end
+            } else {
+                end - end % grain
+            };
+            if mid_start < mid_end && (mid_start > offset || mid_end < end) {
+                // Piece by piece, in order: the head may turn a compressed cluster into a
+                // plain one before the middle is looked at.
+                self.zero_range(m, offset, mid_start - offset, unmap)?;
+                self.zero_range(m, mid_start, mid_end - mid_start, unmap)?;
+                return self.zero_range(m, mid_end, end - mid_end, unmap);
+            }
+            if mid_start < mid_end && self.partly_compressed(m, mid_start, mid_end)? {
+                return self.write_zero_data(m, mid_start, mid_end);
+            }
+        }
         let mut pos = offset;
         while pos < end {
             let cluster_start = pos & !(cs - 1);
@@ -814,17 +855,21 @@ impl Image {
                     continue;
                 }
             }
-            // A part of a grain whose other bytes already read as zeros becomes a zeroed grain,
-            // not zeros written as data (QEMU widens such requests the same way).
+            // A part of a grain whose other bytes already read as zeros through the chain
+            // becomes a zeroed grain, not zeros written as data (QEMU widens such requests the
+            // same way, asking the whole chain).
             let (mut g_start, mut g_end) = (g_start, g_end);
             if v3 && !external {
                 let head = in_cluster - in_cluster % grain;
-                if head < g_start && self.reads_zero_by_status(m, cluster_start + head, grain)? {
+                if head < g_start
+                    && self.reads_zero_by_status(m, cluster_start + head, in_cluster - head)?
+                {
                     g_start = head;
                 }
-                let tail_end = (chunk_end - cluster_start).next_multiple_of(grain).min(cs);
-                if g_end < chunk_end - cluster_start
-                    && self.reads_zero_by_status(m, cluster_start + g_end, tail_end - g_end)?
+                let request_end = chunk_end - cluster_start;
+                let tail_end = request_end.next_multiple_of(grain).min(cs);
+                if g_end < request_end
+                    && self.reads_zero_by_status(m, chunk_end, tail_end - request_end)?
                 {
                     g_end = tail_end;
                 }
@@ -850,24 +895,55 @@ impl Image {
         Ok(())
     }
 
-    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone: zero flags, or
-    /// nothing allocated with no backing file below (data that happens to be zero does not count).
-    fn reads_zero_by_status(&self, m: &Meta, offset: u64, len: u64) -> Result<bool> {
-        let mut pos = offset;
-        let end = (offset + len).min(m.header.size);
-        while pos < end {
-            let (run, n) = self.lookup(m, m.active(), pos, end - pos)?;
-            let zero = match run {
-                crate::image::layer::Run::Zero { .. } => true,
-                crate::image::layer::Run::Unallocated => self.backing.is_none(),
-                _ => false,
-            };
-            if !zero || n == 0 {
-                return Ok(false);
+    /// Whether the first or last cluster of `[start, end)` is compressed and only partly inside
+    /// the range.
+    fn partly_compressed(&self, m: &Meta, start: u64, end: u64) -> Result<bool> {
+        let cs = m.header.cluster_size();
+        let disk_end = m.header.size;
+        for (at, partial) in [
+            (
+                start,
+                start % cs != 0 || (end < start - start % cs + cs && end < disk_end),
+            ),
+            (end - 1, end % cs != 0 && end < disk_end),
+        ] {
+            if partial {
+                let (run, _) = self.lookup(m, m.active(), at, 1)?;
+                if matches!(run, crate::image::layer::Run::Compressed { .. }) {
+                    return Ok(true);
+                }
             }
-            pos += n;
         }
-        Ok(true)
+        Ok(false)
+    }
+
+    /// Writes zeros as data over `[start, end)`, a cluster at a time.
+    fn write_zero_data(&self, m: &mut Meta, start: u64, end: u64) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let mut pos = start;
+        while pos < end {
+            let chunk_end = (pos - pos % cs + cs).min(end);
+            let zeros = vec![0u8; (chunk_end - pos) as usize];
+            self.write_cluster(m, pos, &zeros)?;
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Whether `[offset, offset + len)` reads as zeros by its mapping alone, through the whole
+    /// chain: zero flags, nothing allocated down to the bottom, or past a shorter backing file
+    /// (data that happens to be zero does not count). The part past the disk's end counts.
+    fn reads_zero_by_status(&self, m: &Meta, offset: u64, len: u64) -> Result<bool> {
+        let end = (offset + len).min(m.header.size);
+        if offset >= end {
+            return Ok(true);
+        }
+        let mut extents = Vec::new();
+        self.map_layer(m, m.active(), offset, end - offset, 0, &mut extents)?;
+        // This image's own data counts as data even over a hole of the file, as QEMU's zero
+        // write only widens over grains it has not allocated.
+        let own_data = |e: &Extent| e.depth == 0 && matches!(e.kind, ExtentKind::DataHole { .. });
+        Ok(extents.iter().all(|e| e.zero() && !own_data(e)))
     }
 
     /// Sets zero flags for whole grains `[start, end)` of one cluster.
@@ -965,15 +1041,27 @@ impl Image {
         self.keep_cache_bounded(&mut m)
     }
 
-    /// Drops a cluster's mapping entirely and frees its host cluster (for shrinking).
-    pub(crate) fn unmap_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {
+    /// Drops a cluster's mapping entirely and frees its host cluster (for shrinking). Returns
+    /// the host cluster of a plain or preallocated mapping, which the caller may give back to
+    /// the file system once nothing durable maps it.
+    pub(crate) fn unmap_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<Option<u64>> {
         let slot = self.writable_slot(m, cluster_start)?;
         if slot.entry == 0 && slot.bitmap == 0 {
-            return Ok(());
+            return Ok(None);
         }
         self.mark_dirty(m)?;
         self.set_slot(m, slot, 0, 0);
-        self.free_entry(m, slot.entry)
+        self.free_entry(m, slot.entry)?;
+        let freed = match classify_standard(slot.entry & !self.zero_bit_mask(m), false) {
+            ClusterMapping::Normal { host_offset }
+            | ClusterMapping::ZeroAllocated { host_offset }
+                if !m.header.has_external_data_file() =>
+            {
+                Some(host_offset)
+            }
+            _ => None,
+        };
+        Ok(freed)
     }
 
     fn discard_cluster(&self, m: &mut Meta, cluster_start: u64) -> Result<()> {

@@ -146,6 +146,9 @@ impl Image {
         if version > old_version {
             progress.status(Operation::Upgrade, 0, 2);
             let mut m = self.meta_mut();
+            // v3 entries need their known extra data: the table is completed first, so a cut
+            // leaves a v2 image with a longer (still valid) table.
+            self.complete_snapshot_entries(&mut m)?;
             self.rewrite_header(&mut m, |h| {
                 h.version = 3;
                 h.header_length = V3_HEADER_LENGTH;

@@ -427,8 +427,14 @@ impl Image {
                     }
                     if host_offset % cs != 0 {
                         report.corruptions += 1;
+                        // Without data behind it the entry can simply become zeros (`-r all`).
+                        let what = if holds_data(entry, bitmap, extended) {
+                            "Data"
+                        } else {
+                            "Preallocated"
+                        };
                         report.messages.push(format!(
-                            "ERROR offset={host_offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            "ERROR offset={host_offset:x}: {what} cluster is not properly aligned; L2 entry corrupted."
                         ));
                     }
                     if active {
@@ -692,5 +698,15 @@ impl Image {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether an allocated L2 entry has guest data behind it: allocated subclusters, or (without
+/// subclusters) no zero flag.
+pub(crate) fn holds_data(entry: u64, bitmap: u64, extended: bool) -> bool {
+    if extended {
+        bitmap & 0xFFFF_FFFF != 0
+    } else {
+        entry & crate::format::table::ZERO == 0
     }
 }

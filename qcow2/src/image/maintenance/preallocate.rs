@@ -29,16 +29,22 @@ impl Image {
         mode: Preallocation,
     ) -> Result<()> {
         let mut m = self.meta_mut();
-        self.preallocate_locked(&mut m, old_size, new_size, mode)?;
+        // A new image: QEMU names the backing file only after preallocating, so nothing below
+        // needs covering.
+        self.preallocate_locked(&mut m, old_size, new_size, mode, false)?;
         self.flush_all(&mut m)
     }
 
+    /// `cover_backing`: the new area must hide a backing file that reaches into it, so
+    /// preallocated data clusters mark their subclusters allocated (QEMU zeroes them then);
+    /// otherwise subclusters stay unallocated, as QEMU leaves them.
     pub(crate) fn preallocate_locked(
         &self,
         m: &mut Meta,
         old_size: u64,
         new_size: u64,
         mode: Preallocation,
+        cover_backing: bool,
     ) -> Result<()> {
         if mode == Preallocation::Off || new_size <= old_size {
             return Ok(());
@@ -70,16 +76,28 @@ impl Image {
             return self.preallocate_external(m, first, end);
         }
         match mode {
-            Preallocation::Metadata => self.preallocate_metadata(m, first, end),
-            Preallocation::Falloc => self.preallocate_data(m, first, end, false),
-            Preallocation::Full => self.preallocate_data(m, first, end, true),
+            Preallocation::Metadata => self.preallocate_metadata(m, first, end, cover_backing),
+            Preallocation::Falloc => self.preallocate_data(m, first, end, false, cover_backing),
+            Preallocation::Full => self.preallocate_data(m, first, end, true, cover_backing),
             Preallocation::Off => Ok(()),
         }
     }
 
-    /// Guest clusters `[first, end)`: per L2 table, the table, then its data clusters.
-    fn preallocate_metadata(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
+    /// Guest clusters `[first, end)`: per L2 table, the table, then its data clusters. Over a
+    /// backing file to hide, their subclusters read as zeros (QEMU sets the zero bits).
+    fn preallocate_metadata(
+        &self,
+        m: &mut Meta,
+        first: u64,
+        end: u64,
+        cover_backing: bool,
+    ) -> Result<()> {
         let cs = m.header.cluster_size();
+        let bitmap = if m.header.extended_l2() && cover_backing {
+            0xFFFF_FFFF_0000_0000
+        } else {
+            0
+        };
         let per_l2 = 1u64 << m.header.l2_bits();
         let mut k = first;
         while k < end {
@@ -88,7 +106,7 @@ impl Image {
             self.ensure_l2(m, k * cs)?;
             let host = self.alloc(m, n)?;
             for i in 0..n {
-                self.link_cluster(m, (k + i) * cs, (host + i * cs) | COPIED, 0)?;
+                self.link_cluster(m, (k + i) * cs, (host + i * cs) | COPIED, bitmap)?;
             }
             self.keep_cache_bounded(m)?;
             k = span_end;
@@ -115,7 +133,14 @@ impl Image {
     }
 
     /// Guest clusters `[first, end)`: new refcount structures, the data run, then the L2 tables.
-    fn preallocate_data(&self, m: &mut Meta, first: u64, end: u64, zeros: bool) -> Result<()> {
+    fn preallocate_data(
+        &self,
+        m: &mut Meta,
+        first: u64,
+        end: u64,
+        zeros: bool,
+        cover_backing: bool,
+    ) -> Result<()> {
         let cs = m.header.cluster_size();
         let n_data = end - first;
         // One more L2 table than whole spans: the range need not start at a span's start.
@@ -152,8 +177,9 @@ impl Image {
                 .allocate(at, len)
                 .map_err(|e| Error::io(&self.name, "reserving space for preallocated data", e))?;
         }
-        // Every subcluster of a preallocated cluster is allocated.
-        let bitmap = if m.header.extended_l2() {
+        // Subclusters stay unallocated (reading zeros, or the backing file), unless a backing
+        // file must be hidden.
+        let bitmap = if m.header.extended_l2() && cover_backing {
             0xFFFF_FFFF
         } else {
             0

@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::refcount;
 use crate::format::table::{l2_entry, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK};
+
+/// The zero bits of an extended L2 entry's subcluster bitmap.
+const ALL_ZEROES: u64 = 0xFFFF_FFFF_0000_0000;
 use crate::image::check::CheckReport;
 use crate::image::refcounts::Refcounts;
 use crate::image::{Image, Meta};
@@ -39,8 +42,24 @@ impl Image {
                 image: self.name.clone(),
             });
         }
-        let first = self.check()?;
-        if first.is_clean() {
+        let mut first = self.check()?;
+        // Unaligned entries without data become zeros first, as QEMU's check fixes them while
+        // it counts; what they held then shows as a leak.
+        let mut zeroed = 0;
+        if mode == Repair::All {
+            let found: Vec<String> = first
+                .messages
+                .iter()
+                .filter(|m| is_unaligned_preallocated(m))
+                .map(|m| m.replacen("ERROR", "Repairing", 1))
+                .collect();
+            if !found.is_empty() {
+                zeroed = self.zero_unaligned_preallocated()?;
+                first = self.check()?;
+                first.messages.splice(0..0, found);
+            }
+        }
+        if first.is_clean() && zeroed == 0 {
             // A consistent image only loses its corrupt and dirty marks (as with qemu-img).
             let mut m = self.meta_mut();
             self.clear_bits(&mut m, Incompatible::CORRUPT | Incompatible::DIRTY)?;
@@ -51,17 +70,31 @@ impl Image {
         // only when nothing else is wrong (a flag fixed against a wrong refcount would be wrong).
         let fix_flags =
             mode == Repair::All || (first.corruptions == copied_found && first.check_errors == 0);
+        let incomplete = first
+            .messages
+            .iter()
+            .filter(|m| is_incomplete_snapshot(m))
+            .count() as u64;
+        // Refcounts that are at most too high (leaks; only snapshot entries to complete) need
+        // no rebuild: QEMU lowers them in place.
+        let only_leaks = first.check_errors == 0 && first.corruptions == incomplete;
         let mut replaced = Vec::new();
         {
             let mut m = self.meta_mut();
             match mode {
                 Repair::Leaks => self.fix_leaks(&mut m)?,
+                Repair::All if only_leaks => self.fix_leaks(&mut m)?,
                 Repair::All => replaced = self.rebuild_refcounts(&mut m)?,
             }
             if fix_flags {
                 self.fix_copied(&mut m)?;
             }
             self.flush_all(&mut m)?;
+            // With the refcounts right, incomplete snapshot entries can take fresh clusters
+            // (QEMU repairs them last too).
+            if mode == Repair::All && incomplete > 0 {
+                self.complete_snapshot_entries(&mut m)?;
+            }
         }
         let mut second = self.check()?;
         second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
@@ -76,12 +109,63 @@ impl Image {
         if fix_flags && rebuilt.is_none() {
             found += first.copied_after_fix.len() as u64;
         }
-        second.corruptions_fixed = found.saturating_sub(second.corruptions);
+        second.corruptions_fixed = found.saturating_sub(second.corruptions) + zeroed;
         if second.corruptions == 0 && second.check_errors == 0 {
             let mut m = self.meta_mut();
             self.clear_bits(&mut m, Incompatible::DIRTY | Incompatible::CORRUPT)?;
         }
         Ok(second)
+    }
+
+    /// Turns every active L2 entry that points at an unaligned host offset but holds no data
+    /// into zeros (allocated subclusters become zero ones); each entry is written and synced on
+    /// its own. Returns how many changed.
+    fn zero_unaligned_preallocated(&self) -> Result<u64> {
+        let mut m = self.meta_mut();
+        self.flush_all(&mut m)?;
+        let cs = m.header.cluster_size();
+        let extended = m.header.extended_l2();
+        let external = m.header.has_external_data_file();
+        let entry_size = m.header.l2_entry_size();
+        let mut changed = 0;
+        for l1_index in 0..m.l1.len() {
+            let l2_offset = m.l1[l1_index] & OFFSET_MASK;
+            if l2_offset == 0 || l2_offset % cs != 0 {
+                continue;
+            }
+            let mut table = vec![0u8; cs as usize];
+            self.host()
+                .read_zero_filled(&mut table, l2_offset, "L2 table")?;
+            for i in 0..(cs / entry_size) as usize {
+                let (entry, bitmap, mapping) = l2_entry(&table, i, extended, external);
+                let host = match mapping {
+                    ClusterMapping::Normal { host_offset }
+                    | ClusterMapping::ZeroAllocated { host_offset } => host_offset,
+                    _ => continue,
+                };
+                if host % cs == 0 || crate::image::check::holds_data(entry, bitmap, extended) {
+                    continue;
+                }
+                let mut bytes = Vec::with_capacity(entry_size as usize);
+                if extended {
+                    let zeros = (bitmap | bitmap << 32) & ALL_ZEROES;
+                    bytes.extend(0u64.to_be_bytes());
+                    bytes.extend(zeros.to_be_bytes());
+                } else {
+                    bytes.extend(crate::format::table::ZERO.to_be_bytes());
+                }
+                let at = l2_offset + i as u64 * entry_size;
+                self.host().write_sync(&bytes, at, "repaired L2 entry")?;
+                changed += 1;
+            }
+            // The cached copies of the table are stale now.
+            self.l2_cache.remove(l2_offset);
+            let slice = crate::image::layer::l2_slice_len(cs);
+            for k in 0..cs / slice {
+                self.l2_slices.remove(l2_offset + k * slice);
+            }
+        }
+        Ok(changed)
     }
 
     /// Repairs an image opened for writing with the dirty bit set, then clears the bit, and
@@ -351,6 +435,15 @@ fn is_copied_error(message: &str) -> bool {
     message.starts_with("ERROR OFLAG_COPIED")
 }
 
+fn is_unaligned_preallocated(message: &str) -> bool {
+    message.starts_with("ERROR offset=")
+        && message.ends_with(": Preallocated cluster is not properly aligned; L2 entry corrupted.")
+}
+
+fn is_incomplete_snapshot(message: &str) -> bool {
+    message.starts_with("ERROR snapshot table entry ") && message.ends_with(" is incomplete")
+}
+
 /// What qemu-img prints while repairing: the refcount comparison's findings; then either the
 /// rebuild, whose replaced structures it reports as repaired leaks, or the comparison again with
 /// what it fixes, then the COPIED flags (`fix_flags`: fixed, else as still found).
@@ -365,10 +458,28 @@ fn repair_transcript(
         .messages
         .iter()
         .filter(|m| !is_copied_error(m))
-        .cloned()
+        .map(|m| match mode {
+            Repair::All if is_incomplete_snapshot(m) => m.replacen("ERROR", "Repairing", 1),
+            _ => m.clone(),
+        })
         .collect();
     if let Some(replaced) = rebuilt {
         out.push("Rebuilding refcount structure".into());
+        // QEMU counts the references again over the new structures, and says again what the
+        // counting found wrong in the tables.
+        out.extend(
+            first
+                .messages
+                .iter()
+                .filter(|m| {
+                    !m.starts_with("ERROR cluster ")
+                        && !m.starts_with("Leaked cluster ")
+                        && !m.starts_with("Repairing ")
+                        && !is_copied_error(m)
+                        && !is_incomplete_snapshot(m)
+                })
+                .cloned(),
+        );
         out.extend(
             replaced
                 .iter()

@@ -84,7 +84,13 @@ impl Image {
                 m.header.size = old_size;
                 zeroed?;
             }
-            self.preallocate_locked(&mut m, old_size, new_size, preallocation)?;
+            self.preallocate_locked(
+                &mut m,
+                old_size,
+                new_size,
+                preallocation,
+                backing_end > old_size,
+            )?;
             return self.publish_size(&mut m, new_size);
         }
         // Shrink: everything past the new end must be unallocated, or the caller accepts the loss.
@@ -99,12 +105,39 @@ impl Image {
         }
         let cs = self.cluster_size();
         let first_whole = new_size.next_multiple_of(cs);
-        if first_whole < old_size {
-            self.discard_for_shrink(first_whole, old_size)?;
-        }
+        let freed = if first_whole < old_size {
+            self.discard_for_shrink(first_whole, old_size)?
+        } else {
+            Vec::new()
+        };
         let mut m = self.meta_mut();
         self.publish_size(&mut m, new_size)?;
-        self.truncate_after_last_cluster(&mut m)
+        self.truncate_after_last_cluster(&mut m)?;
+        self.punch_freed(&mut m, &freed)
+    }
+
+    /// Gives the host clusters a shrink freed back to the file system, as QEMU discards them:
+    /// the unmapping is durable by now, and a cluster reused since (refcount above 0) or cut
+    /// off by the truncation is left alone. A file system that refuses keeps the blocks.
+    fn punch_freed(&self, m: &mut Meta, freed: &[u64]) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let host = self.host();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &offset in freed {
+            if offset + cs > m.file_len || m.ws_mut()?.refcounts.get(host, offset / cs)? != 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == offset => *len += cs,
+                _ => runs.push((offset, cs)),
+            }
+        }
+        for (offset, len) in runs {
+            self.storage.punch_hole(offset, len).map_err(|e| {
+                Error::io(&self.name, "giving freed clusters back after a shrink", e)
+            })?;
+        }
+        Ok(())
     }
 
     /// After a shrink, the file ends after its last cluster in use, as QEMU leaves it. The
@@ -148,10 +181,12 @@ impl Image {
         Ok(false)
     }
 
-    /// Frees every cluster of `[start, end)` (cluster aligned) before the size drops.
-    fn discard_for_shrink(&self, start: u64, end: u64) -> Result<()> {
+    /// Frees every cluster of `[start, end)` (cluster aligned) before the size drops. Returns
+    /// the host clusters of data freed, in guest order.
+    fn discard_for_shrink(&self, start: u64, end: u64) -> Result<Vec<u64>> {
         let mut m = self.meta_mut();
         let cs = m.header.cluster_size();
+        let mut freed = Vec::new();
         let mut pos = start;
         while pos < end {
             let l1_index = (pos >> m.header.l1_shift()) as usize;
@@ -160,7 +195,7 @@ impl Image {
                 pos = (pos / l1_span + 1) * l1_span;
                 continue;
             }
-            self.unmap_cluster(&mut m, pos)?;
+            freed.extend(self.unmap_cluster(&mut m, pos)?);
             pos += cs;
         }
         // L2 tables that map nothing but the dropped area go too (QEMU frees them as well): the
@@ -180,7 +215,8 @@ impl Image {
                 self.l2_cache.remove(table);
             }
         }
-        self.flush_all(&mut m)
+        self.flush_all(&mut m)?;
+        Ok(freed)
     }
 
     /// Writes the new virtual size into the header (a synced 8-byte write); bitmaps follow the
