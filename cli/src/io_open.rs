@@ -5,14 +5,15 @@
 //! options QEMU takes are checked for the combinations QEMU refuses, then accepted.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::path::Path;
 
 use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
+use crate::null_node::NullNode;
+pub use crate::raw_node::RawImage;
 use crate::size::parse_size;
-use crate::source::{format_of, io_text, with_policy, Format, Guest, Region};
+use crate::source::{format_of, io_text, with_policy, Format, Guest};
 
 /// Flat dotted options, as QEMU's block layer takes them.
 pub type Options = BTreeMap<String, String>;
@@ -328,6 +329,21 @@ impl OpenSpec {
         Ok(Target::Qcow2(Box::new(image)))
     }
 
+    /// A null node as the whole disk.
+    fn open_null(&self) -> Result<Target, String> {
+        let mut options = self.options.clone();
+        let driver = options
+            .entry("driver".into())
+            .or_insert_with(|| self.format.clone().unwrap_or_default())
+            .clone();
+        let node = NullNode::from_options(&options, "")?;
+        Ok(Target::Raw(RawImage::over(
+            Box::new(node),
+            &driver,
+            !self.read_only(),
+        )))
+    }
+
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         check_cache_options(&self.options)?;
@@ -352,6 +368,15 @@ impl OpenSpec {
                         one its header names"
                     .into(),
             );
+        }
+        if NullNode::is_named(&self.options, "")
+            || self
+                .format
+                .as_deref()
+                .is_some_and(|f| crate::null_node::DRIVERS.contains(&f))
+                && !self.options.contains_key("driver")
+        {
+            return self.open_null();
         }
         match self.options.get("file.driver").map(String::as_str) {
             Some("qcow2") => return self.open_nested(),
@@ -475,56 +500,6 @@ impl Target {
             Target::Qcow2(image) => image.as_ref(),
             Target::Raw(raw) => raw,
         }
-    }
-}
-
-/// A raw image, read and (unless opened read-only) written in place.
-pub struct RawImage {
-    file: File,
-    pub writable: bool,
-}
-
-impl RawImage {
-    pub fn open(path: &Path, writable: bool) -> Result<RawImage, String> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
-        Ok(RawImage { file, writable })
-    }
-
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-
-    pub fn truncate(&self, size: u64) -> std::io::Result<()> {
-        self.file.set_len(size)
-    }
-
-    pub fn size_now(&self) -> u64 {
-        self.file.metadata().map_or(0, |m| m.len())
-    }
-}
-
-impl Guest for RawImage {
-    fn size(&self) -> u64 {
-        self.size_now()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        crate::source::read_zero_filled(&self.file, buf, offset).map_err(|e| io_text(&e))
-    }
-    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
-        Ok(vec![Region {
-            start: offset,
-            length: len,
-            data: true,
-            below: false,
-        }])
     }
 }
 

@@ -448,10 +448,11 @@ impl Guest for RawFile {
     }
 }
 
-/// An opened input: a qcow2 image or a raw file.
+/// An opened input: a qcow2 image, a raw file, or a node its options describe (a null node).
 pub enum Input {
     Qcow2(Box<Image>),
     Raw(RawFile),
+    Node(crate::raw_node::RawImage),
 }
 
 impl Input {
@@ -462,6 +463,7 @@ impl Input {
             Input::Raw(raw) => qcow2::storage::FileIdentity::of(raw.file.file())
                 .into_iter()
                 .collect(),
+            Input::Node(node) => node.files(),
         }
     }
 
@@ -480,9 +482,7 @@ impl Input {
                 .map_err(|e| format!("Could not open '{name}': {e}"))?
             {
                 crate::io_open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
-                crate::io_open::Target::Raw(_) => Err(format!(
-                    "Could not open '{name}': only qcow2 images open by options here"
-                )),
+                crate::io_open::Target::Raw(node) => Ok(Input::Node(node)),
             };
         }
         match format_of(path, forced)? {
@@ -498,6 +498,7 @@ impl Input {
         match self {
             Input::Qcow2(image) => image.as_ref(),
             Input::Raw(raw) => raw,
+            Input::Node(node) => node,
         }
     }
 }
