@@ -356,19 +356,6 @@ impl OpenSpec {
                 _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
             })
             .transpose()?;
-        // A data-file node given here would replace the file the header names (with blkdebug
-        // over it, say); opening the header's file instead would ignore what was asked for.
-        if self
-            .options
-            .keys()
-            .any(|k| k == "data-file" || k.starts_with("data-file."))
-        {
-            return Err(
-                "the 'data-file' option is not supported: the image's data file is the \
-                        one its header names"
-                    .into(),
-            );
-        }
         if NullNode::is_named(&self.options, "")
             || self
                 .format
@@ -378,7 +365,16 @@ impl OpenSpec {
         {
             return self.open_null();
         }
+        // A data-file node given here replaces the file the header names (blkdebug over it,
+        // a null node instead of it).
+        let data_node = self
+            .options
+            .keys()
+            .any(|k| k == "data-file" || k.starts_with("data-file."));
         match self.options.get("file.driver").map(String::as_str) {
+            Some("qcow2" | "blkdebug") if data_node => {
+                return Err("the 'data-file' option is supported only over a host file".into())
+            }
             Some("qcow2") => return self.open_nested(),
             Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {
                 return self.open_blkdebug()
@@ -413,8 +409,18 @@ impl OpenSpec {
                     options.backing = BackingPolicy::Ignore;
                 }
                 options.backing_format = self.options.get("backing.driver").cloned();
-                let image = Image::open(path, &options)
-                    .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
+                let image = if data_node {
+                    let data_file = crate::node_store::open(
+                        &self.options,
+                        "data-file.",
+                        "data-file",
+                        !read_only,
+                    )?;
+                    Image::open_with_data_file(path, &options, data_file)
+                } else {
+                    Image::open(path, &options)
+                }
+                .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
                 crate::source::report_open_repair(&image);
                 if let Some(entry) = self.options.get("l2-cache-entry-size") {
                     let cs = image.cluster_size();

@@ -24,6 +24,7 @@ mod io_open;
 mod map;
 mod measure;
 mod nested;
+mod node_store;
 mod null_node;
 mod opts;
 mod output;

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use qcow2::storage::StorageExt;
+use qcow2::storage::{Event, StorageExt};
 use qcow2::{FileStorage, Storage};
 
 use crate::io_open::Options;
@@ -138,16 +138,19 @@ impl Window {
     }
 }
 
-/// A store seen through a raw node's window: reads past its size fail with EINVAL and writes
-/// with ENOSPC, as QEMU's raw driver refuses them (nothing outside the window is touched).
-pub struct Windowed<S> {
+/// A raw format node as a store over its file: requests are passed on, each announced to the
+/// file as QEMU's raw driver announces it (`read_aio`, `write_aio`, which a blkdebug file below
+/// acts on). A window from the `offset` and `size` options limits what is reachable: reads
+/// past its size fail with EINVAL and writes with ENOSPC, as QEMU's raw driver refuses them
+/// (nothing outside the window is touched).
+pub struct RawNode<S> {
     inner: S,
     window: Window,
 }
 
-impl<S: Storage> Windowed<S> {
-    pub fn new(inner: S, window: Window) -> Windowed<S> {
-        Windowed { inner, window }
+impl<S: Storage> RawNode<S> {
+    pub fn new(inner: S, window: Window) -> RawNode<S> {
+        RawNode { inner, window }
     }
 
     /// The host offset of `[offset, offset + len)`, or the errno QEMU's raw driver fails with.
@@ -168,15 +171,17 @@ impl<S: Storage> Windowed<S> {
     }
 }
 
-impl<S: Storage> Storage for Windowed<S> {
+impl<S: Storage> Storage for RawNode<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let len = self.len()?;
         let n = usize::try_from(len.saturating_sub(offset)).map_or(buf.len(), |n| n.min(buf.len()));
         let at = self.place(offset, n as u64, false)?;
+        self.inner.event(Event::ReadAio);
         self.inner.read_at(&mut buf[..n], at)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let at = self.place(offset, buf.len() as u64, true)?;
+        self.inner.event(Event::WriteAio);
         self.inner.write_at(buf, at)
     }
     fn flush(&self) -> io::Result<()> {
@@ -198,6 +203,7 @@ impl<S: Storage> Storage for Windowed<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let at = self.place(offset, len, true)?;
+        self.inner.event(Event::WriteAio);
         self.inner.write_zeroes(at, len)
     }
     fn hole_at(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
@@ -205,7 +211,7 @@ impl<S: Storage> Storage for Windowed<S> {
         let at = self.place(offset, len, false)?;
         self.inner.hole_at(at, len)
     }
-    fn event(&self, event: qcow2::storage::Event) {
+    fn event(&self, event: Event) {
         self.inner.event(event)
     }
     fn identity(&self) -> Option<qcow2::storage::FileIdentity> {
@@ -226,7 +232,7 @@ mod tests {
             offset: 512,
             size: Some(1024),
         };
-        let w = Windowed::new(file, window);
+        let w = RawNode::new(file, window);
         assert_eq!(w.len().unwrap(), 1024);
         let mut buf = [0u8; 2048];
         assert_eq!(w.read_at(&mut buf, 0).unwrap(), 1024);

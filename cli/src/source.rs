@@ -231,6 +231,10 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         } if context == "opening the image" => {
             return format!("Could not open '{image}': {}", io_text(source))
         }
+        // The caller's own option was wrong: QEMU names the option, not the image.
+        qcow2::Error::InvalidArgument { reason, .. } if reason.starts_with("'data-file'") => {
+            return reason.clone()
+        }
         qcow2::Error::Chain {
             role: "backing",
             problem: qcow2::ChainProblem::UnsupportedFormat(format),

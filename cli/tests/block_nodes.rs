@@ -132,3 +132,116 @@ fn io_info_on_a_raw_image_matches_qemu_io() {
     assert_eq!(code(&ours), code(&theirs));
     assert_eq!(stdout(&ours), stdout(&theirs));
 }
+
+/// Runs `qemu-io ARGS` (ours and QEMU's) on two copies of the image `base` with data file
+/// `base.data`; `name` makes the file name from the copy's image and data file paths. Returns
+/// both outputs and both images' `check` output after.
+fn data_file_case(
+    dir: &Path,
+    args: &[&str],
+    name: impl Fn(&str, &str) -> String,
+) -> Vec<(Output, String)> {
+    require_qemu();
+    let mut out = Vec::new();
+    for tool in ["ours", "qemu"] {
+        let image = dir.join(format!("{tool}.qcow2"));
+        let data = dir.join(format!("{tool}.qcow2.data"));
+        let _ = std::fs::remove_file(&data);
+        let data_opt = format!("data_file={}", path_str(&data));
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &data_opt,
+            path_str(&image),
+            "1M",
+        ]);
+        let json = name(path_str(&image), path_str(&data));
+        let mut full: Vec<&str> = args.to_vec();
+        full.push(&json);
+        let run = if tool == "ours" {
+            ours_as("qemu-io", dir, &full)
+        } else {
+            std::process::Command::new("qemu-io")
+                .args(&full)
+                .env("LC_ALL", "C")
+                .current_dir(dir)
+                .output()
+                .expect("run qemu-io")
+        };
+        let check = qcow2_testdata::qemu_img(&["check", path_str(&image)]);
+        out.push((run, stdout(&check)));
+    }
+    out
+}
+
+#[test]
+fn a_null_data_file_node_takes_the_writes_and_leaves_the_image_consistent() {
+    let dir = scratch_dir("nodes_null_data_file");
+    let name = |image: &str, _: &str| {
+        format!("json:{{'driver': 'qcow2', 'file': {{'filename': '{image}'}}, 'data-file': {{'driver': 'null-co', 'size': '1048576', 'read-zeroes': true}}}}")
+    };
+    let args = [
+        "-c",
+        "write -P 7 4k 64k",
+        "-c",
+        "read -P 0 4k 64k",
+        "-c",
+        "map",
+    ];
+    let runs = data_file_case(&dir, &args, name);
+    let ((ours, ours_check), (theirs, theirs_check)) = (&runs[0], &runs[1]);
+    assert_eq!(code(ours), code(theirs), "{}", stderr(ours));
+    assert_eq!(steady(&stdout(ours)), steady(&stdout(theirs)));
+    assert_eq!(ours_check, theirs_check);
+    assert!(ours_check.contains("No errors were found"));
+    // The header's data file was not written: the node replaced it.
+    let data = std::fs::read(dir.join("ours.qcow2.data")).unwrap();
+    assert!(data.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_failed_write_under_a_blkdebug_data_file_frees_nothing_it_should_keep() {
+    let dir = scratch_dir("nodes_blkdebug_data_file");
+    let conf = dir.join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nonce = \"on\"\n",
+    )
+    .unwrap();
+    let conf = path_str(&conf).to_owned();
+    let name = |image: &str, data: &str| {
+        format!("json:{{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{image}'}}, 'data-file': {{'driver': 'raw', 'file': {{'driver': 'blkdebug', 'config': '{conf}', 'image': {{'driver': 'file', 'filename': '{data}'}}}}}}}}")
+    };
+    let args = [
+        "-c",
+        "write 0 64k",
+        "-c",
+        "write -P 3 0 64k",
+        "-c",
+        "read -P 3 0 64k",
+    ];
+    let runs = data_file_case(&dir, &args, name);
+    let ((ours, ours_check), (theirs, theirs_check)) = (&runs[0], &runs[1]);
+    assert_eq!(code(ours), code(theirs), "{}", stderr(ours));
+    assert_eq!(steady(&stdout(ours)), steady(&stdout(theirs)));
+    assert!(stdout(ours).starts_with("write failed: Input/output error\n"));
+    assert_eq!(ours_check, theirs_check);
+}
+
+#[test]
+fn data_file_nodes_are_refused_where_qemu_refuses_them() {
+    let dir = scratch_dir("nodes_data_file_refused");
+    let image = dir.join("plain.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&image), "1M"]);
+    let i = path_str(&image);
+    for data in ["{'driver': 'null-co'}", "'node0'"] {
+        let name =
+            format!("json:{{'driver':'qcow2','file':{{'filename':'{i}'}},'data-file':{data}}}");
+        let (ours, theirs) = both(&dir, "qemu-io", &["-c", "read 0 512", &name]);
+        assert_eq!(code(&ours), code(&theirs));
+        assert_eq!(stderr(&ours), stderr(&theirs));
+    }
+}
