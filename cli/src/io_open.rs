@@ -11,8 +11,8 @@ use std::path::Path;
 use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
 use crate::null_node::NullNode;
+use crate::qcow2_runtime;
 pub use crate::raw_node::RawImage;
-use crate::size::parse_size;
 use crate::source::{format_of, io_text, with_policy, Format, Guest};
 
 /// Flat dotted options, as QEMU's block layer takes them.
@@ -346,16 +346,11 @@ impl OpenSpec {
 
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
-        check_cache_options(&self.options)?;
-        let lazy_refcounts = self
-            .options
-            .get("lazy-refcounts")
-            .map(|v| match v.as_str() {
-                "on" | "true" | "yes" => Ok(true),
-                "off" | "false" | "no" => Ok(false),
-                _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
-            })
-            .transpose()?;
+        // What can be checked without the image is checked before anything opens.
+        let runtime_given = qcow2_runtime::any_given(&self.options);
+        if runtime_given {
+            qcow2_runtime::check(&self.options, None)?;
+        }
         if NullNode::is_named(&self.options, "")
             || self
                 .format
@@ -395,6 +390,13 @@ impl OpenSpec {
         };
         match format {
             Format::Qcow2 => {
+                let runtime = if runtime_given {
+                    let facts = qcow2_runtime::ImageFacts::read(path);
+                    qcow2_runtime::check(&self.options, facts.as_ref())?
+                } else {
+                    qcow2_runtime::Runtime::default()
+                };
+                let lazy_refcounts = runtime.lazy_refcounts;
                 let options = if read_only {
                     OpenOptions::default().force_share(self.force_share)
                 } else {
@@ -422,14 +424,6 @@ impl OpenSpec {
                 }
                 .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
                 crate::source::report_open_repair(&image);
-                if let Some(entry) = self.options.get("l2-cache-entry-size") {
-                    let cs = image.cluster_size();
-                    let ok = parse_size(entry)
-                        .is_ok_and(|n| n.is_power_of_two() && (512..=cs).contains(&n));
-                    if !ok {
-                        return Err(format!("L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"));
-                    }
-                }
                 Ok(Target::Qcow2(Box::new(image)))
             }
             Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
@@ -461,35 +455,6 @@ fn check_protocol_file(protocol: &str, path: &Path, writable: bool) -> Result<()
         return Err(format!(
             "'{protocol}' driver requires '{shown}' to be either a character or block device"
         ));
-    }
-    Ok(())
-}
-
-/// The cache-size options QEMU's qcow2 refuses in combination.
-fn check_cache_options(o: &Options) -> Result<(), String> {
-    let size = |key: &str| -> Result<Option<u64>, String> {
-        o.get(key)
-            .map(|v| parse_size(v).map_err(|_| format!("Parameter '{key}' expects a size")))
-            .transpose()
-    };
-    let (all, l2, rc) = (
-        size("cache-size")?,
-        size("l2-cache-size")?,
-        size("refcount-cache-size")?,
-    );
-    if all.is_some() && l2.is_some() && rc.is_some() {
-        return Err(
-            "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
-                .into(),
-        );
-    }
-    if let Some(all) = all {
-        if l2.is_some_and(|l2| l2 > all) {
-            return Err("l2-cache-size may not exceed cache-size".into());
-        }
-        if rc.is_some_and(|rc| rc > all) {
-            return Err("refcount-cache-size may not exceed cache-size".into());
-        }
     }
     Ok(())
 }

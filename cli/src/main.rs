@@ -29,6 +29,7 @@ mod null_node;
 mod opts;
 mod output;
 mod progress;
+mod qcow2_runtime;
 mod raw_node;
 mod rebase;
 mod reopen;
