@@ -9,6 +9,10 @@ use crate::format::{FormatError, Problem};
 /// refcount block: found only when a refcount there is needed, it marks the image corrupt.
 pub(crate) const UNALIGNED_REFBLOCK: &str = "refcount table entry";
 
+/// The start of the structure named by the error for an allocation refused because it would
+/// take a metadata cluster counted free: it marks the image corrupt.
+pub(crate) const PREVENTED_ALLOCATION: &str = "allocation";
+
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -214,7 +218,9 @@ impl Error {
     /// Whether this corruption, found while writing, means the image must be marked corrupt
     /// (QEMU's "corruption events": metadata a write depends on is invalid).
     pub(crate) fn marks_image_corrupt(&self) -> bool {
-        matches!(self, Error::Corrupt { structure, .. } if structure == UNALIGNED_REFBLOCK)
+        matches!(self, Error::Corrupt { structure, .. }
+            if structure == UNALIGNED_REFBLOCK
+                || structure.starts_with(&format!("{PREVENTED_ALLOCATION} over ")))
     }
 
     /// A corruption at a place in the image.
