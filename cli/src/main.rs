@@ -30,6 +30,7 @@ mod opts;
 mod output;
 mod progress;
 mod qcow2_runtime;
+mod quorum_node;
 mod raw_node;
 mod rebase;
 mod reopen;

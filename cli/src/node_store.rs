@@ -58,10 +58,80 @@ pub fn open(
             let rules = rules_from_options(o, prefix)?;
             Ok(Box::new(Blkdebug::new(image, rules)))
         }
+        Some("quorum") => open_quorum(o, prefix, writable),
         Some(other) => Err(format!(
             "the '{other}' driver is not supported by qcow2-tool as the \"{child}\" node"
         )),
     }
+}
+
+/// A quorum node: its children are a JSON array (from a `json:` name) or numbered
+/// `children.N.` options.
+fn open_quorum(o: &Options, prefix: &str, writable: bool) -> Result<Box<dyn Storage>, String> {
+    let key = |k: &str| format!("{prefix}{k}");
+    for unsupported in ["blkverify", "rewrite-corrupted"] {
+        if o.get(&key(unsupported))
+            .is_some_and(|v| v != "off" && v != "false")
+        {
+            return Err(format!(
+                "quorum's '{unsupported}' option is not supported by qcow2-tool"
+            ));
+        }
+    }
+    match o.get(&key("read-pattern")).map(String::as_str) {
+        None | Some("quorum") => {}
+        Some("fifo") => {
+            return Err("quorum's 'fifo' read pattern is not supported by qcow2-tool".into())
+        }
+        Some(_) => return Err("Please set read-pattern as fifo or quorum".into()),
+    }
+    // Each child's options, under a prefix of their own.
+    let mut children = Options::new();
+    if let Some(list) = o.get(&key("children")) {
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(list).map_err(|_| "Option children is not a valid array")?;
+        for (i, child) in list.iter().enumerate() {
+            let serde_json::Value::Object(_) = child else {
+                return Err("Option children is not a valid array".into());
+            };
+            let one = format!("json:{child}");
+            let mut child_options = Options::new();
+            crate::io_open::parse_json_filename(&one, &mut child_options)?;
+            for (k, v) in child_options {
+                children.insert(format!("{i}.{k}"), v);
+            }
+        }
+    } else {
+        for (k, v) in o {
+            if let Some(rest) = k.strip_prefix(&key("children.")) {
+                children.insert(rest.to_owned(), v.clone());
+            }
+        }
+    }
+    let mut indices: Vec<u64> = children
+        .keys()
+        .filter_map(|k| k.split_once('.').and_then(|(i, _)| i.parse().ok()))
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    let mut stores = Vec::with_capacity(indices.len());
+    for i in indices {
+        stores.push(open(
+            &children,
+            &format!("{i}."),
+            &format!("children.{i}"),
+            writable,
+        )?);
+    }
+    let threshold = match o.get(&key("vote-threshold")) {
+        Some(v) => v
+            .parse::<i64>()
+            .map_err(|_| "Parameter 'vote-threshold' expects a number".to_owned())?,
+        None => 0,
+    };
+    Ok(Box::new(crate::quorum_node::QuorumNode::new(
+        stores, threshold,
+    )?))
 }
 
 #[cfg(test)]

@@ -245,3 +245,40 @@ fn data_file_nodes_are_refused_where_qemu_refuses_them() {
         assert_eq!(stderr(&ours), stderr(&theirs));
     }
 }
+
+#[test]
+fn info_over_a_quorum_file_node_matches_qemu_img() {
+    let dir = scratch_dir("nodes_quorum_info");
+    let base = dir.join("q.qcow2.base");
+    let top = dir.join("q.qcow2");
+    let copy = dir.join("q.qcow2.copy");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "64M"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "q.qcow2.base",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    std::fs::copy(&top, &copy).unwrap();
+    let name = format!(
+        "json:{{'driver': 'qcow2', 'file': {{'driver': 'quorum', 'vote-threshold': 1, 'children': [{{'driver': 'file', 'filename': '{}'}}, {{'driver': 'file', 'filename': '{}'}}]}}}}",
+        path_str(&top),
+        path_str(&copy)
+    );
+    for output in ["--output=human", "--output=json"] {
+        let (ours, theirs) = both(&dir, "qemu-img", &["info", output, &name]);
+        assert_eq!(code(&ours), code(&theirs), "{}", stderr(&ours));
+        assert_eq!(stdout(&ours), stdout(&theirs), "{output}");
+    }
+    let (ours, _) = both(&dir, "qemu-img", &["info", &name]);
+    assert!(stdout(&ours).contains("backing file: q.qcow2.base (cannot determine actual path)"));
+    let bad = name.replace("'vote-threshold': 1", "'vote-threshold': 3");
+    let (ours, theirs) = both(&dir, "qemu-img", &["info", &bad]);
+    assert_eq!(code(&ours), code(&theirs));
+    assert!(stderr(&ours).contains("threshold may not exceed children count"));
+}
