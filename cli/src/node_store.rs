@@ -161,8 +161,8 @@ mod tests {
         assert_eq!(store.len().unwrap(), 1024);
         let o = options(&[("data-file", "node0")]);
         assert!(open(&o, "data-file.", "data-file", false)
-            .unwrap_err()
-            .contains("node-name='node0'"));
+            .err()
+            .is_some_and(|e| e.contains("node-name='node0'")));
         let o = options(&[("data-file.driver", "qcow2")]);
         assert!(open(&o, "data-file.", "data-file", false).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
