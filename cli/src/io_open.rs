@@ -317,6 +317,17 @@ impl OpenSpec {
         self.open_qcow2_over(storage, &name)
     }
 
+    /// A qcow2 image whose file is a node other than a host file (a quorum).
+    fn open_over_node(&self) -> Result<Target, String> {
+        let driver = self.options.get("driver").or(self.format.as_ref());
+        if driver.is_some_and(|d| d != "qcow2") {
+            return Err("only qcow2 images open over this file node".into());
+        }
+        let store = crate::node_store::open(&self.options, "file.", "file", !self.read_only())?;
+        let name = self.name.clone().unwrap_or_default();
+        self.open_qcow2_over(store, &name)
+    }
+
     /// A qcow2 image in `storage`, opened as the spec says.
     fn open_qcow2_over(&self, storage: Box<dyn Storage>, name: &str) -> Result<Target, String> {
         let options = if self.read_only() {
@@ -371,6 +382,7 @@ impl OpenSpec {
                 return Err("the 'data-file' option is supported only over a host file".into())
             }
             Some("qcow2") => return self.open_nested(),
+            Some("quorum") => return self.open_over_node(),
             Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {
                 return self.open_blkdebug()
             }

@@ -282,3 +282,44 @@ fn info_over_a_quorum_file_node_matches_qemu_img() {
     assert_eq!(code(&ours), code(&theirs));
     assert!(stderr(&ours).contains("threshold may not exceed children count"));
 }
+
+#[test]
+fn io_over_a_quorum_writes_every_child_and_reads_the_vote() {
+    let dir = scratch_dir("nodes_quorum_io");
+    let mut children = Vec::new();
+    for tool in ["ours", "qemu"] {
+        let a = dir.join(format!("{tool}.a.qcow2"));
+        let b = dir.join(format!("{tool}.b.qcow2"));
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&a), "1M"]);
+        std::fs::copy(&a, &b).unwrap();
+        let name = format!(
+            "json:{{'driver': 'qcow2', 'file': {{'driver': 'quorum', 'vote-threshold': 2, 'children': [{{'driver': 'file', 'filename': '{}'}}, {{'driver': 'file', 'filename': '{}'}}]}}}}",
+            path_str(&a),
+            path_str(&b)
+        );
+        let args = [
+            "-c",
+            "write -P 9 64k 64k",
+            "-c",
+            "read -P 9 64k 64k",
+            name.as_str(),
+        ];
+        let out = if tool == "ours" {
+            ours_as("qemu-io", &dir, &args)
+        } else {
+            std::process::Command::new("qemu-io")
+                .args(args)
+                .env("LC_ALL", "C")
+                .output()
+                .unwrap()
+        };
+        children.push((steady(&stdout(&out)), code(&out)));
+        // Both children hold the write: each reads it back alone.
+        for child in [&a, &b] {
+            let check = qcow2_testdata::qemu_io(&["-c", "read -P 9 64k 64k", path_str(child)]);
+            assert!(!stdout(&check).contains("verification failed"), "{tool}");
+        }
+    }
+    assert_eq!(children[0], children[1]);
+    assert_eq!(children[0].1, 0);
+}
