@@ -13,7 +13,7 @@ use qcow2::Storage;
 use crate::io_open::Options;
 
 /// The events the engine reports, by QEMU's names.
-const EVENTS: [Event; 2] = [Event::L2Load, Event::ReadAio];
+const EVENTS: [Event; 3] = [Event::L2Load, Event::ReadAio, Event::WriteAio];
 
 /// QEMU's name of the event a copy-on-read write reports.
 const COR_WRITE: &str = "cor_write";

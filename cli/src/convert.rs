@@ -379,7 +379,7 @@ pub fn run(args: Args) -> CmdResult {
                 .map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
             copy(&view, &args, output_for(&view)?, &inputs)
         }
-        (Input::Raw(_), Some(_)) => Err(fail(
+        (Input::Raw(_) | Input::Node(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
         )),
     }?;

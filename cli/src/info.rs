@@ -52,10 +52,24 @@ struct Facts {
     actual_size: u64,
     qcow2: Option<(ImageInfo, Option<Vec<Bitmap>>)>,
     full_backing: Option<PathBuf>,
+    /// The file node, when it is a quorum rather than a host file.
+    quorum: Option<Quorum>,
+}
+
+/// A quorum file node, as qemu-img shows it: its own name and size, and each child file.
+struct Quorum {
+    name: String,
+    length: u64,
+    /// Each child: its file name, length and disk size.
+    children: Vec<(String, u64, u64)>,
 }
 
 pub fn run(args: Args) -> CmdResult {
     crate::source::set_force_share(args.force_share);
+    if let Some(facts) = over_quorum(&args).map_err(|m| Failure::new(1, m))? {
+        print(&args, vec![facts]);
+        return Ok(0);
+    }
     let mut chain = Vec::new();
     let (top, name, mut forced) = first_image(&args).map_err(|m| Failure::new(1, m))?;
     let mut path = top.clone();
@@ -92,6 +106,12 @@ pub fn run(args: Args) -> CmdResult {
             _ => break,
         }
     }
+    print(&args, chain);
+    Ok(0)
+}
+
+/// Prints the chain's facts as `--output` asks.
+fn print(args: &Args, chain: Vec<Facts>) {
     match args.output {
         OutputFormat::Json => {
             let mut items: Vec<Json> = chain.iter().map(to_json).collect();
@@ -107,7 +127,97 @@ pub fn run(args: Args) -> CmdResult {
             out!("{}", blocks.join("\n"));
         }
     }
-    Ok(0)
+}
+
+/// A qcow2 image whose file is a quorum node: the image alone (no directory resolves its
+/// backing file name, so qemu-img cannot determine the backing file's path either).
+fn over_quorum(args: &Args) -> Result<Option<Facts>, String> {
+    let given = args.file.to_string_lossy();
+    let mut options = Options::new();
+    if args.image_opts {
+        parse_option_string(&given, &mut options)?;
+    } else if given.starts_with("json:") {
+        crate::io_open::parse_json_filename(&given, &mut options)?;
+    }
+    if options.get("file.driver").is_none_or(|d| d != "quorum") {
+        return Ok(None);
+    }
+    let fail = |e: String| format!("Could not open '{given}': {e}");
+    if options
+        .get("driver")
+        .or(args.format.as_ref())
+        .is_some_and(|d| d != "qcow2")
+    {
+        return Err(fail(
+            "only qcow2 images over a quorum node are supported".into(),
+        ));
+    }
+    let store = crate::node_store::open(&options, "file.", "file", false).map_err(fail)?;
+    let length = store.len().map_err(|e| fail(crate::source::io_text(&e)))?;
+    let image = Image::from_storage(store, &given, &OpenOptions::metadata_only())
+        .map_err(|e| fail(crate::source::open_error_text(&e)))?;
+    let info = image.info();
+    let bitmaps = read_bitmaps(&image)?;
+    // Each child file, as QEMU lists them (the last added first).
+    let mut children = Vec::new();
+    let mut child_names = Vec::new();
+    for i in 0.. {
+        let Some(file) = quorum_child_file(&options, i) else {
+            break;
+        };
+        let meta = std::fs::metadata(&file).map_err(|e| fail(crate::source::io_text(&e)))?;
+        child_names.push(format!(
+            "{{\"driver\": \"file\", \"filename\": {}}}",
+            serde_json::Value::from(file.clone())
+        ));
+        children.push((file, meta.len(), meta.blocks() * 512));
+    }
+    children.reverse();
+    let threshold = options
+        .get("file.vote-threshold")
+        .cloned()
+        .unwrap_or_default();
+    let quorum_name = format!(
+        "json:{{\"children\": [{}], \"driver\": \"quorum\", \"vote-threshold\": {threshold}}}",
+        child_names.join(", ")
+    );
+    let actual_size = children.iter().map(|c| c.2).sum();
+    // qemu-img names the image by its options, rebuilt in its own layout; the file node is all
+    // there is besides the driver.
+    let only_file = options
+        .keys()
+        .all(|k| k == "driver" || k.starts_with("file."));
+    let name = if only_file {
+        let body = quorum_name.strip_prefix("json:").unwrap_or(&quorum_name);
+        format!("json:{{\"driver\": \"qcow2\", \"file\": {body}}}")
+    } else {
+        given.into_owned()
+    };
+    // The node is as long as its children, in whole sectors.
+    let length = length.next_multiple_of(512);
+    Ok(Some(Facts {
+        name,
+        filename: quorum_name.clone(),
+        virtual_size: info.virtual_size,
+        file_length: length,
+        actual_size,
+        qcow2: Some((info, bitmaps)),
+        full_backing: None,
+        quorum: Some(Quorum {
+            name: quorum_name,
+            length,
+            children,
+        }),
+    }))
+}
+
+/// The host file of quorum child `i`, from a `json:` array or `children.N.` options.
+fn quorum_child_file(options: &Options, i: usize) -> Option<String> {
+    if let Some(list) = options.get("file.children") {
+        let list: Vec<serde_json::Value> = serde_json::from_str(list).ok()?;
+        return list.get(i)?.get("filename")?.as_str().map(str::to_owned);
+    }
+    options.get(&format!("file.children.{i}.filename")).cloned()
 }
 
 /// The top image's file, the name to show for it, and its format, from the file argument.
@@ -172,6 +282,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
             actual_size,
             qcow2: None,
             full_backing: None,
+            quorum: None,
         }),
         Format::Qcow2 => {
             let image = open_image(path, &OpenOptions::metadata_only())?;
@@ -189,6 +300,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
                 actual_size,
                 qcow2: Some((info, bitmaps)),
                 full_backing,
+                quorum: None,
             })
         }
     }
@@ -239,6 +351,37 @@ fn to_json(f: &Facts) -> Json {
     file_specific.push("data", Json::obj());
     file_child.push("format-specific", file_specific);
     file_child.push("dirty-flag", false);
+    if let Some(q) = &f.quorum {
+        let count = q.children.len();
+        let children = q
+            .children
+            .iter()
+            .enumerate()
+            .map(|(k, (file, len, actual))| {
+                let mut info = Json::obj();
+                info.push("children", Json::Arr(vec![]));
+                info.push("virtual-size", len.next_multiple_of(512));
+                info.push("filename", file.as_str());
+                info.push("format", "file");
+                info.push("actual-size", *actual);
+                let mut specific = Json::obj();
+                specific.push("type", "file");
+                specific.push("data", Json::obj());
+                info.push("format-specific", specific);
+                info.push("dirty-flag", false);
+                let mut child = Json::obj();
+                child.push("name", format!("children.{}", count - 1 - k));
+                child.push("info", info);
+                child
+            })
+            .collect();
+        file_child = Json::obj();
+        file_child.push("children", Json::Arr(children));
+        file_child.push("virtual-size", q.length);
+        file_child.push("filename", q.name.as_str());
+        file_child.push("format", "quorum");
+        file_child.push("actual-size", f.actual_size);
+    }
     let mut child = Json::obj();
     child.push("name", "file");
     child.push("info", file_child);
@@ -349,11 +492,14 @@ fn to_human(f: &Facts) -> String {
         }
         if let Some(backing) = &info.backing_file {
             s += &format!("backing file: {backing}");
-            if let Some(full) = &f.full_backing {
-                let full = full.display().to_string();
-                if &full != backing {
-                    s += &format!(" (actual path: {full})");
+            match &f.full_backing {
+                Some(full) => {
+                    let full = full.display().to_string();
+                    if &full != backing {
+                        s += &format!(" (actual path: {full})");
+                    }
                 }
+                None => s += " (cannot determine actual path)",
             }
             s += "\n";
         }
@@ -365,6 +511,26 @@ fn to_human(f: &Facts) -> String {
             s += &snapshot_table(&info.snapshots);
         }
         s += &format_specific(info, bitmaps.as_deref());
+    }
+    if let Some(q) = &f.quorum {
+        s += &format!(
+            "Child node '/file':\n    image: {}\n    file format: quorum\n    virtual size: {} ({} bytes)\n    disk size: {}\n",
+            q.name,
+            size_to_str(q.length),
+            q.length,
+            size_to_str(f.actual_size)
+        );
+        let count = q.children.len();
+        for (k, (file, len, actual)) in q.children.iter().enumerate() {
+            s += &format!(
+                "    Child node '/file/children.{}':\n        filename: {file}\n        protocol type: file\n        file length: {} ({} bytes)\n        disk size: {}\n",
+                count - 1 - k,
+                size_to_str(len.next_multiple_of(512)),
+                len.next_multiple_of(512),
+                size_to_str(*actual)
+            );
+        }
+        return s;
     }
     s += &format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",

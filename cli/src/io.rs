@@ -347,12 +347,20 @@ impl Session {
                 _ => {}
             }
         }
-        if let Some(ro) = options.remove("read-only") {
-            if mode.is_some() {
-                report!("Cannot set both -r/-w and 'read-only'");
+        if options.contains_key("read-only") && mode.is_some() {
+            report!("Cannot set both -r/-w and 'read-only'");
+            return false;
+        }
+        if let Some(target) = &self.target {
+            if let Err(e) =
+                crate::reopen::check(&self.spec, target, &options, writethrough.is_some())
+            {
+                report!("{e}");
                 return false;
             }
-            mode = Some(ro == "on" || ro == "true");
+        }
+        if let Some(ro) = options.remove("read-only") {
+            mode = crate::reopen::parse_bool("read-only", &ro).ok();
         }
         if let Some(read_only) = mode {
             spec.read_only = read_only;
@@ -1259,7 +1267,18 @@ fn info(target: &Target) -> bool {
                 crate::info::format_specific(&image.info(), bitmaps.as_deref())
             );
         }
-        Target::Raw(_) => outln!("format name: raw"),
+        Target::Raw(raw) if raw.driver == "raw" => {
+            outln!("format name: raw");
+            outln!("cluster size: 0 bytes");
+            outln!("vm state offset: 0 bytes");
+        }
+        Target::Raw(raw) => {
+            // A protocol driver names itself twice (as a format and as a protocol) and has
+            // no format information to give, which fails the command.
+            outln!("format name: {}", raw.driver);
+            outln!("format name: {}", raw.driver);
+            return false;
+        }
     }
     true
 }

@@ -5,14 +5,15 @@
 //! options QEMU takes are checked for the combinations QEMU refuses, then accepted.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
-use crate::size::parse_size;
-use crate::source::{format_of, io_text, with_policy, Format, Guest, Region};
+use crate::null_node::NullNode;
+use crate::qcow2_runtime;
+pub use crate::raw_node::RawImage;
+use crate::source::{format_of, io_text, with_policy, Format, Guest};
 
 /// Flat dotted options, as QEMU's block layer takes them.
 pub type Options = BTreeMap<String, String>;
@@ -328,6 +329,17 @@ impl OpenSpec {
         self.open_qcow2_over(storage, &name)
     }
 
+    /// A qcow2 image whose file is a node other than a host file (a quorum).
+    fn open_over_node(&self) -> Result<Target, String> {
+        let driver = self.options.get("driver").or(self.format.as_ref());
+        if driver.is_some_and(|d| d != "qcow2") {
+            return Err("only qcow2 images open over this file node".into());
+        }
+        let store = crate::node_store::open(&self.options, "file.", "file", !self.read_only())?;
+        let name = self.name.clone().unwrap_or_default();
+        self.open_qcow2_over(store, &name)
+    }
+
     /// A qcow2 image in `storage`, opened as the spec says.
     fn open_qcow2_over(&self, storage: Box<dyn Storage>, name: &str) -> Result<Target, String> {
         let options = if self.read_only() {
@@ -340,25 +352,49 @@ impl OpenSpec {
         Ok(Target::Qcow2(Box::new(image)))
     }
 
+    /// A null node as the whole disk.
+    fn open_null(&self) -> Result<Target, String> {
+        let mut options = self.options.clone();
+        let driver = options
+            .entry("driver".into())
+            .or_insert_with(|| self.format.clone().unwrap_or_default())
+            .clone();
+        let node = NullNode::from_options(&options, "")?;
+        Ok(Target::Raw(RawImage::over(
+            Box::new(node),
+            &driver,
+            !self.read_only(),
+        )))
+    }
+
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
-        check_cache_options(&self.options)?;
-        let lazy_refcounts = self
-            .options
-            .get("lazy-refcounts")
-            .map(|v| match v.as_str() {
-                "on" | "true" | "yes" => Ok(true),
-                "off" | "false" | "no" => Ok(false),
-                _ => Err("Parameter 'lazy-refcounts' expects 'on' or 'off'".to_string()),
-            })
-            .transpose()?;
-        let data_file = data_file_override(&self.options)?;
-        let file_driver = self.options.get("file.driver").map(String::as_str);
-        if data_file.is_some() && file_driver.is_some_and(|d| !PROTOCOLS.contains(&d)) {
-            return Err("the 'data-file' option is supported over a plain image file only".into());
+        // What can be checked without the image is checked before anything opens.
+        let runtime_given = qcow2_runtime::any_given(&self.options);
+        if runtime_given {
+            qcow2_runtime::check(&self.options, None)?;
         }
+        if NullNode::is_named(&self.options, "")
+            || self
+                .format
+                .as_deref()
+                .is_some_and(|f| crate::null_node::DRIVERS.contains(&f))
+                && !self.options.contains_key("driver")
+        {
+            return self.open_null();
+        }
+        // A data-file node given here replaces the file the header names (blkdebug over it,
+        // a null node instead of it).
+        let data_node = self
+            .options
+            .keys()
+            .any(|k| k == "data-file" || k.starts_with("data-file."));
         match self.options.get("file.driver").map(String::as_str) {
+            Some("qcow2" | "blkdebug") if data_node => {
+                return Err("the 'data-file' option is supported only over a host file".into())
+            }
             Some("qcow2") => return self.open_nested(),
+            Some("quorum") => return self.open_over_node(),
             Some("blkdebug") if blkdebug_injects(&self.options, "file.") => {
                 return self.open_blkdebug()
             }
@@ -378,6 +414,13 @@ impl OpenSpec {
         };
         match format {
             Format::Qcow2 => {
+                let runtime = if runtime_given {
+                    let facts = qcow2_runtime::ImageFacts::read(path);
+                    qcow2_runtime::check(&self.options, facts.as_ref())?
+                } else {
+                    qcow2_runtime::Runtime::default()
+                };
+                let lazy_refcounts = runtime.lazy_refcounts;
                 let options = if read_only {
                     OpenOptions::default().force_share(self.force_share)
                 } else {
@@ -392,18 +435,19 @@ impl OpenSpec {
                     options.backing = BackingPolicy::Ignore;
                 }
                 options.backing_format = self.options.get("backing.driver").cloned();
-                options.data_file = data_file;
-                let image = Image::open(path, &options)
-                    .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
-                crate::source::report_open_repair(&image);
-                if let Some(entry) = self.options.get("l2-cache-entry-size") {
-                    let cs = image.cluster_size();
-                    let ok = parse_size(entry)
-                        .is_ok_and(|n| n.is_power_of_two() && (512..=cs).contains(&n));
-                    if !ok {
-                        return Err(format!("L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"));
-                    }
+                let image = if data_node {
+                    let data_file = crate::node_store::open(
+                        &self.options,
+                        "data-file.",
+                        "data-file",
+                        !read_only,
+                    )?;
+                    Image::open_with_data_file(path, &options, data_file)
+                } else {
+                    Image::open(path, &options)
                 }
+                .map_err(|e| crate::io::qemu_open_error(&file, &e))?;
+                crate::source::report_open_repair(&image);
                 Ok(Target::Qcow2(Box::new(image)))
             }
             Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
@@ -462,35 +506,6 @@ fn check_protocol_file(protocol: &str, path: &Path, writable: bool) -> Result<()
     Ok(())
 }
 
-/// The cache-size options QEMU's qcow2 refuses in combination.
-fn check_cache_options(o: &Options) -> Result<(), String> {
-    let size = |key: &str| -> Result<Option<u64>, String> {
-        o.get(key)
-            .map(|v| parse_size(v).map_err(|_| format!("Parameter '{key}' expects a size")))
-            .transpose()
-    };
-    let (all, l2, rc) = (
-        size("cache-size")?,
-        size("l2-cache-size")?,
-        size("refcount-cache-size")?,
-    );
-    if all.is_some() && l2.is_some() && rc.is_some() {
-        return Err(
-            "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
-                .into(),
-        );
-    }
-    if let Some(all) = all {
-        if l2.is_some_and(|l2| l2 > all) {
-            return Err("l2-cache-size may not exceed cache-size".into());
-        }
-        if rc.is_some_and(|rc| rc > all) {
-            return Err("refcount-cache-size may not exceed cache-size".into());
-        }
-    }
-    Ok(())
-}
-
 /// What `io` has open.
 pub enum Target {
     Qcow2(Box<Image>),
@@ -503,71 +518,6 @@ impl Target {
             Target::Qcow2(image) => image.as_ref(),
             Target::Raw(raw) => raw,
         }
-    }
-}
-
-/// A raw image, read and (unless opened read-only) written in place.
-pub struct RawImage {
-    file: File,
-    pub writable: bool,
-}
-
-impl RawImage {
-    pub fn open(path: &Path, writable: bool) -> Result<RawImage, String> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
-        Ok(RawImage { file, writable })
-    }
-
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-
-    pub fn truncate(&self, size: u64) -> std::io::Result<()> {
-        self.file.set_len(size)
-    }
-
-    /// Gives `[offset, offset + len)` back to the file system, as QEMU's file driver discards:
-    /// a punched hole that reads zeros. A file system without holes keeps the data (a discard
-    /// promises nothing about what is read afterwards).
-    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        let (Ok(at), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(std::io::ErrorKind::InvalidInput.into());
-        };
-        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(&self.file, mode, at, n) {
-            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => Ok(()),
-            other => other.map_err(std::io::Error::from),
-        }
-    }
-
-    pub fn size_now(&self) -> u64 {
-        self.file.metadata().map_or(0, |m| m.len())
-    }
-}
-
-impl Guest for RawImage {
-    fn size(&self) -> u64 {
-        self.size_now()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        crate::source::read_zero_filled(&self.file, buf, offset).map_err(|e| io_text(&e))
-    }
-    fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
-        Ok(vec![Region {
-            start: offset,
-            length: len,
-            data: true,
-            below: false,
-        }])
     }
 }
 

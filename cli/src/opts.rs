@@ -92,7 +92,7 @@ fn split_pairs(list: &str) -> Vec<(String, String)> {
 }
 
 /// qemu's `qemu_strtosz` for a QEMU_OPT_SIZE option.
-fn parse_size_opt(name: &str, value: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_opt(name: &str, value: &str) -> Result<u64, String> {
     if value.trim_start().starts_with('-') {
         return Err(format!(
             "Value '{value}' is out of range for parameter '{name}'"
@@ -112,7 +112,7 @@ fn parse_size_opt(name: &str, value: &str) -> Result<u64, String> {
 
 /// qemu's QEMU_OPT_NUMBER parsing (`strtoull` with base 0: leading blanks skipped, a minus
 /// sign negates modulo 2^64).
-fn parse_number_opt(name: &str, value: &str) -> Result<u64, String> {
+pub(crate) fn parse_number_opt(name: &str, value: &str) -> Result<u64, String> {
     let value = value.trim_start();
     if let Some(rest) = value.strip_prefix('-') {
         if !rest.starts_with(['-', '+', ' ']) {
@@ -133,7 +133,7 @@ fn parse_number_opt(name: &str, value: &str) -> Result<u64, String> {
 }
 
 /// qapi_bool_parse.
-fn parse_bool_opt(name: &str, value: &str) -> Result<BoolOpt, String> {
+pub(crate) fn parse_bool_opt(name: &str, value: &str) -> Result<BoolOpt, String> {
     let parsed = match value {
         "on" | "yes" | "true" | "y" => true,
         "off" | "no" | "false" | "n" => false,

@@ -231,6 +231,10 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         } if context == "opening the image" => {
             return format!("Could not open '{image}': {}", io_text(source))
         }
+        // The caller's own option was wrong: QEMU names the option, not the image.
+        qcow2::Error::InvalidArgument { reason, .. } if reason.starts_with("'data-file'") => {
+            return reason.clone()
+        }
         qcow2::Error::Chain {
             role: "backing",
             problem: qcow2::ChainProblem::UnsupportedFormat(format),
@@ -459,10 +463,11 @@ impl Guest for RawFile {
     }
 }
 
-/// An opened input: a qcow2 image or a raw file.
+/// An opened input: a qcow2 image, a raw file, or a node its options describe (a null node).
 pub enum Input {
     Qcow2(Box<Image>),
     Raw(RawFile),
+    Node(crate::raw_node::RawImage),
 }
 
 impl Input {
@@ -473,6 +478,7 @@ impl Input {
             Input::Raw(raw) => qcow2::storage::FileIdentity::of(raw.file.file())
                 .into_iter()
                 .collect(),
+            Input::Node(node) => node.files(),
         }
     }
 
@@ -491,9 +497,7 @@ impl Input {
                 .map_err(|e| format!("Could not open '{name}': {e}"))?
             {
                 crate::io_open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
-                crate::io_open::Target::Raw(_) => Err(format!(
-                    "Could not open '{name}': only qcow2 images open by options here"
-                )),
+                crate::io_open::Target::Raw(node) => Ok(Input::Node(node)),
             };
         }
         match format_of(path, forced)? {
@@ -509,6 +513,7 @@ impl Input {
         match self {
             Input::Qcow2(image) => image.as_ref(),
             Input::Raw(raw) => raw,
+            Input::Node(node) => node,
         }
     }
 }

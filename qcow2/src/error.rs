@@ -13,6 +13,10 @@ pub(crate) const INVALID_SUBCLUSTER_BITMAP: &str = "invalid subcluster bitmap";
 /// How an L2 entry's reason ends when its data cluster offset is not cluster aligned.
 pub(crate) const UNALIGNED_DATA_CLUSTER: &str = "is not cluster aligned";
 
+/// The start of the structure named by the error for an allocation refused because it would
+/// take a metadata cluster counted free: it marks the image corrupt.
+pub(crate) const PREVENTED_ALLOCATION: &str = "allocation";
+
 /// Why a backing or data file was not opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -228,7 +232,9 @@ impl Error {
     /// (QEMU's "corruption events": metadata a write depends on is invalid, an unaligned
     /// refcount block or an invalid L2 entry).
     pub(crate) fn marks_image_corrupt(&self) -> bool {
-        matches!(self, Error::Corrupt { structure, .. } if structure == UNALIGNED_REFBLOCK)
+        matches!(self, Error::Corrupt { structure, .. }
+            if structure == UNALIGNED_REFBLOCK
+                || structure.starts_with(&format!("{PREVENTED_ALLOCATION} over ")))
             || self.is_fatal_l2_entry()
     }
 

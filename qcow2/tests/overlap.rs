@@ -1,7 +1,7 @@
 //! A refcount table that points a refcount block at other metadata (the active L1 table, a
 //! snapshot's L2 table) is refused for writing before anything is written: updating that block
 //! would overwrite every guest mapping or the snapshot. QEMU's `qemu-img check` calls these
-//! images corrupt too.
+//! images corrupt too. Metadata counted free opens for writing, but is never allocated.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -88,7 +88,7 @@ fn refcount_blocks_on_other_metadata_refuse_writes_and_change_nothing() {
 }
 
 #[test]
-fn metadata_counted_free_refuses_writes_until_repaired() {
+fn metadata_counted_free_is_never_allocated_and_marks_the_image_corrupt() {
     let dir = scratch_dir("overlap_counted_free");
     let path = image(&dir, "l1-free.qcow2");
     // The active L1 table's cluster gets refcount 0 in the first refblock (16-bit counts).
@@ -97,14 +97,39 @@ fn metadata_counted_free_refuses_writes_until_repaired() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&[0, 0], refblock + (l1 >> 16) * 2).unwrap();
     drop(f);
-    let before = std::fs::read(&path).unwrap();
-    let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
+    let theirs = dir.join("l1-free-qemu.qcow2");
+    std::fs::copy(&path, &theirs).unwrap();
+    let l1_bytes = |p: &Path| std::fs::read(p).unwrap()[l1 as usize..l1 as usize + 65536].to_vec();
+    let l1_before = l1_bytes(&path);
+
+    // The image opens for writing, as in QEMU; the first allocation would take the L1 table's
+    // cluster, so it is refused and the image marked corrupt, the table untouched.
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let err = image.write_at(&[3; 65536], 1 << 20).unwrap_err();
     assert!(
-        err.to_string().contains("refcount 0") && err.to_string().contains("active L1"),
+        matches!(&err, qcow2::Error::Corrupt { structure, reason, .. }
+            if structure.contains("active L1")
+                && reason == &format!("Preventing invalid allocation of clusters at offset {l1}")),
         "{err}"
     );
-    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
-    // check -r all rebuilds the counts; then the image takes writes and QEMU agrees.
+    assert!(image.header().is_corrupt());
+    drop(image);
+    assert_eq!(l1_bytes(&path), l1_before, "the L1 table changed");
+    // QEMU fails the same write (its overlap check catches it) and marks the image corrupt too.
+    let out = qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 3 1M 64k",
+        theirs.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("write failed: Input/output error"));
+    let corrupt = |p: &Path| header_u64(p, 72) & 2 != 0;
+    assert!(corrupt(&path) && corrupt(&theirs));
+    assert!(Image::open(&path, &OpenOptions::read_write()).is_err());
+
+    // check -r all rebuilds the counts and clears the mark; then the image takes writes and
+    // QEMU agrees.
     let options = OpenOptions::read_write().for_repair(true);
     let image = Image::open(&path, &options).unwrap();
     image.check_and_repair(qcow2::Repair::All).unwrap();

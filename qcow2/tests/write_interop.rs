@@ -588,3 +588,43 @@ fn small_writes_into_reused_clusters_read_back_in_qemu() {
         assert_reads_as(&path, &model);
     }
 }
+
+#[test]
+fn a_data_file_given_by_the_caller_replaces_the_one_the_header_names() {
+    require_qemu();
+    let dir = scratch_dir("data-file-given");
+    let path = dir.join("a.qcow2");
+    let named = dir.join("a.data");
+    std::fs::write(&named, []).unwrap();
+    let options = CreateOptions::new(1 << 20).data_file(Some(named.display().to_string()));
+    Image::create(&path, &options).unwrap().close().unwrap();
+    // The caller's store gets the guest data; the header's file is never opened.
+    let given = std::sync::Arc::new(qcow2::MemoryStorage::new());
+    let image =
+        Image::open_with_data_file(&path, &OpenOptions::read_write(), Box::new(given.clone()))
+            .unwrap();
+    image.write_at(&pattern(8192, 5), 65536).unwrap();
+    let mut back = vec![0u8; 8192];
+    image.read_at(&mut back, 65536).unwrap();
+    assert_eq!(back, pattern(8192, 5));
+    image.close().unwrap();
+    let mut stored = vec![0u8; 8192];
+    qcow2::storage::StorageExt::read_exact_at(&*given, &mut stored, 65536).unwrap();
+    assert_eq!(stored, pattern(8192, 5));
+    assert!(std::fs::read(&named).unwrap().iter().all(|&b| b == 0));
+    assert_qemu_clean(&path);
+
+    // An image without an external data file has no place for one.
+    let plain = dir.join("plain.qcow2");
+    Image::create(&plain, &CreateOptions::new(1 << 20))
+        .unwrap()
+        .close()
+        .unwrap();
+    let err = Image::open_with_data_file(
+        &plain,
+        &OpenOptions::read_write(),
+        Box::new(qcow2::MemoryStorage::new()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+}

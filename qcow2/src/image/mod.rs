@@ -270,6 +270,24 @@ impl Image {
         backing::open_chain(path.as_ref(), options, &mut Vec::new())
     }
 
+    /// Opens the image at `path` as [`Image::open`] does, with `data_file` as its external data
+    /// file instead of the file its header names (QEMU's `data-file` option: a filter node over
+    /// the file, a device standing in for it). Refused for an image without an external data
+    /// file.
+    pub fn open_with_data_file(
+        path: impl AsRef<Path>,
+        options: &OpenOptions,
+        data_file: Box<dyn Storage>,
+    ) -> Result<Image> {
+        backing::open_chain_over(
+            path.as_ref(),
+            options,
+            &mut Vec::new(),
+            None,
+            Some(data_file),
+        )
+    }
+
     /// Opens an image held in any storage. A backing or data file can only be followed when the
     /// policy is `Ignore` (it is then skipped); there is no directory to resolve names against.
     pub fn from_storage(

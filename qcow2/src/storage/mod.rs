@@ -41,6 +41,8 @@ pub enum Event {
     L2Load,
     /// Guest data is about to be read from the image file.
     ReadAio,
+    /// Guest data is about to be written to the file (a raw node announces it to its file).
+    WriteAio,
 }
 
 impl Event {
@@ -49,6 +51,7 @@ impl Event {
         match self {
             Event::L2Load => "l2_load",
             Event::ReadAio => "read_aio",
+            Event::WriteAio => "write_aio",
         }
     }
 }

@@ -63,13 +63,42 @@ pub(crate) fn open_chain_writable_at(
     chain: &mut Vec<PathBuf>,
     writable_depth: Option<usize>,
 ) -> Result<Image> {
+    open_chain_over(path, options, chain, writable_depth, None)
+}
+
+/// As [`open_chain_writable_at`]; a `data_file` given replaces the one the header names (QEMU's
+/// `data-file` option): the caller chose it, so no policy applies and no name is resolved.
+pub(crate) fn open_chain_over(
+    path: &Path,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+    data_file: Option<Box<dyn Storage>>,
+) -> Result<Image> {
     let name = path.display().to_string();
     let storage = open_locked(path, options.writable, options, &name, "the image")?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
     let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
+    let data_given = data_file.is_some();
+    if let Some(store) = data_file {
+        if !image.meta().header.has_external_data_file() {
+            return Err(Error::InvalidArgument {
+                image: image.name.clone(),
+                reason: "'data-file' can only be set for images with an external data file".into(),
+            });
+        }
+        image.data_file = Some(store);
+    }
     if options.backing != BackingPolicy::Ignore {
-        attach_files(&mut image, &canonical, options, chain, writable_depth)?;
+        attach_files(
+            &mut image,
+            &canonical,
+            options,
+            chain,
+            writable_depth,
+            data_given,
+        )?;
     }
     if options.writable {
         image.enable_writes(options)?;
@@ -84,11 +113,12 @@ fn attach_files(
     options: &OpenOptions,
     chain: &mut Vec<PathBuf>,
     writable_depth: Option<usize>,
+    data_given: bool,
 ) -> Result<()> {
     // The image being attached to sits at depth `chain.len()`.
     let backing_writable = writable_depth == Some(chain.len() + 1);
     let needs_data_file = image.meta().header.has_external_data_file();
-    if needs_data_file || image.data_file_name.is_some() {
+    if !data_given && (needs_data_file || image.data_file_name.is_some()) {
         let (data_name, data_path) = match (&options.data_file, image.data_file_name.clone()) {
             (Some(path), _) => (path.display().to_string(), path.clone()),
             (None, Some(name)) => {

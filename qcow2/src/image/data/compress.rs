@@ -152,7 +152,7 @@ impl Image {
                 cur
             }
             Some(cur) => {
-                let next = self.alloc(m, 1)?;
+                let next = self.alloc_for(m, 1, "compressed cluster")?;
                 if next == cur.next_multiple_of(cs) {
                     // Contiguous: the data starts in the old cluster and spills into the new one.
                     m.ws_mut()?.refcounts.adjust(host, cur, 1, 1)?;
@@ -161,7 +161,7 @@ impl Image {
                     next
                 }
             }
-            None => self.alloc(m, 1)?,
+            None => self.alloc_for(m, 1, "compressed cluster")?,
         };
         m.ws_mut()?.refcounts.compressed_cursor = Some(start + len);
         Ok(start)

@@ -361,7 +361,7 @@ impl Image {
         // The new table's refcount reaches the disk before the table, the table before the L1
         // entry: the table stays dirty in the cache and the entry is published by `flush_l2`.
         self.l2_needs_refblocks(m)?;
-        let new = self.alloc(m, 1)?;
+        let new = self.alloc_for(m, 1, "L2 table")?;
         if m.ws()?.lazy {
             // Lazy refcounts defer only data clusters' refcounts, as QEMU's do: a table's own
             // is written at once, so a crash leaves metadata refcounts exact.
@@ -385,6 +385,13 @@ impl Image {
     /// Allocates `n` contiguous clusters and keeps the header and overlap areas in step when
     /// the refcount table moves.
     pub(crate) fn alloc(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        self.alloc_for(m, n, "clusters")
+    }
+
+    /// As [`alloc`](Self::alloc), naming what the clusters are for (QEMU's words, "L2 table")
+    /// should the allocation be refused. A refusal because the clusters hold metadata counted
+    /// free marks the image corrupt: its refcounts are wrong.
+    pub(crate) fn alloc_for(&self, m: &mut Meta, n: u64, purpose: &str) -> Result<u64> {
         if n == 0 {
             return Err(Error::InvalidArgument {
                 image: self.name.clone(),
@@ -400,7 +407,15 @@ impl Image {
         let host = self.host();
         let ws = m.ws_mut()?;
         let mut end = ws.alloc_end;
-        let (offset, moved) = ws.refcounts.alloc(host, n, &mut end)?;
+        let (offset, moved) = match ws.refcounts.alloc(host, n, &mut end, purpose) {
+            Ok(done) => done,
+            Err(e) => {
+                if e.marks_image_corrupt() {
+                    self.mark_corrupt(m);
+                }
+                return Err(e);
+            }
+        };
         ws.alloc_end = end;
         let cs = m.header.cluster_size();
         // Allocated clusters count as part of the file from now on, written or not.

@@ -73,10 +73,11 @@ impl Image {
     /// would overwrite what the other structure holds (an L1 table: every guest cluster), so the
     /// image is refused for writing, as `qemu-img check` calls it corrupt; nothing is written.
     ///
-    /// With `counts`, every cluster of that metadata must also have a refcount: a cluster counted
-    /// free would be handed out by the allocator and overwritten by the next new table or data
-    /// cluster. (A dirty image, or one opened for `check -r all`, gets its refcounts rebuilt
-    /// before any allocation instead.)
+    /// With `counts`, every cluster of that metadata counted free (refcount 0) is guarded: the
+    /// allocator would hand it out to the next new table or data cluster and so overwrite it, so
+    /// it refuses to, and marks the image corrupt. QEMU opens such an image too and fails at
+    /// that allocation. (A dirty image, or one opened for `check -r all`, gets its refcounts
+    /// rebuilt before any allocation instead.)
     pub(crate) fn check_layout(
         &self,
         m: &Meta,
@@ -163,15 +164,7 @@ impl Image {
                 other => other?,
             };
             if refcount == 0 {
-                return Err(Error::corrupt(
-                    &self.name,
-                    "refcount",
-                    cluster,
-                    format!(
-                        "cluster {cluster:#x} ({what}) has refcount 0, so it would be allocated \
-                         again and overwritten; qemu-img check -r all repairs it"
-                    ),
-                ));
+                refcounts.guard_counted_free(cluster >> m.header.cluster_bits, what);
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use crate::image::cluster_map::{ClusterMap, ClusterSet};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, PREVENTED_ALLOCATION};
 use crate::format::limits::MAX_REFTABLE_SIZE_BYTES;
 use crate::format::refcount;
 use crate::format::table::REFTABLE_OFFSET_MASK;
@@ -66,6 +66,11 @@ pub(crate) struct Refcounts {
     zeroed: Range<u64>,
     /// Whether the clusters the last [`alloc`](Self::alloc) returned came from `zeroed`.
     last_alloc_zeroed: bool,
+    /// Metadata clusters counted free (refcount 0) when the image was opened, by cluster index,
+    /// with what they hold: the allocator refuses to hand them out, so nothing new is ever
+    /// written over them (QEMU's overlap checks refuse such an allocation only when it is
+    /// written, and only for the metadata they check).
+    guarded: BTreeMap<u64, String>,
 }
 
 /// What a reftable growth changed, for the header and the overlap guard.
@@ -124,6 +129,7 @@ impl Refcounts {
             compressed_cursor: None,
             zeroed: 0..0,
             last_alloc_zeroed: false,
+            guarded: BTreeMap::new(),
         })
     }
 
@@ -351,19 +357,44 @@ impl Refcounts {
         )
     }
 
+    /// Marks the metadata cluster `index`, counted free, as never to be allocated.
+    pub(crate) fn guard_counted_free(&mut self, index: u64, what: &str) {
+        self.guarded.insert(index, what.to_owned());
+    }
+
+    /// Refuses an allocation of `purpose` (QEMU's name for it: "L2 table") that would take one
+    /// of the guarded clusters in `[start, start + n)`.
+    fn refuse_guarded(&self, host: Host<'_>, start: u64, n: u64, purpose: &str) -> Result<()> {
+        match self.guarded.range(start..start.saturating_add(n)).next() {
+            Some((&index, what)) => {
+                let offset = index << self.cluster_bits;
+                Err(Error::corrupt(
+                    host.name,
+                    format!("{PREVENTED_ALLOCATION} over {what}"),
+                    offset,
+                    format!("Preventing invalid allocation of {purpose} at offset {offset}"),
+                ))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Allocates `n` contiguous free clusters at or after `end_hint`'s first fit, sets their
     /// refcounts to 1 and returns the host offset of the first. `image_end` is the first cluster
     /// index past the file; clusters there and beyond are free. New refblocks are created (and
-    /// made durable) as needed; a full refcount table grows first.
+    /// made durable) as needed; a full refcount table grows first. `purpose` names what the
+    /// clusters are for, in a refusal.
     pub(crate) fn alloc(
         &mut self,
         host: Host<'_>,
         n: u64,
         image_end: &mut u64,
+        purpose: &str,
     ) -> Result<(u64, Option<ReftableMove>)> {
         let mut moved = None;
         loop {
             let start = self.find_free_run(host, n, *image_end)?;
+            self.refuse_guarded(host, start, n, purpose)?;
             let first = start >> self.block_bits;
             let last = (start + n - 1) >> self.block_bits;
             if last as usize >= self.reftable.len() {
@@ -571,6 +602,7 @@ impl Refcounts {
         }
         // No block covers this range, so every cluster in it is free: the block takes the first.
         let first = index << self.block_bits;
+        self.refuse_guarded(host, first, 1, "refcount block")?;
         let location = first;
         let mut bytes = vec![0u8; self.cluster_size() as usize];
         refcount::set(&mut bytes, (location - first) as usize, self.order, 1);
