@@ -629,7 +629,9 @@ fn alloc(image: &Image, words: &[&str]) -> bool {
         },
         None => 512,
     };
-    let end = offset.saturating_add(count).min(image.size());
+    // What lies past the end of the disk is not counted, as qemu-io stops at the end.
+    let count = count.min(image.size().saturating_sub(offset));
+    let end = offset + count;
     let mut allocated = 0;
     if offset < end {
         match image.map(offset, end - offset) {
@@ -641,7 +643,7 @@ fn alloc(image: &Image, words: &[&str]) -> bool {
                 }
             }
             Err(e) => {
-                outln!("alloc failed: {}", errno_text(&e));
+                outln!("is_allocated failed: {}", errno_text(&e));
                 return false;
             }
         }

@@ -149,6 +149,20 @@ pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
 
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
+    let name = path.to_string_lossy();
+    if name.starts_with("blkdebug:") && !name.starts_with("blkdebug::") {
+        // A blkdebug node with rules under the format: opened as its options say.
+        let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+        spec.read_only = !options.writable;
+        spec.format = Some("qcow2".into());
+        return match spec
+            .open()
+            .map_err(|e| format!("Could not open '{name}': {e}"))?
+        {
+            crate::io_open::Target::Qcow2(image) => Ok(*image),
+            crate::io_open::Target::Raw(_) => Err("Image is not in qcow2 format".into()),
+        };
+    }
     let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
         format!(
             "Could not open '{}': {}",
