@@ -891,7 +891,6 @@ impl Image {
         let cs = m.header.cluster_size();
         let slot = self.writable_slot(m, cluster_start)?;
         let mapping = classify_standard(slot.entry & !self.zero_bit_mask(m), false);
-        self.mark_dirty(m)?;
         if !m.header.extended_l2() {
             let (entry, free_old) = match mapping {
                 ClusterMapping::Normal { host_offset }
@@ -902,6 +901,11 @@ impl Image {
                 }
                 _ => (ZERO, true),
             };
+            // An entry that stays as it is leaves its table clean, as QEMU's does.
+            if entry == slot.entry {
+                return Ok(());
+            }
+            self.mark_dirty(m)?;
             self.set_slot(m, slot, entry, 0);
             if free_old {
                 self.free_entry(m, slot.entry)?;
@@ -943,6 +947,10 @@ impl Image {
                 false,
             ),
         };
+        if entry == slot.entry && bitmap == slot.bitmap {
+            return Ok(());
+        }
+        self.mark_dirty(m)?;
         self.set_slot(m, slot, entry, bitmap);
         if free_old {
             self.free_entry(m, slot.entry)?;
