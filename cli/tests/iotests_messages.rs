@@ -258,3 +258,110 @@ fn blkdebug_rules_fail_requests_after_their_event() {
     let out = assert_same("qemu-io", &dir, &["-c", "read -P 7 512 512", json]);
     assert!(stdout(&out).contains("read failed: Input/output error"));
 }
+
+/// qemu-iotest 066: `set-state` rules move blkdebug's state and `inject-error` rules act only in
+/// theirs, so a second `write_aio` fails; a run of clusters with a preallocated zero cluster in
+/// it goes out as one write, so the write succeeds and the clusters stay where they were.
+#[test]
+fn blkdebug_states_and_one_write_over_preallocated_zeros() {
+    let dir = scratch_dir("blkdebug_states");
+    create(&dir, &["a.qcow2", "192k"]);
+    let write = ["-c", "write -P 42 0 192k", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    let map = qemu_tool("qemu-img", &dir, &["map", "--output=json", "a.qcow2"]);
+    let zero = ["-c", "write -z 64k 64k", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &zero).status.success());
+    let json = r#"json:{"driver": "qcow2", "file": {"driver": "blkdebug",
+        "image.filename": "a.qcow2",
+        "set-state": [{"event": "write_aio", "new_state": 2}],
+        "inject-error": [{"event": "write_aio", "state": 2}]}}"#;
+    let out = assert_same("qemu-io", &dir, &["-c", "write -P 42 0 192k", json]);
+    assert!(stdout(&out).contains("wrote 196608/196608"));
+    assert_eq!(
+        stdout(&ours_as(
+            "qemu-img",
+            &dir,
+            &["map", "--output=json", "a.qcow2"]
+        )),
+        stdout(&map)
+    );
+}
+
+/// qemu-iotest 179: zero writes over clusters that already read as zeros leave their L2 table
+/// alone, so an `l2_update` rule never fires.
+#[test]
+fn zero_writes_over_zeros_write_no_l2_table() {
+    let dir = scratch_dir("blkdebug_l2_update");
+    create(&dir, &["a.qcow2", "4M"]);
+    let setup = [
+        "-c",
+        "write 0 2M",
+        "-c",
+        "write -z 0 1M",
+        "-c",
+        "write -z -u 1M 1M",
+    ];
+    let mut args = setup.to_vec();
+    args.push("a.qcow2");
+    assert!(qemu_tool("qemu-io", &dir, &args).status.success());
+    let rules = "[inject-error]\nevent = \"l2_update\"\nerrno = \"5\"\nimmediately = \"on\"\n";
+    std::fs::write(dir.join("rules.conf"), rules).unwrap();
+    for write in ["write -z 0 1M", "write -z -u 1M 1M"] {
+        let out = assert_same(
+            "qemu-io",
+            &dir,
+            &["-c", write, "blkdebug:rules.conf:a.qcow2"],
+        );
+        assert!(stdout(&out).contains("wrote"), "{write}");
+    }
+}
+
+/// qemu-iotest 074: with stdout a pipe, compare's size warning (stdout, buffered as C stdio
+/// buffers it) comes after its read error (stderr), as both streams merged show it.
+#[test]
+fn compare_prints_its_error_before_its_buffered_report() {
+    let dir = scratch_dir("compare_buffered");
+    create(&dir, &["a.qcow2", "1M"]);
+    create(&dir, &["b.qcow2", "0"]);
+    let write = ["-c", "write -P 7 512 512", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    let rules = "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n";
+    std::fs::write(dir.join("rules.conf"), rules).unwrap();
+    // Links the tool in as ./qemu-img.
+    ours_as("qemu-img", &dir, &["--version"]);
+    let merged = |tool: &str| {
+        let script = format!("{tool} compare blkdebug:rules.conf:a.qcow2 b.qcow2 2>&1; echo $?");
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .env("LC_ALL", "C")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    qcow2_testdata::require_qemu();
+    let ours = merged("./qemu-img");
+    assert_eq!(ours, merged("qemu-img"));
+    assert!(
+        ours.contains("Input/output error\nWarning: Image size mismatch!\n"),
+        "{ours}"
+    );
+}
+
+/// qemu-iotest 204: qemu-io's `alloc` counts no further than the end of the disk, and
+/// qemu-img map takes `--image-opts` with a blkdebug node over the image.
+#[test]
+fn alloc_stops_at_the_end_and_map_takes_image_opts() {
+    let dir = scratch_dir("alloc_end");
+    create(&dir, &["a.qcow2", "1M"]);
+    let out = assert_same("qemu-io", &dir, &["-c", "alloc 512k 5P", "a.qcow2"]);
+    assert!(stdout(&out).contains("0/524288 bytes"));
+    assert!(
+        qemu_tool("qemu-io", &dir, &["-c", "write 0 64k", "a.qcow2"])
+            .status
+            .success()
+    );
+    let opts = "driver=blkdebug,image.driver=qcow2,image.file.driver=file,\
+                image.file.filename=a.qcow2,align=4k";
+    assert_same("qemu-img", &dir, &["map", "--image-opts", opts]);
+}
