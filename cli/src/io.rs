@@ -17,6 +17,7 @@ use qcow2::Image;
 use crate::io_open::{parse_option_string, OpenSpec, Options, RawImage, Target};
 use crate::size::parse_size;
 use crate::source::{io_text, CmdResult, Failure, Guest};
+use crate::zero_limits::ZeroLimits;
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
@@ -548,9 +549,15 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("alloc", Target::Qcow2(image)) => alloc(image, rest),
         ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
         ("writev", t) => {
-            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w)) && session.settle_write(t)
+            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w, None)) && session.settle_write(t)
         }
-        ("write" | "w", t) => write("write", t, rest) && session.settle_write(t),
+        ("write" | "w", t) => match ZeroLimits::from_options(&session.spec.options) {
+            Ok(limits) => write("write", t, rest, limits) && session.settle_write(t),
+            Err(e) => {
+                outln!("write failed: {e}");
+                false
+            }
+        },
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
             Ok(size) => raw
@@ -902,7 +909,8 @@ fn read_error_text(e: &str) -> String {
     }
 }
 
-fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
+/// `zero_limits`: how a blkdebug node over the image splits zero writes.
+fn write(cmd: &str, target: &Target, words: &[&str], zero_limits: Option<ZeroLimits>) -> bool {
     let Ok((flags, first)) = getopt(cmd, words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
@@ -1015,7 +1023,20 @@ fn write(cmd: &str, target: &Target, words: &[&str]) -> bool {
         errno_text(&e)
     };
     let result = if zero {
-        image.write_zeroes(offset, len, unmap).map_err(errno)
+        let pieces = match zero_limits {
+            Some(limits) if !no_fallback => limits.pieces(offset, len),
+            _ => vec![(offset, len, false)],
+        };
+        pieces
+            .into_iter()
+            .try_for_each(|(at, n, as_data)| {
+                if as_data {
+                    image.write_at(&vec![0; n as usize], at)
+                } else {
+                    image.write_zeroes(at, n, unmap)
+                }
+            })
+            .map_err(errno)
     } else {
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         if compressed {

@@ -35,6 +35,7 @@ mod snapshot;
 mod source;
 mod target;
 mod transaction;
+mod zero_limits;
 
 use clap::{Parser, Subcommand};
 

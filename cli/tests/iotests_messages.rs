@@ -365,3 +365,39 @@ fn alloc_stops_at_the_end_and_map_takes_image_opts() {
                 image.file.filename=a.qcow2,align=4k";
     assert_same("qemu-img", &dir, &["map", "--image-opts", opts]);
 }
+
+/// qemu-iotest 204: a zero write through a blkdebug node with `opt-write-zero` leaves data
+/// where its pieces are smaller than that alignment, as QEMU's fallback writes zeros there.
+#[test]
+fn zero_writes_through_blkdebug_split_at_its_alignment() {
+    let dir = scratch_dir("blkdebug_zero_align");
+    create(&dir, &["-o", "cluster_size=1M", "a.qcow2", "64M"]);
+    let fill = ["-c", "write -P 1 0 64M", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &fill).status.success());
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    let open = |image: &str| {
+        format!(
+            "open -o driver=blkdebug,image.driver=qcow2,align=512,opt-write-zero=15M,\
+             max-write-zero=15M blkdebug::{image}"
+        )
+    };
+    let qemu = qemu_tool(
+        "qemu-io",
+        &dir,
+        &["-c", &open("a.qcow2"), "-c", "write -z 32M 32M"],
+    );
+    let ours = ours_as(
+        "qemu-io",
+        &dir,
+        &["-c", &open("b.qcow2"), "-c", "write -z 32M 32M"],
+    );
+    assert!(
+        qemu.status.success() && ours.status.success(),
+        "{}",
+        stderr(&ours)
+    );
+    let map = |image: &str| stdout(&qemu_tool("qemu-img", &dir, &["map", image]));
+    let ours_map = map("b.qcow2");
+    assert_eq!(ours_map, map("a.qcow2").replace("a.qcow2", "b.qcow2"));
+    assert!(ours_map.contains("0x2d00000"), "{ours_map}");
+}
