@@ -82,6 +82,7 @@ enum IoType {
     Write = 1,
     WriteZeroes = 2,
     Flush = 4,
+    BlockStatus = 5,
 }
 
 /// The errno blkdebug injects when a rule names none.
@@ -288,27 +289,25 @@ struct State {
     written: bool,
 }
 
-/// A store that fails requests as its rules say.
-pub struct Blkdebug<S> {
-    inner: S,
-    state: Mutex<State>,
-}
+/// A blkdebug node's rules and state, shared by its two places: under the format (a store)
+/// and above it (a guest disk).
+struct Faults(Mutex<State>);
 
-impl<S: Storage> Blkdebug<S> {
-    pub fn new(inner: S, rules: Vec<Rule>) -> Blkdebug<S> {
-        Blkdebug {
-            inner,
-            state: Mutex::new(State {
-                rules: rules.into_iter().map(Some).collect(),
-                active: Vec::new(),
-                state: 1,
-                written: false,
-            }),
-        }
+impl Faults {
+    /// The node as it opens: blkdebug reports the `none` event then, arming its rules.
+    fn new(rules: Vec<Rule>) -> Faults {
+        let faults = Faults(Mutex::new(State {
+            rules: rules.into_iter().map(Some).collect(),
+            active: Vec::new(),
+            state: 1,
+            written: false,
+        }));
+        faults.event("none");
+        faults
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Fails a request of kind `io` on `[offset, offset + len)` when the first armed rule that
@@ -341,6 +340,56 @@ impl<S: Storage> Blkdebug<S> {
             return Ok(());
         }
         Err(io::Error::from_raw_os_error(errno))
+    }
+
+    /// The rules for the event named `name` in the current state act: inject rules replace the
+    /// armed list (when there are any), set-state rules pick the state that holds once all
+    /// have acted.
+    fn event(&self, name: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        // blkdebug visits rules newest first and the last set-state it meets wins: the oldest.
+        let mut new_state = None;
+        let mut armed = Vec::new();
+        for (i, rule) in s.rules.iter().enumerate() {
+            let Some(rule) = rule else { continue };
+            if rule.event != name || (rule.state != 0 && rule.state != s.state) {
+                continue;
+            }
+            match rule.action {
+                Action::Inject { .. } => armed.push(i),
+                Action::SetState(to) => {
+                    new_state.get_or_insert(to);
+                }
+            }
+        }
+        if !armed.is_empty() {
+            s.active = armed;
+        }
+        s.state = new_state.unwrap_or(s.state);
+    }
+}
+
+/// A store that fails requests as its rules say.
+pub struct Blkdebug<S> {
+    inner: S,
+    faults: Faults,
+}
+
+impl<S: Storage> Blkdebug<S> {
+    pub fn new(inner: S, rules: Vec<Rule>) -> Blkdebug<S> {
+        Blkdebug {
+            inner,
+            faults: Faults::new(rules),
+        }
+    }
+
+    fn check(&self, io: IoType, offset: u64, len: u64) -> io::Result<()> {
+        self.faults.check(io, offset, len)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.faults.lock()
     }
 }
 
@@ -378,32 +427,51 @@ impl<S: Storage> Storage for Blkdebug<S> {
     fn identity(&self) -> Option<qcow2::storage::FileIdentity> {
         self.inner.identity()
     }
-    /// The rules for `event` in the current state act: inject rules replace the armed list
-    /// (when there are any), set-state rules pick the state that holds once all have acted.
     fn event(&self, event: Event) {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        // blkdebug visits rules newest first and the last set-state it meets wins: the oldest.
-        let mut new_state = None;
-        let mut armed = Vec::new();
-        for (i, rule) in s.rules.iter().enumerate() {
-            let Some(rule) = rule else { continue };
-            if rule.event != event.name() || (rule.state != 0 && rule.state != s.state) {
-                continue;
-            }
-            match rule.action {
-                Action::Inject { .. } => armed.push(i),
-                Action::SetState(to) => {
-                    new_state.get_or_insert(to);
-                }
-            }
-        }
-        if !armed.is_empty() {
-            s.active = armed;
-        }
-        s.state = new_state.unwrap_or(s.state);
-        drop(guard);
+        self.faults.event(event.name());
         self.inner.event(event);
+    }
+}
+
+/// A blkdebug node above the format (`driver=blkdebug` with an `image` node that is an
+/// image): its rules fail guest reads and block-status queries. The format's events go to
+/// the format's own file, not here, so only rules armed at open (`none`) fire.
+pub struct GuestNode {
+    inner: crate::source::Input,
+    faults: Faults,
+}
+
+impl GuestNode {
+    pub fn new(inner: crate::source::Input, rules: Vec<Rule>) -> GuestNode {
+        GuestNode {
+            inner,
+            faults: Faults::new(rules),
+        }
+    }
+
+    pub fn inner(&self) -> &crate::source::Input {
+        &self.inner
+    }
+}
+
+impl crate::source::Guest for GuestNode {
+    fn size(&self) -> u64 {
+        self.inner.guest().size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        self.read_errno(buf, offset)
+    }
+    fn read_errno(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        self.faults
+            .check(IoType::Read, offset, buf.len() as u64)
+            .map_err(|e| crate::source::io_text(&e))?;
+        self.inner.guest().read_errno(buf, offset)
+    }
+    fn regions(&self, offset: u64, len: u64) -> Result<Vec<crate::source::Region>, String> {
+        self.faults
+            .check(IoType::BlockStatus, offset, len)
+            .map_err(|e| crate::source::io_text(&e))?;
+        self.inner.guest().regions(offset, len)
     }
 }
 

@@ -29,6 +29,7 @@ mod output;
 mod progress;
 mod rebase;
 mod resize;
+mod salvage;
 mod serve;
 mod size;
 mod snapshot;

@@ -466,6 +466,8 @@ impl Guest for RawFile {
 pub enum Input {
     Qcow2(Box<Image>),
     Raw(RawFile),
+    /// A blkdebug node with error rules over another input.
+    Blkdebug(Box<crate::blkdebug::GuestNode>),
 }
 
 impl Input {
@@ -476,6 +478,7 @@ impl Input {
             Input::Raw(raw) => qcow2::storage::FileIdentity::of(raw.file.file())
                 .into_iter()
                 .collect(),
+            Input::Blkdebug(node) => node.inner().files(),
         }
     }
 
@@ -487,6 +490,9 @@ impl Input {
             || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
         {
             let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+            if let Some(node) = blkdebug_over_image(&spec.options, forced)? {
+                return Ok(Input::Blkdebug(Box::new(node)));
+            }
             spec.read_only = true;
             spec.format = forced.map(str::to_owned);
             return match spec
@@ -512,8 +518,37 @@ impl Input {
         match self {
             Input::Qcow2(image) => image.as_ref(),
             Input::Raw(raw) => raw,
+            Input::Blkdebug(node) => node.as_ref(),
         }
     }
+}
+
+/// A top-level blkdebug node with error rules over an image node (`image.driver`), opened
+/// read-only; `None` when the options describe something else.
+fn blkdebug_over_image(
+    o: &crate::io_open::Options,
+    forced: Option<&str>,
+) -> Result<Option<crate::blkdebug::GuestNode>, String> {
+    let top = o.get("driver").map(String::as_str).or(forced);
+    if top != Some("blkdebug") || !o.contains_key("image.driver") {
+        return Ok(None);
+    }
+    let rules = crate::blkdebug::rules_from_options(o, "")?;
+    let inner = crate::io_open::OpenSpec {
+        options: o
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("image.")?.to_owned(), v.clone())))
+            .collect(),
+        read_only: true,
+        ..Default::default()
+    };
+    let input = match inner.open()? {
+        crate::io_open::Target::Qcow2(image) => Input::Qcow2(image),
+        crate::io_open::Target::Raw(_) => {
+            return Err("blkdebug error rules over a raw image are not supported".into())
+        }
+    };
+    Ok(Some(crate::blkdebug::GuestNode::new(input, rules)))
 }
 
 /// Whether every byte of `buf` is zero.

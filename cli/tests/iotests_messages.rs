@@ -401,3 +401,54 @@ fn zero_writes_through_blkdebug_split_at_its_alignment() {
     assert_eq!(ours_map, map("a.qcow2").replace("a.qcow2", "b.qcow2"));
     assert!(ours_map.contains("0x2d00000"), "{ours_map}");
 }
+
+/// qemu-iotest 251: `convert --salvage` through a blkdebug node above the format warns once
+/// per sector whose block status or read fails, in qemu-img's order, and copies such sectors
+/// as data (status) or zeros (read); `-O` defaults to raw.
+#[test]
+fn convert_salvage_warns_and_copies_what_it_can() {
+    let dir = scratch_dir("convert_salvage");
+    create(&dir, &["a.qcow2", "8M"]);
+    let fill = ["-c", "write -P 42 0 8M", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &fill).status.success());
+    let rule = |iotype: &str, offset: u64| {
+        format!(
+            "{{ 'event': 'none', 'iotype': '{iotype}', 'errno': 5, 'sector': {} }}",
+            offset / 512
+        )
+    };
+    let rules = [
+        rule("block-status", 2 * 1024 * 1024 + 4096),
+        rule("read", 3 * 1024 * 1024 - 65536),
+        rule("block-status", 5 * 1024 * 1024 + 512),
+        rule("read", 5 * 1024 * 1024 + 512),
+        rule("read", 6 * 1024 * 1024),
+        rule("read", 6 * 1024 * 1024 + 512),
+    ];
+    let source = format!(
+        "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qcow2', 'file': {{'driver': \
+         'file', 'filename': 'a.qcow2'}}}}, 'inject-error': [{}]}}",
+        rules.join(", ")
+    );
+    let qemu = qemu_tool(
+        "qemu-img",
+        &dir,
+        &["convert", "--salvage", &source, "q.raw"],
+    );
+    let ours = ours_as(
+        "qemu-img",
+        &dir,
+        &["convert", "--salvage", &source, "o.raw"],
+    );
+    no_panic(&ours);
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    assert_eq!(code(&ours), code(&qemu));
+    assert_eq!(
+        stderr(&ours).matches("warning").count(),
+        8,
+        "{}",
+        stderr(&ours)
+    );
+    let compare = qemu_tool("qemu-img", &dir, &["compare", "q.raw", "o.raw"]);
+    assert!(compare.status.success(), "{}", stdout(&compare));
+}
