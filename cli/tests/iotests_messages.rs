@@ -452,3 +452,25 @@ fn convert_salvage_warns_and_copies_what_it_can() {
     let compare = qemu_tool("qemu-img", &dir, &["compare", "q.raw", "o.raw"]);
     assert!(compare.status.success(), "{}", stdout(&compare));
 }
+
+/// qemu-iotest 020: commit's `-b` name is taken relative to each overlay, not to the working
+/// directory: from outside the images' directory, a path through it does not match.
+#[test]
+fn commit_base_names_are_relative_to_the_overlay() {
+    let dir = scratch_dir("commit_base_names");
+    let sub = dir.join("subdir");
+    std::fs::create_dir_all(&sub).unwrap();
+    create(&sub, &["t.base", "1M"]);
+    create(&sub, &["-b", "t.base", "-F", "qcow2", "t.mid"]);
+    create(&sub, &["-b", "t.mid", "-F", "qcow2", "t.top"]);
+    let absolute = sub.join("t.mid");
+    for base in ["t.mid", "subdir/t.mid", absolute.to_str().unwrap()] {
+        assert_same("qemu-img", &dir, &["commit", "-b", base, "subdir/t.top"]);
+    }
+    let out = assert_same(
+        "qemu-img",
+        &dir,
+        &["commit", "-b", "subdir/t.mid", "subdir/t.top"],
+    );
+    assert!(stderr(&out).contains("Did not find"), "{}", stderr(&out));
+}
