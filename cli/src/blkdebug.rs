@@ -64,6 +64,11 @@ const EVENT_NAMES: [&str; 48] = [
     "none",
 ];
 
+/// Whether `name` is one of QEMU's blkdebug events.
+pub fn is_event(name: &str) -> bool {
+    EVENT_NAMES.contains(&name)
+}
+
 /// The kinds of request a rule can fail, by QEMU's names; a rule without `iotype` fails all
 /// but block-status queries.
 const IO_TYPES: [&str; 6] = [

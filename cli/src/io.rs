@@ -111,9 +111,36 @@ struct Session {
     ejected: bool,
     /// Each write is flushed before it completes (the cache mode's write-through).
     writethrough: bool,
+    /// blkdebug breakpoints and the aio requests they hold.
+    breaks: crate::io_breaks::Breaks,
 }
 
 impl Session {
+    /// Whether a blkdebug node sits over the image (breakpoints need one).
+    fn has_blkdebug(&self) -> bool {
+        self.spec
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("blkdebug:"))
+            || ["driver", "file.driver"]
+                .iter()
+                .any(|k| self.spec.options.get(*k).is_some_and(|d| d == "blkdebug"))
+    }
+
+    /// The guest range an aio request (`... OFFSET LEN`) touches, widened to whole clusters.
+    fn aio_range(&self, words: &[&str]) -> Option<(u64, u64)> {
+        let [.., offset, len] = words else {
+            return None;
+        };
+        let (offset, len) = (number_arg(offset).ok()?, number_arg(len).ok()?);
+        let cs = match &self.target {
+            Some(Target::Qcow2(image)) => image.cluster_size(),
+            _ => 512,
+        };
+        let end = offset.checked_add(len)?;
+        Some((offset - offset % cs, end.checked_next_multiple_of(cs)?))
+    }
+
     /// qemu-io's `openfile`: refuses while a file is open; errors as qemu-io prints them.
     fn open(&mut self, spec: OpenSpec) -> bool {
         if self.target.is_some() {
@@ -403,6 +430,7 @@ pub fn run(args: Args) -> CmdResult {
             Some(mode) => is_writethrough(mode),
             None => !args.nocache,
         },
+        breaks: Default::default(),
     };
     if let Some(file) = &args.file {
         let mut spec = if args.image_opts > 0 {
@@ -473,6 +501,51 @@ enum Flow {
 }
 
 fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
+    use crate::io_breaks::Outcome;
+    match name {
+        "break" | "remove_break" | "resume" | "wait_break" => {
+            if session.target.is_none() {
+                errln!("no file open, try 'help open'");
+                return Flow::Done(false);
+            }
+            let node = session.has_blkdebug();
+            return match session.breaks.command(name, rest, node) {
+                Outcome::Done(ok) => Flow::Done(ok),
+                Outcome::Run(held) => Flow::Done(run_held(session, held)),
+            };
+        }
+        "aio_write" | "aio_read" if session.breaks.active() => {
+            if let Some(range) = session.aio_range(rest) {
+                if session.breaks.hold(name, rest, range).is_some() {
+                    return Flow::Done(true);
+                }
+            }
+        }
+        "aio_flush" if session.breaks.active() => {
+            let held = session.breaks.release();
+            if !run_held(session, held) {
+                return Flow::Done(false);
+            }
+        }
+        _ => {}
+    }
+    run_now(session, name, rest)
+}
+
+/// Runs requests a breakpoint held, in order; whether all succeeded.
+fn run_held(session: &mut Session, held: Vec<crate::io_breaks::Held>) -> bool {
+    let mut ok = true;
+    for h in held {
+        let words: Vec<&str> = h.words.iter().map(String::as_str).collect();
+        if let Flow::Done(succeeded) = run_now(session, &h.name, &words) {
+            ok &= succeeded;
+        }
+    }
+    ok
+}
+
+/// Runs a command now (no breakpoint holds it).
+fn run_now(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
     // The aio forms complete before the next command here: their output is the same.
     let name = match name {
         "aio_read" => "read",

@@ -20,6 +20,7 @@ mod create;
 mod dd;
 mod info;
 mod io;
+mod io_breaks;
 mod io_open;
 mod map;
 mod measure;

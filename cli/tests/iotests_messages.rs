@@ -474,3 +474,55 @@ fn commit_base_names_are_relative_to_the_overlay() {
     );
     assert!(stderr(&out).contains("Did not find"), "{}", stderr(&out));
 }
+
+/// qemu-iotest 046: `break write_aio` suspends the next aio write; a later one touching its
+/// cluster waits behind it; `resume` lets both complete, after the resume message.
+#[test]
+fn breakpoints_hold_aio_writes_until_resumed() {
+    let dir = scratch_dir("io_breaks");
+    create(&dir, &["a.qcow2", "1M"]);
+    let script = [
+        "-c",
+        "break write_aio A",
+        "-c",
+        "aio_write -P 10 0x18000 0x2000",
+        "-c",
+        "wait_break A",
+        "-c",
+        "aio_write -P 11 0x12000 0x2000",
+        "-c",
+        "resume A",
+        "-c",
+        "aio_flush",
+        "-c",
+        "resume B",
+        "blkdebug::a.qcow2",
+    ];
+    let qemu = qemu_tool("qemu-io", &dir, &script);
+    let ours = ours_as("qemu-io", &dir, &script);
+    no_panic(&ours);
+    let lines = |o: &Output| -> Vec<String> {
+        stdout(o)
+            .lines()
+            .filter(|l| !l.contains(" ops; "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (mut q, mut o) = (lines(&qemu), lines(&ours));
+    assert_eq!(o[..2], q[..2], "{o:?}");
+    assert_eq!(o[0], "blkdebug: Suspended request 'A'");
+    assert_eq!(o[1], "blkdebug: Resuming request 'A'");
+    q.sort();
+    o.sort();
+    assert_eq!(o, q);
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    let read = [
+        "-c",
+        "read -P 10 0x18000 0x2000",
+        "-c",
+        "read -P 11 0x12000 0x2000",
+        "a.qcow2",
+    ];
+    let out = assert_same("qemu-io", &dir, &read);
+    assert!(!stdout(&out).contains("failed"));
+}
