@@ -29,8 +29,9 @@ pub struct Args {
     file: PathBuf,
 }
 
-/// The depth of `base` in the chain below `file`, matched as a path given on the command line
-/// or as a name relative to the image.
+/// The depth of `base` in the chain below `file`: a relative name is taken relative to each
+/// overlay in turn and matches when it names that overlay's backing file (as qemu-img matches
+/// it, so a name relative to the working directory only matches by chance).
 fn base_depth(file: &Path, base: &Path) -> Result<u32, String> {
     let not_found = || {
         format!(
@@ -44,16 +45,20 @@ fn base_depth(file: &Path, base: &Path) -> Result<u32, String> {
         &crate::source::with_policy(file, &OpenOptions::default()),
     )
     .map_err(|e| e.to_string())?;
-    let wanted: Vec<PathBuf> = [
-        base.to_path_buf(),
-        qcow2::image::resolve_relative(file, &base.to_string_lossy()),
-    ]
-    .iter()
-    .filter_map(|p| std::fs::canonicalize(p).ok())
-    .collect();
-    chain
-        .iter()
-        .position(|p| std::fs::canonicalize(p).is_ok_and(|c| wanted.contains(&c)))
+    let base = base.to_string_lossy();
+    let overlays = std::iter::once(file).chain(chain.iter().map(PathBuf::as_path));
+    overlays
+        .zip(&chain)
+        .position(|(overlay, backing)| {
+            let wanted = qcow2::image::resolve_relative(overlay, &base);
+            match (
+                std::fs::canonicalize(wanted),
+                std::fs::canonicalize(backing),
+            ) {
+                (Ok(w), Ok(b)) => w == b,
+                _ => false,
+            }
+        })
         .map(|i| i as u32 + 1)
         .ok_or_else(not_found)
 }

@@ -53,6 +53,7 @@ pub fn run(args: Args) -> CmdResult {
         };
     }
     crate::source::set_force_share(args.force_share);
+    crate::console::hold_stdout();
     let fail = |m: String| Failure::new(2, m);
     let a = Input::open(&args.a, args.format_a.as_deref()).map_err(fail)?;
     let b = Input::open(&args.b, args.format_b.as_deref()).map_err(fail)?;

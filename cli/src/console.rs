@@ -6,7 +6,7 @@
 //! to report them.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
 
 /// The name messages start with: the name the tool was invoked by (`qemu-img`, `qemu-io` through
@@ -30,8 +30,28 @@ fn failed() -> std::sync::MutexGuard<'static, Option<io::ErrorKind>> {
     FAILED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Output held back until [`finish`], when [`hold_stdout`] asked for it.
+static HELD: Mutex<Option<String>> = Mutex::new(None);
+
+fn held() -> std::sync::MutexGuard<'static, Option<String>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds stdout back until the command ends when it is not a terminal, as C's stdio buffers a
+/// pipe: qemu-img's errors (stderr, unbuffered) then come before its report, and tests that
+/// merge the two streams see them in that order.
+pub fn hold_stdout() {
+    if !io::stdout().is_terminal() {
+        held().get_or_insert_with(String::new);
+    }
+}
+
 /// Writes to stdout unless an earlier write failed.
 pub fn write_out(args: fmt::Arguments<'_>) {
+    if let Some(buf) = held().as_mut() {
+        let _ = fmt::Write::write_fmt(buf, args);
+        return;
+    }
     let mut failed = failed();
     if failed.is_some() {
         return;
@@ -48,6 +68,10 @@ pub fn write_err(args: fmt::Arguments<'_>) {
 
 /// Flushes stdout; the first output error of the run, as a message, if there was one.
 pub fn finish() -> Option<String> {
+    let held = held().take();
+    if let Some(buf) = held {
+        write_out(format_args!("{buf}"));
+    }
     if let Err(e) = io::stdout().lock().flush() {
         failed().get_or_insert(e.kind());
     }

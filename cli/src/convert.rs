@@ -54,6 +54,10 @@ pub struct Args {
     /// Write into the existing target instead of creating it.
     #[arg(short = 'n')]
     no_create: bool,
+    /// Copy what can be read of a failing source: unreadable sectors become zeros (warned
+    /// about), failed block-status queries count as data.
+    #[arg(long)]
+    salvage: bool,
     /// With -n: the target reads as zeros already, so zero ranges are not written.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
@@ -244,12 +248,24 @@ pub fn run(args: Args) -> CmdResult {
         limit: limit.as_ref(),
         offload: args.copy_offload,
         compress: args.compress,
-        workers,
+        // Salvaging goes through the disk in order, a chunk at a time, so each warning comes
+        // where qemu-img's does.
+        workers: if args.salvage { 1 } else { workers },
+        window: if args.salvage {
+            convert_copy::CHUNK as u64
+        } else {
+            convert_copy::MAP_WINDOW
+        },
         out_of_order: args.out_of_order,
         durable: args.cache.as_deref() != Some("unsafe"),
         progress: args.progress,
     };
     let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
+        if args.salvage {
+            let salvage = crate::salvage::Salvage::new(guest, args.quiet);
+            salvage.survey(copy_opts.window);
+            return copy(&salvage, args, &copy_opts, output, inputs);
+        }
         copy(guest, args, &copy_opts, output, inputs)
     };
     if args.target_is_zero && !args.no_create {
@@ -382,6 +398,9 @@ pub fn run(args: Args) -> CmdResult {
         (Input::Raw(_) | Input::Node(_), Some(_)) => Err(fail(
             "Failed to load snapshot: raw images have no snapshots".into(),
         )),
+        (Input::Blkdebug(_), Some(_)) => Err(fail(
+            "Failed to load snapshot: snapshots under a blkdebug node are not supported".into(),
+        )),
     }?;
     if let Some(names) = bitmaps {
         crate::convert_bitmaps::copy(&input, &names, &args.dst)?;
@@ -408,6 +427,8 @@ pub struct CopyOpts<'a> {
     pub offload: bool,
     pub compress: bool,
     pub workers: usize,
+    /// Guest bytes mapped (block status) ahead of the copy at a time.
+    pub window: u64,
     /// `-W`: qcow2 output need not be allocated in guest order.
     pub out_of_order: bool,
     /// The output is synced before the command ends (every `-t` mode but `unsafe`).
@@ -419,6 +440,7 @@ impl CopyOpts<'_> {
     fn workers(&self, ordered: bool) -> Workers {
         Workers {
             count: self.workers,
+            window: self.window,
             ordered,
             progress: self.progress,
         }

@@ -100,6 +100,8 @@ pub fn runs(buf: &[u8], block: Option<usize>) -> Vec<(usize, usize, bool)> {
 /// How the workers run.
 pub struct Workers {
     pub count: usize,
+    /// Guest bytes whose chunks are listed (block status) before they are copied.
+    pub window: u64,
     /// Chunks are committed in list order (see [`run`]).
     pub ordered: bool,
     pub progress: bool,
@@ -127,7 +129,7 @@ pub fn run(
     };
     let mut window = 0;
     while window < size {
-        let window_len = MAP_WINDOW.min(size - window);
+        let window_len = workers.window.min(size - window);
         let chunks = chunks(window, window_len)?;
         let next = AtomicUsize::new(0);
         let error = Mutex::new(None);

@@ -6,12 +6,12 @@
 
 use qcow2::{CopyStep, Image};
 
-use crate::blkdebug::{rules_from_options, RuleEvent, Rules};
+use crate::blkdebug::{rules_from_options, CopyWatch, COR_WRITE};
 use crate::io_open::{OpenSpec, Options};
 
 /// How reads copy: with a blkdebug node's rules watching, or plainly.
 pub struct CopyOnRead {
-    rules: Option<Rules>,
+    rules: Option<CopyWatch>,
 }
 
 /// Takes the copy-on-read filter (and a blkdebug node above the image) out of `spec`, leaving
@@ -45,14 +45,14 @@ pub fn take_from(spec: &mut OpenSpec) -> Result<Option<CopyOnRead>, String> {
         return Ok(Some(CopyOnRead { rules: None }));
     }
     let rules = rules_from_options(o, "")?;
-    if rules.iter().any(|r| r.event != RuleEvent::CorWrite) {
+    if rules.iter().any(|r| r.event() != COR_WRITE) {
         return Err(
             "blkdebug above an image: only 'cor_write' rules are supported by qcow2-tool".into(),
         );
     }
     spec.options = child(o, "image.");
     Ok(Some(CopyOnRead {
-        rules: Some(Rules::new(rules)),
+        rules: Some(CopyWatch::new(rules)),
     }))
 }
 
@@ -83,11 +83,8 @@ impl CopyOnRead {
             return image.read_at_copying(buf, offset);
         };
         image.read_at_copying_observed(buf, offset, &|step| match step {
-            CopyStep::Read { offset, len } => rules.check(offset, len),
-            CopyStep::Copy { offset, len } => {
-                rules.event(RuleEvent::CorWrite);
-                rules.check(offset, len)
-            }
+            CopyStep::Read { offset, len } => rules.read(offset, len),
+            CopyStep::Copy { offset, len } => rules.copy_write(offset, len),
         })
     }
 

@@ -18,7 +18,8 @@ use crate::copy_on_read::CopyOnRead;
 use crate::io_open::{parse_option_string, OpenSpec, Options, RawImage, Target};
 use crate::io_vmstate;
 use crate::size::parse_size;
-use crate::source::{io_text, CmdResult, Failure};
+use crate::source::{io_text, CmdResult, Failure, Guest};
+use crate::zero_limits::ZeroLimits;
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
@@ -119,9 +120,36 @@ struct Session {
     copy_on_read: Option<CopyOnRead>,
     /// The image sits under a `compress` filter: its writes go out compressed.
     compress: bool,
+    /// blkdebug breakpoints and the aio requests they hold.
+    breaks: crate::io_breaks::Breaks,
 }
 
 impl Session {
+    /// Whether a blkdebug node sits over the image (breakpoints need one).
+    fn has_blkdebug(&self) -> bool {
+        self.spec
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("blkdebug:"))
+            || ["driver", "file.driver"]
+                .iter()
+                .any(|k| self.spec.options.get(*k).is_some_and(|d| d == "blkdebug"))
+    }
+
+    /// The guest range an aio request (`... OFFSET LEN`) touches, widened to whole clusters.
+    fn aio_range(&self, words: &[&str]) -> Option<(u64, u64)> {
+        let [.., offset, len] = words else {
+            return None;
+        };
+        let (offset, len) = (number_arg(offset).ok()?, number_arg(len).ok()?);
+        let cs = match &self.target {
+            Some(Target::Qcow2(image)) => image.cluster_size(),
+            _ => 512,
+        };
+        let end = offset.checked_add(len)?;
+        Some((offset - offset % cs, end.checked_next_multiple_of(cs)?))
+    }
+
     /// qemu-io's `openfile`: refuses while a file is open; errors as qemu-io prints them.
     fn open(&mut self, spec: OpenSpec) -> bool {
         if self.target.is_some() {
@@ -439,6 +467,7 @@ pub fn run(args: Args) -> CmdResult {
             Some(mode) => is_writethrough(mode),
             None => !args.nocache,
         },
+        breaks: Default::default(),
     };
     if let Some(file) = &args.file {
         let mut spec = if args.image_opts > 0 {
@@ -510,6 +539,51 @@ enum Flow {
 }
 
 fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
+    use crate::io_breaks::Outcome;
+    match name {
+        "break" | "remove_break" | "resume" | "wait_break" => {
+            if session.target.is_none() {
+                errln!("no file open, try 'help open'");
+                return Flow::Done(false);
+            }
+            let node = session.has_blkdebug();
+            return match session.breaks.command(name, rest, node) {
+                Outcome::Done(ok) => Flow::Done(ok),
+                Outcome::Run(held) => Flow::Done(run_held(session, held)),
+            };
+        }
+        "aio_write" | "aio_read" if session.breaks.active() => {
+            if let Some(range) = session.aio_range(rest) {
+                if session.breaks.hold(name, rest, range).is_some() {
+                    return Flow::Done(true);
+                }
+            }
+        }
+        "aio_flush" if session.breaks.active() => {
+            let held = session.breaks.release();
+            if !run_held(session, held) {
+                return Flow::Done(false);
+            }
+        }
+        _ => {}
+    }
+    run_now(session, name, rest)
+}
+
+/// Runs requests a breakpoint held, in order; whether all succeeded.
+fn run_held(session: &mut Session, held: Vec<crate::io_breaks::Held>) -> bool {
+    let mut ok = true;
+    for h in held {
+        let words: Vec<&str> = h.words.iter().map(String::as_str).collect();
+        if let Flow::Done(succeeded) = run_now(session, &h.name, &words) {
+            ok &= succeeded;
+        }
+    }
+    ok
+}
+
+/// Runs a command now (no breakpoint holds it).
+fn run_now(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
     // The aio forms complete before the next command here: their output is the same.
     let name = match name {
         "aio_read" => "read",
@@ -597,9 +671,18 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
         ("alloc", Target::Raw(raw)) => alloc_raw(raw, rest),
         ("writev", t) => {
             let c = session.compress;
-            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w, c)) && session.settle_write(t)
+            vectored(rest, WRITEV_USAGE, |w| write("writev", t, w, c, None))
+                && session.settle_write(t)
         }
-        ("write" | "w", t) => write("write", t, rest, session.compress) && session.settle_write(t),
+        ("write" | "w", t) => match ZeroLimits::from_options(&session.spec.options) {
+            Ok(limits) => {
+                write("write", t, rest, session.compress, limits) && session.settle_write(t)
+            }
+            Err(e) => {
+                outln!("write failed: {e}");
+                false
+            }
+        },
         ("truncate" | "t", Target::Qcow2(image)) => truncate(image, rest),
         ("truncate" | "t", Target::Raw(raw)) => match number_arg(rest[rest.len() - 1]) {
             Ok(size) => raw
@@ -678,7 +761,9 @@ fn alloc(image: &Image, words: &[&str]) -> bool {
         },
         None => 512,
     };
-    let end = offset.saturating_add(count).min(image.size());
+    // What lies past the end of the disk is not counted, as qemu-io stops at the end.
+    let count = count.min(image.size().saturating_sub(offset));
+    let end = offset + count;
     let mut allocated = 0;
     if offset < end {
         match image.map(offset, end - offset) {
@@ -690,7 +775,7 @@ fn alloc(image: &Image, words: &[&str]) -> bool {
                 }
             }
             Err(e) => {
-                outln!("alloc failed: {}", errno_text(&e));
+                outln!("is_allocated failed: {}", errno_text(&e));
                 return false;
             }
         }
@@ -921,7 +1006,7 @@ fn read(cmd: &str, target: &Target, cor: Option<&CopyOnRead>, words: &[&str]) ->
             .read(image, &mut buf, offset)
             .map_err(|e| errno_text(&e)),
         (false, None, Target::Qcow2(image)) => {
-            crate::source::Guest::read_at(&crate::corruption_event::Reporting(image), &mut buf, offset)
+            Guest::read_at(&crate::corruption_event::Reporting(image), &mut buf, offset)
         }
         _ => guest.read_at(&mut buf, offset),
     };
@@ -960,8 +1045,15 @@ fn read_error_text(e: &str) -> String {
     }
 }
 
-/// `write`; `compress_filter`: the image sits under a `compress` filter node.
-fn write(cmd: &str, target: &Target, words: &[&str], compress_filter: bool) -> bool {
+/// `write`; `compress_filter`: the image sits under a `compress` filter node; `zero_limits`:
+/// how a blkdebug node over the image splits zero writes.
+fn write(
+    cmd: &str,
+    target: &Target,
+    words: &[&str],
+    compress_filter: bool,
+    zero_limits: Option<ZeroLimits>,
+) -> bool {
     let Ok((flags, first)) = getopt(cmd, words, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
@@ -1091,7 +1183,20 @@ fn write(cmd: &str, target: &Target, words: &[&str], compress_filter: bool) -> b
         errno_text(&e)
     };
     let result = if zero {
-        image.write_zeroes(offset, len, unmap).map_err(errno)
+        let pieces = match zero_limits {
+            Some(limits) if !no_fallback => limits.pieces(offset, len),
+            _ => vec![(offset, len, false)],
+        };
+        pieces
+            .into_iter()
+            .try_for_each(|(at, n, as_data)| {
+                if as_data {
+                    image.write_at(&vec![0; n as usize], at)
+                } else {
+                    image.write_zeroes(at, n, unmap)
+                }
+            })
+            .map_err(errno)
     } else {
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         if compressed {

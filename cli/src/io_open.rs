@@ -312,7 +312,7 @@ impl OpenSpec {
         // above the image is modelled (see `copy_on_read`).
         if rules
             .iter()
-            .any(|r| r.event == crate::blkdebug::RuleEvent::CorWrite)
+            .any(|r| r.event() == crate::blkdebug::COR_WRITE)
         {
             return Err(
                 "blkdebug event 'cor_write' under an image is not supported by qcow2-tool".into(),

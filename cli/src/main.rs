@@ -23,6 +23,7 @@ mod create;
 mod dd;
 mod info;
 mod io;
+mod io_breaks;
 mod io_open;
 mod io_vmstate;
 mod map;
@@ -39,12 +40,14 @@ mod raw_node;
 mod rebase;
 mod reopen;
 mod resize;
+mod salvage;
 mod serve;
 mod size;
 mod snapshot;
 mod source;
 mod target;
 mod transaction;
+mod zero_limits;
 
 use clap::{Parser, Subcommand};
 

@@ -27,12 +27,36 @@ pub struct Args {
     /// Most bytes to map.
     #[arg(long, value_parser = parse_size)]
     max_length: Option<u64>,
+    /// The file argument is an option string (`driver=qcow2,file.filename=...`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     file: PathBuf,
 }
 
-pub fn run(args: Args) -> CmdResult {
+pub fn run(mut args: Args) -> CmdResult {
     crate::source::set_force_share(args.force_share);
     let fail = |m: String| Failure::new(1, m);
+    if args.image_opts {
+        if args.format.is_some() {
+            return Err(fail(
+                "--image-opts and --format are mutually exclusive".into(),
+            ));
+        }
+        // Only options that name a host file and its format (filters that change nothing the
+        // map shows, like a blkdebug node without rules, fall away) are mapped.
+        let given = args.file.to_string_lossy().into_owned();
+        let mut options = crate::io_open::Options::new();
+        crate::io_open::parse_option_string(&given, &mut options).map_err(fail)?;
+        let spec = crate::io_open::OpenSpec {
+            options,
+            ..Default::default()
+        };
+        let (file, driver) = spec
+            .resolve()
+            .map_err(|e| fail(format!("Could not open '{given}': {e}")))?;
+        args.file = PathBuf::from(file);
+        args.format = driver;
+    }
     if format_of(&args.file, args.format.as_deref()).map_err(fail)? == Format::Raw {
         return raw(&args);
     }

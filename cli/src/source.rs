@@ -149,6 +149,20 @@ pub fn may_follow(top: &Path, next: &Path) -> Result<(), String> {
 
 /// Opens a qcow2 image with its backing chain and data file, as the run's policy allows.
 pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
+    let name = path.to_string_lossy();
+    if name.starts_with("blkdebug:") && !name.starts_with("blkdebug::") {
+        // A blkdebug node with rules under the format: opened as its options say.
+        let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+        spec.read_only = !options.writable;
+        spec.format = Some("qcow2".into());
+        return match spec
+            .open()
+            .map_err(|e| format!("Could not open '{name}': {e}"))?
+        {
+            crate::io_open::Target::Qcow2(image) => Ok(*image),
+            crate::io_open::Target::Raw(_) => Err("Image is not in qcow2 format".into()),
+        };
+    }
     let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
         format!(
             "Could not open '{}': {}",
@@ -468,6 +482,8 @@ pub enum Input {
     Qcow2(Box<Image>),
     Raw(RawFile),
     Node(crate::raw_node::RawImage),
+    /// A blkdebug node with error rules over another input.
+    Blkdebug(Box<crate::blkdebug::GuestNode>),
 }
 
 impl Input {
@@ -479,6 +495,7 @@ impl Input {
                 .into_iter()
                 .collect(),
             Input::Node(node) => node.files(),
+            Input::Blkdebug(node) => node.inner().files(),
         }
     }
 
@@ -490,6 +507,9 @@ impl Input {
             || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
         {
             let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+            if let Some(node) = blkdebug_over_image(&spec.options, forced)? {
+                return Ok(Input::Blkdebug(Box::new(node)));
+            }
             spec.read_only = true;
             spec.format = forced.map(str::to_owned);
             return match spec
@@ -514,8 +534,37 @@ impl Input {
             Input::Qcow2(image) => image.as_ref(),
             Input::Raw(raw) => raw,
             Input::Node(node) => node,
+            Input::Blkdebug(node) => node.as_ref(),
         }
     }
+}
+
+/// A top-level blkdebug node with error rules over an image node (`image.driver`), opened
+/// read-only; `None` when the options describe something else.
+fn blkdebug_over_image(
+    o: &crate::io_open::Options,
+    forced: Option<&str>,
+) -> Result<Option<crate::blkdebug::GuestNode>, String> {
+    let top = o.get("driver").map(String::as_str).or(forced);
+    if top != Some("blkdebug") || !o.contains_key("image.driver") {
+        return Ok(None);
+    }
+    let rules = crate::blkdebug::rules_from_options(o, "")?;
+    let inner = crate::io_open::OpenSpec {
+        options: o
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("image.")?.to_owned(), v.clone())))
+            .collect(),
+        read_only: true,
+        ..Default::default()
+    };
+    let input = match inner.open()? {
+        crate::io_open::Target::Qcow2(image) => Input::Qcow2(image),
+        crate::io_open::Target::Raw(_) => {
+            return Err("blkdebug error rules over a raw image are not supported".into())
+        }
+    };
+    Ok(Some(crate::blkdebug::GuestNode::new(input, rules)))
 }
 
 /// Whether every byte of `buf` is zero.

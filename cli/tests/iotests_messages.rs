@@ -258,3 +258,271 @@ fn blkdebug_rules_fail_requests_after_their_event() {
     let out = assert_same("qemu-io", &dir, &["-c", "read -P 7 512 512", json]);
     assert!(stdout(&out).contains("read failed: Input/output error"));
 }
+
+/// qemu-iotest 066: `set-state` rules move blkdebug's state and `inject-error` rules act only in
+/// theirs, so a second `write_aio` fails; a run of clusters with a preallocated zero cluster in
+/// it goes out as one write, so the write succeeds and the clusters stay where they were.
+#[test]
+fn blkdebug_states_and_one_write_over_preallocated_zeros() {
+    let dir = scratch_dir("blkdebug_states");
+    create(&dir, &["a.qcow2", "192k"]);
+    let write = ["-c", "write -P 42 0 192k", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    let map = qemu_tool("qemu-img", &dir, &["map", "--output=json", "a.qcow2"]);
+    let zero = ["-c", "write -z 64k 64k", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &zero).status.success());
+    let json = r#"json:{"driver": "qcow2", "file": {"driver": "blkdebug",
+        "image.filename": "a.qcow2",
+        "set-state": [{"event": "write_aio", "new_state": 2}],
+        "inject-error": [{"event": "write_aio", "state": 2}]}}"#;
+    let out = assert_same("qemu-io", &dir, &["-c", "write -P 42 0 192k", json]);
+    assert!(stdout(&out).contains("wrote 196608/196608"));
+    assert_eq!(
+        stdout(&ours_as(
+            "qemu-img",
+            &dir,
+            &["map", "--output=json", "a.qcow2"]
+        )),
+        stdout(&map)
+    );
+}
+
+/// qemu-iotest 179: zero writes over clusters that already read as zeros leave their L2 table
+/// alone, so an `l2_update` rule never fires.
+#[test]
+fn zero_writes_over_zeros_write_no_l2_table() {
+    let dir = scratch_dir("blkdebug_l2_update");
+    create(&dir, &["a.qcow2", "4M"]);
+    let setup = [
+        "-c",
+        "write 0 2M",
+        "-c",
+        "write -z 0 1M",
+        "-c",
+        "write -z -u 1M 1M",
+    ];
+    let mut args = setup.to_vec();
+    args.push("a.qcow2");
+    assert!(qemu_tool("qemu-io", &dir, &args).status.success());
+    let rules = "[inject-error]\nevent = \"l2_update\"\nerrno = \"5\"\nimmediately = \"on\"\n";
+    std::fs::write(dir.join("rules.conf"), rules).unwrap();
+    for write in ["write -z 0 1M", "write -z -u 1M 1M"] {
+        let out = assert_same(
+            "qemu-io",
+            &dir,
+            &["-c", write, "blkdebug:rules.conf:a.qcow2"],
+        );
+        assert!(stdout(&out).contains("wrote"), "{write}");
+    }
+}
+
+/// qemu-iotest 074: with stdout a pipe, compare's size warning (stdout, buffered as C stdio
+/// buffers it) comes after its read error (stderr), as both streams merged show it.
+#[test]
+fn compare_prints_its_error_before_its_buffered_report() {
+    let dir = scratch_dir("compare_buffered");
+    create(&dir, &["a.qcow2", "1M"]);
+    create(&dir, &["b.qcow2", "0"]);
+    let write = ["-c", "write -P 7 512 512", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &write).status.success());
+    let rules = "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n";
+    std::fs::write(dir.join("rules.conf"), rules).unwrap();
+    // Links the tool in as ./qemu-img.
+    ours_as("qemu-img", &dir, &["--version"]);
+    let merged = |tool: &str| {
+        let script = format!("{tool} compare blkdebug:rules.conf:a.qcow2 b.qcow2 2>&1; echo $?");
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .env("LC_ALL", "C")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    qcow2_testdata::require_qemu();
+    let ours = merged("./qemu-img");
+    assert_eq!(ours, merged("qemu-img"));
+    assert!(
+        ours.contains("Input/output error\nWarning: Image size mismatch!\n"),
+        "{ours}"
+    );
+}
+
+/// qemu-iotest 204: qemu-io's `alloc` counts no further than the end of the disk, and
+/// qemu-img map takes `--image-opts` with a blkdebug node over the image.
+#[test]
+fn alloc_stops_at_the_end_and_map_takes_image_opts() {
+    let dir = scratch_dir("alloc_end");
+    create(&dir, &["a.qcow2", "1M"]);
+    let out = assert_same("qemu-io", &dir, &["-c", "alloc 512k 5P", "a.qcow2"]);
+    assert!(stdout(&out).contains("0/524288 bytes"));
+    assert!(
+        qemu_tool("qemu-io", &dir, &["-c", "write 0 64k", "a.qcow2"])
+            .status
+            .success()
+    );
+    let opts = "driver=blkdebug,image.driver=qcow2,image.file.driver=file,\
+                image.file.filename=a.qcow2,align=4k";
+    assert_same("qemu-img", &dir, &["map", "--image-opts", opts]);
+}
+
+/// qemu-iotest 204: a zero write through a blkdebug node with `opt-write-zero` leaves data
+/// where its pieces are smaller than that alignment, as QEMU's fallback writes zeros there.
+#[test]
+fn zero_writes_through_blkdebug_split_at_its_alignment() {
+    let dir = scratch_dir("blkdebug_zero_align");
+    create(&dir, &["-o", "cluster_size=1M", "a.qcow2", "64M"]);
+    let fill = ["-c", "write -P 1 0 64M", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &fill).status.success());
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    let open = |image: &str| {
+        format!(
+            "open -o driver=blkdebug,image.driver=qcow2,align=512,opt-write-zero=15M,\
+             max-write-zero=15M blkdebug::{image}"
+        )
+    };
+    let qemu = qemu_tool(
+        "qemu-io",
+        &dir,
+        &["-c", &open("a.qcow2"), "-c", "write -z 32M 32M"],
+    );
+    let ours = ours_as(
+        "qemu-io",
+        &dir,
+        &["-c", &open("b.qcow2"), "-c", "write -z 32M 32M"],
+    );
+    assert!(
+        qemu.status.success() && ours.status.success(),
+        "{}",
+        stderr(&ours)
+    );
+    let map = |image: &str| stdout(&qemu_tool("qemu-img", &dir, &["map", image]));
+    let ours_map = map("b.qcow2");
+    assert_eq!(ours_map, map("a.qcow2").replace("a.qcow2", "b.qcow2"));
+    assert!(ours_map.contains("0x2d00000"), "{ours_map}");
+}
+
+/// qemu-iotest 251: `convert --salvage` through a blkdebug node above the format warns once
+/// per sector whose block status or read fails, in qemu-img's order, and copies such sectors
+/// as data (status) or zeros (read); `-O` defaults to raw.
+#[test]
+fn convert_salvage_warns_and_copies_what_it_can() {
+    let dir = scratch_dir("convert_salvage");
+    create(&dir, &["a.qcow2", "8M"]);
+    let fill = ["-c", "write -P 42 0 8M", "a.qcow2"];
+    assert!(qemu_tool("qemu-io", &dir, &fill).status.success());
+    let rule = |iotype: &str, offset: u64| {
+        format!(
+            "{{ 'event': 'none', 'iotype': '{iotype}', 'errno': 5, 'sector': {} }}",
+            offset / 512
+        )
+    };
+    let rules = [
+        rule("block-status", 2 * 1024 * 1024 + 4096),
+        rule("read", 3 * 1024 * 1024 - 65536),
+        rule("block-status", 5 * 1024 * 1024 + 512),
+        rule("read", 5 * 1024 * 1024 + 512),
+        rule("read", 6 * 1024 * 1024),
+        rule("read", 6 * 1024 * 1024 + 512),
+    ];
+    let source = format!(
+        "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qcow2', 'file': {{'driver': \
+         'file', 'filename': 'a.qcow2'}}}}, 'inject-error': [{}]}}",
+        rules.join(", ")
+    );
+    let qemu = qemu_tool(
+        "qemu-img",
+        &dir,
+        &["convert", "--salvage", &source, "q.raw"],
+    );
+    let ours = ours_as(
+        "qemu-img",
+        &dir,
+        &["convert", "--salvage", &source, "o.raw"],
+    );
+    no_panic(&ours);
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    assert_eq!(code(&ours), code(&qemu));
+    assert_eq!(
+        stderr(&ours).matches("warning").count(),
+        8,
+        "{}",
+        stderr(&ours)
+    );
+    let compare = qemu_tool("qemu-img", &dir, &["compare", "q.raw", "o.raw"]);
+    assert!(compare.status.success(), "{}", stdout(&compare));
+}
+
+/// qemu-iotest 020: commit's `-b` name is taken relative to each overlay, not to the working
+/// directory: from outside the images' directory, a path through it does not match.
+#[test]
+fn commit_base_names_are_relative_to_the_overlay() {
+    let dir = scratch_dir("commit_base_names");
+    let sub = dir.join("subdir");
+    std::fs::create_dir_all(&sub).unwrap();
+    create(&sub, &["t.base", "1M"]);
+    create(&sub, &["-b", "t.base", "-F", "qcow2", "t.mid"]);
+    create(&sub, &["-b", "t.mid", "-F", "qcow2", "t.top"]);
+    let absolute = sub.join("t.mid");
+    for base in ["t.mid", "subdir/t.mid", absolute.to_str().unwrap()] {
+        assert_same("qemu-img", &dir, &["commit", "-b", base, "subdir/t.top"]);
+    }
+    let out = assert_same(
+        "qemu-img",
+        &dir,
+        &["commit", "-b", "subdir/t.mid", "subdir/t.top"],
+    );
+    assert!(stderr(&out).contains("Did not find"), "{}", stderr(&out));
+}
+
+/// qemu-iotest 046: `break write_aio` suspends the next aio write; a later one touching its
+/// cluster waits behind it; `resume` lets both complete, after the resume message.
+#[test]
+fn breakpoints_hold_aio_writes_until_resumed() {
+    let dir = scratch_dir("io_breaks");
+    create(&dir, &["a.qcow2", "1M"]);
+    let script = [
+        "-c",
+        "break write_aio A",
+        "-c",
+        "aio_write -P 10 0x18000 0x2000",
+        "-c",
+        "wait_break A",
+        "-c",
+        "aio_write -P 11 0x12000 0x2000",
+        "-c",
+        "resume A",
+        "-c",
+        "aio_flush",
+        "-c",
+        "resume B",
+        "blkdebug::a.qcow2",
+    ];
+    let qemu = qemu_tool("qemu-io", &dir, &script);
+    let ours = ours_as("qemu-io", &dir, &script);
+    no_panic(&ours);
+    let lines = |o: &Output| -> Vec<String> {
+        stdout(o)
+            .lines()
+            .filter(|l| !l.contains(" ops; "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (mut q, mut o) = (lines(&qemu), lines(&ours));
+    assert_eq!(o[..2], q[..2], "{o:?}");
+    assert_eq!(o[0], "blkdebug: Suspended request 'A'");
+    assert_eq!(o[1], "blkdebug: Resuming request 'A'");
+    q.sort();
+    o.sort();
+    assert_eq!(o, q);
+    assert_eq!(stderr(&ours), stderr(&qemu));
+    let read = [
+        "-c",
+        "read -P 10 0x18000 0x2000",
+        "-c",
+        "read -P 11 0x12000 0x2000",
+        "a.qcow2",
+    ];
+    let out = assert_same("qemu-io", &dir, &read);
+    assert!(!stdout(&out).contains("failed"));
+}

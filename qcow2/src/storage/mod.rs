@@ -41,17 +41,35 @@ pub enum Event {
     L2Load,
     /// Guest data is about to be read from the image file.
     ReadAio,
-    /// Guest data is about to be written to the file (a raw node announces it to its file).
+    /// Guest data is about to be written to the image file.
     WriteAio,
+    /// A cached L2 table is about to be written back.
+    L2Update,
+    /// Entries of the active L1 table are about to be written.
+    L1Update,
+    /// Cached refcount blocks are about to be written back.
+    RefblockUpdate,
+    /// Host clusters are about to be allocated.
+    ClusterAlloc,
+    /// References to host clusters are about to be dropped.
+    ClusterFree,
+    /// An image is about to be emptied (its clusters dropped, as commit does to the top).
+    EmptyImagePrepare,
 }
 
 impl Event {
-    /// QEMU's name for the event (`l2_load`, `read_aio`).
+    /// QEMU's name for the event (`l2_load`, `read_aio`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Event::L2Load => "l2_load",
             Event::ReadAio => "read_aio",
             Event::WriteAio => "write_aio",
+            Event::L2Update => "l2_update",
+            Event::L1Update => "l1_update",
+            Event::RefblockUpdate => "refblock_update",
+            Event::ClusterAlloc => "cluster_alloc",
+            Event::ClusterFree => "cluster_free",
+            Event::EmptyImagePrepare => "empty_image_prepare",
         }
     }
 }

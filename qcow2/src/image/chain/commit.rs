@@ -183,6 +183,7 @@ impl Image {
     /// Drops every cluster mapping of the active layer, so the whole disk reads through to the
     /// backing file, and frees the clusters.
     pub(crate) fn empty_layer(&self) -> Result<()> {
+        self.storage.event(crate::storage::Event::EmptyImagePrepare);
         let mut m = self.meta_mut();
         let cluster_bits = m.header.cluster_bits;
         let l2_bits = m.header.l2_bits();

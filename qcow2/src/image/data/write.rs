@@ -14,6 +14,7 @@ use crate::format::CompressedDescriptor;
 use crate::image::layer::Layer;
 use crate::image::map::{Extent, ExtentKind};
 use crate::image::{Image, Meta};
+use crate::storage::Event;
 
 /// Subcluster bitmap with every subcluster reading as zeros.
 const ALL_ZEROES: u64 = 0xFFFF_FFFF_0000_0000;
@@ -197,22 +198,41 @@ impl Image {
             ClusterMapping::Normal { host_offset } if e & COPIED != 0 => Some(host_offset),
             _ => None,
         };
+        // Preallocated zero clusters of ours take the data in place too (their zero flag goes).
+        let owned_zero_at = |e: u64| match classify_standard(e, false) {
+            ClusterMapping::ZeroAllocated { host_offset } if e & COPIED != 0 => Some(host_offset),
+            _ => None,
+        };
+        let in_place_at = |e: u64| owned_at(e).or_else(|| owned_zero_at(e));
         let needs_space = |e: u64| {
             !matches!(
                 classify_standard(e, false),
                 ClusterMapping::ZeroAllocated { .. }
             ) && owned_at(e).is_none()
         };
-        if let Some(host) = owned_at(entry(0)) {
-            // In place: as far as the host clusters stay back to back.
+        if let Some(host) = in_place_at(entry(0)) {
+            // In place, in one write: as far as the host clusters stay back to back.
             let k = (1..max)
-                .take_while(|&i| owned_at(entry(i)) == Some(host + i as u64 * cs))
+                .take_while(|&i| in_place_at(entry(i)) == Some(host + i as u64 * cs))
                 .count()
                 + 1;
             let bytes = k * cs as usize;
+            let zeros: Vec<usize> = (0..k)
+                .filter(|&i| owned_zero_at(entry(i)).is_some())
+                .collect();
             self.guard(m, host, bytes as u64, None)?;
             self.bitmaps_durable_before_inplace(m)?;
             self.write_data(&data[..bytes], host)?;
+            if !zeros.is_empty() {
+                // The data is durable before the entries that stop reading it as zeros.
+                self.mark_dirty(m)?;
+                m.ws_mut()?.l2_after_data_sync = true;
+                self.l2_cache.modify(slot.l2_offset, |t| {
+                    for &i in &zeros {
+                        put_be_u64_at(t, slot.index + i, (host + i as u64 * cs) | COPIED);
+                    }
+                });
+            }
             return Ok(bytes);
         }
         if !needs_space(entry(0)) {
@@ -404,6 +424,7 @@ impl Image {
             .last_compressed
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        self.storage.event(Event::ClusterAlloc);
         let host = self.host();
         let ws = m.ws_mut()?;
         let mut end = ws.alloc_end;
@@ -456,6 +477,7 @@ impl Image {
     /// Drops references whose removal is already in the cached L2 tables.
     pub(crate) fn free(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
         self.refblocks_need_l2(m)?;
+        self.storage.event(Event::ClusterFree);
         let host = self.host();
         m.ws_mut()?.refcounts.adjust(host, offset, len, -1)
     }
@@ -751,6 +773,7 @@ impl Image {
     }
 
     fn write_data(&self, data: &[u8], host_offset: u64) -> Result<()> {
+        self.storage.event(Event::WriteAio);
         self.host().write(data, host_offset, "guest data")
     }
 
@@ -973,7 +996,6 @@ impl Image {
         let cs = m.header.cluster_size();
         let slot = self.writable_slot(m, cluster_start)?;
         let mapping = classify_standard(slot.entry & !self.zero_bit_mask(m), false);
-        self.mark_dirty(m)?;
         if !m.header.extended_l2() {
             let (entry, free_old) = match mapping {
                 ClusterMapping::Normal { host_offset }
@@ -984,6 +1006,11 @@ impl Image {
                 }
                 _ => (ZERO, true),
             };
+            // An entry that stays as it is leaves its table clean, as QEMU's does.
+            if entry == slot.entry {
+                return Ok(());
+            }
+            self.mark_dirty(m)?;
             self.set_slot(m, slot, entry, 0);
             if free_old {
                 self.free_entry(m, slot.entry)?;
@@ -1025,6 +1052,10 @@ impl Image {
                 false,
             ),
         };
+        if entry == slot.entry && bitmap == slot.bitmap {
+            return Ok(());
+        }
+        self.mark_dirty(m)?;
         self.set_slot(m, slot, entry, bitmap);
         if free_old {
             self.free_entry(m, slot.entry)?;

@@ -838,6 +838,7 @@ impl Refcounts {
             // Whole sectors around the change (the rest of the block is unchanged on disk).
             let lo = lo & !(SECTOR - 1);
             let hi = hi.next_multiple_of(SECTOR).min(block.bytes.len());
+            host.storage.event(crate::storage::Event::RefblockUpdate);
             host.write(&block.bytes[lo..hi], offset + lo as u64, "refcount block")?;
             // Still dirty if the write failed: a retry or a repair writes it again.
             block.dirty = None;

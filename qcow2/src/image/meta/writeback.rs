@@ -18,6 +18,7 @@ use crate::format::features::Incompatible;
 use crate::image::host::Host;
 use crate::image::refcounts::Refcounts;
 use crate::image::{Image, Meta};
+use crate::storage::Event;
 
 /// The writer's state: refcounts and the order in which cached metadata must reach the disk.
 pub(crate) struct WriteState {
@@ -75,6 +76,7 @@ impl Image {
             }
             for (offset, table) in &dirty {
                 self.guard(m, *offset, table.len() as u64, Some(*offset))?;
+                self.storage.event(Event::L2Update);
                 host.write(table, *offset, "L2 table")?;
             }
             host.sync()?;
@@ -119,6 +121,7 @@ impl Image {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
         let at = m.header.l1_table_offset + first as u64 * 8;
+        self.storage.event(Event::L1Update);
         self.host().write_sync(&bytes, at, "L1 entries")
     }
 

@@ -339,6 +339,7 @@ impl Image {
         let mut lowered = RefcountDeltas::default();
         lowered.add_segments(&staged.lowered);
         lowered.add_bytes(old_table.0, old_table.1, -1, cb);
+        self.storage.event(crate::storage::Event::ClusterFree);
         let result = (|| -> Result<()> {
             for seg in lowered.settle() {
                 m.ws_mut()?.refcounts.adjust_clusters(
