@@ -5,49 +5,23 @@
 
 #[macro_use]
 mod console;
-mod amend;
 mod bench;
-mod bitmap;
-mod blkdebug;
-mod check;
-mod commit;
-mod compare;
-mod compress_filter;
-mod convert;
-mod convert_bitmaps;
-mod convert_copy;
-mod convert_existing;
-mod copy_on_read;
-mod corruption_event;
-mod create;
-mod dd;
-mod info;
+mod img;
 mod io;
-mod io_breaks;
-mod io_open;
-mod io_vmstate;
-mod map;
-mod measure;
-mod nested;
-mod node_store;
-mod null_node;
+mod nodes;
 mod opts;
 mod output;
 mod progress;
-mod qcow2_runtime;
-mod quorum_node;
-mod raw_node;
-mod rebase;
-mod reopen;
-mod resize;
-mod salvage;
 mod serve;
 mod size;
-mod snapshot;
 mod source;
 mod target;
 mod transaction;
-mod zero_limits;
+
+use img::{
+    amend, bitmap, check, commit, compare, convert, create, dd, info, map, measure, rebase, resize,
+    snapshot,
+};
 
 use clap::{Parser, Subcommand};
 

@@ -152,15 +152,15 @@ pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
     let name = path.to_string_lossy();
     if name.starts_with("blkdebug:") && !name.starts_with("blkdebug::") {
         // A blkdebug node with rules under the format: opened as its options say.
-        let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+        let mut spec = crate::io::open::OpenSpec::from_filename(&name, Default::default())?;
         spec.read_only = !options.writable;
         spec.format = Some("qcow2".into());
         return match spec
             .open()
             .map_err(|e| format!("Could not open '{name}': {e}"))?
         {
-            crate::io_open::Target::Qcow2(image) => Ok(*image),
-            crate::io_open::Target::Raw(_) => Err("Image is not in qcow2 format".into()),
+            crate::io::open::Target::Qcow2(image) => Ok(*image),
+            crate::io::open::Target::Raw(_) => Err("Image is not in qcow2 format".into()),
         };
     }
     let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
@@ -481,9 +481,9 @@ impl Guest for RawFile {
 pub enum Input {
     Qcow2(Box<Image>),
     Raw(RawFile),
-    Node(crate::raw_node::RawImage),
+    Node(crate::nodes::raw::RawImage),
     /// A blkdebug node with error rules over another input.
-    Blkdebug(Box<crate::blkdebug::GuestNode>),
+    Blkdebug(Box<crate::nodes::blkdebug::GuestNode>),
 }
 
 impl Input {
@@ -506,7 +506,7 @@ impl Input {
         if name.starts_with("json:")
             || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
         {
-            let mut spec = crate::io_open::OpenSpec::from_filename(&name, Default::default())?;
+            let mut spec = crate::io::open::OpenSpec::from_filename(&name, Default::default())?;
             if let Some(node) = blkdebug_over_image(&spec.options, forced)? {
                 return Ok(Input::Blkdebug(Box::new(node)));
             }
@@ -516,8 +516,8 @@ impl Input {
                 .open()
                 .map_err(|e| format!("Could not open '{name}': {e}"))?
             {
-                crate::io_open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
-                crate::io_open::Target::Raw(node) => Ok(Input::Node(node)),
+                crate::io::open::Target::Qcow2(image) => Ok(Input::Qcow2(image)),
+                crate::io::open::Target::Raw(node) => Ok(Input::Node(node)),
             };
         }
         match format_of(path, forced)? {
@@ -542,15 +542,15 @@ impl Input {
 /// A top-level blkdebug node with error rules over an image node (`image.driver`), opened
 /// read-only; `None` when the options describe something else.
 fn blkdebug_over_image(
-    o: &crate::io_open::Options,
+    o: &crate::io::open::Options,
     forced: Option<&str>,
-) -> Result<Option<crate::blkdebug::GuestNode>, String> {
+) -> Result<Option<crate::nodes::blkdebug::GuestNode>, String> {
     let top = o.get("driver").map(String::as_str).or(forced);
     if top != Some("blkdebug") || !o.contains_key("image.driver") {
         return Ok(None);
     }
-    let rules = crate::blkdebug::rules_from_options(o, "")?;
-    let inner = crate::io_open::OpenSpec {
+    let rules = crate::nodes::blkdebug::rules_from_options(o, "")?;
+    let inner = crate::io::open::OpenSpec {
         options: o
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("image.")?.to_owned(), v.clone())))
@@ -559,12 +559,12 @@ fn blkdebug_over_image(
         ..Default::default()
     };
     let input = match inner.open()? {
-        crate::io_open::Target::Qcow2(image) => Input::Qcow2(image),
-        crate::io_open::Target::Raw(_) => {
+        crate::io::open::Target::Qcow2(image) => Input::Qcow2(image),
+        crate::io::open::Target::Raw(_) => {
             return Err("blkdebug error rules over a raw image are not supported".into())
         }
     };
-    Ok(Some(crate::blkdebug::GuestNode::new(input, rules)))
+    Ok(Some(crate::nodes::blkdebug::GuestNode::new(input, rules)))
 }
 
 /// Whether every byte of `buf` is zero.

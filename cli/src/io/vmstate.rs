@@ -3,7 +3,7 @@
 //! leaves them unchecked against the disk size.
 
 use crate::io::errno_text;
-use crate::io_open::Target;
+use crate::io::open::Target;
 
 const SECTOR: u64 = 512;
 

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use qcow2::format::Header;
 
-use crate::io_open::Options;
+use crate::io::open::Options;
 use crate::opts::{parse_bool_opt, parse_number_opt, parse_size_opt};
 
 /// The boolean options.

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use qcow2::{BackingPolicy, FileStorage, Image, OpenOptions, Storage};
 
-use crate::null_node::NullNode;
-use crate::qcow2_runtime;
-pub use crate::raw_node::RawImage;
+use crate::nodes::null::NullNode;
+use crate::nodes::qcow2_options;
+pub use crate::nodes::raw::RawImage;
 use crate::source::{format_of, io_text, with_policy, Format, Guest};
 
 /// Flat dotted options, as QEMU's block layer takes them.
@@ -289,7 +289,7 @@ impl OpenSpec {
             return Err("Unknown driver 'qcow2'".into());
         };
         let name = self.name.clone().unwrap_or_default();
-        self.open_qcow2_over(Box::new(crate::nested::ImageStorage(*inner)), &name)
+        self.open_qcow2_over(Box::new(crate::nodes::nested::ImageStorage(*inner)), &name)
     }
 
     /// A qcow2 image whose file is a blkdebug node with error rules over a host file.
@@ -307,12 +307,12 @@ impl OpenSpec {
         if !qcow2 {
             return Err("blkdebug error rules are supported under qcow2 images only".into());
         }
-        let rules = crate::blkdebug::rules_from_options(o, "file.")?;
+        let rules = crate::nodes::blkdebug::rules_from_options(o, "file.")?;
         // Under the image, a copy-on-read write would arm rules on host offsets; only a node
         // above the image is modelled (see `copy_on_read`).
         if rules
             .iter()
-            .any(|r| r.event() == crate::blkdebug::COR_WRITE)
+            .any(|r| r.event() == crate::nodes::blkdebug::COR_WRITE)
         {
             return Err(
                 "blkdebug event 'cor_write' under an image is not supported by qcow2-tool".into(),
@@ -325,7 +325,7 @@ impl OpenSpec {
         }
         .map_err(|e| format!("Could not open '{file}': {}", io_text(&e)))?;
         let name = self.name.clone().unwrap_or_else(|| file.clone());
-        let storage = Box::new(crate::blkdebug::Blkdebug::new(storage, rules));
+        let storage = Box::new(crate::nodes::blkdebug::Blkdebug::new(storage, rules));
         self.open_qcow2_over(storage, &name)
     }
 
@@ -335,7 +335,7 @@ impl OpenSpec {
         if driver.is_some_and(|d| d != "qcow2") {
             return Err("only qcow2 images open over this file node".into());
         }
-        let store = crate::node_store::open(&self.options, "file.", "file", !self.read_only())?;
+        let store = crate::nodes::store::open(&self.options, "file.", "file", !self.read_only())?;
         let name = self.name.clone().unwrap_or_default();
         self.open_qcow2_over(store, &name)
     }
@@ -370,15 +370,15 @@ impl OpenSpec {
     /// Opens the file as the spec says.
     pub fn open(&self) -> Result<Target, String> {
         // What can be checked without the image is checked before anything opens.
-        let runtime_given = qcow2_runtime::any_given(&self.options);
+        let runtime_given = qcow2_options::any_given(&self.options);
         if runtime_given {
-            qcow2_runtime::check(&self.options, None)?;
+            qcow2_options::check(&self.options, None)?;
         }
         if NullNode::is_named(&self.options, "")
             || self
                 .format
                 .as_deref()
-                .is_some_and(|f| crate::null_node::DRIVERS.contains(&f))
+                .is_some_and(|f| crate::nodes::null::DRIVERS.contains(&f))
                 && !self.options.contains_key("driver")
         {
             return self.open_null();
@@ -415,10 +415,10 @@ impl OpenSpec {
         match format {
             Format::Qcow2 => {
                 let runtime = if runtime_given {
-                    let facts = qcow2_runtime::ImageFacts::read(path);
-                    qcow2_runtime::check(&self.options, facts.as_ref())?
+                    let facts = qcow2_options::ImageFacts::read(path);
+                    qcow2_options::check(&self.options, facts.as_ref())?
                 } else {
-                    qcow2_runtime::Runtime::default()
+                    qcow2_options::Runtime::default()
                 };
                 let lazy_refcounts = runtime.lazy_refcounts;
                 let options = if read_only {
@@ -436,7 +436,7 @@ impl OpenSpec {
                 }
                 options.backing_format = self.options.get("backing.driver").cloned();
                 let image = if data_node {
-                    let data_file = crate::node_store::open(
+                    let data_file = crate::nodes::store::open(
                         &self.options,
                         "data-file.",
                         "data-file",

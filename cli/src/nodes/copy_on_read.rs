@@ -6,8 +6,8 @@
 
 use qcow2::{CopyStep, Image};
 
-use crate::blkdebug::{rules_from_options, CopyWatch, COR_WRITE};
-use crate::io_open::{OpenSpec, Options};
+use crate::io::open::{OpenSpec, Options};
+use crate::nodes::blkdebug::{rules_from_options, CopyWatch, COR_WRITE};
 
 /// How reads copy: with a blkdebug node's rules watching, or plainly.
 pub struct CopyOnRead {

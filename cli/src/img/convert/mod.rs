@@ -3,13 +3,18 @@
 //! data ranges are read; zero and unallocated ranges, and all-zero blocks (raw) or clusters
 //! (qcow2) inside data, stay holes.
 
+pub mod bitmaps;
+pub mod copy;
+pub mod existing;
+pub mod salvage;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use qcow2::storage::FileIdentity;
 use qcow2::{CreateOptions, Image};
 
-use crate::convert_copy::{self, cut, lock, runs, Chunk, RawTarget, Workers};
+use crate::img::convert::copy::{cut, lock, runs, Chunk, RawTarget, Workers};
 use crate::opts;
 use crate::source::{CmdResult, Failure, Guest, Input};
 
@@ -224,10 +229,9 @@ pub fn run(args: Args) -> CmdResult {
     }
     let workers = match &args.parallel {
         Some(text) => {
-            crate::size::int_arg("number of coroutines", text, 1, convert_copy::MAX_WORKERS)?
-                as usize
+            crate::size::int_arg("number of coroutines", text, 1, copy::MAX_WORKERS)? as usize
         }
-        None => convert_copy::default_workers(),
+        None => copy::default_workers(),
     };
     let limit = rate.map(|rate| RateLimit {
         rate,
@@ -252,9 +256,9 @@ pub fn run(args: Args) -> CmdResult {
         // where qemu-img's does.
         workers: if args.salvage { 1 } else { workers },
         window: if args.salvage {
-            convert_copy::CHUNK as u64
+            copy::CHUNK as u64
         } else {
-            convert_copy::MAP_WINDOW
+            copy::MAP_WINDOW
         },
         out_of_order: args.out_of_order,
         durable: args.cache.as_deref() != Some("unsafe"),
@@ -262,7 +266,7 @@ pub fn run(args: Args) -> CmdResult {
     };
     let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
         if args.salvage {
-            let salvage = crate::salvage::Salvage::new(guest, args.quiet);
+            let salvage = crate::img::convert::salvage::Salvage::new(guest, args.quiet);
             salvage.survey(copy_opts.window);
             return copy(&salvage, args, &copy_opts, output, inputs);
         }
@@ -288,7 +292,7 @@ pub fn run(args: Args) -> CmdResult {
         }
         let input = open_sources(&args).map_err(fail)?;
         let inputs = input.files();
-        return crate::convert_existing::copy(
+        return crate::img::convert::existing::copy(
             &input,
             &args.dst,
             &args.output_format,
@@ -377,7 +381,7 @@ pub fn run(args: Args) -> CmdResult {
         Some("0.10") | Some("v2") => Some(2),
         _ => None,
     });
-    let bitmaps = crate::convert_bitmaps::plan(
+    let bitmaps = crate::img::convert::bitmaps::plan(
         args.bitmaps,
         args.skip_broken_bitmaps,
         &args.output_format,
@@ -403,7 +407,7 @@ pub fn run(args: Args) -> CmdResult {
         )),
     }?;
     if let Some(names) = bitmaps {
-        crate::convert_bitmaps::copy(&input, &names, &args.dst)?;
+        crate::img::convert::bitmaps::copy(&input, &names, &args.dst)?;
     }
     Ok(code)
 }
@@ -484,8 +488,8 @@ fn copy_raw(
     let out = storage.file();
     // QEMU's file driver makes whole sectors, and writes the first block.
     let file_size = guest.size().next_multiple_of(512);
-    crate::create::grow_raw(&storage, 0, file_size, mode)
-        .and_then(|()| crate::create::write_first_block(out, file_size))
+    crate::img::create::grow_raw(&storage, 0, file_size, mode)
+        .and_then(|()| crate::img::create::write_first_block(out, file_size))
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     let target = RawTarget {
         storage: &storage,
@@ -543,7 +547,7 @@ pub fn copy_into_raw(
         how.account(chunk.len);
         Ok(())
     };
-    convert_copy::run(guest.size(), &how.workers(false), chunks, process)?;
+    copy::run(guest.size(), &how.workers(false), chunks, process)?;
     if how.durable {
         out.file()
             .sync_data()
@@ -571,9 +575,9 @@ fn copy_qcow2(
 ) -> CmdResult {
     let dst = args.dst.display().to_string();
     let fail = |m: String| Failure::new(1, m);
-    let data_file = crate::create::create_data_file(options, inputs)
+    let data_file = crate::img::create::create_data_file(options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
-    let mut image = crate::create::open_new_qcow2(&dst, options, inputs, how.durable)
+    let mut image = crate::img::create::open_new_qcow2(&dst, options, inputs, how.durable)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
     if let Some(storage) = data_file {
         image.attach_data_file(crate::target::with_syncs(storage, how.durable));
@@ -688,14 +692,14 @@ pub fn copy_into_qcow2(
     let zero = |at: u64, len: u64| match t.zeros {
         Zeros::Skip => Ok(()),
         Zeros::Write => image.write_zeroes(at, len, false),
-        Zeros::WhereNonZero => convert_copy::zero_qcow2(image, at, len),
+        Zeros::WhereNonZero => copy::zero_qcow2(image, at, len),
     };
     let written = |e: qcow2::Error, at: u64| format!("error while writing at byte {at}: {e}");
     let process = |chunk: Chunk, buf: &mut [u8], my_turn: &dyn Fn()| -> Result<(), String> {
         let pos = chunk.pos;
         if !chunk.data {
             my_turn();
-            return convert_copy::zero_qcow2(image, pos, chunk.len).map_err(|e| written(e, pos));
+            return copy::zero_qcow2(image, pos, chunk.len).map_err(|e| written(e, pos));
         }
         let buf = &mut buf[..chunk.len as usize];
         let readable = src_size.saturating_sub(pos).min(chunk.len) as usize;
@@ -732,7 +736,7 @@ pub fn copy_into_qcow2(
         how.account(chunk.len);
         Ok(())
     };
-    convert_copy::run(size, &how.workers(!how.out_of_order), chunks, process)
+    copy::run(size, &how.workers(!how.out_of_order), chunks, process)
 }
 
 /// Copies `len` bytes from `src` at `from` to `dst` at `to` with copy_file_range. False when

@@ -1,6 +1,6 @@
 //! `io`: a subset of qemu-io. Commands run in order on one open image (read-write unless
 //! `-r`), which is closed cleanly at the end: `read [-bpqrv] [-P PAT] OFF LEN`,
-//! `write [-bcfnpqruz] [-P PAT] OFF LEN` (`-b`: the VM state area, see `io_vmstate`),
+//! `write [-bcfnpqruz] [-P PAT] OFF LEN` (`-b`: the VM state area, see `vmstate`),
 //! `discard [-q] OFF LEN`, `flush`, `map`, `alloc`, `length`, `truncate`, `readv`/`writev` and
 //! the `aio_` forms (which complete in order here, with the same output). Commands come
 //! from `-c` or, without it, from standard input one per line after a `qemu-io> ` prompt, as
@@ -10,16 +10,22 @@
 //! decides only whether each write is flushed before it completes (writethrough, qemu-io's
 //! default), so a later `sigraise` leaves what QEMU would leave; aio modes change nothing.
 
+pub mod breaks;
+pub mod corruption_event;
+pub mod open;
+pub mod reopen;
+pub mod vmstate;
+pub mod zero_limits;
+
 use std::time::{Duration, Instant};
 
 use qcow2::Image;
 
-use crate::copy_on_read::CopyOnRead;
-use crate::io_open::{parse_option_string, OpenSpec, Options, RawImage, Target};
-use crate::io_vmstate;
+use crate::io::open::{parse_option_string, OpenSpec, Options, RawImage, Target};
+use crate::io::zero_limits::ZeroLimits;
+use crate::nodes::copy_on_read::CopyOnRead;
 use crate::size::parse_size;
 use crate::source::{io_text, CmdResult, Failure, Guest};
-use crate::zero_limits::ZeroLimits;
 
 /// qemu's BDRV_REQUEST_MAX_BYTES.
 const MAX_REQUEST: u64 = 2_147_483_136;
@@ -121,7 +127,7 @@ struct Session {
     /// The image sits under a `compress` filter: its writes go out compressed.
     compress: bool,
     /// blkdebug breakpoints and the aio requests they hold.
-    breaks: crate::io_breaks::Breaks,
+    breaks: crate::io::breaks::Breaks,
 }
 
 impl Session {
@@ -171,8 +177,8 @@ impl Session {
 
     fn open_target(&mut self, asked: OpenSpec) -> Result<(), String> {
         let mut spec = asked.clone();
-        let copy_on_read = crate::copy_on_read::take_from(&mut spec)?;
-        let filtered = crate::compress_filter::inner_spec(&spec);
+        let copy_on_read = crate::nodes::copy_on_read::take_from(&mut spec)?;
+        let filtered = crate::nodes::compress_filter::inner_spec(&spec);
         let under = filtered.as_ref().unwrap_or(&spec);
         let target = if under.snapshot {
             self.open_temporary_copy(under)
@@ -180,7 +186,7 @@ impl Session {
             under.open()
         }?;
         if filtered.is_some() {
-            crate::compress_filter::check_inner(&target)?;
+            crate::nodes::compress_filter::check_inner(&target)?;
         }
         self.compress = filtered.is_some();
         self.writable = !spec.read_only
@@ -381,14 +387,14 @@ impl Session {
         }
         if let Some(target) = &self.target {
             if let Err(e) =
-                crate::reopen::check(&self.spec, target, &options, writethrough.is_some())
+                crate::io::reopen::check(&self.spec, target, &options, writethrough.is_some())
             {
                 report!("{e}");
                 return false;
             }
         }
         if let Some(ro) = options.remove("read-only") {
-            mode = crate::reopen::parse_bool("read-only", &ro).ok();
+            mode = crate::io::reopen::parse_bool("read-only", &ro).ok();
         }
         if let Some(read_only) = mode {
             spec.read_only = read_only;
@@ -539,7 +545,7 @@ enum Flow {
 }
 
 fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
-    use crate::io_breaks::Outcome;
+    use crate::io::breaks::Outcome;
     match name {
         "break" | "remove_break" | "resume" | "wait_break" => {
             if session.target.is_none() {
@@ -571,7 +577,7 @@ fn run_command(session: &mut Session, name: &str, rest: &[&str]) -> Flow {
 }
 
 /// Runs requests a breakpoint held, in order; whether all succeeded.
-fn run_held(session: &mut Session, held: Vec<crate::io_breaks::Held>) -> bool {
+fn run_held(session: &mut Session, held: Vec<crate::io::breaks::Held>) -> bool {
     let mut ok = true;
     for h in held {
         let words: Vec<&str> = h.words.iter().map(String::as_str).collect();
@@ -991,7 +997,7 @@ fn read(cmd: &str, target: &Target, cor: Option<&CopyOnRead>, words: &[&str]) ->
         outln!("pattern verification range exceeds end of read data");
         return false;
     }
-    if vm_state && !io_vmstate::aligned(offset, len) {
+    if vm_state && !vmstate::aligned(offset, len) {
         return false;
     }
     if !vm_state && !in_bounds(offset, len, guest.size()) {
@@ -1001,13 +1007,15 @@ fn read(cmd: &str, target: &Target, cor: Option<&CopyOnRead>, words: &[&str]) ->
     let mut buf = vec![0u8; len as usize];
     let started = Instant::now();
     let result = match (vm_state, cor, target) {
-        (true, _, _) => io_vmstate::read(target, &mut buf, offset),
+        (true, _, _) => vmstate::read(target, &mut buf, offset),
         (false, Some(cor), Target::Qcow2(image)) => cor
             .read(image, &mut buf, offset)
             .map_err(|e| errno_text(&e)),
-        (false, None, Target::Qcow2(image)) => {
-            Guest::read_at(&crate::corruption_event::Reporting(image), &mut buf, offset)
-        }
+        (false, None, Target::Qcow2(image)) => Guest::read_at(
+            &crate::io::corruption_event::Reporting(image),
+            &mut buf,
+            offset,
+        ),
         _ => guest.read_at(&mut buf, offset),
     };
     if let Err(e) = result {
@@ -1121,12 +1129,12 @@ fn write(
         }
     }
     if vm_state {
-        if !io_vmstate::aligned(offset, len) {
+        if !vmstate::aligned(offset, len) {
             return false;
         }
         let buf = vec![pattern.unwrap_or(0xcd); len as usize];
         let started = Instant::now();
-        if let Err(e) = io_vmstate::write(target, &buf, offset) {
+        if let Err(e) = vmstate::write(target, &buf, offset) {
             outln!("{cmd} failed: {e}");
             return false;
         }
@@ -1178,7 +1186,7 @@ fn write(
     let was_corrupt = image.header().is_corrupt();
     let errno = |e: qcow2::Error| {
         if let qcow2::Error::Corrupt { .. } = &e {
-            crate::corruption_event::report(image, &e, was_corrupt, false);
+            crate::io::corruption_event::report(image, &e, was_corrupt, false);
         }
         errno_text(&e)
     };
@@ -1202,7 +1210,7 @@ fn write(
         if compressed {
             write_compressed(image, &buf, offset)
         } else if compress_filter {
-            crate::compress_filter::write(image, &buf, offset, |whole, at| {
+            crate::nodes::compress_filter::write(image, &buf, offset, |whole, at| {
                 write_compressed(image, whole, at)
             })
         } else {
@@ -1366,10 +1374,10 @@ fn info(target: &Target) -> bool {
             let header = image.header();
             let vm_state = header.l1_entries_for(header.size) << header.l1_shift();
             outln!("vm state offset: {}", cvtstr(vm_state as f64));
-            let bitmaps = crate::info::read_bitmaps(image).unwrap_or_default();
+            let bitmaps = crate::img::info::read_bitmaps(image).unwrap_or_default();
             out!(
                 "{}",
-                crate::info::format_specific(&image.info(), bitmaps.as_deref())
+                crate::img::info::format_specific(&image.info(), bitmaps.as_deref())
             );
         }
         Target::Raw(raw) if raw.driver == "raw" => {

@@ -5,7 +5,7 @@
 
 use qcow2::Image;
 
-use crate::io_open::{OpenSpec, Target};
+use crate::io::open::{OpenSpec, Target};
 
 /// The node under a `compress` filter when `spec` names one on top: the `file.*` options, with
 /// the filter's own read-only and sharing settings.
@@ -13,7 +13,7 @@ pub fn inner_spec(spec: &OpenSpec) -> Option<OpenSpec> {
     if spec.options.get("driver")? != "compress" {
         return None;
     }
-    let mut options: crate::io_open::Options = spec
+    let mut options: crate::io::open::Options = spec
         .options
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("file.")?.to_owned(), v.clone())))

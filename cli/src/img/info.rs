@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use qcow2::format::features::Autoclear;
 use qcow2::{Image, ImageInfo, OpenOptions};
 
-use crate::io_open::{parse_option_string, OpenSpec, Options};
+use crate::img::snapshot::snapshot_table;
+use crate::io::open::{parse_option_string, OpenSpec, Options};
 use crate::output::{size_to_str, Json, OutputFormat};
-use crate::snapshot::snapshot_table;
 use crate::source::{format_of, open_image, resolve_relative, CmdResult, Failure, Format};
 
 /// The deepest chain `--backing-chain` walks (QEMU's own limit is 16 for opens).
@@ -137,7 +137,7 @@ fn over_quorum(args: &Args) -> Result<Option<Facts>, String> {
     if args.image_opts {
         parse_option_string(&given, &mut options)?;
     } else if given.starts_with("json:") {
-        crate::io_open::parse_json_filename(&given, &mut options)?;
+        crate::io::open::parse_json_filename(&given, &mut options)?;
     }
     if options.get("file.driver").is_none_or(|d| d != "quorum") {
         return Ok(None);
@@ -152,7 +152,7 @@ fn over_quorum(args: &Args) -> Result<Option<Facts>, String> {
             "only qcow2 images over a quorum node are supported".into(),
         ));
     }
-    let store = crate::node_store::open(&options, "file.", "file", false).map_err(fail)?;
+    let store = crate::nodes::store::open(&options, "file.", "file", false).map_err(fail)?;
     let length = store.len().map_err(|e| fail(crate::source::io_text(&e)))?;
     let image = Image::from_storage(store, &given, &OpenOptions::metadata_only())
         .map_err(|e| fail(crate::source::open_error_text(&e)))?;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow2::Storage;
 
-use crate::io_open::Options;
+use crate::io::open::Options;
 
 /// The size of a null node whose options give none (QEMU's default).
 const DEFAULT_SIZE: u64 = 1 << 30;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use qcow2::OpenOptions;
 
-use crate::io_open::{data_file_override, parse_option_string, OpenSpec, Options};
+use crate::io::open::{data_file_override, parse_option_string, OpenSpec, Options};
 use crate::progress::Progress;
 use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use qcow2::storage::Event;
 use qcow2::Storage;
 
-use crate::io_open::Options;
+use crate::io::open::Options;
 
 /// QEMU's blkdebug event names, all accepted in rules.
 const EVENT_NAMES: [&str; 48] = [

@@ -3,7 +3,7 @@
 //! backing node alike); `-c` and the cache options are two ways to say one thing, so not both;
 //! the boolean node options take QEMU's boolean spellings only.
 
-use crate::io_open::{OpenSpec, Options, Target};
+use crate::io::open::{OpenSpec, Options, Target};
 
 /// The node options that take a boolean.
 const BOOLEANS: [&str; 4] = [

@@ -82,7 +82,7 @@ pub fn run(args: Args) -> CmdResult {
                 "Either --size N or one filename must be specified.".into(),
             ))
         }
-        (Some(s), None) => Some(crate::create::parse_image_size(s).map_err(fail)?),
+        (Some(s), None) => Some(crate::img::create::parse_image_size(s).map_err(fail)?),
         (None, Some(_)) => None,
     };
     // The source: its size, its extents (qcow2) and whether it can carry bitmaps.

@@ -45,9 +45,9 @@ pub fn run(mut args: Args) -> CmdResult {
         // Only options that name a host file and its format (filters that change nothing the
         // map shows, like a blkdebug node without rules, fall away) are mapped.
         let given = args.file.to_string_lossy().into_owned();
-        let mut options = crate::io_open::Options::new();
-        crate::io_open::parse_option_string(&given, &mut options).map_err(fail)?;
-        let spec = crate::io_open::OpenSpec {
+        let mut options = crate::io::open::Options::new();
+        crate::io::open::parse_option_string(&given, &mut options).map_err(fail)?;
+        let spec = crate::io::open::OpenSpec {
             options,
             ..Default::default()
         };

@@ -5,10 +5,10 @@
 
 use qcow2::{FileStorage, Storage};
 
-use crate::blkdebug::{rules_from_options, Blkdebug};
-use crate::io_open::Options;
-use crate::null_node::{self, NullNode};
-use crate::raw_node::{RawNode, Window};
+use crate::io::open::Options;
+use crate::nodes::blkdebug::{rules_from_options, Blkdebug};
+use crate::nodes::null::{self, NullNode};
+use crate::nodes::raw::{RawNode, Window};
 use crate::source::io_text;
 
 /// The store of the node whose options start with `prefix` (`"data-file."`); `child` is the
@@ -31,9 +31,7 @@ pub fn open(
         };
     }
     match o.get(&key("driver")).map(String::as_str) {
-        Some(d) if null_node::DRIVERS.contains(&d) => {
-            Ok(Box::new(NullNode::from_options(o, prefix)?))
-        }
+        Some(d) if null::DRIVERS.contains(&d) => Ok(Box::new(NullNode::from_options(o, prefix)?)),
         None | Some("file" | "host_device" | "host_cdrom") => {
             let name = o
                 .get(&key("filename"))
@@ -96,7 +94,7 @@ fn open_quorum(o: &Options, prefix: &str, writable: bool) -> Result<Box<dyn Stor
             };
             let one = format!("json:{child}");
             let mut child_options = Options::new();
-            crate::io_open::parse_json_filename(&one, &mut child_options)?;
+            crate::io::open::parse_json_filename(&one, &mut child_options)?;
             for (k, v) in child_options {
                 children.insert(format!("{i}.{k}"), v);
             }
@@ -129,7 +127,7 @@ fn open_quorum(o: &Options, prefix: &str, writable: bool) -> Result<Box<dyn Stor
             .map_err(|_| "Parameter 'vote-threshold' expects a number".to_owned())?,
         None => 0,
     };
-    Ok(Box::new(crate::quorum_node::QuorumNode::new(
+    Ok(Box::new(crate::nodes::quorum::QuorumNode::new(
         stores, threshold,
     )?))
 }

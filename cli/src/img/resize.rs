@@ -112,7 +112,7 @@ pub fn run(args: Args) -> CmdResult {
             };
             let storage = crate::target::lock_for_write(file, &args.file)
                 .map_err(|m| fail(format!("{name}: {m}")))?;
-            crate::create::grow_raw(&storage, current, total, mode).map_err(fail)?;
+            crate::img::create::grow_raw(&storage, current, total, mode).map_err(fail)?;
             resized()
         }
         Format::Qcow2 => {

@@ -47,7 +47,7 @@ impl Breaks {
                     outln!("Could not set breakpoint: Operation not supported");
                     return Outcome::Done(false);
                 }
-                if !crate::blkdebug::is_event(event) {
+                if !crate::nodes::blkdebug::is_event(event) {
                     outln!("Could not set breakpoint: No such file or directory");
                     return Outcome::Done(false);
                 }

@@ -7,7 +7,7 @@ use std::io;
 use qcow2::storage::{Event, StorageExt};
 use qcow2::{FileStorage, Storage};
 
-use crate::io_open::Options;
+use crate::io::open::Options;
 use crate::source::{io_text, Guest, Region};
 
 /// A raw guest disk over a store.

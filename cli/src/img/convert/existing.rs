@@ -10,8 +10,8 @@ use std::path::Path;
 use qcow2::storage::{FileIdentity, Storage};
 use qcow2::OpenOptions;
 
-use crate::convert::{copy_into_qcow2, copy_into_raw, CopyOpts, Qcow2Target, Zeros};
-use crate::convert_copy::RawTarget;
+use crate::img::convert::copy::RawTarget;
+use crate::img::convert::{copy_into_qcow2, copy_into_raw, CopyOpts, Qcow2Target, Zeros};
 use crate::source::{open_image, CmdResult, Failure, Guest};
 
 /// Copies `guest` into the existing `dst` of `format`.

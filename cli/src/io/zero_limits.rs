@@ -3,7 +3,7 @@
 //! so those pieces fall back to writing zeros as data. qemu-io's `write -z` through such a node
 //! leaves data clusters at the unaligned head and tail, which iotest 204's map shows.
 
-use crate::io_open::Options;
+use crate::io::open::Options;
 
 /// How a zero write through the node reaches the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,13 @@
+//! Block nodes the commands open besides qcow2 and raw files, named by QEMU's driver names in
+//! options and `json:` names: blkdebug, null, quorum, raw windows, a qcow2 image as a file, the
+//! copy-on-read and compress filters, and the qcow2 runtime options QEMU checks at open.
+
+pub mod blkdebug;
+pub mod compress_filter;
+pub mod copy_on_read;
+pub mod nested;
+pub mod null;
+pub mod qcow2_options;
+pub mod quorum;
+pub mod raw;
+pub mod store;
