@@ -29,6 +29,7 @@ mod output;
 mod progress;
 mod rebase;
 mod resize;
+mod secrets;
 mod serve;
 mod size;
 mod snapshot;
@@ -131,6 +132,11 @@ fn main() {
     } else {
         1
     };
+    let subcommand = subcommand.map(|s| s.to_string_lossy().into_owned());
+    if let Err(message) = secrets::preprocess(&mut argv, subcommand.as_deref()) {
+        report!("{message}");
+        std::process::exit(error_code);
+    }
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) => {

@@ -94,6 +94,10 @@ pub fn set_force_share(on: bool) {
 /// chain opened from `path`.
 pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     let mut options = options.clone();
+    if options.keys.is_empty() && !options.without_key {
+        // Keys an `--image-opts` string named for this file.
+        options.keys = crate::secrets::keys_for_path(path);
+    }
     if !options.writable && FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
         options.force_share = true;
     }

@@ -21,6 +21,7 @@
 mod bitmap;
 mod chain;
 mod data;
+mod encryption;
 mod maintenance;
 mod meta;
 pub(crate) mod snapshots;
@@ -41,6 +42,7 @@ pub use check::CheckReport;
 pub use commit::CommitOptions;
 pub use create::{CreateOptions, Preallocation};
 pub use data::compress::CompressedClusters;
+pub use encryption::NewEncryption;
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
 pub use maintenance::amend::AmendOptions;
@@ -94,6 +96,13 @@ pub struct OpenOptions {
     /// The backing file's format ("qcow2" or "raw"), overriding the one the header records
     /// (QEMU's `backing.driver` option). Applies to the image's own backing file only.
     pub backing_format: Option<String>,
+    /// Passwords of encrypted images, by depth in the chain: the first for the image itself
+    /// (QEMU's `encrypt.key-secret`), the next for its backing file
+    /// (`backing.encrypt.key-secret`), and so on.
+    pub keys: Vec<Option<crate::crypto::Secret>>,
+    /// Open an encrypted image without its password, for its metadata only (as `qemu-img info`
+    /// does); reading or writing guest data then fails.
+    pub without_key: bool,
 }
 
 impl Default for OpenOptions {
@@ -108,6 +117,8 @@ impl Default for OpenOptions {
             skip_syncs: false,
             lazy_refcounts: None,
             backing_format: None,
+            keys: Vec::new(),
+            without_key: false,
         }
     }
 }
@@ -122,6 +133,8 @@ setters!(OpenOptions {
     skip_syncs: bool,
     lazy_refcounts: Option<bool>,
     backing_format: Option<String>,
+    keys: Vec<Option<crate::crypto::Secret>>,
+    without_key: bool,
 });
 
 impl OpenOptions {
@@ -241,6 +254,8 @@ pub struct Image {
     gate: quiesce::WriteGate,
     /// What repairing the image at open printed, as qemu-img prints it (a dirty image).
     open_repair_messages: Vec<String>,
+    /// The payload cipher and LUKS header of an encrypted image.
+    encryption: Option<encryption::Encryption>,
 }
 
 impl std::fmt::Debug for Image {
@@ -488,6 +503,25 @@ impl Image {
             .data_file
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned());
+        if let Some(c) = meta.header.extensions.crypto {
+            within_file("crypto header extension", meta.header.header_length as u64, c.offset, c.length)?;
+            meta.add_area(&name, c.offset, c.length, "the encryption header")?;
+        }
+        if meta.header.crypt_method != 0 && meta.header.has_external_data_file() {
+            return Err(Error::Unsupported {
+                image: name,
+                structure: "header field crypt_method".into(),
+                offset: 32,
+                what: "encryption with an external data file".into(),
+            });
+        }
+        let encryption = encryption::Encryption::open(
+            &*storage,
+            &name,
+            &meta.header,
+            options.keys.first().and_then(Option::as_ref),
+            options.without_key,
+        )?;
         Ok(Image {
             name,
             path,
@@ -504,6 +538,7 @@ impl Image {
             last_compressed: Mutex::new(None),
             gate: quiesce::WriteGate::default(),
             open_repair_messages: Vec::new(),
+            encryption,
         })
     }
 
