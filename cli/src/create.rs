@@ -66,6 +66,17 @@ pub fn run(args: Args) -> CmdResult {
         }
     };
     let format = match args.format.as_str() {
+        "luks" => {
+            let size = match &args.size {
+                Some(text) => parse_image_size(text).map_err(|m| Failure::new(1, m))?,
+                None => return Err(named("Image creation needs a size parameter".into())),
+            };
+            if !args.quiet {
+                outln!("Formatting '{file}', fmt=luks size={size}");
+            }
+            crate::luks_file::create(&host, size, &args.options).map_err(named)?;
+            return Ok(0);
+        }
         "qcow2" => Format::Qcow2,
         "raw" => Format::Raw,
         other => return Err(named(format!("Unknown file format '{other}'"))),

@@ -21,6 +21,7 @@ mod dd;
 mod info;
 mod io;
 mod io_open;
+mod luks_file;
 mod map;
 mod measure;
 mod nested;
