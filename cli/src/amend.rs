@@ -23,6 +23,10 @@ pub struct Args {
     /// Quiet: no progress.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Allow changes that qemu-img refuses without it (overwriting or erasing the last LUKS
+    /// key slot).
+    #[arg(long = "force")]
+    force: bool,
     file: PathBuf,
 }
 
@@ -45,6 +49,9 @@ pub fn run(args: Args) -> CmdResult {
         qcow2::Error::InvalidArgument { reason, .. } => fail(reason),
         e => fail(e.to_string()),
     };
+    if let Some(change) = &opts.keyslots {
+        image.change_keyslots(change, args.force).map_err(message)?;
+    }
     let mut progress = Progress::new(args.progress && !args.quiet);
     image
         .amend(&opts.options, &mut |done| {

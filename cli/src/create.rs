@@ -192,7 +192,7 @@ fn open_backing(path: &Path, format: Option<&str>) -> Result<(&'static str, u64)
             if n < 4 || magic != *b"QFI\xfb" {
                 return Err("Image is not in qcow2 format".into());
             }
-            let image = Image::open(path, &OpenOptions::metadata_only())
+            let image = Image::open(path, &OpenOptions::metadata_only().without_key(true))
                 .map_err(|e| format!("Could not open '{shown}': {e}"))?;
             Ok(("qcow2", image.size()))
         }

@@ -143,7 +143,7 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     let name = if plain {
         file.clone()
     } else {
-        given.into_owned()
+        json_name(&spec.options)
     };
     Ok((
         PathBuf::from(file),
@@ -528,4 +528,33 @@ fn encrypt_json(info: &ImageInfo) -> Option<Json> {
         o.push("master-key-iters", u64::from(luks.master_key_iterations));
     }
     Some(o)
+}
+
+/// QEMU's `json:{...}` name for an image opened from options: nested objects for dotted keys
+/// (`file.filename` becomes `"file": {"filename": ...}`), the file's driver made explicit.
+fn json_name(options: &crate::io_open::Options) -> String {
+    fn insert(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, value: &str) {
+        match key.split_once('.') {
+            Some((head, rest)) => {
+                let child = obj
+                    .entry(head.to_owned())
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let serde_json::Value::Object(map) = child {
+                    insert(map, rest, value);
+                }
+            }
+            None => {
+                obj.insert(key.to_owned(), serde_json::Value::String(value.to_owned()));
+            }
+        }
+    }
+    let mut obj = serde_json::Map::new();
+    for (k, v) in options {
+        insert(&mut obj, k, v);
+    }
+    if let Some(serde_json::Value::Object(file)) = obj.get_mut("file") {
+        file.entry("driver")
+            .or_insert_with(|| serde_json::Value::String("file".into()));
+    }
+    format!("json:{}", serde_json::Value::Object(obj))
 }

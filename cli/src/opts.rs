@@ -622,6 +622,8 @@ impl Qcow2Opts {
 pub struct AmendOpts {
     pub options: qcow2::AmendOptions,
     pub size: Option<u64>,
+    /// A LUKS key slot change (`encrypt.state` and its companions).
+    pub keyslots: Option<qcow2::crypto::luks::KeyslotChange>,
 }
 
 /// Parses `amend -o` lists: only the options qcow2 can change in place.
@@ -667,6 +669,33 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                 return Err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool amend"
                 ))
+            }
+            "encrypt.state" => {
+                out.keyslots.get_or_insert_with(Default::default).activate = match value.as_str() {
+                    "active" => true,
+                    "inactive" => false,
+                    other => {
+                        return Err(format!(
+                            "Parameter 'encrypt.state' does not accept value '{other}'"
+                        ))
+                    }
+                }
+            }
+            "encrypt.keyslot" => {
+                let n = parse_number_opt("encrypt.keyslot", &value)?;
+                out.keyslots.get_or_insert_with(Default::default).keyslot = Some(n as i64);
+            }
+            "encrypt.new-secret" => {
+                out.keyslots.get_or_insert_with(Default::default).new_secret =
+                    Some(crate::secrets::lookup(&value)?)
+            }
+            "encrypt.old-secret" => {
+                out.keyslots.get_or_insert_with(Default::default).old_secret =
+                    Some(crate::secrets::lookup(&value)?)
+            }
+            "encrypt.iter-time" => {
+                out.keyslots.get_or_insert_with(Default::default).iter_time_ms =
+                    Some(parse_number_opt("encrypt.iter-time", &value)?)
             }
             _ => return Err(format!("Invalid parameter '{key}'")),
         }
