@@ -24,6 +24,23 @@ fn file_keys() -> &'static Mutex<HashMap<PathBuf, Vec<Option<String>>>> {
     KEYS.get_or_init(Default::default)
 }
 
+/// The option strings that named files, by file: QEMU names the image by the string.
+fn given_names() -> &'static Mutex<HashMap<PathBuf, String>> {
+    static NAMES: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
+    NAMES.get_or_init(Default::default)
+}
+
+/// How QEMU names the image at `path` in messages: the `--image-opts` string that named it, or
+/// the path.
+pub fn shown_name(path: &Path) -> String {
+    given_names()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(path)
+        .cloned()
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 /// Registers one `--object` value; objects other than secrets are accepted and ignored.
 fn add_object(text: &str) -> Result<(), String> {
     let mut parts = text.split(',');
@@ -183,6 +200,10 @@ pub fn preprocess(argv: &mut Vec<std::ffi::OsString>, subcommand: Option<&str>) 
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(PathBuf::from(&file), key_ids(&options));
+            given_names()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(PathBuf::from(&file), text);
             out[i] = file.into();
         }
     }

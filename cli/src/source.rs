@@ -156,7 +156,7 @@ pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
     let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
         format!(
             "Could not open '{}': {}",
-            path.display(),
+            crate::secrets::shown_name(path),
             open_error_text(&e)
         )
     })?;
@@ -245,6 +245,8 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         _ => return e.to_string(),
     };
     let qemu = match structure {
+        // The encryption checks are worded as QEMU words them already.
+        "header field crypt_method" | "full disk encryption extension" => return reason.to_owned(),
         "header field incompatible_features" => {
             return format!("Unsupported qcow2 feature(s): {reason}")
         }
