@@ -422,21 +422,33 @@ pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
 }
 
 /// The `encrypt` fields of qemu-img info, in its order: (name, value) pairs and the key slots.
-fn encrypt_fields(info: &ImageInfo) -> Option<(Vec<(&'static str, EncValue)>, Vec<SlotFields>)> {
+fn encrypt_fields(info: &ImageInfo) -> Option<(Vec<EncField>, Vec<SlotFields>)> {
     let format = info.encryption_format?;
     let Some(luks) = &info.luks else {
-        return Some((vec![("format", EncValue::Str(format.to_owned()))], Vec::new()));
+        return Some((
+            vec![("format", EncValue::Str(format.to_owned()))],
+            Vec::new(),
+        ));
     };
     let mut f = vec![("ivgen alg", EncValue::Str(luks.ivgen_alg.name().to_owned()))];
-    if let Some(h) = luks.ivgen_hash.filter(|_| luks.ivgen_alg == qcow2::crypto::IvGenAlg::Essiv) {
+    if let Some(h) = luks
+        .ivgen_hash
+        .filter(|_| luks.ivgen_alg == qcow2::crypto::IvGenAlg::Essiv)
+    {
         f.push(("ivgen hash alg", EncValue::Str(h.name().to_owned())));
     }
     f.push(("detached header", EncValue::Bool(false)));
     f.push(("hash alg", EncValue::Str(luks.hash_alg.name().to_owned())));
-    f.push(("cipher alg", EncValue::Str(luks.cipher_alg.name().to_owned())));
+    f.push((
+        "cipher alg",
+        EncValue::Str(luks.cipher_alg.name().to_owned()),
+    ));
     f.push(("uuid", EncValue::Str(luks.uuid.clone())));
     f.push(("format", EncValue::Str(format.to_owned())));
-    f.push(("cipher mode", EncValue::Str(luks.cipher_mode.name().to_owned())));
+    f.push((
+        "cipher mode",
+        EncValue::Str(luks.cipher_mode.name().to_owned()),
+    ));
     let slots = luks
         .slots
         .iter()
@@ -449,6 +461,9 @@ fn encrypt_fields(info: &ImageInfo) -> Option<(Vec<(&'static str, EncValue)>, Ve
         .collect();
     Some((f, slots))
 }
+
+/// One `encrypt` field: its human name and value.
+type EncField = (&'static str, EncValue);
 
 enum EncValue {
     Str(String),
@@ -478,7 +493,10 @@ fn encrypt_human(info: &ImageInfo) -> String {
     if let Some(luks) = &info.luks {
         s += "        slots:\n";
         for (i, slot) in slots.iter().enumerate() {
-            s += &format!("            [{i}]:\n                active: {}\n", slot.active);
+            s += &format!(
+                "            [{i}]:\n                active: {}\n",
+                slot.active
+            );
             if slot.active {
                 s += &format!("                iters: {}\n", slot.iters);
             }

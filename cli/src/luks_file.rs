@@ -54,9 +54,8 @@ pub fn create(path: &str, size: u64, lists: &[String]) -> Result<(), String> {
         return Err("LUKS options expected".into());
     };
     let (mut luks, master) = Luks::create(&params).map_err(|e| e.to_string())?;
-    let file = File::create_new(path).map_err(|e| {
-        format!("Could not create '{path}': {}", crate::source::io_text(&e))
-    })?;
+    let file = File::create_new(path)
+        .map_err(|e| format!("Could not create '{path}': {}", crate::source::io_text(&e)))?;
     let payload = luks.area_len();
     let result = file
         .set_len(payload + size.next_multiple_of(512))

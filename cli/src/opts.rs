@@ -563,7 +563,9 @@ impl Qcow2Opts {
         let legacy = self.encryption.as_ref().is_some_and(|e| e.value);
         let format = match (self.encrypt_opt("format"), legacy) {
             (Some(f), true) if f != "aes" => {
-                return Err("Options \"encrypt.format\" and \"encryption\" are mutually exclusive".into())
+                return Err(
+                    "Options \"encrypt.format\" and \"encryption\" are mutually exclusive".into(),
+                )
             }
             (Some(f), _) => f,
             (None, true) => "aes",
@@ -586,7 +588,8 @@ impl Qcow2Opts {
                     format!("Parameter 'encrypt.{name}' does not accept value '{v}'")
                 };
                 if let Some(v) = self.encrypt_opt("cipher-alg") {
-                    params.cipher_alg = CipherAlg::from_name(v).ok_or_else(|| bad("cipher-alg", v))?;
+                    params.cipher_alg =
+                        CipherAlg::from_name(v).ok_or_else(|| bad("cipher-alg", v))?;
                 }
                 if let Some(v) = self.encrypt_opt("cipher-mode") {
                     params.cipher_mode =
@@ -694,8 +697,9 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                     Some(crate::secrets::lookup(&value)?)
             }
             "encrypt.iter-time" => {
-                out.keyslots.get_or_insert_with(Default::default).iter_time_ms =
-                    Some(parse_number_opt("encrypt.iter-time", &value)?)
+                out.keyslots
+                    .get_or_insert_with(Default::default)
+                    .iter_time_ms = Some(parse_number_opt("encrypt.iter-time", &value)?)
             }
             _ => return Err(format!("Invalid parameter '{key}'")),
         }

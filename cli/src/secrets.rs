@@ -54,10 +54,7 @@ fn add_object(text: &str) -> Result<(), String> {
         let (k, v) = p.split_once('=').unwrap_or((p, "on"));
         fields.insert(k.to_owned(), v.to_owned());
     }
-    let id = fields
-        .get("id")
-        .ok_or("Parameter 'id' is missing")?
-        .clone();
+    let id = fields.get("id").ok_or("Parameter 'id' is missing")?.clone();
     let raw = match (fields.get("data"), fields.get("file")) {
         (Some(d), None) => d.clone().into_bytes(),
         (None, Some(f)) => std::fs::read(f)
@@ -80,7 +77,10 @@ fn add_object(text: &str) -> Result<(), String> {
 fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let (mut acc, mut bits) = (0u32, 0);
-    for &c in text.iter().filter(|c| !c.is_ascii_whitespace() && **c != b'=') {
+    for &c in text
+        .iter()
+        .filter(|c| !c.is_ascii_whitespace() && **c != b'=')
+    {
         let v = match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
@@ -153,7 +153,10 @@ const VALUE_FLAGS: &[&str] = &[
 
 /// Takes `--object` values off `argv` (registering the secrets) and, for `subcommand`s that
 /// have no `--image-opts` of their own, replaces each image option string by the file it names.
-pub fn preprocess(argv: &mut Vec<std::ffi::OsString>, subcommand: Option<&str>) -> Result<(), String> {
+pub fn preprocess(
+    argv: &mut Vec<std::ffi::OsString>,
+    subcommand: Option<&str>,
+) -> Result<(), String> {
     let mut out = Vec::with_capacity(argv.len());
     let mut iter = std::mem::take(argv).into_iter();
     if let Some(first) = iter.next() {

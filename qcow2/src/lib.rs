@@ -94,8 +94,7 @@ pub use format::SnapshotTime;
 pub use image::{
     AmendOptions, BackingPolicy, CheckReport, CommitOptions, CompressedClusters, CreateOptions,
     Extent, ExtentKind, Image, ImageInfo, NewBacking, NewEncryption, OpenOptions, Preallocation,
-    RebaseOptions,
-    Repair, SnapshotInfo, SnapshotView,
+    RebaseOptions, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
 

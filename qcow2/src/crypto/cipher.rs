@@ -153,21 +153,21 @@ impl Aes {
 }
 
 enum Xts {
-    A128(Xts128<Aes128>),
-    A192(Xts128<Aes192>),
-    A256(Xts128<Aes256>),
+    A128(Box<Xts128<Aes128>>),
+    A192(Box<Xts128<Aes192>>),
+    A256(Box<Xts128<Aes256>>),
 }
 
 enum Mode {
     Ecb(Aes),
     Cbc(Aes),
-    Xts(Box<Xts>),
+    Xts(Xts),
 }
 
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(Aes),
+    Essiv(Box<Aes>),
 }
 
 impl IvGen {
@@ -222,11 +222,17 @@ impl SectorCipher {
                     Some((C::new_from_slice(k1).ok()?, C::new_from_slice(k2).ok()?))
                 }
                 let xts = match alg {
-                    CipherAlg::Aes128 => pair(k1, k2).map(|(a, b)| Xts::A128(Xts128::new(a, b))),
-                    CipherAlg::Aes192 => pair(k1, k2).map(|(a, b)| Xts::A192(Xts128::new(a, b))),
-                    CipherAlg::Aes256 => pair(k1, k2).map(|(a, b)| Xts::A256(Xts128::new(a, b))),
+                    CipherAlg::Aes128 => {
+                        pair(k1, k2).map(|(a, b)| Xts::A128(Box::new(Xts128::new(a, b))))
+                    }
+                    CipherAlg::Aes192 => {
+                        pair(k1, k2).map(|(a, b)| Xts::A192(Box::new(Xts128::new(a, b))))
+                    }
+                    CipherAlg::Aes256 => {
+                        pair(k1, k2).map(|(a, b)| Xts::A256(Box::new(Xts128::new(a, b))))
+                    }
                 };
-                Mode::Xts(Box::new(xts.ok_or_else(bad_key)?))
+                Mode::Xts(xts.ok_or_else(bad_key)?)
             }
         };
         let ivgen = match ivgen {
@@ -239,7 +245,7 @@ impl SectorCipher {
                 let essiv_alg = essiv_cipher(alg, hash)?;
                 let salt = hash.digest(&[key]);
                 let n = essiv_alg.key_len().min(salt.len());
-                IvGen::Essiv(Aes::new(&salt[..n]).ok_or_else(bad_key)?)
+                IvGen::Essiv(Box::new(Aes::new(&salt[..n]).ok_or_else(bad_key)?))
             }
         };
         Ok(SectorCipher { mode, ivgen })
@@ -271,7 +277,7 @@ impl SectorCipher {
                         prev.copy_from_slice(b);
                     }
                 }
-                Mode::Xts(xts) => match &**xts {
+                Mode::Xts(xts) => match xts {
                     Xts::A128(x) => x.encrypt_sector(sector, iv),
                     Xts::A192(x) => x.encrypt_sector(sector, iv),
                     Xts::A256(x) => x.encrypt_sector(sector, iv),
@@ -296,7 +302,7 @@ impl SectorCipher {
                         prev = this;
                     }
                 }
-                Mode::Xts(xts) => match &**xts {
+                Mode::Xts(xts) => match xts {
                     Xts::A128(x) => x.decrypt_sector(sector, iv),
                     Xts::A192(x) => x.decrypt_sector(sector, iv),
                     Xts::A256(x) => x.decrypt_sector(sector, iv),
@@ -335,13 +341,14 @@ mod tests {
             let n = alg.key_len() * if mode == CipherMode::Xts { 2 } else { 1 };
             let key: Vec<u8> = (0..n as u8).collect();
             let c = SectorCipher::new(alg, mode, ivgen, Some(HashAlg::Sha256), &key).unwrap();
-            let plain: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+            let plain: Vec<u8> = (0..1024).map(|i| (i % 512 % 251) as u8).collect();
             let mut buf = plain.clone();
             c.encrypt(7, &mut buf);
             assert_ne!(buf, plain);
             let mut other = plain.clone();
             c.encrypt(8, &mut other);
-            assert_eq!(mode == CipherMode::Ecb, other[..512] == buf[512..]);
+            assert_eq!(mode == CipherMode::Ecb, other[..512] == buf[..512]);
+            assert_eq!(other[..512], buf[512..]);
             c.decrypt(7, &mut buf);
             assert_eq!(buf, plain);
         }

@@ -656,7 +656,9 @@ mod tests {
         let mut b = minimal_v3();
         b[32..36].copy_from_slice(&2u32.to_be_bytes());
         let e = Header::decode(&b).unwrap_err();
-        assert!(e.to_string().contains("Missing CRYPTO header for crypt method 2"));
+        assert!(e
+            .to_string()
+            .contains("Missing CRYPTO header for crypt method 2"));
         b[32..36].copy_from_slice(&3u32.to_be_bytes());
         let e = Header::decode(&b).unwrap_err();
         assert!(matches!(

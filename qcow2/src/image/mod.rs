@@ -504,7 +504,12 @@ impl Image {
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned());
         if let Some(c) = meta.header.extensions.crypto {
-            within_file("crypto header extension", meta.header.header_length as u64, c.offset, c.length)?;
+            within_file(
+                "crypto header extension",
+                meta.header.header_length as u64,
+                c.offset,
+                c.length,
+            )?;
             meta.add_area(&name, c.offset, c.length, "the encryption header")?;
         }
         if meta.header.crypt_method != 0 && meta.header.has_external_data_file() {

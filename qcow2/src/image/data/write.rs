@@ -4,6 +4,7 @@
 //! tables go to fresh clusters and are published by an L1 entry write when the L2 tables are
 //! written back (see `writeback`).
 
+use crate::crypto::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
@@ -11,9 +12,8 @@ use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::CompressedDescriptor;
-use crate::image::layer::Layer;
-use crate::crypto::SECTOR_SIZE;
 use crate::image::encryption::sector_span;
+use crate::image::layer::Layer;
 use crate::image::{Image, Meta};
 
 /// Subcluster bitmap with every subcluster reading as zeros.
@@ -42,7 +42,9 @@ impl Image {
     /// Writes guest bytes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
-        if self.encryption.is_some() && (offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0) {
+        if self.encryption.is_some()
+            && (offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0)
+        {
             return self.write_widened(buf, offset);
         }
         let _pass = self.write_pass()?;
@@ -71,7 +73,9 @@ impl Image {
         if end > size {
             return Err(Error::InvalidArgument {
                 image: self.name.clone(),
-                reason: format!("the size of an encrypted image ({size}) must be a multiple of 512"),
+                reason: format!(
+                    "the size of an encrypted image ({size}) must be a multiple of 512"
+                ),
             });
         }
         let mut sectors = vec![0u8; (end - start) as usize];
@@ -793,8 +797,16 @@ impl Image {
             // below get zero flags or encrypted zeros.
             self.check_bounds(offset, len, self.size())?;
             let (start, end) = sector_span(offset, len);
-            let inner_start = if offset == start { start } else { start + SECTOR_SIZE };
-            let inner_end = if offset + len == end { end } else { end - SECTOR_SIZE };
+            let inner_start = if offset == start {
+                start
+            } else {
+                start + SECTOR_SIZE
+            };
+            let inner_end = if offset + len == end {
+                end
+            } else {
+                end - SECTOR_SIZE
+            };
             if inner_start >= inner_end {
                 return self.write_at(&vec![0u8; len as usize], offset);
             }

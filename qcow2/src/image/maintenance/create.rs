@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
+use crate::crypto::luks::Luks;
+use crate::crypto::Secret;
 use crate::error::{Error, Result};
 use crate::format::extension::Extensions;
 use crate::format::features::{Compatible, Incompatible};
 use crate::format::header::CompressionType;
 use crate::format::limits::*;
 use crate::format::{refcount, Header};
-use crate::crypto::luks::Luks;
-use crate::crypto::Secret;
 use crate::image::{Image, NewEncryption, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 
@@ -347,7 +347,10 @@ impl NewLuks {
 
     /// Fills key slot 0 and writes the header into the zeroed area the layout reserved.
     fn write(self, storage: &dyn Storage, header: &Header, name: &str) -> Result<()> {
-        let ext = header.extensions.crypto.expect("the layout reserves the LUKS area");
+        let ext = header
+            .extensions
+            .crypto
+            .expect("the layout reserves the LUKS area");
         let mut luks = self.luks;
         let area = crate::image::encryption::Area { storage, ext };
         luks.store_key(&area, 0, &self.password, &self.master, self.iter_time_ms)
