@@ -178,7 +178,7 @@ pub fn preprocess(
     }
     let native = matches!(subcommand, Some("io" | "info" | "create") | None);
     if !native && out.iter().any(|a| a == "--image-opts") {
-        out.retain(|a| a != "--image-opts");
+        let mut rewritten = false;
         for i in 1..out.len() {
             let prev = out[i - 1].to_string_lossy().into_owned();
             if VALUE_FLAGS.contains(&prev.as_str()) {
@@ -208,6 +208,11 @@ pub fn preprocess(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(PathBuf::from(&file), text);
             out[i] = file.into();
+            rewritten = true;
+        }
+        // Without an option string the flag stays, for the command to refuse as it does.
+        if rewritten {
+            out.retain(|a| a != "--image-opts");
         }
     }
     *argv = out;

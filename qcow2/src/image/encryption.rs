@@ -21,6 +21,9 @@ pub(crate) struct Encryption {
     luks: Option<Mutex<Luks>>,
     area: Option<CryptoHeaderExtension>,
     opened_with: Option<Secret>,
+    /// Taken by each guest write: a widened write's read-merge-write of a sector must not
+    /// interleave with another write.
+    writes: Mutex<()>,
 }
 
 /// The LUKS area of an image file: every access stays inside the extension's range.
@@ -115,6 +118,7 @@ impl Encryption {
                 luks: None,
                 area: None,
                 opened_with: key.cloned(),
+                writes: Mutex::new(()),
             }));
         }
         let ext = header.extensions.crypto.ok_or_else(|| {
@@ -137,7 +141,13 @@ impl Encryption {
             luks: Some(Mutex::new(luks)),
             area: Some(ext),
             opened_with: key.cloned(),
+            writes: Mutex::new(()),
         }))
+    }
+
+    /// Serializes guest writes while the guard lives.
+    pub(crate) fn serialize_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the LUKS header, for LUKS images.

@@ -42,11 +42,20 @@ impl Image {
     /// Writes guest bytes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
-        if self.encryption.is_some()
-            && (offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0)
-        {
-            return self.write_widened(buf, offset);
+        if let Some(enc) = &self.encryption {
+            // One write at a time: a sector read, merged and written back must not overwrite
+            // a concurrent write to the same sector.
+            let _serial = enc.serialize_writes();
+            if offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0 {
+                return self.write_widened(buf, offset);
+            }
+            return self.write_sectors(buf, offset);
         }
+        self.write_sectors(buf, offset)
+    }
+
+    /// A guest write of whole sectors when the image is encrypted (any write otherwise).
+    fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _pass = self.write_pass()?;
         if self.write_in_place_shared(buf, offset) {
             return Ok(());
@@ -88,7 +97,7 @@ impl Image {
             self.read_at(&mut sectors[at..], last_start)?;
         }
         sectors[head..head + buf.len()].copy_from_slice(buf);
-        self.write_at(&sectors, start)
+        self.write_sectors(&sectors, start)
     }
 
     /// The clusters of one `write_at`, under the writer's lock.
@@ -792,7 +801,18 @@ impl Image {
     /// host clusters with `unmap`), real zeros on v2 and for partial clusters.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.require_writable()?;
-        if self.encryption.is_some() && (offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0) {
+        match &self.encryption {
+            Some(enc) => {
+                let _serial = enc.serialize_writes();
+                self.write_zeroes_in_sectors(offset, len, unmap)
+            }
+            None => self.write_zeroes_inner(offset, len, unmap),
+        }
+    }
+
+    /// Zeroes on an encrypted image, under its write serialization.
+    fn write_zeroes_in_sectors(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             // Parts of sectors become zeros through the widened write path; whole sectors
             // below get zero flags or encrypted zeros.
             self.check_bounds(offset, len, self.size())?;
@@ -808,16 +828,21 @@ impl Image {
                 end - SECTOR_SIZE
             };
             if inner_start >= inner_end {
-                return self.write_at(&vec![0u8; len as usize], offset);
+                return self.write_widened(&vec![0u8; len as usize], offset);
             }
             if offset < inner_start {
-                self.write_at(&vec![0u8; (inner_start - offset) as usize], offset)?;
+                self.write_widened(&vec![0u8; (inner_start - offset) as usize], offset)?;
             }
             if inner_end < offset + len {
-                self.write_at(&vec![0u8; (offset + len - inner_end) as usize], inner_end)?;
+                self.write_widened(&vec![0u8; (offset + len - inner_end) as usize], inner_end)?;
             }
-            return self.write_zeroes(inner_start, inner_end - inner_start, unmap);
+            return self.write_zeroes_inner(inner_start, inner_end - inner_start, unmap);
         }
+        self.write_zeroes_inner(offset, len, unmap)
+    }
+
+    /// Zeroes whole sectors of an encrypted image, or any range of a clear one.
+    fn write_zeroes_inner(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
