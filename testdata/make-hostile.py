@@ -217,10 +217,12 @@ def build(tmp):
 
     header_case("snapshots-offset-beyond-eof.qcow2", snapshots_past_eof,
                 "Corrupt", "snapshots_offset", F_SNAPSHOTS_OFFSET, "one snapshot at 0x100000, past the end of the file")
+    # A legacy AES image has no header of its own to check: what is refused is the L1 table
+    # the cut leaves past the end of the file.
     header_case("crypt-method-1.qcow2", lambda b: p32(b, F_CRYPT, 1),
-                "Unsupported", "crypt_method", F_CRYPT, "crypt_method 1 (legacy AES): encryption is not supported", cut=True)
+                "Corrupt", "l1_table_offset", F_L1_OFFSET, "crypt_method 1 (legacy AES), its L1 table cut off", cut=True)
     header_case("crypt-method-2.qcow2", lambda b: p32(b, F_CRYPT, 2),
-                "Unsupported", "crypt_method", F_CRYPT, "crypt_method 2 (LUKS): encryption is not supported", cut=True)
+                "Corrupt", "crypt_method", F_CRYPT, "crypt_method 2 (LUKS) without its LUKS header extension", cut=True)
     header_case("incompat-bit-5.qcow2", lambda b: p64(b, F_INCOMPAT, 1 << 5),
                 "Unsupported", "incompatible_features", F_INCOMPAT, "unknown incompatible feature bit 5", cut=True)
 
@@ -254,8 +256,8 @@ def build(tmp):
     ext_case("ext-backing-format-20-bytes.qcow2", 0xE2792ACA, b"qcow2qcow2qcow2qcow2", None,
              "Corrupt", "backing format extension", "backing format extension of 20 bytes (QEMU's limit is 15)")
     ext_case("ext-encryption.qcow2", 0x0537BE77, struct.pack(">QQ", 0x10000, 0x1000), None,
-             "Unsupported", "full disk encryption extension",
-             "full disk encryption header pointer extension (crypt_method 0): encryption is not supported")
+             "Corrupt", "full disk encryption extension",
+             "full disk encryption header pointer extension on a clear image (crypt_method 0)")
 
     # ---------------------------------------------------------------- L1 entries (read)
     l1 = empty.l1_offset

@@ -8,10 +8,12 @@ mod console;
 mod bench;
 mod img;
 mod io;
+mod luks_file;
 mod nodes;
 mod opts;
 mod output;
 mod progress;
+mod secrets;
 mod serve;
 mod size;
 mod source;
@@ -118,6 +120,11 @@ fn main() {
     } else {
         1
     };
+    let subcommand = subcommand.map(|s| s.to_string_lossy().into_owned());
+    if let Err(message) = secrets::preprocess(&mut argv, subcommand.as_deref()) {
+        report!("{message}");
+        std::process::exit(error_code);
+    }
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) => {

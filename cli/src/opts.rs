@@ -43,6 +43,10 @@ pub struct Qcow2Opts {
     /// not pass on (setting it needs an ioctl); accepted so option lists written for qemu-img
     /// still create the image.
     pub extent_size_hint: Option<u64>,
+    /// `encryption=on` (the legacy AES format), as given.
+    pub encryption: Option<BoolOpt>,
+    /// The `encrypt.*` options, in the order given (`encrypt.` stripped).
+    pub encrypt: Vec<(String, String)>,
 }
 
 /// qemu-img's `is_valid_option_list`: not empty, no leading comma, no unescaped trailing comma.
@@ -184,16 +188,22 @@ pub fn parse(lists: &[String]) -> Result<Qcow2Opts, (String, bool)> {
                 opts.extent_size_hint =
                     Some(parse_size_opt("extent_size_hint", &value).map_err(err)?)
             }
-            "encryption"
-            | "encrypt.format"
+            "encryption" => {
+                opts.encryption = Some(parse_bool_opt("encryption", &value).map_err(err)?)
+            }
+            "encrypt.format"
             | "encrypt.key-secret"
             | "encrypt.cipher-alg"
             | "encrypt.cipher-mode"
             | "encrypt.ivgen-alg"
             | "encrypt.ivgen-hash-alg"
             | "encrypt.hash-alg"
-            | "encrypt.iter-time"
-            | "nocow" => {
+            | "encrypt.iter-time" => {
+                let name = key.trim_start_matches("encrypt.").to_owned();
+                opts.encrypt.retain(|(k, _)| *k != name);
+                opts.encrypt.push((name, value));
+            }
+            "nocow" => {
                 return Err(err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool"
                 )))
@@ -264,10 +274,28 @@ impl Qcow2Opts {
     /// qemu's qcow2 option list (those with defaults always, the others only when given).
     /// `size` is the size as given.
     pub fn formatting_fields(&self, size: u64) -> String {
-        let mut f = vec![format!(
+        let mut f = Vec::new();
+        if let Some(e) = &self.encryption {
+            f.push(format!("encryption={}", e.text));
+        }
+        for name in [
+            "format",
+            "key-secret",
+            "cipher-alg",
+            "cipher-mode",
+            "ivgen-alg",
+            "ivgen-hash-alg",
+            "hash-alg",
+            "iter-time",
+        ] {
+            if let Some((_, v)) = self.encrypt.iter().find(|(k, _)| k == name) {
+                f.push(format!("encrypt.{name}={v}"));
+            }
+        }
+        f.push(format!(
             "cluster_size={}",
             self.cluster_size.unwrap_or(65536)
-        )];
+        ));
         let text = |o: &Option<BoolOpt>| o.as_ref().map_or("off".to_string(), |b| b.text.clone());
         f.push(format!("extended_l2={}", text(&self.extended_l2)));
         if let Some(p) = &self.preallocation {
@@ -406,7 +434,9 @@ impl Qcow2Opts {
         if l1_entries > MAX_L1_BYTES / 8 {
             return Err(IMAGE_TOO_LARGE.into());
         }
+        let encryption = self.encryption_options()?;
         Ok(CreateOptions::new(size)
+            .encryption(encryption)
             .cluster_size(cluster_size)
             .refcount_bits(refcount_bits as u32)
             .version(version)
@@ -511,6 +541,80 @@ mod tests {
     }
 }
 
+impl Qcow2Opts {
+    fn encrypt_opt(&self, name: &str) -> Option<&str> {
+        self.encrypt
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The encryption asked for: `encryption=on` or `encrypt.format=aes` is the legacy
+    /// format, `encrypt.format=luks` LUKS with the `encrypt.*` parameters; the password is
+    /// the secret `encrypt.key-secret` names.
+    pub fn encryption_options(&self) -> Result<Option<qcow2::NewEncryption>, String> {
+        use qcow2::crypto::luks::LuksParams;
+        use qcow2::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+        let legacy = self.encryption.as_ref().is_some_and(|e| e.value);
+        let format = match (self.encrypt_opt("format"), legacy) {
+            (Some(f), true) if f != "aes" => {
+                return Err(
+                    "Options \"encrypt.format\" and \"encryption\" are mutually exclusive".into(),
+                )
+            }
+            (Some(f), _) => f,
+            (None, true) => "aes",
+            (None, false) if self.encrypt.is_empty() => return Ok(None),
+            (None, false) => return Err("Parameter 'encrypt.format' is required".into()),
+        };
+        let secret = || -> Result<qcow2::crypto::Secret, String> {
+            let id = self
+                .encrypt_opt("key-secret")
+                .ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
+            crate::secrets::lookup(id)
+        };
+        match format {
+            "aes" => Ok(Some(qcow2::NewEncryption::Aes {
+                password: secret()?,
+            })),
+            "luks" => {
+                let mut params = LuksParams::default();
+                let bad = |name: &str, v: &str| {
+                    format!("Parameter 'encrypt.{name}' does not accept value '{v}'")
+                };
+                if let Some(v) = self.encrypt_opt("cipher-alg") {
+                    params.cipher_alg =
+                        CipherAlg::from_name(v).ok_or_else(|| bad("cipher-alg", v))?;
+                }
+                if let Some(v) = self.encrypt_opt("cipher-mode") {
+                    params.cipher_mode =
+                        CipherMode::from_name(v).ok_or_else(|| bad("cipher-mode", v))?;
+                }
+                if let Some(v) = self.encrypt_opt("ivgen-alg") {
+                    params.ivgen_alg = IvGenAlg::from_name(v).ok_or_else(|| bad("ivgen-alg", v))?;
+                }
+                if let Some(v) = self.encrypt_opt("ivgen-hash-alg") {
+                    params.ivgen_hash =
+                        Some(HashAlg::from_name(v).ok_or_else(|| bad("ivgen-hash-alg", v))?);
+                }
+                if let Some(v) = self.encrypt_opt("hash-alg") {
+                    params.hash_alg = HashAlg::from_name(v).ok_or_else(|| bad("hash-alg", v))?;
+                }
+                if let Some(v) = self.encrypt_opt("iter-time") {
+                    params.iter_time_ms = parse_number_opt("encrypt.iter-time", v)?;
+                }
+                Ok(Some(qcow2::NewEncryption::Luks {
+                    password: secret()?,
+                    params,
+                }))
+            }
+            other => Err(format!(
+                "Parameter 'encrypt.format' does not accept value '{other}'"
+            )),
+        }
+    }
+}
+
 /// What `amend -o` asks for, parsed and checked with qemu-img's messages.
 #[derive(Debug, Clone, Default)]
 pub struct AmendOpts {
@@ -518,6 +622,8 @@ pub struct AmendOpts {
     /// `backing_file=` and `backing_fmt=`: allowed only when they repeat what the image says.
     pub backing_file: Option<String>,
     pub backing_fmt: Option<String>,
+    /// A LUKS key slot change (`encrypt.state` and its companions).
+    pub keyslots: Option<qcow2::crypto::luks::KeyslotChange>,
 }
 
 /// Parses `amend -o` lists: only the options qcow2 can change in place.
@@ -561,6 +667,34 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                 return Err(format!(
                     "Parameter '{key}' is not supported by qcow2-tool amend"
                 ))
+            }
+            "encrypt.state" => {
+                out.keyslots.get_or_insert_with(Default::default).activate = match value.as_str() {
+                    "active" => true,
+                    "inactive" => false,
+                    other => {
+                        return Err(format!(
+                            "Parameter 'encrypt.state' does not accept value '{other}'"
+                        ))
+                    }
+                }
+            }
+            "encrypt.keyslot" => {
+                let n = parse_number_opt("encrypt.keyslot", &value)?;
+                out.keyslots.get_or_insert_with(Default::default).keyslot = Some(n as i64);
+            }
+            "encrypt.new-secret" => {
+                out.keyslots.get_or_insert_with(Default::default).new_secret =
+                    Some(crate::secrets::lookup(&value)?)
+            }
+            "encrypt.old-secret" => {
+                out.keyslots.get_or_insert_with(Default::default).old_secret =
+                    Some(crate::secrets::lookup(&value)?)
+            }
+            "encrypt.iter-time" => {
+                out.keyslots
+                    .get_or_insert_with(Default::default)
+                    .iter_time_ms = Some(parse_number_opt("encrypt.iter-time", &value)?)
             }
             _ => return Err(format!("Invalid parameter '{key}'")),
         }

@@ -94,6 +94,10 @@ pub fn set_force_share(on: bool) {
 /// chain opened from `path`.
 pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     let mut options = options.clone();
+    if options.keys.is_empty() && !options.without_key {
+        // Keys an `--image-opts` string named for this file.
+        options.keys = crate::secrets::keys_for_path(path);
+    }
     if !options.writable && FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
         options.force_share = true;
     }
@@ -166,7 +170,7 @@ pub fn open_image(path: &Path, options: &OpenOptions) -> Result<Image, String> {
     let image = Image::open(path, &with_policy(path, options)).map_err(|e| {
         format!(
             "Could not open '{}': {}",
-            path.display(),
+            crate::secrets::shown_name(path),
             open_error_text(&e)
         )
     })?;
@@ -270,6 +274,8 @@ pub fn open_error_text(e: &qcow2::Error) -> String {
         _ => return e.to_string(),
     };
     let qemu = match structure {
+        // The encryption checks are worded as QEMU words them already.
+        "header field crypt_method" | "full disk encryption extension" => return reason.to_owned(),
         "header field incompatible_features" => {
             return format!("Unsupported qcow2 feature(s): {reason}")
         }

@@ -190,6 +190,16 @@ pub enum Error {
         /// The image, as named when it was opened (path or storage name).
         image: String,
     },
+    /// The image's encryption refused the request: a wrong or missing password, a damaged or
+    /// unsupported LUKS header, a refused key slot change. Displayed in QEMU's words alone.
+    #[error("{source}")]
+    Crypto {
+        /// The image, as named when it was opened (path or storage name).
+        image: String,
+        /// What went wrong.
+        #[source]
+        source: crate::crypto::CryptoError,
+    },
     /// The caller asked for something invalid.
     #[error("image {image}: {reason}")]
     InvalidArgument {
@@ -216,6 +226,14 @@ impl Error {
                 offset: e.offset,
                 what,
             },
+        }
+    }
+
+    /// An encryption error of an image.
+    pub fn crypto(image: &str, source: crate::crypto::CryptoError) -> Self {
+        Error::Crypto {
+            image: image.to_string(),
+            source,
         }
     }
 
@@ -272,6 +290,7 @@ impl From<Error> for io::Error {
             Error::Corrupt { .. } | Error::MarkedCorrupt { .. } => io::ErrorKind::InvalidData,
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,
             Error::Chain { .. } => io::ErrorKind::NotFound,
+            Error::Crypto { .. } => io::ErrorKind::PermissionDenied,
             Error::OutOfBounds { .. } | Error::InvalidArgument { .. } => {
                 io::ErrorKind::InvalidInput
             }

@@ -78,6 +78,7 @@ macro_rules! setters {
     };
 }
 
+pub mod crypto;
 pub mod cursor;
 mod disk_top;
 pub mod error;
@@ -92,8 +93,8 @@ pub use error::{ChainProblem, Error, Result};
 pub use format::SnapshotTime;
 pub use image::{
     AmendOptions, BackingPolicy, CheckReport, CommitOptions, CompressedClusters, CopyStep,
-    CreateOptions, Extent, ExtentKind, Image, ImageInfo, NewBacking, OpenOptions, Preallocation,
-    RebaseOptions, Repair, SnapshotInfo, SnapshotView,
+    CreateOptions, Extent, ExtentKind, Image, ImageInfo, NewBacking, NewEncryption, OpenOptions,
+    Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
 

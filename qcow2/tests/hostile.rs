@@ -84,8 +84,8 @@ const CASES: &[Case] = &[
     case("header-length-over-cluster.qcow2", Open, Corrupt, "header field header_length", Some(0x64)),
     case("nb-snapshots-100000.qcow2", Open, Corrupt, "header field nb_snapshots", Some(0x3c)),
     case("snapshots-offset-beyond-eof.qcow2", Open, Corrupt, "header field snapshots_offset", Some(0x40)),
-    case("crypt-method-1.qcow2", Open, Unsupported, "header field crypt_method", Some(0x20)),
-    case("crypt-method-2.qcow2", Open, Unsupported, "header field crypt_method", Some(0x20)),
+    case("crypt-method-1.qcow2", Open, Corrupt, "header field l1_table_offset", Some(0x28)),
+    case("crypt-method-2.qcow2", Open, Corrupt, "header field crypt_method", Some(0x20)),
     case("incompat-bit-5.qcow2", Open, Unsupported, "header field incompatible_features", Some(0x48)),
     case("compression-type-2.qcow2", Open, Unsupported, "header field compression_type", Some(0x68)),
     case("compression-bit-without-type.qcow2", Open, Corrupt, "header field compression_type", Some(0x68)),
@@ -94,7 +94,7 @@ const CASES: &[Case] = &[
     case("ext-past-cluster.qcow2", Open, Corrupt, "header extension 0x12345678", Some(0x70)),
     case("ext-bitmaps-wrong-length.qcow2", Open, Corrupt, "bitmaps extension", Some(0x70)),
     case("ext-backing-format-20-bytes.qcow2", Open, Corrupt, "backing format extension", Some(0x70)),
-    case("ext-encryption.qcow2", Open, Unsupported, "full disk encryption extension", Some(0x70)),
+    case("ext-encryption.qcow2", Open, Corrupt, "full disk encryption extension", Some(0x70)),
     // L1 entries.
     case("l1-entry-at-l1.qcow2", Read, Corrupt, "L1 entry 0", Some(0x600)),
     case("l1-entry-at-reftable.qcow2", Read, Corrupt, "L1 entry 0", Some(0x600)),
@@ -391,13 +391,14 @@ fn snapshots_offset_beyond_the_end_of_the_file_is_refused() {
 }
 
 #[test]
-fn crypt_method_1_is_unsupported() {
-    expect_case("crypt-method-1.qcow2", "encrypted");
+fn crypt_method_1_is_checked_like_any_image() {
+    // Legacy AES has no header to check; the cut-off L1 table is what is refused.
+    expect_case("crypt-method-1.qcow2", "past the end");
 }
 
 #[test]
-fn crypt_method_2_is_unsupported() {
-    expect_case("crypt-method-2.qcow2", "encrypted");
+fn crypt_method_2_without_its_luks_header_is_refused() {
+    expect_case("crypt-method-2.qcow2", "Missing CRYPTO header");
 }
 
 #[test]
@@ -440,8 +441,8 @@ fn backing_format_of_20_bytes_is_refused() {
 }
 
 #[test]
-fn encryption_extension_is_unsupported() {
-    expect_case("ext-encryption.qcow2", "encrypted");
+fn encryption_extension_on_a_clear_image_is_refused() {
+    expect_case("ext-encryption.qcow2", "only expected with LUKS");
 }
 
 // ---------------------------------------------------------------------------------------------

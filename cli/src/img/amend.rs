@@ -29,6 +29,10 @@ pub struct Args {
     /// FILE is an option string (`driver=qcow2,file.filename=PATH,...`), not a path.
     #[arg(long = "image-opts")]
     image_opts: bool,
+    /// Allow changes that qemu-img refuses without it (overwriting or erasing the last LUKS
+    /// key slot).
+    #[arg(long = "force")]
+    force: bool,
     file: String,
 }
 
@@ -74,6 +78,9 @@ pub fn run(args: Args) -> CmdResult {
         qcow2::Error::InvalidArgument { reason, .. } => fail(reason),
         e => fail(e.to_string()),
     };
+    if let Some(change) = &opts.keyslots {
+        image.change_keyslots(change, args.force).map_err(message)?;
+    }
     let mut progress = Progress::on_stdout(args.progress && !args.quiet);
     let amended = image.amend(&opts.options, &mut |done, total| {
         progress.percent(100.0 * done as f32 / total as f32)

@@ -70,7 +70,7 @@ pub fn run(args: Args) -> CmdResult {
         return Err(fail("Image does not have a backing file".into()));
     }
     let name = args.file.display().to_string();
-    let probe = Image::open(&args.file, &OpenOptions::metadata_only())
+    let probe = Image::open(&args.file, &OpenOptions::metadata_only().without_key(true))
         .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
     if probe.backing_file_name().is_none() {
         return Err(fail("Image does not have a backing file".into()));

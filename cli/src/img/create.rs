@@ -66,6 +66,17 @@ pub fn run(args: Args) -> CmdResult {
         }
     };
     let format = match args.format.as_str() {
+        "luks" => {
+            let size = match &args.size {
+                Some(text) => parse_image_size(text).map_err(|m| Failure::new(1, m))?,
+                None => return Err(named("Image creation needs a size parameter".into())),
+            };
+            if !args.quiet {
+                outln!("Formatting '{file}', fmt=luks size={size}");
+            }
+            crate::luks_file::create(&host, size, &args.options).map_err(named)?;
+            return Ok(0);
+        }
         "qcow2" => Format::Qcow2,
         "raw" => Format::Raw,
         other => return Err(named(format!("Unknown file format '{other}'"))),
@@ -181,7 +192,7 @@ fn open_backing(path: &Path, format: Option<&str>) -> Result<(&'static str, u64)
             if n < 4 || magic != *b"QFI\xfb" {
                 return Err("Image is not in qcow2 format".into());
             }
-            let image = Image::open(path, &OpenOptions::metadata_only())
+            let image = Image::open(path, &OpenOptions::metadata_only().without_key(true))
                 .map_err(|e| format!("Could not open '{shown}': {e}"))?;
             Ok(("qcow2", image.size()))
         }

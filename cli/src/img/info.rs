@@ -253,7 +253,7 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     let name = if plain {
         file.clone()
     } else {
-        given.into_owned()
+        json_name(&spec.options)
     };
     Ok((
         PathBuf::from(file),
@@ -285,7 +285,7 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
             quorum: None,
         }),
         Format::Qcow2 => {
-            let image = open_image(path, &OpenOptions::metadata_only())?;
+            let image = open_image(path, &OpenOptions::metadata_only().without_key(true))?;
             let info = image.info();
             let bitmaps = read_bitmaps(&image)?;
             let full_backing = info
@@ -451,6 +451,9 @@ fn to_json(f: &Facts) -> Json {
         }
     }
     data.push("refcount-bits", info.refcount_bits);
+    if let Some(encrypt) = encrypt_json(info) {
+        data.push("encrypt", encrypt);
+    }
     if v3 {
         if let Some(data_file) = &info.data_file {
             data.push("data-file", data_file.as_str());
@@ -465,6 +468,9 @@ fn to_json(f: &Facts) -> Json {
     specific.push("type", "qcow2");
     specific.push("data", data);
     o.push("format-specific", specific);
+    if info.encryption_format.is_some() {
+        o.push("encrypted", true);
+    }
     if let Some(full) = &f.full_backing {
         o.push("full-backing-filename", full.display().to_string());
     }
@@ -486,6 +492,9 @@ fn to_human(f: &Facts) -> String {
         size_to_str(f.actual_size)
     );
     if let Some((info, bitmaps)) = &f.qcow2 {
+        if info.encryption_format.is_some() {
+            s += "encrypted: yes\n";
+        }
         s += &format!("cluster_size: {}\n", info.cluster_size);
         if info.dirty {
             s += "cleanly shut down: no\n";
@@ -566,6 +575,7 @@ pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
         }
     }
     s += &format!("    refcount bits: {}\n", info.refcount_bits);
+    s += &encrypt_human(info);
     if v3 {
         if let Some(data_file) = &info.data_file {
             s += &format!("    data file: {data_file}\n");
@@ -577,4 +587,160 @@ pub fn format_specific(info: &ImageInfo, bitmaps: Option<&[Bitmap]>) -> String {
         s += &format!("    extended l2: {}\n", info.extended_l2);
     }
     s
+}
+
+/// The `encrypt` fields of qemu-img info, in its order: (name, value) pairs and the key slots.
+fn encrypt_fields(info: &ImageInfo) -> Option<(Vec<EncField>, Vec<SlotFields>)> {
+    let format = info.encryption_format?;
+    let Some(luks) = &info.luks else {
+        return Some((
+            vec![("format", EncValue::Str(format.to_owned()))],
+            Vec::new(),
+        ));
+    };
+    let mut f = vec![("ivgen alg", EncValue::Str(luks.ivgen_alg.name().to_owned()))];
+    if let Some(h) = luks
+        .ivgen_hash
+        .filter(|_| luks.ivgen_alg == qcow2::crypto::IvGenAlg::Essiv)
+    {
+        f.push(("ivgen hash alg", EncValue::Str(h.name().to_owned())));
+    }
+    f.push(("detached header", EncValue::Bool(false)));
+    f.push(("hash alg", EncValue::Str(luks.hash_alg.name().to_owned())));
+    f.push((
+        "cipher alg",
+        EncValue::Str(luks.cipher_alg.name().to_owned()),
+    ));
+    f.push(("uuid", EncValue::Str(luks.uuid.clone())));
+    f.push(("format", EncValue::Str(format.to_owned())));
+    f.push((
+        "cipher mode",
+        EncValue::Str(luks.cipher_mode.name().to_owned()),
+    ));
+    let slots = luks
+        .slots
+        .iter()
+        .map(|slot| SlotFields {
+            active: slot.active,
+            iters: slot.iterations,
+            key_offset: slot.key_offset_sector as u64 * 512,
+            stripes: slot.stripes,
+        })
+        .collect();
+    Some((f, slots))
+}
+
+/// One `encrypt` field: its human name and value.
+type EncField = (&'static str, EncValue);
+
+enum EncValue {
+    Str(String),
+    Bool(bool),
+}
+
+struct SlotFields {
+    active: bool,
+    iters: u32,
+    key_offset: u64,
+    stripes: u32,
+}
+
+/// The `encrypt:` block of the human output.
+fn encrypt_human(info: &ImageInfo) -> String {
+    let Some((fields, slots)) = encrypt_fields(info) else {
+        return String::new();
+    };
+    let mut s = String::from("    encrypt:\n");
+    let show = |v: &EncValue| match v {
+        EncValue::Str(t) => t.clone(),
+        EncValue::Bool(b) => b.to_string(),
+    };
+    for (name, value) in &fields {
+        s += &format!("        {name}: {}\n", show(value));
+    }
+    if let Some(luks) = &info.luks {
+        s += "        slots:\n";
+        for (i, slot) in slots.iter().enumerate() {
+            s += &format!(
+                "            [{i}]:\n                active: {}\n",
+                slot.active
+            );
+            if slot.active {
+                s += &format!("                iters: {}\n", slot.iters);
+            }
+            s += &format!("                key offset: {}\n", slot.key_offset);
+            if slot.active {
+                s += &format!("                stripes: {}\n", slot.stripes);
+            }
+        }
+        s += &format!(
+            "        payload offset: {}\n        master key iters: {}\n",
+            luks.area_len(),
+            luks.master_key_iterations
+        );
+    }
+    s
+}
+
+/// The `encrypt` object of the JSON output.
+fn encrypt_json(info: &ImageInfo) -> Option<Json> {
+    let (fields, slots) = encrypt_fields(info)?;
+    let mut o = Json::obj();
+    for (name, value) in fields {
+        let key = name.replace(' ', "-");
+        match value {
+            EncValue::Str(t) => o.push(&key, t.as_str()),
+            EncValue::Bool(b) => o.push(&key, b),
+        }
+    }
+    if let Some(luks) = &info.luks {
+        let list = slots
+            .iter()
+            .map(|slot| {
+                let mut j = Json::obj();
+                j.push("active", slot.active);
+                if slot.active {
+                    j.push("iters", u64::from(slot.iters));
+                }
+                j.push("key-offset", slot.key_offset);
+                if slot.active {
+                    j.push("stripes", u64::from(slot.stripes));
+                }
+                j
+            })
+            .collect::<Vec<_>>();
+        o.push("slots", Json::Arr(list));
+        o.push("payload-offset", luks.area_len());
+        o.push("master-key-iters", u64::from(luks.master_key_iterations));
+    }
+    Some(o)
+}
+
+/// QEMU's `json:{...}` name for an image opened from options: nested objects for dotted keys
+/// (`file.filename` becomes `"file": {"filename": ...}`), the file's driver made explicit.
+fn json_name(options: &crate::io::open::Options) -> String {
+    fn insert(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, value: &str) {
+        match key.split_once('.') {
+            Some((head, rest)) => {
+                let child = obj
+                    .entry(head.to_owned())
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let serde_json::Value::Object(map) = child {
+                    insert(map, rest, value);
+                }
+            }
+            None => {
+                obj.insert(key.to_owned(), serde_json::Value::String(value.to_owned()));
+            }
+        }
+    }
+    let mut obj = serde_json::Map::new();
+    for (k, v) in options {
+        insert(&mut obj, k, v);
+    }
+    if let Some(serde_json::Value::Object(file)) = obj.get_mut("file") {
+        file.entry("driver")
+            .or_insert_with(|| serde_json::Value::String("file".into()));
+    }
+    format!("json:{}", serde_json::Value::Object(obj))
 }

@@ -427,6 +427,10 @@ impl OpenSpec {
                     OpenOptions::read_write().lazy_refcounts(lazy_refcounts)
                 };
                 let mut options = with_policy(path, &options);
+                let keys = crate::secrets::resolve(&crate::secrets::key_ids(&self.options))?;
+                if !keys.is_empty() {
+                    options.keys = keys;
+                }
                 if self
                     .options
                     .get("backing")

@@ -18,7 +18,7 @@ pub mod kind {
     pub const FEATURE_NAME_TABLE: u32 = 0x6803_F857;
     /// Persistent dirty bitmaps: the bitmap directory's location.
     pub const BITMAPS: u32 = 0x2385_2875;
-    /// Full disk encryption header pointer (LUKS); refused by this engine.
+    /// Full disk encryption header pointer: where the LUKS header lies in the image.
     pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_BE77;
     /// External data file name.
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
@@ -45,6 +45,16 @@ pub struct BitmapsExtension {
     pub bitmap_directory_offset: u64,
 }
 
+/// The full disk encryption extension: the host range holding the LUKS header and key
+/// material (whole clusters, refcounted like metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoHeaderExtension {
+    /// Host offset of the LUKS header, cluster-aligned.
+    pub offset: u64,
+    /// Bytes of the LUKS header area.
+    pub length: u64,
+}
+
 /// An extension this engine does not interpret, kept byte-exact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownExtension {
@@ -67,6 +77,8 @@ pub struct Extensions {
     pub bitmaps: Option<BitmapsExtension>,
     /// External data file name.
     pub data_file: Option<Vec<u8>>,
+    /// The full disk encryption extension (LUKS images).
+    pub crypto: Option<CryptoHeaderExtension>,
     /// Extensions of unknown type, in on-disk order.
     pub unknown: Vec<UnknownExtension>,
 }
@@ -204,11 +216,20 @@ fn decode_one(ext: &mut Extensions, kind: u32, data: &[u8], at: u64) -> FormatRe
             });
         }
         kind::FULL_DISK_ENCRYPTION => {
-            return Err(FormatError::unsupported(
-                "full disk encryption extension",
-                at,
-                "encrypted images are not supported",
-            ));
+            if data.len() != 16 {
+                return Err(FormatError::invalid(
+                    "full disk encryption extension",
+                    at,
+                    format!(
+                        "CRYPTO header extension size {}, but expected size 16",
+                        data.len()
+                    ),
+                ));
+            }
+            ext.crypto = Some(CryptoHeaderExtension {
+                offset: u64::from_be_bytes(data[0..8].try_into().expect("8 bytes")),
+                length: u64::from_be_bytes(data[8..16].try_into().expect("8 bytes")),
+            });
         }
         kind::EXTERNAL_DATA_FILE => {
             if data.is_empty() {

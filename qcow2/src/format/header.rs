@@ -117,7 +117,7 @@ pub struct Header {
     pub cluster_bits: u32,
     /// `size`: the virtual disk size in bytes.
     pub size: u64,
-    /// `crypt_method`: 0 for none; decoding refuses every other value (1 AES, 2 LUKS).
+    /// `crypt_method`: 0 for none, 1 for legacy AES-CBC, 2 for LUKS; others are refused.
     pub crypt_method: u32,
     /// `l1_size`: entries in the active L1 table.
     pub l1_size: u32,
@@ -299,11 +299,11 @@ impl Header {
         }
 
         let crypt_method = v2.crypt_method.get();
-        if crypt_method != 0 {
+        if crypt_method > 2 {
             return Err(FormatError::unsupported(
                 "header field crypt_method",
                 f::CRYPT_METHOD,
-                format!("encrypted images are not supported (crypt_method {crypt_method})"),
+                format!("Unsupported encryption method {crypt_method}"),
             ));
         }
         if incompatible & !Incompatible::KNOWN != 0 {
@@ -402,6 +402,31 @@ impl Header {
         }
         .min(bytes.len() as u64);
         let extensions = extension::decode(bytes, header_length as u64, extensions_end)?;
+        if let Some(c) = extensions.crypto {
+            if crypt_method != 2 {
+                return Err(FormatError::invalid(
+                    "full disk encryption extension",
+                    header_length as u64,
+                    "CRYPTO header extension only expected with LUKS encryption method",
+                ));
+            }
+            if c.offset % cluster_size != 0 {
+                return Err(FormatError::invalid(
+                    "full disk encryption extension",
+                    header_length as u64,
+                    format!(
+                        "Encryption header offset '{}' is not a multiple of cluster size '{cluster_size}'",
+                        c.offset
+                    ),
+                ));
+            }
+        } else if crypt_method == 2 {
+            return Err(FormatError::invalid(
+                "header field crypt_method",
+                f::CRYPT_METHOD,
+                "Missing CRYPTO header for crypt method 2",
+            ));
+        }
         // An external data file need not be named (the spec's extension is optional): whoever
         // opens the image then names it (QEMU's `data-file` option).
         if autoclear & features::Autoclear::RAW_EXTERNAL_DATA != 0
@@ -622,15 +647,21 @@ mod tests {
     }
 
     #[test]
-    fn encryption_is_unsupported_with_a_clear_message() {
+    fn luks_without_its_header_extension_and_unknown_methods_are_refused() {
         let mut b = minimal_v3();
         b[32..36].copy_from_slice(&2u32.to_be_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("Missing CRYPTO header for crypt method 2"));
+        b[32..36].copy_from_slice(&3u32.to_be_bytes());
         let e = Header::decode(&b).unwrap_err();
         assert!(matches!(
             e.problem,
             super::super::error::Problem::Unsupported(_)
         ));
-        assert!(e.to_string().contains("encrypted images are not supported"));
+        b[32..36].copy_from_slice(&1u32.to_be_bytes());
+        assert_eq!(Header::decode(&b).unwrap().crypt_method, 1);
     }
 
     #[test]
@@ -701,6 +732,12 @@ impl Header {
         }
         if let Some(f) = &ext.data_file {
             put(&mut out, kind::EXTERNAL_DATA_FILE, f);
+        }
+        if let Some(c) = ext.crypto {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&c.offset.to_be_bytes());
+            raw[8..].copy_from_slice(&c.length.to_be_bytes());
+            put(&mut out, kind::FULL_DISK_ENCRYPTION, &raw);
         }
         if self.version >= 3 && (ext.has_feature_table || self.cluster_size() > 4096) {
             let names = if ext.feature_names.is_empty() {

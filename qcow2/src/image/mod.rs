@@ -21,6 +21,7 @@
 mod bitmap;
 mod chain;
 mod data;
+mod encryption;
 mod maintenance;
 mod meta;
 pub(crate) mod snapshots;
@@ -42,6 +43,7 @@ pub use commit::CommitOptions;
 pub use copy_on_read::CopyStep;
 pub use create::{CreateOptions, Preallocation};
 pub use data::compress::CompressedClusters;
+pub use encryption::NewEncryption;
 pub use extents::Extents;
 pub use info::{ImageInfo, SnapshotInfo};
 pub use maintenance::amend::AmendOptions;
@@ -99,6 +101,13 @@ pub struct OpenOptions {
     /// `data-file` option), for an image that has one. The caller chose this file, so the
     /// backing policy does not apply to it.
     pub data_file: Option<PathBuf>,
+    /// Passwords of encrypted images, by depth in the chain: the first for the image itself
+    /// (QEMU's `encrypt.key-secret`), the next for its backing file
+    /// (`backing.encrypt.key-secret`), and so on.
+    pub keys: Vec<Option<crate::crypto::Secret>>,
+    /// Open an encrypted image without its password, for its metadata only (as `qemu-img info`
+    /// does); reading or writing guest data then fails.
+    pub without_key: bool,
 }
 
 impl Default for OpenOptions {
@@ -114,6 +123,8 @@ impl Default for OpenOptions {
             lazy_refcounts: None,
             backing_format: None,
             data_file: None,
+            keys: Vec::new(),
+            without_key: false,
         }
     }
 }
@@ -129,6 +140,8 @@ setters!(OpenOptions {
     lazy_refcounts: Option<bool>,
     backing_format: Option<String>,
     data_file: Option<PathBuf>,
+    keys: Vec<Option<crate::crypto::Secret>>,
+    without_key: bool,
 });
 
 impl OpenOptions {
@@ -250,6 +263,8 @@ pub struct Image {
     open_repair_messages: Vec<String>,
     /// Whether the image looks metadata-preallocated, guessed once (`preallocated`).
     preallocation_guess: std::sync::OnceLock<bool>,
+    /// The payload cipher and LUKS header of an encrypted image.
+    encryption: Option<encryption::Encryption>,
 }
 
 impl std::fmt::Debug for Image {
@@ -515,6 +530,30 @@ impl Image {
             .data_file
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned());
+        if let Some(c) = meta.header.extensions.crypto {
+            within_file(
+                "crypto header extension",
+                meta.header.header_length as u64,
+                c.offset,
+                c.length,
+            )?;
+            meta.add_area(&name, c.offset, c.length, "the encryption header")?;
+        }
+        if meta.header.crypt_method != 0 && meta.header.has_external_data_file() {
+            return Err(Error::Unsupported {
+                image: name,
+                structure: "header field crypt_method".into(),
+                offset: 32,
+                what: "encryption with an external data file".into(),
+            });
+        }
+        let encryption = encryption::Encryption::open(
+            &*storage,
+            &name,
+            &meta.header,
+            options.keys.first().and_then(Option::as_ref),
+            options.without_key,
+        )?;
         Ok(Image {
             name,
             path,
@@ -532,6 +571,7 @@ impl Image {
             gate: quiesce::WriteGate::default(),
             open_repair_messages: Vec::new(),
             preallocation_guess: std::sync::OnceLock::new(),
+            encryption,
         })
     }
 

@@ -611,16 +611,20 @@ fn copy_qcow2(
             block
         }
     });
+    // Preallocated clusters of an encrypted image hold zeros on disk, which do not decrypt
+    // to zeros (QEMU's has_zero_init is false there): zeros are written everywhere.
+    let garbage_prealloc =
+        options.encryption.is_some() && options.preallocation != qcow2::Preallocation::Off;
     let target = Qcow2Target {
         image: &image,
         new: true,
         below: has_backing,
-        zeros: if has_backing {
+        zeros: if has_backing || garbage_prealloc {
             Zeros::Write
         } else {
             Zeros::Skip
         },
-        zero_gaps: false,
+        zero_gaps: garbage_prealloc,
         granularity,
     };
     copy_into_qcow2(guest, &target, how).map_err(fail)?;

@@ -216,6 +216,7 @@ fn attach_files(
         let below_options = OpenOptions {
             writable: backing_writable,
             backing_format: None,
+            keys: options.keys.get(1..).unwrap_or_default().to_vec(),
             ..options.clone()
         };
         let below = open_chain_writable_at(&backing_path, &below_options, chain, writable_depth);

@@ -40,6 +40,13 @@ impl Image {
     /// [`write_compressed`]: Image::write_compressed
     pub fn compress_clusters(&self, buf: &[u8], offset: u64) -> Result<CompressedClusters> {
         self.require_writable()?;
+        if self.encryption.is_some() {
+            // Compressed clusters are stored as they are: they would hold the data in clear.
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "Compression is not supported with encryption".into(),
+            });
+        }
         let cs = self.cluster_size();
         let size = self.size();
         self.check_bounds(offset, buf.len() as u64, size)?;

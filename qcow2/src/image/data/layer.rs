@@ -495,7 +495,7 @@ impl Image {
                     self.read_backing(chunk, guest)?
                 }
                 Run::Zero { .. } => chunk.fill(0),
-                Run::Data { host_offset } => self.read_data(m, chunk, host_offset)?,
+                Run::Data { host_offset } => self.read_data(m, chunk, host_offset, guest)?,
                 Run::Compressed { descriptor, raw } => {
                     self.read_compressed(m, descriptor, raw, chunk, guest & cluster_mask)?
                 }
@@ -505,7 +505,22 @@ impl Image {
         Ok(())
     }
 
-    fn read_data(&self, m: &Meta, buf: &mut [u8], host_offset: u64) -> Result<()> {
+    fn read_data(&self, m: &Meta, buf: &mut [u8], host_offset: u64, guest: u64) -> Result<()> {
+        if let Some(enc) = &self.encryption {
+            // Whole sectors are read and decrypted; a cluster holds whole sectors, so the span
+            // stays inside it.
+            let (start, end) = crate::image::encryption::sector_span(host_offset, buf.len() as u64);
+            let head = (host_offset - start) as usize;
+            let mut sectors = vec![0u8; (end - start) as usize];
+            self.read_plain_data(m, &mut sectors, start)?;
+            enc.decrypt(&self.name, start, guest - head as u64, &mut sectors)?;
+            buf.copy_from_slice(&sectors[head..head + buf.len()]);
+            return Ok(());
+        }
+        self.read_plain_data(m, buf, host_offset)
+    }
+
+    fn read_plain_data(&self, m: &Meta, buf: &mut [u8], host_offset: u64) -> Result<()> {
         let storage = if m.header.has_external_data_file() {
             self.data_file.as_deref().ok_or_else(|| Error::Chain {
                 image: self.name.clone(),

@@ -4,6 +4,7 @@
 //! tables go to fresh clusters and are published by an L1 entry write when the L2 tables are
 //! written back (see `writeback`).
 
+use crate::crypto::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use crate::format::features::Incompatible;
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
@@ -11,6 +12,7 @@ use crate::format::table::{
     be_u64_at, classify_standard, put_be_u64_at, ClusterMapping, COPIED, OFFSET_MASK, ZERO,
 };
 use crate::format::CompressedDescriptor;
+use crate::image::encryption::sector_span;
 use crate::image::layer::Layer;
 use crate::image::map::{Extent, ExtentKind};
 use crate::image::{Image, Meta};
@@ -53,6 +55,20 @@ impl Image {
     /// Writes guest bytes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
+        if let Some(enc) = &self.encryption {
+            // One write at a time: a sector read, merged and written back must not overwrite
+            // a concurrent write to the same sector.
+            let _serial = enc.serialize_writes();
+            if offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0 {
+                return self.write_widened(buf, offset);
+            }
+            return self.write_sectors(buf, offset);
+        }
+        self.write_sectors(buf, offset)
+    }
+
+    /// A guest write of whole sectors when the image is encrypted (any write otherwise).
+    fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _pass = self.write_pass()?;
         if self.write_in_place_shared(buf, offset) {
             return Ok(());
@@ -67,6 +83,34 @@ impl Image {
             }
         }
         result
+    }
+
+    /// An encrypted image is written in whole sectors: the sectors a request touches in part are
+    /// read (decrypted) first and the request is merged into them, as QEMU's block layer does
+    /// for drivers with a 512-byte request alignment.
+    fn write_widened(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        self.check_bounds(offset, buf.len() as u64, size)?;
+        let (start, end) = sector_span(offset, buf.len() as u64);
+        if end > size {
+            return Err(Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: format!(
+                    "the size of an encrypted image ({size}) must be a multiple of 512"
+                ),
+            });
+        }
+        let mut sectors = vec![0u8; (end - start) as usize];
+        let head = (offset - start) as usize;
+        let first_end = (start + SECTOR_SIZE).min(end);
+        self.read_at(&mut sectors[..(first_end - start) as usize], start)?;
+        let last_start = (end - 1) / SECTOR_SIZE * SECTOR_SIZE;
+        if last_start >= first_end {
+            let at = (last_start - start) as usize;
+            self.read_at(&mut sectors[at..], last_start)?;
+        }
+        sectors[head..head + buf.len()].copy_from_slice(buf);
+        self.write_sectors(&sectors, start)
     }
 
     /// The clusters of one `write_at`, under the writer's lock.
@@ -148,7 +192,10 @@ impl Image {
             return false;
         }
         for &(at, start, l) in &runs[..n] {
-            if self.write_data(&buf[start..start + l], at).is_err() {
+            if self
+                .write_data(&buf[start..start + l], at, offset + start as u64)
+                .is_err()
+            {
                 // The exclusive path writes it again and reports the error.
                 return false;
             }
@@ -222,7 +269,7 @@ impl Image {
                 .collect();
             self.guard(m, host, bytes as u64, None)?;
             self.bitmaps_durable_before_inplace(m)?;
-            self.write_data(&data[..bytes], host)?;
+            self.write_data(&data[..bytes], host, guest)?;
             if !zeros.is_empty() {
                 // The data is durable before the entries that stop reading it as zeros.
                 self.mark_dirty(m)?;
@@ -244,7 +291,7 @@ impl Image {
         self.l2_needs_refblocks(m)?;
         let new = self.alloc(m, k as u64)?;
         self.guard(m, new, bytes as u64, None)?;
-        self.write_data(&data[..bytes], new)?;
+        self.write_data(&data[..bytes], new, guest)?;
         m.ws_mut()?.l2_after_data_sync = true;
         let old: Vec<u64> = (0..k).map(entry).collect();
         self.l2_cache.modify(slot.l2_offset, |t| {
@@ -546,7 +593,11 @@ impl Image {
                         .copy_from_slice(data);
                     let (start, end) = self.subcluster_span(m, touched);
                     self.guard(m, host_offset + start, end - start, None)?;
-                    self.write_data(&content[start as usize..end as usize], host_offset + start)?;
+                    self.write_data(
+                        &content[start as usize..end as usize],
+                        host_offset + start,
+                        cluster_start + start,
+                    )?;
                     let bitmap = (slot.bitmap | touched as u64) & !((touched as u64) << 32);
                     self.mark_dirty(m)?;
                     m.ws_mut()?.l2_after_data_sync = true;
@@ -555,11 +606,11 @@ impl Image {
                 }
                 self.guard(m, host_offset + in_cluster, data.len() as u64, None)?;
                 self.bitmaps_durable_before_inplace(m)?;
-                return self.write_data(data, host_offset + in_cluster);
+                return self.write_data(data, host_offset + in_cluster, guest);
             }
             ClusterMapping::ZeroAllocated { host_offset } if owned => {
                 self.guard(m, host_offset, cs, None)?;
-                self.write_into_zeros(m, data, host_offset, in_cluster, false)?;
+                self.write_into_zeros(m, data, host_offset, cluster_start, in_cluster, false)?;
                 self.mark_dirty(m)?;
                 m.ws_mut()?.l2_after_data_sync = true;
                 self.set_slot(m, slot, host_offset | COPIED, 0);
@@ -600,9 +651,9 @@ impl Image {
         self.guard(m, new, cs, None)?;
         if whole && !extended && data.len() as u64 == cs {
             // A whole cluster goes straight from the caller's buffer.
-            self.write_data(data, new)?;
+            self.write_data(data, new, cluster_start)?;
         } else if data_and_zeros {
-            self.write_into_zeros(m, data, new, in_cluster, zeroed)?;
+            self.write_into_zeros(m, data, new, cluster_start, in_cluster, zeroed)?;
         } else if extended && bitmap as u32 == touched {
             // Only the touched subclusters are allocated; the bitmap says how the others read
             // (zeros or the backing file), whatever the host cluster holds there. Their span
@@ -616,13 +667,13 @@ impl Image {
             }
             let at = (in_cluster - start) as usize;
             span[at..at + data.len()].copy_from_slice(data);
-            self.write_data(&span, new + start)?;
+            self.write_data(&span, new + start, cluster_start + start)?;
         } else {
             // Anything else is assembled from the cluster's current content (a short last
             // cluster is zero-padded).
             let mut content = self.cluster_content(m, cluster_start)?;
             content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-            self.write_data(&content, new)?;
+            self.write_data(&content, new, cluster_start)?;
         }
         m.ws_mut()?.l2_after_data_sync = true;
         self.set_slot(m, slot, new | COPIED, bitmap);
@@ -720,6 +771,7 @@ impl Image {
         m: &mut Meta,
         data: &[u8],
         host: u64,
+        cluster_start: u64,
         in_cluster: u64,
         zeroed: bool,
     ) -> Result<()> {
@@ -727,6 +779,13 @@ impl Image {
         /// asks the file system for them (which also splits the file's extents).
         const ZEROING_MIN: u64 = 16 << 10;
         let cs = m.header.cluster_size();
+        if self.encryption.is_some() {
+            // Zeros on disk do not decrypt to zeros: the whole cluster is written encrypted.
+            let mut content = vec![0u8; cs as usize];
+            let at = in_cluster as usize;
+            content[at..at + data.len()].copy_from_slice(data);
+            return self.write_data(&content, host, cluster_start);
+        }
         if !zeroed {
             let file_len = self
                 .storage
@@ -738,10 +797,10 @@ impl Image {
                 let mut content = vec![0u8; cs as usize];
                 let at = in_cluster as usize;
                 content[at..at + data.len()].copy_from_slice(data);
-                return self.write_data(&content, host);
+                return self.write_data(&content, host, cluster_start);
             }
         }
-        self.write_data(data, host + in_cluster)
+        self.write_data(data, host + in_cluster, cluster_start + in_cluster)
     }
 
     /// Zeroes the cluster at `host` (the part inside the file of `file_len` bytes) and, in the
@@ -772,8 +831,15 @@ impl Image {
         Ok(())
     }
 
-    fn write_data(&self, data: &[u8], host_offset: u64) -> Result<()> {
+    /// Writes guest bytes to the host, encrypted first for an encrypted image (whole sectors:
+    /// `write_at` widens requests to them).
+    fn write_data(&self, data: &[u8], host_offset: u64, guest: u64) -> Result<()> {
         self.storage.event(Event::WriteAio);
+        if let Some(enc) = &self.encryption {
+            let mut sealed = data.to_vec();
+            enc.encrypt(&self.name, host_offset, guest, &mut sealed)?;
+            return self.host().write(&sealed, host_offset, "guest data");
+        }
         self.host().write(data, host_offset, "guest data")
     }
 
@@ -807,6 +873,48 @@ impl Image {
     /// host clusters with `unmap`), real zeros on v2 and for partial clusters.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.require_writable()?;
+        match &self.encryption {
+            Some(enc) => {
+                let _serial = enc.serialize_writes();
+                self.write_zeroes_in_sectors(offset, len, unmap)
+            }
+            None => self.write_zeroes_inner(offset, len, unmap),
+        }
+    }
+
+    /// Zeroes on an encrypted image, under its write serialization.
+    fn write_zeroes_in_sectors(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            // Parts of sectors become zeros through the widened write path; whole sectors
+            // below get zero flags or encrypted zeros.
+            self.check_bounds(offset, len, self.size())?;
+            let (start, end) = sector_span(offset, len);
+            let inner_start = if offset == start {
+                start
+            } else {
+                start + SECTOR_SIZE
+            };
+            let inner_end = if offset + len == end {
+                end
+            } else {
+                end - SECTOR_SIZE
+            };
+            if inner_start >= inner_end {
+                return self.write_widened(&vec![0u8; len as usize], offset);
+            }
+            if offset < inner_start {
+                self.write_widened(&vec![0u8; (inner_start - offset) as usize], offset)?;
+            }
+            if inner_end < offset + len {
+                self.write_widened(&vec![0u8; (offset + len - inner_end) as usize], inner_end)?;
+            }
+            return self.write_zeroes_inner(inner_start, inner_end - inner_start, unmap);
+        }
+        self.write_zeroes_inner(offset, len, unmap)
+    }
+
+    /// Zeroes whole sectors of an encrypted image, or any range of a clear one.
+    fn write_zeroes_inner(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;

@@ -297,6 +297,10 @@ impl Image {
             )?;
         }
         refs.add(report, h.snapshots_offset, m.snapshot_table_len);
+        if let Some(c) = h.extensions.crypto {
+            // The LUKS header and key material, in whole clusters.
+            refs.add(report, c.offset, c.length);
+        }
         self.count_bitmaps(m, report, &mut refs)?;
         Ok(refs)
     }

@@ -4,13 +4,15 @@
 
 use std::path::Path;
 
+use crate::crypto::luks::Luks;
+use crate::crypto::Secret;
 use crate::error::{Error, Result};
 use crate::format::extension::Extensions;
 use crate::format::features::{Compatible, Incompatible};
 use crate::format::header::CompressionType;
 use crate::format::limits::*;
 use crate::format::{refcount, Header};
-use crate::image::{Image, OpenOptions};
+use crate::image::{Image, NewEncryption, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 
 /// How much to allocate up front (`preallocation=`).
@@ -60,6 +62,8 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// The data file is a valid raw image by itself: every cluster is mapped up front.
     pub data_file_raw: bool,
+    /// Encrypt the image (`encrypt.format=luks` or `aes` with `encrypt.key-secret`).
+    pub encryption: Option<NewEncryption>,
 }
 
 impl Default for CreateOptions {
@@ -77,6 +81,7 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             data_file: None,
             data_file_raw: false,
+            encryption: None,
         }
     }
 }
@@ -94,6 +99,7 @@ setters!(CreateOptions {
     preallocation: Preallocation,
     data_file: Option<String>,
     data_file_raw: bool,
+    encryption: Option<NewEncryption>,
 });
 
 impl CreateOptions {
@@ -178,6 +184,11 @@ impl CreateOptions {
         if self.data_file.is_some() && self.version < 3 {
             return Err(invalid("external data files need compat=1.1".into()));
         }
+        if self.encryption.is_some() && self.data_file.is_some() {
+            return Err(invalid(
+                "encryption with an external data file is not supported".into(),
+            ));
+        }
         if let Some(f) = &self.backing_format {
             if f != "qcow2" && f != "raw" {
                 return Err(invalid(format!("backing format {f:?} is not supported")));
@@ -186,8 +197,9 @@ impl CreateOptions {
         Ok(cs.trailing_zeros())
     }
 
-    /// The header and the first clusters of a new image.
-    fn layout(&self, cluster_bits: u32) -> Result<(Header, Vec<u8>)> {
+    /// The header and the first clusters of a new image; `crypto_len` bytes of clusters after
+    /// the L1 table hold the LUKS header (zeros here, filled once the file exists).
+    fn layout(&self, cluster_bits: u32, crypto_len: u64) -> Result<(Header, Vec<u8>)> {
         let cs = 1u64 << cluster_bits;
         let order = self.refcount_bits.trailing_zeros();
         let mut incompatible = 0;
@@ -206,7 +218,7 @@ impl CreateOptions {
             backing_file_size: 0,
             cluster_bits,
             size: self.size,
-            crypt_method: 0,
+            crypt_method: self.encryption.as_ref().map_or(0, NewEncryption::method),
             l1_size: 0,
             l1_table_offset: 0,
             refcount_table_offset: cs,
@@ -251,11 +263,13 @@ impl CreateOptions {
         }
         // An empty disk has an empty L1 table that takes no cluster (nothing would count it).
         let l1_clusters = (l1_entries * 8).div_ceil(cs);
-        // Refcount table and blocks must cover themselves, the header and the L1 table.
+        let crypto_clusters = crypto_len.div_ceil(cs);
+        // Refcount table and blocks must cover themselves, the header, the L1 table and the
+        // LUKS area.
         let per_block = refcount::entries_per_block(cluster_bits, order);
         let (mut reftable_clusters, mut blocks) = (1u64, 1u64);
         loop {
-            let total = 1 + reftable_clusters + blocks + l1_clusters;
+            let total = 1 + reftable_clusters + blocks + l1_clusters + crypto_clusters;
             let need_blocks = total.div_ceil(per_block);
             let need_table = (need_blocks * 8).div_ceil(cs);
             if need_blocks == blocks && need_table == reftable_clusters {
@@ -271,9 +285,19 @@ impl CreateOptions {
         // An empty L1 table sits at offset 0, as qemu-img writes it.
         header.l1_table_offset = if l1_entries == 0 { 0 } else { l1_offset };
         header.l1_size = l1_entries as u32;
+        let crypto_offset = l1_offset + l1_clusters * cs;
+        if crypto_len > 0 {
+            header.extensions.crypto = Some(crate::format::extension::CryptoHeaderExtension {
+                offset: crypto_offset,
+                length: crypto_len,
+            });
+        }
 
-        let used = 1 + reftable_clusters + blocks + l1_clusters;
-        let file_len = l1_offset + (l1_entries * 8).max(if l1_entries == 0 { 0 } else { 8 });
+        let used = 1 + reftable_clusters + blocks + l1_clusters + crypto_clusters;
+        let mut file_len = l1_offset + (l1_entries * 8).max(if l1_entries == 0 { 0 } else { 8 });
+        if crypto_len > 0 {
+            file_len = crypto_offset + crypto_clusters * cs;
+        }
         let mut bytes = vec![0u8; file_len.max(l1_offset) as usize];
         let head = header.encode().map_err(|e| Error::from_format("", e))?;
         bytes[..head.len()].copy_from_slice(&head);
@@ -294,13 +318,66 @@ impl CreateOptions {
     }
 }
 
+/// A new image's LUKS header, before its area exists: the header, the master key, and the
+/// password for slot 0 with its iteration time.
+struct NewLuks {
+    luks: Luks,
+    master: crate::crypto::luks::MasterKey,
+    password: Secret,
+    iter_time_ms: u64,
+}
+
+impl NewLuks {
+    fn prepare(options: &CreateOptions, name: &str) -> Result<Option<NewLuks>> {
+        let Some(NewEncryption::Luks { password, params }) = &options.encryption else {
+            return Ok(None);
+        };
+        let (luks, master) = Luks::create(params).map_err(|e| Error::crypto(name, e))?;
+        Ok(Some(NewLuks {
+            luks,
+            master,
+            password: password.clone(),
+            iter_time_ms: params.iter_time_ms,
+        }))
+    }
+
+    fn area_len(this: &Option<NewLuks>) -> u64 {
+        this.as_ref().map_or(0, |l| l.luks.area_len())
+    }
+
+    /// Fills key slot 0 and writes the header into the zeroed area the layout reserved.
+    fn write(self, storage: &dyn Storage, header: &Header, name: &str) -> Result<()> {
+        let ext = header
+            .extensions
+            .crypto
+            .expect("the layout reserves the LUKS area");
+        let mut luks = self.luks;
+        let area = crate::image::encryption::Area { storage, ext };
+        luks.store_key(&area, 0, &self.password, &self.master, self.iter_time_ms)
+            .map_err(|e| Error::crypto(name, e))
+    }
+}
+
+/// The key a new encrypted image opens with.
+fn open_keys(options: &CreateOptions) -> Vec<Option<Secret>> {
+    match &options.encryption {
+        Some(NewEncryption::Luks { password, .. } | NewEncryption::Aes { password }) => {
+            vec![Some(password.clone())]
+        }
+        None => Vec::new(),
+    }
+}
+
 impl Image {
     /// Creates a new image at `path` (which must not exist) and opens it for writing.
     pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let cluster_bits = options.validate(&name)?;
-        let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, &name))?;
+        let luks = NewLuks::prepare(options, &name)?;
+        let (header, bytes) = options
+            .layout(cluster_bits, NewLuks::area_len(&luks))
+            .map_err(|e| rename(e, &name))?;
         let mut storage =
             FileStorage::create_new(path).map_err(|e| Error::io(&name, "creating the image", e))?;
         // A create that fails leaves nothing behind, as qemu-img's does.
@@ -317,13 +394,19 @@ impl Image {
         }
         storage
             .write_at(&bytes, 0)
-            .and_then(|_| storage.flush())
+            .map_err(|e| Error::io(&name, "writing the new image", e))?;
+        if let Some(luks) = luks {
+            luks.write(&storage, &header, &name)?;
+        }
+        storage
+            .flush()
             .map_err(|e| Error::io(&name, "writing the new image", e))?;
         drop(storage);
         let image = Image::open(
             path,
             &OpenOptions {
                 writable: true,
+                keys: open_keys(options),
                 ..OpenOptions::default()
             },
         )?;
@@ -340,10 +423,18 @@ impl Image {
         options: &CreateOptions,
     ) -> Result<Image> {
         let cluster_bits = options.validate(name)?;
-        let (_, bytes) = options.layout(cluster_bits).map_err(|e| rename(e, name))?;
+        let luks = NewLuks::prepare(options, name)?;
+        let (header, bytes) = options
+            .layout(cluster_bits, NewLuks::area_len(&luks))
+            .map_err(|e| rename(e, name))?;
         storage
             .write_at(&bytes, 0)
-            .and_then(|_| storage.flush())
+            .map_err(|e| Error::io(name, "writing the new image", e))?;
+        if let Some(luks) = luks {
+            luks.write(&*storage, &header, name)?;
+        }
+        storage
+            .flush()
             .map_err(|e| Error::io(name, "writing the new image", e))?;
         let image = Image::from_storage(
             storage,
@@ -351,6 +442,7 @@ impl Image {
             &OpenOptions {
                 writable: true,
                 backing: crate::image::BackingPolicy::Ignore,
+                keys: open_keys(options),
                 ..OpenOptions::default()
             },
         )?;

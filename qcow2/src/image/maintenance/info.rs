@@ -62,6 +62,10 @@ pub struct ImageInfo {
     pub file_length: u64,
     /// Internal snapshots, in table order.
     pub snapshots: Vec<SnapshotInfo>,
+    /// The encryption format: "aes" (legacy) or "luks"; `None` for a clear image.
+    pub encryption_format: Option<&'static str>,
+    /// The LUKS header of a LUKS image.
+    pub luks: Option<crate::crypto::luks::Luks>,
 }
 
 impl Image {
@@ -112,6 +116,35 @@ impl Image {
                     disk_size: s.disk_size(),
                 })
                 .collect(),
+            encryption_format: match h.crypt_method {
+                crate::crypto::CRYPT_AES => Some("aes"),
+                crate::crypto::CRYPT_LUKS => Some("luks"),
+                _ => None,
+            },
+            luks: self.encryption.as_ref().and_then(|e| e.luks()),
         }
+    }
+
+    /// Whether guest data is stored encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+    }
+
+    /// Adds or erases LUKS key slots (`qemu-img amend -o encrypt.state=...`), with QEMU's
+    /// checks: an active slot is not overwritten and the last key is not erased unless
+    /// `force`. The image must be open with a password that unlocks it.
+    pub fn change_keyslots(
+        &self,
+        change: &crate::crypto::luks::KeyslotChange,
+        force: bool,
+    ) -> crate::Result<()> {
+        self.require_writable()?;
+        let Some(enc) = &self.encryption else {
+            return Err(crate::Error::InvalidArgument {
+                image: self.name.clone(),
+                reason: "the image is not encrypted".into(),
+            });
+        };
+        enc.change_keyslots(&*self.storage, &self.name, change, force)
     }
 }
