@@ -663,11 +663,6 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
             "data_file_raw" => {
                 out.options.data_file_raw = Some(parse_bool_opt("data_file_raw", &value)?.value)
             }
-            k if k.starts_with("encrypt.") => {
-                return Err(format!(
-                    "Parameter '{key}' is not supported by qcow2-tool amend"
-                ))
-            }
             "encrypt.state" => {
                 out.keyslots.get_or_insert_with(Default::default).activate = match value.as_str() {
                     "active" => true,
@@ -695,6 +690,11 @@ pub fn parse_amend(lists: &[String]) -> Result<AmendOpts, String> {
                 out.keyslots
                     .get_or_insert_with(Default::default)
                     .iter_time_ms = Some(parse_number_opt("encrypt.iter-time", &value)?)
+            }
+            k if k.starts_with("encrypt.") => {
+                return Err(format!(
+                    "Parameter '{key}' is not supported by qcow2-tool amend"
+                ))
             }
             _ => return Err(format!("Invalid parameter '{key}'")),
         }
