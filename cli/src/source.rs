@@ -6,7 +6,6 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use qcow2::storage::Storage;
 use qcow2::{Image, OpenOptions, SnapshotView};
 
 /// A command's failure: the message for stderr and the exit code.
@@ -459,28 +458,37 @@ impl Guest for RawFile {
     /// Holes of the file (`SEEK_DATA`/`SEEK_HOLE`) read as zeros and are never read; the rest
     /// is data (zeros written into it are found when it is read).
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
-        let mut out: Vec<Region> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (hole, n) = self
-                .file
-                .hole_at(pos, end - pos)
-                .map_err(|e| format!("error while reading at offset {pos}: {}", io_text(&e)))?
-                .map_or((false, end - pos), |(hole, n)| (hole, n.max(1)));
-            match out.last_mut() {
-                Some(last) if last.data != hole => last.length += n,
-                _ => out.push(Region {
-                    start: pos,
-                    length: n,
-                    data: !hole,
-                    below: false,
-                }),
-            }
-            pos += n;
-        }
-        Ok(out)
+        store_regions(&self.file, offset, len)
     }
+}
+
+/// The regions of `[offset, offset + len)` of a store read raw: what the store knows to read
+/// as zeros (a file's holes, `SEEK_DATA`/`SEEK_HOLE`) is zeros, the rest is data.
+pub fn store_regions(
+    store: &dyn qcow2::Storage,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Region>, String> {
+    let mut out: Vec<Region> = Vec::new();
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    while pos < end {
+        let (hole, n) = store
+            .hole_at(pos, end - pos)
+            .map_err(|e| format!("error while reading at offset {pos}: {}", io_text(&e)))?
+            .map_or((false, end - pos), |(hole, n)| (hole, n.max(1)));
+        match out.last_mut() {
+            Some(last) if last.data != hole => last.length += n,
+            _ => out.push(Region {
+                start: pos,
+                length: n,
+                data: !hole,
+                below: false,
+            }),
+        }
+        pos += n;
+    }
+    Ok(out)
 }
 
 /// An opened input: a qcow2 image, a raw file, or a node its options describe (a null node).

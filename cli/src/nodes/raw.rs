@@ -80,28 +80,7 @@ impl Guest for RawImage {
     /// What the store knows to read as zeros (a file's holes, a null node with
     /// `read-zeroes`) is zeros; the rest is data.
     fn regions(&self, offset: u64, len: u64) -> Result<Vec<Region>, String> {
-        let mut out: Vec<Region> = Vec::new();
-        let end = offset.saturating_add(len);
-        let mut pos = offset;
-        while pos < end {
-            let (hole, n) = self
-                .store
-                .hole_at(pos, end - pos)
-                .map_err(|e| io_text(&e))?
-                .filter(|&(_, n)| n > 0)
-                .unwrap_or((false, end - pos));
-            match out.last_mut() {
-                Some(last) if last.data != hole => last.length += n,
-                _ => out.push(Region {
-                    start: pos,
-                    length: n,
-                    data: !hole,
-                    below: false,
-                }),
-            }
-            pos += n;
-        }
-        Ok(out)
+        crate::source::store_regions(self.store.as_ref(), offset, len)
     }
 }
 
