@@ -128,11 +128,75 @@ impl Image {
                     continue;
                 }
             }
-            let len = ((cs - (guest & (cs - 1))) as usize).min(buf.len() - pos);
+            let left = buf.len() - pos;
+            let clusters = (guest % cs + left as u64).div_ceil(cs);
+            let run = self.fresh_run(m, guest, clusters)?;
+            if run > 1 {
+                let piece = |g: u64| {
+                    let at = (g - offset) as usize;
+                    let len = ((cs - (g & (cs - 1))) as usize).min(buf.len() - at);
+                    std::borrow::Cow::Borrowed(&buf[at..at + len])
+                };
+                pos += self.write_fresh_run(m, guest, run, piece)? as usize;
+                continue;
+            }
+            let len = ((cs - (guest & (cs - 1))) as usize).min(left);
             self.write_cluster(m, guest, &buf[pos..pos + len])?;
             pos += len;
         }
         self.keep_cache_bounded(m)
+    }
+
+    /// How many clusters from the one holding `guest` (at most `max`, within its L2 table) need
+    /// fresh host space for a write, one after the other. Makes the L2 table this image's own
+    /// first, as the write itself would.
+    fn fresh_run(&self, m: &mut Meta, guest: u64, max: u64) -> Result<u64> {
+        if max < 2 || m.header.has_external_data_file() {
+            return Ok(u64::from(max > 0));
+        }
+        let slot = self.writable_slot(m, guest)?;
+        let extended = m.header.extended_l2();
+        let l2_entries = 1usize << m.header.l2_bits();
+        let table = self.l2_table(m, slot.l2_offset, 0, m.header.l1_table_offset)?;
+        let mask = self.zero_bit_mask(m);
+        let needs_space = |i: usize| {
+            let e = be_u64_at(&table, if extended { i * 2 } else { i });
+            !matches!(
+                (classify_standard(e & !mask, false), e & COPIED != 0),
+                (ClusterMapping::Normal { .. }, true)
+                    | (ClusterMapping::ZeroAllocated { .. }, true)
+            )
+        };
+        let last = (slot.index + max as usize).min(l2_entries);
+        Ok((slot.index..last).take_while(|&i| needs_space(i)).count() as u64)
+    }
+
+    /// Writes `run` clusters that all need fresh space (see [`Image::fresh_run`]) into one
+    /// allocation of `run` contiguous clusters, as QEMU places a request's new clusters.
+    /// `piece(guest)` gives the bytes for the part of the request starting at `guest`. Returns
+    /// the bytes written. On failure the clusters not yet linked are freed again.
+    fn write_fresh_run<'a>(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        run: u64,
+        piece: impl Fn(u64) -> std::borrow::Cow<'a, [u8]>,
+    ) -> Result<u64> {
+        let cs = m.header.cluster_size();
+        self.mark_dirty(m)?;
+        self.l2_needs_refblocks(m)?;
+        let at = self.alloc(m, run)?;
+        let mut g = guest;
+        for i in 0..run {
+            let data = piece(g);
+            if let Err(e) = self.write_cluster_to(m, g, &data, Some(at + i * cs)) {
+                // Clusters nobody links yet go back; the failing one is linked only on success.
+                let _ = self.free(m, at + i * cs, (run - i) * cs);
+                return Err(e);
+            }
+            g += data.len() as u64;
+        }
+        Ok(g - guest)
     }
 
     /// Writes `buf` under the shared metadata lock when it changes nothing but data: every
@@ -570,6 +634,18 @@ impl Image {
 
     /// Writes `data` into the cluster holding guest offset `guest` (data stays within it).
     fn write_cluster(&self, m: &mut Meta, guest: u64, data: &[u8]) -> Result<()> {
+        self.write_cluster_to(m, guest, data, None)
+    }
+
+    /// As [`Image::write_cluster`]; a copy-on-write goes to `fresh`, a cluster the caller
+    /// allocated for it, when given.
+    fn write_cluster_to(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        data: &[u8],
+        fresh: Option<u64>,
+    ) -> Result<()> {
         let cs = m.header.cluster_size();
         let in_cluster = guest & (cs - 1);
         let cluster_start = guest - in_cluster;
@@ -634,7 +710,15 @@ impl Image {
         let data_and_zeros = (whole || reads_zeros) && !extended;
         let bitmap = if extended {
             let old_alloc = match mapping {
-                ClusterMapping::Normal { .. } => slot.bitmap as u32,
+                // A shared cluster's copy takes every subcluster from the first to the last
+                // one allocated or written, as QEMU copies it: one span, so the new cluster's
+                // allocated part stays contiguous.
+                ClusterMapping::Normal { .. } => {
+                    let covered = slot.bitmap as u32 | touched;
+                    let first = covered.trailing_zeros();
+                    let last = 31 - covered.leading_zeros();
+                    (((1u64 << (last + 1)) - 1) as u32) & !((1u32 << first) - 1)
+                }
                 ClusterMapping::Compressed { .. } => u32::MAX,
                 _ => 0,
             };
@@ -646,8 +730,13 @@ impl Image {
         };
         self.mark_dirty(m)?;
         self.l2_needs_refblocks(m)?;
-        let new = self.alloc(m, 1)?;
-        let zeroed = m.ws()?.refcounts.last_alloc_zeroed();
+        let (new, zeroed) = match fresh {
+            Some(at) => (at, false),
+            None => {
+                let at = self.alloc(m, 1)?;
+                (at, m.ws()?.refcounts.last_alloc_zeroed())
+            }
+        };
         self.guard(m, new, cs, None)?;
         if whole && !extended && data.len() as u64 == cs {
             // A whole cluster goes straight from the caller's buffer.
@@ -1063,11 +1152,21 @@ impl Image {
         Ok(false)
     }
 
-    /// Writes zeros as data over `[start, end)`, a cluster at a time.
+    /// Writes zeros as data over `[start, end)`, a cluster at a time (new clusters from one
+    /// allocation per run, as for any write).
     fn write_zero_data(&self, m: &mut Meta, start: u64, end: u64) -> Result<()> {
         let cs = m.header.cluster_size();
         let mut pos = start;
         while pos < end {
+            let run = self.fresh_run(m, pos, (pos % cs + end - pos).div_ceil(cs))?;
+            if run > 1 {
+                let piece = |g: u64| {
+                    let len = (g - g % cs + cs).min(end) - g;
+                    std::borrow::Cow::Owned(vec![0u8; len as usize])
+                };
+                pos += self.write_fresh_run(m, pos, run, piece)?;
+                continue;
+            }
             let chunk_end = (pos - pos % cs + cs).min(end);
             let zeros = vec![0u8; (chunk_end - pos) as usize];
             self.write_cluster(m, pos, &zeros)?;
@@ -1138,21 +1237,16 @@ impl Image {
                 }
                 (0, ALL_ZEROES, true)
             }
-            ClusterMapping::Normal { host_offset } if slot.entry & COPIED != 0 => {
+            // Zero flags change only this table's entry, never the host cluster, so a cluster
+            // shared with a snapshot keeps its entry too (as in QEMU); only an unmap of the
+            // whole cluster lets it go.
+            ClusterMapping::Normal { .. } => {
                 let bitmap = (slot.bitmap & !(mask as u64)) | (mask as u64) << 32;
                 if unmap && full {
                     (0, ALL_ZEROES, true)
                 } else {
-                    (host_offset | COPIED, bitmap, false)
+                    (slot.entry, bitmap, false)
                 }
-            }
-            ClusterMapping::Normal { .. } => {
-                if !full {
-                    let content = self.cluster_content(m, cluster_start)?;
-                    self.write_cluster(m, cluster_start, &content)?;
-                    return self.zero_grains(m, cluster_start, start, end, unmap);
-                }
-                (0, ALL_ZEROES, true)
             }
             _ => (
                 0,

@@ -634,6 +634,33 @@ impl Image {
         let mut raised: Vec<Segment> = Vec::new();
         let extended = m.header.extended_l2();
         let mut l1 = l1_source;
+        // Space is taken in QEMU's order — the L1 table, the snapshot table, then the L2 tables
+        // — so an image's layout after a snapshot matches what QEMU's tools expect to find.
+        // An empty L1 table takes no cluster (nothing would count it) and sits at offset 0.
+        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
+        let l1_at = if l1_clusters == 0 {
+            0
+        } else {
+            self.alloc(m, l1_clusters)?
+        };
+        if l1_clusters > 0 {
+            raised.push(one_each(l1_at >> cb, l1_clusters));
+            self.guard(m, l1_at, l1_clusters * cs, None)?;
+        }
+        let table = encode_table(&snapshots);
+        if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
+            return Err(self.refused("the snapshot table would exceed 64 MiB".into()));
+        }
+        let table_at = if snapshots.is_empty() {
+            0
+        } else {
+            let clusters = (table.len() as u64).div_ceil(cs);
+            let at = self.alloc(m, clusters)?;
+            raised.push(one_each(at >> cb, clusters));
+            self.guard(m, at, clusters * cs, None)?;
+            host.write(&table, at, "new snapshot table")?;
+            at
+        };
         for &(i, t) in &source.tables {
             let table = self.l2_table(m, t, i as u64, 0)?;
             let mut copy = table.to_vec();
@@ -666,34 +693,9 @@ impl Image {
             host.write(&copy, at, "new L2 table")?;
             l1[i] = at | COPIED;
         }
-        // An empty L1 table takes no cluster (nothing would count it) and sits at offset 0.
-        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
-        let l1_at = if l1_clusters == 0 {
-            0
-        } else {
-            self.alloc(m, l1_clusters)?
-        };
         if l1_clusters > 0 {
-            raised.push(one_each(l1_at >> cb, l1_clusters));
-        }
-        if l1_clusters > 0 {
-            self.guard(m, l1_at, l1_clusters * cs, None)?;
             self.write_new_l1(&l1, l1.len(), l1_at)?;
         }
-        let table = encode_table(&snapshots);
-        if table.len() as u64 > MAX_SNAPSHOTS_SIZE {
-            return Err(self.refused("the snapshot table would exceed 64 MiB".into()));
-        }
-        let table_at = if snapshots.is_empty() {
-            0
-        } else {
-            let clusters = (table.len() as u64).div_ceil(cs);
-            let at = self.alloc(m, clusters)?;
-            raised.push(one_each(at >> cb, clusters));
-            self.guard(m, at, clusters * cs, None)?;
-            host.write(&table, at, "new snapshot table")?;
-            at
-        };
         // The new tables and the raised refcounts become durable under one sync, before the
         // header can point at them: until then nothing references the new clusters, so any part
         // of these writes landing without the rest leaves at most leaked clusters.
