@@ -97,6 +97,66 @@ fn concurrent_sub_sector_writes_to_one_sector_all_land() {
     }
 }
 
+/// Whole-sector writes run beside each other, but a write widened to whole sectors (read,
+/// merge, write back) must not swallow a whole-sector write that lands between its read and its
+/// write: each round, started together on two threads, leaves the sector as one of the two
+/// orders would.
+#[test]
+fn a_sub_sector_write_never_undoes_a_concurrent_whole_sector_write() {
+    let dir = scratch_dir("concurrent-mixed");
+    let image = Arc::new(
+        Image::create(
+            &dir.join("a.qcow2"),
+            &CreateOptions::new(1 << 20).encryption(Some(luks("pw"))),
+        )
+        .unwrap(),
+    );
+    const ROUNDS: usize = 3000;
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let done = Arc::new(std::sync::Barrier::new(2));
+    let partial = {
+        let (image, start, done) = (Arc::clone(&image), Arc::clone(&start), Arc::clone(&done));
+        std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                start.wait();
+                if round % 2 == 0 {
+                    image.write_at(&[0xEE], 4096 + 100).unwrap();
+                } else {
+                    image.write_zeroes(4096 + 200, 3, false).unwrap();
+                }
+                done.wait();
+            }
+        })
+    };
+    for round in 0..ROUNDS {
+        let fill = (round % 200) as u8 + 1;
+        start.wait();
+        image.write_at(&[fill; 512], 4096).unwrap();
+        // Other sectors, written beside the widened write.
+        image.write_at(&[fill; 4096], 65536).unwrap();
+        done.wait();
+        let mut sector = [0u8; 512];
+        image.read_at(&mut sector, 4096).unwrap();
+        for (i, &b) in sector.iter().enumerate() {
+            let by_partial = match (round % 2, i) {
+                (0, 100) => Some(0xEE),
+                (1, 200..=202) => Some(0),
+                _ => None,
+            };
+            assert!(
+                b == fill || Some(b) == by_partial,
+                "round {round}: byte {i} is {b:#x}, not {fill:#x}: the widened write undid the \
+                 whole-sector one"
+            );
+        }
+    }
+    partial.join().unwrap();
+    let mut other = vec![0u8; 4096];
+    image.read_at(&mut other, 65536).unwrap();
+    assert!(other.iter().all(|&b| b == (((ROUNDS - 1) % 200) as u8 + 1)));
+    assert!(image.check().unwrap().is_clean());
+}
+
 #[test]
 fn a_crypto_extension_past_the_file_or_on_a_clear_image_is_refused() {
     let dir = scratch_dir("hostile_ext");

@@ -4,7 +4,7 @@
 //! the host offset, legacy AES from the guest offset; both work in 512-byte sectors, so guest
 //! requests are widened to whole sectors before they reach the data path.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::crypto::luks::{HeaderArea, KeyslotChange, Luks, LuksParams};
 use crate::crypto::{CryptoError, Secret, SectorCipher, CRYPT_AES, CRYPT_LUKS, SECTOR_SIZE};
@@ -21,9 +21,9 @@ pub(crate) struct Encryption {
     luks: Option<Mutex<Luks>>,
     area: Option<CryptoHeaderExtension>,
     opened_with: Option<Secret>,
-    /// Taken by each guest write: a widened write's read-merge-write of a sector must not
-    /// interleave with another write.
-    writes: Mutex<()>,
+    /// Guest writes of whole sectors share it; a write widened to whole sectors (read, merge,
+    /// write back) holds it alone, so no other write lands between its read and its write.
+    writes: RwLock<()>,
 }
 
 /// The LUKS area of an image file: every access stays inside the extension's range.
@@ -118,7 +118,7 @@ impl Encryption {
                 luks: None,
                 area: None,
                 opened_with: key.cloned(),
-                writes: Mutex::new(()),
+                writes: RwLock::new(()),
             }));
         }
         let ext = header.extensions.crypto.ok_or_else(|| {
@@ -141,13 +141,20 @@ impl Encryption {
             luks: Some(Mutex::new(luks)),
             area: Some(ext),
             opened_with: key.cloned(),
-            writes: Mutex::new(()),
+            writes: RwLock::new(()),
         }))
     }
 
-    /// Serializes guest writes while the guard lives.
-    pub(crate) fn serialize_writes(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    /// The pass of a write (or zeroing, or discard) of whole sectors: such writes run side by
+    /// side, but never during a widened write.
+    pub(crate) fn whole_sectors_pass(&self) -> RwLockReadGuard<'_, ()> {
+        self.writes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pass of a write widened to whole sectors: it excludes every other write while the
+    /// sectors it read are merged and written back.
+    pub(crate) fn widened_pass(&self) -> RwLockWriteGuard<'_, ()> {
+        self.writes.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the LUKS header, for LUKS images.

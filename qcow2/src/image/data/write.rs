@@ -55,12 +55,13 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
         if let Some(enc) = &self.encryption {
-            // One write at a time: a sector read, merged and written back must not overwrite
-            // a concurrent write to the same sector.
-            let _serial = enc.serialize_writes();
+            // A sector read, merged and written back must not overwrite a concurrent write to
+            // the same sector; writes of whole sectors need no such care from each other.
             if offset % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0 {
+                let _alone = enc.widened_pass();
                 return self.write_widened(buf, offset);
             }
+            let _shared = enc.whole_sectors_pass();
             return self.write_sectors(buf, offset);
         }
         self.write_sectors(buf, offset)

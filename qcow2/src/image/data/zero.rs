@@ -6,7 +6,7 @@ use crate::crypto::SECTOR_SIZE;
 use crate::error::Result;
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{classify_standard, ClusterMapping, COPIED, OFFSET_MASK, ZERO};
-use crate::image::encryption::sector_span;
+use crate::image::encryption::{sector_span, Encryption};
 use crate::image::map::{Extent, ExtentKind};
 use crate::image::{Image, Meta};
 
@@ -18,16 +18,20 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.require_writable()?;
         match &self.encryption {
-            Some(enc) => {
-                let _serial = enc.serialize_writes();
-                self.write_zeroes_in_sectors(offset, len, unmap)
-            }
+            Some(enc) => self.write_zeroes_in_sectors(enc, offset, len, unmap),
             None => self.write_zeroes_inner(offset, len, unmap),
         }
     }
 
-    /// Zeroes on an encrypted image, under its write serialization.
-    fn write_zeroes_in_sectors(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+    /// Zeroes on an encrypted image: parts of sectors as widened writes, whole sectors beside
+    /// other whole-sector writes.
+    fn write_zeroes_in_sectors(
+        &self,
+        enc: &Encryption,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
         if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             // Parts of sectors become zeros through the widened write path; whole sectors
             // below get zero flags or encrypted zeros.
@@ -44,16 +48,21 @@ impl Image {
                 end - SECTOR_SIZE
             };
             if inner_start >= inner_end {
+                let _alone = enc.widened_pass();
                 return self.write_widened(&vec![0u8; len as usize], offset);
             }
             if offset < inner_start {
+                let _alone = enc.widened_pass();
                 self.write_widened(&vec![0u8; (inner_start - offset) as usize], offset)?;
             }
             if inner_end < offset + len {
+                let _alone = enc.widened_pass();
                 self.write_widened(&vec![0u8; (offset + len - inner_end) as usize], inner_end)?;
             }
+            let _shared = enc.whole_sectors_pass();
             return self.write_zeroes_inner(inner_start, inner_end - inner_start, unmap);
         }
+        let _shared = enc.whole_sectors_pass();
         self.write_zeroes_inner(offset, len, unmap)
     }
 
@@ -324,6 +333,8 @@ impl Image {
     /// they read as zeros on v3 (or from the backing file on v2, as in QEMU).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.require_writable()?;
+        // A discard must not land between a widened write's read and its write back either.
+        let _shared = self.encryption.as_ref().map(|e| e.whole_sectors_pass());
         let _pass = self.write_pass()?;
         let mut m = self.meta_mut();
         self.check_bounds(offset, len, m.header.size)?;
