@@ -106,7 +106,7 @@ fn a_sub_sector_write_never_undoes_a_concurrent_whole_sector_write() {
     let dir = scratch_dir("concurrent-mixed");
     let image = Arc::new(
         Image::create(
-            &dir.join("a.qcow2"),
+            dir.join("a.qcow2"),
             &CreateOptions::new(1 << 20).encryption(Some(luks("pw"))),
         )
         .unwrap(),
