@@ -169,3 +169,36 @@ fn bitmaps_on_an_overlay_and_on_small_clusters_match_qemu_img() {
         assert_eq!(qemu_check(ours).0, 0, "{}", ours.display());
     }
 }
+
+/// Adding bitmaps rewrites the bitmap tables elsewhere; the old ones go back to the file system
+/// as qemu-img gives them back, so the file holds no more blocks than qemu-img's does.
+#[test]
+fn old_bitmap_tables_are_given_back_as_qemu_img_does() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch_dir("bitmap_punch");
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    for p in [&ours, &theirs] {
+        let s = p.to_str().unwrap();
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s, "1G"]);
+        qemu_img_ok(&["bitmap", "--add", s, "b0"]);
+        qemu_io(&["-f", "qcow2", "-c", "write -P 1 0 64M", s]);
+    }
+    for name in ["b1", "b2", "b3"] {
+        let out = tool_in(
+            Some(&dir),
+            &["bitmap", "--add", ours.to_str().unwrap(), name],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        qemu_img_ok(&["bitmap", "--add", theirs.to_str().unwrap(), name]);
+    }
+    let blocks = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks();
+    assert!(
+        blocks(&ours) <= blocks(&theirs),
+        "ours holds {} blocks, qemu-img's {}",
+        blocks(&ours),
+        blocks(&theirs)
+    );
+    assert_eq!(bitmaps(&ours), bitmaps(&theirs));
+    assert_eq!(qemu_check(&ours).0, 0);
+}

@@ -301,9 +301,11 @@ impl Image {
                 )?;
             }
         }
-        for (offset, len) in freed {
+        for &(offset, len) in &freed {
             self.free(m, offset, len)?;
         }
-        self.flush_all(m)
+        self.flush_all(m)?;
+        // QEMU discards freed bitmap clusters at once; the file keeps no stale tables either.
+        self.punch_freed(m, &freed, "giving old bitmap clusters back")
     }
 }

@@ -3,7 +3,7 @@
 //! given back to the file on discard or unmap.
 
 use crate::crypto::SECTOR_SIZE;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::limits::SUBCLUSTERS_PER_CLUSTER;
 use crate::format::table::{classify_standard, ClusterMapping, COPIED, OFFSET_MASK, ZERO};
 use crate::image::encryption::{sector_span, Encryption};
@@ -421,5 +421,41 @@ impl Image {
         self.mark_dirty(m)?;
         self.set_slot(m, slot, entry, bitmap);
         self.free_entry(m, slot.entry)
+    }
+
+    /// Gives host clusters freed earlier back to the file system, as QEMU discards them (a shrink's
+    /// data, old bitmap tables). The caller has made the freeing durable; a cluster reused since
+    /// (refcount above 0) or past the end of the file is left alone. A file system that cannot
+    /// punch holes keeps the blocks.
+    pub(crate) fn punch_freed(
+        &self,
+        m: &mut Meta,
+        freed: &[(u64, u64)],
+        purpose: &str,
+    ) -> Result<()> {
+        let cs = m.header.cluster_size();
+        let host = self.host();
+        let mut clusters: Vec<u64> = freed
+            .iter()
+            .flat_map(|&(offset, len)| (offset / cs..(offset + len).div_ceil(cs)).map(|c| c * cs))
+            .collect();
+        clusters.sort_unstable();
+        clusters.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for offset in clusters {
+            if offset + cs > m.file_len || m.ws_mut()?.refcounts.get(host, offset / cs)? != 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == offset => *len += cs,
+                _ => runs.push((offset, cs)),
+            }
+        }
+        for (offset, len) in runs {
+            self.storage
+                .punch_hole(offset, len)
+                .map_err(|e| Error::io(&self.name, purpose, e))?;
+        }
+        Ok(())
     }
 }

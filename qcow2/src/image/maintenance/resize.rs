@@ -113,31 +113,9 @@ impl Image {
         let mut m = self.meta_mut();
         self.publish_size(&mut m, new_size)?;
         self.truncate_after_last_cluster(&mut m)?;
-        self.punch_freed(&mut m, &freed)
-    }
-
-    /// Gives the host clusters a shrink freed back to the file system, as QEMU discards them:
-    /// the unmapping is durable by now, and a cluster reused since (refcount above 0) or cut
-    /// off by the truncation is left alone. A file system that refuses keeps the blocks.
-    fn punch_freed(&self, m: &mut Meta, freed: &[u64]) -> Result<()> {
         let cs = m.header.cluster_size();
-        let host = self.host();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &offset in freed {
-            if offset + cs > m.file_len || m.ws_mut()?.refcounts.get(host, offset / cs)? != 0 {
-                continue;
-            }
-            match runs.last_mut() {
-                Some((start, len)) if *start + *len == offset => *len += cs,
-                _ => runs.push((offset, cs)),
-            }
-        }
-        for (offset, len) in runs {
-            self.storage.punch_hole(offset, len).map_err(|e| {
-                Error::io(&self.name, "giving freed clusters back after a shrink", e)
-            })?;
-        }
-        Ok(())
+        let freed: Vec<(u64, u64)> = freed.iter().map(|&offset| (offset, cs)).collect();
+        self.punch_freed(&mut m, &freed, "giving freed clusters back after a shrink")
     }
 
     /// After a shrink, the file ends after its last cluster in use, as QEMU leaves it. The
