@@ -1,7 +1,7 @@
-//! `-p` progress on stderr. On a terminal it is a bar (bytes done, rate, time left); otherwise
-//! it is qemu-img's `    (12.34/100%)` lines ended by `\r`, which scripts and qemu-iotests
-//! parse, so redirected output stays byte for byte what qemu-img prints. `amend` prints the
-//! lines on stdout, where qemu-img prints them, because qemu-iotests pipe its stdout alone.
+//! `-p` progress. On a terminal it is a bar on stderr (bytes done, rate, time left); otherwise
+//! it is qemu-img's `    (12.34/100%)` lines ended by `\r` on stdout, where qemu-img prints
+//! them and where scripts (and management tools such as vdsm) parse them, so redirected output
+//! stays byte for byte what qemu-img prints.
 
 use std::io::{IsTerminal, Write};
 
@@ -12,68 +12,43 @@ const BAR_REFRESH_PER_SECOND: u8 = 10;
 
 pub struct Progress {
     enabled: bool,
-    /// Lines go to stdout rather than stderr.
-    stdout: bool,
+    /// How far (in points) the figure moves before another line prints: qemu-img's
+    /// `qemu_progress_init` argument for the command.
+    min_skip: f64,
     last: Option<f64>,
+    /// The bytes done at the last [`Progress::advance`].
+    done: u64,
     /// The bar, when progress is shown on a terminal.
     bar: Option<ProgressBar>,
 }
 
+/// qemu-img's step for most commands (convert, commit, amend).
+pub const SKIP_ONE: f64 = 1.0;
+/// qemu-img's step for `compare` and `rebase`.
+pub const SKIP_TWO: f64 = 2.0;
+
 impl Progress {
-    /// Progress shown only when `enabled` (`-p`), as a bar when stderr is a terminal.
-    pub fn new(enabled: bool) -> Progress {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(terminal_bar);
-        Self::with_bar(enabled, bar)
+    /// Progress shown only when `enabled` (`-p`): as a bar when both stdout and stderr are a
+    /// terminal, else in lines at least `min_skip` points apart.
+    pub fn new(enabled: bool, min_skip: f64) -> Progress {
+        let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+        Self::with_bar(enabled, min_skip, (enabled && terminal).then(terminal_bar))
     }
 
-    /// Progress whose lines go to stdout, as qemu-img prints them.
-    pub fn on_stdout(enabled: bool) -> Progress {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(terminal_bar);
+    fn with_bar(enabled: bool, min_skip: f64, bar: Option<ProgressBar>) -> Progress {
         let mut p = Progress {
             enabled,
-            stdout: true,
+            min_skip,
             last: None,
+            done: 0,
             bar,
         };
         p.show(0.0);
         p
     }
 
-    fn with_bar(enabled: bool, bar: Option<ProgressBar>) -> Progress {
-        let mut p = Progress {
-            enabled,
-            stdout: false,
-            last: None,
-            bar,
-        };
-        p.show(0.0);
-        p
-    }
-
-    /// Reports `done` of `total`; prints when the figure moved by 1% or more, or reached 100%.
-    pub fn update(&mut self, done: u64, total: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_length(total);
-            bar.set_position(done.min(total));
-            return;
-        }
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        if self
-            .last
-            .is_none_or(|last| pct - last >= 1.0 || (pct >= 100.0 && last < 100.0))
-        {
-            self.show(pct);
-        }
-    }
-
-    /// Reports `done` of `total` by qemu-img's rule for `convert`: a line when the figure
-    /// moved by more than `min_skip` points either way, or is exactly 0 or 100 (so a closing
-    /// report of 100 prints again, as qemu-img's does).
-    pub fn report(&mut self, done: u64, total: u64, min_skip: f64) {
+    /// Reports `done` of `total` bytes.
+    pub fn report(&mut self, done: u64, total: u64) {
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_position(done.min(total));
@@ -84,10 +59,20 @@ impl Progress {
         } else {
             (done as f64 * 100.0 / total as f64).min(100.0)
         };
-        self.offer(pct, min_skip);
+        self.offer(pct);
     }
 
-    /// Reports a percentage (as `amend` accounts it) by the same rule with a 1-point skip.
+    /// Reports `done` of `total` bytes when more is done than at the last call: for a command
+    /// that reports the same position from several places (`compare`), where qemu-img reports
+    /// each step once.
+    pub fn advance(&mut self, done: u64, total: u64) {
+        if done > self.done || (total == 0 && self.last.is_none_or(|l| l < 100.0)) {
+            self.done = done;
+            self.report(done, total);
+        }
+    }
+
+    /// Reports a percentage, for work not counted in bytes (`amend`).
     pub fn percent(&mut self, pct: f32) {
         let pct = pct.min(100.0);
         if let Some(bar) = &self.bar {
@@ -95,25 +80,26 @@ impl Progress {
             bar.set_position((pct.max(0.0) * 100.0) as u64);
             return;
         }
-        self.offer(f64::from(pct), 1.0);
+        self.offer(f64::from(pct));
     }
 
-    fn offer(&mut self, pct: f64, min_skip: f64) {
+    /// qemu-img's rule: a line when the figure moved by more than the skip either way, or is
+    /// exactly 0 or 100 (so a closing report of 100 prints again, as qemu-img's does).
+    /// Returns whether the figure was shown.
+    fn offer(&mut self, pct: f64) -> bool {
         let last = self.last.unwrap_or(0.0);
-        if pct > last + min_skip || pct < last - min_skip || pct == 100.0 || pct == 0.0 {
+        let skip = self.min_skip;
+        let shown = pct > last + skip || pct < last - skip || pct == 100.0 || pct == 0.0;
+        if shown {
             self.show(pct);
         }
+        shown
     }
 
     fn show(&mut self, pct: f64) {
         if self.enabled && self.bar.is_none() {
-            if self.stdout {
-                out!("    ({pct:.2}/100%)\r");
-                let _ = std::io::stdout().flush();
-            } else {
-                err!("    ({pct:.2}/100%)\r");
-                let _ = std::io::stderr().flush();
-            }
+            out!("    ({pct:.2}/100%)\r");
+            let _ = std::io::stdout().flush();
         }
         self.last = Some(pct);
     }
@@ -122,11 +108,9 @@ impl Progress {
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
-        } else if self.enabled && self.stdout {
+        } else if self.enabled {
             outln!();
             let _ = std::io::stdout().flush();
-        } else if self.enabled {
-            errln!();
         }
     }
 }
@@ -161,14 +145,26 @@ mod tests {
 
     #[test]
     fn a_bar_follows_bytes_done_and_ends_full() {
-        let mut p = Progress::with_bar(true, Some(ProgressBar::hidden()));
-        p.update(0, 1000);
-        p.update(250, 1000);
+        let mut p = Progress::with_bar(true, SKIP_ONE, Some(ProgressBar::hidden()));
+        p.report(0, 1000);
+        p.report(250, 1000);
         let bar = p.bar.clone().expect("a bar");
         assert_eq!((bar.position(), bar.length()), (250, Some(1000)));
-        p.update(2000, 1000);
+        p.report(2000, 1000);
         assert_eq!(bar.position(), 1000, "clamped to the total");
         p.finish();
         assert!(bar.is_finished());
+    }
+
+    #[test]
+    fn lines_follow_qemu_img_skip_rule() {
+        let mut p = Progress::with_bar(false, SKIP_TWO, None);
+        let shown: Vec<f64> = [0.0, 1.0, 2.0, 3.0, 4.0, 1.0, 100.0, 100.0]
+            .into_iter()
+            .filter(|&pct| p.offer(pct))
+            .collect();
+        // Not more than the skip away: 1, 2 (from 0) and 4 (from 3); 1 is back by exactly 2.
+        // 100 prints each time it comes.
+        assert_eq!(shown, vec![0.0, 3.0, 100.0, 100.0]);
     }
 }

@@ -77,9 +77,9 @@ fn convert_with_progress_prints_qemu_style_percentages() {
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("    (100.00/100%)\r"),
+        stdout(&out).contains("    (100.00/100%)\r"),
         "{:?}",
-        stderr(&out)
+        stdout(&out)
     );
 }
 

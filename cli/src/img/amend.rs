@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use qcow2::OpenOptions;
 
 use crate::io::open::{data_file_override, parse_option_string, OpenSpec, Options};
-use crate::progress::Progress;
+use crate::progress::{Progress, SKIP_ONE};
 use crate::source::{format_of, open_image, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> CmdResult {
     if let Some(change) = &opts.keyslots {
         image.change_keyslots(change, args.force).map_err(message)?;
     }
-    let mut progress = Progress::on_stdout(args.progress && !args.quiet);
+    let mut progress = Progress::new(args.progress && !args.quiet, SKIP_ONE);
     let amended = image.amend(&opts.options, &mut |done, total| {
         progress.percent(100.0 * done as f32 / total as f32)
     });

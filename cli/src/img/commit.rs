@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use qcow2::{CommitOptions, Image, OpenOptions};
 
-use crate::progress::Progress;
+use crate::progress::{Progress, SKIP_ONE};
 use crate::source::{format_of, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
@@ -89,9 +89,9 @@ pub fn run(args: Args) -> CmdResult {
         &options,
     )
     .map_err(|e| fail(format!("Could not open '{name}': {e}")))?;
-    let mut progress = Progress::new(args.progress);
+    let mut progress = Progress::new(args.progress, SKIP_ONE);
     image
-        .commit(&options, &mut |done, total| progress.update(done, total))
+        .commit(&options, &mut |done, total| progress.report(done, total))
         .map_err(|e| fail(format!("Block job failed: {e}")))?;
     progress.finish();
     image.close().map_err(|e| fail(e.to_string()))?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::progress::Progress;
+use crate::progress::{Progress, SKIP_TWO};
 use crate::source::{is_zero, CmdResult, Failure, Guest, Input, Region};
 
 /// Bytes compared per request.
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> CmdResult {
     }
     let common = size_a.min(size_b);
     let total = size_a.max(size_b);
-    let mut progress = Progress::new(args.progress);
+    let mut progress = Progress::new(args.progress, SKIP_TWO);
 
     let mut window = 0;
     while window < common {
@@ -91,11 +91,11 @@ pub fn run(args: Args) -> CmdResult {
                 (false, true) => zero_range(&sb, start, length, &mut progress, total)?,
             };
             if let Verdict::MismatchAt(offset) = verdict {
-                progress.finish();
                 say!("Content mismatch at offset {offset}!");
+                progress.finish();
                 return Ok(1);
             }
-            progress.update(start + length, total);
+            progress.advance(start + length, total);
         }
         window += len;
     }
@@ -111,8 +111,8 @@ pub fn run(args: Args) -> CmdResult {
                     if let Verdict::MismatchAt(offset) =
                         zero_range(longer, r.start, r.length, &mut progress, total)?
                     {
-                        progress.finish();
                         say!("Content mismatch at offset {offset}!");
+                        progress.finish();
                         return Ok(1);
                     }
                 }
@@ -120,9 +120,10 @@ pub fn run(args: Args) -> CmdResult {
             pos += len;
         }
     }
-    progress.update(total, total);
-    progress.finish();
+    progress.advance(total, total);
+    // qemu-img prints the verdict before it ends the progress line.
     say!("Images are identical.");
+    progress.finish();
     Ok(0)
 }
 
@@ -181,7 +182,7 @@ fn compare_range(
             }
         }
         pos += n as u64;
-        progress.update(pos, total);
+        progress.advance(pos, total);
     }
     Ok(Verdict::Same)
 }
@@ -205,7 +206,7 @@ fn zero_range(
             return Ok(Verdict::MismatchAt(pos + at / SECTOR * SECTOR));
         }
         pos += n as u64;
-        progress.update(pos, total);
+        progress.advance(pos, total);
     }
     Ok(Verdict::Same)
 }

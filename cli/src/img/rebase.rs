@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use qcow2::{BackingPolicy, Image, NewBacking, OpenOptions, RebaseOptions};
 
-use crate::progress::Progress;
+use crate::progress::{Progress, SKIP_TWO};
 use crate::source::{format_of, CmdResult, Failure, Format};
 
 #[derive(Debug, clap::Args)]
@@ -101,10 +101,10 @@ pub fn run(args: Args) -> CmdResult {
         .name(name)
         .header_only(args.header_only)
         .compress(args.compress);
-    let mut progress = Progress::new(args.progress && !args.header_only);
+    let mut progress = Progress::new(args.progress && !args.header_only, SKIP_TWO);
     image
         .rebase(&options, new, &mut |done, total| {
-            progress.update(done, total)
+            progress.report(done, total)
         })
         .map_err(|e| fail(format!("Could not rebase '{file_name}': {e}")))?;
     progress.finish();

@@ -11,7 +11,7 @@ use std::sync::{Condvar, Mutex};
 use qcow2::storage::Storage;
 use qcow2::FileStorage;
 
-use crate::progress::Progress;
+use crate::progress::{Progress, SKIP_ONE};
 use crate::source::is_zero;
 
 /// Bytes read per request.
@@ -20,8 +20,6 @@ pub const CHUNK: usize = 2 << 20;
 const PAGE: usize = 4096;
 /// Guest bytes mapped per `map` call, so huge images need little memory.
 pub const MAP_WINDOW: u64 = 1 << 30;
-/// Points of progress qemu-img's convert lets pass before it prints a new line.
-const CONVERT_MIN_SKIP: f64 = 1.0;
 /// qemu-img's limit for `-m`.
 pub const MAX_WORKERS: u64 = 16;
 
@@ -119,7 +117,7 @@ pub fn run(
     process: impl Fn(Chunk, &mut [u8], &dyn Fn()) -> Result<(), String> + Sync,
 ) -> Result<(), String> {
     // The progress shown and the data bytes copied so far.
-    let progress = Mutex::new((Progress::new(workers.progress), 0u64));
+    let progress = Mutex::new((Progress::new(workers.progress, SKIP_ONE), 0u64));
     // qemu-img measures progress in data chunks copied of all there are, so a first pass
     // counts them; zero ranges take no time and are not counted.
     let total = if workers.progress {
@@ -172,7 +170,7 @@ pub fn run(
                             // Counted under the lock, so the figures printed only grow.
                             let (progress, done) = &mut *lock(&progress);
                             *done += chunk.len;
-                            progress.report(*done, total, CONVERT_MIN_SKIP);
+                            progress.report(*done, total);
                         }
                     }
                 });
@@ -184,7 +182,7 @@ pub fn run(
         window += window_len;
     }
     let (progress, _) = &mut *lock(&progress);
-    progress.report(total, total, CONVERT_MIN_SKIP);
+    progress.report(total, total);
     progress.finish();
     Ok(())
 }
