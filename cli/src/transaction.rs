@@ -75,7 +75,7 @@ pub fn parse_plan(text: &str, base: &Path) -> Result<(PathBuf, Vec<Action>), Str
                     }
                 }
                 let mode = match data["mode"].as_str() {
-                    None | Some("absolute-paths") => OverlayMode::New,
+                    None | Some("absolute-paths") => OverlayMode::NewAbsolute,
                     Some("existing") => OverlayMode::Existing,
                     Some(other) => {
                         return Err(format!(
@@ -233,8 +233,8 @@ fn describe(a: &Action) -> String {
         Action::ExternalCreate {
             image,
             overlay,
-            mode: OverlayMode::New,
-        } => format!("{}: new overlay {}", image.display(), overlay.display()),
+            mode,
+        } if mode.creates() => format!("{}: new overlay {}", image.display(), overlay.display()),
         Action::ExternalCreate { image, overlay, .. } => {
             format!(
                 "{}: existing overlay {}",

@@ -115,6 +115,10 @@ fn a_plan_commits_and_qemu_agrees() {
     assert_qemu_clean(&dir);
     let listed = qemu_in(&dir, &["snapshot", "-l", "disk0.qcow2"]);
     assert!(stdout(&listed).contains("nightly"));
+    // No "mode" means QMP's absolute-paths: the overlay names disk1 by its absolute path.
+    let info = qcow2_testdata::qemu_info(&dir.join("disk1.nightly.qcow2"));
+    let disk1 = std::fs::canonicalize(dir.join("disk1.qcow2")).unwrap();
+    assert_eq!(info["backing-filename"], disk1.to_str().unwrap());
     let out = tool(&["recover", dir.join("vm1-group").to_str().unwrap()]);
     assert_eq!(code(&out), 0);
     assert!(stdout(&out).contains("Nothing to recover"));

@@ -178,7 +178,7 @@ fn external_create(s: &Served, args: &mut Args) -> Result<Planned, QmpError> {
         )));
     }
     let mode = match mode.as_deref() {
-        None | Some("absolute-paths") => OverlayMode::New,
+        None | Some("absolute-paths") => OverlayMode::NewAbsolute,
         Some("existing") => OverlayMode::Existing,
         Some(other) => {
             return Err(QmpError::generic(format!(

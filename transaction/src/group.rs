@@ -114,12 +114,23 @@ pub enum Action {
 /// Where an external snapshot's overlay comes from (QMP's `NewImageMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OverlayMode {
-    /// The transaction creates the overlay; the path must be free (or an empty file).
+    /// The transaction creates the overlay (the path must be free, or an empty file), naming
+    /// its backing file relative to the overlay's directory, so the two can move together.
     #[default]
     New,
+    /// As `New`, naming the backing file by its absolute path: QMP's `absolute-paths`, the
+    /// mode QEMU defaults to.
+    NewAbsolute,
     /// The overlay exists already, backed by the image with the same size; an abort leaves it
     /// in place, because the transaction did not make it.
     Existing,
+}
+
+impl OverlayMode {
+    /// Whether the transaction makes the overlay (and so removes it again on abort).
+    pub fn creates(self) -> bool {
+        self != OverlayMode::Existing
+    }
 }
 
 impl Action {
@@ -695,11 +706,7 @@ pub(crate) fn validate(
     let new_overlays: Vec<PathBuf> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::ExternalCreate {
-                overlay,
-                mode: OverlayMode::New,
-                ..
-            } => Some(
+            Action::ExternalCreate { overlay, mode, .. } if mode.creates() => Some(
                 fs.canonicalize(parent(overlay))
                     .ok()?
                     .join(overlay.file_name()?),
@@ -889,7 +896,7 @@ pub(crate) fn validate(
             ));
         }
         if let Ok(meta) = fs.stat(overlay) {
-            if m.overlay_mode == OverlayMode::New && (meta.len > 0 || !meta.is_file) {
+            if m.overlay_mode.creates() && (meta.len > 0 || !meta.is_file) {
                 return Err(invalid(
                     overlay,
                     "the overlay path is taken by a non-empty file".into(),
@@ -1098,11 +1105,11 @@ fn check_space(fs: &dyn GroupFs, members: &[Member]) -> Result<(), TxnError> {
         let cs = img.cluster_size();
         let round = |bytes: u64| bytes.div_ceil(cs) * cs;
         let (dev, place, bytes) = match (&m.overlay, m.overlay_mode) {
-            (Some(overlay), OverlayMode::New) => {
+            (Some(overlay), mode) if mode.creates() => {
                 let dev = fs.stat(parent(overlay)).map_or(m.dev, |id| id.dev);
                 (dev, overlay.as_path(), 4 << 16)
             }
-            (Some(_), OverlayMode::Existing) => continue,
+            (Some(_), _) => continue,
             (None, _) => {
                 let table = qcow2::format::snapshot::encode_table(&img.snapshot_entries()).len();
                 let new_entries = 1024 * m.changes.len() as u64;
@@ -1279,10 +1286,11 @@ pub(crate) fn plan_steps(
         }
         match m.overlay {
             Some(fin) => {
-                let tmp = match m.overlay_mode {
-                    OverlayMode::New => temp_name(&fin, txn, i),
-                    // An overlay in place already has nothing to create or rename.
-                    OverlayMode::Existing => fin.clone(),
+                // An overlay in place already has nothing to create or rename.
+                let tmp = if m.overlay_mode.creates() {
+                    temp_name(&fin, txn, i)
+                } else {
+                    fin.clone()
                 };
                 let w = Writer::default()
                     .u64(i as u64)
@@ -1294,6 +1302,7 @@ pub(crate) fn plan_steps(
                     image: m.image,
                     tmp,
                     fin,
+                    absolute_backing: m.overlay_mode == OverlayMode::NewAbsolute,
                     bitmaps: m.bitmaps,
                     overlay_bitmaps: m.overlay_bitmaps,
                     opened: None,

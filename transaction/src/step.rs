@@ -178,6 +178,8 @@ pub(crate) struct OverlayStep {
     pub image: Option<Held>,
     pub tmp: PathBuf,
     pub fin: PathBuf,
+    /// The new overlay names the image by its absolute path, not relative to its directory.
+    pub absolute_backing: bool,
     /// Bitmap changes of the image, after the decision.
     pub bitmaps: Vec<BitmapChange>,
     /// Bitmaps the new overlay starts with.
@@ -201,6 +203,7 @@ impl Step for OverlayStep {
                 &self.path,
                 size,
                 (&self.tmp, &self.fin),
+                self.absolute_backing,
                 &self.overlay_bitmaps,
             )?;
         }
@@ -340,19 +343,24 @@ pub(crate) fn reclaim_leaks(img: &Image, path: &Path) -> Result<(), TxnError> {
     ))
 }
 
-/// Creates an overlay at `tmp` backed by `image` (named relative to the overlay's final place
-/// `fin`), with the bitmaps `adds` make.
+/// Creates an overlay at `tmp` backed by `image` (its canonical path, named by it when
+/// `absolute`, else relative to the overlay's final place `fin`), with the bitmaps `adds` make.
 fn create_overlay(
     fs: &dyn GroupFs,
     image: &Path,
     size: u64,
     (tmp, fin): (&Path, &Path),
+    absolute: bool,
     adds: &[BitmapChange],
 ) -> Result<(), TxnError> {
     let dir = fs
         .canonicalize(parent(fin))
         .map_err(|e| TxnError::io(fin, e))?;
-    let backing = relative_to(image, &dir);
+    let backing = if absolute {
+        image.to_path_buf()
+    } else {
+        relative_to(image, &dir)
+    };
     fs.event("overlay_create");
     let storage = fs.create_new(tmp).map_err(|e| TxnError::io(tmp, e))?;
     let options = CreateOptions::new(size)

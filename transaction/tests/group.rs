@@ -109,6 +109,47 @@ fn group_dir(d: &Disks) -> PathBuf {
     d.dir.join("group")
 }
 
+/// QMP's default `absolute-paths` names the backing file by its absolute path; `New` names it
+/// relative to the overlay. Both overlays read as their image does, by qemu-img too.
+#[test]
+fn an_absolute_paths_overlay_names_its_image_by_absolute_path() {
+    let d = disks("txn-absolute");
+    let sub = d.dir.join("overlays");
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut group = Group::open(group_dir(&d)).unwrap();
+    group
+        .run(&[
+            Action::ExternalCreate {
+                image: d.paths[0].clone(),
+                overlay: sub.join("abs.qcow2"),
+                mode: OverlayMode::NewAbsolute,
+            },
+            Action::ExternalCreate {
+                image: d.paths[1].clone(),
+                overlay: sub.join("rel.qcow2"),
+                mode: OverlayMode::New,
+            },
+        ])
+        .unwrap();
+    drop(group);
+    let name = |p: &std::path::Path| {
+        Image::open(p, &OpenOptions::metadata_only())
+            .unwrap()
+            .backing_file_name()
+    };
+    let canonical = std::fs::canonicalize(&d.paths[0]).unwrap();
+    assert_eq!(name(&sub.join("abs.qcow2")).as_deref(), canonical.to_str());
+    assert_eq!(
+        name(&sub.join("rel.qcow2")).as_deref(),
+        Some("../disk1.qcow2")
+    );
+    for (overlay, image) in [("abs.qcow2", &d.paths[0]), ("rel.qcow2", &d.paths[1])] {
+        let overlay = sub.join(overlay);
+        assert_eq!(qemu_check(&overlay).0, 0);
+        assert!(qemu_convert_raw(&overlay, None) == qemu_convert_raw(image, None));
+    }
+}
+
 #[test]
 fn a_four_image_plan_commits_everywhere() {
     let d = disks("txn-commit");
