@@ -100,6 +100,9 @@ pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     if !options.writable && FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
         options.force_share = true;
     }
+    if options.backing_resolver.is_none() {
+        options.backing_resolver = Some(crate::nodes::backing_json::resolver());
+    }
     if options.backing == qcow2::BackingPolicy::Follow {
         options.backing = match BACKING_FILES.get().copied().unwrap_or(BackingFiles::Follow) {
             BackingFiles::Follow => qcow2::BackingPolicy::Follow,
