@@ -95,7 +95,10 @@ impl std::fmt::Display for ChainProblem {
                 )
             }
             ChainProblem::NoResolver => {
-                write!(f, "the name is not a file path and nothing was given to resolve it")
+                write!(
+                    f,
+                    "the name is not a file path and nothing was given to resolve it"
+                )
             }
             ChainProblem::DriverRefused { driver } => {
                 write!(f, "the '{driver}' driver is not allowed below an image")

@@ -90,11 +90,7 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
 
 /// Opens the `json:` backing name `name` as the image `image` would, for its format name and
 /// virtual size (qemu-img create reads them from the backing file).
-pub fn probe(
-    image: &str,
-    name: &str,
-    options: &OpenOptions,
-) -> qcow2::Result<(&'static str, u64)> {
+pub fn probe(image: &str, name: &str, options: &OpenOptions) -> qcow2::Result<(&'static str, u64)> {
     let mut request = BackingRequest::new(image, name, options, false);
     let resolved = JsonBacking.resolve(&mut request)?;
     let is_qcow2 = match resolved.format.as_deref() {

@@ -19,16 +19,22 @@ pub fn open(
     child: &str,
     writable: bool,
 ) -> Result<Box<dyn Storage>, String> {
-    open_with(o, prefix, child, writable, &mut |name: &str, writable: bool| {
-        let path = std::path::Path::new(name);
-        let file = if writable {
-            FileStorage::open_read_write(path)
-        } else {
-            FileStorage::open_read_only(path)
-        }
-        .map_err(|e| format!("Could not open '{name}': {}", io_text(&e)))?;
-        Ok(Box::new(file) as Box<dyn Storage>)
-    })
+    open_with(
+        o,
+        prefix,
+        child,
+        writable,
+        &mut |name: &str, writable: bool| {
+            let path = std::path::Path::new(name);
+            let file = if writable {
+                FileStorage::open_read_write(path)
+            } else {
+                FileStorage::open_read_only(path)
+            }
+            .map_err(|e| format!("Could not open '{name}': {}", io_text(&e)))?;
+            Ok(Box::new(file) as Box<dyn Storage>)
+        },
+    )
 }
 
 /// Opens a host file by its `filename` option, for writing or not.

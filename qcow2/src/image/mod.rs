@@ -37,7 +37,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use backing::BackingPolicy;
-pub use resolver::{BackingRequest, BackingResolver, ResolvedBacking};
 pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use commit::CommitOptions;
@@ -56,6 +55,7 @@ pub use map::{Extent, ExtentKind};
 pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
+pub use resolver::{BackingRequest, BackingResolver, ResolvedBacking};
 pub use snapshot::SnapshotView;
 
 use crate::error::{Error, Result};

@@ -281,7 +281,11 @@ fn attach_files(
 /// Whether the backing file is qcow2 (`Some(true)`), raw (`Some(false)`) or to be probed
 /// (`None`): the caller's `backing.driver` wins over what a resolver read from the name, which
 /// wins over the format the header records.
-fn backing_format(image: &Image, options: &OpenOptions, named: Option<&str>) -> Result<Option<bool>> {
+fn backing_format(
+    image: &Image,
+    options: &OpenOptions,
+    named: Option<&str>,
+) -> Result<Option<bool>> {
     let recorded = image
         .meta()
         .header
@@ -330,10 +334,7 @@ fn attach_resolved(
     let mut request = BackingRequest::new(&image.name, backing_name, options, backing_writable);
     let resolved = resolver.resolve(&mut request)?;
     let opened = request.opened().to_vec();
-    if opened
-        .iter()
-        .any(|p| p == canonical || chain.contains(p))
-    {
+    if opened.iter().any(|p| p == canonical || chain.contains(p)) {
         return Err(chain_error(image, ChainProblem::Loop));
     }
     let is_qcow2 = match backing_format(image, options, resolved.format.as_deref())? {
