@@ -231,7 +231,7 @@ fn attach_files(
         return Err(chain_error(image, ChainProblem::Loop));
     }
 
-    let is_qcow2 = match backing_format(image, options, None)? {
+    let is_qcow2 = match backing_format(image, options)? {
         Some(is_qcow2) => is_qcow2,
         None => probe_is_qcow2(&*open_file(&backing_path, false).map_err(|e| {
             Error::io(
@@ -279,13 +279,8 @@ fn attach_files(
 }
 
 /// Whether the backing file is qcow2 (`Some(true)`), raw (`Some(false)`) or to be probed
-/// (`None`): the caller's `backing.driver` wins over what a resolver read from the name, which
-/// wins over the format the header records.
-fn backing_format(
-    image: &Image,
-    options: &OpenOptions,
-    named: Option<&str>,
-) -> Result<Option<bool>> {
+/// (`None`): the caller's `backing.driver` wins over the format the header records.
+fn backing_format(image: &Image, options: &OpenOptions) -> Result<Option<bool>> {
     let recorded = image
         .meta()
         .header
@@ -293,12 +288,7 @@ fn backing_format(
         .backing_format
         .as_ref()
         .map(|f| String::from_utf8_lossy(f).into_owned());
-    let format = options
-        .backing_format
-        .clone()
-        .or(named.map(str::to_string))
-        .or(recorded);
-    match format.as_deref() {
+    match options.backing_format.clone().or(recorded).as_deref() {
         Some("qcow2") => Ok(Some(true)),
         Some("raw") => Ok(Some(false)),
         Some(other) => Err(Error::Chain {
@@ -321,41 +311,80 @@ fn attach_resolved(
     chain: &mut Vec<PathBuf>,
     writable_depth: Option<usize>,
 ) -> Result<()> {
-    let backing_writable = writable_depth == Some(chain.len() + 1);
-    let chain_error = |image: &Image, problem| Error::Chain {
-        image: image.name.clone(),
+    let recorded = image
+        .meta()
+        .header
+        .extensions
+        .backing_format
+        .as_ref()
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    let below = OpenOptions {
+        writable: writable_depth == Some(chain.len() + 1),
+        backing_format: None,
+        keys: options.keys.get(1..).unwrap_or_default().to_vec(),
+        ..options.clone()
+    };
+    chain.push(canonical.to_path_buf());
+    let backing = open_resolved(
+        &image.name,
+        backing_name,
+        [options.backing_format.clone(), None, recorded],
+        &below,
+        chain,
+        writable_depth,
+    );
+    chain.pop();
+    image.backing = Some(backing?);
+    Ok(())
+}
+
+/// Opens the backing file `backing_name` (not a path) of the image `above` with the caller's
+/// resolver; `below` are the options it opens with. Its format is the first of `formats`
+/// given, the name's own format standing in for the middle one (`[the caller's choice, -, the
+/// header's]`), else a probe. `chain` holds the images above, the one it backs included.
+pub(crate) fn open_resolved(
+    above: &str,
+    backing_name: &str,
+    formats: [Option<String>; 3],
+    below: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+) -> Result<Backing> {
+    let chain_error = |problem| Error::Chain {
+        image: above.to_string(),
         role: "backing",
         file: backing_name.to_string(),
         problem,
     };
-    let Some(resolver) = options.backing_resolver.clone() else {
-        return Err(chain_error(image, ChainProblem::NoResolver));
+    let Some(resolver) = below.backing_resolver.clone() else {
+        return Err(chain_error(ChainProblem::NoResolver));
     };
-    let mut request = BackingRequest::new(&image.name, backing_name, options, backing_writable);
+    let mut request = BackingRequest::new(above, backing_name, below, below.writable);
     let resolved = resolver.resolve(&mut request)?;
     let opened = request.opened().to_vec();
-    if opened.iter().any(|p| p == canonical || chain.contains(p)) {
-        return Err(chain_error(image, ChainProblem::Loop));
+    if opened.iter().any(|p| chain.contains(p)) {
+        return Err(chain_error(ChainProblem::Loop));
     }
-    let is_qcow2 = match backing_format(image, options, resolved.format.as_deref())? {
-        Some(is_qcow2) => is_qcow2,
+    let [chosen, _, recorded] = formats;
+    let format = chosen.or(resolved.format).or(recorded);
+    let is_qcow2 = match format.as_deref() {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => {
+            return Err(chain_error(ChainProblem::UnsupportedFormat(
+                other.to_string(),
+            )))
+        }
         None => probe_is_qcow2(&*resolved.storage).map_err(|e| {
             Error::io(
-                &image.name,
+                above,
                 format!("probing the backing file {backing_name:?}"),
                 e,
             )
         })?,
     };
     let storage = resolved.storage;
-    let backing = if is_qcow2 {
-        chain.push(canonical.to_path_buf());
-        let below_options = OpenOptions {
-            writable: backing_writable,
-            backing_format: None,
-            keys: options.keys.get(1..).unwrap_or_default().to_vec(),
-            ..options.clone()
-        };
+    Ok(if is_qcow2 {
         // The image's own names have no directory to resolve against (QEMU refuses relative
         // names under a json: name too); it is known by the first file it was built on.
         let layer = Layer {
@@ -367,18 +396,16 @@ fn attach_resolved(
                 .cloned()
                 .unwrap_or_else(|| PathBuf::from(backing_name)),
         };
-        let below = open_layer(layer, &below_options, chain, writable_depth, None);
-        chain.pop();
-        Backing::Qcow2(std::sync::Arc::new(below?))
+        let image = open_layer(layer, below, chain, writable_depth, None)?;
+        Backing::Qcow2(std::sync::Arc::new(image))
     } else {
         let size = storage
             .len()
-            .map_err(|e| Error::io(&image.name, "reading the backing file length", e))?
+            .map_err(|e| Error::io(above, "reading the backing file length", e))?
+            // QEMU sees a raw file in whole sectors.
             .next_multiple_of(512);
         Backing::Raw { storage, size }
-    };
-    image.backing = Some(backing);
-    Ok(())
+    })
 }
 
 /// Resolves a name from the image and checks it against the policy.
