@@ -157,6 +157,22 @@ fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
         stderr(&out)
     );
     assert!(!dir.join("new.qcow2").exists());
+    // A blkdebug config file would be a host file read outside the policy.
+    let config = "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'config': \
+                  '/etc/passwd', 'image': {'driver': 'file', 'filename': 'top.qcow2'}}}";
+    let out = ours_as(
+        "qemu-img",
+        &dir,
+        &[
+            "create", "-f", "qcow2", "-b", config, "-F", "qcow2", "c.qcow2",
+        ],
+    );
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("'config' file is not read"),
+        "{}",
+        stderr(&out)
+    );
     // Nothing connected to the socket, and the overlay is as it was.
     let accepted = listener.accept();
     assert!(

@@ -69,6 +69,12 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
             }));
         }
     }
+    // A blkdebug config file is a host file read outside the policy gate.
+    if o.keys().any(|k| k == "config" || k.ends_with(".config")) {
+        return Err(request.refuse(ChainProblem::Unresolvable(
+            "blkdebug's 'config' file is not read for a json: backing name".into(),
+        )));
+    }
     // Drivers nested as JSON text (quorum's children) are not among the accepted ones anyway;
     // any other option of the format node would be silently ignored, so it is refused.
     if let Some(key) = o

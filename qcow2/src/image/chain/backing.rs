@@ -233,20 +233,15 @@ fn attach_files(
 
     let is_qcow2 = match backing_format(image, options)? {
         Some(is_qcow2) => is_qcow2,
-        None => probe_is_qcow2(&*open_file(&backing_path, false).map_err(|e| {
-            Error::io(
-                &image.name,
-                format!("probing the backing file {backing_name:?}"),
-                e,
-            )
-        })?)
-        .map_err(|e| {
-            Error::io(
-                &image.name,
-                format!("probing the backing file {backing_name:?}"),
-                e,
-            )
-        })?,
+        None => open_file(&backing_path, false)
+            .and_then(|file| probe_is_qcow2(&*file))
+            .map_err(|e| {
+                Error::io(
+                    &image.name,
+                    format!("probing the backing file {backing_name:?}"),
+                    e,
+                )
+            })?,
     };
     let backing = if is_qcow2 {
         chain.push(canonical.to_path_buf());
@@ -278,16 +273,21 @@ fn attach_files(
     Ok(())
 }
 
-/// Whether the backing file is qcow2 (`Some(true)`), raw (`Some(false)`) or to be probed
-/// (`None`): the caller's `backing.driver` wins over the format the header records.
-fn backing_format(image: &Image, options: &OpenOptions) -> Result<Option<bool>> {
-    let recorded = image
+/// The backing format the image's header records.
+fn recorded_format(image: &Image) -> Option<String> {
+    image
         .meta()
         .header
         .extensions
         .backing_format
         .as_ref()
-        .map(|f| String::from_utf8_lossy(f).into_owned());
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+}
+
+/// Whether the backing file is qcow2 (`Some(true)`), raw (`Some(false)`) or to be probed
+/// (`None`): the caller's `backing.driver` wins over the format the header records.
+fn backing_format(image: &Image, options: &OpenOptions) -> Result<Option<bool>> {
+    let recorded = recorded_format(image);
     match options.backing_format.clone().or(recorded).as_deref() {
         Some("qcow2") => Ok(Some(true)),
         Some("raw") => Ok(Some(false)),
@@ -311,13 +311,7 @@ fn attach_resolved(
     chain: &mut Vec<PathBuf>,
     writable_depth: Option<usize>,
 ) -> Result<()> {
-    let recorded = image
-        .meta()
-        .header
-        .extensions
-        .backing_format
-        .as_ref()
-        .map(|f| String::from_utf8_lossy(f).into_owned());
+    let recorded = recorded_format(image);
     let below = OpenOptions {
         writable: writable_depth == Some(chain.len() + 1),
         backing_format: None,
@@ -328,7 +322,8 @@ fn attach_resolved(
     let backing = open_resolved(
         &image.name,
         backing_name,
-        [options.backing_format.clone(), None, recorded],
+        options.backing_format.clone(),
+        recorded,
         &below,
         chain,
         writable_depth,
@@ -339,13 +334,14 @@ fn attach_resolved(
 }
 
 /// Opens the backing file `backing_name` (not a path) of the image `above` with the caller's
-/// resolver; `below` are the options it opens with. Its format is the first of `formats`
-/// given, the name's own format standing in for the middle one (`[the caller's choice, -, the
-/// header's]`), else a probe. `chain` holds the images above, the one it backs included.
+/// resolver; `below` are the options it opens with. Its format is the caller's `chosen` one,
+/// else the one the name gives, else the one the header `recorded`, else a probe. `chain`
+/// holds the images above, the one it backs included.
 pub(crate) fn open_resolved(
     above: &str,
     backing_name: &str,
-    formats: [Option<String>; 3],
+    chosen: Option<String>,
+    recorded: Option<String>,
     below: &OpenOptions,
     chain: &mut Vec<PathBuf>,
     writable_depth: Option<usize>,
@@ -365,7 +361,6 @@ pub(crate) fn open_resolved(
     if opened.iter().any(|p| chain.contains(p)) {
         return Err(chain_error(ChainProblem::Loop));
     }
-    let [chosen, _, recorded] = formats;
     let format = chosen.or(resolved.format).or(recorded);
     let is_qcow2 = match format.as_deref() {
         Some("qcow2") => true,

@@ -51,9 +51,11 @@ impl NewBacking {
         if !resolver::is_plain_path(name) {
             // Described, not named: the caller's resolver builds it, as for any backing file.
             let above = image_path.display().to_string();
-            let formats = [Some(format.to_string()), None, None];
+            let chosen = Some(format.to_string());
             let chain = &mut Vec::new();
-            return match backing::open_resolved(&above, name, formats, &read_only, chain, None)? {
+            return match backing::open_resolved(
+                &above, name, chosen, None, &read_only, chain, None,
+            )? {
                 Backing::Qcow2(image) => Ok(NewBacking::Qcow2(Box::new(
                     std::sync::Arc::try_unwrap(image).map_err(|_| Error::InvalidArgument {
                         image: above.clone(),
