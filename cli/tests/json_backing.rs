@@ -218,3 +218,56 @@ fn a_json_backing_file_outside_the_allowed_directory_is_refused() {
         stderr(&beside)
     );
 }
+
+#[test]
+fn convert_onto_a_json_backing_matches_qemu() {
+    let dir = scratch_dir("json_backing_convert");
+    let base = dir.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
+    let fill = qemu(
+        &dir,
+        "qemu-io",
+        &["-c", "write -P 0x5a 0 1M", path_str(&base)],
+    );
+    assert_eq!(code(&fill), 0, "{}", stderr(&fill));
+    let src = dir.join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&src), "1M"]);
+    qemu_img_ok(&["bitmap", "--add", path_str(&src), "b0"]);
+    let fill = qemu(
+        &dir,
+        "qemu-io",
+        &["-c", "write -P 0x33 0 64k", path_str(&src)],
+    );
+    assert_eq!(code(&fill), 0, "{}", stderr(&fill));
+    let backing = "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'base.qcow2'}}";
+    let mut maps = Vec::new();
+    for tool in ["ours", "qemu"] {
+        let dst = format!("{tool}.qcow2");
+        let args = [
+            "convert",
+            "--bitmaps",
+            "-B",
+            backing,
+            "-F",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            &dst,
+        ];
+        let out = if tool == "ours" {
+            ours_as("qemu-img", &dir, &args)
+        } else {
+            qemu(&dir, "qemu-img", &args)
+        };
+        assert_eq!(code(&out), 0, "{tool}: {}", stderr(&out));
+        let dst = dir.join(&dst);
+        maps.push(qemu(&dir, "qemu-img", &["map", "--output=json", path_str(&dst)]).stdout);
+        let info = qemu_img_ok(&["info", path_str(&dst)]);
+        assert!(info.contains("backing file: json:{'driver'"), "{info}");
+        assert!(info.contains("name: b0"), "{tool}: {info}");
+    }
+    assert_eq!(maps[0], maps[1]);
+    let same = qemu(&dir, "qemu-img", &["compare", "ours.qcow2", "qemu.qcow2"]);
+    assert_eq!(code(&same), 0, "{}", stdout(&same));
+}

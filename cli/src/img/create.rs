@@ -127,7 +127,7 @@ pub fn run(args: Args) -> CmdResult {
         if backing.is_empty() {
             return Err(named("Expected backing file name, got empty string".into()));
         }
-        let described = backing.starts_with("json:");
+        let described = crate::nodes::backing_json::is_json(&backing);
         let full = resolve_relative(Path::new(&host), &backing);
         if !described {
             inputs.extend(crate::target::identity_of(&full));

@@ -126,6 +126,11 @@ pub fn probe(image: &str, name: &str, options: &OpenOptions) -> qcow2::Result<(&
     }
 }
 
+/// Whether a backing name is a `json:` description rather than a path.
+pub fn is_json(name: &str) -> bool {
+    name.starts_with("json:")
+}
+
 /// The resolver every chain this tool opens gets.
 pub fn resolver() -> std::sync::Arc<dyn BackingResolver> {
     std::sync::Arc::new(JsonBacking)
