@@ -20,10 +20,7 @@ impl BackingResolver for PlainFile {
     fn resolve(&self, request: &mut BackingRequest<'_>) -> qcow2::Result<ResolvedBacking> {
         let file = request.name()["json:".len()..].to_string();
         let storage = request.open_file(&file)?;
-        Ok(ResolvedBacking {
-            storage,
-            format: Some("qcow2".into()),
-        })
+        Ok(ResolvedBacking::new(storage, Some("qcow2".into())))
     }
 }
 

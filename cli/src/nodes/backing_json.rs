@@ -46,7 +46,7 @@ impl BackingResolver for JsonBacking {
             (Err(_), Some(e)) => return Err(e),
             (Err(text), None) => return Err(request.refuse(ChainProblem::Unresolvable(text))),
         };
-        Ok(ResolvedBacking { storage, format })
+        Ok(ResolvedBacking::new(storage, format))
     }
 }
 

@@ -19,6 +19,7 @@ pub trait BackingResolver: Send + Sync + std::fmt::Debug {
 }
 
 /// What a [`BackingResolver`] found below an image.
+#[non_exhaustive]
 pub struct ResolvedBacking {
     /// The bytes the backing image's format reads (a file, or nodes over files).
     pub storage: Box<dyn Storage>,
@@ -34,6 +35,13 @@ pub struct BackingRequest<'a> {
     options: &'a OpenOptions,
     writable: bool,
     opened: Vec<PathBuf>,
+}
+
+impl ResolvedBacking {
+    /// The storage below the image, in `format` ("qcow2" or "raw") when the name says.
+    pub fn new(storage: Box<dyn Storage>, format: Option<String>) -> ResolvedBacking {
+        ResolvedBacking { storage, format }
+    }
 }
 
 impl std::fmt::Debug for ResolvedBacking {
