@@ -271,3 +271,64 @@ fn convert_onto_a_json_backing_matches_qemu() {
     let same = qemu(&dir, "qemu-img", &["compare", "ours.qcow2", "qemu.qcow2"]);
     assert_eq!(code(&same), 0, "{}", stdout(&same));
 }
+
+/// A `json:` name that describes nothing but a qcow2 file goes by that file's name, and that
+/// image's own relative backing name resolves against its directory, as in QEMU.
+#[test]
+fn a_json_name_of_just_a_file_goes_by_that_file() {
+    let dir = scratch_dir("json_backing_plain");
+    let sub = dir.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path_str(&sub.join("b0.qcow2")),
+        "1M",
+    ]);
+    let b0 = path_str(&sub.join("b0.qcow2")).to_owned();
+    let fill = qemu(&dir, "qemu-io", &["-c", "write -P 0x44 512k 64k", &b0]);
+    assert_eq!(code(&fill), 0, "{}", stderr(&fill));
+    let mid = sub.join("mid.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b0.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&mid),
+    ]);
+    let fill = qemu(
+        &dir,
+        "qemu-io",
+        &["-c", "write -P 0x55 0 64k", path_str(&mid)],
+    );
+    assert_eq!(code(&fill), 0, "{}", stderr(&fill));
+    let backing =
+        "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'sub/mid.qcow2'}}";
+    let create = qemu(
+        &dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(code(&create), 0, "{}", stderr(&create));
+    let ours = ours_as("qemu-img", &dir, &["map", "top.qcow2"]);
+    let theirs = qemu(&dir, "qemu-img", &["map", "top.qcow2"]);
+    assert_eq!(code(&ours), 0, "{}", stderr(&ours));
+    assert_eq!(stdout(&ours), stdout(&theirs));
+    assert!(stdout(&ours).contains("sub/b0.qcow2"), "{}", stdout(&ours));
+}

@@ -108,3 +108,64 @@ fn a_resolved_backing_reads_through_and_its_files_obey_the_policy() {
     let inside = follow.backing(BackingPolicy::AllowDirs(vec![elsewhere.clone()]));
     assert!(Image::open(&top, &inside).is_ok());
 }
+
+/// A resolver that says which file the image is; `claimed` may lie.
+#[derive(Debug)]
+struct Claiming {
+    file: PathBuf,
+    claimed: PathBuf,
+}
+
+impl BackingResolver for Claiming {
+    fn resolve(&self, request: &mut BackingRequest<'_>) -> qcow2::Result<ResolvedBacking> {
+        let storage = request.open_file(self.file.to_str().unwrap())?;
+        Ok(ResolvedBacking::new(storage, Some("qcow2".into())).path(Some(self.claimed.clone())))
+    }
+}
+
+#[test]
+fn a_resolved_image_goes_by_its_path_only_when_that_is_the_file_opened() {
+    let dir = scratch_dir("json_backing_claimed_path");
+    let (base, _) = base_and_overlay(&dir, "json:whatever");
+    // `mid` sits over `base` by a relative name, and `top` over `mid` by a json: name.
+    let mid = dir.join("mid.qcow2");
+    let options = CreateOptions::new(SIZE)
+        .backing_file(Some("base.qcow2".into()))
+        .backing_format(Some("qcow2".into()));
+    Image::create(&mid, &options).unwrap().close().unwrap();
+    let top = dir.join("top2.qcow2");
+    let options = CreateOptions::new(SIZE)
+        .backing_file(Some("json:mid".into()))
+        .backing_format(Some("qcow2".into()));
+    let storage = FileStorage::create_new(&top).unwrap();
+    Image::create_in(Box::new(storage), "top2", &options)
+        .unwrap()
+        .close()
+        .unwrap();
+
+    let open = |claimed: &Path| {
+        let resolver = Claiming {
+            file: mid.clone(),
+            claimed: claimed.to_path_buf(),
+        };
+        let options = OpenOptions::new().backing_resolver(Some(Arc::new(resolver)));
+        Image::open(&top, &options)
+    };
+    let image = open(&mid).unwrap();
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    drop(image);
+    // A path that is not the file opened is not believed: the relative name has no directory.
+    let err = open(&base).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Chain {
+                problem: ChainProblem::NoDirectory,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

@@ -4,6 +4,8 @@
 //! through the library's policy gate. A relative `filename` inside resolves against the working
 //! directory, as QEMU's file node resolves it (QEMU passes a `json:` backing name on as it is).
 
+use std::path::PathBuf;
+
 use qcow2::{
     BackingRequest, BackingResolver, ChainProblem, Image, OpenOptions, ResolvedBacking, Storage,
 };
@@ -46,8 +48,22 @@ impl BackingResolver for JsonBacking {
             (Err(_), Some(e)) => return Err(e),
             (Err(text), None) => return Err(request.refuse(ChainProblem::Unresolvable(text))),
         };
-        Ok(ResolvedBacking::new(storage, format))
+        Ok(ResolvedBacking::new(storage, format).path(plain_file(&o).map(PathBuf::from)))
     }
+}
+
+/// The file a qcow2 description names when it is nothing but that file (`file` with a
+/// `filename`, no other option): QEMU then knows the image by that file name.
+fn plain_file(o: &Options) -> Option<&str> {
+    if o.get("driver").is_some_and(|d| d != "qcow2") {
+        return None;
+    }
+    let plain = o.iter().all(|(k, v)| match k.as_str() {
+        "driver" | "file.filename" => true,
+        "file.driver" => v == "file",
+        _ => false,
+    });
+    o.get("file.filename").filter(|_| plain).map(String::as_str)
 }
 
 /// The name's options, flattened, once every driver in it is one this resolver opens.

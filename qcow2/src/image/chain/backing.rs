@@ -379,13 +379,20 @@ pub(crate) fn open_resolved(
         })?,
     };
     let storage = resolved.storage;
+    // Only a file the gate opened may stand for the image.
+    let path = resolved
+        .path
+        .filter(|p| std::fs::canonicalize(p).is_ok_and(|real| opened.first() == Some(&real)));
     Ok(if is_qcow2 {
-        // The image's own names have no directory to resolve against (QEMU refuses relative
-        // names under a json: name too); it is known by the first file it was built on.
+        // Without a path of its own the image's names have no directory to resolve against
+        // (QEMU refuses relative names under a json: name too); it is known by the first file
+        // it was built on.
         let layer = Layer {
             storage,
-            name: backing_name.to_string(),
-            path: None,
+            name: path
+                .as_ref()
+                .map_or_else(|| backing_name.to_string(), |p| p.display().to_string()),
+            path,
             canonical: opened
                 .first()
                 .cloned()

@@ -25,6 +25,10 @@ pub struct ResolvedBacking {
     pub storage: Box<dyn Storage>,
     /// "qcow2" or "raw" when the name says; otherwise the recorded format or a probe decides.
     pub format: Option<String>,
+    /// The host file the storage is, when the name describes nothing but that file (opened
+    /// through [`BackingRequest::open_file`]): the image then goes by that path, and its own
+    /// relative names resolve against its directory, as QEMU simplifies such a name.
+    pub path: Option<PathBuf>,
 }
 
 /// A backing name handed to a [`BackingResolver`], with the gate its host files open through.
@@ -40,7 +44,18 @@ pub struct BackingRequest<'a> {
 impl ResolvedBacking {
     /// The storage below the image, in `format` ("qcow2" or "raw") when the name says.
     pub fn new(storage: Box<dyn Storage>, format: Option<String>) -> ResolvedBacking {
-        ResolvedBacking { storage, format }
+        ResolvedBacking {
+            storage,
+            format,
+            path: None,
+        }
+    }
+
+    /// Sets [`path`](ResolvedBacking#structfield.path).
+    #[must_use]
+    pub fn path(mut self, path: Option<PathBuf>) -> ResolvedBacking {
+        self.path = path;
+        self
     }
 }
 
