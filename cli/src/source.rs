@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qcow2::{Image, OpenOptions, SnapshotView};
 
@@ -110,6 +110,12 @@ pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
             BackingFiles::Beside => {
                 let top = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
                 let dir = top.parent().map(Path::to_path_buf).unwrap_or_default();
+                // An image not made yet (create's backing probe): its directory exists.
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
                 qcow2::BackingPolicy::AllowDirs(vec![dir])
             }
         };

@@ -136,8 +136,13 @@ pub fn run(args: Args) -> CmdResult {
             let (detected, backing_size) = if described {
                 // Opened through the same resolver and policy as any chain.
                 let options = crate::source::with_policy(Path::new(&host), &OpenOptions::new());
-                crate::nodes::backing_json::probe(&file, &backing, &options)
-                    .map_err(|e| crate::source::open_error_text(&e))
+                crate::nodes::backing_json::probe(
+                    &file,
+                    &backing,
+                    opts.backing_fmt.as_deref(),
+                    &options,
+                )
+                .map_err(|e| crate::source::open_error_text(&e))
             } else {
                 open_backing(&full, opts.backing_fmt.as_deref())
             }

@@ -111,12 +111,22 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
 }
 
 /// Opens the `json:` backing name `name` as the image `image` would, for its format name and
-/// virtual size (qemu-img create reads them from the backing file).
-pub fn probe(image: &str, name: &str, options: &OpenOptions) -> qcow2::Result<(&'static str, u64)> {
+/// virtual size (qemu-img create reads them from the backing file). `format` is the one the
+/// caller gives (`-F`), which wins over the name's.
+pub fn probe(
+    image: &str,
+    name: &str,
+    format: Option<&str>,
+    options: &OpenOptions,
+) -> qcow2::Result<(&'static str, u64)> {
     let mut request = BackingRequest::new(image, name, options, false);
     let resolved = JsonBacking.resolve(&mut request)?;
-    let is_qcow2 = match resolved.format.as_deref() {
-        Some(format) => format == "qcow2",
+    let is_qcow2 = match format.or(resolved.format.as_deref()) {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => {
+            return Err(request.refuse(ChainProblem::UnsupportedFormat(other.to_string())))
+        }
         None => {
             let mut magic = [0u8; 4];
             let n = resolved

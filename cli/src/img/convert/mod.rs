@@ -593,7 +593,13 @@ fn copy_qcow2(
     {
         // Described, not named: it opens as below any image.
         let policy = crate::source::with_policy(&args.dst, &qcow2::OpenOptions::new());
-        crate::nodes::backing_json::probe(&dst, backing, &policy).map_err(|e| {
+        crate::nodes::backing_json::probe(
+            &dst,
+            backing,
+            options.backing_format.as_deref(),
+            &policy,
+        )
+        .map_err(|e| {
             fail(format!(
                 "Could not open '{dst}': Could not open backing file: {}",
                 crate::source::open_error_text(&e)
