@@ -217,6 +217,34 @@ fn a_json_backing_file_outside_the_allowed_directory_is_refused() {
         "{}",
         stderr(&beside)
     );
+    // create's probe of a json: backing name takes the policy too, for a bare new name as well.
+    let create = |backing: &str, name: &str| {
+        common::tool_in(
+            Some(&elsewhere),
+            &[
+                "--backing-files=beside",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                "qcow2",
+                name,
+            ],
+        )
+    };
+    let out = create(&blkdebug_backing("base.qcow2"), "new.qcow2");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = create(&blkdebug_backing(path_str(&top)), "new2.qcow2");
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("not allowed by the backing policy"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!elsewhere.join("new2.qcow2").exists());
 }
 
 #[test]
