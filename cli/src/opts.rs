@@ -269,6 +269,12 @@ pub fn parse_raw(lists: &[String]) -> Result<RawOpts, (String, bool)> {
     Ok(opts)
 }
 
+/// A string option's value as qemu-img prints it in its option list: each comma doubled, the
+/// way it would be written in `-o` (a `json:` backing name shows `,,` between its members).
+fn escaped(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 impl Qcow2Opts {
     /// The option part of qemu-img's `Formatting '...', fmt=qcow2 ...` line, in the order of
     /// qemu's qcow2 option list (those with defaults always, the others only when given).
@@ -289,7 +295,7 @@ impl Qcow2Opts {
             "iter-time",
         ] {
             if let Some((_, v)) = self.encrypt.iter().find(|(k, _)| k == name) {
-                f.push(format!("encrypt.{name}={v}"));
+                f.push(format!("encrypt.{name}={}", escaped(v)));
             }
         }
         f.push(format!(
@@ -310,13 +316,13 @@ impl Qcow2Opts {
             f.push(format!("compat={c}"));
         }
         if let Some(b) = &self.backing_file {
-            f.push(format!("backing_file={b}"));
+            f.push(format!("backing_file={}", escaped(b)));
         }
         if let Some(b) = &self.backing_fmt {
-            f.push(format!("backing_fmt={b}"));
+            f.push(format!("backing_fmt={}", escaped(b)));
         }
         if let Some(d) = &self.data_file {
-            f.push(format!("data_file={d}"));
+            f.push(format!("data_file={}", escaped(d)));
         }
         if let Some(r) = &self.data_file_raw {
             f.push(format!("data_file_raw={}", r.text));

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qcow2::{Image, OpenOptions, SnapshotView};
 
@@ -100,6 +100,9 @@ pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
     if !options.writable && FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
         options.force_share = true;
     }
+    if options.backing_resolver.is_none() {
+        options.backing_resolver = Some(crate::nodes::backing_json::resolver());
+    }
     if options.backing == qcow2::BackingPolicy::Follow {
         options.backing = match BACKING_FILES.get().copied().unwrap_or(BackingFiles::Follow) {
             BackingFiles::Follow => qcow2::BackingPolicy::Follow,
@@ -107,6 +110,12 @@ pub fn with_policy(path: &Path, options: &OpenOptions) -> OpenOptions {
             BackingFiles::Beside => {
                 let top = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
                 let dir = top.parent().map(Path::to_path_buf).unwrap_or_default();
+                // An image not made yet (create's backing probe): its directory exists.
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
                 qcow2::BackingPolicy::AllowDirs(vec![dir])
             }
         };

@@ -47,6 +47,17 @@ pub enum ChainProblem {
     /// The image keeps its data in an external data file but names none, and the caller gave
     /// none ([`OpenOptions::data_file`](crate::OpenOptions)).
     Required,
+    /// The name is not a file path (a `json:{...}` description) and the caller gave no
+    /// [`BackingResolver`](crate::BackingResolver) to open such names.
+    NoResolver,
+    /// The name asks for a block driver the caller's resolver does not open below an image (a
+    /// network protocol, say).
+    DriverRefused {
+        /// The driver as the name calls it ("nbd", "ssh").
+        driver: String,
+    },
+    /// The caller's resolver could not make sense of the name.
+    Unresolvable(String),
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -83,6 +94,16 @@ impl std::fmt::Display for ChainProblem {
                     "the image was opened without a path to resolve the name against"
                 )
             }
+            ChainProblem::NoResolver => {
+                write!(
+                    f,
+                    "the name is not a file path and nothing was given to resolve it"
+                )
+            }
+            ChainProblem::DriverRefused { driver } => {
+                write!(f, "the '{driver}' driver is not allowed below an image")
+            }
+            ChainProblem::Unresolvable(reason) => write!(f, "{reason}"),
         }
     }
 }

@@ -92,9 +92,10 @@ pub use disk_top::DiskTop;
 pub use error::{ChainProblem, Error, Result};
 pub use format::SnapshotTime;
 pub use image::{
-    AmendOptions, BackingPolicy, CheckReport, CommitOptions, CompressedClusters, CopyStep,
-    CreateOptions, Extent, ExtentKind, Image, ImageInfo, NewBacking, NewEncryption, OpenOptions,
-    Preallocation, RebaseOptions, Repair, SnapshotInfo, SnapshotView,
+    AmendOptions, BackingPolicy, BackingRequest, BackingResolver, CheckReport, CommitOptions,
+    CompressedClusters, CopyStep, CreateOptions, Extent, ExtentKind, Image, ImageInfo, NewBacking,
+    NewEncryption, OpenOptions, Preallocation, RebaseOptions, Repair, ResolvedBacking,
+    SnapshotInfo, SnapshotView,
 };
 pub use storage::{FileStorage, MemoryStorage, Storage};
 

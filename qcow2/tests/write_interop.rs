@@ -628,3 +628,38 @@ fn a_data_file_given_by_the_caller_replaces_the_one_the_header_names() {
     .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 }
+
+/// A data write into a cluster the image owns that fails once is reported, as QEMU reports it:
+/// retrying it would hide an error the storage gave (a blkdebug `once` rule, a transient
+/// ENOSPC). The write leaves the old data readable and the next write succeeds.
+#[test]
+fn an_in_place_write_that_fails_once_is_reported_not_retried() {
+    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use std::sync::Arc;
+    let store = Arc::new(RecordingStorage::new(Vec::new()));
+    let options = CreateOptions::new(1 << 20).cluster_size(4096);
+    let image = Image::create_in(Box::new(store.clone()), "once.qcow2", &options).unwrap();
+    image.write_at(&[0x5a; 16384], 0).unwrap();
+    image.flush().unwrap();
+    let writes_so_far = store
+        .ops()
+        .iter()
+        .filter(|op| matches!(op, Op::Write { .. } | Op::Zero { .. }))
+        .count();
+    store.inject(Some(Fault::WriteOnce(
+        writes_so_far,
+        std::io::ErrorKind::StorageFull,
+    )));
+    let err = image.write_at(&[0x11; 8192], 4096).unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+        "{err:?}"
+    );
+    let mut buf = vec![0u8; 16384];
+    image.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    image.write_at(&[0x11; 8192], 4096).unwrap();
+    image.read_at(&mut buf, 0).unwrap();
+    assert!(buf[4096..12288].iter().all(|&b| b == 0x11));
+    image.close().unwrap();
+}

@@ -92,11 +92,20 @@ pub fn run(args: Args) -> CmdResult {
     let mut progress = Progress::new(args.progress, SKIP_ONE);
     image
         .commit(&options, &mut |done, total| progress.report(done, total))
-        .map_err(|e| fail(format!("Block job failed: {e}")))?;
+        .map_err(|e| fail(format!("Block job failed: {}", job_error_text(&e))))?;
     progress.finish();
     image.close().map_err(|e| fail(e.to_string()))?;
     if !args.quiet {
         outln!("Image committed.");
     }
     Ok(0)
+}
+
+/// Why the commit job failed, as QEMU reports a block job's error: an I/O failure as its
+/// `strerror` text alone; anything else as the engine words it.
+fn job_error_text(e: &qcow2::Error) -> String {
+    match e {
+        qcow2::Error::Io { source, .. } => crate::source::io_text(source),
+        other => other.to_string(),
+    }
 }

@@ -127,11 +127,26 @@ pub fn run(args: Args) -> CmdResult {
         if backing.is_empty() {
             return Err(named("Expected backing file name, got empty string".into()));
         }
+        let described = crate::nodes::backing_json::is_json(&backing);
         let full = resolve_relative(Path::new(&host), &backing);
-        inputs.extend(crate::target::identity_of(&full));
+        if !described {
+            inputs.extend(crate::target::identity_of(&full));
+        }
         if !args.unsafe_backing {
-            let (detected, backing_size) = open_backing(&full, opts.backing_fmt.as_deref())
-                .map_err(|m| named(format!("{m}\nCould not open backing image.")))?;
+            let (detected, backing_size) = if described {
+                // Opened through the same resolver and policy as any chain.
+                let options = crate::source::with_policy(Path::new(&host), &OpenOptions::new());
+                crate::nodes::backing_json::probe(
+                    &file,
+                    &backing,
+                    opts.backing_fmt.as_deref(),
+                    &options,
+                )
+                .map_err(|e| crate::source::open_error_text(&e))
+            } else {
+                open_backing(&full, opts.backing_fmt.as_deref())
+            }
+            .map_err(|m| named(format!("{m}\nCould not open backing image.")))?;
             if opts.backing_fmt.is_none() {
                 return Err(named(format!(
                     "Backing file specified without backing format\nDetected format of {detected}."

@@ -90,7 +90,8 @@ pub fn run(args: Args) -> CmdResult {
                 &args.file,
                 n,
                 args.backing_format.as_deref().unwrap_or("raw"),
-                &OpenOptions::default(),
+                // The new backing file's own chain opens as any chain does.
+                &crate::source::with_policy(&args.file, &OpenOptions::default()),
             )
             .map_err(|e| fail(format!("Could not open new backing file '{n}': {e}")))?,
         ),

@@ -1,7 +1,9 @@
 //! Block nodes the commands open besides qcow2 and raw files, named by QEMU's driver names in
 //! options and `json:` names: blkdebug, null, quorum, raw windows, a qcow2 image as a file, the
-//! copy-on-read and compress filters, and the qcow2 runtime options QEMU checks at open.
+//! copy-on-read and compress filters, the qcow2 runtime options QEMU checks at open, and the
+//! resolver for `json:` backing names.
 
+pub mod backing_json;
 pub mod blkdebug;
 pub mod compress_filter;
 pub mod copy_on_read;

@@ -19,6 +19,36 @@ pub fn open(
     child: &str,
     writable: bool,
 ) -> Result<Box<dyn Storage>, String> {
+    open_with(
+        o,
+        prefix,
+        child,
+        writable,
+        &mut |name: &str, writable: bool| {
+            let path = std::path::Path::new(name);
+            let file = if writable {
+                FileStorage::open_read_write(path)
+            } else {
+                FileStorage::open_read_only(path)
+            }
+            .map_err(|e| format!("Could not open '{name}': {}", io_text(&e)))?;
+            Ok(Box::new(file) as Box<dyn Storage>)
+        },
+    )
+}
+
+/// Opens a host file by its `filename` option, for writing or not.
+pub type FileOpener<'a> = dyn FnMut(&str, bool) -> Result<Box<dyn Storage>, String> + 'a;
+
+/// As [`open`], with every `file` node's host file opened by `files` (a backing name's nodes
+/// open theirs through the library's policy gate).
+pub fn open_with(
+    o: &Options,
+    prefix: &str,
+    child: &str,
+    writable: bool,
+    files: &mut FileOpener<'_>,
+) -> Result<Box<dyn Storage>, String> {
     let key = |k: &str| format!("{prefix}{k}");
     let has_children = o.keys().any(|k| k.starts_with(prefix));
     if !has_children {
@@ -36,27 +66,20 @@ pub fn open(
             let name = o
                 .get(&key("filename"))
                 .ok_or_else(|| format!("A block device must be specified for \"{child}\""))?;
-            let path = std::path::Path::new(name);
-            let file = if writable {
-                FileStorage::open_read_write(path)
-            } else {
-                FileStorage::open_read_only(path)
-            }
-            .map_err(|e| format!("Could not open '{name}': {}", io_text(&e)))?;
-            Ok(Box::new(file))
+            files(name, writable)
         }
         Some("raw") => {
-            let file = open(o, &key("file."), "file", writable)?;
+            let file = open_with(o, &key("file."), "file", writable, files)?;
             let len = file.len().map_err(|e| io_text(&e))?;
             let window = Window::from_options(o, prefix, len)?;
             Ok(Box::new(RawNode::new(file, window)))
         }
         Some("blkdebug") => {
-            let image = open(o, &key("image."), "image", writable)?;
+            let image = open_with(o, &key("image."), "image", writable, files)?;
             let rules = rules_from_options(o, prefix)?;
             Ok(Box::new(Blkdebug::new(image, rules)))
         }
-        Some("quorum") => open_quorum(o, prefix, writable),
+        Some("quorum") => open_quorum(o, prefix, writable, files),
         Some(other) => Err(format!(
             "the '{other}' driver is not supported by qcow2-tool as the \"{child}\" node"
         )),
@@ -65,7 +88,12 @@ pub fn open(
 
 /// A quorum node: its children are a JSON array (from a `json:` name) or numbered
 /// `children.N.` options.
-fn open_quorum(o: &Options, prefix: &str, writable: bool) -> Result<Box<dyn Storage>, String> {
+fn open_quorum(
+    o: &Options,
+    prefix: &str,
+    writable: bool,
+    files: &mut FileOpener<'_>,
+) -> Result<Box<dyn Storage>, String> {
     let key = |k: &str| format!("{prefix}{k}");
     for unsupported in ["blkverify", "rewrite-corrupted"] {
         if o.get(&key(unsupported))
@@ -114,11 +142,12 @@ fn open_quorum(o: &Options, prefix: &str, writable: bool) -> Result<Box<dyn Stor
     indices.dedup();
     let mut stores = Vec::with_capacity(indices.len());
     for i in indices {
-        stores.push(open(
+        stores.push(open_with(
             &children,
             &format!("{i}."),
             &format!("children.{i}"),
             writable,
+            files,
         )?);
     }
     let threshold = match o.get(&key("vote-threshold")) {

@@ -27,7 +27,7 @@ mod meta;
 pub(crate) mod snapshots;
 
 // Every submodule by its own name, wherever its folder puts it.
-use chain::{backing, commit, copy_on_read, rebase};
+use chain::{backing, commit, copy_on_read, rebase, resolver};
 use data::{codec, extents, layer, map, quiesce};
 use maintenance::{check, create, info, repair};
 use meta::{cluster_map, host, l2_cache, refcount_deltas, refcounts, writeback};
@@ -55,6 +55,7 @@ pub use map::{Extent, ExtentKind};
 pub use quiesce::Quiesced;
 pub use rebase::{NewBacking, RebaseOptions};
 pub use repair::Repair;
+pub use resolver::{BackingRequest, BackingResolver, ResolvedBacking};
 pub use snapshot::SnapshotView;
 
 use crate::error::{Error, Result};
@@ -108,6 +109,10 @@ pub struct OpenOptions {
     /// Open an encrypted image without its password, for its metadata only (as `qemu-img info`
     /// does); reading or writing guest data then fails.
     pub without_key: bool,
+    /// Opens backing names that are not file paths (`json:{...}`); without one such a name is
+    /// refused ([`ChainProblem::NoResolver`](crate::ChainProblem::NoResolver)). The files it
+    /// opens are still subject to [`OpenOptions::backing`].
+    pub backing_resolver: Option<Arc<dyn BackingResolver>>,
 }
 
 impl Default for OpenOptions {
@@ -125,6 +130,7 @@ impl Default for OpenOptions {
             data_file: None,
             keys: Vec::new(),
             without_key: false,
+            backing_resolver: None,
         }
     }
 }
@@ -142,6 +148,7 @@ setters!(OpenOptions {
     data_file: Option<PathBuf>,
     keys: Vec<Option<crate::crypto::Secret>>,
     without_key: bool,
+    backing_resolver: Option<Arc<dyn BackingResolver>>,
 });
 
 impl OpenOptions {

@@ -70,8 +70,11 @@ pub fn copy(source: &Input, names: &[String], dst: &Path) -> Result<(), Failure>
     if names.is_empty() {
         return Ok(());
     }
-    let target = Image::open(dst, &OpenOptions::read_write())
-        .map_err(|e| fail(format!("Could not open '{}': {e}", dst.display())))?;
+    let target = Image::open(
+        dst,
+        &crate::source::with_policy(dst, &OpenOptions::read_write()),
+    )
+    .map_err(|e| fail(format!("Could not open '{}': {e}", dst.display())))?;
     let listed = source.bitmaps();
     for name in names {
         let Some(b) = listed.iter().find(|b| &b.name == name) else {

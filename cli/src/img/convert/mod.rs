@@ -586,7 +586,26 @@ fn copy_qcow2(
     // zeros are written as zeros (the backing file may hold data there), as qemu-img does. The
     // backing file must open (checked once the image exists, as qemu-img checks it).
     let has_backing = options.backing_file.is_some();
-    if let Some(backing) = &options.backing_file {
+    if let Some(backing) = options
+        .backing_file
+        .as_ref()
+        .filter(|b| crate::nodes::backing_json::is_json(b))
+    {
+        // Described, not named: it opens as below any image.
+        let policy = crate::source::with_policy(&args.dst, &qcow2::OpenOptions::new());
+        crate::nodes::backing_json::probe(
+            &dst,
+            backing,
+            options.backing_format.as_deref(),
+            &policy,
+        )
+        .map_err(|e| {
+            fail(format!(
+                "Could not open '{dst}': Could not open backing file: {}",
+                crate::source::open_error_text(&e)
+            ))
+        })?;
+    } else if let Some(backing) = &options.backing_file {
         let path = crate::source::resolve_relative(&args.dst, backing);
         std::fs::File::open(&path).map_err(|e| {
             fail(format!(

@@ -10,6 +10,8 @@ use crate::format::limits::QCOW_MAGIC;
 use crate::image::{open_file, open_locked, resolve_relative, Image, OpenOptions};
 use crate::storage::Storage;
 
+use super::resolver::{self, BackingRequest};
+
 /// Which backing and data files an image may make the library open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackingPolicy {
@@ -79,7 +81,40 @@ pub(crate) fn open_chain_over(
     let storage = open_locked(path, options.writable, options, &name, "the image")?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| Error::io(&name, "resolving the path", e))?;
-    let mut image = Image::open_alone(storage, name, Some(path.to_path_buf()), options)?;
+    let layer = Layer {
+        storage,
+        name,
+        path: Some(path.to_path_buf()),
+        canonical,
+    };
+    open_layer(layer, options, chain, writable_depth, data_file)
+}
+
+/// One qcow2 image of a chain before its header is read: its storage, its name for messages,
+/// the path its own names resolve against (none when a resolver built its storage) and the
+/// canonical path that identifies it for loop detection.
+struct Layer {
+    storage: Box<dyn Storage>,
+    name: String,
+    path: Option<PathBuf>,
+    canonical: PathBuf,
+}
+
+/// Opens `layer` and, as the policy allows, its data file and backing chain.
+fn open_layer(
+    layer: Layer,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+    data_file: Option<Box<dyn Storage>>,
+) -> Result<Image> {
+    let Layer {
+        storage,
+        name,
+        path,
+        canonical,
+    } = layer;
+    let mut image = Image::open_alone(storage, name, path, options)?;
     let data_given = data_file.is_some();
     if let Some(store) = data_file {
         if !image.meta().header.has_external_data_file() {
@@ -157,7 +192,6 @@ fn attach_files(
     let Some(backing_name) = image.backing_file_name() else {
         return Ok(());
     };
-    let backing_path = permitted(image, "backing", &backing_name, options)?;
     let chain_error = |image: &Image, problem| Error::Chain {
         image: image.name.clone(),
         role: "backing",
@@ -172,6 +206,17 @@ fn attach_files(
             },
         ));
     }
+    if !resolver::is_plain_path(&backing_name) {
+        return attach_resolved(
+            image,
+            canonical,
+            &backing_name,
+            options,
+            chain,
+            writable_depth,
+        );
+    }
+    let backing_path = permitted(image, "backing", &backing_name, options)?;
     let backing_canonical = std::fs::canonicalize(&backing_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             return chain_error(image, ChainProblem::Missing);
@@ -186,30 +231,17 @@ fn attach_files(
         return Err(chain_error(image, ChainProblem::Loop));
     }
 
-    let recorded = image
-        .meta()
-        .header
-        .extensions
-        .backing_format
-        .as_ref()
-        .map(|f| String::from_utf8_lossy(f).into_owned());
-    let format = options.backing_format.clone().or(recorded);
-    let is_qcow2 = match format.as_deref() {
-        Some("qcow2") => true,
-        Some("raw") => false,
-        Some(other) => {
-            return Err(chain_error(
-                image,
-                ChainProblem::UnsupportedFormat(other.to_string()),
-            ))
-        }
-        None => probe_is_qcow2(&backing_path).map_err(|e| {
-            Error::io(
-                &image.name,
-                format!("probing the backing file {backing_name:?}"),
-                e,
-            )
-        })?,
+    let is_qcow2 = match backing_format(image, options)? {
+        Some(is_qcow2) => is_qcow2,
+        None => open_file(&backing_path, false)
+            .and_then(|file| probe_is_qcow2(&*file))
+            .map_err(|e| {
+                Error::io(
+                    &image.name,
+                    format!("probing the backing file {backing_name:?}"),
+                    e,
+                )
+            })?,
     };
     let backing = if is_qcow2 {
         chain.push(canonical.to_path_buf());
@@ -241,6 +273,143 @@ fn attach_files(
     Ok(())
 }
 
+/// The backing format the image's header records.
+fn recorded_format(image: &Image) -> Option<String> {
+    image
+        .meta()
+        .header
+        .extensions
+        .backing_format
+        .as_ref()
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+}
+
+/// Whether the backing file is qcow2 (`Some(true)`), raw (`Some(false)`) or to be probed
+/// (`None`): the caller's `backing.driver` wins over the format the header records.
+fn backing_format(image: &Image, options: &OpenOptions) -> Result<Option<bool>> {
+    let recorded = recorded_format(image);
+    match options.backing_format.clone().or(recorded).as_deref() {
+        Some("qcow2") => Ok(Some(true)),
+        Some("raw") => Ok(Some(false)),
+        Some(other) => Err(Error::Chain {
+            image: image.name.clone(),
+            role: "backing",
+            file: image.backing_file_name().unwrap_or_default(),
+            problem: ChainProblem::UnsupportedFormat(other.to_string()),
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Attaches the backing file a name that is not a path describes, built by the caller's
+/// resolver from files the policy allows.
+fn attach_resolved(
+    image: &mut Image,
+    canonical: &Path,
+    backing_name: &str,
+    options: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+) -> Result<()> {
+    let recorded = recorded_format(image);
+    let below = OpenOptions {
+        writable: writable_depth == Some(chain.len() + 1),
+        backing_format: None,
+        keys: options.keys.get(1..).unwrap_or_default().to_vec(),
+        ..options.clone()
+    };
+    chain.push(canonical.to_path_buf());
+    let backing = open_resolved(
+        &image.name,
+        backing_name,
+        options.backing_format.clone(),
+        recorded,
+        &below,
+        chain,
+        writable_depth,
+    );
+    chain.pop();
+    image.backing = Some(backing?);
+    Ok(())
+}
+
+/// Opens the backing file `backing_name` (not a path) of the image `above` with the caller's
+/// resolver; `below` are the options it opens with. Its format is the caller's `chosen` one,
+/// else the one the name gives, else the one the header `recorded`, else a probe. `chain`
+/// holds the images above, the one it backs included.
+pub(crate) fn open_resolved(
+    above: &str,
+    backing_name: &str,
+    chosen: Option<String>,
+    recorded: Option<String>,
+    below: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    writable_depth: Option<usize>,
+) -> Result<Backing> {
+    let chain_error = |problem| Error::Chain {
+        image: above.to_string(),
+        role: "backing",
+        file: backing_name.to_string(),
+        problem,
+    };
+    let Some(resolver) = below.backing_resolver.clone() else {
+        return Err(chain_error(ChainProblem::NoResolver));
+    };
+    let mut request = BackingRequest::new(above, backing_name, below, below.writable);
+    let resolved = resolver.resolve(&mut request)?;
+    let opened = request.opened().to_vec();
+    if opened.iter().any(|p| chain.contains(p)) {
+        return Err(chain_error(ChainProblem::Loop));
+    }
+    let format = chosen.or(resolved.format).or(recorded);
+    let is_qcow2 = match format.as_deref() {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => {
+            return Err(chain_error(ChainProblem::UnsupportedFormat(
+                other.to_string(),
+            )))
+        }
+        None => probe_is_qcow2(&*resolved.storage).map_err(|e| {
+            Error::io(
+                above,
+                format!("probing the backing file {backing_name:?}"),
+                e,
+            )
+        })?,
+    };
+    let storage = resolved.storage;
+    // Only a file the gate opened may stand for the image.
+    let path = resolved
+        .path
+        .filter(|p| std::fs::canonicalize(p).is_ok_and(|real| opened.first() == Some(&real)));
+    Ok(if is_qcow2 {
+        // Without a path of its own the image's names have no directory to resolve against
+        // (QEMU refuses relative names under a json: name too); it is known by the first file
+        // it was built on.
+        let layer = Layer {
+            storage,
+            name: path
+                .as_ref()
+                .map_or_else(|| backing_name.to_string(), |p| p.display().to_string()),
+            path,
+            canonical: opened
+                .first()
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(backing_name)),
+        };
+        let image = open_layer(layer, below, chain, writable_depth, None)?;
+        Backing::Qcow2(std::sync::Arc::new(image))
+    } else {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io(above, "reading the backing file length", e))?
+            // QEMU sees a raw file in whole sectors.
+            .next_multiple_of(512);
+        Backing::Raw { storage, size }
+    })
+}
+
 /// Resolves a name from the image and checks it against the policy.
 fn permitted(
     image: &Image,
@@ -248,63 +417,25 @@ fn permitted(
     name: &str,
     options: &OpenOptions,
 ) -> Result<PathBuf> {
-    let refuse = || Error::Chain {
-        image: image.name.clone(),
-        role,
-        file: name.to_string(),
-        problem: ChainProblem::RefusedByPolicy,
-    };
-    let base = image.path.as_deref().ok_or_else(|| Error::Chain {
-        image: image.name.clone(),
-        role,
-        file: name.to_string(),
-        problem: ChainProblem::NoDirectory,
-    })?;
-    let path = resolve_relative(base, name);
-    let path = match &options.backing {
-        BackingPolicy::Follow => path,
-        BackingPolicy::Refuse | BackingPolicy::Ignore => return Err(refuse()),
-        BackingPolicy::AllowDirs(dirs) => {
-            let real = std::fs::canonicalize(&path).map_err(|_| refuse())?;
-            let allowed = dirs
-                .iter()
-                .filter_map(|d| std::fs::canonicalize(d).ok())
-                .any(|d| real.starts_with(d));
-            if allowed {
-                path
-            } else {
-                return Err(refuse());
-            }
-        }
-    };
-    if let Ok(meta) = std::fs::metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
-        let t = meta.file_type();
-        let kind = if t.is_fifo() {
-            Some("FIFO")
-        } else if t.is_char_device() {
-            Some("character device")
-        } else if t.is_socket() {
-            Some("socket")
-        } else if t.is_dir() {
-            Some("directory")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
+    let base = image.path.as_deref();
+    let path = match base {
+        Some(base) => resolve_relative(base, name),
+        // Without a directory only an absolute name means one file.
+        None if Path::new(name).is_absolute() => PathBuf::from(name),
+        None => {
             return Err(Error::Chain {
                 image: image.name.clone(),
                 role,
                 file: name.to_string(),
-                problem: ChainProblem::NotAFile { kind },
-            });
+                problem: ChainProblem::NoDirectory,
+            })
         }
-    }
+    };
+    resolver::check_policy(&image.name, role, name, &path, options)?;
     Ok(path)
 }
 
-fn probe_is_qcow2(path: &Path) -> std::io::Result<bool> {
-    let storage = open_file(path, false)?;
+fn probe_is_qcow2(storage: &dyn Storage) -> std::io::Result<bool> {
     let mut magic = [0u8; 4];
     let n = storage.read_at(&mut magic, 0)?;
     Ok(n == 4 && u32::from_be_bytes(magic) == QCOW_MAGIC)

@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
+use super::resolver;
 use crate::error::{Error, Result};
-use crate::image::backing::{open_chain, Backing};
+use crate::image::backing::{self, open_chain, Backing};
 use crate::image::{open_locked, resolve_relative, Image, OpenOptions};
 use crate::storage::Storage;
 
@@ -47,6 +48,23 @@ impl NewBacking {
             writable: false,
             ..options.clone()
         };
+        if !resolver::is_plain_path(name) {
+            // Described, not named: the caller's resolver builds it, as for any backing file.
+            let above = image_path.display().to_string();
+            let chosen = Some(format.to_string());
+            let chain = &mut Vec::new();
+            return match backing::open_resolved(
+                &above, name, chosen, None, &read_only, chain, None,
+            )? {
+                Backing::Qcow2(image) => Ok(NewBacking::Qcow2(Box::new(
+                    std::sync::Arc::try_unwrap(image).map_err(|_| Error::InvalidArgument {
+                        image: above.clone(),
+                        reason: "the new backing image is shared".into(),
+                    })?,
+                ))),
+                Backing::Raw { storage, .. } => Ok(NewBacking::Raw(storage)),
+            };
+        }
         match format {
             "qcow2" => Ok(NewBacking::Qcow2(Box::new(open_chain(
                 &path,

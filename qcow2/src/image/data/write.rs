@@ -70,7 +70,7 @@ impl Image {
     /// A guest write of whole sectors when the image is encrypted (any write otherwise).
     fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _pass = self.write_pass()?;
-        if self.write_in_place_shared(buf, offset) {
+        if self.write_in_place_shared(buf, offset)? {
             return Ok(());
         }
         let mut m = self.meta_mut();
@@ -204,8 +204,10 @@ impl Image {
     /// owned L2 table), clear of metadata, and the bitmaps already mark it. Such writes run in
     /// parallel with each other and with reads; every metadata change takes the exclusive lock,
     /// which waits for them. Returns false, having written nothing, when the write needs the
-    /// exclusive path (which also reports any error a lookup here met).
-    fn write_in_place_shared(&self, buf: &[u8], offset: u64) -> bool {
+    /// exclusive path (which also reports any error a lookup here met). A failed data write is
+    /// reported, not retried: a retry could hide an error the storage gave once, which QEMU
+    /// reports; nothing but data was touched.
+    fn write_in_place_shared(&self, buf: &[u8], offset: u64) -> Result<bool> {
         const MAX_CLUSTERS: usize = 16;
         let m = self.meta();
         let h = &m.header;
@@ -218,19 +220,19 @@ impl Image {
             || offset.checked_add(len).is_none_or(|end| end > h.size)
             || !self.bitmaps_unchanged_by(&m, offset, len)
         {
-            return false;
+            return Ok(false);
         }
         let cs = h.cluster_size();
         let first = offset / cs;
         let count = ((offset + len - 1) / cs - first + 1) as usize;
         if count > MAX_CLUSTERS {
-            return false;
+            return Ok(false);
         }
         let mut hosts = [0u64; MAX_CLUSTERS];
         for (i, host) in hosts[..count].iter_mut().enumerate() {
             match self.owned_host(&m, (first + i as u64) * cs) {
                 Some(h) => *host = h,
-                None => return false,
+                None => return Ok(false),
             }
         }
         // Host runs, back to back where the clusters are; each checked against the metadata.
@@ -253,18 +255,12 @@ impl Image {
             .iter()
             .any(|&(at, _, l)| self.overlap(&m, at, l as u64, None).is_some())
         {
-            return false;
+            return Ok(false);
         }
         for &(at, start, l) in &runs[..n] {
-            if self
-                .write_data(&buf[start..start + l], at, offset + start as u64)
-                .is_err()
-            {
-                // The exclusive path writes it again and reports the error.
-                return false;
-            }
+            self.write_data(&buf[start..start + l], at, offset + start as u64)?;
         }
-        true
+        Ok(true)
     }
 
     /// The host offset of the cluster at `guest` when this image owns it alone and its L2
