@@ -20,8 +20,8 @@ fn qemu(dir: &Path, tool: &str, args: &[&str]) -> std::process::Output {
         .expect("run the QEMU tool")
 }
 
-/// A 1 MiB qcow2 `base.qcow2` in `dir`, all of it 0x5a, written by qemu-io.
-fn filled_base(dir: &Path) -> std::path::PathBuf {
+/// Makes `base.qcow2` in `dir`: 1 MiB of qcow2, all of it 0x5a, written by qemu-io.
+fn filled_base(dir: &Path) {
     let base = dir.join("base.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
     let fill = qemu(
@@ -30,7 +30,6 @@ fn filled_base(dir: &Path) -> std::path::PathBuf {
         &["-c", "write -P 0x5a 0 1M", path_str(&base)],
     );
     assert_eq!(code(&fill), 0, "{}", stderr(&fill));
-    base
 }
 
 /// A qcow2 backing name: blkdebug (failing the first data write with ENOSPC) over the file
@@ -56,7 +55,7 @@ fn an_overlay_over_a_json_backing_is_created_read_and_committed_as_qemu_does() {
                 qemu(&dir, name, args)
             }
         };
-        let base = filled_base(&dir);
+        filled_base(&dir);
 
         let create = run(
             "qemu-img",
@@ -256,7 +255,7 @@ fn a_json_backing_file_outside_the_allowed_directory_is_refused() {
 #[test]
 fn convert_onto_a_json_backing_matches_qemu() {
     let dir = scratch_dir("json_backing_convert");
-    let base = filled_base(&dir);
+    filled_base(&dir);
     let src = dir.join("src.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&src), "1M"]);
     qemu_img_ok(&["bitmap", "--add", path_str(&src), "b0"]);
