@@ -386,6 +386,54 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
     }
 }
 
+/// A write whose new clusters come as one run, failing at any of its data writes, gives back
+/// the clusters of the run it did not link: after the failure the image holds no leak.
+#[test]
+fn a_failed_write_gives_back_the_rest_of_its_run() {
+    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use std::sync::Arc;
+    let mut failures = 0;
+    for fail_at in 0..6usize {
+        let store = Arc::new(RecordingStorage::new(Vec::new()));
+        let options = CreateOptions::new(4 << 20).cluster_size(4096);
+        let image = Image::create_in(Box::new(store.clone()), "run.qcow2", &options).unwrap();
+        image.write_at(&pattern(8192, 1), 0).unwrap();
+        image.flush().unwrap();
+        let writes_so_far = store
+            .ops()
+            .iter()
+            .filter(|op| matches!(op, Op::Write { .. } | Op::Zero { .. }))
+            .count();
+        store.inject(Some(Fault::WriteOnce(
+            writes_so_far + fail_at,
+            std::io::ErrorKind::Other,
+        )));
+        // From inside one cluster to inside the fourth after it: four new clusters, one run.
+        let failed = image
+            .write_at(&pattern(3 * 4096, 2), 100_000 + 2000)
+            .is_err();
+        store.inject(None);
+        if !failed {
+            continue;
+        }
+        failures += 1;
+        image.flush().unwrap();
+        let report = image.check().unwrap();
+        assert!(
+            report.is_clean(),
+            "fail_at {fail_at}: {:?}",
+            report.messages
+        );
+        let mut first = vec![0u8; 8192];
+        image.read_at(&mut first, 0).unwrap();
+        assert!(first == pattern(8192, 1), "fail_at {fail_at}: data changed");
+    }
+    assert!(
+        failures >= 2,
+        "only {failures} of the writes failed inside the run"
+    );
+}
+
 /// Found by the CLI's resize tests: an L1 table spanning several refblock ranges of a
 /// 512-byte-cluster image needs a contiguous run longer than one range; the new refblocks now go
 /// after the run instead of into it, so allocation no longer chases its own tail.
