@@ -169,3 +169,39 @@ fn a_resolved_image_goes_by_its_path_only_when_that_is_the_file_opened() {
         "{err:?}"
     );
 }
+
+/// `Image::create` opens the new image with its chain and so refuses a `json:` backing name it
+/// cannot resolve (leaving no file); `Image::create_with` takes the resolver and the image reads
+/// through it at once.
+#[test]
+fn create_with_a_resolver_opens_a_json_backing() {
+    let dir = scratch_dir("json_backing_create_with");
+    let base = dir.join("base.qcow2");
+    let image = Image::create(&base, &CreateOptions::new(SIZE)).unwrap();
+    image.write_at(&[0x5a; 65536], 0).unwrap();
+    image.close().unwrap();
+    let top = dir.join("top.qcow2");
+    let options = CreateOptions::new(SIZE)
+        .backing_file(Some(format!("json:{}", base.display())))
+        .backing_format(Some("qcow2".into()));
+    let err = Image::create(&top, &options).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Chain {
+                problem: ChainProblem::NoResolver,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!top.exists(), "the refused create left its file");
+    let open = OpenOptions::new().backing_resolver(Some(Arc::new(PlainFile)));
+    let image = Image::create_with(&top, &options, &open).unwrap();
+    assert!(image.is_writable());
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    image.write_at(&[1; 512], 0).unwrap();
+    image.close().unwrap();
+}

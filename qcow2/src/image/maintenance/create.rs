@@ -52,7 +52,9 @@ pub struct CreateOptions {
     /// How compressed clusters are encoded (`compression_type=`); zstd needs version 3.
     pub compression_type: CompressionType,
     /// The backing file name recorded in the header, relative to the new image's directory
-    /// unless absolute (`-b`). Not opened by `create`.
+    /// unless absolute (`-b`). [`Image::create`] opens the new image with its chain, so the file
+    /// must be there (and a `json:` name needs [`Image::create_with`] and a resolver);
+    /// [`Image::create_in`] only records it, as `qemu-img create -u` does.
     pub backing_file: Option<String>,
     /// The backing file's format recorded with its name (`-F`: "qcow2" or "raw").
     pub backing_format: Option<String>,
@@ -371,6 +373,19 @@ fn open_keys(options: &CreateOptions) -> Vec<Option<Secret>> {
 impl Image {
     /// Creates a new image at `path` (which must not exist) and opens it for writing.
     pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Image> {
+        Self::create_with(path, options, &OpenOptions::default())
+    }
+
+    /// As [`Image::create`], opening the new image with `open`'s choices for what lies below it
+    /// (backing policy and resolver, data file, cache): for a backing name only a
+    /// [`BackingResolver`](crate::BackingResolver) understands (`json:{...}`), say. The image
+    /// always opens for writing; its password is the one `options` encrypts it with unless
+    /// `open` gives keys.
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        options: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let cluster_bits = options.validate(&name)?;
@@ -402,12 +417,17 @@ impl Image {
             .flush()
             .map_err(|e| Error::io(&name, "writing the new image", e))?;
         drop(storage);
+        let keys = if open.keys.is_empty() {
+            open_keys(options)
+        } else {
+            open.keys.clone()
+        };
         let image = Image::open(
             path,
             &OpenOptions {
                 writable: true,
-                keys: open_keys(options),
-                ..OpenOptions::default()
+                keys,
+                ..open.clone()
             },
         )?;
         image.preallocate(0, options.size, options.create_preallocation())?;
