@@ -358,3 +358,55 @@ fn a_json_name_of_just_a_file_goes_by_that_file() {
     assert_eq!(stdout(&ours), stdout(&theirs));
     assert!(stdout(&ours).contains("sub/b0.qcow2"), "{}", stdout(&ours));
 }
+
+/// `info --backing-chain` walks through a `json:` backing name: a name of just a file shows that
+/// file as qemu-img shows it (human and JSON output alike); any other description still lists
+/// its layer, named by the description.
+#[test]
+fn info_walks_the_chain_through_a_json_backing_name() {
+    let dir = scratch_dir("json_backing_info");
+    filled_base(&dir);
+    let base = dir.join("base.qcow2");
+    let plain = format!(
+        "json:{{\"driver\": \"qcow2\", \"file\": {{\"driver\": \"file\", \"filename\": \"{}\"}}}}",
+        base.display()
+    );
+    for (top, backing) in [
+        ("plain.qcow2", plain),
+        ("debug.qcow2", blkdebug_backing(path_str(&base))),
+    ] {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &backing,
+            "-F",
+            "qcow2",
+            path_str(&dir.join(top)),
+            "1M",
+        ]);
+    }
+    for output in ["human", "json"] {
+        let args = ["info", "--backing-chain", "--output", output, "plain.qcow2"];
+        let ours = ours_as("qemu-img", &dir, &args);
+        assert_eq!(code(&ours), 0, "{}", stderr(&ours));
+        assert_eq!(
+            stdout(&ours),
+            stdout(&qemu(&dir, "qemu-img", &args)),
+            "{output}"
+        );
+    }
+    let ours = ours_as(
+        "qemu-img",
+        &dir,
+        &["info", "--backing-chain", "--output", "json", "debug.qcow2"],
+    );
+    assert_eq!(code(&ours), 0, "{}", stderr(&ours));
+    let layers: serde_json::Value = serde_json::from_str(&stdout(&ours)).unwrap();
+    let layers = layers.as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[1]["virtual-size"], 1 << 20);
+    assert!(layers[1]["filename"].as_str().unwrap().starts_with("json:"));
+}

@@ -8,6 +8,7 @@ use qcow2::{Image, ImageInfo, OpenOptions};
 
 use crate::img::snapshot::snapshot_table;
 use crate::io::open::{parse_option_string, OpenSpec, Options};
+use crate::nodes::backing_json::is_json;
 use crate::output::{size_to_str, Json, OutputFormat};
 use crate::source::{format_of, open_image, resolve_relative, CmdResult, Failure, Format};
 
@@ -76,6 +77,20 @@ pub fn run(args: Args) -> CmdResult {
     // qemu-img names the first image of the chain that comes round again.
     let mut seen = std::collections::HashSet::new();
     loop {
+        // A `json:` backing name describes the layer's file rather than naming it.
+        let mut described = None;
+        if let Some(json) = path.to_str().filter(|p| is_json(p)).map(str::to_owned) {
+            let (spec, file, driver) = OpenSpec::from_filename(&json, Options::new())
+                .and_then(|spec| {
+                    let (file, driver) = layer_file(&spec)?;
+                    Ok((spec, file, driver))
+                })
+                .map_err(|e| Failure::new(1, format!("Could not open '{json}': {e}")))?;
+            forced = forced.or(driver);
+            described = Some(described_name(&spec, &file));
+            path = PathBuf::from(file);
+            crate::source::may_follow(&top, &path).map_err(|m| Failure::new(1, m))?;
+        }
         if !seen.insert(std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone())) {
             return Err(Failure::new(
                 1,
@@ -88,6 +103,8 @@ pub fn run(args: Args) -> CmdResult {
         let mut facts = gather(&path, forced.as_deref()).map_err(|m| Failure::new(1, m))?;
         if chain.is_empty() {
             facts.name.clone_from(&name);
+        } else if let Some(described) = described {
+            facts.name = described;
         }
         let next = facts.full_backing.clone();
         forced = facts
@@ -100,7 +117,9 @@ pub fn run(args: Args) -> CmdResult {
                 if chain.len() >= MAX_CHAIN {
                     return Err(Failure::new(1, "Backing chain is too deep"));
                 }
-                crate::source::may_follow(&top, &next).map_err(|m| Failure::new(1, m))?;
+                if !next.to_str().is_some_and(is_json) {
+                    crate::source::may_follow(&top, &next).map_err(|m| Failure::new(1, m))?;
+                }
                 path = next;
             }
             _ => break,
@@ -242,24 +261,42 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     let (file, driver) = spec
         .resolve()
         .map_err(|e| format!("Could not open '{given}': {e}"))?;
-    // Options that only say where the file is and which driver reads it name the image by its
-    // file; anything more keeps the options in the name.
-    let plain = spec.options.keys().all(|k| {
-        matches!(
-            k.as_str(),
-            "driver" | "file.driver" | "file.filename" | "filename" | "data-file.filename"
-        )
-    });
-    let name = if plain {
-        file.clone()
-    } else {
-        json_name(&spec.options)
-    };
+    let name = described_name(&spec, &file);
     Ok((
         PathBuf::from(file),
         name,
         driver.or_else(|| args.format.clone()),
     ))
+}
+
+/// The host file of a layer described by options, and the format they name. Error rules of a
+/// blkdebug node above the file do not matter to `info`, which reads metadata only.
+fn layer_file(spec: &OpenSpec) -> Result<(String, Option<String>), String> {
+    spec.resolve().or_else(|e| {
+        let o = &spec.options;
+        match (o.get("file.driver"), o.get("file.image.filename")) {
+            (Some(d), Some(file)) if d == "blkdebug" => {
+                Ok((file.clone(), o.get("driver").cloned()))
+            }
+            _ => Err(e),
+        }
+    })
+}
+
+/// The name qemu-img gives an image opened from options: options that only say where the file
+/// is and which driver reads it name the image by its file; anything more keeps the options in
+/// the name.
+fn described_name(spec: &OpenSpec, file: &str) -> String {
+    let plain = spec.options.iter().all(|(k, v)| match k.as_str() {
+        "driver" | "file.filename" | "filename" | "data-file.filename" => true,
+        "file.driver" => v == "file",
+        _ => false,
+    });
+    if plain {
+        file.to_owned()
+    } else {
+        json_name(&spec.options)
+    }
 }
 
 fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
@@ -288,10 +325,14 @@ fn gather(path: &Path, forced: Option<&str>) -> Result<Facts, String> {
             let image = open_image(path, &OpenOptions::metadata_only().without_key(true))?;
             let info = image.info();
             let bitmaps = read_bitmaps(&image)?;
-            let full_backing = info
-                .backing_file
-                .as_deref()
-                .map(|b| resolve_relative(path, b));
+            // A `json:` name stays as it is: it resolves against the working directory.
+            let full_backing = info.backing_file.as_deref().map(|b| {
+                if is_json(b) {
+                    PathBuf::from(b)
+                } else {
+                    resolve_relative(path, b)
+                }
+            });
             Ok(Facts {
                 name: filename.clone(),
                 filename,
