@@ -13,3 +13,12 @@ pub mod qcow2_options;
 pub mod quorum;
 pub mod raw;
 pub mod store;
+
+/// Node options from `(key, value)` pairs, for tests.
+#[cfg(test)]
+pub(crate) fn options_of(pairs: &[(&str, &str)]) -> crate::io::open::Options {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

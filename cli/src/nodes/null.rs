@@ -136,12 +136,7 @@ impl Storage for NullNode {
 mod tests {
     use super::*;
 
-    fn options(pairs: &[(&str, &str)]) -> Options {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::nodes::options_of as options;
 
     #[test]
     fn a_null_node_reads_zeros_up_to_its_size_and_forgets_writes() {

@@ -229,12 +229,7 @@ fn check_cache_sizes(
 mod tests {
     use super::*;
 
-    fn options(pairs: &[(&str, &str)]) -> Options {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::nodes::options_of as options;
 
     const SMALL: ImageFacts = ImageFacts {
         cluster_size: 65536,

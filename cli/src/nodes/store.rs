@@ -165,12 +165,7 @@ fn open_quorum(
 mod tests {
     use super::*;
 
-    fn options(pairs: &[(&str, &str)]) -> Options {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::nodes::options_of as options;
 
     #[test]
     fn nodes_nest_through_their_prefixes() {

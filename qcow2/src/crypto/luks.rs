@@ -342,6 +342,26 @@ impl Luks {
         Err(CryptoError::WrongPassword)
     }
 
+    /// The cipher a key slot's material is encrypted with: the payload's algorithm, keyed by
+    /// PBKDF2 of `password` over the slot's salt and iterations.
+    fn slot_cipher(
+        &self,
+        password: &Secret,
+        salt: &[u8],
+        iterations: u32,
+    ) -> Result<SectorCipher, CryptoError> {
+        let mut slot_key = Zeroizing::new(vec![0u8; self.master_key_len as usize]);
+        self.hash_alg
+            .pbkdf2(password.bytes(), salt, iterations, &mut slot_key);
+        SectorCipher::new(
+            self.cipher_alg,
+            self.cipher_mode,
+            self.ivgen_alg,
+            self.ivgen_hash,
+            &slot_key,
+        )
+    }
+
     /// The master key from slot `index` when it is active and `password` opens it.
     fn try_slot(
         &self,
@@ -354,18 +374,9 @@ impl Luks {
             return Ok(None);
         }
         let n = self.master_key_len as usize;
-        let mut slot_key = Zeroizing::new(vec![0u8; n]);
-        self.hash_alg
-            .pbkdf2(password.bytes(), &slot.salt, slot.iterations, &mut slot_key);
         let mut split = Zeroizing::new(vec![0u8; n * STRIPES as usize]);
         area.read(slot.key_offset_sector as u64 * SECTOR_SIZE, &mut split)?;
-        let cipher = SectorCipher::new(
-            self.cipher_alg,
-            self.cipher_mode,
-            self.ivgen_alg,
-            self.ivgen_hash,
-            &slot_key,
-        )?;
+        let cipher = self.slot_cipher(password, &slot.salt, slot.iterations)?;
         cipher.decrypt(0, &mut split);
         let mut master = Zeroizing::new(vec![0u8; n]);
         afsplit::merge(self.hash_alg, &split, STRIPES as usize, &mut master);
@@ -472,16 +483,7 @@ impl Luks {
             .hash_alg
             .iterations_per_second(password.bytes(), &salt, n);
         let iterations = scaled_iterations(rate, iter_time_ms)?.max(MIN_ITERATIONS) as u32;
-        let mut slot_key = Zeroizing::new(vec![0u8; n]);
-        self.hash_alg
-            .pbkdf2(password.bytes(), &salt, iterations, &mut slot_key);
-        let cipher = SectorCipher::new(
-            self.cipher_alg,
-            self.cipher_mode,
-            self.ivgen_alg,
-            self.ivgen_hash,
-            &slot_key,
-        )?;
+        let cipher = self.slot_cipher(password, &salt, iterations)?;
         let mut split = Zeroizing::new(vec![0u8; n * STRIPES as usize]);
         afsplit::split(self.hash_alg, master, STRIPES as usize, &mut split)?;
         cipher.encrypt(0, &mut split);

@@ -386,7 +386,36 @@ mod tests {
         image.close().unwrap();
         let ops = store.ops();
         assert!(ops.len() > before, "the rebase wrote nothing");
-        for cut in before..=ops.len() {
+        each_cut(&store, before, |cut, reopened| {
+            let h = reopened.header();
+            assert_eq!(
+                h.extensions.unknown,
+                std::slice::from_ref(&unknown),
+                "cut {cut}"
+            );
+            if let Some(n) = reopened.backing_file_name() {
+                assert_eq!(n, name, "cut {cut}");
+                assert_eq!(
+                    h.extensions.backing_format.as_deref(),
+                    Some(&b"host_device"[..]),
+                    "cut {cut}"
+                );
+            }
+        });
+        let mut cluster0 = vec![0u8; 65536];
+        store.read_exact_at(&mut cluster0, 0).unwrap();
+        let mut expected = image_header_bytes(&store);
+        expected.resize(65536, 0);
+        assert!(
+            cluster0 == expected,
+            "cluster 0 is not what QEMU would write"
+        );
+    }
+
+    /// Opens the image as a power cut after each operation from `before` on would leave it (none,
+    /// all or torn sectors of the unflushed writes surviving) and hands it to `check`.
+    fn each_cut(store: &Arc<RecordingStorage>, before: usize, check: impl Fn(usize, Image)) {
+        for cut in before..=store.op_count() {
             for survivors in [
                 Survivors::None,
                 Survivors::All,
@@ -399,33 +428,9 @@ mod tests {
                 };
                 let reopened = Image::from_storage(Box::new(crashed), "t", &options)
                     .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
-                let h = reopened.header();
-                assert_eq!(
-                    h.extensions.unknown,
-                    std::slice::from_ref(&unknown),
-                    "cut {cut}"
-                );
-                match reopened.backing_file_name() {
-                    None => {}
-                    Some(n) => {
-                        assert_eq!(n, name, "cut {cut}");
-                        assert_eq!(
-                            h.extensions.backing_format.as_deref(),
-                            Some(&b"host_device"[..]),
-                            "cut {cut}"
-                        );
-                    }
-                }
+                check(cut, reopened);
             }
         }
-        let mut cluster0 = vec![0u8; 65536];
-        store.read_exact_at(&mut cluster0, 0).unwrap();
-        let mut expected = image_header_bytes(&store);
-        expected.resize(65536, 0);
-        assert!(
-            cluster0 == expected,
-            "cluster 0 is not what QEMU would write"
-        );
     }
 
     /// The encoding of the header stored in `store`.
@@ -447,24 +452,11 @@ mod tests {
         image.add_bitmap("b1", 65536, false).unwrap();
         image.close().unwrap();
         let ops = store.ops();
-        for cut in before..=ops.len() {
-            for survivors in [
-                Survivors::None,
-                Survivors::All,
-                Survivors::TornSectors(cut as u64),
-            ] {
-                let crashed = crate::MemoryStorage::from_bytes(store.crash_image(cut, survivors));
-                let options = crate::OpenOptions {
-                    backing: crate::BackingPolicy::Ignore,
-                    ..crate::OpenOptions::default()
-                };
-                let reopened = Image::from_storage(Box::new(crashed), "t", &options)
-                    .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
-                let names: Vec<String> = reopened.bitmaps().into_iter().map(|b| b.name).collect();
-                assert!(names.is_empty() || names == ["b1"], "cut {cut}: {names:?}");
-                assert_eq!(reopened.backing_file_name().as_deref(), Some("base.qcow2"));
-            }
-        }
+        each_cut(&store, before, |cut, reopened| {
+            let names: Vec<String> = reopened.bitmaps().into_iter().map(|b| b.name).collect();
+            assert!(names.is_empty() || names == ["b1"], "cut {cut}: {names:?}");
+            assert_eq!(reopened.backing_file_name().as_deref(), Some("base.qcow2"));
+        });
         assert!(ops.len() > before, "the add wrote nothing");
     }
 }
