@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{code, ours_as, path_str, stderr, stdout};
-use qcow2_testdata::{qemu_img_ok, require_qemu, scratch_dir};
+use qcow2_testdata::{qemu_img_ok, require_qemu, scratch_dir, socket_path};
 
 /// Runs QEMU's `tool` with `args` in `dir`.
 fn qemu(dir: &Path, tool: &str, args: &[&str]) -> std::process::Output {
@@ -111,7 +111,7 @@ fn an_overlay_over_a_json_backing_is_created_read_and_committed_as_qemu_does() {
 #[test]
 fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
     let dir = scratch_dir("json_backing_nbd");
-    let socket = dir.join("nbd.sock");
+    let socket = socket_path("json_backing_nbd");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     listener.set_nonblocking(true).unwrap();
     let backing = format!(
@@ -185,6 +185,7 @@ fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
         "{accepted:?}"
     );
     assert_eq!(std::fs::read(top).unwrap(), before);
+    let _ = std::fs::remove_file(&socket);
 }
 
 #[test]

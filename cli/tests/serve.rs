@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qcow2::{Image, OpenOptions};
 use qcow2_nbd::wire::*;
-use qcow2_testdata::{qemu_img_ok, qemu_io, require_qemu, scratch_dir};
+use qcow2_testdata::{qemu_img_ok, qemu_io, require_qemu, scratch_dir, socket_path};
 
 use common::path_str;
 
@@ -653,7 +653,7 @@ fn a_missing_bitmap_is_refused_before_listening() {
     let dir = scratch_dir("serve_bitmap_missing");
     let img = dir.join("m.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&img), "4M"]);
-    let sock = dir.join("m.sock");
+    let sock = socket_path("bitmap-missing");
     let out = run(
         env!("CARGO_BIN_EXE_qcow2-tool"),
         &["serve", "-k", path_str(&sock), "-B", "nope", path_str(&img)],

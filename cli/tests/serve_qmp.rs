@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{path_str, tool};
 use qcow2_testdata::qmp::{qmp_python, QmpClient};
-use qcow2_testdata::{qemu_check, qemu_img_ok, require_qemu, scratch_dir};
+use qcow2_testdata::{qemu_check, qemu_img_ok, require_qemu, scratch_dir, socket_path};
 use serde_json::json;
 
 const DISKS: usize = 4;
@@ -66,8 +66,8 @@ fn kill_9_during_qmp_transactions_under_fio_recovers_all_or_nothing() {
         qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(p), "64M"]);
     }
     let (nbd, qmp, group, pid) = (
-        dir.join("nbd.sock"),
-        dir.join("qmp.sock"),
+        socket_path("kill9-nbd"),
+        socket_path("kill9-qmp"),
         dir.join("group"),
         dir.join("server.pid"),
     );

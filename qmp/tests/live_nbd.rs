@@ -14,7 +14,7 @@ use qcow2_nbd::{Export, Listener, Server, ServerOptions};
 use qcow2_qmp::{Disk, Monitor};
 use qcow2_testdata::cut::{NbdWriter, WriteLog};
 use qcow2_testdata::qmp::{qmp_python, QmpClient};
-use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir};
+use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir, socket_path};
 use qcow2_transaction::Group;
 use serde_json::json;
 
@@ -61,8 +61,8 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
     );
     let stop_server = server.shutdown_handle();
     let monitor = Monitor::new(group, disks, Box::new(|| {}));
-    let nbd_socket = dir.join("nbd.sock");
-    let qmp_socket = dir.join("qmp.sock");
+    let nbd_socket = socket_path("live-nbd");
+    let qmp_socket = socket_path("live-qmp");
     let nbd_listener = Listener::unix(&nbd_socket).unwrap();
     let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
     let stop = AtomicBool::new(false);

@@ -466,6 +466,16 @@ pub fn scratch_dir(test_name: &str) -> PathBuf {
     dir
 }
 
+/// A path for a Unix socket, unique to this process and `name`. It lies in
+/// the system temp dir: `sun_path` holds 108 bytes, and a scratch dir under a
+/// deep checkout does not fit. Any stale socket of the same name is removed.
+pub fn socket_path(name: &str) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("q2-{}-{}.sock", sanitize(name), std::process::id()));
+    let _ = fs::remove_file(&path);
+    path
+}
+
 /// Copies a fixture and the files it depends on (backing chain, external data
 /// file) into `dest_dir`, keeping their names so relative references still
 /// resolve. Returns the path of the copied image, which the caller may modify.
