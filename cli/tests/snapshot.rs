@@ -149,3 +149,73 @@ fn incomplete_snapshot_entries_are_completed_as_qemu_img_does() {
         assert_eq!(check, 0, "{args:?}: {report}");
     }
 }
+
+/// qemu-iotest 217: a delete whose refcount decreases fail (blkdebug `cluster_free`) still
+/// removes the snapshot and leaves only leaks: the entries that become unshared take COPIED only
+/// once the decreases are durable, so `qemu-img check` finds no COPIED error (exit 3, not 2).
+#[test]
+fn a_delete_that_fails_to_free_clusters_leaves_only_leaks() {
+    let dir = qcow2_testdata::scratch_dir("snapshot_delete_cluster_free");
+    let img = dir.join("t.qcow2");
+    let img_s = path_str(&img);
+    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", img_s, "64M"]);
+    assert_eq!(
+        code(&qcow2_testdata::qemu_io(&["-c", "write 0 64k", img_s])),
+        0
+    );
+    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "foo", img_s]);
+    let conf = dir.join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"cluster_free\"\nerrno = \"5\"\n",
+    )
+    .unwrap();
+    let name = format!("blkdebug:{}:{img_s}", path_str(&conf));
+    let out = tool(&["snapshot", "-d", "foo", &name]);
+    no_panic(&out);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Input/output error"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&tool(&["snapshot", "-l", img_s])), "");
+    let (status, report) = qcow2_testdata::qemu_check(&img);
+    assert_eq!(status, 3, "{report}");
+    assert_eq!(report["corruptions"], serde_json::json!(null), "{report}");
+    assert!(report["leaks"].as_u64().unwrap() > 0, "{report}");
+    // Fixing the leaks sets the flags; after that both tools find the image clean.
+    let out = tool(&["check", "-r", "leaks", img_s]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert_eq!(qcow2_testdata::qemu_check(&img).0, 0);
+    let out = qemu_in(&dir, &["check", img_s]);
+    assert!(
+        stdout(&out).contains("No errors were found"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// The same delete on a healthy disk sets COPIED on the entries it unshares before it returns.
+#[test]
+fn a_delete_sets_copied_on_what_it_unshares() {
+    let dir = qcow2_testdata::scratch_dir("snapshot_delete_copied");
+    let img = dir.join("t.qcow2");
+    let img_s = path_str(&img);
+    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", img_s, "64M"]);
+    assert_eq!(
+        code(&qcow2_testdata::qemu_io(&["-c", "write 0 64k", img_s])),
+        0
+    );
+    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "foo", img_s]);
+    let out = tool(&["snapshot", "-d", "foo", img_s]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (status, report) = qcow2_testdata::qemu_check(&img);
+    assert_eq!(status, 0, "{report}");
+    let map = qcow2_testdata::qemu_map(&img);
+    assert_eq!(map[0]["data"], serde_json::json!(true), "{map}");
+    // A write in place needs no copy: the cluster keeps its offset, as it does under QEMU.
+    let before = map[0]["offset"].clone();
+    assert_eq!(code(&tool(&["io", "-c", "write -P 7 0 4k", img_s])), 0);
+    assert_eq!(qcow2_testdata::qemu_map(&img)[0]["offset"], before);
+}

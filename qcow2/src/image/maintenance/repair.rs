@@ -379,11 +379,17 @@ impl Image {
 
     /// Sets COPIED in the active L1 and L2 tables exactly where the refcount is 1.
     pub(crate) fn fix_copied(&self, m: &mut Meta) -> Result<()> {
+        let every: Vec<usize> = (0..m.l1.len()).collect();
+        self.fix_copied_in(m, &every)
+    }
+
+    /// [`Image::fix_copied`] for the L1 entries at `indices` and the L2 tables they hold.
+    pub(crate) fn fix_copied_in(&self, m: &mut Meta, indices: &[usize]) -> Result<()> {
         let cs = m.header.cluster_size();
         let extended = m.header.extended_l2();
         let external = m.header.has_external_data_file();
         let host = self.host();
-        for i in 0..m.l1.len() {
+        for &i in indices {
             let entry = m.l1[i];
             let l2 = entry & OFFSET_MASK;
             if l2 == 0 {

@@ -4,10 +4,12 @@
 //! active L2 tables with COPIED bits already right for the new state, a new snapshot table — raises
 //! refcounts durably, and then publishes everything with one write of header bytes 24..72 (size,
 //! L1 fields, refcount table fields, snapshot count and table offset), which lies in the first
-//! 512-byte sector and so lands whole. Refcounts drop only after that write is durable.
+//! 512-byte sector and so lands whole. Refcounts drop only after that write is durable, and an
+//! entry whose cluster becomes unshared by that drop (a deleted snapshot's last sharer) takes its
+//! COPIED bit in place after it, as QEMU's delete does.
 //!
 //! So at every crash point the image holds either the old state or the new one, plus at most
-//! leaked clusters: a COPIED bit is never set on a cluster that two tables share, and a refused
+//! leaked clusters: a COPIED bit is never set on a cluster that two tables count, and a refused
 //! operation (refcount overflow, full table, I/O error before publishing) leaves the image as it
 //! was. QEMU instead clears COPIED in place and rewrites the active L1 in place on apply, which
 //! leaves windows where a crash marks a shared table unshared.
@@ -74,6 +76,8 @@ pub struct StagedChange {
     raised: Vec<Segment>,
     /// Refcount decreases due once the new state is published.
     lowered: Vec<Segment>,
+    /// L1 indices of new L2 tables with entries that take COPIED once `lowered` is durable.
+    copied_later: Vec<usize>,
 }
 
 /// Every refcount change of a plan, settled, with the refcount each changed cluster ends with.
@@ -353,13 +357,17 @@ impl Image {
             self.flush_refblocks(&mut m)?;
             host.sync()
         })();
-        if result.is_err() {
-            // The new state is published, so the change took effect; what the old state held
-            // is only leaked. Reclaim it now if the disk lets us (check -r leaks does it
-            // otherwise); a disk that keeps failing fails the next flush.
-            if self.fix_leaks(&mut m).is_ok() {
-                let _ = self.flush_refblocks(&mut m);
-            }
+        // The new state is published, so the change took effect; what the old state held is at
+        // most leaked. Reclaim it now if the disk lets us (check -r leaks does it otherwise); a
+        // disk that keeps failing fails the next flush.
+        let settled = result.is_ok()
+            || (self.fix_leaks(&mut m).is_ok() && self.flush_refblocks(&mut m).is_ok());
+        if settled && !staged.copied_later.is_empty() {
+            // Until this lands, the clusters are unshared without COPIED: writes copy them
+            // needlessly, and `check` calls the flag wrong (`-r leaks` sets it).
+            let _ = self
+                .fix_copied_in(&mut m, &staged.copied_later)
+                .and_then(|()| self.flush_all(&mut m));
         }
         Ok(())
     }
@@ -634,6 +642,7 @@ impl Image {
         let mut raised: Vec<Segment> = Vec::new();
         let extended = m.header.extended_l2();
         let mut l1 = l1_source;
+        let mut copied_later = Vec::new();
         // Space is taken in QEMU's order — the L1 table, the snapshot table, then the L2 tables
         // — so an image's layout after a snapshot matches what QEMU's tools expect to find.
         // An empty L1 table takes no cluster (nothing would count it) and sits at offset 0.
@@ -673,18 +682,25 @@ impl Image {
                     _ => continue,
                 };
                 let k = host_offset >> cb;
-                let count = match cursor.find(k) {
+                let (count, lowered) = match cursor.find(k) {
                     Some(i) => {
                         let seg = &changes.segments[i];
-                        changes.after[changes.first_value[i] + (k - seg.start) as usize]
+                        let after =
+                            changes.after[changes.first_value[i] + (k - seg.start) as usize];
+                        (after, seg.delta < 0)
                     }
-                    None => m.ws_mut()?.refcounts.get(host, k)?,
+                    None => (m.ws_mut()?.refcounts.get(host, k)?, false),
                 };
-                let fixed = if count == 1 {
+                // A cluster whose refcount reaches 1 only when the old state's references drop
+                // gets COPIED after that drop is durable: until then the file counts it twice.
+                let fixed = if count == 1 && !lowered {
                     raw | COPIED
                 } else {
                     raw & !COPIED
                 };
+                if count == 1 && lowered && copied_later.last() != Some(&i) {
+                    copied_later.push(i);
+                }
                 put_be_u64_at(&mut copy, idx, fixed);
             }
             let at = self.alloc(m, 1)?;
@@ -728,6 +744,7 @@ impl Image {
             table_at,
             table_len: table.len() as u64,
             raised,
+            copied_later,
             lowered: changes
                 .segments
                 .into_iter()
