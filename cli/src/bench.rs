@@ -9,14 +9,15 @@
 //! the engine. As in qemu-img, nothing is flushed during the run unless `--flush-interval` asks,
 //! and closing the image (which flushes) happens after the clock stops.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use qcow2::storage::{Storage, StorageExt};
 use qcow2::{Image, OpenOptions};
 
+use crate::cache::CacheMode;
 use crate::size::{int_arg, size_arg};
 use crate::source::{format_of, io_text, open_image, CmdResult, Failure, Format};
 
@@ -31,8 +32,9 @@ pub struct Args {
     /// Image format (qcow2 or raw); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
-    /// Cache mode (none, writeback, writethrough, directsync, unsafe); writethrough and
-    /// directsync flush after every write, the others do not change what the engine does.
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe): none and directsync
+    /// bypass the page cache (O_DIRECT), writethrough and directsync flush after every write,
+    /// unsafe never syncs.
     #[arg(short = 't', long = "cache")]
     cache: Option<String>,
     /// Number of requests (75000).
@@ -90,8 +92,8 @@ struct Workload {
     write: bool,
     pattern: u8,
     flush_interval: u64,
-    /// Flush after every write (writethrough and directsync).
-    write_through: bool,
+    /// The cache mode (`-t`): whether the page cache is bypassed and writes are flushed.
+    cache: CacheMode,
 }
 
 impl Workload {
@@ -139,14 +141,13 @@ fn workload(args: &Args) -> Result<Workload, Failure> {
         Some(t) => int_arg("flush interval", t, 0, INT_MAX)?,
         None => 0,
     };
-    let cache = args.cache.as_deref().unwrap_or("writeback");
-    let (direct, write_through) = match cache {
-        "none" | "off" => (true, false),
-        "directsync" => (true, true),
-        "writeback" | "unsafe" => (false, false),
-        "writethrough" => (false, true),
-        _ => return Err(Failure::new(1, "Invalid cache mode")),
+    let cache = match args.cache.as_deref() {
+        None => CacheMode::WRITEBACK,
+        Some(name) => {
+            CacheMode::parse(name).ok_or_else(|| Failure::new(1, "Invalid cache mode"))?
+        }
     };
+    let direct = cache.direct;
     let native = args.native || args.aio.as_deref() == Some("native");
     if let Some(aio) = args.aio.as_deref() {
         if !matches!(aio, "threads" | "native" | "io_uring") {
@@ -189,7 +190,7 @@ fn workload(args: &Args) -> Result<Workload, Failure> {
         write: args.write,
         pattern,
         flush_interval,
-        write_through,
+        cache,
     })
 }
 
@@ -206,12 +207,15 @@ impl Disk {
         format: Option<&str>,
         write: bool,
         force_share: bool,
+        cache: CacheMode,
     ) -> Result<Disk, String> {
         match format_of(path, format)? {
             Format::Qcow2 => {
                 let options = OpenOptions::default()
                     .writable(write)
-                    .force_share(force_share);
+                    .force_share(force_share)
+                    .direct_io(cache.direct)
+                    .skip_syncs(cache.no_flush);
                 Ok(Disk::Qcow2(Box::new(open_image(path, &options)?)))
             }
             Format::Raw => {
@@ -220,13 +224,15 @@ impl Disk {
                     .write(write)
                     .open(path)
                     .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
-                if write {
+                let mut raw = if write {
                     crate::target::lock_for_write(file, path)
-                        .map(Disk::Raw)
-                        .map_err(|m| format!("{}: {m}", path.display()))
+                        .map_err(|m| format!("{}: {m}", path.display()))?
                 } else {
-                    Ok(Disk::Raw(qcow2::FileStorage::from_file(file, false)))
-                }
+                    qcow2::FileStorage::from_file(file, false)
+                };
+                raw.set_direct_io(cache.direct)
+                    .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+                Ok(Disk::Raw(raw))
             }
         }
     }
@@ -245,20 +251,14 @@ impl Disk {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) => image.read_at(buf, offset).map_err(|e| errno_text(&e)),
-            Disk::Raw(raw) => raw
-                .file()
-                .read_exact_at(buf, offset)
-                .map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw.read_exact_at(buf, offset).map_err(|e| io_text(&e)),
         }
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), String> {
         match self {
             Disk::Qcow2(image) => image.write_at(buf, offset).map_err(|e| errno_text(&e)),
-            Disk::Raw(raw) => raw
-                .file()
-                .write_all_at(buf, offset)
-                .map_err(|e| io_text(&e)),
+            Disk::Raw(raw) => raw.write_at(buf, offset).map_err(|e| io_text(&e)),
         }
     }
 
@@ -359,7 +359,7 @@ impl Shared<'_> {
         }
         if w.write {
             self.disk.write(buf.as_slice(), offset)?;
-            if w.write_through {
+            if w.cache.write_through() {
                 self.disk.flush()?;
             }
         } else {
@@ -409,8 +409,14 @@ fn run_workload(disk: &Disk, work: Workload, image_size: u64) -> Result<Duration
 pub fn run(args: Args) -> CmdResult {
     let work = workload(&args)?;
     let path = &args.files[0];
-    let disk = Disk::open(path, args.format.as_deref(), work.write, args.force_share)
-        .map_err(|m| Failure::new(1, m))?;
+    let disk = Disk::open(
+        path,
+        args.format.as_deref(),
+        work.write,
+        args.force_share,
+        work.cache,
+    )
+    .map_err(|m| Failure::new(1, m))?;
     let image_size = disk.size().map_err(|m| Failure::new(1, m))?;
     outln!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
@@ -437,8 +443,7 @@ pub fn run(args: Args) -> CmdResult {
         };
         outln!("Throughput: {mb_s:.1} MB/s, {iops:.0} IOPS");
     }
-    let unsafe_cache = args.cache.as_deref() == Some("unsafe");
-    disk.close(work.write, unsafe_cache)
+    disk.close(work.write, work.cache.no_flush)
         .map_err(|m| Failure::new(1, m))?;
     Ok(0)
 }
@@ -457,7 +462,7 @@ mod tests {
             write: false,
             pattern: 0,
             flush_interval: 0,
-            write_through: false,
+            cache: CacheMode::WRITEBACK,
         }
     }
 

@@ -6,6 +6,7 @@
 #[macro_use]
 mod console;
 mod bench;
+mod cache;
 mod img;
 mod io;
 mod luks_file;

@@ -1,5 +1,5 @@
 //! `serve`: exports images over NBD with qemu-nbd's option spelling (`-k`, `-b`, `-p`, `-x`,
-//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `--pid-file`), several at once as `NAME=PATH`;
+//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `-n`, `--cache`, `--pid-file`), several at once as `NAME=PATH`;
 //! with `--qmp SOCKET --group DIR`, a QMP monitor takes live group snapshots of them. A thin
 //! shell over the `qcow2-nbd` library: it opens the images, listens, and on SIGINT/SIGTERM/
 //! SIGHUP (or, without `-t`, when the last client leaves) stops the server, flushes and closes
@@ -11,9 +11,10 @@ use std::sync::Arc;
 use nix::sys::signal::{SigSet, Signal};
 use qcow2::{DiskTop, Image, OpenOptions};
 use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
-use qcow2_qmp::{Disk, Monitor};
+use qcow2_qmp::{Disk, Monitor, WriteCache};
 use qcow2_transaction::Group;
 
+use crate::cache::CacheMode;
 use crate::source::{open_image, CmdResult, Failure};
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +61,14 @@ pub struct Args {
     /// What TRIM and hole-punching zero writes do: `unmap` frees clusters, `ignore` keeps them.
     #[arg(long = "discard", default_value = "unmap", value_name = "MODE")]
     discard: String,
+    /// Cache mode: `writeback` (the default), `none` and `directsync` (around the host page
+    /// cache, O_DIRECT), `writethrough` and `directsync` (each write durable before its reply),
+    /// `unsafe` (never sync).
+    #[arg(long = "cache", value_name = "MODE")]
+    cache: Option<String>,
+    /// Bypass the host page cache: `--cache=none`.
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
     /// Write the process id here once the server listens (removed on exit).
     #[arg(long = "pid-file", value_name = "PATH")]
     pid_file: Option<PathBuf>,
@@ -132,6 +141,7 @@ fn start_monitor(
     group: Group,
     list: &[(String, PathBuf)],
     exports: &[Export],
+    cache: CacheMode,
     handle: qcow2_nbd::ShutdownHandle,
 ) -> Result<Arc<Monitor>, String> {
     let mut disks = Vec::new();
@@ -142,6 +152,10 @@ fn start_monitor(
             name: name.clone(),
             top: export.top.clone(),
             path,
+            cache: WriteCache {
+                writeback: cache.writeback,
+                no_flush: cache.no_flush,
+            },
         });
     }
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
@@ -165,6 +179,18 @@ fn start_monitor(
     Ok(monitor)
 }
 
+/// The cache mode `--cache` and `-n` ask for, with qemu-nbd's messages.
+fn cache_mode(args: &Args) -> Result<CacheMode, String> {
+    match (&args.cache, args.nocache) {
+        (Some(_), true) => Err("-n and --cache can only be specified once".into()),
+        (None, true) => Ok(CacheMode::parse("none").expect("a known mode")),
+        (None, false) => Ok(CacheMode::WRITEBACK),
+        (Some(name), false) => {
+            CacheMode::parse(name).ok_or_else(|| format!("Invalid cache mode `{name}'"))
+        }
+    }
+}
+
 /// Writes the pid file whole (via a rename), so a reader never sees a partial one.
 fn write_pid_file(path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp~");
@@ -186,6 +212,7 @@ pub fn run(args: Args) -> CmdResult {
         "ignore" | "off" => false,
         other => return Err(fail(format!("Invalid discard mode '{other}'"))),
     };
+    let cache = cache_mode(&args).map_err(fail)?;
     let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
     if args.qmp.is_some() && args.group.is_none() {
         return Err(fail(
@@ -212,7 +239,10 @@ pub fn run(args: Args) -> CmdResult {
     signals
         .thread_block()
         .map_err(|e| fail(format!("serve: blocking signals: {e}")))?;
-    let options = OpenOptions::default().writable(!args.read_only);
+    let options = OpenOptions::default()
+        .writable(!args.read_only)
+        .direct_io(cache.direct)
+        .skip_syncs(cache.no_flush);
     let mut exports = Vec::new();
     for (name, path) in &list {
         let image = open_image(path, &options).map_err(fail)?;
@@ -223,7 +253,8 @@ pub fn run(args: Args) -> CmdResult {
                 .read_only(args.read_only)
                 .allocation_depth(args.allocation_depth)
                 .bitmaps(args.bitmap.clone())
-                .unmap(unmap),
+                .unmap(unmap)
+                .write_through(cache.write_through()),
         );
     }
     let tops: Vec<Arc<DiskTop>> = exports.iter().map(|e| e.top.clone()).collect();
@@ -242,7 +273,15 @@ pub fn run(args: Args) -> CmdResult {
     let handle = server.shutdown_handle();
     let monitor = match (&args.qmp, group) {
         (Some(socket), Some(group)) => Some(
-            start_monitor(socket, group, &list, server.exports(), handle.clone()).map_err(fail)?,
+            start_monitor(
+                socket,
+                group,
+                &list,
+                server.exports(),
+                cache,
+                handle.clone(),
+            )
+            .map_err(fail)?,
         ),
         _ => None,
     };

@@ -135,12 +135,15 @@ fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
         assert!(err.contains("'nbd' driver is not allowed"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    let out = ours_as("qemu-img", &dir, &["commit", top]);
-    assert!(
-        stderr(&out).contains("'nbd' driver is not allowed"),
-        "{}",
-        stderr(&out)
-    );
+    for args in [vec!["commit", top], vec!["info", "--backing-chain", top]] {
+        let out = ours_as("qemu-img", &dir, &args);
+        assert_ne!(code(&out), 0, "{args:?}");
+        assert!(
+            stderr(&out).contains("'nbd' driver is not allowed"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
     let out = ours_as(
         "qemu-img",
         &dir,

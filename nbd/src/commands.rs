@@ -137,7 +137,7 @@ fn writable(export: &Export) -> Result<(), Failure> {
 }
 
 fn fua(export: &Export, req: &Request) -> Result<(), Failure> {
-    if req.flags & CMD_FLAG_FUA != 0 {
+    if export.write_through || req.flags & CMD_FLAG_FUA != 0 {
         export.image().flush().map_err(engine_failure)?;
     }
     Ok(())

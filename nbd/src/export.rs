@@ -74,6 +74,9 @@ pub struct Export {
     /// Honour TRIM and let WRITE_ZEROES without NO_HOLE free clusters (qemu-nbd's
     /// `--discard=unmap`); otherwise TRIM is a no-op and zero writes keep their clusters.
     pub unmap: bool,
+    /// Make every write durable before acknowledging it, as if each carried FUA (qemu-nbd's
+    /// `--cache=writethrough` and `directsync`).
+    pub write_through: bool,
 }
 
 setters!(Export {
@@ -82,6 +85,7 @@ setters!(Export {
     allocation_depth: bool,
     bitmaps: Vec<String>,
     unmap: bool,
+    write_through: bool,
 });
 
 impl Export {
@@ -101,6 +105,7 @@ impl Export {
             allocation_depth: false,
             bitmaps: Vec::new(),
             unmap: true,
+            write_through: false,
         }
     }
 

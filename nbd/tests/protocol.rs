@@ -837,3 +837,57 @@ fn hostile_streams_end_cleanly() {
         let _ = serve_stream(&input[..], &mut sink, &exports, &options);
     }
 }
+
+/// A memory store that counts the syncs asked of it.
+#[derive(Default)]
+struct CountingSyncs {
+    bytes: MemoryStorage,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl qcow2::Storage for CountingSyncs {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.bytes.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.bytes.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.bytes.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.bytes.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.bytes.set_len(len)
+    }
+}
+
+/// A write-through export (`--cache=writethrough`) makes each write durable before its reply,
+/// FUA or not; a write-back one leaves it to FLUSH.
+#[test]
+fn a_write_through_export_syncs_every_write() {
+    for write_through in [false, true] {
+        let store = CountingSyncs::default();
+        let syncs = store.syncs.clone();
+        let img = Image::create_in(Box::new(store), "mem", &CreateOptions::new(SIZE)).unwrap();
+        img.write_at(&[1; 4096], 0).unwrap();
+        let export = Export::new("", Arc::new(img)).write_through(write_through);
+        let (mut c, t) = connect_structured(vec![export]);
+        c.go("");
+        for (cookie, kind) in [(1, CMD_WRITE), (2, CMD_WRITE_ZEROES), (3, CMD_TRIM)] {
+            let before = syncs.load(std::sync::atomic::Ordering::SeqCst);
+            if kind == CMD_WRITE {
+                c.write(cookie, 0, &[2; 4096], 0);
+            } else {
+                c.request(0, kind, cookie, 8192, 4096);
+            }
+            assert_eq!(c.status(), 0);
+            let after = syncs.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(after > before, write_through, "command {kind}");
+        }
+        drop(c);
+        t.join().unwrap();
+    }
+}

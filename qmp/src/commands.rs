@@ -25,6 +25,27 @@ pub struct Disk {
     /// The top image file's canonical path, as the group's manifest records it (it follows
     /// external snapshots).
     pub path: PathBuf,
+    /// How the server completes the disk's writes.
+    pub cache: WriteCache,
+}
+
+/// How a disk's writes complete, as `query-named-block-nodes` reports it in `cache` (whether
+/// they bypass the page cache is the image's own: [`qcow2::Image::is_direct_io`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteCache {
+    /// A write is acknowledged before it is durable (otherwise the server flushes each one).
+    pub writeback: bool,
+    /// The server never syncs (`cache=unsafe`).
+    pub no_flush: bool,
+}
+
+impl Default for WriteCache {
+    fn default() -> Self {
+        WriteCache {
+            writeback: true,
+            no_flush: false,
+        }
+    }
 }
 
 /// What the commands act on.
@@ -468,7 +489,11 @@ fn node_info(d: &Disk) -> Value {
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "cache": {
+            "writeback": d.cache.writeback,
+            "direct": img.is_direct_io(),
+            "no-flush": d.cache.no_flush,
+        },
         "image": {
             "filename": file,
             "format": "qcow2",

@@ -23,7 +23,7 @@ mod commands;
 pub mod framing;
 pub mod monitor;
 
-pub use commands::Disk;
+pub use commands::{Disk, WriteCache};
 pub use monitor::Monitor;
 
 // Compile-time checks of what the docs promise about threads: a type that stops being

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use qcow2::{CreateOptions, DiskTop, Image, OpenOptions};
 use qcow2_nbd::{Export, Listener, Server, ServerOptions};
-use qcow2_qmp::{Disk, Monitor};
+use qcow2_qmp::{Disk, Monitor, WriteCache};
 use qcow2_testdata::cut::{NbdWriter, WriteLog};
 use qcow2_testdata::qmp::{qmp_python, QmpClient};
 use qcow2_testdata::{qemu_check, qemu_convert_raw, require_qemu, scratch_dir, socket_path};
@@ -33,7 +33,9 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
         let path = dir.join(format!("d{i}.qcow2"));
         let options = CreateOptions::new(SIZE);
         Image::create(&path, &options).unwrap().close().unwrap();
-        let image = Arc::new(Image::open(&path, &OpenOptions::read_write()).unwrap());
+        // The first disk bypasses the page cache (cache=none); an external snapshot keeps that.
+        let options = OpenOptions::read_write().direct_io(i == 0);
+        let image = Arc::new(Image::open(&path, &options).unwrap());
         let top = Arc::new(DiskTop::new(image));
         let name = format!("d{i}");
         exports.push(Export::with_top(&name, top.clone()));
@@ -41,6 +43,7 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
             name,
             top,
             path: path.canonicalize().unwrap(),
+            cache: WriteCache::default(),
         });
     }
     let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
@@ -154,6 +157,8 @@ fn qmp_group_snapshots_of_disks_written_through_nbd_are_cuts() {
         let file = overlay(d).canonicalize().unwrap();
         assert_eq!(node["file"], file.display().to_string(), "{node}");
         assert_eq!(node["backing_file_depth"], 1, "{node}");
+        let cache = json!({"writeback": true, "direct": d == 0, "no-flush": false});
+        assert_eq!(node["cache"], cache, "{node}");
     }
     for (disk, base) in paths.iter().enumerate() {
         let top = overlay(disk);

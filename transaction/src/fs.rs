@@ -42,6 +42,12 @@ pub trait GroupFs: Send + Sync {
     /// Opens an existing qcow2 image for writing, alone (its backing chain is not needed to
     /// stage snapshots), with the image locks QEMU uses.
     fn open_image(&self, path: &Path) -> qcow2::Result<Image>;
+    /// Opens a new overlay for a live disk as [`GroupFs::open_image`] does, around the host page
+    /// cache when the disk's top image is (`direct_io`), so the disk keeps its cache mode.
+    fn open_overlay(&self, path: &Path, direct_io: bool) -> qcow2::Result<Image> {
+        let _ = direct_io;
+        self.open_image(path)
+    }
     /// Opens an existing qcow2 image read-only, alone (to read its bitmaps).
     fn open_read_only(&self, path: &Path) -> qcow2::Result<Image>;
     /// Opens an overlay read-only over its backing file opened writable, to merge the overlay
@@ -135,6 +141,16 @@ impl GroupFs for RealFs {
             &OpenOptions::default()
                 .writable(true)
                 .backing(BackingPolicy::Ignore),
+        )
+    }
+
+    fn open_overlay(&self, path: &Path, direct_io: bool) -> qcow2::Result<Image> {
+        Image::open(
+            path,
+            &OpenOptions::default()
+                .writable(true)
+                .backing(BackingPolicy::Ignore)
+                .direct_io(direct_io),
         )
     }
 

@@ -207,9 +207,9 @@ impl Step for OverlayStep {
                 &self.overlay_bitmaps,
             )?;
         }
-        if self.image.as_ref().and_then(Held::top).is_some() {
+        if let Some(top) = self.image.as_ref().and_then(Held::top) {
             let overlay = fs
-                .open_image(&self.tmp)
+                .open_overlay(&self.tmp, top.image().is_direct_io())
                 .map_err(|e| TxnError::image(&self.tmp, e))?;
             self.opened = Some(overlay);
         }

@@ -80,14 +80,10 @@ pub fn run(args: Args) -> CmdResult {
         // A `json:` backing name describes the layer's file rather than naming it.
         let mut described = None;
         if let Some(json) = path.to_str().filter(|p| is_json(p)).map(str::to_owned) {
-            let (spec, file, driver) = OpenSpec::from_filename(&json, Options::new())
-                .and_then(|spec| {
-                    let (file, driver) = layer_file(&spec)?;
-                    Ok((spec, file, driver))
-                })
+            let (file, driver, options) = crate::nodes::backing_json::described_file(&json)
                 .map_err(|e| Failure::new(1, format!("Could not open '{json}': {e}")))?;
             forced = forced.or(driver);
-            described = Some(described_name(&spec, &file));
+            described = Some(described_name(&options, &file));
             path = PathBuf::from(file);
             crate::source::may_follow(&top, &path).map_err(|m| Failure::new(1, m))?;
         }
@@ -261,7 +257,7 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     let (file, driver) = spec
         .resolve()
         .map_err(|e| format!("Could not open '{given}': {e}"))?;
-    let name = described_name(&spec, &file);
+    let name = described_name(&spec.options, &file);
     Ok((
         PathBuf::from(file),
         name,
@@ -269,25 +265,11 @@ fn first_image(args: &Args) -> Result<(PathBuf, String, Option<String>), String>
     ))
 }
 
-/// The host file of a layer described by options, and the format they name. Error rules of a
-/// blkdebug node above the file do not matter to `info`, which reads metadata only.
-fn layer_file(spec: &OpenSpec) -> Result<(String, Option<String>), String> {
-    spec.resolve().or_else(|e| {
-        let o = &spec.options;
-        match (o.get("file.driver"), o.get("file.image.filename")) {
-            (Some(d), Some(file)) if d == "blkdebug" => {
-                Ok((file.clone(), o.get("driver").cloned()))
-            }
-            _ => Err(e),
-        }
-    })
-}
-
 /// The name qemu-img gives an image opened from options: options that only say where the file
 /// is and which driver reads it name the image by its file; anything more keeps the options in
 /// the name.
-fn described_name(spec: &OpenSpec, file: &str) -> String {
-    let plain = spec.options.iter().all(|(k, v)| match k.as_str() {
+fn described_name(options: &Options, file: &str) -> String {
+    let plain = options.iter().all(|(k, v)| match k.as_str() {
         "driver" | "file.filename" | "filename" | "data-file.filename" => true,
         "file.driver" => v == "file",
         _ => false,
@@ -295,7 +277,7 @@ fn described_name(spec: &OpenSpec, file: &str) -> String {
     if plain {
         file.to_owned()
     } else {
-        json_name(&spec.options)
+        json_name(options)
     }
 }
 

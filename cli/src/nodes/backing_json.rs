@@ -68,9 +68,13 @@ fn plain_file(o: &Options) -> Option<&str> {
 
 /// The name's options, flattened, once every driver in it is one this resolver opens.
 fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
+    checked(request.name()).map_err(|problem| request.refuse(problem))
+}
+
+/// [`checked_options`] for a name on its own.
+fn checked(name: &str) -> Result<Options, ChainProblem> {
     let mut o = Options::new();
-    parse_json_filename(request.name(), &mut o)
-        .map_err(|e| request.refuse(ChainProblem::Unresolvable(e)))?;
+    parse_json_filename(name, &mut o).map_err(ChainProblem::Unresolvable)?;
     for (key, value) in &o {
         let allowed = if key == "driver" {
             FORMATS
@@ -80,16 +84,16 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
             continue;
         };
         if !allowed.contains(&value.as_str()) {
-            return Err(request.refuse(ChainProblem::DriverRefused {
+            return Err(ChainProblem::DriverRefused {
                 driver: value.clone(),
-            }));
+            });
         }
     }
     // A blkdebug config file is a host file read outside the policy gate.
     if o.keys().any(|k| k == "config" || k.ends_with(".config")) {
-        return Err(request.refuse(ChainProblem::Unresolvable(
+        return Err(ChainProblem::Unresolvable(
             "blkdebug's 'config' file is not read for a json: backing name".into(),
-        )));
+        ));
     }
     // Drivers nested as JSON text (quorum's children) are not among the accepted ones anyway;
     // any other option of the format node would be silently ignored, so it is refused.
@@ -97,9 +101,9 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
         .keys()
         .find(|k| !k.starts_with("file.") && !FORMAT_OPTIONS.contains(&k.as_str()))
     {
-        return Err(request.refuse(ChainProblem::Unresolvable(format!(
+        return Err(ChainProblem::Unresolvable(format!(
             "option '{key}' is not supported in a json: backing name"
-        ))));
+        )));
     }
     // `filename` on the format node names its file, as QEMU reads it.
     if let Some(name) = o.get("filename").cloned() {
@@ -108,6 +112,36 @@ fn checked_options(request: &BackingRequest<'_>) -> qcow2::Result<Options> {
         }
     }
     Ok(o)
+}
+
+/// The host file a `json:` backing name describes (below any raw and blkdebug nodes, whose
+/// windows and error rules do not change an image's metadata), the format it names, and its
+/// options, after the same checks as opening it: for commands that read metadata only.
+pub fn described_file(name: &str) -> Result<(String, Option<String>, Options), ChainProblem> {
+    let o = checked(name)?;
+    let format = o.get("driver").cloned();
+    let mut prefix = if format.as_deref() == Some("raw") {
+        String::new()
+    } else {
+        "file.".to_owned()
+    };
+    loop {
+        match o.get(&format!("{prefix}driver")).map(String::as_str) {
+            None | Some("file") => break,
+            Some("raw") => prefix.push_str("file."),
+            Some("blkdebug") => prefix.push_str("image."),
+            Some(other) => {
+                return Err(ChainProblem::DriverRefused {
+                    driver: other.to_owned(),
+                })
+            }
+        }
+    }
+    let file = o
+        .get(&format!("{prefix}filename"))
+        .cloned()
+        .ok_or_else(|| ChainProblem::Unresolvable("the description names no file".to_owned()))?;
+    Ok((file, format, o))
 }
 
 /// Opens the `json:` backing name `name` as the image `image` would, for its format name and

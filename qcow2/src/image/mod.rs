@@ -91,6 +91,10 @@ pub struct OpenOptions {
     /// Never sync the image's files (QEMU's `cache=unsafe`, qemu-img convert's default for
     /// its target): a crash or power cut may lose or tear anything written.
     pub skip_syncs: bool,
+    /// Read and write the image's files around the host page cache (`O_DIRECT`; QEMU's
+    /// `cache.direct=on`, as in the `none` and `directsync` cache modes). Opening fails on a
+    /// file system without direct I/O.
+    pub direct_io: bool,
     /// Overrides the image's lazy-refcounts bit for this open (QEMU's `lazy-refcounts` runtime
     /// option): on, a writer defers data clusters' refcounts under the dirty bit. Needs a
     /// version 3 image.
@@ -125,6 +129,7 @@ impl Default for OpenOptions {
             force_share: false,
             for_repair: false,
             skip_syncs: false,
+            direct_io: false,
             lazy_refcounts: None,
             backing_format: None,
             data_file: None,
@@ -143,6 +148,7 @@ setters!(OpenOptions {
     force_share: bool,
     for_repair: bool,
     skip_syncs: bool,
+    direct_io: bool,
     lazy_refcounts: Option<bool>,
     backing_format: Option<String>,
     data_file: Option<PathBuf>,
@@ -631,6 +637,12 @@ impl Image {
         self.writable
     }
 
+    /// Whether the image file is read and written around the host page cache
+    /// ([`OpenOptions::direct_io`]).
+    pub fn is_direct_io(&self) -> bool {
+        self.storage.is_direct_io()
+    }
+
     /// The path the image was opened from, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -804,6 +816,10 @@ pub(crate) fn open_locked(
     }
     .map_err(|e| Error::io(image, format!("opening {what}"), e))?;
     file.set_skip_syncs(writable && options.skip_syncs);
+    if options.direct_io {
+        file.set_direct_io(true)
+            .map_err(|e| Error::io(image, format!("opening {what} for direct I/O"), e))?;
+    }
     if !options.force_share || writable {
         match file.lock_image(writable) {
             Ok(Ok(())) => {}

@@ -1,4 +1,5 @@
-//! The file backend: pread/pwrite on a `std::fs::File`, opened read-only or read-write.
+//! The file backend: pread/pwrite on a `std::fs::File`, opened read-only or read-write, through
+//! the page cache or around it (`direct`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
+use super::direct::DirectIo;
 use super::Storage;
 
 /// A host file accessed with positioned reads and writes.
@@ -26,6 +28,8 @@ pub struct FileStorage {
     zeroing: AtomicU8,
     /// Syncs are skipped (QEMU's `cache=unsafe`).
     skip_syncs: bool,
+    /// Set when the file is open with `O_DIRECT`: requests then go through it aligned.
+    direct: Option<DirectIo>,
 }
 
 /// The `fallocate` modes that make a range read as zeros, cheapest first: `ZERO_RANGE` keeps
@@ -50,6 +54,7 @@ impl FileStorage {
             unsynced: AtomicBool::new(writable),
             zeroing: AtomicU8::new(0),
             skip_syncs: false,
+            direct: None,
         }
     }
 
@@ -83,6 +88,37 @@ impl FileStorage {
     /// until the kernel writes them back, so a crash or power cut may lose or tear any of them.
     pub fn set_skip_syncs(&mut self, skip: bool) {
         self.skip_syncs = skip;
+    }
+
+    /// Reads and writes around the host page cache (`O_DIRECT`; QEMU's `cache.direct=on`): data
+    /// goes to the device without filling the cache, and a writer that outruns the device waits
+    /// for it rather than being paused by the kernel's dirty-page throttling. Requests that are
+    /// not aligned to [`DIRECT_ALIGN`](super::DIRECT_ALIGN) go through a bounce buffer, and a
+    /// write that ends in part of a block past the end of the file grows it to that block's
+    /// end, as QEMU's does. Syncs are still needed for durability. Fails with `InvalidInput`
+    /// where the file system does not offer direct I/O (tmpfs).
+    pub fn set_direct_io(&mut self, on: bool) -> io::Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = OFlag::from_bits_retain(fcntl(&self.file, FcntlArg::F_GETFL)?);
+        let wanted = if on {
+            flags | OFlag::O_DIRECT
+        } else {
+            flags - OFlag::O_DIRECT
+        };
+        if wanted != flags {
+            fcntl(&self.file, FcntlArg::F_SETFL(wanted)).map_err(|e| {
+                if e == Errno::EINVAL {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "the file system does not support direct I/O (O_DIRECT)",
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
+        }
+        self.direct = on.then(DirectIo::default);
+        Ok(())
     }
 
     /// The underlying file.
@@ -155,6 +191,9 @@ impl Drop for FileStorage {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if let Some(direct) = &self.direct {
+            return direct.read(&self.file, buf, offset);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -170,7 +209,10 @@ impl Storage for FileStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.require_writable()?;
         // Marked once complete: a flush that started earlier need not cover it, a later one must.
-        let result = self.file.write_all_at(buf, offset);
+        let result = match &self.direct {
+            Some(direct) => direct.write(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        };
         self.unsynced.store(true, Ordering::Release);
         result
     }
@@ -235,6 +277,10 @@ impl Storage for FileStorage {
 
     fn identity(&self) -> Option<super::FileIdentity> {
         super::FileIdentity::of(&self.file).ok()
+    }
+
+    fn is_direct_io(&self) -> bool {
+        self.direct.is_some()
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -2,12 +2,14 @@
 //! [`Storage`], so tests and the fuzzer swap in memory and recording backends. The
 //! recording store (`recording`, simulated power cuts) needs the `testing` feature.
 
+mod direct;
 mod file;
 mod lock;
 mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub mod recording;
 
+pub use direct::DIRECT_ALIGN;
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
 #[cfg(any(test, feature = "testing"))]
@@ -133,6 +135,10 @@ pub trait Storage: Send + Sync {
     fn identity(&self) -> Option<FileIdentity> {
         None
     }
+    /// Whether requests bypass the host page cache (a file open for direct I/O).
+    fn is_direct_io(&self) -> bool {
+        false
+    }
 }
 
 /// Writes zeros over `[offset, offset + len)` through [`Storage::write_at`], a bounded buffer
@@ -244,6 +250,9 @@ macro_rules! forward_storage {
             }
             fn identity(&self) -> Option<FileIdentity> {
                 (**self).identity()
+            }
+            fn is_direct_io(&self) -> bool {
+                (**self).is_direct_io()
             }
         }
     };
