@@ -139,6 +139,11 @@ const WRITE_RUNS: &[&[&str]] = &[
         "-S",
         "192k",
     ],
+    // Around the page cache (O_DIRECT): unaligned requests go through the bounce path.
+    &[
+        "-w", "-c", "100", "-d", "4", "-t", "none", "-s", "1000", "-S", "3000", "-o", "100",
+    ],
+    &["-w", "-c", "16", "-d", "2", "-t", "directsync", "-s", "64k"],
 ];
 
 #[test]
@@ -187,6 +192,24 @@ fn raw_files_bench_like_qemu_img_raw() {
     for args in [
         &["-f", "raw", "-c", "100", "-d", "2"][..],
         &["-f", "raw", "-w", "-c", "50", "-S", "12k", "--pattern", "7"],
+        &[
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "50",
+            "-s",
+            "1000",
+            "-S",
+            "5k",
+            "-t",
+            "none",
+            "--pattern",
+            "9",
+        ],
+        &[
+            "-f", "raw", "-c", "30", "-s", "700", "-o", "3", "-t", "none",
+        ],
     ] {
         let (out, qemu) = run_both(&ours, &theirs, args);
         let what = format!("{args:?}: {}", stderr(&out));
