@@ -11,7 +11,8 @@ worst completion latency, and how long the QMP command took. Servers alternate w
 
 Run through benches/live_snapshot_stall.sh, which builds the tool and the QMP client's venv.
 Environment: ROUNDS (3), RUNTIME (seconds of fio per run, 6), SIZES ("1G 16G"), IODEPTH (4),
-SERVERS ("ours qsd"), SNAPSHOT ("internal" or "external"), QCOW2_BENCH_DIR (fixtures).
+SERVERS ("ours qsd"; "ours-none" and "qsd-none" serve around the page cache, cache=none),
+SNAPSHOT ("internal" or "external"), QCOW2_BENCH_DIR (fixtures).
 """
 
 import asyncio
@@ -71,14 +72,18 @@ def wait_for(path, proc, what):
 def start_server(kind, tool, work, images):
     nbd = os.path.join(work, "nbd.sock")
     qmp = os.path.join(work, "qmp.sock")
-    if kind == "ours":
+    direct = kind.endswith("-none")
+    if kind.startswith("ours"):
         group = os.path.join(work, "group")
         argv = [tool, "serve", "-t", "-e", "0", "-k", nbd, "--qmp", qmp, "--group", group]
+        if direct:
+            argv += ["--cache=none"]
         argv += [f"{d}={p}" for d, p in zip(DISKS, images)]
     else:
         argv = ["qemu-storage-daemon"]
+        cache = "on" if direct else "off"
         for d, p in zip(DISKS, images):
-            argv += ["--blockdev", f"driver=file,filename={p},node-name=f{d},cache.direct=off",
+            argv += ["--blockdev", f"driver=file,filename={p},node-name=f{d},cache.direct={cache}",
                      "--blockdev", f"driver=qcow2,file=f{d},node-name={d}"]
         argv += ["--nbd-server", f"addr.type=unix,addr.path={nbd}"]
         for d in DISKS:

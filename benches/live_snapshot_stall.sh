@@ -5,7 +5,7 @@
 # fully allocated (see live_snapshot_stall.py for what is measured).
 #
 # Usage: benches/live_snapshot_stall.sh     (from anywhere in the repository)
-# Environment: ROUNDS (3), RUNTIME (6), SIZES ("1G 16G"), IODEPTH (4), SERVERS ("ours qsd"),
+# Environment: ROUNDS (3), RUNTIME (6), SIZES ("1G 16G"), IODEPTH (4), SERVERS ("ours qsd"; also "ours-none", "qsd-none": cache=none),
 #              SNAPSHOT ("internal", or "external" for blockdev-snapshot-sync),
 #              QCOW2_BENCH_DIR (fixtures; the 16G ones are sparse files).
 set -euo pipefail
