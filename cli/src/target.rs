@@ -10,6 +10,7 @@ use std::path::Path;
 use qcow2::storage::{FileIdentity, Storage};
 use qcow2::FileStorage;
 
+use crate::cache::CacheMode;
 use crate::source::io_text;
 
 /// The identity of the file at `path` (after symlinks), if it exists.
@@ -94,9 +95,18 @@ pub fn replace_file(path: &Path, inputs: &[FileIdentity]) -> Result<FileStorage,
     Ok(storage)
 }
 
-/// `storage` as an image's store: synced as the engine asks when `durable`, never otherwise
-/// (`convert -t unsafe`, qemu-img's default for convert's target).
-pub fn with_syncs(mut storage: FileStorage, durable: bool) -> Box<dyn Storage> {
-    storage.set_skip_syncs(!durable);
-    Box::new(storage)
+/// Reads and writes `storage` around the page cache when `cache` asks (`none`, `directsync`).
+pub fn set_direct(storage: &mut FileStorage, cache: CacheMode) -> Result<(), String> {
+    storage
+        .set_direct_io(cache.direct)
+        .map_err(|e| format!("Could not open with cache.direct=on: {}", io_text(&e)))
+}
+
+/// `storage` as an image's store in cache mode `cache`: synced as the engine asks unless
+/// `unsafe` (qemu-img's default for convert's target), around the page cache for `none` and
+/// `directsync`.
+pub fn with_cache(mut storage: FileStorage, cache: CacheMode) -> Result<Box<dyn Storage>, String> {
+    storage.set_skip_syncs(cache.no_flush);
+    set_direct(&mut storage, cache)?;
+    Ok(Box::new(storage))
 }

@@ -371,3 +371,76 @@ fn a_backing_file_with_several_sources_is_refused_like_qemu_img() {
     assert_eq!(code(&o), code(&t));
     assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&t));
 }
+
+/// Bytes of `path` the page cache holds (`fincore`, util-linux).
+fn resident(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES", path_str(path)])
+        .output()
+        .expect("fincore (util-linux-extra) is installed");
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().parse().unwrap()
+}
+
+/// `convert -t none` writes its output around the page cache (O_DIRECT), as qemu-img's does:
+/// the output's pages are not left in the cache, where `-t writeback` leaves them. Raw and qcow2
+/// outputs, new and existing (`-n`), match the source.
+#[test]
+fn convert_t_none_writes_around_the_page_cache() {
+    let dir = scratch_dir("convert_t_none");
+    let src = dir.join("src.qcow2");
+    qemu_in(
+        &dir,
+        &["create", "-q", "-f", "qcow2", path_str(&src), "16M"],
+    );
+    let fill = qemu_io(&[
+        "-c",
+        "write -P 1 0 8M",
+        "-c",
+        "write -P 2 1000 3000",
+        "-c",
+        "write -P 3 12345k 7",
+        path_str(&src),
+    ]);
+    assert_eq!(code(&fill), 0);
+    for format in ["raw", "qcow2"] {
+        for (mode, direct) in [("none", true), ("directsync", true), ("writeback", false)] {
+            let out = dir.join(format!("{mode}.{format}"));
+            let _ = std::fs::remove_file(&out);
+            let args = [
+                "convert",
+                "-t",
+                mode,
+                "-O",
+                format,
+                path_str(&src),
+                path_str(&out),
+            ];
+            let run = tool(&args);
+            assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
+            let cached = resident(&out);
+            assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
+            // Into the existing file again (-n).
+            let args = [
+                "convert",
+                "-n",
+                "-t",
+                mode,
+                "-O",
+                format,
+                path_str(&src),
+                path_str(&out),
+            ];
+            let run = tool(&args);
+            assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
+            let cmp = qemu_in(
+                &dir,
+                &["compare", "-F", format, path_str(&src), path_str(&out)],
+            );
+            assert_eq!(code(&cmp), 0, "{args:?}: {}", stdout(&cmp));
+            if format == "qcow2" {
+                assert_eq!(qcow2_testdata::qemu_check(&out).0, 0, "{args:?}");
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use std::path::Path;
 use qcow2::storage::FileIdentity;
 use qcow2::{CreateOptions, Image, OpenOptions};
 
+use crate::cache::CacheMode;
 use crate::target::replace_file;
 
 use crate::opts::{self, Qcow2Opts, RawOpts, RawPreallocation, MAX_IMAGE_SIZE};
@@ -305,7 +306,7 @@ pub fn create_qcow2(
     options: &CreateOptions,
     inputs: &[FileIdentity],
 ) -> Result<(), String> {
-    let image = open_new_qcow2(file, options, inputs, true)?;
+    let image = open_new_qcow2(file, options, inputs, CacheMode::WRITEBACK)?;
     image.close().map_err(|e| e.to_string())
 }
 
@@ -314,10 +315,10 @@ pub fn open_new_qcow2(
     file: &str,
     options: &CreateOptions,
     inputs: &[FileIdentity],
-    durable: bool,
+    cache: CacheMode,
 ) -> Result<Image, String> {
     let storage = replace_file(Path::new(file), inputs)?;
-    Image::create_in(crate::target::with_syncs(storage, durable), file, options)
+    Image::create_in(crate::target::with_cache(storage, cache)?, file, options)
         .map_err(|e| e.to_string())
 }
 

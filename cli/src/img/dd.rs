@@ -96,8 +96,13 @@ pub fn run(args: Args) -> CmdResult {
         }
         "qcow2" => {
             let options = CreateOptions::new(out_size.next_multiple_of(512));
-            let image = crate::img::create::open_new_qcow2(&output, &options, &inputs, true)
-                .map_err(fail)?;
+            let image = crate::img::create::open_new_qcow2(
+                &output,
+                &options,
+                &inputs,
+                crate::cache::CacheMode::WRITEBACK,
+            )
+            .map_err(fail)?;
             if beyond {
                 report!("{input}: cannot skip to specified offset");
                 image.close().map_err(|e| fail(e.to_string()))?;

@@ -4,7 +4,6 @@
 //! the one qemu-img gives; every other write goes out as soon as its chunk is ready.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -224,7 +223,7 @@ impl RawTarget<'_> {
     }
 
     pub fn write(&self, data: &[u8], at: u64) -> std::io::Result<()> {
-        self.file().write_all_at(data, at)
+        qcow2::storage::Storage::write_at(self.storage, data, at)
     }
 
     /// Makes `[at, at + len)` read as zeros: nothing to do in a fresh file; elsewhere the parts
@@ -243,7 +242,7 @@ impl RawTarget<'_> {
                 .hole_at(pos, end - pos)?
                 .map_or((false, end - pos), |(hole, n)| (hole, n.max(1)));
             if !hole {
-                punch(self.file(), pos, n)?;
+                punch(self.storage, pos, n)?;
             }
             pos += n;
         }
@@ -251,13 +250,14 @@ impl RawTarget<'_> {
     }
 }
 
-/// Makes `[at, at + len)` of `file` read as zeros without changing its size: a punched hole,
-/// or written zeros where the file system (or device) cannot punch.
-fn punch(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+/// Makes `[at, at + len)` of `storage` read as zeros without changing its size: a punched
+/// hole, or written zeros where the file system (or device) cannot punch.
+fn punch(storage: &FileStorage, at: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{fallocate, FallocateFlags};
+    use qcow2::storage::Storage;
     if let (Ok(offset), Ok(n)) = (i64::try_from(at), i64::try_from(len)) {
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if fallocate(file, flags, offset, n).is_ok() {
+        if fallocate(storage.file(), flags, offset, n).is_ok() {
             return Ok(());
         }
     }
@@ -265,7 +265,7 @@ fn punch(file: &File, at: u64, len: u64) -> std::io::Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at + done)?;
+        storage.write_at(&zeros[..n], at + done)?;
         done += n as u64;
     }
     Ok(())
@@ -288,6 +288,7 @@ pub fn zero_qcow2(image: &qcow2::Image, at: u64, len: u64) -> qcow2::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn data_ranges_become_chunks_and_gaps_zero_chunks() {

@@ -45,7 +45,8 @@ pub fn copy(
                     "Could not open '{name}': Could not open '{name}': {e}"
                 ))
             })?;
-        let storage = crate::target::lock_for_write(file, dst).map_err(fail)?;
+        let mut storage = crate::target::lock_for_write(file, dst).map_err(fail)?;
+        crate::target::set_direct(&mut storage, how.cache).map_err(fail)?;
         if storage.len().map_err(|e| fail(e.to_string()))? < size {
             return Err(too_small());
         }
@@ -56,8 +57,10 @@ pub fn copy(
         copy_into_raw(guest, &target, how).map_err(fail)?;
         return Ok(0);
     }
-    let image =
-        open_image(dst, &OpenOptions::read_write().skip_syncs(!how.durable)).map_err(fail)?;
+    let options = OpenOptions::read_write()
+        .skip_syncs(!how.durable())
+        .direct_io(how.cache.direct);
+    let image = open_image(dst, &options).map_err(fail)?;
     if image.size() < size {
         return Err(too_small());
     }

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use qcow2::storage::FileIdentity;
 use qcow2::{CreateOptions, Image};
 
+use crate::cache::CacheMode;
 use crate::img::convert::copy::{cut, lock, runs, Chunk, RawTarget, Workers};
 use crate::opts;
 use crate::source::{CmdResult, Failure, Guest, Input};
@@ -68,10 +69,11 @@ pub struct Args {
     target_is_zero: bool,
     /// Target cache mode (none, writeback, writethrough, directsync, unsafe): `unsafe` skips
     /// every sync of the output (qemu-img's default for convert); with the others, and without
-    /// `-t`, the output is synced before the command ends.
+    /// `-t`, the output is synced before the command ends, and `none` and `directsync` write it
+    /// around the host page cache (O_DIRECT).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Source cache mode, checked and accepted.
+    /// Source cache mode, checked and accepted (sources are read through the page cache).
     #[arg(short = 'T')]
     source_cache: Option<String>,
     /// Out-of-order writes: qcow2 output is allocated as chunks finish, not in guest order
@@ -239,14 +241,17 @@ pub fn run(args: Args) -> CmdResult {
         done: Mutex::new(0),
     });
     let _ = args.quiet;
-    for mode in [&args.cache, &args.source_cache].into_iter().flatten() {
-        if !matches!(
-            mode.as_str(),
-            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
-        ) {
-            return Err(fail(format!("Invalid cache option: {mode}")));
-        }
-    }
+    let parse = |mode: &Option<String>| {
+        mode.as_deref()
+            .map(|name| {
+                CacheMode::parse(name).ok_or_else(|| fail(format!("Invalid cache option: {name}")))
+            })
+            .transpose()
+    };
+    // Without `-t` the output is synced at the end (qemu-img's default, `unsafe`, is not
+    // followed there: a finished convert leaves a durable file).
+    let cache = parse(&args.cache)?.unwrap_or(CacheMode::WRITEBACK);
+    parse(&args.source_cache)?;
     let copy_opts = CopyOpts {
         sparse,
         limit: limit.as_ref(),
@@ -261,7 +266,7 @@ pub fn run(args: Args) -> CmdResult {
             copy::MAP_WINDOW
         },
         out_of_order: args.out_of_order,
-        durable: args.cache.as_deref() != Some("unsafe"),
+        cache,
         progress: args.progress,
     };
     let copy = |guest: &dyn Guest, args: &Args, output: Output, inputs: &[FileIdentity]| {
@@ -435,12 +440,18 @@ pub struct CopyOpts<'a> {
     pub window: u64,
     /// `-W`: qcow2 output need not be allocated in guest order.
     pub out_of_order: bool,
-    /// The output is synced before the command ends (every `-t` mode but `unsafe`).
-    pub durable: bool,
+    /// The output's cache mode (`-t`): synced before the command ends unless `unsafe`, written
+    /// around the page cache for `none` and `directsync`.
+    pub cache: CacheMode,
     pub progress: bool,
 }
 
 impl CopyOpts<'_> {
+    /// The output is synced before the command ends (every `-t` mode but `unsafe`).
+    pub fn durable(&self) -> bool {
+        !self.cache.no_flush
+    }
+
     fn workers(&self, ordered: bool) -> Workers {
         Workers {
             count: self.workers,
@@ -479,7 +490,7 @@ fn copy_raw(
 ) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
     let dst_name = args.dst.display();
-    let storage = crate::target::replace_file(&args.dst, inputs)
+    let mut storage = crate::target::replace_file(&args.dst, inputs)
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     // An unknown preallocation mode is refused once the file exists (empty), as QEMU does.
     let mode = opts
@@ -490,6 +501,7 @@ fn copy_raw(
     let file_size = guest.size().next_multiple_of(512);
     crate::img::create::grow_raw(&storage, 0, file_size, mode)
         .and_then(|()| crate::img::create::write_first_block(out, file_size))
+        .and_then(|()| crate::target::set_direct(&mut storage, how.cache))
         .map_err(|m| fail(format!("{dst_name}: error while converting raw: {m}")))?;
     let target = RawTarget {
         storage: &storage,
@@ -548,7 +560,7 @@ pub fn copy_into_raw(
         Ok(())
     };
     copy::run(guest.size(), &how.workers(false), chunks, process)?;
-    if how.durable {
+    if how.durable() {
         out.file()
             .sync_data()
             .map_err(|e| format!("error while flushing: {}", crate::source::io_text(&e)))?;
@@ -577,10 +589,12 @@ fn copy_qcow2(
     let fail = |m: String| Failure::new(1, m);
     let data_file = crate::img::create::create_data_file(options, inputs)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
-    let mut image = crate::img::create::open_new_qcow2(&dst, options, inputs, how.durable)
+    let mut image = crate::img::create::open_new_qcow2(&dst, options, inputs, how.cache)
         .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
     if let Some(storage) = data_file {
-        image.attach_data_file(crate::target::with_syncs(storage, how.durable));
+        let storage = crate::target::with_cache(storage, how.cache)
+            .map_err(|m| fail(format!("{dst}: error while converting qcow2: {m}")))?;
+        image.attach_data_file(storage);
     }
     // With a backing file, what the source's top image does not allocate is left to it, and
     // zeros are written as zeros (the backing file may hold data there), as qemu-img does. The
