@@ -93,9 +93,9 @@ impl FileStorage {
     /// Reads and writes around the host page cache (`O_DIRECT`; QEMU's `cache.direct=on`): data
     /// goes to the device without filling the cache, and a writer that outruns the device waits
     /// for it rather than being paused by the kernel's dirty-page throttling. Requests that are
-    /// not aligned to [`DIRECT_ALIGN`](super::DIRECT_ALIGN) go through a bounce buffer, and a
-    /// write that ends in part of a block past the end of the file grows it to that block's
-    /// end, as QEMU's does. Syncs are still needed for durability. Fails with `InvalidInput`
+    /// not aligned to the device's logical block (probed as QEMU probes it; see
+    /// [`FileStorage::direct_align`]) go through a bounce buffer, and a write that ends in part
+    /// of a block past the end of the file grows it to that block's end, as QEMU's does. Syncs are still needed for durability. Fails with `InvalidInput`
     /// where the file system does not offer direct I/O (tmpfs).
     pub fn set_direct_io(&mut self, on: bool) -> io::Result<()> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -117,8 +117,14 @@ impl FileStorage {
                 }
             })?;
         }
-        self.direct = on.then(DirectIo::default);
+        self.direct = on.then(|| DirectIo::probe(&self.file));
         Ok(())
+    }
+
+    /// The block direct requests are aligned to (the device's logical block, as probed), or
+    /// `None` without direct I/O.
+    pub fn direct_align(&self) -> Option<u64> {
+        self.direct.as_ref().map(DirectIo::align)
     }
 
     /// The underlying file.
