@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use qcow2::{Image, OpenOptions, SnapshotView};
@@ -335,19 +334,20 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    pub fn open(path: &Path) -> Result<RawFile, String> {
-        let file = File::open(path)
-            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+    /// Opens `path`, read around the page cache when `direct` (`-T none`).
+    pub fn open(path: &Path, direct: bool) -> Result<RawFile, String> {
+        let failed =
+            |e: std::io::Error| format!("Could not open '{}': {}", path.display(), io_text(&e));
+        let file = File::open(path).map_err(failed)?;
         let size = file
             .metadata()
-            .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?
+            .map_err(failed)?
             .len()
             // QEMU sees a raw file in whole sectors; the tail of the last one reads as zeros.
             .next_multiple_of(512);
-        Ok(RawFile {
-            file: qcow2::FileStorage::from_file(file, false),
-            size,
-        })
+        let mut file = qcow2::FileStorage::from_file(file, false);
+        file.set_direct_io(direct).map_err(failed)?;
+        Ok(RawFile { file, size })
     }
 }
 
@@ -359,23 +359,6 @@ pub struct Region {
     pub data: bool,
     /// Not allocated in the top image: read from its backing chain (what `convert -B` skips).
     pub below: bool,
-}
-
-/// Reads `buf` at `offset` of a raw file; past its end reads as zeros.
-pub fn read_zero_filled(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// A guest disk to read.
@@ -456,12 +439,15 @@ impl Guest for RawFile {
     }
     fn host_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
         // Past the end of the file (the tail of the last sector) reads as zeros: not a range
-        // of the file.
+        // of the file. A file read around the page cache is read through its store (aligned).
+        if qcow2::Storage::is_direct_io(&self.file) {
+            return None;
+        }
         let file_len = self.file.file().metadata().ok()?.len();
         (offset.checked_add(len)? <= file_len).then_some((self.file.file(), offset))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
-        read_zero_filled(self.file.file(), buf, offset)
+        qcow2::storage::StorageExt::read_zero_filled_at(&self.file, buf, offset)
             .map_err(|e| format!("error while reading at offset {offset}: {e}"))
     }
     /// Holes of the file (`SEEK_DATA`/`SEEK_HOLE`) read as zeros and are never read; the rest
@@ -525,6 +511,12 @@ impl Input {
     /// Opens `path` as `-f` says, or as its magic says; a `json:` or blkdebug name with error
     /// rules opens as its options say.
     pub fn open(path: &Path, forced: Option<&str>) -> Result<Input, String> {
+        Input::open_cached(path, forced, false)
+    }
+
+    /// [`Input::open`], with an image or raw file read around the page cache when `direct`
+    /// (`-T none`; nodes a `json:` name describes keep their own options).
+    pub fn open_cached(path: &Path, forced: Option<&str>, direct: bool) -> Result<Input, String> {
         let name = path.to_string_lossy();
         if name.starts_with("json:")
             || (name.starts_with("blkdebug:") && !name.starts_with("blkdebug::"))
@@ -546,9 +538,9 @@ impl Input {
         match format_of(path, forced)? {
             Format::Qcow2 => Ok(Input::Qcow2(Box::new(open_image(
                 path,
-                &OpenOptions::default(),
+                &OpenOptions::default().direct_io(direct),
             )?))),
-            Format::Raw => Ok(Input::Raw(RawFile::open(path)?)),
+            Format::Raw => Ok(Input::Raw(RawFile::open(path, direct)?)),
         }
     }
 

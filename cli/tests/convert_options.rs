@@ -444,3 +444,70 @@ fn convert_t_none_writes_around_the_page_cache() {
         }
     }
 }
+
+/// Drops `path` from the page cache (written back first).
+fn evict(path: &Path) {
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+/// `convert -T none` reads the sources around the page cache (O_DIRECT), qcow2 and raw, as
+/// qemu-img's does; `-T writeback` leaves what it read in the cache.
+#[test]
+fn convert_source_t_none_reads_around_the_page_cache() {
+    let dir = scratch_dir("convert_source_t_none");
+    let qcow2 = dir.join("src.qcow2");
+    qemu_in(
+        &dir,
+        &["create", "-q", "-f", "qcow2", path_str(&qcow2), "16M"],
+    );
+    let fill = qemu_io(&[
+        "-c",
+        "write -P 1 0 8M",
+        "-c",
+        "write -P 2 1000 3000",
+        path_str(&qcow2),
+    ]);
+    assert_eq!(code(&fill), 0);
+    let raw = dir.join("src.raw");
+    let made = qemu_in(
+        &dir,
+        &["convert", "-O", "raw", path_str(&qcow2), path_str(&raw)],
+    );
+    assert_eq!(code(&made), 0);
+    for (src, format) in [(&qcow2, "qcow2"), (&raw, "raw")] {
+        for (mode, direct) in [("none", true), ("writeback", false)] {
+            evict(src);
+            assert!(resident(src) < 1 << 20, "{format}: not evicted");
+            let out = dir.join(format!("out-{format}-{mode}.qcow2"));
+            let _ = std::fs::remove_file(&out);
+            let args = [
+                "convert",
+                "-T",
+                mode,
+                "-f",
+                format,
+                "-O",
+                "qcow2",
+                path_str(src),
+                path_str(&out),
+            ];
+            let run = tool(&args);
+            assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
+            let cached = resident(src);
+            assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
+            let cmp = qemu_in(
+                &dir,
+                &["compare", "-F", format, path_str(&out), path_str(src)],
+            );
+            assert_eq!(code(&cmp), 0, "{args:?}: {}", stdout(&cmp));
+        }
+    }
+}

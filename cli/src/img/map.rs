@@ -83,7 +83,7 @@ pub fn run(mut args: Args) -> CmdResult {
 /// A raw file maps to itself as one data range (holes of sparse files are not detected); the
 /// end of a last partial sector past the file's end reads as zeros, as QEMU reports it.
 fn raw(args: &Args) -> CmdResult {
-    let file = RawFile::open(&args.file).map_err(|m| Failure::new(1, m))?;
+    let file = RawFile::open(&args.file, false).map_err(|m| Failure::new(1, m))?;
     let size = file.size();
     let file_len = std::fs::metadata(&args.file)
         .map_err(|e| Failure::new(1, format!("Could not open '{}': {e}", args.file.display())))?

@@ -107,7 +107,7 @@ pub fn run(args: Args) -> CmdResult {
                 source = Some((size, Some(extents), Some(image)));
             }
             Format::Raw => {
-                let raw = RawFile::open(path).map_err(fail)?;
+                let raw = RawFile::open(path, false).map_err(fail)?;
                 let size = crate::source::Guest::size(&raw);
                 let extents = raw_extents(path, size).map_err(fail)?;
                 source = Some((size, Some(extents), None));

@@ -73,7 +73,8 @@ pub struct Args {
     /// around the host page cache (O_DIRECT).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Source cache mode, checked and accepted (sources are read through the page cache).
+    /// Source cache mode: `none` and `directsync` read the sources around the host page cache
+    /// (O_DIRECT).
     #[arg(short = 'T')]
     source_cache: Option<String>,
     /// Out-of-order writes: qcow2 output is allocated as chunks finish, not in guest order
@@ -251,7 +252,7 @@ pub fn run(args: Args) -> CmdResult {
     // Without `-t` the output is synced at the end (qemu-img's default, `unsafe`, is not
     // followed there: a finished convert leaves a durable file).
     let cache = parse(&args.cache)?.unwrap_or(CacheMode::WRITEBACK);
-    parse(&args.source_cache)?;
+    let source_direct = parse(&args.source_cache)?.is_some_and(|mode| mode.direct);
     let copy_opts = CopyOpts {
         sparse,
         limit: limit.as_ref(),
@@ -295,7 +296,7 @@ pub fn run(args: Args) -> CmdResult {
                 args.output_format
             )));
         }
-        let input = open_sources(&args).map_err(fail)?;
+        let input = open_sources(&args, source_direct).map_err(fail)?;
         let inputs = input.files();
         return crate::img::convert::existing::copy(
             &input,
@@ -377,11 +378,12 @@ pub fn run(args: Args) -> CmdResult {
                 "-l with several sources is not supported by qcow2-tool".into(),
             ));
         }
-        let input = open_sources(&args).map_err(fail)?;
+        let input = open_sources(&args, source_direct).map_err(fail)?;
         let inputs = input.files();
         return copy(&input, &args, output_for(&input)?, &inputs);
     }
-    let input = Input::open(&args.src[0], args.format.as_deref()).map_err(fail)?;
+    let input =
+        Input::open_cached(&args.src[0], args.format.as_deref(), source_direct).map_err(fail)?;
     let version = qcow2_opts.as_ref().and_then(|o| match o.compat.as_deref() {
         Some("0.10") | Some("v2") => Some(2),
         _ => None,
@@ -418,11 +420,11 @@ pub fn run(args: Args) -> CmdResult {
 }
 
 /// The sources as one disk (one source reads as itself).
-fn open_sources(args: &Args) -> Result<crate::source::Concat, String> {
+fn open_sources(args: &Args, direct: bool) -> Result<crate::source::Concat, String> {
     let inputs = args
         .src
         .iter()
-        .map(|p| Input::open(p, args.format.as_deref()))
+        .map(|p| Input::open_cached(p, args.format.as_deref(), direct))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(crate::source::Concat::new(inputs))
 }
