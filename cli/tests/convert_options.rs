@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::*;
-use qcow2_testdata::{qemu_io, scratch_dir};
+use qcow2_testdata::{page_cache_bytes, qemu_io, scratch_dir};
 
 /// A source with data, a zero block inside data, a zero cluster between data and data far on.
 fn make_source(dir: &Path) -> String {
@@ -372,16 +372,6 @@ fn a_backing_file_with_several_sources_is_refused_like_qemu_img() {
     assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&t));
 }
 
-/// Bytes of `path` the page cache holds (`fincore`, util-linux).
-fn resident(path: &Path) -> u64 {
-    let out = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES", path_str(path)])
-        .output()
-        .expect("fincore (util-linux-extra) is installed");
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().parse().unwrap()
-}
-
 /// `convert -t none` writes its output around the page cache (O_DIRECT), as qemu-img's does:
 /// the output's pages are not left in the cache, where `-t writeback` leaves them. Raw and qcow2
 /// outputs, new and existing (`-n`), match the source.
@@ -418,7 +408,7 @@ fn convert_t_none_writes_around_the_page_cache() {
             ];
             let run = tool(&args);
             assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
-            let cached = resident(&out);
+            let cached = page_cache_bytes(&out);
             assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
             // Into the existing file again (-n).
             let args = [
@@ -485,7 +475,7 @@ fn convert_source_t_none_reads_around_the_page_cache() {
     for (src, format) in [(&qcow2, "qcow2"), (&raw, "raw")] {
         for (mode, direct) in [("none", true), ("writeback", false)] {
             evict(src);
-            assert!(resident(src) < 1 << 20, "{format}: not evicted");
+            assert!(page_cache_bytes(src) < 1 << 20, "{format}: not evicted");
             let out = dir.join(format!("out-{format}-{mode}.qcow2"));
             let _ = std::fs::remove_file(&out);
             let args = [
@@ -501,7 +491,7 @@ fn convert_source_t_none_reads_around_the_page_cache() {
             ];
             let run = tool(&args);
             assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
-            let cached = resident(src);
+            let cached = page_cache_bytes(src);
             assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
             let cmp = qemu_in(
                 &dir,

@@ -182,3 +182,54 @@ fn a_data_file_option_replaces_the_header_data_file() {
     assert_eq!(given.len(), 65536);
     assert!(given.iter().all(|&b| b == 7));
 }
+
+/// `-n`, `-t none|directsync`, `open -n` and `open -o cache.direct=on` read and write the
+/// image's file around the page cache (O_DIRECT), qcow2 and raw, as qemu-io's do; `-t writeback`
+/// leaves what it wrote in the cache. Real qemu-io reads back what was written.
+#[test]
+fn nocache_modes_bypass_the_page_cache() {
+    let dir = scratch_dir("io_nocache");
+    for format in ["qcow2", "raw"] {
+        let img = dir.join(format!("t.{format}"));
+        let file = path_str(&img);
+        let open_n = format!("open -n -o driver={format} {file}");
+        let open_o = format!("open -o driver={format},cache.direct=on {file}");
+        let ways: [(&[&str], bool); 6] = [
+            (&["-n", "-f", format, file], true),
+            (&["-t", "none", "-f", format, file], true),
+            (&["-t", "directsync", "-f", format, file], true),
+            (&["-c", &open_n], true),
+            (&["-c", &open_o], true),
+            (&["-t", "writeback", "-f", format, file], false),
+        ];
+        for (way, direct) in ways {
+            let _ = std::fs::remove_file(&img);
+            qemu_img_ok(&["create", "-q", "-f", format, file, "16M"]);
+            let mut args = way.to_vec();
+            args.extend(["-c", "write -P 7 0 8M", "-c", "write -P 8 1000 3000"]);
+            let out = run(
+                env!("CARGO_BIN_EXE_qcow2-tool"),
+                &[&["io"], &args[..]].concat(),
+                "",
+            );
+            assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+            let cached = qcow2_testdata::page_cache_bytes(&img);
+            assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
+            let check = run(
+                "qemu-io",
+                &[
+                    "-f",
+                    format,
+                    "-c",
+                    "read -P 7 4096 4M",
+                    "-c",
+                    "read -P 8 1000 3000",
+                    file,
+                ],
+                "",
+            );
+            assert_eq!(code(&check), 0, "{args:?}");
+            assert!(!stdout(&check).contains("verification failed"), "{args:?}");
+        }
+    }
+}

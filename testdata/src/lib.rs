@@ -466,6 +466,22 @@ pub fn scratch_dir(test_name: &str) -> PathBuf {
     dir
 }
 
+/// Bytes of `path` the page cache holds (`fincore`, util-linux): what shows that a tool wrote or
+/// read a file around the cache (O_DIRECT).
+pub fn page_cache_bytes(path: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux-extra) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// A path for a Unix socket, unique to this process and `name`. It lies in
 /// the system temp dir: `sun_path` holds 108 bytes, and a scratch dir under a
 /// deep checkout does not fit. Any stale socket of the same name is removed.

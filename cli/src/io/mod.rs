@@ -7,8 +7,9 @@
 //! qemu-io reads them. Output lines, messages (stdout or stderr, as qemu-io) and the exit code
 //! (1 when any command failed) follow qemu-io. The options scripts pass (`-t`/`--cache`,
 //! `-n`, `--aio`, `-U`, a repeated `-f`) are accepted as qemu-io accepts them. The cache mode
-//! decides only whether each write is flushed before it completes (writethrough, qemu-io's
-//! default), so a later `sigraise` leaves what QEMU would leave; aio modes change nothing.
+//! decides whether each write is flushed before it completes (writethrough, qemu-io's
+//! default), so a later `sigraise` leaves what QEMU would leave, and whether the image's files
+//! bypass the page cache (`-n`, `none`, `directsync`: O_DIRECT); aio modes change nothing.
 //!
 //! This module holds the session (options, the command loop, `open`/`close`/`reopen`); the data
 //! commands are in `commands`, their argument parsing in `words`, what they print in `report`.
@@ -31,6 +32,7 @@ use self::commands::{
 };
 use self::report::cvtstr;
 use self::words::{arg_count_ok, getopt, number_arg};
+use crate::cache::CacheMode;
 use crate::io::open::{parse_option_string, OpenSpec, Options, Target};
 use crate::io::zero_limits::ZeroLimits;
 use crate::nodes::copy_on_read::CopyOnRead;
@@ -47,11 +49,11 @@ pub struct Args {
     /// Image format (qcow2 or raw); probed when absent. The last one given wins, as in qemu-io.
     #[arg(short = 'f', long = "format")]
     format: Vec<String>,
-    /// Cache mode (none, writeback, writethrough, directsync, unsafe), checked and accepted; the
-    /// last one given counts.
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe); the last one given counts.
+    /// `none` and `directsync` bypass the host page cache (O_DIRECT).
     #[arg(short = 't', long = "cache")]
     cache: Vec<String>,
-    /// qemu-io's `-n` (cache=none), accepted.
+    /// qemu-io's `-n`: cache=none, around the host page cache (O_DIRECT).
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
     /// AIO mode (threads, native, io_uring), checked and accepted.
@@ -92,18 +94,6 @@ const OPEN_USAGE: &str =
     "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
 const REOPEN_USAGE: &str =
     "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options";
-
-fn valid_cache_mode(mode: &str) -> bool {
-    matches!(
-        mode,
-        "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
-    )
-}
-
-/// Whether a cache mode completes a write only once it is durable.
-fn is_writethrough(mode: &str) -> bool {
-    matches!(mode, "writethrough" | "directsync")
-}
 
 /// The open image and how it was opened (for `reopen`).
 struct Session {
@@ -277,12 +267,20 @@ impl Session {
                 's' => spec.snapshot = true,
                 'C' => spec.copy_on_read = true,
                 'U' => spec.force_share = true,
-                'n' => writethrough = false,
-                't' if !valid_cache_mode(value) => {
-                    report!("Invalid cache option: {value}");
-                    return false;
+                'n' => {
+                    writethrough = false;
+                    spec.direct_io = true;
                 }
-                't' => writethrough = is_writethrough(value),
+                't' => match CacheMode::parse(value) {
+                    Some(mode) => {
+                        writethrough = mode.write_through();
+                        spec.direct_io = mode.direct;
+                    }
+                    None => {
+                        report!("Invalid cache option: {value}");
+                        return false;
+                    }
+                },
                 'o' => {
                     if self.image_opts {
                         outln!("--image-opts and 'open -o' are mutually exclusive");
@@ -305,11 +303,12 @@ impl Session {
             }
             rest.clear();
         }
-        let (read_only, force_share, snapshot, copy_on_read) = (
+        let (read_only, force_share, snapshot, copy_on_read, direct_io) = (
             spec.read_only,
             spec.force_share,
             spec.snapshot,
             spec.copy_on_read,
+            spec.direct_io,
         );
         let spec = match rest.as_slice() {
             [name] => match OpenSpec::from_filename(name, options) {
@@ -333,6 +332,7 @@ impl Session {
             force_share,
             snapshot,
             copy_on_read,
+            direct_io,
             ..spec
         });
         if opened {
@@ -353,7 +353,7 @@ impl Session {
         }
         let mut spec = self.spec.clone();
         let mut mode = None;
-        let mut writethrough = None;
+        let mut cache = None;
         let mut options = Options::new();
         for (c, value) in flags {
             match c {
@@ -363,11 +363,13 @@ impl Session {
                 }
                 'r' => mode = Some(true),
                 'w' => mode = Some(false),
-                'c' if !valid_cache_mode(value) => {
-                    report!("Invalid cache option: {value}");
-                    return false;
-                }
-                'c' => writethrough = Some(is_writethrough(value)),
+                'c' => match CacheMode::parse(value) {
+                    Some(mode) => cache = Some(mode),
+                    None => {
+                        report!("Invalid cache option: {value}");
+                        return false;
+                    }
+                },
                 'o' => {
                     if let Err(e) = parse_option_string(value, &mut options) {
                         report!("{e}");
@@ -382,8 +384,7 @@ impl Session {
             return false;
         }
         if let Some(target) = &self.target {
-            if let Err(e) =
-                crate::io::reopen::check(&self.spec, target, &options, writethrough.is_some())
+            if let Err(e) = crate::io::reopen::check(&self.spec, target, &options, cache.is_some())
             {
                 report!("{e}");
                 return false;
@@ -394,6 +395,10 @@ impl Session {
         }
         if let Some(read_only) = mode {
             spec.read_only = read_only;
+        }
+        if let Some(cache) = cache {
+            spec.direct_io = cache.direct;
+            spec.options.remove("cache.direct");
         }
         spec.options.remove("read-only");
         // As qcow2 joins reopen options: a new value of one of these groups replaces the
@@ -416,8 +421,8 @@ impl Session {
         }
         match self.open_target(spec) {
             Ok(()) => {
-                if let Some(writethrough) = writethrough {
-                    self.writethrough = writethrough;
+                if let Some(cache) = cache {
+                    self.writethrough = cache.write_through();
                 }
                 true
             }
@@ -434,10 +439,11 @@ impl Session {
 
 pub fn run(args: Args) -> CmdResult {
     let fail = |m: String| Failure::new(1, m);
+    let mut cache = None;
     for mode in &args.cache {
-        if !valid_cache_mode(mode) {
-            return Err(fail(format!("Invalid cache option: {mode}")));
-        }
+        cache = Some(
+            CacheMode::parse(mode).ok_or_else(|| fail(format!("Invalid cache option: {mode}")))?,
+        );
     }
     for mode in &args.aio {
         if !matches!(mode.as_str(), "threads" | "native" | "io_uring") {
@@ -449,7 +455,7 @@ pub fn run(args: Args) -> CmdResult {
             return Err(fail(format!("Invalid discard option: {mode}")));
         }
     }
-    let _ = (args.nocache, args.native_aio, &args.object, &args.trace);
+    let _ = (args.native_aio, &args.object, &args.trace);
     let format = args.format.last().cloned();
     if format.is_some() && args.image_opts > 0 {
         return Err(fail(
@@ -465,8 +471,8 @@ pub fn run(args: Args) -> CmdResult {
         ejected: false,
         copy_on_read: None,
         compress: false,
-        writethrough: match args.cache.last() {
-            Some(mode) => is_writethrough(mode),
+        writethrough: match cache {
+            Some(mode) => mode.write_through(),
             None => !args.nocache,
         },
         breaks: Default::default(),
@@ -489,6 +495,7 @@ pub fn run(args: Args) -> CmdResult {
         spec.force_share = args.force_share;
         spec.snapshot = args.snapshot;
         spec.copy_on_read = args.copy_on_read;
+        spec.direct_io = cache.map_or(args.nocache, |mode| mode.direct);
         spec.format = format;
         if args.force_share && !args.read_only {
             return Err(fail(format!(

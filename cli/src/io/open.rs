@@ -32,6 +32,9 @@ pub struct OpenSpec {
     pub snapshot: bool,
     /// `-C`: reads copy what they find below the image into it (see `copy_on_read`).
     pub copy_on_read: bool,
+    /// `-n`, `-t none`: the image's files are read and written around the host page cache
+    /// (also asked by the option `cache.direct=on`).
+    pub direct_io: bool,
 }
 
 /// Splits a QemuOpts string (`a=1,b.c=x`, a doubled comma is a literal one) into options.
@@ -261,6 +264,15 @@ impl OpenSpec {
     }
 
     /// Whether the image opens read-only (`-r`, or the `read-only` option).
+    /// Whether the image's files bypass the page cache: `-n`, `-t none` or `cache.direct`.
+    fn direct_io(&self) -> bool {
+        self.direct_io
+            || self
+                .options
+                .get("cache.direct")
+                .is_some_and(|v| v == "on" || v == "true")
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
             || self
@@ -426,7 +438,7 @@ impl OpenSpec {
                 } else {
                     OpenOptions::read_write().lazy_refcounts(lazy_refcounts)
                 };
-                let mut options = with_policy(path, &options);
+                let mut options = with_policy(path, &options.direct_io(self.direct_io()));
                 let keys = crate::secrets::resolve(&crate::secrets::key_ids(&self.options))?;
                 if !keys.is_empty() {
                     options.keys = keys;
@@ -454,7 +466,7 @@ impl OpenSpec {
                 crate::source::report_open_repair(&image);
                 Ok(Target::Qcow2(Box::new(image)))
             }
-            Format::Raw => RawImage::open(path, !read_only).map(Target::Raw),
+            Format::Raw => RawImage::open(path, !read_only, self.direct_io()).map(Target::Raw),
         }
     }
 }

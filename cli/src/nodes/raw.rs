@@ -19,14 +19,17 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// A raw image over the host file at `path`.
-    pub fn open(path: &std::path::Path, writable: bool) -> Result<RawImage, String> {
-        let file = if writable {
+    /// A raw image over the host file at `path`, read and written around the page cache when
+    /// `direct` (`cache.direct`).
+    pub fn open(path: &std::path::Path, writable: bool, direct: bool) -> Result<RawImage, String> {
+        let failed = |e: io::Error| format!("Could not open '{}': {}", path.display(), io_text(&e));
+        let mut file = if writable {
             FileStorage::open_read_write(path)
         } else {
             FileStorage::open_read_only(path)
         }
-        .map_err(|e| format!("Could not open '{}': {}", path.display(), io_text(&e)))?;
+        .map_err(failed)?;
+        file.set_direct_io(direct).map_err(failed)?;
         Ok(RawImage::over(Box::new(file), "raw", writable))
     }
 
