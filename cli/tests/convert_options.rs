@@ -372,17 +372,11 @@ fn a_backing_file_with_several_sources_is_refused_like_qemu_img() {
     assert_eq!(stderr(&o).replace("qcow2-tool:", "qemu-img:"), stderr(&t));
 }
 
-/// `convert -t none` writes its output around the page cache (O_DIRECT), as qemu-img's does:
-/// the output's pages are not left in the cache, where `-t writeback` leaves them. Raw and qcow2
-/// outputs, new and existing (`-n`), match the source.
-#[test]
-fn convert_t_none_writes_around_the_page_cache() {
-    let dir = scratch_dir("convert_t_none");
+/// A 16 MiB qcow2 source in `dir`: 8 MiB of data, an unaligned pattern inside it and 7 bytes
+/// far on.
+fn patterned_source(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("src.qcow2");
-    qemu_in(
-        &dir,
-        &["create", "-q", "-f", "qcow2", path_str(&src), "16M"],
-    );
+    qemu_in(dir, &["create", "-q", "-f", "qcow2", path_str(&src), "16M"]);
     let fill = qemu_io(&[
         "-c",
         "write -P 1 0 8M",
@@ -393,36 +387,31 @@ fn convert_t_none_writes_around_the_page_cache() {
         path_str(&src),
     ]);
     assert_eq!(code(&fill), 0);
+    src
+}
+
+/// `convert -t none` writes its output around the page cache (O_DIRECT), as qemu-img's does:
+/// the output's pages are not left in the cache, where `-t writeback` leaves them. Raw and qcow2
+/// outputs, new and existing (`-n`), match the source.
+#[test]
+fn convert_t_none_writes_around_the_page_cache() {
+    let dir = scratch_dir("convert_t_none");
+    let src = patterned_source(&dir);
     for format in ["raw", "qcow2"] {
         for (mode, direct) in [("none", true), ("directsync", true), ("writeback", false)] {
             let out = dir.join(format!("{mode}.{format}"));
             let _ = std::fs::remove_file(&out);
-            let args = [
-                "convert",
-                "-t",
-                mode,
-                "-O",
-                format,
-                path_str(&src),
-                path_str(&out),
-            ];
-            let run = tool(&args);
-            assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
-            let cached = page_cache_bytes(&out);
-            assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
-            // Into the existing file again (-n).
-            let args = [
-                "convert",
-                "-n",
-                "-t",
-                mode,
-                "-O",
-                format,
-                path_str(&src),
-                path_str(&out),
-            ];
-            let run = tool(&args);
-            assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
+            // A new output, then the same file again as an existing one (-n).
+            for existing in [&[][..], &["-n"]] {
+                let mut args = vec!["convert", "-t", mode, "-O", format];
+                args.extend(existing);
+                args.extend([path_str(&src), path_str(&out)]);
+                let run = tool(&args);
+                assert_eq!(code(&run), 0, "{args:?}: {}", stderr(&run));
+                let cached = page_cache_bytes(&out);
+                assert_eq!(cached < 1 << 20, direct, "{args:?}: {cached} bytes cached");
+            }
+            let args = [mode, format];
             let cmp = qemu_in(
                 &dir,
                 &["compare", "-F", format, path_str(&src), path_str(&out)],
@@ -453,19 +442,7 @@ fn evict(path: &Path) {
 #[test]
 fn convert_source_t_none_reads_around_the_page_cache() {
     let dir = scratch_dir("convert_source_t_none");
-    let qcow2 = dir.join("src.qcow2");
-    qemu_in(
-        &dir,
-        &["create", "-q", "-f", "qcow2", path_str(&qcow2), "16M"],
-    );
-    let fill = qemu_io(&[
-        "-c",
-        "write -P 1 0 8M",
-        "-c",
-        "write -P 2 1000 3000",
-        path_str(&qcow2),
-    ]);
-    assert_eq!(code(&fill), 0);
+    let qcow2 = patterned_source(&dir);
     let raw = dir.join("src.raw");
     let made = qemu_in(
         &dir,

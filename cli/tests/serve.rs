@@ -381,6 +381,28 @@ fn nbdcopy_copies_both_ways() {
     );
 }
 
+/// fio's nbd engine: 4 MiB of 4K random writes at depth 8 to `uri`, each verified by reading
+/// it back (`extra` adds jobs and offsets); its report.
+fn fio_verified_writes(uri: &str, extra: &[&str]) -> String {
+    let uri = format!("--uri={uri}");
+    let mut args = vec![
+        "--name=v",
+        "--ioengine=nbd",
+        &uri,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=4M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        // fio would leave its verify state files in the working directory.
+        "--verify_state_save=0",
+    ];
+    args.extend(extra);
+    run_ok("fio", &args)
+}
+
 #[test]
 fn fio_random_writes_verify_with_four_clients() {
     let dir = scratch_dir("fio_verify");
@@ -388,25 +410,9 @@ fn fio_random_writes_verify_with_four_clients() {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&img), "16M"]);
     let s = Served::ours(&["-t", "-e", "0", path_str(&img)]);
     let uri = s.uri("");
-    let out = run_ok(
-        "fio",
-        &[
-            "--name=v",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--numjobs=4",
-            "--size=4M",
-            "--offset_increment=4M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            // fio would leave its verify state files in the working directory.
-            "--verify_state_save=0",
-            "--group_reporting",
-        ],
+    let out = fio_verified_writes(
+        &uri,
+        &["--numjobs=4", "--offset_increment=4M", "--group_reporting"],
     );
     assert!(out.contains("v: (groupid=0"), "{out}");
     assert!(!out.contains("verify:"), "{out}");
@@ -793,23 +799,7 @@ fn cache_none_serves_through_direct_io() {
         ] {
             run_ok("qemu-io", &["-f", "raw", "-c", c, &uri]);
         }
-        run_ok(
-            "fio",
-            &[
-                "--name=v",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=8",
-                "--size=4M",
-                "--offset=8M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-            ],
-        );
+        fio_verified_writes(&uri, &["--offset=8M"]);
         let (status, err) = s.stop();
         assert!(status.success(), "{mode}: {err}");
         assert_eq!(qcow2_testdata::qemu_check(&img).0, 0, "{mode}");

@@ -150,20 +150,25 @@ fn incomplete_snapshot_entries_are_completed_as_qemu_img_does() {
     }
 }
 
+/// A 64 MiB image in `dir` with 64 KiB of data and a snapshot `foo` of it (what 217 makes).
+fn with_one_snapshot(dir: &std::path::Path) -> std::path::PathBuf {
+    let img = dir.join("t.qcow2");
+    let img_s = path_str(&img);
+    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", img_s, "64M"]);
+    let write = qcow2_testdata::qemu_io(&["-c", "write 0 64k", img_s]);
+    assert_eq!(code(&write), 0);
+    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "foo", img_s]);
+    img
+}
+
 /// qemu-iotest 217: a delete whose refcount decreases fail (blkdebug `cluster_free`) still
 /// removes the snapshot and leaves only leaks: the entries that become unshared take COPIED only
 /// once the decreases are durable, so `qemu-img check` finds no COPIED error (exit 3, not 2).
 #[test]
 fn a_delete_that_fails_to_free_clusters_leaves_only_leaks() {
     let dir = qcow2_testdata::scratch_dir("snapshot_delete_cluster_free");
-    let img = dir.join("t.qcow2");
+    let img = with_one_snapshot(&dir);
     let img_s = path_str(&img);
-    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", img_s, "64M"]);
-    assert_eq!(
-        code(&qcow2_testdata::qemu_io(&["-c", "write 0 64k", img_s])),
-        0
-    );
-    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "foo", img_s]);
     let conf = dir.join("blkdebug.conf");
     std::fs::write(
         &conf,
@@ -200,14 +205,8 @@ fn a_delete_that_fails_to_free_clusters_leaves_only_leaks() {
 #[test]
 fn a_delete_sets_copied_on_what_it_unshares() {
     let dir = qcow2_testdata::scratch_dir("snapshot_delete_copied");
-    let img = dir.join("t.qcow2");
+    let img = with_one_snapshot(&dir);
     let img_s = path_str(&img);
-    qcow2_testdata::qemu_img_ok(&["create", "-q", "-f", "qcow2", img_s, "64M"]);
-    assert_eq!(
-        code(&qcow2_testdata::qemu_io(&["-c", "write 0 64k", img_s])),
-        0
-    );
-    qcow2_testdata::qemu_img_ok(&["snapshot", "-c", "foo", img_s]);
     let out = tool(&["snapshot", "-d", "foo", img_s]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let (status, report) = qcow2_testdata::qemu_check(&img);

@@ -263,22 +263,21 @@ impl OpenSpec {
             .find(|d| PROTOCOLS.contains(d))
     }
 
-    /// Whether the image opens read-only (`-r`, or the `read-only` option).
-    /// Whether the image's files bypass the page cache: `-n`, `-t none` or `cache.direct`.
-    fn direct_io(&self) -> bool {
-        self.direct_io
-            || self
-                .options
-                .get("cache.direct")
-                .is_some_and(|v| v == "on" || v == "true")
+    /// Whether the boolean option `key` is on.
+    fn option_on(&self, key: &str) -> bool {
+        self.options
+            .get(key)
+            .is_some_and(|v| v == "on" || v == "true")
     }
 
+    /// Whether the image's files bypass the page cache: `-n`, `-t none` or `cache.direct`.
+    fn direct_io(&self) -> bool {
+        self.direct_io || self.option_on("cache.direct")
+    }
+
+    /// Whether the image opens read-only (`-r`, or the `read-only` option).
     fn read_only(&self) -> bool {
-        self.read_only
-            || self
-                .options
-                .get("read-only")
-                .is_some_and(|v| v == "on" || v == "true")
+        self.read_only || self.option_on("read-only")
     }
 
     /// A qcow2 image whose file is another qcow2 image's guest disk.
