@@ -95,8 +95,9 @@ impl FileStorage {
     /// for it rather than being paused by the kernel's dirty-page throttling. Requests that are
     /// not aligned to the device's logical block (probed as QEMU probes it; see
     /// [`FileStorage::direct_align`]) go through a bounce buffer, and a write that ends in part
-    /// of a block past the end of the file grows it to that block's end, as QEMU's does. Syncs are still needed for durability. Fails with `InvalidInput`
-    /// where the file system does not offer direct I/O (tmpfs before Linux 6.6).
+    /// of a block past the end of the file grows it to that block's end, as QEMU's does. Syncs
+    /// are still needed for durability. Fails with `InvalidInput` where the file system does
+    /// not offer direct I/O (tmpfs before Linux 6.6).
     pub fn set_direct_io(&mut self, on: bool) -> io::Result<()> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
         let flags = OFlag::from_bits_retain(fcntl(&self.file, FcntlArg::F_GETFL)?);
