@@ -1,6 +1,7 @@
 //! `serve`: exports images over NBD with qemu-nbd's option spelling (`-k`, `-b`, `-p`, `-x`,
-//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `-n`, `--cache`, `--pid-file`), several at once as `NAME=PATH`;
-//! with `--qmp SOCKET --group DIR`, a QMP monitor takes live group snapshots of them. A thin
+//! `-r`, `-f`, `-t`, `-e`, `-A`, `-B`, `-D`, `-n`, `--cache`, `--aio`, `--pid-file`), several at
+//! once as `NAME=PATH`; with `--qmp SOCKET --group DIR`, a QMP monitor takes live group
+//! snapshots of them. A thin
 //! shell over the `qcow2-nbd` library: it opens the images, listens, and on SIGINT/SIGTERM/
 //! SIGHUP (or, without `-t`, when the last client leaves) stops the server, flushes and closes
 //! every image, and removes the socket and the pid file.
@@ -69,6 +70,10 @@ pub struct Args {
     /// Bypass the host page cache: `--cache=none`.
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
+    /// AIO mode (threads, native, io_uring), checked as qemu-nbd checks it (`native` needs
+    /// `--cache=none` or `directsync`); requests run on worker threads in every mode.
+    #[arg(long = "aio", value_name = "MODE")]
+    aio: Vec<String>,
     /// Write the process id here once the server listens (removed on exit).
     #[arg(long = "pid-file", value_name = "PATH")]
     pid_file: Option<PathBuf>,
@@ -191,6 +196,19 @@ fn cache_mode(args: &Args) -> Result<CacheMode, String> {
     }
 }
 
+/// Whether `--aio` asks for `native`, with qemu-nbd's messages for a bad or repeated mode.
+fn aio_is_native(args: &Args) -> Result<bool, String> {
+    match args.aio.as_slice() {
+        [] => Ok(false),
+        [mode] => match mode.as_str() {
+            "threads" | "io_uring" => Ok(false),
+            "native" => Ok(true),
+            other => Err(format!("Invalid aio mode '{other}'")),
+        },
+        _ => Err("--aio can only be specified once".into()),
+    }
+}
+
 /// Writes the pid file whole (via a rename), so a reader never sees a partial one.
 fn write_pid_file(path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp~");
@@ -213,6 +231,7 @@ pub fn run(args: Args) -> CmdResult {
         other => return Err(fail(format!("Invalid discard mode '{other}'"))),
     };
     let cache = cache_mode(&args).map_err(fail)?;
+    let native_aio = aio_is_native(&args).map_err(fail)?;
     let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
     if args.qmp.is_some() && args.group.is_none() {
         return Err(fail(
@@ -245,6 +264,13 @@ pub fn run(args: Args) -> CmdResult {
         .skip_syncs(cache.no_flush);
     let mut exports = Vec::new();
     for (name, path) in &list {
+        if native_aio && !cache.direct {
+            return Err(fail(format!(
+                "Failed to blk_new_open '{}': aio=native was specified, but it requires \
+                 cache.direct=on, which was not specified.",
+                path.display()
+            )));
+        }
         let image = open_image(path, &options).map_err(fail)?;
         check_bitmaps(&image, &args.bitmap).map_err(fail)?;
         exports.push(

@@ -811,3 +811,45 @@ fn cache_none_serves_through_direct_io() {
         assert!(bytes[..8 << 20] == want[..], "{mode}: contents differ");
     }
 }
+
+/// `--aio` as qemu-nbd checks it: a bad or repeated mode, and `native` without `--cache=none`,
+/// are refused with its messages; `native` with `--cache=none` serves (as oVirt's imageio runs
+/// qemu-nbd).
+#[test]
+fn aio_modes_are_checked_as_qemu_nbd_checks_them() {
+    require_qemu();
+    let dir = scratch_dir("serve_aio");
+    let img = dir.join("a.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&img), "4M"]);
+    let sock = socket_path("serve-aio");
+    let refused: [&[&str]; 3] = [
+        &["--aio=native"],
+        &["--aio=bogus"],
+        &["--aio=threads", "--aio=threads"],
+    ];
+    for bad in refused {
+        let mut args = bad.to_vec();
+        args.extend(["-k", path_str(&sock), path_str(&img)]);
+        // A server that wrongly starts is stopped by the timeout (exit 124), not waited for.
+        let ours = [
+            &["10", env!("CARGO_BIN_EXE_qcow2-tool"), "serve"][..],
+            &args,
+        ]
+        .concat();
+        let theirs = [&["10", "qemu-nbd", "-f", "qcow2"][..], &args].concat();
+        let (ours, theirs) = (run("timeout", &ours), run("timeout", &theirs));
+        assert_eq!(ours.status.code(), Some(1), "{bad:?}");
+        assert_eq!(theirs.status.code(), Some(1), "{bad:?}");
+        let text = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(
+            text(&ours).replace("qcow2-tool:", "qemu-nbd:"),
+            text(&theirs),
+            "{bad:?}"
+        );
+    }
+    let s = Served::ours(&["-t", "--aio=native", "--cache=none", path_str(&img)]);
+    let size = run_ok("nbdinfo", &["--size", &s.uri("")]);
+    assert_eq!(size.trim(), (4u64 << 20).to_string());
+    let (status, err) = s.stop();
+    assert!(status.success(), "{err}");
+}
