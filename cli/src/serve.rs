@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use qcow2::{DiskTop, Image, OpenOptions};
-use qcow2_nbd::{ConnectionOptions, Export, Listener, Server, ServerOptions};
+use qcow2_nbd::{ConnectionOptions, DetectZeroes, Export, Listener, Server, ServerOptions};
 use qcow2_qmp::{Disk, Monitor, WriteCache};
 use qcow2_transaction::Group;
 
@@ -62,6 +62,10 @@ pub struct Args {
     /// What TRIM and hole-punching zero writes do: `unmap` frees clusters, `ignore` keeps them.
     #[arg(long = "discard", default_value = "unmap", value_name = "MODE")]
     discard: String,
+    /// What a write of nothing but zeros becomes: `off` (data), `on` (a zero write), `unmap`
+    /// (a zero write that frees clusters; needs `--discard=unmap`).
+    #[arg(long = "detect-zeroes", value_name = "MODE")]
+    detect_zeroes: Option<String>,
     /// Cache mode: `writeback` (the default), `none` and `directsync` (around the host page
     /// cache, O_DIRECT), `writethrough` and `directsync` (each write durable before its reply),
     /// `unsafe` (never sync).
@@ -230,6 +234,23 @@ pub fn run(args: Args) -> CmdResult {
         "ignore" | "off" => false,
         other => return Err(fail(format!("Invalid discard mode '{other}'"))),
     };
+    let detect_zeroes = match args.detect_zeroes.as_deref() {
+        None | Some("off") => DetectZeroes::Off,
+        Some("on") => DetectZeroes::On,
+        Some("unmap") if unmap => DetectZeroes::Unmap,
+        Some("unmap") => {
+            return Err(fail(
+                "setting detect-zeroes to unmap is not allowed without setting discard \
+                 operation to unmap"
+                    .into(),
+            ))
+        }
+        Some(other) => {
+            return Err(fail(format!(
+                "Failed to parse detect_zeroes mode: invalid parameter value: {other}"
+            )))
+        }
+    };
     let cache = cache_mode(&args).map_err(fail)?;
     let native_aio = aio_is_native(&args).map_err(fail)?;
     let list = exports_of(&args).map_err(|m| fail(format!("serve: {m}")))?;
@@ -280,7 +301,8 @@ pub fn run(args: Args) -> CmdResult {
                 .allocation_depth(args.allocation_depth)
                 .bitmaps(args.bitmap.clone())
                 .unmap(unmap)
-                .write_through(cache.write_through()),
+                .write_through(cache.write_through())
+                .detect_zeroes(detect_zeroes),
         );
     }
     let tops: Vec<Arc<DiskTop>> = exports.iter().map(|e| e.top.clone()).collect();

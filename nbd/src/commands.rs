@@ -5,7 +5,7 @@
 
 use qcow2::{Error, Extent, Image};
 
-use crate::export::{ContextKind, Export};
+use crate::export::{ContextKind, DetectZeroes, Export};
 use crate::negotiate::Negotiated;
 use crate::wire::*;
 
@@ -148,9 +148,17 @@ fn write(export: &Export, req: &Request, payload: &[u8]) -> Result<(), Failure> 
     flags_ok(req, CMD_FLAG_FUA)?;
     in_bounds(export, req, payload.len() as u64, ENOSPC)?;
     if !payload.is_empty() {
+        let zeroes = export.detect_zeroes != DetectZeroes::Off && payload.iter().all(|&b| b == 0);
+        let unmap = export.unmap && export.detect_zeroes == DetectZeroes::Unmap;
         export
             .top
-            .write(|image| image.write_at(payload, req.offset))
+            .write(|image| {
+                if zeroes {
+                    image.write_zeroes(req.offset, payload.len() as u64, unmap)
+                } else {
+                    image.write_at(payload, req.offset)
+                }
+            })
             .map_err(engine_failure)?;
     }
     fua(export, req)

@@ -77,6 +77,20 @@ pub struct Export {
     /// Make every write durable before acknowledging it, as if each carried FUA (qemu-nbd's
     /// `--cache=writethrough` and `directsync`).
     pub write_through: bool,
+    /// What a WRITE whose payload is all zeros becomes (qemu-nbd's `--detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// What a WRITE of nothing but zero bytes becomes, as QEMU's `detect-zeroes` decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as data.
+    #[default]
+    Off,
+    /// A zero write that keeps the clusters allocated.
+    On,
+    /// A zero write that may free the clusters (when the export honours TRIM, `unmap`).
+    Unmap,
 }
 
 setters!(Export {
@@ -86,6 +100,7 @@ setters!(Export {
     bitmaps: Vec<String>,
     unmap: bool,
     write_through: bool,
+    detect_zeroes: DetectZeroes,
 });
 
 impl Export {
@@ -106,6 +121,7 @@ impl Export {
             bitmaps: Vec::new(),
             unmap: true,
             write_through: false,
+            detect_zeroes: DetectZeroes::Off,
         }
     }
 

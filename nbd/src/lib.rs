@@ -24,7 +24,7 @@ pub mod server;
 pub mod transmit;
 pub mod wire;
 
-pub use export::{Context, ContextKind, Export};
+pub use export::{Context, ContextKind, DetectZeroes, Export};
 pub use server::{serve_stream, Listener, Server, ServerOptions, ShutdownHandle};
 pub use transmit::ConnectionOptions;
 
