@@ -42,6 +42,14 @@ fn blkdebug_backing(filename: &str) -> String {
     )
 }
 
+/// qemu-img arguments that create a qcow2 image `top` over the qcow2 backing name `backing`
+/// (of `size`, or the backing file's).
+fn overlay_args<'a>(backing: &'a str, top: &'a str, size: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec!["create", "-f", "qcow2", "-b", backing, "-F", "qcow2", top];
+    args.extend(size);
+    args
+}
+
 #[test]
 fn an_overlay_over_a_json_backing_is_created_read_and_committed_as_qemu_does() {
     let backing = blkdebug_backing("base.qcow2");
@@ -57,19 +65,7 @@ fn an_overlay_over_a_json_backing_is_created_read_and_committed_as_qemu_does() {
         };
         filled_base(&dir);
 
-        let create = run(
-            "qemu-img",
-            &[
-                "create",
-                "-f",
-                "qcow2",
-                "-b",
-                &backing,
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        );
+        let create = run("qemu-img", &overlay_args(&backing, "top.qcow2", None));
         assert_eq!(code(&create), 0, "{tool}: {}", stderr(&create));
         // The size comes from the backing file; option values show their commas doubled.
         assert!(stdout(&create).contains("size=1048576 backing_file=json:{'driver': 'qcow2',, "));
@@ -144,20 +140,7 @@ fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
             stderr(&out)
         );
     }
-    let out = ours_as(
-        "qemu-img",
-        &dir,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            &backing,
-            "-F",
-            "qcow2",
-            "new.qcow2",
-        ],
-    );
+    let out = ours_as("qemu-img", &dir, &overlay_args(&backing, "new.qcow2", None));
     assert_eq!(code(&out), 1);
     assert!(
         stderr(&out).contains("'nbd' driver is not allowed"),
@@ -168,13 +151,7 @@ fn a_json_backing_with_a_remote_driver_is_refused_before_connecting() {
     // A blkdebug config file would be a host file read outside the policy.
     let config = "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'config': \
                   '/etc/passwd', 'image': {'driver': 'file', 'filename': 'top.qcow2'}}}";
-    let out = ours_as(
-        "qemu-img",
-        &dir,
-        &[
-            "create", "-f", "qcow2", "-b", config, "-F", "qcow2", "c.qcow2",
-        ],
-    );
+    let out = ours_as("qemu-img", &dir, &overlay_args(config, "c.qcow2", None));
     assert_eq!(code(&out), 1);
     assert!(
         stderr(&out).contains("'config' file is not read"),
@@ -199,18 +176,7 @@ fn a_json_backing_file_outside_the_allowed_directory_is_refused() {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"]);
     let backing = blkdebug_backing(path_str(&base));
     let top = dir.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &backing,
-        "-F",
-        "qcow2",
-        path_str(&top),
-        "1M",
-    ]);
+    qemu_img_ok(&overlay_args(&backing, path_str(&top), Some("1M")));
     let follow = common::tool(&["io", "-c", "read 0 4k", path_str(&top)]);
     assert_eq!(code(&follow), 0, "{}", stderr(&follow));
     let beside = common::tool(&[
@@ -231,17 +197,10 @@ fn a_json_backing_file_outside_the_allowed_directory_is_refused() {
         common::tool_in(
             Some(&elsewhere),
             &[
-                "--backing-files=beside",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                backing,
-                "-F",
-                "qcow2",
-                name,
-            ],
+                &["--backing-files=beside"][..],
+                &overlay_args(backing, name, None),
+            ]
+            .concat(),
         )
     };
     let out = create(&blkdebug_backing("base.qcow2"), "new.qcow2");
@@ -321,17 +280,7 @@ fn a_json_name_of_just_a_file_goes_by_that_file() {
     let fill = qemu(&dir, "qemu-io", &["-c", "write -P 0x44 512k 64k", &b0]);
     assert_eq!(code(&fill), 0, "{}", stderr(&fill));
     let mid = sub.join("mid.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b0.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&mid),
-    ]);
+    qemu_img_ok(&overlay_args("b0.qcow2", path_str(&mid), None));
     let fill = qemu(
         &dir,
         "qemu-io",
@@ -340,21 +289,7 @@ fn a_json_name_of_just_a_file_goes_by_that_file() {
     assert_eq!(code(&fill), 0, "{}", stderr(&fill));
     let backing =
         "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'sub/mid.qcow2'}}";
-    let create = qemu(
-        &dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    let create = qemu(&dir, "qemu-img", &overlay_args(backing, "top.qcow2", None));
     assert_eq!(code(&create), 0, "{}", stderr(&create));
     let ours = ours_as("qemu-img", &dir, &["map", "top.qcow2"]);
     let theirs = qemu(&dir, "qemu-img", &["map", "top.qcow2"]);
@@ -379,18 +314,11 @@ fn info_walks_the_chain_through_a_json_backing_name() {
         ("plain.qcow2", plain),
         ("debug.qcow2", blkdebug_backing(path_str(&base))),
     ] {
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
+        qemu_img_ok(&overlay_args(
             &backing,
-            "-F",
-            "qcow2",
             path_str(&dir.join(top)),
-            "1M",
-        ]);
+            Some("1M"),
+        ));
     }
     for output in ["human", "json"] {
         let args = ["info", "--backing-chain", "--output", output, "plain.qcow2"];

@@ -31,16 +31,21 @@ fn base_and_overlay(dir: &Path, backing_name: &str) -> (PathBuf, PathBuf) {
     image.write_at(&[0x5a; 65536], 0).unwrap();
     image.close().unwrap();
     let top = dir.join("top.qcow2");
+    overlay_naming(&top, backing_name);
+    (base, top)
+}
+
+/// A new qcow2 image at `path` whose header names the qcow2 backing file `backing_name`,
+/// recorded, not opened: `Image::create` would open the chain without a resolver.
+fn overlay_naming(path: &Path, backing_name: &str) {
     let options = CreateOptions::new(SIZE)
         .backing_file(Some(backing_name.to_string()))
         .backing_format(Some("qcow2".into()));
-    // Recorded, not opened: `Image::create` would open the chain without a resolver.
-    let storage = FileStorage::create_new(&top).unwrap();
-    Image::create_in(Box::new(storage), "top", &options)
+    let storage = FileStorage::create_new(path).unwrap();
+    Image::create_in(Box::new(storage), "overlay", &options)
         .unwrap()
         .close()
         .unwrap();
-    (base, top)
 }
 
 #[test]
@@ -134,14 +139,7 @@ fn a_resolved_image_goes_by_its_path_only_when_that_is_the_file_opened() {
         .backing_format(Some("qcow2".into()));
     Image::create(&mid, &options).unwrap().close().unwrap();
     let top = dir.join("top2.qcow2");
-    let options = CreateOptions::new(SIZE)
-        .backing_file(Some("json:mid".into()))
-        .backing_format(Some("qcow2".into()));
-    let storage = FileStorage::create_new(&top).unwrap();
-    Image::create_in(Box::new(storage), "top2", &options)
-        .unwrap()
-        .close()
-        .unwrap();
+    overlay_naming(&top, "json:mid");
 
     let open = |claimed: &Path| {
         let resolver = Claiming {

@@ -430,7 +430,7 @@ fn snapshots_of_an_empty_disk_leave_no_leak() {
 /// image keeps its snapshots, its content and clean refcounts.
 #[test]
 fn out_of_space_during_snapshot_create_leaves_no_trace() {
-    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use qcow2::storage::recording::{Fault, RecordingStorage};
     use std::sync::Arc;
     for fail_at in 0..40usize {
         let store = Arc::new(RecordingStorage::new(Vec::new()));
@@ -440,11 +440,7 @@ fn out_of_space_during_snapshot_create_leaves_no_trace() {
         image.create_snapshot("kept", time(1)).unwrap();
         image.write_at(&fill(50_000, 4), 100_000).unwrap();
         image.flush().unwrap();
-        let writes = store
-            .ops()
-            .iter()
-            .filter(|o| matches!(o, Op::Write { .. }))
-            .count();
+        let writes = store.write_count();
         store.inject(Some(Fault::WriteOnce(
             writes + fail_at,
             std::io::ErrorKind::StorageFull,

@@ -339,14 +339,7 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
         let image = Image::create_in(Box::new(store.clone()), "enospc.qcow2", &options).unwrap();
         image.write_at(&pattern(50_000, 1), 0).unwrap();
         image.flush().unwrap();
-        let writes_so_far = store
-            .ops()
-            .iter()
-            .filter(|op| {
-                use qcow2::storage::recording::Op;
-                matches!(op, Op::Write { .. } | Op::Zero { .. })
-            })
-            .count();
+        let writes_so_far = store.write_count();
         store.inject(Some(Fault::WriteFrom(
             writes_so_far + fail_at,
             std::io::ErrorKind::StorageFull,
@@ -390,7 +383,7 @@ fn out_of_space_mid_write_fails_cleanly_and_leaves_at_most_leaks() {
 /// the clusters of the run it did not link: after the failure the image holds no leak.
 #[test]
 fn a_failed_write_gives_back_the_rest_of_its_run() {
-    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use qcow2::storage::recording::{Fault, RecordingStorage};
     use std::sync::Arc;
     let mut failures = 0;
     for fail_at in 0..6usize {
@@ -399,11 +392,7 @@ fn a_failed_write_gives_back_the_rest_of_its_run() {
         let image = Image::create_in(Box::new(store.clone()), "run.qcow2", &options).unwrap();
         image.write_at(&pattern(8192, 1), 0).unwrap();
         image.flush().unwrap();
-        let writes_so_far = store
-            .ops()
-            .iter()
-            .filter(|op| matches!(op, Op::Write { .. } | Op::Zero { .. }))
-            .count();
+        let writes_so_far = store.write_count();
         store.inject(Some(Fault::WriteOnce(
             writes_so_far + fail_at,
             std::io::ErrorKind::Other,
@@ -682,18 +671,14 @@ fn a_data_file_given_by_the_caller_replaces_the_one_the_header_names() {
 /// ENOSPC). The write leaves the old data readable and the next write succeeds.
 #[test]
 fn an_in_place_write_that_fails_once_is_reported_not_retried() {
-    use qcow2::storage::recording::{Fault, Op, RecordingStorage};
+    use qcow2::storage::recording::{Fault, RecordingStorage};
     use std::sync::Arc;
     let store = Arc::new(RecordingStorage::new(Vec::new()));
     let options = CreateOptions::new(1 << 20).cluster_size(4096);
     let image = Image::create_in(Box::new(store.clone()), "once.qcow2", &options).unwrap();
     image.write_at(&[0x5a; 16384], 0).unwrap();
     image.flush().unwrap();
-    let writes_so_far = store
-        .ops()
-        .iter()
-        .filter(|op| matches!(op, Op::Write { .. } | Op::Zero { .. }))
-        .count();
+    let writes_so_far = store.write_count();
     store.inject(Some(Fault::WriteOnce(
         writes_so_far,
         std::io::ErrorKind::StorageFull,

@@ -132,6 +132,12 @@ impl RecordingStorage {
         self.lock().ops.clone()
     }
 
+    /// How many writes and zeroings were asked of the store, failed ones included: the index
+    /// the next one has for [`Fault::WriteFrom`] and [`Fault::WriteOnce`].
+    pub fn write_count(&self) -> usize {
+        self.lock().writes
+    }
+
     /// How many operations were recorded.
     pub fn op_count(&self) -> usize {
         self.lock().ops.len()
